@@ -1,0 +1,165 @@
+"""Packed image datasets: images stored in a few uncompressed tar shards plus `manifest.jsonl`.
+
+On a cluster every file of an artifact is one object-storage request in every
+step that reads it, so images are never stored one object per file. Layout of a
+packed dataset folder::
+
+    manifest.jsonl              one JSON object per image, in shard order
+    shards/images-00000.tar     plain tar files; members are "<identity>/<file name>"
+    ...
+
+Each manifest row has at least ``identity``, ``file`` (path relative to the
+image root, e.g. ``Person/Person_0001.jpg``), ``synthetic`` (bool), ``shard``
+(path relative to the dataset folder), ``offset`` and ``size`` (byte range of
+the image inside the shard, so a reader seeks instead of scanning the tar).
+Steps may add fields (``source`` for generated images, ``width``, ``height``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from facenet_kfp.errors import InputError
+
+MANIFEST = "manifest.jsonl"
+SHARD_DIR = "shards"
+REQUIRED_FIELDS = ("identity", "file", "synthetic", "shard", "offset", "size")
+
+
+class ShardWriter:
+    """Appends images to tar shards of about `max_shard_bytes` each and records the manifest.
+
+    Use inside an `atomic_dir` so a failed step leaves nothing behind::
+
+        with atomic_dir(out) as tmp, ShardWriter(tmp) as writer:
+            writer.add("Ann", "Ann/Ann_0001.jpg", jpeg_bytes)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 64 << 20,
+                 prefix: str = "images"):
+        if max_shard_bytes <= 0:
+            raise InputError(f"shard size must be > 0 bytes, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.prefix = prefix
+        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._shard_name = ""
+        self._shard_bytes = 0
+        self._shard_index = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:
+            self._tar.close()
+
+    def _open_next(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._shard_name = f"{SHARD_DIR}/{self.prefix}-{self._shard_index:05d}.tar"
+        self._shard_index += 1
+        self._tar = tarfile.open(self.out_dir / self._shard_name, "w", format=tarfile.PAX_FORMAT)
+        self._shard_bytes = 0
+
+    def add(self, identity: str, file: str, data: bytes, synthetic: bool = False,
+            **fields: Any) -> dict[str, Any]:
+        """Store one image's bytes; returns its manifest row."""
+        if self._tar is None or (self._shard_bytes and self._shard_bytes + len(data) > self.max_shard_bytes):
+            self._open_next()
+        info = tarfile.TarInfo(name=file)
+        info.size = len(data)
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        # The data block ends the member, padded to 512 bytes: its start follows from the end.
+        offset = self._tar.offset - (len(data) + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+        # Keep the member list from growing with the dataset: offsets are all we need.
+        self._tar.members.clear()
+        row = {"identity": identity, "file": file, "synthetic": bool(synthetic),
+               "shard": self._shard_name, "offset": offset, "size": len(data)}
+        row.update(fields)
+        self.records.append(row)
+        self._shard_bytes += len(data) + 1024
+        return row
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard and write `manifest.jsonl`; returns all rows."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        with open(self.out_dir / MANIFEST, "w") as handle:
+            for row in self.records:
+                handle.write(json.dumps(row, sort_keys=True) + "\n")
+        return self.records
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read and validate a packed dataset's manifest; errors name the file, line and key."""
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found; is {dataset_dir} a packed image dataset?")
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc})") from exc
+            missing = [key for key in REQUIRED_FIELDS if key not in row]
+            if missing:
+                raise InputError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+class ShardReader:
+    """Random access to image bytes by manifest row; keeps one open handle per shard."""
+
+    def __init__(self, dataset_dir: str | os.PathLike):
+        self.dataset_dir = Path(dataset_dir)
+        self._handles: dict[str, Any] = {}
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, row: dict[str, Any]) -> bytes:
+        handle = self._handles.get(row["shard"])
+        if handle is None:
+            path = self.dataset_dir / row["shard"]
+            if not path.is_file():
+                raise InputError(f"{path}: shard named in the manifest is missing")
+            handle = self._handles[row["shard"]] = open(path, "rb")
+        handle.seek(row["offset"])
+        data = handle.read(row["size"])
+        if len(data) != row["size"]:
+            raise InputError(f"{self.dataset_dir / row['shard']}: truncated at {row['file']}")
+        return data
+
+    def iter_images(self, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], bytes]]:
+        for row in rows:
+            yield row, self.read(row)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+def shard_files(dataset_dir: str | os.PathLike) -> list[Path]:
+    """All shard files of a packed dataset, sorted."""
+    return sorted((Path(dataset_dir) / SHARD_DIR).glob("*.tar"))
