@@ -9,20 +9,24 @@ PIP           := $(PY) -m pip
 LOCK          := requirements/lock.txt
 STAMP         := $(VENV)/.installed
 
+# Container images: `make compile` writes exactly these references into the pipeline YAML.
 IMAGE_REGISTRY ?= ghcr.io/facenet-kfp
 IMAGE_TAG      ?= 0.1.0
 LIGHT_IMAGE    := $(IMAGE_REGISTRY)/facenet-kfp:$(IMAGE_TAG)
 TRAINER_IMAGE  := $(IMAGE_REGISTRY)/facenet-kfp-trainer:$(IMAGE_TAG)
 
+# `make run` settings.
 PIPELINE_ROOT ?= local_outputs
 CONFIG        ?= configs/demo.yaml
+COMPILE_CONFIG ?= configs/lfw.yaml
 DEMO_DIR      ?= data/demo
 SOURCE        ?=
 SHA256        ?=
 PAIRS         ?=
+RUNNER        ?= subprocess
 PYTEST_ARGS   ?=
 
-.PHONY: help install test run compile lock clean
+.PHONY: help install test run compile lock clean golden bench-preprocess bench-train bench-quality
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,10 +40,34 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP) ## create .venv with the pinned dependencies (quick when done)
 
 test: install ## run the whole test suite
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
+
+run: install ## run the pipeline locally (demo data unless SOURCE=...; CONFIG, PAIRS, PIPELINE_ROOT)
+	$(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
+	  --demo-dir $(DEMO_DIR) --runner $(RUNNER) \
+	  --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
+	  $(if $(PAIRS),--pairs '$(PAIRS)')
+
+compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
+	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
+	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE)
+
+bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
+	$(PY) benchmarks/preprocess.py
+
+bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
+	$(PY) benchmarks/train.py
+
+bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
+	$(PY) benchmarks/quality.py
 
 lock: install ## re-pin requirements/lock.txt from the current venv
 	{ head -2 $(LOCK); $(PIP) freeze --exclude-editable | grep -v '^facenet-kfp'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 clean: ## remove build outputs and local pipeline outputs
 	rm -rf build $(PIPELINE_ROOT)
+
+golden: install ## regenerate tests/golden/facenet_pipeline.yaml after a deliberate DAG change
+	$(PY) -m pipelines.compile --config configs/lfw.yaml --out tests/golden/facenet_pipeline.yaml \
+	  --light-image registry.example/facenet-kfp:golden --trainer-image registry.example/facenet-kfp-trainer:golden

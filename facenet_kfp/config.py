@@ -47,8 +47,8 @@ class DataConfig:
     min_images: int = 1                # identities with fewer real images are not completed
     completion_seed: int = 0           # seed of the completion augmentations
     train_fraction: float = 0.70       # identity-disjoint split fractions (sum to 1)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = 0.15         # validation identities (threshold selection), 2+ images each
+    test_fraction: float = 0.15        # held-out test identities, 2+ images each
     split_seed: int = 0                # seed of the identity shuffle
 
     def validate(self) -> None:
@@ -90,8 +90,8 @@ class TrainConfig:
     validation_batches: int = 10       # P x K batches per validation pass
     checkpoint_every: int = 500        # steps between checkpoints
     log_every: int = 20                # steps between log lines / TensorBoard points
-    precision: str = "auto"            # auto | float32 | mixed_float16 | mixed_bfloat16
-    seed: int = 0
+    precision: str = "auto"            # auto | float32 | mixed_float16 (GPU default) | mixed_bfloat16
+    seed: int = 0                      # seed of sampling, augmentation and initialisation
 
     def validate(self) -> None:
         _choice("train", "architecture", self.architecture, ARCHITECTURES)
@@ -141,15 +141,15 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     """Kubernetes settings baked into the compiled pipeline (ignored by local runs)."""
-    data_cpu: str = "1"                # CPU request/limit of the five data steps
+    data_cpu: str = "2"                # CPU request/limit of the five data steps
     data_memory: str = "2Gi"           # memory request/limit of the five data steps
-    train_cpu: str = "8"
-    train_memory: str = "32Gi"
+    train_cpu: str = "8"               # CPU request/limit of training (input pipeline workers)
+    train_memory: str = "32Gi"         # memory request/limit of training
     train_gpus: int = 1                # GPUs for training (0: CPU only)
-    evaluate_cpu: str = "4"
-    evaluate_memory: str = "16Gi"
+    evaluate_cpu: str = "4"            # CPU request/limit of evaluation
+    evaluate_memory: str = "16Gi"      # memory request/limit of evaluation
     evaluate_gpus: int = 0             # GPUs for evaluation (0: CPU only)
-    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_type: str = "nvidia.com/gpu"   # GPU resource name on open-source KFP
     gpu_node_selector: dict[str, str] = field(default_factory=dict)   # e.g. {cloud.google.com/gke-accelerator: nvidia-tesla-t4}
     gpu_toleration: dict[str, str] = field(default_factory=dict)      # e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
     shm_size: str = "4Gi"              # /dev/shm (memory-backed emptyDir) for the input pipeline
@@ -232,6 +232,20 @@ def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in this file: the one description of a config key."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = pattern.match(line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None

@@ -1,0 +1,58 @@
+"""Thin KFP components, one per pipeline step; each maps artifacts to paths and calls the library.
+
+The functions here are plain Python; `build_components` turns them into KFP
+lightweight components bound to the project's images (the light image for the
+five data steps, the trainer image for train and evaluate). The packages are
+preinstalled in those images, so no pip install runs when a step starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kfp import dsl
+
+from components.complete import complete_identities
+from components.download import download_archive
+from components.evaluate import evaluate_model
+from components.extract import extract_images
+from components.labels import make_labels
+from components.splits import split_identities
+from components.train import train_model
+
+DATA_STEPS = {
+    "download": download_archive,
+    "extract": extract_images,
+    "labels": make_labels,
+    "complete": complete_identities,
+    "splits": split_identities,
+}
+TRAINER_STEPS = {
+    "train": train_model,
+    "evaluate": evaluate_model,
+}
+
+
+@dataclass(frozen=True)
+class Images:
+    """Container images the steps run in (full references, never a `latest` tag)."""
+    light: str
+    trainer: str
+
+    def __post_init__(self) -> None:
+        for name, ref in (("light", self.light), ("trainer", self.trainer)):
+            tag = ref.rsplit("/", 1)[-1]
+            if ":" not in tag and "@" not in ref:
+                raise ValueError(f"{name} image {ref!r} has no tag; pin a version")
+            if tag.endswith(":latest"):
+                raise ValueError(f"{name} image {ref!r} uses the 'latest' tag; pin a version")
+
+
+def build_components(images: Images) -> dict[str, Any]:
+    """All seven steps as KFP components, keyed by step name."""
+    built = {}
+    for steps, image in ((DATA_STEPS, images.light), (TRAINER_STEPS, images.trainer)):
+        for name, func in steps.items():
+            built[name] = dsl.component(func, base_image=image, install_kfp_package=False)
+    return built

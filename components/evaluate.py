@@ -1,0 +1,46 @@
+"""Step 7: choose the verification threshold and report the field's metrics."""
+
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Artifact],
+                   max_positive_pairs: int, folds: int, far_targets: list, seed_threshold: float,
+                   batch_size: int, report_examples: int, seed: int, pairs_uri: str,
+                   pairs_sha256: str, metrics: Output[Metrics], roc: Output[ClassificationMetrics],
+                   report: Output[HTML], threshold: Output[Artifact]):
+    """Embed the real validation and test images, pick the threshold on validation, test it.
+
+    Args:
+        model: Trained model folder from the train step.
+        images: Packed image dataset (real images only are used).
+        splits: Splits folder (val.txt and test.txt).
+        max_positive_pairs: Cap on same-person pairs per split (as many different pairs).
+        folds: Folds of the cross-validated accuracy.
+        far_targets: False accept rates at which VAL is reported.
+        seed_threshold: The seed project's fixed plain-L2 threshold, for comparison.
+        batch_size: Images per embedding batch.
+        report_examples: Example test pairs shown in the report.
+        seed: Seed of the negative-pair draw.
+        pairs_uri: Optional LFW pairs.txt (https://, gs://, file:// or path) for the
+            standard 10-fold protocol; empty to skip.
+        pairs_sha256: Expected sha256 of pairs.txt; empty to skip the check.
+        metrics: Every scalar: accuracies, AUC, EER, VAL@FAR, thresholds.
+        roc: Test ROC curve and confusion matrix at the chosen threshold.
+        report: HTML report: ROC, distance histograms, training curves, example pairs.
+        threshold: threshold.json for serving: threshold, distance definition, model.
+    """
+    from facenet_kfp.config import EvaluateConfig, section_from_dict
+    from facenet_kfp.evaluate import evaluate
+    from facenet_kfp.kfp_io import log_classification, log_metrics, run_step
+
+    config = section_from_dict(EvaluateConfig, dict(
+        max_positive_pairs=max_positive_pairs, folds=folds, far_targets=list(far_targets),
+        seed_threshold=seed_threshold, batch_size=batch_size, report_examples=report_examples,
+        seed=seed), "evaluate")
+    config.validate()
+    result = run_step("evaluate", evaluate, model.path, images.path, splits.path, config,
+                      report_path=report.path, threshold_path=threshold.path,
+                      pairs_uri=pairs_uri, pairs_sha256=pairs_sha256, model_uri=model.uri)
+    log_metrics(metrics, result["metrics"])
+    log_classification(roc, result["roc"], result["confusion_matrix"])
+    threshold.metadata.update(result["threshold"])

@@ -1,0 +1,218 @@
+"""`facenet-kfp <step> ...`: run any pipeline step by hand on local paths.
+
+Each subcommand calls the same library function as the step's KFP component.
+Errors in the input (a bad archive, a missing file, a wrong value) print one
+line naming the file, key or value and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from facenet_kfp import __version__
+from facenet_kfp.errors import FacenetError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from facenet_kfp.synth import generate_demo_archive
+
+    result = generate_demo_archive(args.out, identities=args.identities, seed=args.seed,
+                                   lfw_scale=args.lfw_scale)
+    print(f"archive: {result.archive}\npairs:   {result.pairs}\nsha256:  {result.sha256}\n"
+          f"{result.identities} identities, {result.images} images")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from facenet_kfp.download import download
+
+    result = download(args.source, args.out, args.sha256)
+    _print_json(result.metadata())
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from facenet_kfp.extract import extract_dataset
+
+    summary = extract_dataset(args.archive, args.out, shard_size_mb=args.shard_size_mb)
+    _print_json({k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary.get("skipped", []))})
+
+
+def cmd_labels(args: argparse.Namespace) -> None:
+    from facenet_kfp.labels import build_labels
+
+    _print_json(build_labels(args.images, args.out))
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    from facenet_kfp.complete import complete_dataset
+
+    summary = complete_dataset(args.images, args.labels, args.out, multiple=args.multiple,
+                               seed=args.seed, min_images=args.min_images,
+                               shard_size_mb=args.shard_size_mb)
+    _print_json({k: v for k, v in summary.items() if k != "excluded"})
+
+
+def cmd_splits(args: argparse.Namespace) -> None:
+    from facenet_kfp.splits import make_splits
+
+    fractions = tuple(float(x) for x in args.fractions.split(","))
+    _print_json(make_splits(args.labels, args.out, fractions=fractions, seed=args.seed))
+
+
+def _overrides(pairs: list[str], section: str) -> dict[str, dict[str, Any]]:
+    """`--set key=value` options as config overrides (values parsed as YAML scalars)."""
+    import yaml
+
+    values = {}
+    for item in pairs:
+        if "=" not in item:
+            raise FacenetError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw)
+    return {section: values}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from facenet_kfp.config import load_config
+    from facenet_kfp.train import train
+
+    config = load_config(args.config, _overrides(args.set, "train"))
+    _print_json(train(args.images, args.completion, args.labels, args.splits, args.out,
+                      config.train, checkpoint_dir=args.checkpoint_dir,
+                      tensorboard_dir=args.tensorboard_dir))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from facenet_kfp.config import load_config
+    from facenet_kfp.evaluate import evaluate
+
+    config = load_config(args.config, _overrides(args.set, "evaluate"))
+    out = Path(args.out)
+    result = evaluate(args.model, args.images, args.splits, config.evaluate,
+                      report_path=out / "report.html", threshold_path=out / "threshold.json",
+                      metrics_path=out / "metrics.json", pairs_uri=args.pairs or "",
+                      pairs_sha256=args.pairs_sha256 or "", model_uri=str(Path(args.model).resolve()))
+    _print_json(result["metrics"])
+    print(f"report: {out / 'report.html'}\nthreshold: {out / 'threshold.json'}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from facenet_kfp.verify import verify_pair
+
+    result = verify_pair(args.model, args.image_a, args.image_b, threshold=args.threshold,
+                         threshold_file=args.threshold_file)
+    unit = "squared L2" if result["squared"] else "plain L2"
+    print(f"distance:  {result['distance']:.4f} ({unit})")
+    print(f"threshold: {result['threshold']:.4f} ({unit}; same person when distance < threshold)")
+    print(result["verdict"])
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from facenet_kfp.verify import embed_files
+
+    _print_json(embed_files(args.model, args.images, args.out, batch_size=args.batch_size))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facenet-kfp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"facenet-kfp {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("synth", cmd_synth, "write an LFW-format demo archive (lfw.tgz, pairs.txt, sha256) of procedurally drawn faces")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--identities", type=int, default=120, help="number of identities (default 120)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--lfw-scale", action="store_true", help="LFW's full size: 5,749 identities, 13,233 images")
+
+    p = add("download", cmd_download, "step 1: fetch an archive (https://, gs://, file:// or path), verify sha256")
+    p.add_argument("source", help="archive URI or path")
+    p.add_argument("--out", required=True, help="destination file")
+    p.add_argument("--sha256", default="", help="expected sha256 (64 hex digits)")
+
+    p = add("extract", cmd_extract, "step 2: safely extract an archive into a packed image dataset")
+    p.add_argument("archive", help="archive file (.tgz, .tar.gz, .tar, .zip)")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
+
+    p = add("labels", cmd_labels, "step 3: write labels.json (name -> id, sorted) and image_counts.json")
+    p.add_argument("images", help="packed image dataset folder")
+    p.add_argument("--out", required=True, help="output labels folder")
+
+    p = add("complete", cmd_complete, "step 4: augment identities up to a multiple of K images")
+    p.add_argument("images", help="packed image dataset folder")
+    p.add_argument("labels", help="labels folder")
+    p.add_argument("--out", required=True, help="output completion folder")
+    p.add_argument("--multiple", type=int, default=4, help="K (default 4)")
+    p.add_argument("--min-images", type=int, default=1, help="skip identities with fewer real images (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
+
+    p = add("splits", cmd_splits, "step 5: identity-disjoint train/val/test splits")
+    p.add_argument("labels", help="labels folder")
+    p.add_argument("--out", required=True, help="output splits folder")
+    p.add_argument("--fractions", default="0.70,0.15,0.15", help="train,val,test fractions (default 0.70,0.15,0.15)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+
+    p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining")
+    for name in ("images", "completion", "labels", "splits"):
+        p.add_argument(name, help=f"{name} folder")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--config", default=None, help="YAML config (its train section is used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train key, e.g. --set max_steps=100")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (resumes from it)")
+    p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
+
+    p = add("evaluate", cmd_evaluate, "step 7: choose the threshold on validation pairs, report test metrics")
+    p.add_argument("model", help="model folder from train")
+    p.add_argument("images", help="packed image dataset folder")
+    p.add_argument("splits", help="splits folder")
+    p.add_argument("--out", required=True, help="output folder (report.html, threshold.json, metrics.json)")
+    p.add_argument("--config", default=None, help="YAML config (its evaluate section is used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluate key")
+    p.add_argument("--pairs", default="", help="LFW pairs.txt (URI or path) for the standard protocol")
+    p.add_argument("--pairs-sha256", default="", help="expected sha256 of pairs.txt")
+
+    p = add("verify", cmd_verify, "are two face images the same person? prints the distance and the verdict")
+    p.add_argument("--model", required=True, help="model folder from train")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the evaluated one)")
+    p.add_argument("--threshold-file", default=None, help="threshold.json from the evaluate step")
+
+    p = add("embed", cmd_embed, "write embeddings of face images (one row per image, with its path)")
+    p.add_argument("--model", required=True, help="model folder from train")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output .npz, .csv or .tsv")
+    p.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except FacenetError as exc:
+        print(f"facenet-kfp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Input pipeline: split images from packed shards, P x K identity sampling, tf.data preprocessing.
+
+Everything that feeds images to a model goes through `preprocess_image`, so
+training, validation, evaluation and serving see the same pixels:
+
+1. decode the JPEG/PNG bytes to RGB uint8 (any size; LFW is 250 x 250);
+2. keep the centre square-ish box of `crop_fraction` of the height and width
+   (LFW faces are centred, so 0.6 keeps the face and drops most background);
+3. training only: shift that box by up to +-6% of its size and scale it by
+   up to +-6% (crop jitter), mirror left-right with probability 1/2;
+4. resize the box to `image_size` x `image_size` (bilinear, antialiased);
+5. training only: add a brightness offset uniform in [-0.1, 0.1] (on the
+   [0, 1] scale) and clip;
+6. scale to [-1, 1]: x = 2 * pixel / 255 - 1.
+
+This is `PREPROCESSING_VERSION`; the model artifact records it with the size
+and crop so a loader can refuse a model preprocessed differently.
+
+Training batches are P x K: P distinct identities, K images each, laid out
+identity by identity (rows i*K .. i*K+K-1 share a label). Online triplet
+mining needs that structure: a batch of consecutive images of one large
+identity (the seed project's input) has no negatives and gives zero loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import read_json
+from facenet_kfp.progress import Progress
+from facenet_kfp.shards import ShardReader, read_manifest
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = "centre-crop-v1"
+JITTER = 0.06        # crop jitter: shift and scale of the crop box, as a fraction of its size
+BRIGHTNESS = 0.1     # brightness offset range on the [0, 1] pixel scale
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def preprocess_image(image_bytes: tf.Tensor, image_size: int, crop_fraction: float,
+                     augment: bool = False, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """One encoded image -> float32 [image_size, image_size, 3] in [-1, 1] (see module docstring).
+
+    `seed` is a stateless-RNG seed, an int tensor of shape [2]; the same bytes
+    and seed give the same augmented image. With `augment` and no seed a
+    random one is drawn. Without `augment` the result is deterministic and the
+    seed is ignored.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.convert_image_dtype(image, tf.float32)          # uint8 -> [0, 1]
+    shape = tf.shape(image)
+    height = tf.cast(shape[0], tf.float32)
+    width = tf.cast(shape[1], tf.float32)
+    crop_h = crop_fraction * height
+    crop_w = crop_fraction * width
+    centre_y, centre_x = height / 2.0, width / 2.0
+    if augment:
+        if seed is None:
+            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
+        scale = 1.0 + tf.random.stateless_uniform([], seeds[0], -JITTER, JITTER)
+        crop_h = tf.minimum(crop_h * scale, height)
+        crop_w = tf.minimum(crop_w * scale, width)
+        shift = tf.random.stateless_uniform([2], seeds[1], -JITTER, JITTER)
+        centre_y += shift[0] * crop_h
+        centre_x += shift[1] * crop_w
+    # Integer box inside the image: a shifted box is pushed back in, never padded.
+    box_h = tf.maximum(tf.cast(tf.round(crop_h), tf.int32), 1)
+    box_w = tf.maximum(tf.cast(tf.round(crop_w), tf.int32), 1)
+    top = tf.clip_by_value(tf.cast(tf.round(centre_y - tf.cast(box_h, tf.float32) / 2.0), tf.int32),
+                           0, shape[0] - box_h)
+    left = tf.clip_by_value(tf.cast(tf.round(centre_x - tf.cast(box_w, tf.float32) / 2.0), tf.int32),
+                            0, shape[1] - box_w)
+    image = tf.image.crop_to_bounding_box(image, top, left, box_h, box_w)
+    if augment:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[2])
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    if augment:
+        image = tf.image.stateless_random_brightness(image, BRIGHTNESS, seeds[3])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    image = image * 2.0 - 1.0
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+# ----------------------------------------------------------------------------- split images
+
+def _read_split(splits_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
+    from facenet_kfp.splits import read_split   # step 5's reader owns the file format
+    return read_split(splits_dir, split)
+
+
+def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
+                      labels_dir: str | os.PathLike, splits_dir: str | os.PathLike, split: str,
+                      include_synthetic: bool = True
+                      ) -> tuple[list[bytes], np.ndarray, list[str], list[bool]]:
+    """Encoded images of one split's identities, read from the packed shards into memory.
+
+    Real images come from `dataset_dir` (the extracted dataset), generated
+    ones from `completion_dir` when `include_synthetic` (None: no completion).
+    Returns (image bytes, labels int32 [N] from `labels.json`, keys = the
+    manifest `file` of each image, synthetic flags), grouped by identity in
+    split order. Every identity of the split must be in `labels.json` and have
+    exactly the number of real images the split file records.
+    """
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for name, folder in (("dataset", dataset_dir), ("labels", labels_dir), ("splits", splits_dir)):
+        if not Path(folder).is_dir():
+            raise InputError(f"{folder}: {name} folder not found")
+    if include_synthetic and completion_dir is not None and not Path(completion_dir).is_dir():
+        raise InputError(f"{completion_dir}: completion folder not found")
+    entries = _read_split(splits_dir, split)
+    if not entries:
+        raise InputError(f"{Path(splits_dir) / (split + '.txt')}: split {split!r} has no identities")
+    labels_path = Path(labels_dir) / "labels.json"
+    label_ids = read_json(labels_path)
+    if not isinstance(label_ids, dict):
+        raise InputError(f"{labels_path}: expected a JSON object {{name: id}}")
+    missing = [name for name, _ in entries if name not in label_ids]
+    if missing:
+        raise InputError(f"{labels_path}: {len(missing)} identities of split {split!r} have no label, "
+                         f"e.g. {', '.join(missing[:3])}")
+
+    wanted = {name for name, _ in entries}
+    sources = [(Path(dataset_dir), False)]
+    if include_synthetic and completion_dir is not None:
+        sources.append((Path(completion_dir), True))
+    rows_by_identity: dict[str, list[tuple[Path, dict]]] = {name: [] for name in wanted}
+    for folder, expect_synthetic in sources:
+        for row in read_manifest(folder):
+            if row["identity"] not in wanted:
+                continue
+            if bool(row["synthetic"]) != expect_synthetic:
+                kind = "generated" if row["synthetic"] else "real"
+                raise InputError(f"{folder}: manifest row {row['file']} is a {kind} image; "
+                                 f"expected only {'generated' if expect_synthetic else 'real'} images here")
+            rows_by_identity[row["identity"]].append((folder, row))
+
+    for name, real_count in entries:
+        found = sum(1 for _, row in rows_by_identity[name] if not row["synthetic"])
+        if found != real_count:
+            raise InputError(f"{dataset_dir}: identity {name} of split {split!r} has {found} real images "
+                             f"in the dataset but {real_count} in the split file")
+
+    images: list[bytes] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    synthetic: list[bool] = []
+    total = sum(len(rows_by_identity[name]) for name, _ in entries)
+    readers = {folder: ShardReader(folder) for folder, _ in sources}
+    try:
+        with Progress(f"reading {split} images", total=total, unit="images") as progress:
+            for name, _ in entries:
+                for folder, row in rows_by_identity[name]:
+                    images.append(readers[folder].read(row))
+                    labels.append(int(label_ids[name]))
+                    keys.append(row["file"])
+                    synthetic.append(bool(row["synthetic"]))
+                    progress.update()
+    finally:
+        for reader in readers.values():
+            reader.close()
+    log.info("split %s: %d identities, %d images (%d generated)", split, len(entries), len(images),
+             sum(synthetic))
+    return images, np.asarray(labels, dtype=np.int32), keys, synthetic
+
+
+# ----------------------------------------------------------------------------- P x K sampling
+
+class PKSampler:
+    """Index batches of P distinct identities x K images each; pure NumPy, deterministic per seed.
+
+    - An epoch is one pass over the identities in a fresh random order, cut
+      into groups of P; the last partial group is dropped (those identities
+      come first-come in the next epoch's shuffle, not skipped for good).
+    - Within an identity, images are taken in a shuffled order and cycled:
+      each image is used once per cycle and the K images of one batch are
+      distinct whenever the identity has at least K images.
+    - An identity with fewer than K images (excluded from completion) gives
+      all its images plus draws with replacement from them, so the batch
+      still holds K rows per identity; augmentation makes the copies differ.
+    """
+
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0:
+            raise InputError(f"PKSampler needs a non-empty 1-D label array, got shape {labels.shape}")
+        if p < 1 or k < 1:
+            raise InputError(f"PKSampler needs p >= 1 and k >= 1, got p={p}, k={k}")
+        self.p, self.k, self.seed = int(p), int(k), int(seed)
+        self.identities = np.unique(labels)
+        if len(self.identities) < self.p:
+            raise InputError(f"P x K sampling needs at least p={p} identities, got {len(self.identities)}")
+        # Indices of each identity's images, in label order (np.unique sorts).
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], self.identities, side="left")
+        self.members = np.split(order, bounds[1:])
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """Infinite stream of int64 index arrays [P*K], identity-major; skips the first `start`.
+
+        Every call restarts the same stream, so `batches(start=n)` continues
+        exactly where a run stopped after n batches.
+        """
+        rng = np.random.default_rng(self.seed)
+        cycles = [rng.permutation(m) for m in self.members]
+        cursors = np.zeros(len(self.members), dtype=np.int64)
+        n_ident = len(self.identities)
+        produced = 0
+        while True:
+            identity_order = rng.permutation(n_ident)
+            for g in range(n_ident // self.p):
+                group = identity_order[g * self.p:(g + 1) * self.p]
+                batch = np.empty(self.batch_size, dtype=np.int64)
+                for slot, ident in enumerate(group):
+                    batch[slot * self.k:(slot + 1) * self.k] = self._take(rng, cycles, cursors, ident)
+                if produced >= start:
+                    yield batch
+                produced += 1
+
+    def _take(self, rng: np.random.Generator, cycles: list[np.ndarray], cursors: np.ndarray,
+              ident: int) -> np.ndarray:
+        members = self.members[ident]
+        n, k = len(members), self.k
+        if n < k:
+            extra = rng.choice(members, size=k - n, replace=True)
+            return np.concatenate([rng.permutation(members), extra])
+        cursor = cursors[ident]
+        if cursor + k > n:
+            # Start a new cycle with the unused tail first, so the K images stay distinct.
+            tail = cycles[ident][cursor:]
+            used = cycles[ident][:cursor]
+            cycles[ident] = np.concatenate([tail, rng.permutation(used)])
+            cursor = 0
+        cursors[ident] = cursor + k
+        return cycles[ident][cursor:cursor + k]
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+def make_train_dataset(images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
+                       crop_fraction: float, augment: bool, seed: int, start_batch: int = 0
+                       ) -> tf.data.Dataset:
+    """Infinite P x K batches: (images float32 [P*K, S, S, 3] in [-1, 1], labels int32 [P*K]).
+
+    Indices come from `PKSampler(labels, p, k, seed).batches(start_batch)`; a
+    Python generator gathers the encoded bytes of each batch (a list lookup,
+    so no image tensor is embedded in the graph), then decoding and
+    augmentation run in a parallel, order-preserving map. Image j of batch b
+    is augmented with the stateless seed (seed, b * P * K + j), so a resumed
+    run (start_batch = steps done) sees the same images as an uninterrupted one.
+    """
+    labels = np.asarray(labels, dtype=np.int32)
+    if len(images) != len(labels):
+        raise InputError(f"{len(images)} images but {len(labels)} labels")
+    sampler = PKSampler(labels, p, k, seed)
+    batch_size = sampler.batch_size
+
+    def generate():
+        for b, idx in enumerate(sampler.batches(start_batch), start=start_batch):
+            element = b * batch_size + np.arange(batch_size, dtype=np.int64)
+            seeds = np.stack([np.full(batch_size, seed, dtype=np.int64), element], axis=1)
+            yield np.array([images[i] for i in idx], dtype=object), labels[idx], seeds
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec([batch_size], tf.string),
+        tf.TensorSpec([batch_size], tf.int32),
+        tf.TensorSpec([batch_size, 2], tf.int64)))
+    ds = ds.unbatch()
+    ds = ds.map(lambda data, label, s: (preprocess_image(data, image_size, crop_fraction, augment, s), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_embedding_dataset(images: Sequence[bytes], image_size: int, crop_fraction: float,
+                           batch_size: int) -> tf.data.Dataset:
+    """Ordered batches of preprocessed images (no augmentation): float32 [<=batch_size, S, S, 3].
+
+    The last batch is smaller when len(images) is not a multiple of batch_size.
+    """
+    if batch_size <= 0:
+        raise InputError(f"batch_size must be > 0, got {batch_size}")
+
+    def generate():
+        for start in range(0, len(images), batch_size):
+            yield np.array(list(images[start:start + batch_size]), dtype=object)
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([None], tf.string))
+    ds = ds.unbatch()
+    ds = ds.map(lambda data: preprocess_image(data, image_size, crop_fraction, augment=False),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

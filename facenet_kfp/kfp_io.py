@@ -1,0 +1,90 @@
+"""Glue shared by the KFP components: logging set-up, artifact metadata and metric logging.
+
+Kept free of heavy imports: the data-step containers import it at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("facenet_kfp")
+
+MAX_LIST_ITEMS = 20
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log lines with timestamps to stdout (what the KFP UI and the local runner show)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_facenet", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%H:%M:%S"))
+        handler._facenet = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run_step(name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one step's library function with logging; errors propagate and fail the task."""
+    configure_logging()
+    log.info("step %s: starting", name)
+    start = time.monotonic()
+    try:
+        result = func(*args, **kwargs)
+    except Exception as exc:
+        # One clear line before the traceback: the local runner's summary quotes it.
+        log.error("step %s failed: %s: %s", name, type(exc).__name__, exc)
+        raise
+    log.info("step %s: done in %.1f s", name, time.monotonic() - start)
+    return result
+
+
+def compact_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """A step summary made small enough for artifact metadata: long lists are cut to 20 items."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, (list, tuple)) and len(value) > MAX_LIST_ITEMS:
+            out[key] = list(value[:MAX_LIST_ITEMS])
+            out[f"{key}_total"] = len(value)
+        else:
+            out[key] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def checkpoint_dir_for(root: str, input_uris: list[str], params: dict[str, Any]) -> str | None:
+    """Checkpoint folder under `root` that a retried pod finds again, or None when root is empty.
+
+    The folder is keyed by the task's inputs and parameters (not by run id, which
+    would differ between a task and its retry only on some backends and would
+    break caching if passed as a parameter).
+    """
+    if not root:
+        return None
+    key = hashlib.sha256(json.dumps([input_uris, params], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{root.rstrip('/')}/train-{key}"
+
+
+def log_metrics(metrics: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Log every finite scalar of `values` (nested dicts flattened with '_') to a Metrics artifact."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            log_metrics(metrics, value, prefix=f"{name}_")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            metrics.log_metric(name, float(value))
+
+
+def log_classification(artifact: Any, roc: dict[str, list[float]], confusion: list[list[int]]) -> None:
+    """ROC curve and confusion matrix in the shape the KFP UI renders."""
+    # The UI cannot draw infinite thresholds; clip them to a finite value.
+    thresholds = [t if math.isfinite(t) else 1e6 for t in roc["thresholds"]]
+    artifact.log_roc_curve(list(roc["fpr"]), list(roc["tpr"]), thresholds)
+    artifact.log_confusion_matrix(["different", "same"], confusion)

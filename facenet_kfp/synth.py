@@ -1,0 +1,884 @@
+"""Procedural demo dataset: an `lfw.tgz` look-alike of drawn faces plus a View 2 `pairs.txt`.
+
+The archive has LFW's layout (`lfw/<First_Last>/<First_Last>_NNNN.jpg`, 250x250
+RGB JPEG, face roughly centred) and LFW's long-tailed images-per-person shape,
+so every pipeline step runs on it unchanged, offline and in seconds.
+
+Each identity is a fixed set of facial parameters (face shape, skin, hair,
+eyes, brows, nose, mouth, glasses, beard) drawn from its own seeded RNG. Each
+image re-draws everything that is *not* identity: pose (rotation, shift, scale,
+yaw), expression, lighting, background, clothes, blur and JPEG quality. The
+background and clothes never depend on the identity, so a network can only
+tell people apart by their faces.
+
+Determinism: every random choice comes from `numpy.random.SeedSequence` keyed
+by `(seed, domain, ...)`, e.g. image `j` of identity `i` uses
+`(seed, _SEED_IMAGE, i, j)`. The archive bytes therefore depend on the seed
+only, not on the number of worker processes; tar metadata and the gzip header
+are fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import logging
+import math
+import multiprocessing
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import atomic_file, write_text
+from facenet_kfp.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# --- LFW facts (REFERENCE.md) -------------------------------------------------------------
+LFW_IDENTITIES = 5749
+LFW_IMAGES = 13233
+LFW_LARGEST = 530                       # George_W_Bush
+# Images-per-person bins as LFW's statistics report them; None = open-ended.
+COUNT_BINS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 2), (3, 5), (6, 7), (8, 20), (21, None))
+LFW_BIN_PEOPLE = (4069, 779, 590, 94, 160, 57)
+
+# --- demo shape ---------------------------------------------------------------------------
+# At small sizes LFW's shape (71% singletons, 2.3 images per person) leaves too little to
+# train on, so the demo uses this shape at <= DEMO_REFERENCE_IDENTITIES and slides
+# log-linearly to LFW's exact shape at LFW_IDENTITIES.
+DEMO_REFERENCE_IDENTITIES = 120
+DEMO_BIN_FRACTIONS = (0.34, 0.10, 0.20, 0.10, 0.20, 0.06)   # people per bin, sums to 1
+DEMO_MEAN_IMAGES = 6.0                                        # images per person
+DEMO_LARGEST = 40                                             # images of the largest identity
+MIN_PAIRED = 10       # at least min(MIN_PAIRED, N // 2) identities get >= 2 images (pairs, val/test)
+MIN_TRAINABLE = 8     # at least min(MIN_TRAINABLE, N // 2) get >= 6 images (a P x K batch, K = 4)
+# Within a bin, P(k) ~ k^-alpha: LFW's per-count frequencies fall off roughly as a power law.
+BIN_ALPHA = 2.0
+TAIL_ALPHA = 2.6
+
+MIN_IDENTITIES = 10
+MIN_IMAGE_SIZE = 64
+LFW_IMAGE_SIZE = 250
+PAIR_FOLDS = 10
+MAX_PAIRS_PER_FOLD = 300                # LFW View 2: 10 folds x 300 matched + 300 mismatched
+
+# SeedSequence domains, so that streams for different purposes never coincide.
+_SEED_COUNTS, _SEED_NAMES, _SEED_IDENTITY, _SEED_IMAGE, _SEED_PAIRS = 1, 2, 3, 4, 5
+
+# Fixed tar metadata: 2008-01-01 00:00 UTC, the year LFW was published.
+_TAR_MTIME = 1_199_145_600
+_IMAGES_PER_TASK = 32                   # rendering work unit: balances load on large identities
+_SUPERSAMPLE = 2                        # faces are drawn at 2x and reduced: anti-aliased edges
+
+_FIRST_NAMES = (
+    "Aaron", "Abigail", "Adrian", "Aisha", "Alan", "Alba", "Alice", "Amara", "Andre", "Anita",
+    "Arjun", "Astrid", "Beatriz", "Benedict", "Bianca", "Boris", "Bruno", "Camille", "Carlos",
+    "Carmen", "Chen", "Chloe", "Clara", "Daniel", "Dara", "David", "Diego", "Dmitri", "Elena",
+    "Elias", "Emma", "Erik", "Esther", "Fatima", "Felix", "Fiona", "Gabriel", "Greta", "Hana",
+    "Hannah", "Hassan", "Helen", "Hugo", "Igor", "Ines", "Irene", "Isaac", "Ivan", "Jack",
+    "Jamal", "Jana", "Javier", "Jean", "Julia", "Kai", "Karim", "Kenji", "Laila", "Lars",
+    "Laura", "Leon", "Lina", "Lucas", "Lucia", "Maria", "Marek", "Marta", "Mateo", "Maya",
+    "Mei", "Miguel", "Mira", "Nadia", "Naomi", "Nikolai", "Nina", "Noah", "Olga", "Omar",
+    "Oscar", "Paolo", "Petra", "Priya", "Rafael", "Rahul", "Rosa", "Ruth", "Samir", "Sara",
+    "Sofia", "Stefan", "Tariq", "Teresa", "Thomas", "Tomas", "Ursula", "Vera", "Victor",
+    "Wei", "Yara", "Yusuf", "Zara",
+)
+_SURNAME_STARTS = (
+    "Al", "Bar", "Bel", "Bran", "Car", "Cor", "Dal", "Dor", "El", "Fair", "Fen", "Gar", "Gold",
+    "Hal", "Har", "Hol", "Kel", "Kin", "Lan", "Lind", "Mar", "Mel", "Mor", "Nor", "Oak", "Pen",
+    "Ral", "Ren", "Ros", "Sal", "Sand", "Ster", "Tal", "Thorn", "Val", "Ver", "Wal", "West",
+    "Win", "Yar",
+)
+_SURNAME_ENDS = (
+    "berg", "bury", "by", "dale", "den", "er", "field", "ford", "gate", "ham", "hart", "ley",
+    "lin", "low", "man", "mont", "more", "ney", "ova", "rich", "ridge", "sen", "son", "stead",
+    "ston", "ton", "vale", "well", "wick", "win", "wood", "worth", "ez", "ini", "ski", "etti",
+    "ander", "ens", "ino", "ard",
+)
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What `generate_demo_archive` wrote."""
+    archive: Path        # out_dir / "lfw.tgz"
+    pairs: Path          # out_dir / "pairs.txt"
+    sha256: str          # hex sha256 of the archive; also in out_dir / "lfw.tgz.sha256"
+    identities: int
+    images: int
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def _check_identities(identities: int) -> None:
+    if isinstance(identities, bool) or not isinstance(identities, (int, np.integer)) \
+            or identities < MIN_IDENTITIES:
+        raise InputError(f"identities must be an integer >= {MIN_IDENTITIES}, got {identities!r}")
+
+
+# --- images per identity --------------------------------------------------------------------
+
+def _largest_remainder(values: np.ndarray, total: int) -> np.ndarray:
+    """Round non-negative `values` to integers summing to `total` (Hamilton's method)."""
+    floors = np.floor(values).astype(np.int64)
+    short = total - int(floors.sum())
+    # Stable sort: ties go to the earlier bin, so the result is deterministic.
+    order = np.argsort(-(values - floors), kind="stable")
+    floors[order[:short]] += 1
+    return floors
+
+
+def _bin_people(identities: int, lfw_weight: float) -> np.ndarray:
+    """People per COUNT_BINS bin: the blended shape rounded to `identities`, floors applied."""
+    lfw_fractions = np.array(LFW_BIN_PEOPLE, dtype=np.float64) / LFW_IDENTITIES
+    fractions = (1.0 - lfw_weight) * np.array(DEMO_BIN_FRACTIONS) + lfw_weight * lfw_fractions
+    people = _largest_remainder(identities * fractions, identities)
+    # Floors for tiny N, where rounding can leave too few identities to train or pair.
+    need_trainable = min(MIN_TRAINABLE, identities // 2)
+    while people[3:].sum() < need_trainable:
+        donor = int(np.flatnonzero(people[:3])[0])
+        people[donor] -= 1
+        people[3] += 1
+    need_paired = min(MIN_PAIRED, identities // 2)
+    while people[1:].sum() < need_paired:
+        people[0] -= 1
+        people[1] += 1
+    return people
+
+
+def _power_law_draw(rng: np.random.Generator, low: int, high: int, alpha: float, n: int) -> np.ndarray:
+    values = np.arange(low, high + 1)
+    weights = values.astype(np.float64) ** -alpha
+    return rng.choice(values, size=n, p=weights / weights.sum())
+
+
+def image_counts(identities: int, seed: int) -> list[int]:
+    """Images per identity (a list of `identities` ints >= 1, in identity order) with LFW's shape.
+
+    Bins of COUNT_BINS get their people from a blend of the demo shape
+    (DEMO_BIN_FRACTIONS, about a third singletons) and LFW's bins, with LFW weight
+    w = clip(log(N / 120) / log(5749 / 120), 0, 1). The total is
+    round(N * ((1 - w) * 6.0 + w * 13233 / 5749)) images and the largest identity
+    has round(40^(1 - w) * 530^w) images. Within a bin counts follow P(k) ~ k^-alpha
+    and are then nudged (+-1, bigger identities more often) to hit the total.
+    At N = 5,749 this is LFW's histogram exactly: 13,233 images, largest 530.
+    """
+    _check_identities(identities)
+    _check_seed(seed)
+    rng = _rng(seed, _SEED_COUNTS)
+    weight = float(np.clip(math.log(identities / DEMO_REFERENCE_IDENTITIES)
+                           / math.log(LFW_IDENTITIES / DEMO_REFERENCE_IDENTITIES), 0.0, 1.0))
+    people = _bin_people(identities, weight)
+    largest = round(math.exp((1 - weight) * math.log(DEMO_LARGEST) + weight * math.log(LFW_LARGEST)))
+    target = round(identities * ((1 - weight) * DEMO_MEAN_IMAGES + weight * LFW_IMAGES / LFW_IDENTITIES))
+
+    counts, lows, highs = [], [], []
+    for (low, high), n in zip(COUNT_BINS, people):
+        n = int(n)
+        if n == 0:
+            continue
+        if high is None:
+            # The tail holds the single largest identity; the others fall between.
+            high = largest
+            counts.append(np.array([largest]))
+            lows.append(np.array([largest]))
+            highs.append(np.array([largest]))
+            n -= 1
+            alpha = TAIL_ALPHA
+        else:
+            alpha = BIN_ALPHA
+        counts.append(_power_law_draw(rng, low, high, alpha, n))
+        lows.append(np.full(n, low))
+        highs.append(np.full(n, high))
+    count = np.concatenate(counts).astype(np.int64)
+    low = np.concatenate(lows)
+    high = np.concatenate(highs)
+    # Tiny N can make the target unreachable inside the bins; the bins win.
+    target = int(np.clip(target, low.sum(), high.sum()))
+
+    while (diff := target - int(count.sum())) != 0:
+        step = 1 if diff > 0 else -1
+        movable = np.flatnonzero(count < high) if step > 0 else np.flatnonzero(count > low)
+        take = min(abs(diff), movable.size)
+        # Weight by size so the adjustment scales the distribution instead of flattening it.
+        weights = count[movable].astype(np.float64)
+        chosen = rng.choice(movable, size=take, replace=False, p=weights / weights.sum())
+        count[chosen] += step
+    return [int(c) for c in rng.permutation(count)]
+
+
+# --- names -----------------------------------------------------------------------------------
+
+def identity_names(identities: int, seed: int) -> list[str]:
+    """`identities` unique `First_Last` names from fixed lists, sorted (the identity order)."""
+    _check_identities(identities)
+    _check_seed(seed)
+    capacity = len(_FIRST_NAMES) * len(_SURNAME_STARTS) * len(_SURNAME_ENDS)
+    if identities > capacity // 4:
+        # Rejection sampling slows down near capacity; far more than LFW needs anyway.
+        raise InputError(f"identities must be <= {capacity // 4} for unique names, got {identities}")
+    rng = _rng(seed, _SEED_NAMES)
+    names: set[str] = set()
+    while len(names) < identities:
+        first = _FIRST_NAMES[rng.integers(len(_FIRST_NAMES))]
+        last = _SURNAME_STARTS[rng.integers(len(_SURNAME_STARTS))] \
+            + _SURNAME_ENDS[rng.integers(len(_SURNAME_ENDS))]
+        names.add(f"{first}_{last}")
+    return sorted(names)
+
+
+# --- faces -----------------------------------------------------------------------------------
+
+_SKIN_ANCHORS = np.array([(255, 226, 204), (241, 196, 160), (224, 170, 125), (198, 134, 90),
+                          (160, 100, 62), (120, 74, 46), (84, 52, 34)], dtype=np.float64)
+_HAIR_COLOURS = {"black": (24, 20, 20), "dark_brown": (58, 38, 28), "brown": (105, 70, 42),
+                 "auburn": (140, 62, 32), "red": (178, 82, 40), "blonde": (222, 190, 118),
+                 "ash": (176, 160, 128), "grey": (148, 148, 146), "white": (228, 226, 218)}
+_EYE_COLOURS = ((78, 48, 28), (40, 26, 20), (66, 112, 170), (76, 124, 78), (116, 126, 138),
+                (128, 96, 48))
+_FRAME_COLOURS = ((20, 20, 20), (92, 58, 30), (186, 186, 196), (170, 30, 40), (30, 60, 150))
+HAIR_STYLES = ("short", "side_part", "long", "curly", "bald", "buzz")
+BEARDS = ("none", "moustache", "goatee", "full")
+
+
+@dataclass(frozen=True)
+class FaceIdentity:
+    """The fixed look of one synthetic person.
+
+    Lengths are pixels of a 250-px image (scaled for other sizes), positions are
+    relative to the face centre with y pointing down; colours are RGB 0-255.
+    """
+    face_rx: float               # half width of the face outline
+    face_ry: float               # half height
+    squareness: float            # superellipse exponent: 2 = ellipse, 3 = boxy
+    chin_taper: float            # narrowing of the lower face towards the chin
+    skin: tuple[int, int, int]
+    hair_colour: tuple[int, int, int]
+    hair_style: str              # one of HAIR_STYLES
+    hair_volume: float           # hair thickness beyond the outline
+    hairline: float              # hairline height above the centre, fraction of face_ry
+    hairline_recede: float       # how much the hairline rises at the temples
+    hair_part: float             # hairline tilt (side parting), -1..1
+    eye_y: float                 # eye line above the centre, fraction of face_ry
+    eye_spacing: float           # eye centre offset from the midline, fraction of face_rx
+    eye_w: float                 # eye half width
+    eye_h: float                 # eye half height when fully open
+    iris_colour: tuple[int, int, int]
+    brow_thickness: float
+    brow_arch: float             # rise of the brow middle
+    brow_tilt: float             # inner end lower (+) or higher (-)
+    brow_gap: float              # gap between eye top and brow
+    nose_length: float           # eye line to nose base, fraction of face_ry
+    nose_width: float
+    mouth_width: float           # fraction of face_rx
+    lip_thickness: float
+    lip_colour: tuple[int, int, int]
+    ear_size: float              # fraction of face_ry
+    beard: str                   # one of BEARDS
+    glasses: tuple[int, int, int] | None   # frame colour; None = no glasses
+    glasses_round: bool
+    blush: float                 # cheek redness alpha, 0..1
+    moles: tuple[tuple[float, float], ...]   # positions (fractions of rx, ry)
+
+
+def sample_identity(rng: np.random.Generator) -> FaceIdentity:
+    """Draw one identity's fixed facial parameters from `rng`."""
+    tone = rng.uniform(0, len(_SKIN_ANCHORS) - 1)
+    base = int(tone)
+    frac = tone - base
+    skin = (1 - frac) * _SKIN_ANCHORS[base] + frac * _SKIN_ANCHORS[min(base + 1, len(_SKIN_ANCHORS) - 1)]
+    skin = np.clip(skin + rng.normal(0, 6, 3), 0, 255)
+    # Darker skin goes with darker hair more often, as in the population LFW samples.
+    hair_names = list(_HAIR_COLOURS)
+    weights = np.array([3, 3, 2, 1, 0.6, 1.2, 0.8, 1.2, 0.5]) if tone < 2.5 else \
+        np.array([6, 3, 1, 0.3, 0.1, 0.1, 0.1, 0.8, 0.4])
+    hair_name = hair_names[rng.choice(len(hair_names), p=weights / weights.sum())]
+    hair = np.clip(np.array(_HAIR_COLOURS[hair_name]) + rng.normal(0, 10, 3), 0, 255)
+    style = HAIR_STYLES[rng.choice(len(HAIR_STYLES), p=[0.3, 0.18, 0.2, 0.12, 0.08, 0.12])]
+    beard = BEARDS[rng.choice(len(BEARDS), p=[0.62, 0.14, 0.1, 0.14])]
+    lip = np.clip(skin * np.array([0.86, 0.58, 0.58]) + np.array([28, 0, 4]), 0, 255)
+    glasses = _FRAME_COLOURS[rng.integers(len(_FRAME_COLOURS))] if rng.random() < 0.25 else None
+    moles = tuple((float(rng.uniform(-0.6, 0.6)), float(rng.uniform(-0.1, 0.6)))
+                  for _ in range(rng.choice(3, p=[0.6, 0.3, 0.1])))
+    return FaceIdentity(
+        face_rx=float(rng.uniform(43, 57)),
+        face_ry=float(rng.uniform(55, 69)),
+        squareness=float(rng.uniform(1.9, 3.0)),
+        chin_taper=float(rng.uniform(0.0, 0.3)),
+        skin=_rgb(skin),
+        hair_colour=_rgb(hair),
+        hair_style=style,
+        hair_volume=float(rng.uniform(4, 14)),
+        hairline=float(rng.uniform(0.42, 0.72)),
+        hairline_recede=float(rng.uniform(0.0, 0.35)),
+        hair_part=float(rng.uniform(-1, 1)),
+        eye_y=float(rng.uniform(0.06, 0.22)),
+        eye_spacing=float(rng.uniform(0.34, 0.48)),
+        eye_w=float(rng.uniform(7.5, 11.5)),
+        eye_h=float(rng.uniform(3.2, 5.2)),
+        iris_colour=_EYE_COLOURS[rng.integers(len(_EYE_COLOURS))],
+        brow_thickness=float(rng.uniform(2.0, 5.0)),
+        brow_arch=float(rng.uniform(0.0, 5.0)),
+        brow_tilt=float(rng.uniform(-3.0, 3.0)),
+        brow_gap=float(rng.uniform(3.0, 8.0)),
+        nose_length=float(rng.uniform(0.36, 0.56)),
+        nose_width=float(rng.uniform(7.0, 13.0)),
+        mouth_width=float(rng.uniform(0.38, 0.62)),
+        lip_thickness=float(rng.uniform(2.0, 5.0)),
+        lip_colour=_rgb(lip),
+        ear_size=float(rng.uniform(0.22, 0.32)),
+        beard=beard,
+        glasses=glasses,
+        glasses_round=bool(rng.random() < 0.5),
+        blush=float(rng.uniform(0.0, 0.35)),
+        moles=moles,
+    )
+
+
+def identity_params(seed: int, identity_index: int) -> FaceIdentity:
+    """The fixed parameters of identity `identity_index` (position in sorted name order)."""
+    return sample_identity(_rng(seed, _SEED_IDENTITY, identity_index))
+
+
+def _rgb(colour: Sequence[float], alpha: int | None = None) -> tuple[int, ...]:
+    rgb = tuple(int(round(float(c))) for c in colour[:3])
+    return rgb if alpha is None else (*rgb, alpha)
+
+
+def _mix(a: Sequence[float], b: Sequence[float], t: float) -> tuple[int, ...]:
+    """(1 - t) * a + t * b, as an RGB tuple."""
+    return _rgb((1 - t) * np.array(a[:3], dtype=np.float64) + t * np.array(b[:3], dtype=np.float64))
+
+
+def _shade(colour: Sequence[float], factor: float, alpha: int | None = None) -> tuple[int, ...]:
+    return _rgb(np.clip(np.array(colour[:3], dtype=np.float64) * factor, 0, 255), alpha)
+
+
+def _outline(rx: float, ry: float, squareness: float, taper: float, n: int = 72) -> np.ndarray:
+    """Face outline, (n, 2) points clockwise from the right: a superellipse narrowed below the centre.
+
+    x = rx * sgn(cos t) |cos t|^(2/p), y = ry * sgn(sin t) |sin t|^(2/p), then
+    x *= 1 - taper * (y / ry)^2 for y > 0 (the jaw narrows towards the chin).
+    """
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    e = 2.0 / squareness
+    x = rx * np.sign(np.cos(t)) * np.abs(np.cos(t)) ** e
+    y = ry * np.sign(np.sin(t)) * np.abs(np.sin(t)) ** e
+    lower = y > 0
+    x[lower] *= 1 - taper * (y[lower] / ry) ** 2
+    return np.stack([x, y], axis=1)
+
+
+@dataclass(frozen=True)
+class _Expression:
+    """Per-image, identity-independent variation drawn into the face layer."""
+    yaw: float           # -1..1: inner features shift towards the turned side
+    smile: float         # -0.4..1: mouth-corner lift
+    mouth_open: float    # px
+    brow_raise: float    # px
+    eye_open: float      # 0..1 of eye_h
+    gaze: tuple[float, float]
+    clothes: tuple[int, int, int]
+    collar: tuple[int, int, int]
+
+
+def _sample_expression(rng: np.random.Generator) -> _Expression:
+    blink = rng.random() < 0.06
+    return _Expression(
+        yaw=float(rng.uniform(-1, 1)),
+        smile=float(rng.uniform(-0.4, 1.0)),
+        mouth_open=float(rng.uniform(2, 7)) if rng.random() < 0.25 else 0.0,
+        brow_raise=float(rng.uniform(-2, 4)),
+        eye_open=float(rng.uniform(0.1, 0.3)) if blink else float(rng.uniform(0.6, 1.0)),
+        gaze=(float(rng.uniform(-1.5, 1.5)), float(rng.uniform(-0.8, 0.8))),
+        clothes=_rgb(rng.integers(0, 256, 3)),
+        collar=_rgb(rng.integers(0, 256, 3)),
+    )
+
+
+def _draw_head(face: FaceIdentity, expr: _Expression, canvas: int) -> Image.Image:
+    """The person in canonical pose on a transparent (canvas, canvas) RGBA layer."""
+    layer = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
+    # Every fill is opaque: drawing a translucent fill onto an RGBA layer replaces the
+    # layer's alpha (it does not blend), which would punch holes showing the background.
+    draw = ImageDraw.Draw(layer)
+    k = canvas / LFW_IMAGE_SIZE                    # canvas px per 250-image px
+    cx, cy = canvas / 2, canvas / 2 + 6 * k        # LFW faces sit slightly below the centre
+
+    def pts(points) -> list[tuple[float, float]]:
+        return [(cx + float(x) * k, cy + float(y) * k) for x, y in points]
+
+    def box(x0, y0, x1, y1) -> list[float]:
+        return [cx + x0 * k, cy + y0 * k, cx + x1 * k, cy + y1 * k]
+
+    rx, ry = face.face_rx, face.face_ry
+    skin = face.skin
+    hair = face.hair_colour
+    if face.hair_style == "buzz":
+        hair = _mix(hair, skin, 0.45)
+    shift = expr.yaw * 0.12 * rx                   # inner features move with head yaw
+    outline = _outline(rx, ry, face.squareness, face.chin_taper)
+
+    # Shoulders and neck: clothes are per image so they carry no identity.
+    draw.ellipse(box(-118, ry + 28, 118, ry + 170), fill=expr.clothes)
+    draw.polygon(pts([(-0.3 * rx, ry + 22), (0, ry + 48), (0.3 * rx, ry + 22)]), fill=expr.collar)
+    draw.rectangle(box(-0.42 * rx, 0.3 * ry, 0.42 * rx, ry + 30), fill=_shade(skin, 0.86))
+    draw.polygon(pts([(-0.3 * rx, ry + 26), (0, ry + 42), (0.3 * rx, ry + 26)]), fill=_shade(skin, 0.86))
+
+    # Hair behind the head.
+    vol = face.hair_volume
+    if face.hair_style == "long":
+        draw.rounded_rectangle(box(-(rx + vol), -0.4 * ry, rx + vol, ry * 1.35), radius=24 * k, fill=hair)
+    if face.hair_style != "bald":
+        back = _outline(rx + vol, ry + vol, face.squareness, 0.0)
+        back[:, 1] -= vol * 0.5
+        cut = 0.15 * ry if face.hair_style != "buzz" else -0.2 * ry
+        back = back[back[:, 1] <= cut]
+        if face.hair_style == "curly":
+            for x, y in back[::2]:
+                r = vol * 0.9 + 3
+                draw.ellipse(box(x - r, y - r, x + r, y + r), fill=hair)
+        draw.polygon(pts(back), fill=hair)
+    else:
+        # A fringe of hair around the back of the head, at ear height only.
+        side = _outline(rx + 4, ry + 4, face.squareness, 0.0)
+        side = side[(side[:, 1] > -0.4 * ry) & (side[:, 1] < 0.15 * ry)]
+        for sign in (-1, 1):
+            part = side[side[:, 0] * sign > 0]
+            draw.polygon(pts(np.vstack([part, [[0.7 * sign * rx, 0.0]]])), fill=hair)
+
+    # Ears, then the face.
+    ear_w, ear_h = 0.2 * rx, face.ear_size * ry
+    for sign in (-1, 1):
+        ex = sign * (rx * 0.96) - shift * 0.3
+        draw.ellipse(box(ex - ear_w, 0.05 * ry - ear_h, ex + ear_w, 0.05 * ry + ear_h), fill=_shade(skin, 0.93))
+        draw.ellipse(box(ex - ear_w * 0.45, 0.05 * ry - ear_h * 0.6, ex + ear_w * 0.45, 0.05 * ry + ear_h * 0.6),
+                     fill=_shade(skin, 0.78))
+    draw.polygon(pts(outline), fill=skin)
+
+    # Hair over the forehead: outline above the temples closed by the hairline curve.
+    if face.hair_style not in ("bald",):
+        temple = -0.22 * ry
+        top = outline[outline[:, 1] < temple]
+        # Order left -> over the top -> right so the hairline closes the polygon.
+        top = top[np.argsort(np.arctan2(top[:, 1], top[:, 0]))]
+        xs = np.linspace(top[-1, 0], top[0, 0], 24)
+        line_y = -face.hairline * ry - face.hairline_recede * ry * (xs / rx) ** 2 \
+            + face.hair_part * 0.12 * xs
+        fringe = np.vstack([top * [1.02, 1.02], np.stack([xs, np.minimum(line_y, temple)], axis=1)])
+        if face.hair_style == "curly":
+            for x, y in fringe[len(top):][::2]:
+                r = 5.0
+                draw.ellipse(box(x - r, y - r, x + r, y + r), fill=hair)
+        draw.polygon(pts(fringe), fill=hair)
+
+    # Cheeks and moles.
+    if face.blush > 0.02:
+        for sign in (-1, 1):
+            bx = sign * 0.52 * rx + shift
+            draw.ellipse(box(bx - 0.2 * rx, 0.12 * ry, bx + 0.2 * rx, 0.34 * ry),
+                         fill=_mix(skin, (214, 96, 96), face.blush * 0.5))
+    for mx, my in face.moles:
+        px, py = mx * rx + shift, my * ry
+        draw.ellipse(box(px - 1.6, py - 1.6, px + 1.6, py + 1.6), fill=_shade(skin, 0.45))
+
+    # Beard (under the mouth), drawn semi-opaque so the jaw line shows through.
+    eye_line = -face.eye_y * ry
+    nose_base = eye_line + face.nose_length * ry
+    mouth_y = nose_base + (ry - nose_base) * 0.4
+    beard_fill = _mix(hair, skin, 0.12)
+    if face.beard == "full":
+        jaw = outline[outline[:, 1] > -0.05 * ry]
+        jaw = jaw[np.argsort(-np.arctan2(jaw[:, 1], jaw[:, 0]))]
+        inner = [(x, mouth_y - 7 + 0.25 * abs(x)) for x in np.linspace(-0.75 * rx, 0.75 * rx, 9)]
+        draw.polygon(pts(np.vstack([jaw[::-1], np.array(inner)[::-1]])), fill=beard_fill)
+    if face.beard == "goatee":
+        draw.ellipse(box(-0.3 * rx + shift, mouth_y + 2, 0.3 * rx + shift, ry + 2), fill=beard_fill)
+    if face.beard in ("moustache", "full", "goatee"):
+        half = face.mouth_width * rx * 0.55
+        draw.polygon(pts([(shift - half, mouth_y - 1), (shift, mouth_y - 9), (shift + half, mouth_y - 1),
+                          (shift, mouth_y - 4)]), fill=beard_fill)
+
+    # Eyes.
+    for sign in (-1, 1):
+        ex = sign * face.eye_spacing * rx + shift
+        w = face.eye_w * (1 - 0.12 * expr.yaw * sign)
+        h = max(face.eye_h * expr.eye_open, 0.6)
+        draw.ellipse(box(ex - w - 2, eye_line - face.eye_h - 2, ex + w + 2, eye_line + face.eye_h + 2),
+                     fill=_shade(skin, 0.88))            # eye socket shadow
+        draw.ellipse(box(ex - w, eye_line - h, ex + w, eye_line + h), fill=(244, 242, 236))
+        iris = min(face.eye_h * 0.85, h)
+        gx, gy = ex + expr.gaze[0], eye_line + expr.gaze[1] * 0.5
+        draw.ellipse(box(gx - iris, gy - iris, gx + iris, gy + iris), fill=face.iris_colour)
+        pupil = iris * 0.45
+        draw.ellipse(box(gx - pupil, gy - pupil, gx + pupil, gy + pupil), fill=(12, 10, 10))
+        lid = [(ex + u * w, eye_line - h * math.sqrt(max(1 - u * u, 0.0))) for u in np.linspace(-1, 1, 9)]
+        draw.line(pts(lid), fill=_shade(skin, 0.35), width=max(1, round(1.6 * k)), joint="curve")
+
+        # Brow: a quadratic from the inner to the outer end.
+        inner_x, outer_x = ex - sign * 0.55 * w, ex + sign * 1.05 * w
+        base_y = eye_line - face.eye_h - face.brow_gap - expr.brow_raise
+        brow = []
+        for u in np.linspace(0, 1, 7):
+            x = inner_x + (outer_x - inner_x) * u
+            y = base_y + face.brow_tilt * (1 - u) - face.brow_arch * 4 * u * (1 - u)
+            brow.append((x, y))
+        draw.line(pts(brow), fill=_shade(hair, 0.85) if face.hair_style != "bald" else _shade(skin, 0.45),
+                  width=max(1, round(face.brow_thickness * k)), joint="curve")
+
+    # Nose: a shaded bridge and a base with nostrils; it protrudes, so it moves most with yaw.
+    nx = shift * 1.3
+    nw = face.nose_width
+    draw.line(pts([(nx - 0.2 * nw, eye_line + 4), (nx + 0.25 * nw * (1 if expr.yaw >= 0 else -1), nose_base - 3)]),
+              fill=_shade(skin, 0.82), width=max(1, round(1.5 * k)))
+    draw.ellipse(box(nx - nw, nose_base - 0.45 * nw, nx + nw, nose_base + 0.25 * nw), fill=_shade(skin, 0.9))
+    for sign in (-1, 1):
+        ox = nx + sign * 0.42 * nw
+        draw.ellipse(box(ox - 0.24 * nw, nose_base - 0.12 * nw, ox + 0.24 * nw, nose_base + 0.12 * nw),
+                     fill=_shade(skin, 0.45))
+
+    # Mouth: lips around a midline that curves up at the corners when smiling.
+    mx = shift * 1.1
+    half = face.mouth_width * rx / 2 * (1 + 0.12 * max(expr.smile, 0))
+    u = np.linspace(-1, 1, 17)
+    mid = mouth_y - expr.smile * 5 * u ** 2 + expr.smile * 1.5
+    bulge = (1 - u ** 2) ** 0.7
+    upper = mid - face.lip_thickness * 0.8 * bulge - expr.mouth_open / 2 * bulge
+    lower = mid + face.lip_thickness * bulge + expr.mouth_open / 2 * bulge
+    xs = mx + u * half
+    draw.polygon(pts(np.vstack([np.stack([xs, upper], 1), np.stack([xs, lower], 1)[::-1]])), fill=face.lip_colour)
+    if expr.mouth_open > 0:
+        top = mid - expr.mouth_open / 2 * bulge
+        bottom = mid + expr.mouth_open / 2 * bulge
+        draw.polygon(pts(np.vstack([np.stack([xs, top], 1), np.stack([xs, bottom], 1)[::-1]])), fill=(70, 22, 26))
+        teeth = top + np.minimum(expr.mouth_open * 0.4, 2.5) * bulge
+        draw.polygon(pts(np.vstack([np.stack([xs, top], 1), np.stack([xs, teeth], 1)[::-1]])), fill=(236, 232, 220))
+    else:
+        draw.line(pts(np.stack([xs, mid], 1)), fill=_shade(face.lip_colour, 0.55), width=max(1, round(1.4 * k)),
+                  joint="curve")
+
+    # Glasses last: frames over eyes and brows' lower edge.
+    if face.glasses is not None:
+        width = max(1, round(2.2 * k))
+        rims = []
+        for sign in (-1, 1):
+            ex = sign * face.eye_spacing * rx + shift
+            gw, gh = face.eye_w * 1.45, face.eye_w * 1.05
+            rim = box(ex - gw, eye_line - gh, ex + gw, eye_line + gh)
+            rims.append((ex - gw, ex + gw))
+            if face.glasses_round:
+                draw.ellipse(rim, outline=face.glasses, width=width)
+            else:
+                draw.rounded_rectangle(rim, radius=4 * k, outline=face.glasses, width=width)
+            arm_from = ex + sign * gw
+            draw.line(pts([(arm_from, eye_line - 2), (sign * rx * 0.98 - shift * 0.3, eye_line + 1)]),
+                      fill=face.glasses, width=width)
+        draw.line(pts([(rims[0][1], eye_line - 2), (rims[1][0], eye_line - 2)]), fill=face.glasses, width=width)
+    return layer
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(yy, xx) pixel coordinates scaled to [-0.5, 0.5], float32, shape (size, size)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) - 0.5
+    return yy, xx
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A random RGB scene, independent of identity: flat, gradient, blotchy or shapes.
+
+    Drawn at a quarter of the size and upscaled: cheap, and soft like the
+    out-of-focus backgrounds of press photos.
+    """
+    small = max(size // 4, 8)
+    kind = rng.integers(4)
+    c1 = rng.uniform(0, 255, 3)
+    c2 = rng.uniform(0, 255, 3)
+    if kind == 0:
+        arr = np.broadcast_to(c1, (small, small, 3))
+    elif kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = _unit_grid(small)
+        t = np.clip(xx * np.cos(angle) + yy * np.sin(angle) + 0.5, 0, 1)[..., None]
+        arr = (1 - t) * c1 + t * c2
+    elif kind == 2:
+        cells = int(rng.integers(2, 7))
+        grid = np.clip(c1 + rng.normal(0, 45, (cells, cells, 3)), 0, 255).astype(np.uint8)
+        arr = np.asarray(Image.fromarray(grid).resize((small, small), Image.BICUBIC))
+    else:
+        img = Image.new("RGB", (small, small), _rgb(c1))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(3, 9))):
+            x0, y0 = rng.uniform(-0.2, 1.0, 2) * small
+            w, h = rng.uniform(0.1, 0.7, 2) * small
+            shape = [float(x0), float(y0), float(x0 + w), float(y0 + h)]
+            (draw.rectangle if rng.random() < 0.6 else draw.ellipse)(shape, fill=_rgb(rng.uniform(0, 255, 3)))
+        arr = np.asarray(img)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return img.resize((size, size), Image.BICUBIC if rng.random() < 0.5 else Image.BILINEAR)
+
+
+def render_face(identity: FaceIdentity, image_rng: np.random.Generator,
+                size: int = LFW_IMAGE_SIZE) -> Image.Image:
+    """One (size, size) RGB photo of `identity`; pose, expression, light and scene come from `image_rng`.
+
+    Pose: rotation +-9 degrees, centre shift +-6 px, scale 0.9-1.1, yaw squash
+    (width x (1 - 0.1|yaw|)). Lighting: gain 0.75-1.2, per-channel cast
+    N(1, 0.05), a linear gradient of up to +-30% across the image, contrast
+    0.8-1.15 about the mean, luminance noise sigma 0-6, blur in 30% of images.
+    Lengths are for size 250 and scale with `size`.
+    """
+    if size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {size}")
+    background = _background(image_rng, size)
+    expr = _sample_expression(image_rng)
+    canvas = size * _SUPERSAMPLE
+    layer = _draw_head(identity, expr, canvas)
+
+    angle = math.radians(image_rng.uniform(-9, 9))
+    scale = image_rng.uniform(0.9, 1.1)
+    squash = 1 - 0.1 * abs(expr.yaw)
+    shift = image_rng.uniform(-6, 6, 2) * canvas / LFW_IMAGE_SIZE
+    # Forward map: out = c + t + R(angle) diag(scale * squash, scale) (in - c); PIL wants the inverse.
+    c = canvas / 2
+    cos, sin = math.cos(angle), math.sin(angle)
+    sx, sy = 1 / (scale * squash), 1 / scale
+    a, b, d, e = sx * cos, sx * sin, -sy * sin, sy * cos
+    ox, oy = c + float(shift[0]), c + float(shift[1])
+    coeffs = (a, b, c - a * ox - b * oy, d, e, c - d * ox - e * oy)
+    # NEAREST at 2x then a 2x2 box reduce is 4-sample anti-aliasing; PIL's BILINEAR
+    # affine on RGBA is ~25x slower and would dominate the render time.
+    layer = layer.transform((canvas, canvas), Image.AFFINE, coeffs, resample=Image.NEAREST)
+    layer = layer.reduce(_SUPERSAMPLE)
+    image = Image.alpha_composite(background.convert("RGBA"), layer).convert("RGB")
+
+    arr = np.asarray(image, dtype=np.float32)
+    gain = image_rng.uniform(0.75, 1.2)
+    cast = np.clip(image_rng.normal(1.0, 0.05, 3), 0.85, 1.15).astype(np.float32)
+    direction = image_rng.uniform(0, 2 * np.pi)
+    strength = image_rng.uniform(0, 0.3)
+    yy, xx = _unit_grid(size)
+    light = (gain * (1 + 2 * strength * (xx * math.cos(direction) + yy * math.sin(direction))))[..., None]
+    arr = arr * light * cast
+    contrast = image_rng.uniform(0.8, 1.15)
+    mean = arr.mean()
+    noise = image_rng.standard_normal((size, size, 1), dtype=np.float32) * image_rng.uniform(0, 6)
+    arr = (arr - mean) * contrast + mean + noise
+    image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if image_rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(float(image_rng.uniform(0.3, 1.1))))
+    return image
+
+
+def render_jpeg(seed: int, identity_index: int, image_index: int, size: int = LFW_IMAGE_SIZE,
+                identity: FaceIdentity | None = None) -> bytes:
+    """JPEG bytes of image `image_index` (0-based) of identity `identity_index`, quality 60-95."""
+    rng = _rng(seed, _SEED_IMAGE, identity_index, image_index)
+    identity = identity_params(seed, identity_index) if identity is None else identity
+    image = render_face(identity, rng, size)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=int(rng.integers(60, 96)))
+    return out.getvalue()
+
+
+def _render_task(task: tuple[int, int, int, int, int]) -> list[bytes]:
+    seed, identity_index, start, stop, size = task
+    identity = identity_params(seed, identity_index)
+    return [render_jpeg(seed, identity_index, j, size, identity) for j in range(start, stop)]
+
+
+# --- pairs.txt -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pairs:
+    """LFW View 2 pairs: per fold `per_fold` matched (name, i, j) and mismatched (a, i, b, j), 1-based."""
+    folds: int
+    per_fold: int
+    matched: tuple[tuple[tuple[str, int, int], ...], ...]
+    mismatched: tuple[tuple[tuple[str, int, str, int], ...], ...]
+
+    def to_text(self) -> str:
+        lines = [f"{self.folds}\t{self.per_fold}"]
+        for matched, mismatched in zip(self.matched, self.mismatched):
+            lines += [f"{name}\t{i}\t{j}" for name, i, j in matched]
+            lines += [f"{a}\t{i}\t{b}\t{j}" for a, i, b, j in mismatched]
+        return "\n".join(lines) + "\n"
+
+
+def _positive_stream(rng: np.random.Generator, count: int) -> Iterator[tuple[int, int]]:
+    """Distinct unordered image pairs (i < j, 1-based) of one identity, in random order."""
+    total = count * (count - 1) // 2
+    if total <= 4096:
+        pairs = [(i, j) for i in range(1, count + 1) for j in range(i + 1, count + 1)]
+        for index in rng.permutation(total):
+            yield pairs[index]
+        return
+    # Large identities: rejection sampling; we never need more than a small part of the pairs.
+    seen: set[tuple[int, int]] = set()
+    while len(seen) < total:
+        i, j = sorted(int(v) for v in rng.choice(count, size=2, replace=False) + 1)
+        if (i, j) not in seen:
+            seen.add((i, j))
+            yield i, j
+
+
+def make_pairs(names: Sequence[str], counts: Sequence[int], seed: int, folds: int = PAIR_FOLDS,
+               max_per_fold: int = MAX_PAIRS_PER_FOLD) -> Pairs:
+    """Draw LFW View 2 style pairs, distinct across the whole file.
+
+    per_fold = min(max_per_fold, P // folds, Q // folds) where P = sum C(k, 2)
+    matched and Q = (T^2 - sum k^2) / 2 mismatched image pairs exist. Matched
+    pairs are taken round-robin over identities (a shuffled order), so small
+    identities are represented and large ones do not dominate; mismatched pairs
+    pick two different identities uniformly, then one image of each. Both lists
+    are shuffled before being dealt into folds and sorted by name within a fold.
+    Unlike LFW, folds are not identity-disjoint (that needs >= 2 people per fold
+    with >= 2 images); 10-fold threshold selection does not rely on it.
+    """
+    if len(names) != len(counts):
+        raise InputError(f"names and counts differ in length: {len(names)} vs {len(counts)}")
+    k = np.asarray(counts, dtype=np.int64)
+    positives = int((k * (k - 1) // 2).sum())
+    negatives = int((k.sum() ** 2 - (k ** 2).sum()) // 2)
+    per_fold = min(max_per_fold, positives // folds, negatives // folds)
+    if per_fold < 1:
+        raise InputError(f"too few images for {folds} pair folds: {positives} matched and "
+                         f"{negatives} mismatched pairs available")
+    need = per_fold * folds
+    rng = _rng(seed, _SEED_PAIRS)
+
+    streams = {int(i): _positive_stream(rng, int(k[i])) for i in rng.permutation(len(k)) if k[i] >= 2}
+    matched: list[tuple[str, int, int]] = []
+    while len(matched) < need:
+        for index in list(streams):
+            pair = next(streams[index], None)
+            if pair is None:
+                del streams[index]
+                continue
+            matched.append((names[index], *pair))
+            if len(matched) == need:
+                break
+
+    seen: set[tuple[str, int, str, int]] = set()
+    mismatched: list[tuple[str, int, str, int]] = []
+    while len(mismatched) < need:
+        a, b = sorted(int(v) for v in rng.choice(len(k), size=2, replace=False))
+        pair = (names[a], int(rng.integers(1, k[a] + 1)), names[b], int(rng.integers(1, k[b] + 1)))
+        if pair not in seen:
+            seen.add(pair)
+            mismatched.append(pair)
+
+    matched = [matched[i] for i in rng.permutation(need)]
+    mismatched = [mismatched[i] for i in rng.permutation(need)]
+    return Pairs(
+        folds=folds, per_fold=per_fold,
+        matched=tuple(tuple(sorted(matched[f * per_fold:(f + 1) * per_fold])) for f in range(folds)),
+        mismatched=tuple(tuple(sorted(mismatched[f * per_fold:(f + 1) * per_fold])) for f in range(folds)),
+    )
+
+
+# --- the archive -----------------------------------------------------------------------------
+
+def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = 0o755 if directory else 0o644
+    info.size = size
+    info.mtime = _TAR_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def generate_demo_archive(out_dir: str | os.PathLike, identities: int = 120, seed: int = 0,
+                          lfw_scale: bool = False, image_size: int = LFW_IMAGE_SIZE,
+                          workers: int | None = None) -> SynthResult:
+    """Write `lfw.tgz`, `lfw.tgz.sha256` and `pairs.txt` of drawn faces into `out_dir`.
+
+    The archive is a gzip tar laid out as LFW's: `lfw/`, `lfw/<Name>/`,
+    `lfw/<Name>/<Name>_NNNN.jpg` (1-based, 4 digits), sorted, with fixed
+    metadata, so the same seed gives byte-identical output for any `workers`.
+    `lfw_scale=True` ignores `identities` and produces LFW's 5,749 people and
+    13,233 images with its histogram, and 10 x 300 pairs. Images are rendered
+    by `workers` processes (default: all CPUs).
+    """
+    if not lfw_scale:
+        _check_identities(identities)
+    _check_seed(seed)
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
+            or image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise InputError(f"workers must be an integer >= 1, got {workers!r}")
+    out_dir = Path(out_dir)
+    n = LFW_IDENTITIES if lfw_scale else int(identities)
+
+    names = identity_names(n, seed)
+    counts = image_counts(n, seed)
+    total = sum(counts)
+    tasks = [(seed, index, start, min(start + _IMAGES_PER_TASK, count), image_size)
+             for index, count in enumerate(counts) for start in range(0, count, _IMAGES_PER_TASK)]
+    workers = min(workers, len(tasks))
+    log.info("synth: %d identities, %d images at %dx%d, seed %d, %d worker(s) -> %s",
+             n, total, image_size, image_size, seed, workers, out_dir)
+
+    archive = out_dir / "lfw.tgz"
+    with atomic_file(archive, "wb") as handle, \
+            gzip.GzipFile(filename="lfw.tar", mode="wb", fileobj=handle, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar, \
+            Progress("synth: render faces", total=total, unit="images") as progress:
+        tar.addfile(_tar_info("lfw", directory=True))
+        if workers == 1:
+            results = map(_render_task, tasks)
+            pool = None
+        else:
+            # spawn: a parent that imported threaded libraries (TF, gRPC) is not safe to fork.
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            results = pool.map(_render_task, tasks)
+        try:
+            for (_, index, start, _, _), jpegs in zip(tasks, results):
+                name = names[index]
+                if start == 0:
+                    tar.addfile(_tar_info(f"lfw/{name}", directory=True))
+                for offset, data in enumerate(jpegs):
+                    member = f"lfw/{name}/{name}_{start + offset + 1:04d}.jpg"
+                    tar.addfile(_tar_info(member, size=len(data)), io.BytesIO(data))
+                    # The member list would otherwise grow with the archive; we never read it back.
+                    tar.members.clear()
+                progress.update(len(jpegs))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    sha256 = _sha256(archive)
+    write_text(out_dir / "lfw.tgz.sha256", f"{sha256}  lfw.tgz\n")
+
+    pairs_path = out_dir / "pairs.txt"
+    pairs = make_pairs(names, counts, seed)
+    write_text(pairs_path, pairs.to_text())
+    log.info("synth: wrote %s (sha256 %s) and %s (%d folds x %d pairs per class)",
+             archive, sha256, pairs_path, pairs.folds, pairs.per_fold)
+    return SynthResult(archive=archive, pairs=pairs_path, sha256=sha256, identities=n, images=total)

@@ -1,0 +1,1 @@
+"""The facenet-kfp pipeline: DAG definition, compiler and local runner entry points."""

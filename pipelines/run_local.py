@@ -1,0 +1,329 @@
+"""Run the whole pipeline on this machine with `kfp.local`, then print and save a summary.
+
+`python -m pipelines.run_local [--source URI --sha256 HEX] [--config YAML] [--pairs URI]`
+runs the seven steps as a real KFP pipeline (SubprocessRunner in this venv, or
+DockerRunner with `--runner docker`), caching on. With no `--source` it runs on
+the demo archive, generating it first when missing. At the end it prints one
+line per task (ran / cache hit / failed, seconds, key figures) and writes
+`<pipeline root>/summary.json`. A failed run exits 1 and names the failed task
+and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from kfp import local
+from kfp.local.orchestrator import task_executor
+
+from components import Images
+from facenet_kfp.config import load_config
+from facenet_kfp.errors import FacenetError
+from facenet_kfp.fsutil import write_json
+from pipelines.facenet_pipeline import PIPELINE_NAME, build_pipeline
+
+DEFAULT_LIGHT_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp:0.1.0"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0"
+HEADLINE = [
+    ("test_accuracy", "test accuracy"),
+    ("test_kfold_accuracy_mean", "10-fold accuracy"),
+    ("test_kfold_accuracy_std", "± std"),
+    ("test_auc", "AUC"),
+    ("test_val_at_far_0.001", "VAL@FAR=1e-3"),
+    ("threshold", "threshold"),
+]
+_ERROR_LINE = re.compile(r"(step \S+ failed: .*|\w+(Error|Exception): .*)$")
+
+
+@dataclass
+class TaskRecord:
+    name: str
+    display_name: str
+    status: str = "RUNNING"
+    seconds: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+class _Tee(io.TextIOBase):
+    """Copies writes to the real stream and keeps the last lines (the task's log)."""
+
+    def __init__(self, stream: Any, keep: int = 200):
+        self.stream, self.keep, self.lines = stream, keep, []
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.lines.extend(text.splitlines())
+        del self.lines[:-self.keep]
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _CacheHits(logging.Handler):
+    """kfp.local reports cache hits only as an INFO log line; collect the task names."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.tasks: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.match(r"Task (\S+) cache hit", record.getMessage())
+        if match:
+            self.tasks.add(match.group(1))
+
+
+def _artifact_summary(value: Any) -> Any:
+    if hasattr(value, "uri"):
+        return {"uri": value.uri, "metadata": json.loads(json.dumps(dict(value.metadata), default=str))}
+    return {"value": value}
+
+
+@contextlib.contextmanager
+def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
+    """Record status, wall time, outputs and errors of every task kfp.local executes."""
+    original = task_executor.execute_single_task
+    hits = _CacheHits()
+    logging.getLogger().addHandler(hits)
+
+    def recorded(*args: Any, **kwargs: Any):
+        task_name = kwargs["task_name"]
+        spec = kwargs["task_spec"]
+        record = TaskRecord(name=task_name, display_name=spec.task_info.name or task_name)
+        records.append(record)
+        tee = _Tee(sys.stdout)
+        start = time.monotonic()
+        with contextlib.redirect_stdout(tee):
+            outputs, status = original(*args, **kwargs)
+        record.seconds = time.monotonic() - start
+        failed = getattr(status, "name", str(status)) == "FAILURE"
+        record.status = "FAILED" if failed else ("CACHED" if task_name in hits.tasks else "SUCCEEDED")
+        record.outputs = {key: _artifact_summary(value) for key, value in (outputs or {}).items()}
+        if failed:
+            errors = [m.group(1) for line in tee.lines if (m := _ERROR_LINE.search(line.strip()))]
+            record.error = errors[0] if errors else "see the task log above"
+        return outputs, status
+
+    task_executor.execute_single_task = recorded
+    try:
+        yield
+    finally:
+        task_executor.execute_single_task = original
+        logging.getLogger().removeHandler(hits)
+
+
+def _scalar_metadata(record: TaskRecord) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for output in record.outputs.values():
+        for key, value in output.get("metadata", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found.setdefault(key, value)
+    return found
+
+
+KEY_FIGURES = {
+    "download-archive": ["size", "sha256"],
+    "extract-images": ["identities", "images", "skipped_total", "shards"],
+    "make-labels": ["identities", "singletons"],
+    "complete-identities": ["generated", "identities_completed"],
+    "split-identities": ["train_identities", "val_identities", "test_identities"],
+    "train-model": ["val_loss", "val_fraction_positive", "steps"],
+    "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
+}
+
+
+def key_figures(record: TaskRecord) -> str:
+    """A few figures for the table line of one task."""
+    values: dict[str, Any] = {}
+    for output in record.outputs.values():
+        values.update(output.get("metadata", {}))
+    wanted = KEY_FIGURES.get(record.name, [])
+    parts = []
+    for key in wanted:
+        value = values.get(key)
+        if isinstance(value, dict):
+            continue
+        if isinstance(value, list):
+            value = len(value)
+        if key == "size" and isinstance(value, (int, float)):
+            parts.append(f"{value / 1e6:.1f} MB")
+        elif key == "sha256" and isinstance(value, str):
+            parts.append(f"sha256 {value[:12]}…")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif value is not None:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
+    """Scalar metrics of the train and evaluate tasks (what summary.json calls `metrics`)."""
+    metrics: dict[str, Any] = {}
+    for record in records:
+        if record.name == "train-model":
+            out = record.outputs.get("metrics", {}).get("metadata", {})
+            metrics.update({f"train_{k}" if not k.startswith(("train_", "val_")) else k: v
+                            for k, v in out.items() if isinstance(v, (int, float))})
+        if record.name == "evaluate-model":
+            metrics.update({k: v for k, v in record.outputs.get("metrics", {}).get("metadata", {}).items()
+                            if isinstance(v, (int, float))})
+            threshold = record.outputs.get("threshold", {})
+            if threshold:
+                metrics["threshold_uri"] = threshold.get("uri")
+            report = record.outputs.get("report", {})
+            if report:
+                metrics["report_uri"] = report.get("uri")
+        if record.name == "train-model" and "model" in record.outputs:
+            metrics["model_uri"] = record.outputs["model"]["uri"]
+    return metrics
+
+
+def print_table(records: list[TaskRecord], status: str, out: Any = sys.stdout) -> None:
+    label = {"SUCCEEDED": "ran", "CACHED": "cache hit", "FAILED": "FAILED", "RUNNING": "?"}
+    width = max([len(r.display_name) for r in records] + [10])
+    print(f"\n{PIPELINE_NAME}: {status}", file=out)
+    print(f"  {'task':<{width}}  {'status':<9}  {'seconds':>8}  key figures", file=out)
+    for r in records:
+        figures = r.error if r.status == "FAILED" else key_figures(r)
+        print(f"  {r.display_name:<{width}}  {label[r.status]:<9}  {r.seconds:8.1f}  {figures}", file=out)
+    cached = sum(r.status == "CACHED" for r in records)
+    if records and cached == len(records):
+        print(f"  all {cached} tasks came from the cache", file=out)
+
+
+def print_headline(metrics: dict[str, Any], out: Any = sys.stdout) -> None:
+    shown = [(label, metrics[key]) for key, label in HEADLINE if isinstance(metrics.get(key), (int, float))]
+    if shown:
+        print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown), file=out)
+    for key, label in (("model_uri", "trained model"), ("report_uri", "report"),
+                       ("threshold_uri", "threshold.json")):
+        if metrics.get(key):
+            print(f"{label}: {metrics[key]}", file=out)
+
+
+def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str, str]:
+    """The demo archive's path and sha256, generating it when missing."""
+    archive, digest_file = demo_dir / "lfw.tgz", demo_dir / "lfw.tgz.sha256"
+    if not (archive.is_file() and digest_file.is_file()):
+        from facenet_kfp.synth import generate_demo_archive
+
+        print(f"generating the demo dataset in {demo_dir} ({identities} identities, seed {seed})")
+        generate_demo_archive(demo_dir, identities=identities, seed=seed)
+    return str(archive.resolve()), digest_file.read_text().split()[0]
+
+
+def run_pipeline(config_path: str | None, source: str | None, sha256: str | None,
+                 pairs: str | None, pipeline_root: str, runner: str = "subprocess",
+                 demo_dir: str = "data/demo", demo_identities: int = 120, demo_seed: int = 0,
+                 images: Images | None = None, enable_caching: bool = True,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the pipeline locally; returns the summary (also written to summary.json)."""
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    data = overrides.setdefault("data", {})
+    if source:
+        data["source_uri"], data["sha256"] = source, sha256 or ""
+    else:
+        data["source_uri"], data["sha256"] = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
+        if pairs == "demo":
+            pairs = str((Path(demo_dir) / "pairs.txt").resolve())
+    if pairs:
+        data["pairs_uri"], data["pairs_sha256"] = pairs, ""
+    config = load_config(config_path, overrides)
+    images = images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE)
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    if runner == "subprocess":
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    elif runner == "docker":
+        from facenet_kfp.docker_runner import make_docker_runner
+
+        kfp_runner = make_docker_runner(root)
+    else:
+        raise FacenetError(f"unknown runner {runner!r}; use subprocess or docker")
+    local.init(runner=kfp_runner, pipeline_root=str(root), enable_caching=enable_caching,
+               raise_on_error=True)
+    pipeline = build_pipeline(config, images, cluster=False)
+
+    records: list[TaskRecord] = []
+    start = time.monotonic()
+    status, failure = "SUCCEEDED", ""
+    with warnings.catch_warnings(), record_tasks(records):
+        # The subprocess runner warns for every image whose name lacks "python".
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        try:
+            pipeline()
+        except Exception as exc:  # the run failed: report which task and why
+            status = "FAILED"
+            failure = str(exc)
+    if any(r.status == "FAILED" for r in records):
+        status = "FAILED"
+    summary = {
+        "pipeline": PIPELINE_NAME,
+        "status": status,
+        "runner": runner,
+        "seconds": round(time.monotonic() - start, 1),
+        "source_uri": config.data.source_uri,
+        "tasks": [{"name": r.name, "display_name": r.display_name, "status": r.status,
+                   "seconds": round(r.seconds, 2), "outputs": r.outputs,
+                   **({"error": r.error} if r.error else {})} for r in records],
+        "metrics": headline_metrics(records),
+    }
+    if status == "FAILED":
+        failed = [r for r in records if r.status == "FAILED"]
+        summary["error"] = (f"task {failed[0].name} failed: {failed[0].error}" if failed
+                            else f"pipeline failed before a task ran: {failure}")
+    write_json(root / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
+    parser.add_argument("--source", default="", help="archive URI or path; default: the demo archive")
+    parser.add_argument("--sha256", default="", help="expected sha256 of --source")
+    parser.add_argument("--pairs", default="", help="pairs.txt URI or path for the LFW protocol; 'demo' for the demo archive's")
+    parser.add_argument("--pipeline-root", default="local_outputs", help="where artifacts and summary.json go")
+    parser.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess")
+    parser.add_argument("--demo-dir", default="data/demo", help="where the demo archive is kept")
+    parser.add_argument("--demo-identities", type=int, default=120, help="identities in a newly generated demo archive")
+    parser.add_argument("--no-cache", action="store_true", help="run every task even when cached")
+    parser.add_argument("--light-image", default=DEFAULT_LIGHT_IMAGE, help="image of the data steps (DockerRunner)")
+    parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of train/evaluate (DockerRunner)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
+                               args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
+                               demo_identities=args.demo_identities, enable_caching=not args.no_cache,
+                               images=Images(light=args.light_image, trainer=args.trainer_image))
+    except (FacenetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
+                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
+               for t in summary["tasks"]]
+    print_table(records, summary["status"])
+    print_headline(summary["metrics"])
+    print(f"summary: {Path(args.pipeline_root) / 'summary.json'}")
+    if summary["status"] != "SUCCEEDED":
+        print(f"\nerror: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from facenet_kfp.config import (ClusterConfig, DataConfig, EvaluateConfig, TrainConfig, field_help,
+                                load_config, to_dict)
+from facenet_kfp.errors import InputError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.train.k == config.data.multiple
+
+
+def test_seed_config_reproduces_the_seed():
+    train = load_config(Path(__file__).resolve().parents[1] / "configs/seed.yaml").train
+    assert (train.p * train.k, train.loss, train.margin, train.squared, train.learning_rate,
+            train.max_steps) == (24, "batch_all", 0.5, False, 0.001, 3000)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {lerning_rate: 0.1}", "unknown key.*lerning_rate"),
+    ("trian: {}", "unknown section.*trian"),
+    ("train: {max_steps: ten}", r"train\.max_steps must be int"),
+    ("train: {loss: hardest}", r"train\.loss must be one of"),
+    ("data: {train_fraction: 0.8, val_fraction: 0.15, test_fraction: 0.15}", "must be 1"),
+    ("data: {val_fraction: 0}", r"data\.val_fraction must be in \(0, 1\)"),
+    ("data: {sha256: abc}", r"data\.sha256 must be 64 hex"),
+    ("train: {p: 1}", r"train\.p must be at least 2"),
+    ("train: {k: 3}", r"train\.k \(3\) must equal data\.multiple \(4\)"),
+    ("evaluate: {far_targets: [0.5, 2]}", "far_targets"),
+    ("- a list", "top level must be a mapping"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_config(path)
+
+
+def test_ints_accepted_for_floats_and_overrides_apply(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {learning_rate: 1, margin: 1}\n")
+    config = load_config(path, {"train": {"max_steps": 7}})
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.margin, float)
+    assert config.train.max_steps == 7
+    assert to_dict(config)["evaluate"]["far_targets"] == [0.001, 0.01]
+
+
+@pytest.mark.parametrize("cls", [DataConfig, TrainConfig, EvaluateConfig, ClusterConfig])
+def test_every_key_is_documented(cls):
+    assert set(field_help(cls)) == {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,258 @@
+"""pairs.txt parsing and checking, and balanced pair sampling."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.pairs import Pair, check_pairs_exist, lfw_file_name, make_pairs, parse_pairs_file
+
+# 2 folds x 3 pairs per class; fields separated by tabs, one line by spaces.
+GOOD = """2\t3
+Ann\t1\t2
+Bob\t1\t3
+Cy\t2\t4
+Ann\t1\tBob\t2
+Bob  3   Cy 1
+Cy\t4\tDee\t1
+Dee\t1\t2
+Ann\t2\t3
+Bob\t2\t3
+Dee\t2\tAnn\t3
+Ann\t1\tCy\t1
+Bob\t1\tDee\t2
+"""
+
+
+def write(tmp_path, text, name="pairs.txt"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def lines_of(text):
+    return text.splitlines()
+
+
+def test_parse_well_formed(tmp_path):
+    pairs = parse_pairs_file(write(tmp_path, GOOD))
+    assert len(pairs) == 12
+    assert pairs[0] == Pair("Ann", 1, "Ann", 2, True, 0, 2)
+    assert pairs[4] == Pair("Bob", 3, "Cy", 1, False, 0, 6)
+    assert pairs[6] == Pair("Dee", 1, "Dee", 2, True, 1, 8)
+    assert pairs[11] == Pair("Bob", 1, "Dee", 2, False, 1, 13)
+    assert [p.fold for p in pairs] == [0] * 6 + [1] * 6
+    assert [p.same for p in pairs] == ([True] * 3 + [False] * 3) * 2
+    assert [p.line for p in pairs] == list(range(2, 14))
+    assert pairs[3].file1 == "Ann/Ann_0001.jpg" and pairs[3].file2 == "Bob/Bob_0002.jpg"
+
+
+def test_parse_view1_single_count_and_trailing_blank_lines(tmp_path):
+    text = "2\nAnn 1 2\nBob 1 3\nAnn 1 Bob 2\nCy 4 Dee 1\n\n  \n"
+    pairs = parse_pairs_file(write(tmp_path, text))
+    assert len(pairs) == 4 and {p.fold for p in pairs} == {0}
+    assert [p.same for p in pairs] == [True, True, False, False]
+
+
+def replace_line(text, lineno, new):
+    lines = text.splitlines()
+    lines[lineno - 1] = new
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("lineno, new, problem", [
+    (1, "2 three", "header"),
+    (1, "0 3", "header"),
+    (1, "2 3 4", "header"),
+    (1, "", "header"),
+    (3, "Bob\t1", "expected a matched pair"),
+    (3, "Bob\t1\tCy\t2", "expected a matched pair"),             # a mismatched line where a matched one belongs
+    (5, "Ann\t1\tBob", "expected a mismatched pair"),
+    (5, "Bob\t3\tCy\t1\t9", "expected a mismatched pair"),
+    (9, "Ann\tx\t3", "integers >= 1"),
+    (9, "Ann\t0\t3", "integers >= 1"),
+    (9, "Ann\t-1\t3", "integers >= 1"),
+    (9, "Ann\t2.0\t3", "integers >= 1"),
+    (11, "Dee\t2\tAnn\t0", "integers >= 1"),
+    (9, "Ann\t3\t3", "same image twice"),
+    (11, "Dee\t2\tDee\t3", "one person twice"),
+    (7, "", "expected a mismatched pair"),                      # a blank line inside the file
+    (8, "", "expected a matched pair"),
+])
+def test_parse_malformed_line(tmp_path, lineno, new, problem):
+    path = write(tmp_path, replace_line(GOOD, lineno, new))
+    with pytest.raises(InputError) as info:
+        parse_pairs_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{lineno}: ")
+    assert problem in message
+    assert repr(new) in message
+
+
+def test_parse_missing_lines(tmp_path):
+    # fold 2 lacks its last mismatched pair (wrong count per fold)
+    text = "\n".join(GOOD.splitlines()[:-1]) + "\n"
+    path = write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}:13: file ends early") + ".*fold 2 of 2, mismatched pair 3 of 3"):
+        parse_pairs_file(path)
+    # a fold with only 2 matched pairs: the first mismatched line shows up where a matched one belongs
+    lines = GOOD.splitlines()
+    del lines[3]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}:4: expected a matched pair")):
+        parse_pairs_file(path)
+
+
+def test_parse_extra_lines(tmp_path):
+    path = write(tmp_path, GOOD + "Ann\t1\tBob\t1\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}:14: extra line") + ".*'Ann\\\\t1\\\\tBob\\\\t1'"):
+        parse_pairs_file(path)
+    # 4 matched pairs in fold 1 where the header says 3
+    lines = GOOD.splitlines()
+    lines.insert(4, "Dee\t1\t2")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}:5: expected a mismatched pair")):
+        parse_pairs_file(path)
+
+
+def test_parse_empty_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="empty pairs file"):
+        parse_pairs_file(write(tmp_path, "\n\n"))
+    with pytest.raises(InputError, match="cannot read pairs file"):
+        parse_pairs_file(tmp_path / "absent.txt")
+
+
+def test_lfw_file_name():
+    assert lfw_file_name("George_W_Bush", 12) == "George_W_Bush/George_W_Bush_0012.jpg"
+    assert lfw_file_name("A", 1234) == "A/A_1234.jpg"
+    with pytest.raises(InputError, match="index"):
+        lfw_file_name("A", 0)
+    with pytest.raises(InputError, match="person name"):
+        lfw_file_name("a/b", 1)
+    with pytest.raises(InputError, match="person name"):
+        lfw_file_name("", 1)
+
+
+def test_check_pairs_exist(tmp_path):
+    pairs = parse_pairs_file(write(tmp_path, GOOD))
+    available = {p.file1 for p in pairs} | {p.file2 for p in pairs}
+    check_pairs_exist(pairs, available)                       # complete: no error
+    gone = {"Cy/Cy_0001.jpg", "Dee/Dee_0002.jpg"}
+    with pytest.raises(InputError) as info:
+        check_pairs_exist(pairs, available - gone)
+    message = str(info.value)
+    # Cy_0001 is in the pairs on lines 6 and 12; Dee_0002 on lines 8, 11 and 13
+    assert message.startswith("5 of 12 pairs name 2 images that are not in the dataset")
+    for expected in ("line 6: Cy/Cy_0001.jpg", "line 8: Dee/Dee_0002.jpg", "line 11: Dee/Dee_0002.jpg",
+                     "line 12: Cy/Cy_0001.jpg", "line 13: Dee/Dee_0002.jpg"):
+        assert expected in message
+    assert "line 2:" not in message
+
+
+def test_check_pairs_exist_lists_at_most_ten():
+    pairs = [Pair(f"P{i}", 1, f"P{i}", 2, True, 0, i + 2) for i in range(25)]
+    with pytest.raises(InputError) as info:
+        check_pairs_exist(pairs, set())
+    message = str(info.value)
+    assert message.startswith("25 of 25 pairs name 50 images")
+    assert message.count("line ") == 10 and "line 11:" in message and "line 12:" not in message
+
+
+# --------------------------------------------------------------------------- make_pairs
+
+def identities(sizes):
+    return {f"id{k:02d}": [f"id{k:02d}/img{j}.jpg" for j in range(n)] for k, n in enumerate(sizes)}
+
+
+def check_pair_set(images, keys, a, b, same):
+    """Properties every result must have; returns the set of pairs."""
+    owner = {key: name for name, files in images.items() for key in files}
+    assert keys == [k for name in sorted(images) for k in sorted(images[name])]
+    assert a.dtype == np.int64 and b.dtype == np.int64 and same.dtype == bool
+    assert a.shape == b.shape == same.shape
+    assert np.all(a < b) and a.min() >= 0 and b.max() < len(keys)
+    pairs = set(zip(a.tolist(), b.tolist()))
+    assert len(pairs) == a.size                                          # no duplicate pairs
+    for i, j, s in zip(a, b, same):
+        assert (owner[keys[i]] == owner[keys[j]]) == s                   # labels right, negatives cross identities
+    assert same.sum() * 2 == same.size                                   # balanced
+    return pairs
+
+
+def test_make_pairs_all_positives_when_under_cap():
+    images = identities([3, 2, 1, 4])
+    keys, a, b, same = make_pairs(images, max_positive=100, seed=0)
+    check_pair_set(images, keys, a, b, same)
+    positives = {(int(i), int(j)) for i, j, s in zip(a, b, same) if s}
+    start = 0
+    expected = set()
+    for n in (3, 2, 1, 4):
+        expected |= {(start + i, start + j) for i, j in itertools.combinations(range(n), 2)}
+        start += n
+    assert positives == expected                                         # 3 + 1 + 0 + 6 = 10
+    assert same.sum() == 10
+    # the order is mixed, so contiguous folds see both kinds
+    assert not np.all(same[:10]) and not np.all(~same[10:])
+
+
+def test_make_pairs_cap_and_determinism():
+    images = identities([30, 20, 10, 5, 1, 1])
+    first = make_pairs(images, max_positive=50, seed=7)
+    again = make_pairs(images, max_positive=50, seed=7)
+    other = make_pairs(images, max_positive=50, seed=8)
+    check_pair_set(images, *first)
+    assert first[0] == again[0]
+    for x, y in zip(first[1:], again[1:]):
+        np.testing.assert_array_equal(x, y)
+    assert first[1].size == 100 and first[3].sum() == 50
+    assert set(zip(first[1].tolist(), first[2].tolist())) != set(zip(other[1].tolist(), other[2].tolist()))
+    # the input's dict order and list order do not matter
+    shuffled = {name: list(reversed(files)) for name, files in reversed(list(images.items()))}
+    third = make_pairs(shuffled, max_positive=50, seed=7)
+    for x, y in zip(first[1:], third[1:]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_make_pairs_uses_every_negative_when_exactly_enough():
+    # 1 identity of 3 (3 positives) + 1 of 1 -> exactly 3 possible negatives
+    images = identities([3, 1])
+    keys, a, b, same = make_pairs(images, max_positive=10, seed=0)
+    check_pair_set(images, keys, a, b, same)
+    assert {(int(i), int(j)) for i, j, s in zip(a, b, same) if not s} == {(0, 3), (1, 3), (2, 3)}
+
+
+def test_make_pairs_rejection_sampling_path(monkeypatch):
+    import facenet_kfp.pairs as pairs_module
+    monkeypatch.setattr(pairs_module, "_ENUMERATE_LIMIT", 10)
+    images = identities([6, 5, 4, 3, 2, 2, 1, 1])
+    keys, a, b, same = make_pairs(images, max_positive=20, seed=3)
+    check_pair_set(images, keys, a, b, same)
+    again = make_pairs(images, max_positive=20, seed=3)
+    np.testing.assert_array_equal(a, again[1])
+
+
+def test_make_pairs_larger_draw_is_uniformish():
+    # each identity of 10 images; negatives should touch every identity
+    images = identities([10] * 20)
+    keys, a, b, same = make_pairs(images, max_positive=500, seed=1)
+    check_pair_set(images, keys, a, b, same)
+    owners = np.repeat(np.arange(20), 10)
+    touched = np.bincount(np.concatenate((owners[a[~same]], owners[b[~same]])), minlength=20)
+    assert touched.min() > 0
+
+
+@pytest.mark.parametrize("images, max_positive, problem", [
+    ({"a": ["a/1", "a/2"]}, 10, "at least 2 identities"),
+    ({"a": ["a/1"], "b": ["b/1"]}, 10, "no identity among 2 has 2 images"),
+    ({"a": ["a/1", "a/2"], "b": []}, 10, "identity 'b' has no images"),
+    ({"a": ["x", "a/2"], "b": ["x"]}, 10, "image 'x' is listed twice"),
+    ({"a": ["a/1", "a/2", "a/3", "a/4"], "b": ["b/1"]}, 10, "need 6 different-person pairs"),
+    ({"a": ["a/1", "a/2"], "b": ["b/1"]}, 0, "max_positive must be an integer >= 1"),
+])
+def test_make_pairs_errors(images, max_positive, problem):
+    with pytest.raises(InputError, match=re.escape(problem)):
+        make_pairs(images, max_positive=max_positive, seed=0)

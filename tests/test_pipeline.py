@@ -1,0 +1,137 @@
+"""The compiled pipeline: golden YAML, images, cluster settings, descriptions, cache equivalences."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import Images
+from pipelines.compile import compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests/golden/facenet_pipeline.yaml"
+LIGHT, TRAINER = "registry.example/facenet-kfp:golden", "registry.example/facenet-kfp-trainer:golden"
+DATA_TASKS = ["download-archive", "extract-images", "make-labels", "complete-identities",
+              "split-identities"]
+
+
+def _compile(tmp_path, config=ROOT / "configs/lfw.yaml", name="p.yaml", light=LIGHT, trainer=TRAINER):
+    out = compile_pipeline(str(config), tmp_path / name, light, trainer)
+    return out.read_text(), yaml.safe_load_all(out.read_text())
+
+
+def _docs(tmp_path, config=ROOT / "configs/lfw.yaml", name="p.yaml"):
+    text, docs = _compile(tmp_path, config, name)
+    docs = list(docs)
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_golden_compile(tmp_path):
+    """A change to the DAG shows up as a diff against the checked-in YAML (`make golden`)."""
+    text, _ = _compile(tmp_path)
+    assert text == GOLDEN.read_text(), "compiled pipeline differs from tests/golden; run `make golden` and review the diff"
+
+
+def test_images_are_the_given_references(tmp_path):
+    spec, _ = _docs(tmp_path)
+    images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
+    assert images == {
+        "exec-download-archive": LIGHT, "exec-extract-images": LIGHT, "exec-make-labels": LIGHT,
+        "exec-complete-identities": LIGHT, "exec-split-identities": LIGHT,
+        "exec-train-model": TRAINER, "exec-evaluate-model": TRAINER}
+    # Packages are preinstalled in the images: no pip install when a step starts.
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(ex["container"]["command"])
+
+
+@pytest.mark.parametrize("light", ["r/facenet-kfp", "r/facenet-kfp:latest"])
+def test_latest_or_untagged_images_are_refused(tmp_path, light):
+    with pytest.raises(ValueError, match="latest|no tag"):
+        _compile(tmp_path, light=light)
+
+
+def test_every_parameter_has_a_description_and_lfw_defaults(tmp_path):
+    spec, _ = _docs(tmp_path)
+    assert "FaceNet" in spec["pipelineInfo"]["description"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert all(p.get("description") for p in params.values()), [k for k, p in params.items() if not p.get("description")]
+    assert params["source_uri"]["defaultValue"] == "https://ndownloader.figshare.com/files/5976018"
+    assert params["sha256"]["defaultValue"].startswith("055f7d9c")
+    assert params["train_architecture"]["defaultValue"] == "nn4_small2"
+    assert params["eval_folds"]["defaultValue"] == 10
+
+
+def test_gpu_resources_and_kubernetes_settings(tmp_path):
+    config = tmp_path / "gpu.yaml"
+    config.write_text(yaml.safe_dump({"cluster": {
+        "train_gpus": 2, "evaluate_gpus": 1, "train_cpu": "6", "train_memory": "24Gi",
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "gpu_toleration": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        "gcs_secret": "gcs-key", "shm_size": "8Gi"}}))
+    spec, platform = _docs(tmp_path, config)
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train-model"]["container"]["resources"]
+    assert (train["accelerator"]["resourceCount"], train["accelerator"]["resourceType"]) == ("2", "nvidia.com/gpu")
+    assert (train["resourceCpuRequest"], train["resourceCpuLimit"], train["resourceMemoryLimit"]) == ("6", "6", "24Gi")
+    assert executors["exec-evaluate-model"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "accelerator" not in executors["exec-extract-images"]["container"]["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train-model"]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+    assert k8s["exec-train-model"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert k8s["exec-train-model"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
+    assert k8s["exec-download-archive"]["secretAsVolume"][0]["secretName"] == "gcs-key"
+    env = {e["name"]: e["value"] for e in executors["exec-download-archive"]["container"]["env"]}
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"] == "/var/secrets/google/key.json"
+    retry = spec["root"]["dag"]["tasks"]["train-model"]["retryPolicy"]
+    assert retry["maxRetryCount"] == 2
+
+
+def test_no_credentials_in_compiled_yaml(tmp_path):
+    text, _ = _compile(tmp_path)
+    for needle in ("private_key", "BEGIN PRIVATE", "client_secret", "aws_secret", "password"):
+        assert needle not in text.lower()
+
+
+def _task_view(spec, task):
+    """Everything that feeds a task's cache key on the backend: task spec, component, executor."""
+    task_spec = spec["root"]["dag"]["tasks"][task]
+    component = spec["components"][task_spec["componentRef"]["name"]]
+    executor = spec["deploymentSpec"]["executors"][component["executorLabel"]]
+    return task_spec, component, executor
+
+
+def test_training_parameter_leaves_data_tasks_unchanged(tmp_path):
+    """Changing a training key invalidates train and evaluate only (README, Caching)."""
+    other = tmp_path / "other.yaml"
+    base = yaml.safe_load((ROOT / "configs/lfw.yaml").read_text())
+    base["train"]["learning_rate"] = 0.0001
+    other.write_text(yaml.safe_dump(base))
+    a, _ = _docs(tmp_path, ROOT / "configs/lfw.yaml", "a.yaml")
+    b, _ = _docs(tmp_path, other, "b.yaml")
+    for task in DATA_TASKS + ["train-model", "evaluate-model"]:
+        assert _task_view(a, task) == _task_view(b, task)
+    params_a = a["root"]["inputDefinitions"]["parameters"]
+    params_b = b["root"]["inputDefinitions"]["parameters"]
+    changed = {k for k in params_a if params_a[k] != params_b[k]}
+    assert changed == {"train_learning_rate"}
+    # Which tasks read the changed parameter: train only (evaluate reads train's model).
+    readers = {task for task, spec in a["root"]["dag"]["tasks"].items()
+               if any(p.get("componentInputParameter") == "train_learning_rate"
+                      for p in spec.get("inputs", {}).get("parameters", {}).values())}
+    assert readers == {"train-model"}
+
+
+@pytest.mark.parametrize("param, readers", [
+    ("source_uri", {"download-archive"}),
+    ("shard_size_mb", {"extract-images", "complete-identities"}),
+    ("split_seed", {"split-identities"}),
+    ("eval_folds", {"evaluate-model"}),
+    ("pairs_uri", {"evaluate-model"}),
+    ("checkpoint_root", {"train-model"}),
+])
+def test_parameters_reach_only_the_steps_they_change(tmp_path, param, readers):
+    spec, _ = _docs(tmp_path)
+    found = {task for task, t in spec["root"]["dag"]["tasks"].items()
+             if any(p.get("componentInputParameter") == param
+                    for p in t.get("inputs", {}).get("parameters", {}).values())}
+    assert found == readers

@@ -1,0 +1,59 @@
+import json
+import tarfile
+
+import pytest
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import atomic_dir
+from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
+
+
+def _write(tmp_path, items, max_bytes):
+    out = tmp_path / "ds"
+    with atomic_dir(out) as tmp, ShardWriter(tmp, max_shard_bytes=max_bytes) as writer:
+        for identity, file, data in items:
+            writer.add(identity, file, data, width=1)
+    return out
+
+
+def test_round_trip_and_offsets(tmp_path):
+    items = [(f"P{i}", f"P{i}/P{i}_{j:04d}.jpg", bytes([i, j]) * (100 + 37 * j))
+             for i in range(5) for j in range(1, 4)]
+    items.append(("Ünïcødé_" + "x" * 120, "Ünïcødé_" + "x" * 120 + "/long_0001.jpg", b"long name"))
+    out = _write(tmp_path, items, max_bytes=1500)
+    rows = read_manifest(out)
+    assert len(rows) == len(items)
+    assert len(shard_files(out)) > 1
+    with ShardReader(out) as reader:
+        for (identity, file, data), row in zip(items, rows):
+            assert (row["identity"], row["file"], row["synthetic"], row["width"]) == (identity, file, False, 1)
+            assert reader.read(row) == data
+    # Shards are ordinary tar files: standard tools see the same members and bytes.
+    for shard in shard_files(out):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                row = next(r for r in rows if r["file"] == member.name)
+                assert tar.extractfile(member).read() == dict((f, d) for _, f, d in items)[member.name]
+                assert row["shard"] == f"shards/{shard.name}"
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    out = _write(tmp_path, [("A", "A/A_0001.jpg", b"x")], max_bytes=1 << 20)
+    with open(out / "manifest.jsonl", "a") as handle:
+        handle.write(json.dumps({"identity": "B", "file": "B/B_0001.jpg"}) + "\n")
+    with pytest.raises(InputError, match=r"manifest.jsonl:2: missing key\(s\) synthetic, shard, offset, size"):
+        read_manifest(out)
+    with pytest.raises(InputError, match="manifest not found"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_reader_detects_missing_and_truncated_shards(tmp_path):
+    out = _write(tmp_path, [("A", "A/A_0001.jpg", b"x" * 5000)], max_bytes=1 << 20)
+    row = read_manifest(out)[0]
+    shard = out / row["shard"]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with ShardReader(out) as reader, pytest.raises(InputError, match="truncated"):
+        reader.read(row)
+    shard.unlink()
+    with ShardReader(out) as reader, pytest.raises(InputError, match="missing"):
+        reader.read(row)
