@@ -7,10 +7,10 @@ training, validation, evaluation and serving see the same pixels:
 2. keep the centre square-ish box of `crop_fraction` of the height and width
    (LFW faces are centred, so 0.6 keeps the face and drops most background);
 3. training only: shift that box by up to +-6% of its size and scale it by
-   up to +-6% (crop jitter), mirror left-right with probability 1/2;
-4. resize the box to `image_size` x `image_size` (bilinear, antialiased);
-5. training only: add a brightness offset uniform in [-0.1, 0.1] (on the
-   [0, 1] scale) and clip;
+   up to +-6% (crop jitter), kept inside the image;
+4. resize the box to `image_size` x `image_size` (area averaging);
+5. training only: mirror left-right with probability 1/2, add a brightness
+   offset uniform in [-0.1, 0.1] (on the [0, 1] scale); clip to [0, 1];
 6. scale to [-1, 1]: x = 2 * pixel / 255 - 1.
 
 This is `PREPROCESSING_VERSION`; the model artifact records it with the size
@@ -33,9 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import read_json
+from facenet_kfp.labels import LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import ShardReader, read_manifest
+from facenet_kfp.splits import read_split
 
 log = logging.getLogger(__name__)
 
@@ -56,36 +57,48 @@ def preprocess_image(image_bytes: tf.Tensor, image_size: int, crop_fraction: flo
     random one is drawn. Without `augment` the result is deterministic and the
     seed is ignored.
     """
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.convert_image_dtype(image, tf.float32)          # uint8 -> [0, 1]
-    shape = tf.shape(image)
-    height = tf.cast(shape[0], tf.float32)
-    width = tf.cast(shape[1], tf.float32)
-    crop_h = crop_fraction * height
-    crop_w = crop_fraction * width
-    centre_y, centre_x = height / 2.0, width / 2.0
     if augment:
         if seed is None:
             seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
-        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
-        scale = 1.0 + tf.random.stateless_uniform([], seeds[0], -JITTER, JITTER)
-        crop_h = tf.minimum(crop_h * scale, height)
-        crop_w = tf.minimum(crop_w * scale, width)
-        shift = tf.random.stateless_uniform([2], seeds[1], -JITTER, JITTER)
-        centre_y += shift[0] * crop_h
-        centre_x += shift[1] * crop_w
-    # Integer box inside the image: a shifted box is pushed back in, never padded.
-    box_h = tf.maximum(tf.cast(tf.round(crop_h), tf.int32), 1)
-    box_w = tf.maximum(tf.cast(tf.round(crop_w), tf.int32), 1)
-    top = tf.clip_by_value(tf.cast(tf.round(centre_y - tf.cast(box_h, tf.float32) / 2.0), tf.int32),
-                           0, shape[0] - box_h)
-    left = tf.clip_by_value(tf.cast(tf.round(centre_x - tf.cast(box_w, tf.float32) / 2.0), tf.int32),
-                            0, shape[1] - box_w)
-    image = tf.image.crop_to_bounding_box(image, top, left, box_h, box_w)
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+
+    def crop_box(shape: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(top, left, height, width) of the crop inside an image of `shape` [H, W, ...]."""
+        height = tf.cast(shape[0], tf.float32)
+        width = tf.cast(shape[1], tf.float32)
+        crop_h, crop_w = crop_fraction * height, crop_fraction * width
+        centre_y, centre_x = height / 2.0, width / 2.0
+        if augment:
+            scale = 1.0 + tf.random.stateless_uniform([], seeds[0], -JITTER, JITTER)
+            crop_h = tf.minimum(crop_h * scale, height)
+            crop_w = tf.minimum(crop_w * scale, width)
+            shift = tf.random.stateless_uniform([2], seeds[1], -JITTER, JITTER)
+            centre_y += shift[0] * crop_h
+            centre_x += shift[1] * crop_w
+        # Integer box inside the image: a shifted box is pushed back in, never padded.
+        box_h = tf.clip_by_value(tf.cast(tf.round(crop_h), tf.int32), 1, shape[0])
+        box_w = tf.clip_by_value(tf.cast(tf.round(crop_w), tf.int32), 1, shape[1])
+        top = tf.cast(tf.round(centre_y - tf.cast(box_h, tf.float32) / 2.0), tf.int32)
+        left = tf.cast(tf.round(centre_x - tf.cast(box_w, tf.float32) / 2.0), tf.int32)
+        return (tf.clip_by_value(top, 0, shape[0] - box_h), tf.clip_by_value(left, 0, shape[1] - box_w),
+                box_h, box_w)
+
+    def decode_jpeg() -> tf.Tensor:
+        # Decoding only the crop window is ~1.5x faster than decoding the whole image.
+        top, left, box_h, box_w = crop_box(tf.io.extract_jpeg_shape(image_bytes))
+        return tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, box_h, box_w]), channels=3)
+
+    def decode_other() -> tf.Tensor:
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        top, left, box_h, box_w = crop_box(tf.shape(image))
+        return image[top:top + box_h, left:left + box_w, :]
+
+    image = tf.cond(tf.io.is_jpeg(image_bytes), decode_jpeg, decode_other)
+    # "area" averages the source pixels under each output pixel: antialiased when
+    # shrinking (the usual case) and as cheap as bilinear, unlike antialias=True.
+    image = tf.image.resize(image, [image_size, image_size], method="area") / 255.0
     if augment:
         image = tf.image.stateless_random_flip_left_right(image, seeds[2])
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-    if augment:
         image = tf.image.stateless_random_brightness(image, BRIGHTNESS, seeds[3])
     image = tf.clip_by_value(image, 0.0, 1.0)
     image = image * 2.0 - 1.0
@@ -93,11 +106,6 @@ def preprocess_image(image_bytes: tf.Tensor, image_size: int, crop_fraction: flo
 
 
 # ----------------------------------------------------------------------------- split images
-
-def _read_split(splits_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
-    from facenet_kfp.splits import read_split   # step 5's reader owns the file format
-    return read_split(splits_dir, split)
-
 
 def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
                       labels_dir: str | os.PathLike, splits_dir: str | os.PathLike, split: str,
@@ -119,17 +127,12 @@ def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.P
             raise InputError(f"{folder}: {name} folder not found")
     if include_synthetic and completion_dir is not None and not Path(completion_dir).is_dir():
         raise InputError(f"{completion_dir}: completion folder not found")
-    entries = _read_split(splits_dir, split)
-    if not entries:
-        raise InputError(f"{Path(splits_dir) / (split + '.txt')}: split {split!r} has no identities")
-    labels_path = Path(labels_dir) / "labels.json"
-    label_ids = read_json(labels_path)
-    if not isinstance(label_ids, dict):
-        raise InputError(f"{labels_path}: expected a JSON object {{name: id}}")
+    entries = read_split(splits_dir, split)          # InputError when missing, malformed or empty
+    label_ids, _ = load_labels(labels_dir)
     missing = [name for name, _ in entries if name not in label_ids]
     if missing:
-        raise InputError(f"{labels_path}: {len(missing)} identities of split {split!r} have no label, "
-                         f"e.g. {', '.join(missing[:3])}")
+        raise InputError(f"{Path(labels_dir) / LABELS_JSON}: {len(missing)} identities of split {split!r} "
+                         f"have no label, e.g. {', '.join(missing[:3])}")
 
     wanted = {name for name, _ in entries}
     sources = [(Path(dataset_dir), False)]
@@ -181,8 +184,9 @@ class PKSampler:
     """Index batches of P distinct identities x K images each; pure NumPy, deterministic per seed.
 
     - An epoch is one pass over the identities in a fresh random order, cut
-      into groups of P; the last partial group is dropped (those identities
-      come first-come in the next epoch's shuffle, not skipped for good).
+      into groups of P, so identities are drawn without replacement within
+      an epoch. The last partial group is dropped: its identities are simply
+      reshuffled into the next epoch.
     - Within an identity, images are taken in a shuffled order and cycled:
       each image is used once per cycle and the K images of one batch are
       distinct whenever the identity has at least K images.
@@ -240,14 +244,18 @@ class PKSampler:
             extra = rng.choice(members, size=k - n, replace=True)
             return np.concatenate([rng.permutation(members), extra])
         cursor = cursors[ident]
-        if cursor + k > n:
-            # Start a new cycle with the unused tail first, so the K images stay distinct.
-            tail = cycles[ident][cursor:]
-            used = cycles[ident][:cursor]
-            cycles[ident] = np.concatenate([tail, rng.permutation(used)])
-            cursor = 0
-        cursors[ident] = cursor + k
-        return cycles[ident][cursor:cursor + k]
+        if cursor + k <= n:
+            cursors[ident] = cursor + k
+            return cycles[ident][cursor:cursor + k]
+        # Finish this cycle, then start a new one whose order puts the images just
+        # taken last, so the K images of the batch stay distinct and every image
+        # is still used exactly once per cycle.
+        tail = cycles[ident][cursor:]
+        fresh = rng.permutation(members)
+        fresh = np.concatenate([fresh[~np.isin(fresh, tail)], fresh[np.isin(fresh, tail)]])
+        cycles[ident] = fresh
+        cursors[ident] = k - len(tail)
+        return np.concatenate([tail, fresh[:k - len(tail)]])
 
 
 # ----------------------------------------------------------------------------- tf.data

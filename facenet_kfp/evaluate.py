@@ -46,7 +46,7 @@ from facenet_kfp import metrics as vm
 from facenet_kfp.config import EvaluateConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import write_json, write_text
-from facenet_kfp.pairs import Pair, check_pairs_exist, make_pairs, parse_pairs_file
+from facenet_kfp.pairs import check_pairs_exist, make_pairs, parse_pairs_file
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import MANIFEST, ShardReader, read_manifest
 from facenet_kfp.splits import read_split
@@ -54,8 +54,6 @@ from facenet_kfp.splits import read_split
 log = logging.getLogger(__name__)
 
 MODEL_JSON = "model.json"
-HISTORY_JSON = "history.json"
-CURVES_PNG = "curves.png"
 THRESHOLD_JSON = "threshold.json"
 RULE = "same person when distance < threshold"
 CHOSEN_ON = "validation pairs, max accuracy"
@@ -208,7 +206,7 @@ def split_pairs(split: str, splits_dir: Path, dataset_dir: Path, rows: dict[str,
 
 
 def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]],
-              dataset_dir: Path, folder: Path) -> tuple[SplitPairs, list[Pair]]:
+              dataset_dir: Path, folder: Path) -> SplitPairs:
     """Download, parse and check an LFW pairs.txt; every image it names must be a real dataset image."""
     from facenet_kfp.download import download
 
@@ -230,7 +228,7 @@ def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]]
         same=np.asarray([p.same for p in pairs], dtype=bool),
         identities=len({name for p in pairs for name in (p.name1, p.name2)}),
         fold_ids=np.asarray([p.fold for p in pairs], dtype=np.int64))
-    return split, pairs
+    return split
 
 
 def embed_keys(model: Any, metadata: dict[str, Any], dataset_dir: Path, rows: dict[str, dict[str, Any]],
@@ -388,7 +386,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     lfw: SplitPairs | None = None
     if pairs_uri:
         with tempfile.TemporaryDirectory(prefix="facenet-pairs-") as tmp:
-            lfw, _ = lfw_pairs(pairs_uri, pairs_sha256, rows, dataset_dir, Path(tmp))
+            lfw = lfw_pairs(pairs_uri, pairs_sha256, rows, dataset_dir, Path(tmp))
 
     from facenet_kfp import export
 
@@ -401,7 +399,10 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     embeddings = embed_keys(model, metadata, dataset_dir, rows, keys, config.batch_size)
     row_of = {key: i for i, key in enumerate(keys)}
     for s in splits:
-        to_row = np.asarray([row_of.get(key, -1) for key in s.keys], dtype=np.int64)
+        # Map the split's key indices to embedding rows (every key a pair uses was embedded).
+        to_row = np.zeros(len(s.keys), dtype=np.int64)
+        used = np.unique(np.concatenate((s.index_a, s.index_b)))
+        to_row[used] = [row_of[s.keys[i]] for i in used]
         s.distances = pair_distances(embeddings, to_row[s.index_a], to_row[s.index_b], squared)
 
     metrics, thresholds = split_metrics(val, test, config, squared)
@@ -420,7 +421,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         "test_accuracy": metrics["test_accuracy"],
         "model": model_uri or str(model_dir),
         "embedding_dim": int(embeddings.shape[1]),
-        "preprocessing": metadata.get("preprocessing", {}),
+        "preprocessing": metadata["preprocessing"],
     }
     result = {
         "metrics": metrics,

@@ -3,8 +3,10 @@
 The archive (tar, optionally gzip/bzip2/xz-compressed, or zip; detected by
 content, not by name) is never unpacked onto the file system:
 
-1. A compressed tar is decompressed once into a scratch file so members can be
-   read by byte offset (and in any order) without decompressing twice.
+1. A compressed tar is decompressed once, by a child process, into a scratch
+   file, so members can later be read by byte offset in any order. The tar
+   headers are parsed while that file grows (the parser waits for bytes), so
+   decompression and the safety scan run on two cores at once.
 2. The whole member list is checked before anything is written: an absolute
    path, a ``..`` component, a link, a device or a fifo refuses the archive.
 3. The image root is found (``lfw/``, ``lfw-deepfunneled/``, ``lfw-funneled/``,
@@ -12,12 +14,15 @@ content, not by name) is never unpacked onto the file system:
    the top) and every file becomes a candidate ``<root>/<identity>/<file>`` or
    is skipped with a reason (junk, wrong depth, too large, ...).
 4. Candidates, sorted by identity then file name, are fully decoded with
-   Pillow in a process pool; worker processes read their own bytes from the
-   archive, so only valid images travel back. The original bytes (never
-   re-encoded) go into tar shards through `ShardWriter`.
+   Pillow in a process pool; each worker reads its own bytes from the archive.
+   For a tar only (reason, width, height) comes back and this process re-reads
+   the bytes of valid images by offset (cheaper than pickling them); zip
+   members are inflated once, in the worker, and sent back. The original
+   bytes (never re-encoded) go into tar shards through `ShardWriter`.
 
 Memory stays bounded: at most ``2 * workers`` chunks of at most
-`_CHUNK_BYTES` each are in flight.
+`_CHUNK_BYTES` each are in flight, and no member is larger than
+`MAX_IMAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -28,22 +33,23 @@ import gzip
 import io
 import logging
 import lzma
+import math
 import multiprocessing
 import os
 import re
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
 import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from PIL import Image
 
-from facenet_kfp.errors import InputError
+from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import atomic_dir, write_json
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import ShardWriter, shard_files
@@ -61,13 +67,14 @@ JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 _CHUNK_IMAGES = 32          # images per task sent to a worker
 _CHUNK_BYTES = 8 << 20      # ... or fewer, so a chunk holds at most ~8 MB
-_COMPRESSED_TAR_MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+_DECOMPRESS_CHUNK = 1 << 20   # bytes per progress message from the decompressing child
+_CODECS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     """One regular file of the archive: its name, where its bytes are and how many."""
     name: str          # the name as stored in the archive (reported when skipped)
     parts: tuple       # path components without "" and "." parts
@@ -76,8 +83,7 @@ class _Member:
     problem: str = ""  # non-empty: skip the member with this reason (sparse, encrypted)
 
 
-@dataclass(frozen=True)
-class _Candidate:
+class _Candidate(NamedTuple):
     member: _Member
     identity: str
     file: str          # "<identity>/<file name>", the manifest's `file`
@@ -93,7 +99,8 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
         archive: a .tar, .tar.gz/.tgz (also bzip2/xz) or .zip file, detected by content.
         out_dir: output folder, replaced atomically; gets ``manifest.jsonl``,
             ``shards/images-NNNNN.tar`` (about `shard_size_mb` MiB each) and
-            ``dataset.json`` (the returned summary).
+            ``dataset.json`` (the returned summary). A compressed tar needs its
+            uncompressed size as scratch space in the temporary folder (TMPDIR).
         shard_size_mb: target shard size in MiB (>= 1).
         workers: decoding processes; None uses every CPU this process may run on,
             1 decodes in this process.
@@ -123,25 +130,34 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
     if not archive.is_file():
         raise InputError(f"{archive}: archive not found")
 
-    fmt, opener = _detect_format(archive)
+    fmt, codec = _detect_format(archive)
     with tempfile.TemporaryDirectory(prefix="facenet-extract-") as scratch:
         source = archive
-        if opener is not None:
+        if fmt == "zip":
+            members = _scan_zip(archive)
+        elif codec:
             source = Path(scratch) / "archive.tar"
-            _decompress(archive, opener, source)
-        members, skipped = _scan_tar(source, archive) if fmt == "tar" else _scan_zip(archive)
+            with _GrowingTar(archive, codec, source) as growing:
+                members = _scan_tar(growing, archive)
+                growing.finish()
+        else:
+            with open(archive, "rb") as handle:
+                members = _scan_tar(handle, archive)
+        skipped: list[dict] = []
         root, candidates = _plan(members, skipped, archive)
         log.info("%s: image root %r, %d candidate images in %d identity folders", archive, root,
                  len(candidates), len({c.identity for c in candidates}))
 
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir) as tmp, _Source(fmt, str(source)) as reader:
             with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer:
                 for cand, (data, reason, width, height) in _decode_all(fmt, source, candidates, workers):
                     if reason:
                         _skip(skipped, cand.member.name, reason)
-                    else:
-                        writer.add(cand.identity, cand.file, data, synthetic=False,
-                                   width=width, height=height)
+                        continue
+                    if data is None:
+                        data, _ = reader.read(cand.member)
+                    writer.add(cand.identity, cand.file, data, synthetic=False,
+                               width=width, height=height)
             rows = writer.records
             if not rows:
                 raise InputError(f"{archive}: no identity has a valid image "
@@ -163,43 +179,156 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 # --------------------------------------------------------------------------- archive reading
 
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by a container CPU limit (cgroup v2 cpu.max or v1 CFS quota); None if unlimited.
+
+    A Kubernetes pod with ``limits.cpu: 2`` on a 64-core node sees all 64 cores
+    in its affinity mask; 64 decoding processes would mostly wait and each cost memory.
+    """
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (root / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((root / period_file).read_text().strip())
+        except OSError:
+            continue  # this cgroup version is not mounted here: try the other one
+        if len(fields) != 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
 def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
+    """CPUs this process may use: its affinity mask, capped by a container CPU limit."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(cpus, 1)
 
 
-def _detect_format(archive: Path):
-    """Return ("tar", decompressor or None) or ("zip", None) from the file's content."""
+def _detect_format(archive: Path) -> tuple[str, str]:
+    """("tar", codec) with codec "" (plain), "gzip", "bzip2" or "xz"; or ("zip", "")."""
     with open(archive, "rb") as handle:
         magic = handle.read(8)
     if not magic:
         raise InputError(f"{archive}: archive is empty (0 bytes)")
     if tarfile.is_tarfile(archive):
-        opener = next((op for prefix, op in _COMPRESSED_TAR_MAGIC if magic.startswith(prefix)), None)
-        return "tar", opener
+        return "tar", next((codec for prefix, codec in _MAGIC if magic.startswith(prefix)), "")
     if zipfile.is_zipfile(archive):
-        return "zip", None
+        return "zip", ""
     raise InputError(f"{archive}: not a tar (plain, gzip, bzip2 or xz) or zip archive")
 
 
-def _decompress(archive: Path, opener, target: Path) -> None:
-    """Decompress a compressed tar into `target` so members can be read by offset."""
+def _decompress_into(archive: str, codec: str, target: str, conn) -> None:
+    """Child process: decompress `archive` into `target`, sending the byte count after each chunk.
+
+    Messages: ("progress", bytes), then ("done", bytes) or ("error", text).
+    """
+    total = 0
     try:
-        with opener(archive, "rb") as src, open(target, "wb") as dst, \
-                Progress(f"decompress {archive.name}", unit="MB", scale=1 << 20) as progress:
-            while chunk := src.read(1 << 20):
+        with _CODECS[codec](archive, "rb") as src, open(target, "wb") as dst:
+            while chunk := src.read(_DECOMPRESS_CHUNK):
                 dst.write(chunk)
-                progress.update(len(chunk))
+                dst.flush()  # the parent reads the bytes as soon as it hears of them
+                total += len(chunk)
+                conn.send(("progress", total))
+        conn.send(("done", total))
     except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-        raise InputError(f"{archive}: corrupt or truncated compressed archive ({exc})") from exc
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class _GrowingTar:
+    """A file object over a tar being decompressed by a child process into `target`.
+
+    `read` blocks until the child has written the requested bytes, so tarfile can
+    parse headers (seeking over member data) while decompression goes on.
+    """
+
+    def __init__(self, archive: Path, codec: str, target: Path):
+        self.archive = archive
+        self.written = 0
+        self.done = False
+        self._pos = 0
+        target.touch()  # the child truncates this same file; open it now to read as it grows
+        self._fd = os.open(target, os.O_RDONLY)
+        ctx = _mp_context()
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_decompress_into, name="decompress", daemon=True,
+                                 args=(str(archive), codec, str(target), child_conn))
+        self._proc.start()
+        child_conn.close()
+        self._progress = Progress(f"decompress {archive.name}", unit="MB", scale=1 << 20)
+
+    def __enter__(self) -> "_GrowingTar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _receive(self) -> None:
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise FacenetError(f"{self.archive}: decompression process ended without a result "
+                               f"(exit code {self._proc.exitcode})") from None
+        if kind == "error":
+            raise InputError(f"{self.archive}: corrupt or truncated compressed archive ({value})")
+        self._progress.update(value - self.written)
+        self.written = value
+        if kind == "done":
+            self.done = True
+            self._progress.close()
+
+    def finish(self) -> int:
+        """Wait for the whole tar; returns its size in bytes."""
+        while not self.done:
+            self._receive()
+        self._proc.join()
+        return self.written
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.finish() - self._pos
+        while self.written < self._pos + size and not self.done:
+            self._receive()
+        data = os.pread(self._fd, max(min(size, self.written - self._pos), 0), self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self._pos = offset
+        elif whence == os.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self.finish() + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()  # we stopped early (unsafe member, error): its output is unused
+        self._proc.join()
+        self._conn.close()
+        os.close(self._fd)
 
 
 def _unsafe_name(name: str) -> str:
     """Why extracting a member with this name could escape the output folder ("" if safe)."""
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
         return "absolute path"
-    if ".." in re.split(r"[/\\]", name):
+    if ".." in name and ".." in re.split(r"[/\\]", name):
         return "'..' path component"
     return ""
 
@@ -208,40 +337,121 @@ def _parts(name: str) -> tuple:
     return tuple(part for part in name.split("/") if part not in ("", "."))
 
 
-def _scan_tar(path: Path, archive: Path) -> tuple[list[_Member], list[dict]]:
-    """Check every member of a plain tar; refuse the archive on the first unsafe one."""
-    size = path.stat().st_size
+class _FastTarInfo(tarfile.TarInfo):
+    """TarInfo whose header parsing has a fast path for the common member.
+
+    tarfile's `frombuf` spends most of a scan in per-field helper calls and two
+    checksums per header (~100 us each; LFW has ~19k headers). Here a plain
+    POSIX/GNU header of a regular file or folder, with octal number fields and
+    a matching unsigned checksum, is decoded inline with the same rules;
+    anything else (links, devices, PAX/GNU extension headers, base-256
+    numbers, signed checksums, V7 headers, malformed headers) goes to
+    tarfile's own `frombuf`. Extension processing (PAX, GNU long names,
+    sparse) is tarfile's in every case. Tests compare both on many headers.
+    """
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        fields = _fast_header_fields(buf)
+        if fields is None:
+            return super().frombuf(buf, encoding, errors)
+        (name, mode, uid, gid, size, mtime, chksum, kind, linkname, uname, gname,
+         devmajor, devminor, prefix) = fields
+        obj = cls()
+        obj.name = name.decode(encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum = mode, uid, gid, size, mtime, chksum
+        obj.type = kind
+        obj.linkname = linkname.decode(encoding, errors)
+        obj.uname = uname.decode(encoding, errors)
+        obj.gname = gname.decode(encoding, errors)
+        obj.devmajor, obj.devminor = devmajor, devminor
+        if kind == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE  # V7-style folder: a regular file whose name ends in "/"
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix:
+            obj.name = prefix.decode(encoding, errors) + "/" + obj.name
+        return obj
+
+
+_FAST_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE})
+_FAST_MAGICS = frozenset({b"ustar\x0000", b"ustar  \x00"})
+# name, mode, uid, gid, size, mtime, chksum, type, linkname, magic+version,
+# uname, gname, devmajor, devminor, prefix (POSIX ustar layout; 12 bytes unused)
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+
+
+def _fast_header_fields(buf: bytes):
+    """The decoded fields of a common tar header, or None when tarfile must decide.
+
+    Numbers follow tarfile's `nti` for octal fields (text up to the first NUL,
+    stripped, base 8); strings its `nts` (bytes up to the first NUL).
+    """
+    if len(buf) != tarfile.BLOCKSIZE:
+        return None
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, uname, gname,
+     devmajor, devminor, prefix) = _HEADER.unpack(buf)
+    if kind not in _FAST_TYPES or magic not in _FAST_MAGICS:
+        return None
+    numbers = []
+    for field in (mode, uid, gid, size, mtime, chksum, devmajor, devminor):
+        if field[0] & 0x80:
+            return None  # base-256 number
+        try:
+            numbers.append(int(field.split(b"\0", 1)[0].strip() or b"0", 8))
+        except ValueError:
+            return None  # not octal: tarfile reports the invalid header
+    if numbers[5] != 256 + sum(buf) - sum(buf[148:156]):
+        return None  # maybe a signed-char checksum (or a bad header): tarfile checks both
+    return (name.split(b"\0", 1)[0], *numbers[:5], numbers[5], kind,
+            linkname.split(b"\0", 1)[0], uname.split(b"\0", 1)[0], gname.split(b"\0", 1)[0],
+            numbers[6], numbers[7], prefix.split(b"\0", 1)[0])
+
+
+def _scan_tar(fileobj, archive: Path) -> list[_Member]:
+    """Check every member header of an uncompressed tar; refuse the archive on the first unsafe one.
+
+    Headers are read one at a time (data is seeked over, never read). The end of
+    the member list must be tar's end-of-archive zero block: anything else
+    (a broken header, no end marker) means a corrupt or truncated archive, which
+    tarfile on its own would silently treat as the end.
+    """
+    members = []
+    count = 0
     try:
-        with tarfile.open(path, "r:") as tar:
-            infos = tar.getmembers()
+        tar = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_FastTarInfo)
+        while (info := tar.next()) is not None:
+            count += 1
+            tar.members.clear()  # tarfile keeps every TarInfo otherwise; we keep our own list
+            why = _unsafe_name(info.name)
+            if not why:
+                if info.issym() or info.islnk():
+                    why = f"{'symbolic' if info.issym() else 'hard'} link to {info.linkname!r}"
+                elif info.ischr() or info.isblk():
+                    why = "device file"
+                elif info.isfifo():
+                    why = "fifo"
+                elif not (info.isreg() or info.isdir()):
+                    why = f"unsupported member type {info.type!r}"
+            if why:
+                raise InputError(f"{archive}: refusing the whole archive: member {info.name!r} "
+                                 f"is unsafe ({why})")
+            if info.isreg():
+                problem = "sparse tar member (not supported)" if info.issparse() else ""
+                members.append(_Member(info.name, _parts(info.name), info.offset_data, info.size, problem))
+        fileobj.seek(tar.offset)
+        end = fileobj.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as exc:
         raise InputError(f"{archive}: corrupt tar archive ({exc})") from exc
-    if not infos:
+    if end != tarfile.NUL * tarfile.BLOCKSIZE:
+        what = "a broken member header" if end else "no end-of-archive marker"
+        raise InputError(f"{archive}: corrupt or truncated tar archive: {what} at byte {tar.offset:,}")
+    if not count:
         raise InputError(f"{archive}: archive is empty (no members)")
-    members, skipped = [], []
-    for info in infos:
-        why = _unsafe_name(info.name)
-        if not why:
-            if info.issym() or info.islnk():
-                why = f"{'symbolic' if info.issym() else 'hard'} link to {info.linkname!r}"
-            elif info.ischr() or info.isblk():
-                why = "device file"
-            elif info.isfifo():
-                why = "fifo"
-            elif not (info.isreg() or info.isdir()):
-                why = f"unsupported member type {info.type!r}"
-        if why:
-            raise InputError(f"{archive}: refusing the whole archive: member {info.name!r} is unsafe ({why})")
-        if info.isdir():
-            continue
-        if info.offset_data + info.size > size:
-            raise InputError(f"{archive}: truncated archive: member {info.name!r} extends past the end")
-        problem = "sparse tar member (not supported)" if info.issparse() else ""
-        members.append(_Member(info.name, _parts(info.name), info.offset_data, info.size, problem))
-    return members, skipped
+    return members
 
 
-def _scan_zip(archive: Path) -> tuple[list[_Member], list[dict]]:
+def _scan_zip(archive: Path) -> list[_Member]:
     """Check every member of a zip; refuse the archive on the first unsafe one."""
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -270,7 +480,7 @@ def _scan_zip(archive: Path) -> tuple[list[_Member], list[dict]]:
             continue
         problem = "encrypted zip member" if info.flag_bits & 0x1 else ""
         members.append(_Member(info.filename, _parts(info.filename), index, info.file_size, problem))
-    return members, []
+    return members
 
 
 # --------------------------------------------------------------------------- planning
@@ -363,23 +573,31 @@ def _plan(members: list[_Member], skipped: list[dict], archive: Path) -> tuple[s
 # --------------------------------------------------------------------------- decoding
 
 class _Source:
-    """Reads member bytes: by offset from a plain tar, by index from a zip."""
+    """Reads member bytes: by offset from an uncompressed tar, by index from a zip."""
 
     def __init__(self, fmt: str, path: str):
         self.fmt, self.path = fmt, path
-        if fmt == "tar":
-            self._fd = os.open(path, os.O_RDONLY)
-        else:
-            self._zip = zipfile.ZipFile(path)
-            self._infos = self._zip.infolist()
+        self._fd: int | None = None
+        self._zip: zipfile.ZipFile | None = None
+
+    def __enter__(self) -> "_Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read(self, member: _Member) -> tuple[bytes | None, str]:
         """(bytes, "") or (None, reason to skip the member)."""
         if self.fmt == "tar":
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
             data = os.pread(self._fd, member.size, member.locator)
             if len(data) != member.size:
                 raise InputError(f"{self.path}: truncated archive at member {member.name!r}")
             return data, ""
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+            self._infos = self._zip.infolist()
         try:
             return self._zip.read(self._infos[member.locator]), ""
         except NotImplementedError as exc:
@@ -388,10 +606,12 @@ class _Source:
             raise InputError(f"{self.path}: corrupt zip member {member.name!r} ({exc})") from exc
 
     def close(self) -> None:
-        if self.fmt == "tar":
+        if self._fd is not None:
             os.close(self._fd)
-        else:
+            self._fd = None
+        if self._zip is not None:
             self._zip.close()
+            self._zip = None
 
 
 def check_image(data: bytes) -> tuple[str, int, int]:
@@ -414,14 +634,19 @@ def check_image(data: bytes) -> tuple[str, int, int]:
 
 
 def _decode_members(source: _Source, members: list[_Member]) -> list[tuple]:
-    """(bytes or None, reason, width, height) per member; bytes only for valid images."""
+    """(bytes or None, reason, width, height) per member.
+
+    Bytes come back only for valid zip images: a tar member is cheaper to re-read
+    by offset than to pickle between processes, a zip member would be inflated twice.
+    """
     results = []
     for member in members:
         data, reason = source.read(member)
         width = height = 0
         if not reason:
             reason, width, height = check_image(data)
-        results.append((None if reason else data, reason, width, height))
+        keep = not reason and source.fmt == "zip"
+        results.append((data if keep else None, reason, width, height))
     return results
 
 
@@ -450,34 +675,38 @@ def _chunks(candidates: list[_Candidate]) -> Iterator[list[_Candidate]]:
 
 
 def _mp_context():
-    # forkserver: workers fork from a clean server, not from a caller that may
-    # hold TensorFlow threads (e.g. a test session); spawn where it is missing.
+    # fork where there is one: it starts workers in milliseconds and, unlike
+    # spawn/forkserver, does not re-import the caller's __main__ (an unguarded
+    # script would crash). Workers only use Pillow and os.pread, never locks
+    # that another thread of the caller (e.g. TensorFlow's) could hold at fork.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
                 workers: int) -> Iterator[tuple[_Candidate, tuple]]:
-    """Yield (candidate, (bytes, reason, width, height)) in candidate order."""
+    """Yield (candidate, (bytes or None, reason, width, height)) in candidate order.
+
+    Uses min(workers, number of chunks) processes; one decodes in this process.
+    """
+    chunks = list(_chunks(candidates))
+    workers = min(workers, len(chunks))
     with Progress("decode images", total=len(candidates), unit="images") as progress:
         if workers == 1:
-            source = _Source(fmt, str(source_path))
-            try:
-                for chunk in _chunks(candidates):
+            with _Source(fmt, str(source_path)) as source:
+                for chunk in chunks:
                     results = _decode_members(source, [cand.member for cand in chunk])
                     progress.update(len(chunk))
                     yield from zip(chunk, results)
-            finally:
-                source.close()
             return
-        chunks = _chunks(candidates)
+        todo = iter(chunks)
         with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
                                  initargs=(fmt, str(source_path))) as pool:
             # A fixed window of tasks in flight keeps memory bounded and order intact.
             pending: collections.deque[tuple[list[_Candidate], Future]] = collections.deque()
 
             def submit() -> None:
-                chunk = next(chunks, None)
+                chunk = next(todo, None)
                 if chunk is not None:
                     pending.append((chunk, pool.submit(_decode_chunk, [c.member for c in chunk])))
 

@@ -70,21 +70,42 @@ def checkpoint_dir_for(root: str, input_uris: list[str], params: dict[str, Any])
     return f"{root.rstrip('/')}/train-{key}"
 
 
-def log_metrics(metrics: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Log every finite scalar of `values` (nested dicts flattened with '_') to a Metrics artifact."""
+def _scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of `values`, nested dicts flattened with '_' (booleans and text left out)."""
+    found: dict[str, float] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            log_metrics(metrics, value, prefix=f"{name}_")
-        elif isinstance(value, bool):
-            continue
-        elif isinstance(value, (int, float)) and math.isfinite(value):
-            metrics.log_metric(name, float(value))
+            found.update(_scalars(value, prefix=f"{name}_"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            found[name] = float(value)
+    return found
+
+
+def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
+    """Log every finite scalar of `values` to a Metrics artifact (the UI's scalar table).
+
+    The same numbers are written as JSON to the artifact's file: the UI reads the
+    metadata, while the file is what makes the artifact exist in object storage
+    (kfp.local treats an artifact without a file as missing and re-runs the step).
+    """
+    from facenet_kfp.fsutil import write_json
+
+    scalars = _scalars(values)
+    for name, value in scalars.items():
+        metrics.log_metric(name, value)
+    write_json(metrics.path, scalars)
 
 
 def log_classification(artifact: Any, roc: dict[str, list[float]], confusion: list[list[int]]) -> None:
-    """ROC curve and confusion matrix in the shape the KFP UI renders."""
+    """ROC curve and confusion matrix in the shape the KFP UI renders (also saved as JSON)."""
+    from facenet_kfp.fsutil import write_json
+
     # The UI cannot draw infinite thresholds; clip them to a finite value.
     thresholds = [t if math.isfinite(t) else 1e6 for t in roc["thresholds"]]
     artifact.log_roc_curve(list(roc["fpr"]), list(roc["tpr"]), thresholds)
     artifact.log_confusion_matrix(["different", "same"], confusion)
+    write_json(artifact.path, {"roc": {"fpr": list(roc["fpr"]), "tpr": list(roc["tpr"]),
+                                       "thresholds": thresholds},
+                               "confusion_matrix": {"labels": ["different", "same"],
+                                                    "matrix": confusion}})

@@ -16,9 +16,9 @@ import contextlib
 import io
 import json
 import logging
-import math
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kfp import local
+from kfp.local.cache import LocalCache
 from kfp.local.orchestrator import task_executor
 
 from components import Images
@@ -73,19 +74,6 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-class _CacheHits(logging.Handler):
-    """kfp.local reports cache hits only as an INFO log line; collect the task names."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.tasks: set[str] = set()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = re.match(r"Task (\S+) cache hit", record.getMessage())
-        if match:
-            self.tasks.add(match.group(1))
-
-
 def _artifact_summary(value: Any) -> Any:
     if hasattr(value, "uri"):
         return {"uri": value.uri, "metadata": json.loads(json.dumps(dict(value.metadata), default=str))}
@@ -94,10 +82,20 @@ def _artifact_summary(value: Any) -> Any:
 
 @contextlib.contextmanager
 def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
-    """Record status, wall time, outputs and errors of every task kfp.local executes."""
+    """Record status, wall time, outputs and errors of every task kfp.local executes.
+
+    kfp.local reports a cache hit only as an INFO log line, so the cache lookup
+    itself is observed: a lookup that returns outputs marks the current task CACHED.
+    """
     original = task_executor.execute_single_task
-    hits = _CacheHits()
-    logging.getLogger().addHandler(hits)
+    original_get = LocalCache.get
+    current = threading.local()
+
+    def observed_get(self: LocalCache, key: str):
+        found = original_get(self, key)
+        if found is not None:
+            current.hit = True
+        return found
 
     def recorded(*args: Any, **kwargs: Any):
         task_name = kwargs["task_name"]
@@ -105,12 +103,13 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
         record = TaskRecord(name=task_name, display_name=spec.task_info.name or task_name)
         records.append(record)
         tee = _Tee(sys.stdout)
+        current.hit = False
         start = time.monotonic()
         with contextlib.redirect_stdout(tee):
             outputs, status = original(*args, **kwargs)
         record.seconds = time.monotonic() - start
         failed = getattr(status, "name", str(status)) == "FAILURE"
-        record.status = "FAILED" if failed else ("CACHED" if task_name in hits.tasks else "SUCCEEDED")
+        record.status = "FAILED" if failed else ("CACHED" if current.hit else "SUCCEEDED")
         record.outputs = {key: _artifact_summary(value) for key, value in (outputs or {}).items()}
         if failed:
             errors = [m.group(1) for line in tee.lines if (m := _ERROR_LINE.search(line.strip()))]
@@ -118,11 +117,12 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
         return outputs, status
 
     task_executor.execute_single_task = recorded
+    LocalCache.get = observed_get
     try:
         yield
     finally:
         task_executor.execute_single_task = original
-        logging.getLogger().removeHandler(hits)
+        LocalCache.get = original_get
 
 
 def _scalar_metadata(record: TaskRecord) -> dict[str, Any]:

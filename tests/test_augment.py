@@ -183,3 +183,11 @@ def test_brightness_and_contrast_match_reference_formula():
 def test_invalid_params_raise_naming_the_key(bad, key):
     with pytest.raises(InputError, match=key):
         apply_augmentation(halves(255, 0, size=(10, 10)), bad)
+
+
+@pytest.mark.parametrize("shape, pad", [((250, 250, 3), 2), ((250, 250, 3), 90), ((5, 9, 3), 3),
+                                        ((5, 9, 3), 4), ((5, 9, 3), 20), ((6, 4), 2)])
+def test_reflect_pad_matches_numpy(shape, pad):
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    want = np.pad(arr, ((pad, pad), (pad, pad)) + ((0, 0),) * (arr.ndim - 2), mode="reflect")
+    np.testing.assert_array_equal(augment.reflect_pad(arr, pad), want)

@@ -395,3 +395,146 @@ def test_check_image():
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, "TIFF")  # decodable, but not a format training reads
     assert check_image(buf.getvalue())[0].startswith("not an image in a supported format")
+
+
+def test_tar_without_end_marker_or_with_a_broken_header_is_an_error(tmp_path):
+    files = lfw_files()
+    blob = write_tar(tmp_path / "a.tar", files, "w", dirs=False).read_bytes()
+    last = max(i for i in range(0, len(blob), 512) if blob[i:i + 512].strip(b"\0"))
+    data_end = last + 512  # the last member's data ends here (one block of padding)
+    (tmp_path / "no_end.tar").write_bytes(blob[:data_end])
+    with pytest.raises(InputError, match="no end-of-archive marker"):
+        extract_dataset(tmp_path / "no_end.tar", tmp_path / "out", workers=1)
+    # Garbage where the third header should be: tarfile alone would stop there silently.
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        third = tar.getmembers()[2].offset
+    broken = bytearray(blob)
+    broken[third:third + 512] = b"\x07" * 512
+    (tmp_path / "broken.tar").write_bytes(bytes(broken))
+    with pytest.raises(InputError, match="broken member header"):
+        extract_dataset(tmp_path / "broken.tar", tmp_path / "out", workers=1)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_refusal_stops_the_decompressing_process(tmp_path):
+    import multiprocessing
+
+    # An unsafe member first, then ~6 MB more: the refusal comes before decompression ends.
+    files = {"/etc/passwd": b"root:x:0:0"}
+    files.update({f"lfw/P/P_{i:04d}.jpg": jpeg(i, size=160, noise=True) for i in range(100)})
+    archive = write_tar(tmp_path / "a.tgz", files, dirs=False)
+    with pytest.raises(InputError, match="'/etc/passwd'.*absolute path"):
+        extract_dataset(archive, tmp_path / "out", workers=1)
+    assert multiprocessing.active_children() == []
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_cgroup_cpu_limit(tmp_path):
+    from facenet_kfp.extract import _cgroup_cpu_limit
+
+    assert _cgroup_cpu_limit(tmp_path) is None                       # no cgroup files
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_limit(tmp_path) is None                       # v2, unlimited
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert _cgroup_cpu_limit(tmp_path) == 2.5                        # v2, limits.cpu: 2.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu/cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_limit(tmp_path) is None                       # v1, unlimited
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("50000\n")
+    assert _cgroup_cpu_limit(tmp_path) == 0.5                        # v1, limits.cpu: 500m
+
+
+# --------------------------------------------------------------------------- fast tar headers
+
+_FIELDS = ("name", "size", "type", "mode", "uid", "gid", "mtime", "chksum", "linkname", "uname",
+           "gname", "devmajor", "devminor")
+
+
+def _parse(cls, buf):
+    """Fields of cls.frombuf(buf), or the exception type tarfile raises for it."""
+    try:
+        info = cls.frombuf(buf, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        return type(exc)
+    return tuple(getattr(info, key) for key in _FIELDS)
+
+
+def _random_headers(seed: int, count: int) -> list[bytes]:
+    rng = random.Random(seed)
+    alphabet = "abcXYZ_-.0129 éü/"
+    kinds = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+             tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE]
+    headers = []
+    for _ in range(count):
+        info = tarfile.TarInfo("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 99))))
+        info.type = rng.choice(kinds)
+        info.size = rng.choice([0, 1, 511, 13_233, 8**11 - 1]) if info.type in (b"0", b"\0", b"7") else 0
+        info.mode = rng.randint(0, 0o7777)
+        info.uid, info.gid = rng.randint(0, 2**21 - 1), rng.randint(0, 2**21 - 1)
+        info.mtime = rng.randint(0, 8**11 - 1)
+        info.uname, info.gname = rng.choice(["", "root", "ann"]), rng.choice(["", "staff"])
+        info.linkname = rng.choice(["", "target", "../up"])
+        info.devmajor, info.devminor = rng.randint(0, 255), rng.randint(0, 255)
+        fmt = rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+        try:
+            blob = info.tobuf(fmt, "utf-8", "surrogateescape")
+        except ValueError:  # a name ustar cannot hold
+            continue
+        headers += [blob[i:i + 512] for i in range(0, len(blob), 512)]
+    return headers
+
+
+def _signed_checksum(buf: bytes) -> bytes:
+    signed = 256 + sum(b - 256 if b > 127 else b for i, b in enumerate(buf) if not 148 <= i < 156)
+    return buf[:148] + b"%06o\0 " % (signed & 0o777777) + buf[156:]
+
+
+def test_fast_tar_header_parsing_matches_tarfile():
+    from facenet_kfp.extract import _FastTarInfo
+
+    headers = _random_headers(0, 400)
+    rng = random.Random(1)
+    variants = []
+    for buf in headers[:150]:
+        pos = rng.randrange(512)
+        variants.append(buf[:pos] + bytes([buf[pos] ^ 0x41]) + buf[pos + 1:])   # corrupted byte
+        variants.append(buf[:124] + b"0000000008\0\0" + buf[136:])                # non-octal size
+        variants.append(buf[:124] + b"\x80" + b"\0" * 7 + b"\x01\x00\x00\x00" + buf[136:])  # base-256
+        variants.append(buf[:257] + b"\0" * 8 + buf[265:])                         # V7: no magic
+        variants.append(_signed_checksum(buf))
+        variants.append(buf[:300])                                                 # truncated
+    variants.append(b"\0" * 512)
+    checked = 0
+    for buf in headers + variants:
+        assert _parse(_FastTarInfo, buf) == _parse(tarfile.TarInfo, buf), buf
+        checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_tar_members_match_tarfile(tmp_path, fmt):
+    from facenet_kfp.extract import _FastTarInfo
+
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w", format=fmt) as tar:
+        for i, name in enumerate(["lfw", "lfw/Ann", "lfw/Ann/Ann_0001.jpg", "lfw/Zoë/Zoë_0001.jpg",
+                                  "lfw/" + "Long_Name_" * 12 + "/x_0001.jpg",
+                                  "lfw/Ann/" + "long_file_name_" * 6 + ".jpg"]):
+            info = tarfile.TarInfo(name)
+            if name.count("/") < 2:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                data = jpeg(i)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("lfw/Ann/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "Ann_0001.jpg"
+        tar.addfile(link)
+    keys = _FIELDS + ("offset", "offset_data", "pax_headers")
+    with tarfile.open(archive) as plain, tarfile.open(archive, tarinfo=_FastTarInfo) as fast:
+        expected = [[getattr(m, k) for k in keys] for m in plain.getmembers()]
+        assert [[getattr(m, k) for k in keys] for m in fast.getmembers()] == expected
+    assert len(expected) == 7

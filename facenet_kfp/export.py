@@ -1,0 +1,253 @@
+"""The model artifact: the folder `train` writes and `evaluate`, `verify` and serving load.
+
+Layout of a model folder::
+
+    model.keras      the embedding network, Keras 3 native format (float32 weights);
+                     load with `load_model_artifact` (registers the custom layers)
+    model.json       everything needed to use it (below)
+    history.json     training curves: {"train": [{step, loss, fraction_positive_triplets,
+                     mean_positive_distance, mean_negative_distance, ...}, ...], "val": [...]}
+    curves.png       loss, fraction of positive triplets and mean distances, train and val
+    saved_model/     TensorFlow SavedModel for serving stacks (TF Serving, Vertex AI),
+                     written when the Keras backend is TensorFlow; two signatures:
+                       serve(images: float32 [N, S, S, 3], preprocessed) -> {embeddings: [N, D]}
+                       serve_image_bytes(images: string [N], JPEG/PNG bytes) -> {embeddings: [N, D]}
+                     the second applies `data.preprocess_image` inside the graph.
+
+model.json keys::
+
+    format          "facenet-kfp-model/1"
+    file            "model.keras"
+    saved_model     "saved_model" or null
+    architecture    nn4_small2 | small_cnn
+    input_shape     [S, S, 3]
+    embedding_dim   D (embeddings are L2-normalised, float32)
+    preprocessing   {version: "centre-crop-v1", image_size: S, crop_fraction, scale: "[-1,1]"}
+    distance        {squared: bool, definition: "...", margin}: how two embeddings compare
+    loss, margin, trained_steps, keras_version, backend, created (UTC ISO 8601)
+    ...             whatever else train adds (config, final metrics)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "facenet-kfp-model/1"
+MODEL_FILE = "model.keras"
+MODEL_JSON = "model.json"
+HISTORY_JSON = "history.json"
+CURVES_PNG = "curves.png"
+SAVED_MODEL_DIR = "saved_model"
+SCALE = "[-1,1]"
+DISTANCE_DEFINITIONS = {
+    True: "squared L2 between L2-normalised embeddings: sum_k (a_k - b_k)^2, in [0, 4]",
+    False: "plain L2 between L2-normalised embeddings: sqrt(sum_k (a_k - b_k)^2), in [0, 2]",
+}
+# What a caller of save_model_artifact must say; the rest is derived from the model.
+REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margin", "trained_steps")
+
+
+def artifact_metadata(config: Any, trained_steps: int, **extra: Any) -> dict[str, Any]:
+    """model.json content derived from a `TrainConfig` (architecture, preprocessing, distance, loss)."""
+    from facenet_kfp.data import PREPROCESSING_VERSION
+
+    metadata = {
+        "architecture": config.architecture,
+        "preprocessing": {"version": PREPROCESSING_VERSION, "image_size": int(config.image_size),
+                          "crop_fraction": float(config.crop_fraction), "scale": SCALE},
+        "distance": {"squared": bool(config.squared), "definition": DISTANCE_DEFINITIONS[bool(config.squared)],
+                     "margin": float(config.margin)},
+        "loss": config.loss,
+        "margin": float(config.margin),
+        "trained_steps": int(trained_steps),
+    }
+    metadata.update(extra)
+    return metadata
+
+
+def _complete_metadata(model: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Check the caller's metadata against the model and add the derived keys."""
+    import keras
+
+    from facenet_kfp.data import PREPROCESSING_VERSION
+
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise InputError(f"model metadata lacks {', '.join(missing)} (needed in {MODEL_JSON})")
+    input_shape = [int(v) for v in model.input_shape[1:]]
+    embedding_dim = int(model.output_shape[-1])
+    pre = dict(metadata["preprocessing"])
+    pre.setdefault("version", PREPROCESSING_VERSION)
+    pre.setdefault("scale", SCALE)
+    if "image_size" not in pre or "crop_fraction" not in pre:
+        raise InputError(f"model metadata preprocessing needs image_size and crop_fraction, got {pre}")
+    if input_shape[:2] != [pre["image_size"], pre["image_size"]]:
+        raise InputError(f"model input {input_shape} does not match preprocessing image_size "
+                         f"{pre['image_size']}")
+    distance = dict(metadata["distance"])
+    if not isinstance(distance.get("squared"), bool):
+        raise InputError(f"model metadata distance.squared must be a boolean, got {distance}")
+    distance.setdefault("definition", DISTANCE_DEFINITIONS[distance["squared"]])
+    out = dict(metadata)
+    out.update({
+        "format": FORMAT,
+        "file": MODEL_FILE,
+        "input_shape": input_shape,
+        "embedding_dim": embedding_dim,
+        "preprocessing": pre,
+        "distance": distance,
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return out
+
+
+def save_model_artifact(model: Any, out_dir: str | os.PathLike, metadata: dict[str, Any],
+                        history: dict[str, Any]) -> None:
+    """Write the model folder (see module docstring) atomically: all of it or nothing.
+
+    `metadata` needs REQUIRED_METADATA (see `artifact_metadata`); input_shape,
+    embedding_dim, versions and the creation time are added here. `history`
+    is {"train": [records], "val": [records]} as train records it.
+    """
+    import keras
+
+    info = _complete_metadata(model, metadata)
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp / MODEL_FILE)
+        if keras.backend.backend() == "tensorflow":
+            _export_saved_model(model, info, tmp / SAVED_MODEL_DIR)
+            info["saved_model"] = SAVED_MODEL_DIR
+        else:
+            info["saved_model"] = None
+        write_json(tmp / MODEL_JSON, info)
+        write_json(tmp / HISTORY_JSON, history)
+        plot_curves(history, tmp / CURVES_PNG)
+    log.info("saved model artifact %s (%s, %d-D embeddings, %s steps)", out_dir, info["architecture"],
+             info["embedding_dim"], info["trained_steps"])
+
+
+def _export_saved_model(model: Any, info: dict[str, Any], path: Path) -> None:
+    """SavedModel with a float-image signature and a raw-bytes signature (preprocessing inside)."""
+    import keras
+    import tensorflow as tf
+
+    from facenet_kfp.data import preprocess_image
+
+    size = info["preprocessing"]["image_size"]
+    crop = info["preprocessing"]["crop_fraction"]
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serve", fn=lambda images: {"embeddings": model(images, training=False)},
+        input_signature=[tf.TensorSpec([None, *info["input_shape"]], tf.float32, name="images")])
+
+    def from_bytes(images):
+        pixels = tf.map_fn(lambda data: preprocess_image(data, size, crop), images,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        return {"embeddings": model(pixels, training=False)}
+
+    archive.add_endpoint(name="serve_image_bytes", fn=from_bytes,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    archive.write_out(str(path), verbose=False)
+
+
+def plot_curves(history: dict[str, Any], path: str | os.PathLike) -> None:
+    """curves.png: loss, fraction of positive triplets and mean distances vs step (train and val)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = (("loss", "triplet loss"), ("fraction_positive_triplets", "fraction of positive triplets"),
+              ("mean_positive_distance", "mean distance: positive (solid) / negative (dashed)"))
+    figure = Figure(figsize=(15, 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    for column, (key, title) in enumerate(panels):
+        axes = figure.add_subplot(1, 3, column + 1)
+        for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+            records = history.get(split) or []
+            steps = [r["step"] for r in records]
+            if not steps:
+                continue
+            axes.plot(steps, [r[key] for r in records], color=colour, marker="." if split == "val" else None,
+                      label=split if key != "mean_positive_distance" else f"{split} positive")
+            if key == "mean_positive_distance":
+                axes.plot(steps, [r["mean_negative_distance"] for r in records], color=colour,
+                          linestyle="--", label=f"{split} negative")
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    with open(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+
+
+def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """(Keras model, model.json metadata) of a model folder; InputError names what is missing or wrong."""
+    import keras
+
+    import facenet_kfp.model  # noqa: F401  (registers the custom layers for deserialisation)
+    from facenet_kfp.data import PREPROCESSING_VERSION
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: model folder not found")
+    json_path = model_dir / MODEL_JSON
+    metadata = read_json(json_path)
+    if not isinstance(metadata, dict):
+        raise InputError(f"{json_path}: expected a JSON object")
+    for key in ("file", "preprocessing", "distance", "embedding_dim"):
+        if key not in metadata:
+            raise InputError(f"{json_path}: missing key {key!r}; is {model_dir} a facenet-kfp model folder?")
+    pre = metadata["preprocessing"]
+    if not isinstance(pre, dict) or not {"version", "image_size", "crop_fraction"} <= set(pre):
+        raise InputError(f"{json_path}: preprocessing must give version, image_size and crop_fraction, "
+                         f"got {pre!r}")
+    if pre["version"] != PREPROCESSING_VERSION:
+        raise InputError(f"{json_path}: preprocessing version {pre['version']!r} is not the one this code "
+                         f"implements ({PREPROCESSING_VERSION!r})")
+    if not isinstance(metadata["distance"], dict) or not isinstance(metadata["distance"].get("squared"), bool):
+        raise InputError(f"{json_path}: distance.squared must be a boolean, got {metadata['distance']!r}")
+    model_path = model_dir / str(metadata["file"])
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: model file named in {MODEL_JSON} not found")
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except (ValueError, TypeError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{model_path}: cannot load the Keras model ({exc})") from exc
+    if int(model.output_shape[-1]) != int(metadata["embedding_dim"]):
+        raise InputError(f"{model_path}: model gives {model.output_shape[-1]}-D embeddings but "
+                         f"{MODEL_JSON} says {metadata['embedding_dim']}")
+    if list(model.input_shape[1:3]) != [pre["image_size"], pre["image_size"]]:
+        raise InputError(f"{model_path}: model input {model.input_shape[1:]} does not match "
+                         f"preprocessing image_size {pre['image_size']} in {MODEL_JSON}")
+    return model, metadata
+
+
+def embed_images(model: Any, metadata: dict[str, Any], images: Sequence[bytes],
+                 batch_size: int = 128) -> np.ndarray:
+    """Embeddings float32 [N, D] of encoded images, preprocessed as model.json records (no augmentation)."""
+    from facenet_kfp.data import make_embedding_dataset
+
+    pre = metadata["preprocessing"]
+    dim = int(model.output_shape[-1])
+    if len(images) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    parts = [np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+             for batch in make_embedding_dataset(images, int(pre["image_size"]), float(pre["crop_fraction"]),
+                                                 batch_size)]
+    return np.concatenate(parts, axis=0)

@@ -1,0 +1,538 @@
+"""Self-contained HTML reports (evaluation and training): tables, matplotlib figures and thumbnails inline.
+
+Every picture is embedded as a base64 ``data:`` URI, so a report is one file
+that the KFP UI's HTML view, a browser or an e-mail shows as is. Figures are
+drawn with matplotlib's Agg canvas (no display, no global pyplot state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import read_json, write_text
+
+log = logging.getLogger(__name__)
+
+HISTORY_JSON = "history.json"
+CURVES_PNG = "curves.png"
+MODEL_JSON = "model.json"
+THUMBNAIL_SIZE = 112     # pixels, longest side of an example-pair thumbnail
+# Keys naming the x axis of a history, in order of preference.
+STEP_KEYS = ("step", "steps", "epoch", "epochs")
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1100px; color: #222; line-height: 1.4; padding: 0 16px; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.8em; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.headline td.num { font-weight: 600; }
+img.figure { max-width: 100%; border: 1px solid #eee; }
+ul.notes li { margin-bottom: 4px; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.pair { border: 3px solid #ccc; border-radius: 6px; padding: 6px; width: 244px; font-size: 0.85em; }
+.pair.correct { border-color: #2e9d48; }
+.pair.wrong { border-color: #d33; }
+.pair .imgs { display: flex; gap: 4px; justify-content: center; }
+.pair .imgs img { width: 118px; height: auto; }
+.pair .names { color: #555; word-break: break-all; }
+.tag { font-weight: 600; }
+.tag.correct { color: #2e9d48; }
+.tag.wrong { color: #d33; }
+.missing { color: #a60; }
+"""
+
+
+@dataclass
+class ExamplePair:
+    """One test pair to show: image keys and encoded bytes, its distance, the truth and the verdict."""
+    key_a: str
+    key_b: str
+    image_a: bytes
+    image_b: bytes
+    distance: float
+    same: bool
+    predicted_same: bool
+
+    @property
+    def correct(self) -> bool:
+        return self.same == self.predicted_same
+
+
+# ----------------------------------------------------------------------------- encoding helpers
+
+def figure_data_uri(fig: Any) -> str:
+    """A matplotlib Figure as a ``data:image/png;base64,...`` URI (drawn with the Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return png_data_uri(buffer.getvalue())
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def thumbnail_data_uri(image: bytes, size: int = THUMBNAIL_SIZE) -> str:
+    """An encoded image shrunk to fit `size` x `size`, as a base64 JPEG URI (photos: ~4 KB each)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str, cls: str = "figure") -> str:
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{uri}">'
+
+
+def _page(title: str, subtitle: str, body: Iterable[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p class=\"sub\">{html.escape(subtitle)}</p>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def format_value(value: Any) -> str:
+    """Numbers for tables: integers with thousands separators, floats with 4 significant decimals."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- training history
+
+def load_training_history(model_dir: str | os.PathLike, required: bool = True
+                          ) -> tuple[dict[str, Any] | None, bytes | None]:
+    """(history.json content, curves.png bytes) of a model folder; either is None when absent.
+
+    With `required`, a missing history.json raises InputError naming it.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / HISTORY_JSON
+    history = None
+    if path.is_file():
+        history = read_json(path)
+        if not isinstance(history, dict):
+            raise InputError(f"{path}: expected a JSON object of training series, got "
+                             f"{type(history).__name__}")
+    elif required:
+        raise InputError(f"{path}: not found; the model folder has no training history "
+                         f"(is {model_dir} a model folder from train?)")
+    curves = model_dir / CURVES_PNG
+    return history, (curves.read_bytes() if curves.is_file() else None)
+
+
+def _numbers(values: Any) -> bool:
+    return (isinstance(values, list) and len(values) > 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in values))
+
+
+def history_series(history: dict[str, Any], where: str = HISTORY_JSON
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Training series as {name: (x [n], y [n])} from a history.json object.
+
+    Two layouts are read:
+
+    * columns: ``{"step": [...], "loss": [...], ...}`` (Keras-like), optionally
+      grouped, e.g. ``{"train": {"step": [...], "loss": [...]}, "val": {...}}``;
+      a group's x axis is its "step" (or "steps", "epoch") list when of equal
+      length, else 0, 1, 2...;
+    * records: ``{"train": [{"step": 20, "loss": 0.3, ...}, ...], "val": [...]}``.
+
+    Nested groups prefix their series names (``val/loss``). Non-numeric and
+    None values are skipped. Raises InputError when no numeric series is found.
+    """
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def add_columns(prefix: str, columns: dict[str, Any]) -> None:
+        lists = {k: v for k, v in columns.items() if _numbers(v)}
+        x_key = next((k for k in STEP_KEYS if k in lists), None)
+        for key, values in lists.items():
+            if key == x_key:
+                continue
+            if x_key is not None and len(lists[x_key]) == len(values):
+                x = np.asarray(lists[x_key], dtype=np.float64)
+            else:
+                x = np.arange(len(values), dtype=np.float64)
+            y = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+            keep = np.isfinite(y)
+            if keep.any():
+                series[prefix + key] = (x[keep], y[keep])
+        for key, value in columns.items():
+            if isinstance(value, dict):
+                add_columns(f"{prefix}{key}/", value)
+            elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                add_records(f"{prefix}{key}/", value)
+
+    def add_records(prefix: str, records: list[dict[str, Any]]) -> None:
+        x_key = next((k for k in STEP_KEYS if all(k in r for r in records)), None)
+        names = sorted({k for r in records for k, v in r.items()
+                        if k != x_key and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for name in names:
+            points = [(float(r[x_key]) if x_key else float(i), float(r[name]))
+                      for i, r in enumerate(records)
+                      if isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool)]
+            x = np.asarray([p[0] for p in points])
+            y = np.asarray([p[1] for p in points])
+            keep = np.isfinite(y)
+            if keep.any():
+                series[prefix + name] = (x[keep], y[keep])
+
+    add_columns("", history)
+    if not series:
+        raise InputError(f"{where}: no numeric training series found (keys: {', '.join(sorted(history))})")
+    return series
+
+
+def _metric_group(name: str) -> str:
+    """Series sharing a panel: the name without its split prefix (val/loss, val_loss, loss -> loss)."""
+    base = name.rsplit("/", 1)[-1]
+    return re.sub(r"^(train|val|validation)_", "", base)
+
+
+def history_figure(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
+    """One panel per metric (train and validation curves together), up to 3 panels per row."""
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[str]] = {}
+    for name in series:
+        groups.setdefault(_metric_group(name), []).append(name)
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.2 * rows))
+    for i, (group, names) in enumerate(groups.items(), start=1):
+        ax = fig.add_subplot(rows, cols, i)
+        for name in names:
+            x, y = series[name]
+            style = "o-" if x.size <= 30 else "-"
+            ax.plot(x, y, style, markersize=3, linewidth=1.2, label=name)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend(loc="upper right", fontsize=8)
+    # Fixed margins in inches (tight_layout re-measures every label: slow).
+    height = 3.2 * rows
+    fig.subplots_adjust(left=0.6 / (4.6 * cols), right=0.98, bottom=0.5 / height,
+                        top=1 - 0.35 / height, wspace=0.28, hspace=0.5)
+    return fig
+
+
+def _final_values(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, str, str]]:
+    """(series, last step, last value) for the training-numbers table."""
+    return [(name, format_value(float(x[-1])) if x[-1] != int(x[-1]) else f"{int(x[-1]):,}",
+             format_value(float(y[-1]))) for name, (x, y) in series.items()]
+
+
+def _training_section(history: dict[str, Any] | None, curves_png: bytes | None, where: str) -> list[str]:
+    out = ["<h2>Training curves</h2>"]
+    if curves_png is not None:
+        out.append(_img(png_data_uri(curves_png), "training curves (curves.png from the model folder)"))
+    if history is not None:
+        series = history_series(history, where)
+        if curves_png is None:
+            out.append(_img(figure_data_uri(history_figure(series)), "training curves from history.json"))
+        out.append("<h3>Final values</h3>")
+        out.append(_table(["series", "last step", "value"], _final_values(series), numeric_from=1))
+    if curves_png is None and history is None:
+        out.append('<p class="missing">The model folder has neither history.json nor curves.png: '
+                   'no training curves to show.</p>')
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation figures
+
+def roc_figure(rocs: dict[str, tuple[Sequence[float], Sequence[float]]]) -> Any:
+    """ROC curves (VAL against FAR): linear axes, and a log FAR axis for the low-FAR end."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig = Figure(figsize=(10, 4.2))
+    linear, log_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, (fpr, tpr) in rocs.items():
+        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+        linear.plot(fpr, tpr, label=label, linewidth=1.5)
+        positive = fpr > 0
+        log_ax.plot(fpr[positive], tpr[positive], label=label, linewidth=1.5)
+    linear.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
+    linear.set_xlim(0, 1)
+    linear.set_ylim(0, 1.01)
+    linear.set_title("ROC")
+    log_ax.set_xscale("log")
+    # Plain tick labels ("0.001"): mathtext "10^-3" labels take most of the drawing time.
+    log_ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    log_ax.xaxis.set_minor_formatter(NullFormatter())
+    log_ax.set_ylim(0, 1.01)
+    log_ax.set_title("ROC, log FAR axis")
+    for ax in (linear, log_ax):
+        ax.set_xlabel("FAR (false accept rate)")
+        ax.set_ylabel("VAL (true accept rate)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
+    return fig
+
+
+def histogram_figure(distances: np.ndarray, same: np.ndarray, threshold: float, distance_label: str,
+                     seed_threshold: float | None = None) -> Any:
+    """Overlaid histograms of same-person and different-person pair distances, thresholds marked."""
+    from matplotlib.figure import Figure
+
+    d, s = np.asarray(distances, dtype=np.float64), np.asarray(same, dtype=bool)
+    fig = Figure(figsize=(8, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    low, high = min(float(d.min()), threshold), max(float(d.max()), threshold)
+    if high <= low:
+        high = low + 1e-6
+    bins = np.linspace(low, high, 50)
+    ax.hist(d[s], bins=bins, histtype="stepfilled", alpha=0.5, color="tab:green",
+            label=f"same person ({int(s.sum()):,})")
+    ax.hist(d[~s], bins=bins, histtype="stepfilled", alpha=0.5, color="tab:red",
+            label=f"different people ({int((~s).sum()):,})")
+    ax.axvline(threshold, color="black", linewidth=1.5, label=f"threshold {threshold:.4g}")
+    if seed_threshold is not None:
+        # Marked only inside the data's range: far outside it would squash the histograms.
+        margin = 0.05 * (high - low)
+        if low - margin <= seed_threshold <= high + margin:
+            ax.axvline(seed_threshold, color="grey", linestyle="--", linewidth=1.2,
+                       label=f"seed threshold {seed_threshold:.4g}")
+        else:
+            side = "right" if seed_threshold > high else "left"
+            ax.plot([], [], color="grey", linestyle="--", linewidth=1.2,
+                    label=f"seed threshold {seed_threshold:.4g} (off the axis, {side})")
+    ax.set_xlabel(f"distance ({distance_label})")
+    ax.set_ylabel("pairs")
+    ax.legend(loc="upper right", fontsize=8)   # a fixed place: "best" costs seconds to search
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.14, top=0.96)
+    return fig
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1,
+           cls: str = "") -> str:
+    """An HTML table; cells are escaped; columns from `numeric_from` on are right-aligned numbers."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="num">{html.escape(c)}</td>' if i >= numeric_from
+                        else f"<td>{html.escape(c)}</td>" for i, c in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    class_attr = f' class="{cls}"' if cls else ""
+    return f"<table{class_attr}><tr>{head}</tr>\n" + "\n".join(body) + "</table>"
+
+
+def _is_threshold_key(key: str) -> bool:
+    """Metrics whose value is a distance threshold (not an accuracy measured at one)."""
+    return "threshold" in key and "accuracy" not in key
+
+
+def describe_metric(key: str) -> str:
+    """One-line meaning of an evaluation metric name (empty when unknown)."""
+    fixed = {
+        "threshold": "distance threshold chosen on validation pairs (max accuracy)",
+        "distance": "distance definition of every threshold and distance",
+        "val_accuracy": "accuracy on validation pairs at the threshold",
+        "test_accuracy": "accuracy on test pairs at the validation threshold",
+        "test_kfold_accuracy_mean": "k-fold accuracy on test pairs (threshold from the other folds)",
+        "test_kfold_accuracy_std": "standard deviation of the k-fold accuracy over folds",
+        "test_auc": "area under the test ROC curve",
+        "val_auc": "area under the validation ROC curve",
+        "test_eer": "equal error rate on test (FAR = FRR)",
+        "test_eer_threshold": "threshold at the equal error rate on test",
+        "seed_threshold": "the seed project's fixed threshold 1.242 (plain L2) in this distance",
+        "test_accuracy_at_seed_threshold": "accuracy on test pairs at the seed's fixed threshold",
+        "embedding_dim": "size of the embedding",
+        "lfw_pairs_kfold_accuracy_mean": "LFW pairs.txt: accuracy over the file's folds",
+        "lfw_pairs_kfold_accuracy_std": "LFW pairs.txt: standard deviation over folds",
+        "lfw_pairs_accuracy_at_threshold": "LFW pairs.txt: accuracy at the validation threshold",
+        "lfw_pairs_auc": "LFW pairs.txt: area under the ROC curve",
+        "lfw_pairs_eer": "LFW pairs.txt: equal error rate",
+        "lfw_pairs_folds": "LFW pairs.txt: number of folds",
+    }
+    if key in fixed:
+        return fixed[key]
+    patterns = [
+        (r"threshold_at_far_(.+)", "threshold reaching FAR {0} on validation pairs"),
+        (r"test_val_at_far_(.+)", "VAL on test at the validation threshold for FAR {0}"),
+        (r"test_far_at_far_(.+)", "FAR that threshold actually gives on test (target {0})"),
+        (r"test_kfold_val_at_far_(.+)_mean", "k-fold VAL on test at FAR {0} (mean over folds)"),
+        (r"test_kfold_val_at_far_(.+)_std", "k-fold VAL on test at FAR {0} (std over folds)"),
+        (r"test_kfold_far_at_far_(.+)_mean", "k-fold FAR actually reached on test (target {0})"),
+        (r"lfw_pairs_val_at_far_(.+)_mean", "LFW pairs.txt: k-fold VAL at FAR {0} (mean)"),
+        (r"lfw_pairs_val_at_far_(.+)_std", "LFW pairs.txt: k-fold VAL at FAR {0} (std)"),
+        (r"lfw_pairs_far_at_far_(.+)_mean", "LFW pairs.txt: k-fold FAR actually reached (target {0})"),
+        (r"(val|test|lfw_pairs)_pairs", "{0}: pairs"),
+        (r"(val|test|lfw_pairs)_positive_pairs", "{0}: same-person pairs"),
+        (r"(val|test|lfw_pairs)_identities", "{0}: identities"),
+        (r"(val|test|lfw_pairs)_images", "{0}: images embedded"),
+    ]
+    names = {"val": "validation", "test": "test", "lfw_pairs": "LFW pairs.txt"}
+    for pattern, text in patterns:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return text.format(*(names.get(g, g) for g in match.groups()))
+    return ""
+
+
+def metric_rows(metrics: dict[str, Any], distance_label: str) -> list[tuple[str, str, str]]:
+    """(name, value, meaning) per metric; threshold values carry the distance definition."""
+    rows = []
+    for key, value in metrics.items():
+        text = format_value(value)
+        if _is_threshold_key(key) and isinstance(value, (int, float)):
+            text += f" ({distance_label})"
+        rows.append((key, describe_metric(key), text))
+    return rows
+
+
+def _headline_rows(metrics: dict[str, Any], distance_label: str) -> list[tuple[str, str]]:
+    rows = [("threshold", f"{metrics['threshold']:.4f} ({distance_label}); same person when distance < threshold"),
+            ("validation accuracy", format_value(metrics["val_accuracy"])),
+            ("test accuracy", format_value(metrics["test_accuracy"])),
+            ("test k-fold accuracy", f"{metrics['test_kfold_accuracy_mean']:.4f} ± "
+                                     f"{metrics['test_kfold_accuracy_std']:.4f}"),
+            ("test ROC AUC", format_value(metrics["test_auc"])),
+            ("test equal error rate", format_value(metrics["test_eer"]))]
+    for key in metrics:
+        match = re.fullmatch(r"test_val_at_far_(.+)", key)
+        if match:
+            far = match.group(1)
+            kfold = metrics.get(f"test_kfold_val_at_far_{far}_mean")
+            text = format_value(metrics[key])
+            if kfold is not None:
+                text += f" (k-fold {kfold:.4f} ± {metrics[f'test_kfold_val_at_far_{far}_std']:.4f})"
+            rows.append((f"test VAL @ FAR={far}", text))
+    rows.append((f"test accuracy at the seed threshold ({metrics['seed_threshold']:.4g} {distance_label})",
+                 format_value(metrics["test_accuracy_at_seed_threshold"])))
+    if "lfw_pairs_kfold_accuracy_mean" in metrics:
+        rows.append(("LFW pairs.txt k-fold accuracy", f"{metrics['lfw_pairs_kfold_accuracy_mean']:.4f} ± "
+                                                      f"{metrics['lfw_pairs_kfold_accuracy_std']:.4f}"))
+        rows.append(("LFW pairs.txt ROC AUC", format_value(metrics["lfw_pairs_auc"])))
+    rows.append(("pairs (validation / test)", f"{metrics['val_pairs']:,} / {metrics['test_pairs']:,}"))
+    return rows
+
+
+def _examples_section(examples: Sequence[ExamplePair], distance_label: str, threshold: float) -> list[str]:
+    n_wrong = sum(1 for e in examples if not e.correct)
+    out = ["<h2>Example test pairs</h2>",
+           f"<p>{len(examples)} test pairs: {n_wrong} misclassified (red), {len(examples) - n_wrong} "
+           f"correct (green). Verdict: same person when distance &lt; {threshold:.4f} "
+           f"({html.escape(distance_label)}).</p>", '<div class="grid">']
+    for e in examples:
+        status = "correct" if e.correct else "wrong"
+        verdict = "same person" if e.predicted_same else "different people"
+        truth = "same person" if e.same else "different people"
+        out.append(
+            f'<div class="pair {status}"><div class="imgs">'
+            f'{_img(thumbnail_data_uri(e.image_a), e.key_a, "thumb")}'
+            f'{_img(thumbnail_data_uri(e.image_b), e.key_b, "thumb")}</div>'
+            f'<div class="names">{html.escape(e.key_a)}<br>{html.escape(e.key_b)}</div>'
+            f"<div>distance {e.distance:.4f}; verdict: {verdict}</div>"
+            f"<div>truth: {truth} <span class=\"tag {status}\">{status.upper()}</span></div></div>")
+    out.append("</div>")
+    if not examples:
+        out.append('<p class="missing">No examples requested (evaluate.report_examples = 0).</p>')
+    return out
+
+
+def build_report_html(*, title: str, model: str, metrics: dict[str, Any], distance_label: str,
+                      threshold: float, seed_threshold: float | None, test_distances: np.ndarray,
+                      test_same: np.ndarray, rocs: dict[str, tuple[Sequence[float], Sequence[float]]],
+                      history: dict[str, Any] | None, curves_png: bytes | None,
+                      examples: Sequence[ExamplePair], notes: Sequence[str]) -> str:
+    """The evaluation report as one self-contained HTML page.
+
+    Sections: headline numbers, every metric (thresholds labelled with
+    `distance_label`, e.g. "squared L2"), ROC curves (`rocs`: label -> (FAR [M],
+    VAL [M])), histograms of test same/different distances with `threshold`
+    (and `seed_threshold`) marked, training curves (curves.png, else plotted
+    from `history`), the example pairs, and `notes` on the method. All text
+    is HTML-escaped.
+    """
+    body = ["<h2>Headline</h2>",
+            _table(["", "value"], _headline_rows(metrics, distance_label), cls="headline"),
+            "<h2>Method</h2>", '<ul class="notes">']
+    body += [f"<li>{html.escape(note)}</li>" for note in notes]
+    body.append("</ul>")
+    body += ["<h2>ROC curves</h2>", _img(figure_data_uri(roc_figure(rocs)), "ROC curves")]
+    body += ["<h2>Distances of test pairs</h2>",
+             _img(figure_data_uri(histogram_figure(test_distances, test_same, threshold, distance_label,
+                                                   seed_threshold)), "distance histograms")]
+    body += _training_section(history, curves_png, f"{model}/{HISTORY_JSON}")
+    body += _examples_section(examples, distance_label, threshold)
+    body += ["<h2>All metrics</h2>",
+             f"<p>Every threshold and distance is {html.escape(distance_label)}.</p>",
+             _table(["metric", "meaning", "value"], metric_rows(metrics, distance_label), numeric_from=2)]
+    return _page(title, f"model: {model}", body)
+
+
+# ----------------------------------------------------------------------------- training report
+
+def write_training_report(model_dir: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """Write the training report (HTML) of a model folder to `out_path`, atomically.
+
+    Shows curves.png when the folder has it (else curves plotted from
+    history.json), the last value of every training series, and model.json's
+    settings. Raises InputError when the folder has no history.json.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"{model_dir}: model folder not found")
+    history, curves_png = load_training_history(model_dir, required=True)
+    body = _training_section(history, curves_png, str(model_dir / HISTORY_JSON))
+    model_json = model_dir / MODEL_JSON
+    if model_json.is_file():
+        settings = read_json(model_json)
+        if isinstance(settings, dict):
+            body += ["<h2>Model (model.json)</h2>",
+                     _table(["key", "value"], _flatten_settings(settings), numeric_from=2)]
+    write_text(out_path, _page("FaceNet training report", f"model folder: {model_dir}", body))
+    log.info("wrote training report %s", out_path)
+
+
+def _flatten_settings(settings: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten_settings(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            text = json.dumps(value)
+            rows.append((name, text if len(text) <= 200 else text[:197] + "..."))
+        else:
+            rows.append((name, format_value(value)))
+    return rows

@@ -1,0 +1,129 @@
+"""Embedding models: unit-norm outputs, no collapse at init, OpenFace size, .keras round trip, mixed precision."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from facenet_kfp import config
+from facenet_kfp.errors import InputError
+from facenet_kfp.model import (
+    ARCHITECTURES,
+    NN4_SMALL2_PARAMETERS,
+    L2Normalize,
+    build_embedding_model,
+)
+
+SHAPES = {"nn4_small2": (96, 96, 3), "small_cnn": (64, 64, 3)}
+
+
+def face_like_images(n, shape, seed=0):
+    """Images that differ in structure, not just in pixel noise (which global pooling averages away)."""
+    rng = np.random.default_rng(seed)
+    h, w, c = shape
+    coarse = rng.random((n, 4, 4, c)).astype(np.float32)
+    # Blow each 4x4 pattern up to the full size, plus a little pixel noise.
+    images = np.repeat(np.repeat(coarse, -(-h // 4), axis=1), -(-w // 4), axis=2)[:, :h, :w]
+    return images + 0.05 * rng.standard_normal((n, h, w, c)).astype(np.float32)
+
+
+def embed(model, images):
+    return keras.ops.convert_to_numpy(model(images, training=False))
+
+
+def mean_pairwise_distance(emb):
+    d = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    return d[np.triu_indices(len(emb), 1)].mean()
+
+
+def test_architectures_match_the_config_choices():
+    assert set(ARCHITECTURES) == set(config.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_embeddings_have_unit_norm_and_do_not_collapse(architecture):
+    keras.utils.set_random_seed(0)
+    model = build_embedding_model(SHAPES[architecture], 64, architecture)
+    assert model.name == f"facenet_{architecture}"
+    n = 2 if architecture == "nn4_small2" else 8
+    emb = embed(model, face_like_images(n, SHAPES[architecture]))
+    assert emb.shape == (n, 64) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # The seed's ReLU + whole-batch normalisation gave near-identical embeddings; a
+    # per-embedding normalisation of a linear layer spreads different images apart.
+    assert mean_pairwise_distance(emb) > 0.05
+    # No ReLU before the normalisation: components take both signs.
+    assert (emb < 0).any() and (emb > 0).any()
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (48, 40, 1), (100, 72, 3)])
+def test_small_cnn_accepts_any_input_of_at_least_32(shape):
+    model = build_embedding_model(shape, 16, "small_cnn")
+    emb = embed(model, face_like_images(3, shape))
+    assert emb.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_nn4_small2_has_openface_size():
+    model = build_embedding_model((96, 96, 3), 128, "nn4_small2")
+    assert abs(model.count_params() - NN4_SMALL2_PARAMETERS) <= 0.05 * NN4_SMALL2_PARAMETERS
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert abs(trainable - NN4_SMALL2_PARAMETERS) <= 0.05 * NN4_SMALL2_PARAMETERS
+    # 96x96 ends as 3x3x736 before the global pooling, as in OpenFace.
+    assert tuple(model.get_layer("inception_5b_concat").output.shape) == (None, 3, 3, 736)
+    assert tuple(model.get_layer("inception_3c_concat").output.shape) == (None, 6, 6, 640)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_keras_file_round_trip_gives_the_same_embeddings(architecture, tmp_path):
+    keras.utils.set_random_seed(1)
+    model = build_embedding_model(SHAPES[architecture], 32, architecture)
+    images = face_like_images(2, SHAPES[architecture], seed=1)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.name == model.name
+    assert isinstance(loaded.layers[-1], L2Normalize)
+    np.testing.assert_allclose(embed(loaded, images), embed(model, images), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_outputs_float32_unit_vectors(policy):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = build_embedding_model((64, 64, 3), 32, "small_cnn")
+        assert model.get_layer("embedding_dense").compute_dtype != "float32"
+        emb = model(face_like_images(4, (64, 64, 3)), training=False)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert keras.backend.standardize_dtype(emb.dtype) == "float32"
+    emb = keras.ops.convert_to_numpy(emb)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert model.output.dtype == "float32"
+
+
+def test_l2_normalize_is_per_embedding():
+    x = np.array([[3.0, 4.0], [0.0, 0.5], [0.0, 0.0]], np.float32)
+    got = keras.ops.convert_to_numpy(L2Normalize()(x))
+    # Each row on its own (the seed normalised the whole batch as one vector); a zero row stays 0.
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]], atol=1e-7)
+    layer = L2Normalize.from_config(L2Normalize(axis=1, epsilon=1e-6, name="n").get_config())
+    assert (layer.axis, layer.epsilon, layer.name) == (1, 1e-6, "n")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"architecture": "nn2"}, "nn2"),
+    ({"embedding_dim": 0}, "embedding_dim.*0"),
+    ({"embedding_dim": 12.5}, "12.5"),
+    ({"embedding_dim": True}, "True"),
+    ({"input_shape": (31, 64, 3), "architecture": "small_cnn"}, r"\(31, 64, 3\).*at least 32"),
+    ({"input_shape": (96, 16, 3)}, r"\(96, 16, 3\)"),
+    ({"input_shape": (96, 96)}, r"\(96, 96\)"),
+    ({"input_shape": (96, 96, 0)}, r"\(96, 96, 0\)"),
+    ({"input_shape": "96x96"}, "96x96"),
+])
+def test_invalid_arguments_raise_input_error(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        build_embedding_model(**kwargs)

@@ -1,0 +1,264 @@
+"""Tests of training: schedule and batch statistics against references, a short run, resume, fail-fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facenet_kfp.config import TrainConfig
+from facenet_kfp.errors import FacenetError, InputError
+
+tf = pytest.importorskip("tensorflow")
+train_mod = pytest.importorskip("facenet_kfp.train")
+
+from tests.test_data import build_tiny_dataset  # noqa: E402  (after the importorskip guards)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run the tiny dataset learns in a few dozen steps on 2 CPU cores.
+TINY = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.8, embedding_dim=16, p=4, k=4,
+                   loss="batch_hard", margin=0.5, squared=True, learning_rate=2e-3, lr_schedule="constant",
+                   warmup_steps=0, max_steps=30, augment=True, validate_every=15, validation_batches=2,
+                   checkpoint_every=10, log_every=5, precision="float32", seed=0)
+
+
+def run_train(d: dict, model_dir: Path, config: TrainConfig, **kwargs) -> dict:
+    return train_mod.train(d["dataset"], d["completion"], d["labels"], d["splits"], model_dir, config, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny-train"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One 30-step run shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    metrics = run_train(tiny, out / "model", TINY, tensorboard_dir=str(out / "tb"))
+    return {"metrics": metrics, "model": out / "model", "ckpt": out / "model.ckpt", "tb": out / "tb"}
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_schedule_matches_reference(schedule):
+    config = dataclasses.replace(TINY, learning_rate=1e-3, warmup_steps=10, max_steps=110, lr_schedule=schedule)
+    keras_schedule = train_mod.make_schedule(config)
+    # Hand-computed values: warm-up (step+1)/10, then the cosine from 1e-3 to 1e-5 over 100 steps.
+    expected = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3}
+    if schedule == "cosine":
+        expected.update({60: 1e-3 * (0.01 + 0.99 * 0.5), 110: 1e-5, 500: 1e-5,
+                         35: 1e-3 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 4)))})
+    else:
+        expected.update({60: 1e-3, 110: 1e-3, 500: 1e-3})
+    for step, value in expected.items():
+        assert float(keras_schedule(step)) == pytest.approx(value, rel=1e-5), step
+        assert train_mod.learning_rate_at(step, 1e-3, 10, 110, schedule) == pytest.approx(value, rel=1e-9)
+    no_warmup = train_mod.make_schedule(dataclasses.replace(config, warmup_steps=0))
+    assert float(no_warmup(0)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_batch_loss_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(12, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(3), 4).astype(np.int32)
+    d2 = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1)
+    for squared in (True, False):
+        d = d2 if squared else np.sqrt(d2)
+        config = dataclasses.replace(TINY, squared=squared, loss="batch_hard", margin=0.3)
+        out = {k: float(v) for k, v in train_mod.batch_loss(config, labels, emb).items()}
+        same = labels[:, None] == labels[None, :]
+        hardest = [max(d[a, p] for p in range(12) if same[a, p] and p != a)
+                   - min(d[a, n] for n in range(12) if not same[a, n]) + 0.3 for a in range(12)]
+        assert out["loss"] == pytest.approx(np.mean(np.maximum(hardest, 0)), abs=1e-5)
+        pos = [d[a, p] for a in range(12) for p in range(12) if same[a, p] and a != p]
+        neg = [d[a, n] for a in range(12) for n in range(12) if not same[a, n]]
+        assert out["mean_positive_distance"] == pytest.approx(np.mean(pos), abs=1e-5)
+        assert out["mean_negative_distance"] == pytest.approx(np.mean(neg), abs=1e-5)
+        plain = [np.sqrt(d2[i, j]) for i in range(12) for j in range(12) if i != j]
+        assert out["mean_pairwise_l2"] == pytest.approx(np.mean(plain), abs=1e-5)
+        assert out["max_pairwise_l2"] == pytest.approx(np.max(plain), abs=1e-5)
+    batch_all = dataclasses.replace(TINY, loss="batch_all", margin=0.3, squared=True)
+    out = train_mod.batch_loss(batch_all, labels, emb)
+    triplets = [d2[a, p] - d2[a, n] + 0.3 for a in range(12) for p in range(12) for n in range(12)
+                if same[a, p] and a != p and not same[a, n]]
+    positive = [t for t in triplets if t > 0]
+    assert float(out["loss"]) == pytest.approx(np.mean(positive), abs=1e-5)
+    assert float(out["fraction_positive_triplets"]) == pytest.approx(len(positive) / len(triplets), abs=1e-6)
+
+
+def test_precision_and_strategy_on_cpu():
+    assert train_mod.resolve_precision("auto") == ("mixed_float16" if tf.config.list_logical_devices("GPU")
+                                                   else "float32")
+    assert train_mod.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert train_mod.distribution_strategy().num_replicas_in_sync == 1
+    assert train_mod.default_checkpoint_dir("/a/b/model") == "/a/b/model.ckpt"
+
+
+# ----------------------------------------------------------------------------- a short run
+
+@pytest.mark.slow
+def test_short_run_lowers_loss_and_writes_artifact(trained):
+    metrics = trained["metrics"]
+    history = json.loads((trained["model"] / "history.json").read_text())
+    train_hist = history["train"]
+    assert [r["step"] for r in train_hist] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in history["val"]] == [15, 30]
+    first, last = train_hist[0], train_hist[-2:]
+    assert np.mean([r["loss"] for r in last]) < 0.5 * first["loss"]
+    assert np.mean([r["mean_negative_distance"] for r in last]) > first["mean_negative_distance"]
+    assert metrics["steps"] == 30 and metrics["start_step"] == 0 and metrics["images_per_second"] > 0
+    assert metrics["train_loss"] == train_hist[-1]["loss"]
+    assert metrics["val_loss"] == history["val"][-1]["loss"]
+    for key in ("train_fraction_positive", "val_fraction_positive", "val_mean_positive_distance",
+                "val_mean_negative_distance"):
+        assert math.isfinite(metrics[key]), key
+
+    info = json.loads((trained["model"] / "model.json").read_text())
+    assert info["architecture"] == "small_cnn" and info["input_shape"] == [32, 32, 3]
+    assert info["embedding_dim"] == 16 and info["trained_steps"] == 30
+    assert info["distance"]["squared"] is True and info["loss"] == "batch_hard" and info["margin"] == 0.5
+    assert info["preprocessing"] == {"version": "centre-crop-v1", "image_size": 32, "crop_fraction": 0.8,
+                                     "scale": "[-1,1]"}
+    assert (trained["model"] / "model.keras").is_file() and (trained["model"] / "curves.png").is_file()
+    assert (trained["model"] / "saved_model" / "saved_model.pb").is_file()
+
+    # Checkpoints: the last two kept, plus the history so far.
+    state = tf.train.get_checkpoint_state(str(trained["ckpt"]))
+    assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-20", "ckpt-30"]
+    assert json.loads((trained["ckpt"] / "history.json").read_text())["step"] == 30
+
+    # TensorBoard scalars.
+    tags = set()
+    for event_file in trained["tb"].glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags |= {v.tag for v in event.summary.value}
+    assert {"train/loss", "train/fraction_positive_triplets", "val/loss", "train/images_per_second"} <= tags
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_latest_checkpoint(trained, tiny, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained["ckpt"], ckpt)
+    with caplog.at_level(logging.INFO, logger="facenet_kfp.train"):
+        metrics = run_train(tiny, tmp_path / "model", dataclasses.replace(TINY, max_steps=40),
+                            checkpoint_dir=str(ckpt))
+    assert "resuming from checkpoint" in caplog.text and "at step 30 of 40" in caplog.text
+    assert metrics["start_step"] == 30 and metrics["steps"] == 40
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    before = json.loads((trained["model"] / "history.json").read_text())
+    assert history["train"][:6] == before["train"]                       # kept, not retrained
+    assert [r["step"] for r in history["train"][6:]] == [35, 40]
+    assert [r["step"] for r in history["val"]] == [15, 30, 40]
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["trained_steps"] == 40
+
+    # A checkpoint of another model is refused, naming the setting.
+    with pytest.raises(InputError, match=r"embedding_dim: 16 -> 32"):
+        run_train(tiny, tmp_path / "other", dataclasses.replace(TINY, max_steps=50, embedding_dim=32),
+                  checkpoint_dir=str(ckpt))
+
+
+# ----------------------------------------------------------------------------- fail fast
+
+FAST = dataclasses.replace(TINY, max_steps=6, log_every=1, validate_every=0, checkpoint_every=100)
+
+
+def test_nan_loss_fails_at_its_step(tiny, tmp_path, monkeypatch):
+    real = train_mod.batch_loss
+
+    def poisoned(config, labels, embeddings):
+        out = dict(real(config, labels, embeddings))
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    with pytest.raises(FacenetError, match=r"loss is nan at step 1 .*learning_rate"):
+        run_train(tiny, tmp_path / "model", FAST)
+    assert not (tmp_path / "model").exists()
+
+
+def test_collapsed_embeddings_fail(tiny, tmp_path, monkeypatch):
+    import keras
+
+    from facenet_kfp import model as model_mod
+
+    def constant_model(input_shape, embedding_dim, architecture):
+        inputs = keras.Input(shape=input_shape)
+        x = keras.layers.GlobalAveragePooling2D()(inputs)
+        x = keras.layers.Dense(embedding_dim, kernel_initializer="zeros", bias_initializer="ones")(x)
+        return keras.Model(inputs, model_mod.L2Normalize()(x))
+
+    monkeypatch.setattr(model_mod, "build_embedding_model", constant_model)
+    with pytest.raises(FacenetError, match=r"embedding collapse at step 1.*lower train.learning_rate"):
+        run_train(tiny, tmp_path / "model", FAST)
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(InputError, match="dataset folder not found"):
+        train_mod.train(tmp_path / "nope", None, tiny["labels"], tiny["splits"], tmp_path / "m", FAST)
+    with pytest.raises(InputError, match="completion folder not found"):
+        train_mod.train(tiny["dataset"], tmp_path / "nope", tiny["labels"], tiny["splits"], tmp_path / "m", FAST)
+    with pytest.raises(InputError, match=r"split 'train' has 8 identities.*p=9"):
+        run_train(tiny, tmp_path / "m", dataclasses.replace(FAST, p=9))
+    with pytest.raises(InputError, match=r"train.loss must be one of"):
+        run_train(tiny, tmp_path / "m", dataclasses.replace(FAST, loss="triplet"))
+    splits = tmp_path / "splits"
+    shutil.copytree(tiny["splits"], splits)
+    (splits / "val.txt").write_text("Ivy_I\t3\n")
+    with pytest.raises(InputError, match=r"val.txt: validation needs 2 identities"):
+        train_mod.train(tiny["dataset"], tiny["completion"], tiny["labels"], splits, tmp_path / "m",
+                        dataclasses.replace(FAST, validate_every=5))
+    assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------- several replicas
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    """The multi-GPU code path (MirroredStrategy, per-replica mining, mixed_float16) on 2 logical CPUs."""
+    script = textwrap.dedent(f"""
+        import json, logging, sys
+        logging.basicConfig(level=logging.INFO)
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, {str(ROOT)!r})
+        import dataclasses
+        from pathlib import Path
+        from facenet_kfp import train
+        from tests.test_data import build_tiny_dataset
+        from tests.test_train import TINY
+        train.distribution_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        root = Path({str(tmp_path)!r})
+        d = build_tiny_dataset(root)
+        config = dataclasses.replace(TINY, max_steps=4, log_every=2, validate_every=4, checkpoint_every=4,
+                                     precision="mixed_float16")
+        metrics = train.train(d["dataset"], d["completion"], d["labels"], d["splits"], root / "model", config)
+        print("METRICS", json.dumps(metrics))
+        try:
+            train.train(d["dataset"], d["completion"], d["labels"], d["splits"], root / "odd",
+                        dataclasses.replace(config, p=3), checkpoint_dir=str(root / "odd.ckpt"))
+        except Exception as exc:
+            print("ODD", type(exc).__name__, exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 replica(s)" in result.stderr and "precision mixed_float16" in result.stderr
+    metrics = json.loads(result.stdout.split("METRICS ", 1)[1].splitlines()[0])
+    assert metrics["steps"] == 4 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["precision"] == "mixed_float16" and info["replicas"] == 2
+    assert "ODD InputError train.p=3 must be a multiple of the 2 GPUs" in result.stdout

@@ -1,0 +1,166 @@
+"""verify_pair and embed_files on a tiny saved model: thresholds, verdicts, file formats, input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facenet_kfp import verify
+from facenet_kfp.errors import InputError
+
+export = pytest.importorskip("facenet_kfp.export")
+
+
+def save_image(path, colour, fmt="JPEG", size=48):
+    rng = np.random.default_rng(sum(colour))
+    pixels = np.clip(np.asarray(colour) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained small_cnn (32x32 input, 8-D embeddings) saved as train saves it; squared L2."""
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.model import build_embedding_model
+
+    folder = tmp_path_factory.mktemp("verify") / "model"
+    model = build_embedding_model((32, 32, 3), 8, architecture="small_cnn")
+    config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=8, squared=True)
+    history = {"train": [{"step": 1, "loss": 0.2, "fraction_positive_triplets": 0.5,
+                          "mean_positive_distance": 0.5, "mean_negative_distance": 0.9}], "val": []}
+    export.save_model_artifact(model, folder, export.artifact_metadata(config, trained_steps=1), history)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return {"a": save_image(folder / "a.jpg", (200, 40, 40)),
+            "b": save_image(folder / "b.png", (40, 40, 200), fmt="PNG"),
+            "c": save_image(folder / "c,with comma.jpg", (40, 200, 40))}
+
+
+def test_same_image_twice_is_the_same_person(model_dir, images, tmp_path):
+    threshold_file = tmp_path / "threshold.json"
+    threshold_file.write_text(json.dumps({"threshold": 0.5, "distance": "squared_l2"}))
+    result = verify.verify_pair(model_dir, images["a"], images["a"], threshold_file=threshold_file)
+    assert result["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert result["same"] is True and result["verdict"] == "same person"
+    assert result["threshold"] == 0.5 and result["threshold_source"] == str(threshold_file)
+    assert result["distance_definition"] == "squared_l2" and result["squared"] is True
+
+
+def test_distance_matches_the_embeddings(model_dir, images, tmp_path):
+    out = verify.embed_files(model_dir, [images["a"], images["b"]], tmp_path / "e.npz")
+    e = np.load(out["out"])["embeddings"].astype(np.float64)
+    expected = float(np.sum((e[0] - e[1]) ** 2))
+    result = verify.verify_pair(model_dir, images["a"], images["b"], threshold=expected + 1e-3)
+    assert result["distance"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert result["verdict"] == "same person"
+    result = verify.verify_pair(model_dir, images["a"], images["b"], threshold=expected - 1e-3)
+    assert result["verdict"] == "different people" and result["same"] is False
+    assert result["threshold_source"] == "argument"
+
+
+def test_explicit_threshold_wins_over_the_file(model_dir, images, tmp_path):
+    (model_dir / "threshold.json").write_text(json.dumps({"threshold": 3.9, "distance": "squared_l2"}))
+    try:
+        assert verify.verify_pair(model_dir, images["a"], images["b"])["threshold"] == 3.9
+        # Identical images are at distance 0, and 0 < 0 is false: "different people" only if
+        # the given threshold is really used.
+        result = verify.verify_pair(model_dir, images["a"], images["a"], threshold=0.0)
+        assert result["threshold"] == 0.0 and result["verdict"] == "different people"
+    finally:
+        (model_dir / "threshold.json").unlink()
+
+
+def test_threshold_next_to_the_model_folder(model_dir, images):
+    sibling = model_dir.parent / "threshold.json"
+    sibling.write_text(json.dumps({"threshold": 1.25, "distance": "squared_l2"}))
+    try:
+        result = verify.verify_pair(model_dir, images["a"], images["c"])
+        assert result["threshold"] == 1.25 and result["threshold_source"] == str(sibling)
+    finally:
+        sibling.unlink()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Argument errors must be found before the slow model load."""
+    def refuse(model_dir):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(export, "load_model_artifact", refuse)
+
+
+def test_threshold_errors(model_dir, images, tmp_path, no_model_load):
+    with pytest.raises(InputError, match="--threshold"):
+        verify.verify_pair(model_dir, images["a"], images["b"])
+    with pytest.raises(InputError, match="threshold file not found"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=tmp_path / "nope.json")
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"threshold": 1.1, "distance": "l2"}))
+    with pytest.raises(InputError, match=r"plain\.json.*'l2'.*'squared_l2'"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=plain)
+    plain.write_text(json.dumps({"threshold": "high", "distance": "squared_l2"}))
+    with pytest.raises(InputError, match="finite number"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=plain)
+    with pytest.raises(InputError, match="finite number"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold=float("nan"))
+
+
+def test_input_errors_name_the_file(model_dir, images, tmp_path, no_model_load):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(InputError, match="broken.jpg: not a readable image"):
+        verify.verify_pair(model_dir, images["a"], broken, threshold=1.0)
+    with pytest.raises(InputError, match="missing.jpg: image file not found"):
+        verify.verify_pair(model_dir, tmp_path / "missing.jpg", images["a"], threshold=1.0)
+    tiff = tmp_path / "face.tiff"
+    Image.new("RGB", (40, 40)).save(tiff, format="TIFF")
+    with pytest.raises(InputError, match="TIFF images are not supported"):
+        verify.verify_pair(model_dir, images["a"], tiff, threshold=1.0)
+    (tmp_path / "no-model").mkdir()
+    with pytest.raises(InputError, match=r"no-model/model\.json: not found"):
+        verify.verify_pair(tmp_path / "no-model", images["a"], images["b"], threshold=1.0)
+    with pytest.raises(InputError, match="model folder not found"):
+        verify.embed_files(tmp_path / "nothing", [images["a"]], tmp_path / "e.npz")
+
+
+def test_embed_files_npz_and_csv_agree(model_dir, images, tmp_path):
+    paths = [images["a"], images["b"], images["c"], images["a"]]
+    result = verify.embed_files(model_dir, paths, tmp_path / "out" / "emb.npz", batch_size=3)
+    assert result == {"images": 4, "dim": 8, "out": str(tmp_path / "out" / "emb.npz")}
+    saved = np.load(tmp_path / "out" / "emb.npz")
+    e = saved["embeddings"]
+    assert e.shape == (4, 8) and e.dtype == np.float32
+    assert saved["paths"].tolist() == [str(p) for p in paths]
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(e[0], e[3], atol=1e-6)              # same file, same embedding
+
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        out = tmp_path / f"emb{suffix}"
+        verify.embed_files(model_dir, paths, out)
+        with open(out, newline="") as handle:
+            rows = list(csv.reader(handle, delimiter=delimiter))
+        assert rows[0] == ["path"] + [f"e{i}" for i in range(8)]
+        assert [r[0] for r in rows[1:]] == [str(p) for p in paths]    # "c,with comma.jpg" quoted
+        values = np.asarray([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float32)
+        assert np.allclose(values, e, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emb.npz"]   # no temp files
+
+
+def test_embed_files_argument_errors(model_dir, images, tmp_path, no_model_load):
+    with pytest.raises(InputError, match=r"emb\.txt: output must end in \.npz, \.csv, \.tsv"):
+        verify.embed_files(model_dir, [images["a"]], tmp_path / "emb.txt")
+    with pytest.raises(InputError, match="no image files"):
+        verify.embed_files(model_dir, [], tmp_path / "emb.npz")
+    with pytest.raises(InputError, match="gone.jpg: image file not found"):
+        verify.embed_files(model_dir, [images["a"], tmp_path / "gone.jpg"], tmp_path / "emb.npz")
+    with pytest.raises(InputError, match="batch_size"):
+        verify.embed_files(model_dir, [images["a"]], tmp_path / "emb.npz", batch_size=0)
+    assert not (tmp_path / "emb.npz").exists()
