@@ -395,8 +395,8 @@ def _outline(rx: float, ry: float, squareness: float, taper: float, n: int = 72)
 @dataclass(frozen=True)
 class Variation:
     """Ranges of the per-image, identity-independent variation (lengths in px of a 250 image)."""
-    rotation_deg: float = 9.0                  # in-plane rotation, uniform +-
-    shift_px: float = 6.0                      # face centre shift per axis, uniform +-
+    rotation_deg: float = 7.0                  # in-plane rotation, uniform +-
+    shift_px: float = 5.0                      # face centre shift per axis, uniform +-
     scale: tuple[float, float] = (0.9, 1.1)    # face scale
     yaw_squash: float = 0.1                    # width x (1 - yaw_squash * |yaw|), yaw in -1..1
     # Lighting is kept moderate: stronger gain and cast swamp skin tone, the most
@@ -449,7 +449,9 @@ def _draw_head(face: FaceIdentity, expr: _Expression, canvas: int) -> Image.Imag
     # Every fill is opaque: drawing a translucent fill onto an RGBA layer replaces the
     # layer's alpha (it does not blend), which would punch holes showing the background.
     draw = ImageDraw.Draw(layer)
-    k = canvas / LFW_IMAGE_SIZE                    # canvas px per 250-image px
+    # Canvas px per unit of FaceIdentity lengths: faces are drawn 10% larger than the
+    # units say, so the face fills a 60% centre crop about as much as in LFW.
+    k = canvas / LFW_IMAGE_SIZE * 1.1
     cx, cy = canvas / 2, canvas / 2 + 6 * k        # LFW faces sit slightly below the centre
 
     def pts(points) -> list[tuple[float, float]]:

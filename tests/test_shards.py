@@ -57,3 +57,12 @@ def test_reader_detects_missing_and_truncated_shards(tmp_path):
     shard.unlink()
     with ShardReader(out) as reader, pytest.raises(InputError, match="missing"):
         reader.read(row)
+
+
+@pytest.mark.parametrize("name", ["A/A_0001.jpg", "x" * 99, "Ann_Lee/Ann_Lee_c0005.jpg"])
+def test_fast_header_matches_tarfile_ustar(name):
+    from facenet_kfp.shards import _member_header
+
+    reference = tarfile.TarInfo(name)
+    reference.size, reference.mode = 123456, 0o644
+    assert _member_header(name, 123456) == reference.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
