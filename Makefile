@@ -26,7 +26,20 @@ PAIRS         ?=
 RUNNER        ?= subprocess
 PYTEST_ARGS   ?=
 
-.PHONY: help install test run compile lock clean golden bench-preprocess bench-train bench-quality
+# `make submit` settings (KFP_TOKEN is read from the environment, so the echoed command does not show it).
+HOST          ?=
+EXPERIMENT    ?=
+RUN_NAME      ?=
+NAMESPACE     ?=
+PARAMS        ?=
+NO_CACHE      ?=
+# `make rerun` settings.
+STEP          ?= train
+FROM          ?= $(PIPELINE_ROOT)
+SET           ?=
+EVALUATE      ?=
+
+.PHONY: help install test run compile lock clean golden submit rerun bench-preprocess bench-train bench-quality
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -52,6 +65,19 @@ run: install ## run the pipeline locally (demo data unless SOURCE=...; CONFIG, P
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
 	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE)
+
+submit: install ## compile and start a run on Kubeflow Pipelines (HOST, EXPERIMENT, RUN_NAME, PARAMS, NAMESPACE, KFP_TOKEN, NO_CACHE=1)
+	$(PY) -m pipelines.submit $(if $(HOST),--host '$(HOST)') \
+	  --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
+	  --package build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+	  $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)') $(if $(RUN_NAME),--run-name '$(RUN_NAME)') \
+	  $(if $(NAMESPACE),--namespace '$(NAMESPACE)') $(if $(KFP_TOKEN),--existing-token "$$KFP_TOKEN") \
+	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache)
+
+rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1)
+	$(PY) -m pipelines.rerun --step $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
+	  --pipeline-root $(PIPELINE_ROOT) --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+	  $(foreach s,$(SET),--set '$(s)') $(if $(EVALUATE),--with-evaluate)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
 	$(PY) benchmarks/preprocess.py

@@ -125,15 +125,6 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
         LocalCache.get = original_get
 
 
-def _scalar_metadata(record: TaskRecord) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for output in record.outputs.values():
-        for key, value in output.get("metadata", {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                found.setdefault(key, value)
-    return found
-
-
 KEY_FIGURES = {
     "download-archive": ["size", "sha256"],
     "extract-images": ["identities", "images", "skipped_total", "shards"],
@@ -149,7 +140,10 @@ def key_figures(record: TaskRecord) -> str:
     """A few figures for the table line of one task."""
     values: dict[str, Any] = {}
     for output in record.outputs.values():
-        values.update(output.get("metadata", {}))
+        for key, value in output.get("metadata", {}).items():
+            if isinstance(value, dict):  # e.g. splits: {"train": {"identities": n}} -> train_identities
+                values.update({f"{key}_{k}": v for k, v in value.items()})
+            values[key] = value
     wanted = KEY_FIGURES.get(record.name, [])
     parts = []
     for key in wanted:
@@ -191,7 +185,8 @@ def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
     return metrics
 
 
-def print_table(records: list[TaskRecord], status: str, out: Any = sys.stdout) -> None:
+def print_table(records: list[TaskRecord], status: str, out: Any = None) -> None:
+    out = out or sys.stdout
     label = {"SUCCEEDED": "ran", "CACHED": "cache hit", "FAILED": "FAILED", "RUNNING": "?"}
     width = max([len(r.display_name) for r in records] + [10])
     print(f"\n{PIPELINE_NAME}: {status}", file=out)
@@ -204,7 +199,8 @@ def print_table(records: list[TaskRecord], status: str, out: Any = sys.stdout) -
         print(f"  all {cached} tasks came from the cache", file=out)
 
 
-def print_headline(metrics: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_headline(metrics: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
     shown = [(label, metrics[key]) for key, label in HEADLINE if isinstance(metrics.get(key), (int, float))]
     if shown:
         print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown), file=out)

@@ -306,3 +306,10 @@ def test_face_is_roughly_centred():
     layer = np.asarray(synth._draw_head(face, expression, 250))[:250, :, 3] > 0
     ys, xs = np.nonzero(layer[:200])            # above the shoulders
     assert abs(xs.mean() - 125) < 5 and abs(ys.mean() - 125) < 25
+
+
+def test_contact_sheet_has_one_row_per_identity():
+    sheet = synth.contact_sheet(seed=0, identities=3, images=4, thumb=32, size=64)
+    assert sheet.size == (4 * 32, 3 * 32) and sheet.mode == "RGB"
+    arr = np.asarray(sheet, dtype=np.float64)
+    assert arr.std() > 10                      # not blank

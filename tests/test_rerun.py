@@ -1,0 +1,362 @@
+"""pipelines.rerun: finding upstream artifacts, parameters, the importer pipeline, and real local reruns."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import compiler
+
+from components import Images
+from facenet_kfp.config import load_config
+from facenet_kfp.errors import InputError
+from pipelines import rerun
+from pipelines.facenet_pipeline import build_pipeline, pipeline_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = Images(light="registry.example/facenet-kfp:test", trainer="registry.example/facenet-kfp-trainer:test")
+UPSTREAM = ["images", "completion", "labels", "splits"]
+
+
+def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "model")) -> dict:
+    """Artifact folders laid out as in a kfp.local run folder, holding only each kind's marker file."""
+    paths = {}
+    for name in names:
+        kind = rerun.ARTIFACTS[name]
+        path = folder / kind.task / kind.output
+        path.mkdir(parents=True)
+        (path / kind.marker).write_text("")
+        paths[name] = str(path)
+    return paths
+
+
+def _summary(paths: dict, status: str = "SUCCEEDED") -> dict:
+    """A summary.json as run_local writes it, listing `paths` as the producing tasks' outputs."""
+    tasks = [{"name": "download-archive", "display_name": "1. download archive", "status": "SUCCEEDED",
+              "seconds": 1.0, "outputs": {"archive": {"uri": "/elsewhere/archive", "metadata": {}}}}]
+    for name, uri in paths.items():
+        kind = rerun.ARTIFACTS[name]
+        tasks.append({"name": kind.task, "display_name": kind.task, "status": "SUCCEEDED", "seconds": 1.0,
+                      "outputs": {kind.output: {"uri": uri, "metadata": {}}}})
+    return {"pipeline": "facenet-kfp", "status": status, "tasks": tasks, "metrics": {}}
+
+
+# --- wiring mirrors the full pipeline -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_pipeline_spec(tmp_path_factory) -> dict:
+    config = load_config(ROOT / "configs/demo.yaml")
+    out = tmp_path_factory.mktemp("full") / "pipeline.yaml"
+    compiler.Compiler().compile(build_pipeline(config, IMAGES, cluster=False), package_path=str(out))
+    return yaml.safe_load(out.read_text())
+
+
+@pytest.mark.parametrize("step", sorted(rerun.STEPS))
+def test_step_wiring_matches_the_full_pipeline(full_pipeline_spec, step):
+    """Each step gets the same pipeline parameters and upstream outputs as in facenet_pipeline."""
+    spec = rerun.STEPS[step]
+    task = full_pipeline_spec["root"]["dag"]["tasks"][spec.task]
+    params = {arg: p["componentInputParameter"] for arg, p in task["inputs"].get("parameters", {}).items()}
+    assert params == spec.arguments
+    artifacts = {arg: a["taskOutputArtifact"] for arg, a in task["inputs"]["artifacts"].items()}
+    assert artifacts == {name: {"producerTask": rerun.ARTIFACTS[name].task,
+                                "outputArtifactKey": rerun.ARTIFACTS[name].output} for name in spec.inputs}
+    assert task["componentRef"]["name"] == f"comp-{spec.task}"
+
+
+def test_parameter_fields_name_every_pipeline_parameter():
+    config = load_config(ROOT / "configs/demo.yaml")
+    assert set(rerun.parameter_fields()) == {name for name, *_ in pipeline_parameters(config)}
+    assert rerun.parameter_fields()["train_learning_rate"] == ("train", "learning_rate")
+    assert rerun.parameter_fields()["train_fraction"] == ("data", "train_fraction")
+    assert rerun.parameter_fields()["checkpoint_root"] == ("cluster", "checkpoint_root")
+
+
+def test_step_arguments_take_config_values():
+    config = load_config(ROOT / "configs/demo.yaml", {"train": {"learning_rate": 5e-4}, "data": {"split_seed": 7}})
+    train = rerun.step_arguments("train", config)
+    assert train["learning_rate"] == 5e-4 and train["architecture"] == "small_cnn" and train["checkpoint_root"] == ""
+    assert rerun.step_arguments("splits", config) == {"train_fraction": 0.7, "val_fraction": 0.15,
+                                                      "test_fraction": 0.15, "seed": 7}
+    evaluate = rerun.step_arguments("evaluate", config)
+    assert evaluate["far_targets"] == [0.001, 0.01] and evaluate["pairs_uri"] == ""
+
+
+def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
+    paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
+    config = load_config(ROOT / "configs/demo.yaml")
+    pipeline = rerun.build_rerun_pipeline("train", paths, config, IMAGES, with_evaluate=True)
+    out = tmp_path / "rerun.yaml"
+    compiler.Compiler().compile(pipeline, package_path=str(out))
+    spec = yaml.safe_load(out.read_text())
+    assert spec["pipelineInfo"]["name"] == "facenet-kfp-rerun-train"
+    tasks = spec["root"]["dag"]["tasks"]
+    importers = {name: t for name, t in tasks.items() if name.startswith("importer")}
+    assert len(importers) == 4 and set(tasks) == set(importers) | {"train-model", "evaluate-model"}
+    executors = spec["deploymentSpec"]["executors"]
+    uris = {}
+    for name, task in importers.items():
+        importer = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["importer"]
+        uris[task["taskInfo"]["name"]] = (importer["artifactUri"]["constant"], importer["typeSchema"]["schemaTitle"],
+                                          importer.get("reimport", False))
+    assert uris == {"import images": (paths["images"], "system.Dataset", False),
+                    "import completion": (paths["completion"], "system.Dataset", False),
+                    "import labels": (paths["labels"], "system.Artifact", False),
+                    "import splits": (paths["splits"], "system.Artifact", False)}
+    evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]
+    assert evaluate["model"]["taskOutputArtifact"] == {"producerTask": "train-model", "outputArtifactKey": "model"}
+    # Evaluate shares the imported images and splits with train.
+    assert evaluate["images"] == tasks["train-model"]["inputs"]["artifacts"]["images"]
+    train_params = tasks["train-model"]["inputs"]["parameters"]
+    assert train_params["architecture"]["runtimeValue"]["constant"] == "small_cnn"
+    assert train_params["max_steps"]["runtimeValue"]["constant"] == 400
+
+
+# --- where the artifacts come from --------------------------------------------------------
+
+def test_sources_run_folder_summary_root_and_pairs(tmp_path):
+    run = tmp_path / "local_outputs" / "facenet-kfp-2026-01-01-00-00-00-000000"
+    paths = _fake_artifacts(run)
+    assert rerun.resolve_source(str(run))[0] == paths
+
+    root = tmp_path / "local_outputs"
+    (root / "summary.json").write_text(json.dumps(_summary(paths)))
+    found, where = rerun.resolve_source(str(root))
+    assert found == paths and where.endswith("summary.json")
+    assert rerun.resolve_source(str(root / "summary.json"))[0] == paths
+
+    # A newer rerun summary wins for the pipeline root; its `artifacts` are read too.
+    new_model = _fake_artifacts(tmp_path / "rerun", ["model"])["model"]
+    rerun_summary = {"pipeline": "facenet-kfp-rerun-train", "status": "SUCCEEDED",
+                     "tasks": _summary({"model": new_model})["tasks"][1:],
+                     "artifacts": {name: paths[name] for name in UPSTREAM}}
+    (root / "rerun-summary.json").write_text(json.dumps(rerun_summary))
+    os.utime(root / "summary.json", ns=(1_000_000_000, 1_000_000_000))
+    found, where = rerun.resolve_source(str(root))
+    assert where.endswith("rerun-summary.json")
+    assert found == {**{name: paths[name] for name in UPSTREAM}, "model": new_model}
+
+    pairs = rerun.resolve_source(f"images={paths['images']},model={new_model}")[0]
+    assert pairs == {"images": paths["images"], "model": new_model}
+
+    # Later sources win, per artifact.
+    found, described = rerun.resolve_sources([str(run), f"model={new_model}"])
+    assert found == {**paths, "model": new_model} and len(described) == 2
+
+
+def test_failed_run_summary_still_gives_the_data_artifacts(tmp_path):
+    paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
+    summary = _summary(paths, status="FAILED")
+    summary["tasks"].append({"name": "train-model", "display_name": "6. train", "status": "FAILED",
+                             "seconds": 3.0, "outputs": {}, "error": "InputError: bad"})
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    found = rerun.resolve_source(str(tmp_path / "summary.json"))[0]
+    assert found == paths
+    assert rerun.check_inputs(rerun.STEPS["train"].inputs, found, ["x"]) == paths
+
+
+def test_check_inputs_names_what_is_missing(tmp_path):
+    paths = _fake_artifacts(tmp_path / "run", ["images", "labels", "splits"])
+    with pytest.raises(InputError, match=r"completion \(from complete-identities\).*--from completion=PATH"):
+        rerun.check_inputs(rerun.STEPS["train"].inputs, paths, ["run folder x"])
+    (Path(paths["labels"]) / "labels.json").unlink()
+    with pytest.raises(InputError, match=r"artifact labels: .*labels\.json not found"):
+        rerun.check_inputs(("labels",), paths, ["x"])
+    with pytest.raises(InputError, match=r"artifact images: folder .*nowhere not found"):
+        rerun.check_inputs(("images",), {"images": str(tmp_path / "nowhere")}, ["x"])
+    with pytest.raises(InputError, match="not a local path"):
+        rerun.check_inputs(("images",), {"images": "gs://bucket/images"}, ["x"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nowhere/at/all", "no such file or folder"),
+    ("images=/a,weights=/b", "'weights=/b' is not name=path"),
+    ("model=gs://bucket/model", "not a local path"),
+])
+def test_bad_sources(tmp_path, spec, message):
+    with pytest.raises(InputError, match=message):
+        rerun.resolve_source(spec)
+
+
+def test_folder_that_is_neither_root_nor_run(tmp_path):
+    (tmp_path / "something").mkdir()
+    with pytest.raises(InputError, match="neither a pipeline root .* nor a run folder"):
+        rerun.resolve_source(str(tmp_path))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "SUCCEEDED"}))
+    with pytest.raises(InputError, match="not a pipeline summary"):
+        rerun.resolve_source(str(tmp_path))
+
+
+# --- --set ----------------------------------------------------------------------------------
+
+def test_set_accepts_parameter_names_and_plain_keys():
+    overrides = rerun.parse_sets(["train_learning_rate=0.0005", "max_steps=12", "squared=false",
+                                  "checkpoint_root=0123", "architecture=small_cnn"], ["train"])
+    assert overrides == {"train": {"learning_rate": 0.0005, "max_steps": 12, "squared": False,
+                                   "architecture": "small_cnn"},
+                         "cluster": {"checkpoint_root": "0123"}}
+    assert rerun.parse_sets(["folds=5", "pairs_uri=/data/pairs.txt", "far_targets=[0.01]"], ["evaluate"]) == {
+        "evaluate": {"folds": 5, "far_targets": [0.01]}, "data": {"pairs_uri": "/data/pairs.txt"}}
+    assert rerun.parse_sets(["split_seed=3"], ["splits"]) == {"data": {"split_seed": 3}}
+    with_eval = rerun.parse_sets(["seed=3", "eval_seed=4"], ["train", "evaluate"])
+    assert with_eval == {"train": {"seed": 3}, "evaluate": {"seed": 4}}
+
+
+@pytest.mark.parametrize("item, steps, message", [
+    ("learnig_rate=0.1", ["train"], "unknown parameter; step train reads: checkpoint_root, train_architecture"),
+    ("eval_folds=5", ["train"], "step train does not read eval_folds"),
+    ("train_max_steps=5", ["evaluate"], "step evaluate does not read train_max_steps"),
+    ("multiple=8", ["labels"], "reads: no parameters"),
+    ("seed=3", ["splits"], "unknown parameter; step splits reads: split_seed, test_fraction"),
+    ("no_value", ["train"], "expected key=value"),
+])
+def test_set_errors(item, steps, message):
+    with pytest.raises(InputError, match=message):
+        rerun.parse_sets([item], steps)
+
+
+def test_set_values_are_type_checked_by_the_config(tmp_path):
+    paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
+    with pytest.raises(InputError, match=r"train\.max_steps must be int, got 'many'"):
+        rerun.rerun("train", [str(tmp_path / "run")], str(ROOT / "configs/demo.yaml"), str(tmp_path / "out"),
+                    sets=["max_steps=many"])
+    with pytest.raises(InputError, match=r"train\.k \(8\) must equal data\.multiple \(4\)"):
+        rerun.rerun("train", [str(tmp_path / "run")], str(ROOT / "configs/demo.yaml"), str(tmp_path / "out"),
+                    sets=["k=8"])
+    assert not (tmp_path / "out").exists()
+
+
+# --- the command line -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--step", "extract", "--from", "x"], "unknown step 'extract'; rerunnable: labels, complete, splits, train, evaluate"),
+    (["--step", "evaluate", "--with-evaluate", "--from", "x"], "--with-evaluate applies to --step train only"),
+    (["--step", "train"], "--from is required"),
+])
+def test_cli_usage_errors_exit_2(tmp_path, capsys, argv, message):
+    assert rerun.main([*argv, "--pipeline-root", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_artifact_exits_2(tmp_path, capsys):
+    paths = _fake_artifacts(tmp_path / "run", ["images", "splits"])
+    code = rerun.main(["--step", "evaluate", "--from", str(tmp_path / "run"),
+                       "--pipeline-root", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "missing input artifact(s) model (from train-model)" in err and str(tmp_path / "run") in err
+    assert paths  # the data artifacts alone are not enough for evaluate
+
+
+# --- real reruns on kfp.local -----------------------------------------------------------------
+
+def test_rerun_splits_with_a_new_seed(tmp_path, capsys):
+    """A light step end to end on kfp.local: labels written by hand, splits rerun with --set."""
+    labels = tmp_path / "run" / "make-labels" / "labels"
+    labels.mkdir(parents=True)
+    names = [f"Person_{i:02d}" for i in range(20)]
+    (labels / "labels.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
+    (labels / "image_counts.json").write_text(json.dumps({name: 2 + i % 3 for i, name in enumerate(names)}))
+    root = tmp_path / "out"
+    code = rerun.main(["--step", "splits", "--from", str(tmp_path / "run"), "--set", "split_seed=5",
+                       "--pipeline-root", str(root)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((root / "rerun-summary.json").read_text())
+    assert summary["status"] == "SUCCEEDED" and summary["parameters"]["split_seed"] == 5
+    splits = Path(summary["artifacts"]["splits"])
+    assert splits.parent.name == "split-identities" and splits.parent.parent.parent == root
+    written = {line.split("\t")[0] for part in ("train", "val", "test")
+               for line in (splits / f"{part}.txt").read_text().splitlines()}
+    assert written == set(names)
+    assert summary["artifacts"]["labels"] == str(labels)
+    assert "5. identity splits" in capsys.readouterr().out
+
+
+def test_failed_rerun_names_the_task_and_exits_1(tmp_path, capsys):
+    images = tmp_path / "run" / "extract-images" / "images"
+    images.mkdir(parents=True)
+    (images / "manifest.jsonl").write_text("")
+    root = tmp_path / "out"
+    assert rerun.main(["--step", "labels", "--from", str(tmp_path / "run"), "--pipeline-root", str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: task make-labels failed:") and "manifest.jsonl: no images" in err[-1]
+    summary = json.loads((root / "rerun-summary.json").read_text())
+    assert summary["status"] == "FAILED" and summary["tasks"][-1]["status"] == "FAILED"
+    assert summary["artifacts"] == {"images": str(images)}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """A run folder with real extract/labels/complete/splits outputs of 30 generated identities."""
+    from facenet_kfp.complete import complete_dataset
+    from facenet_kfp.extract import extract_dataset
+    from facenet_kfp.labels import build_labels
+    from facenet_kfp.splits import make_splits
+    from facenet_kfp.synth import generate_demo_archive
+
+    base = tmp_path_factory.mktemp("upstream")
+    run = base / "facenet-kfp-2026-01-01-00-00-00-000000"
+    demo = generate_demo_archive(base / "demo", identities=30, workers=1)
+    extract_dataset(demo.archive, run / "extract-images" / "images", shard_size_mb=4, workers=1)
+    build_labels(run / "extract-images" / "images", run / "make-labels" / "labels")
+    complete_dataset(run / "extract-images" / "images", run / "make-labels" / "labels",
+                     run / "complete-identities" / "completion", multiple=4, workers=1)
+    make_splits(run / "make-labels" / "labels", run / "split-identities" / "splits")
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    config = {"data": {"multiple": 4},
+              "train": {"architecture": "small_cnn", "image_size": 32, "embedding_dim": 16, "p": 4, "k": 4,
+                        "max_steps": 10, "warmup_steps": 0, "validate_every": 5, "validation_batches": 1,
+                        "checkpoint_every": 10, "log_every": 5, "precision": "float32"},
+              "evaluate": {"max_positive_pairs": 50, "report_examples": 2, "folds": 2, "batch_size": 32},
+              "cluster": {"train_gpus": 0}}
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_path, capsys):
+    root = tmp_path / "outputs"
+    code = rerun.main(["--step", "train", "--from", str(upstream), "--config", str(tiny_config),
+                       "--pipeline-root", str(root), "--set", "train_learning_rate=0.0005", "--set", "seed=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = json.loads((root / "rerun-summary.json").read_text())
+    assert summary["status"] == "SUCCEEDED" and summary["step"] == "train"
+    assert summary["inputs"] == {name: str(upstream / rerun.ARTIFACTS[name].task / name) for name in UPSTREAM}
+    tasks = {t["display_name"]: t for t in summary["tasks"]}
+    assert set(tasks) == {"import images", "import completion", "import labels", "import splits",
+                          "6. train embeddings"}
+    assert all(t["status"] == "SUCCEEDED" for t in tasks.values())
+    model = Path(summary["metrics"]["model_uri"])
+    assert (model / "model.keras").is_file() and json.loads((model / "model.json").read_text())["embedding_dim"] == 16
+    assert model.parent.parent.parent == root and model.parent.name == "train-model"
+    assert summary["metrics"]["train_steps"] == 10
+    assert summary["parameters"]["train_learning_rate"] == 0.0005 and summary["parameters"]["train_seed"] == 1
+    assert summary["artifacts"]["model"] == str(model)
+    assert "6. train embeddings" in out and "trained model: " + str(model) in out
+
+    # Same inputs and parameters: the train task is a cache hit and points at the same model.
+    assert rerun.main(["--step", "train", "--from", str(upstream), "--config", str(tiny_config),
+                       "--pipeline-root", str(root), "--set", "train_learning_rate=0.0005", "--set", "seed=1"]) == 0
+    again = json.loads((root / "rerun-summary.json").read_text())
+    train = [t for t in again["tasks"] if t["name"] == "train-model"][0]
+    assert train["status"] == "CACHED" and again["metrics"]["model_uri"] == str(model)
+    capsys.readouterr()
+
+    # Evaluate the new model: the pipeline root's newest summary is the rerun's, which lists every artifact.
+    assert rerun.main(["--step", "evaluate", "--from", str(root), "--config", str(tiny_config),
+                       "--pipeline-root", str(root)]) == 0
+    evaluated = json.loads((root / "rerun-summary.json").read_text())
+    assert evaluated["status"] == "SUCCEEDED" and evaluated["inputs"]["model"] == str(model)
+    metrics = evaluated["metrics"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["test_auc"] <= 1.0
+    threshold = json.loads(Path(metrics["threshold_uri"]).read_text())
+    assert threshold["model"] == str(model) and threshold["threshold"] > 0
+    assert "test accuracy:" in capsys.readouterr().out

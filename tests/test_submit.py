@@ -1,0 +1,285 @@
+"""pipelines.submit against a local fake of the KFP v2beta1 REST API (no cluster)."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from facenet_kfp.errors import InputError
+from pipelines import submit
+from pipelines.compile import compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+LIGHT = "registry.example/facenet-kfp:0.1.0"
+TRAINER = "registry.example/facenet-kfp-trainer:0.1.0"
+IMAGES = ["--light-image", LIGHT, "--trainer-image", TRAINER]
+
+
+class FakeKfp:
+    """The four endpoints kfp.Client 2.17 calls to create a run from a package, recording every request.
+
+    GET  /apis/v2beta1/healthz      -> {"multi_user": false}
+    GET  /apis/v2beta1/experiments  -> {"experiments": [...matching display_name...]} or {}
+    POST /apis/v2beta1/experiments  -> the experiment with an id
+    POST /apis/v2beta1/runs         -> the run with run_id and experiment_id
+    `fail[(method, path)] = status` answers that route with an error body instead.
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.experiments: list[dict] = []
+        self.fail: dict[tuple[str, str], int] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                return
+
+            def _handle(self, method: str) -> None:
+                url = urlparse(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                fake.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query),
+                                      "headers": {k.lower(): v for k, v in self.headers.items()},
+                                      "body": json.loads(raw) if raw else None})
+                status, body = fake.answer(method, url.path, parse_qs(url.query),
+                                           json.loads(raw) if raw else None)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_POST(self):
+                self._handle("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+        status = self.fail.get((method, path)) or self.fail.get(("*", "*"))
+        if status:
+            return status, {"error": "database is on fire", "message": "database is on fire", "code": 13}
+        if (method, path) == ("GET", "/apis/v2beta1/healthz"):
+            return 200, {"multi_user": False, "pipeline_store": "database"}
+        if (method, path) == ("GET", "/apis/v2beta1/experiments"):
+            predicates = json.loads(query["filter"][0])["predicates"]
+            wanted = [p["string_value"] if "string_value" in p else p["stringValue"] for p in predicates
+                      if p["key"] == "display_name"]
+            found = [e for e in self.experiments if e["display_name"] in wanted]
+            return 200, ({"experiments": found, "total_size": len(found)} if found else {})
+        if (method, path) == ("POST", "/apis/v2beta1/experiments"):
+            experiment = {"experiment_id": f"exp-{len(self.experiments) + 1}",
+                          "display_name": body["display_name"]}
+            self.experiments.append(experiment)
+            return 200, experiment
+        if (method, path) == ("POST", "/apis/v2beta1/runs"):
+            return 200, {"run_id": "run-0001", "experiment_id": body["experiment_id"],
+                         "display_name": body["display_name"], "state": "PENDING"}
+        return 404, {"error": f"no route {method} {path}", "code": 5}
+
+    def calls(self, method: str, path: str) -> list[dict]:
+        return [r for r in self.requests if r["method"] == method and r["path"] == path]
+
+
+@pytest.fixture
+def fake_kfp(monkeypatch, tmp_path):
+    # Hermetic: no endpoint, token or experiment from the environment, no ~/.config/kfp/context.json.
+    for name in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_SA_TOKEN_PATH",
+                 "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME", "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME",
+                 "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    from kfp.client import client as kfp_client
+
+    monkeypatch.setattr(kfp_client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    fake = FakeKfp()
+    fake.thread.start()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """The pipeline compiled once with the demo config (submit tests that skip compiling use it)."""
+    out = tmp_path_factory.mktemp("pkg") / "facenet_pipeline.yaml"
+    return compile_pipeline(str(ROOT / "configs/demo.yaml"), out, LIGHT, TRAINER)
+
+
+def _spec(run_body: dict) -> dict:
+    """The pipeline spec of a create-run body (kfp nests it when a platform spec is present)."""
+    spec = run_body["pipeline_spec"]
+    return spec["pipeline_spec"] if "pipeline_spec" in spec else spec
+
+
+def test_submit_compiles_and_creates_a_run_with_the_spec_inline(fake_kfp, tmp_path, capsys):
+    package = tmp_path / "build" / "p.yaml"
+    code = submit.main(["--host", fake_kfp.host + "/", "--experiment", "faces", "--run-name", "lr sweep 1",
+                        "--config", str(ROOT / "configs/demo.yaml"), "--package", str(package), *IMAGES,
+                        "--param", "train_learning_rate=0.0005", "--param", "train_max_steps=1200",
+                        "--param", "train_squared=false", "--param", "sha256=0123",
+                        "--param", "eval_far_targets=[0.001, 0.1]", "--existing-token", "secret-token"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert package.is_file()
+
+    # Experiment looked up by name, then created because it did not exist.
+    lookups = fake_kfp.calls("GET", "/apis/v2beta1/experiments")
+    assert len(lookups) == 1 and "faces" in lookups[0]["query"]["filter"][0]
+    created = fake_kfp.calls("POST", "/apis/v2beta1/experiments")
+    assert [c["body"]["display_name"] for c in created] == ["faces"]
+
+    runs = fake_kfp.calls("POST", "/apis/v2beta1/runs")
+    assert len(runs) == 1
+    body = runs[0]["body"]
+    assert body["experiment_id"] == "exp-1" and body["display_name"] == "lr sweep 1"
+    spec = _spec(body)
+    assert spec["pipelineInfo"]["name"] == "facenet-kfp"
+    assert set(spec["root"]["dag"]["tasks"]) == {"download-archive", "extract-images", "make-labels",
+                                                 "complete-identities", "split-identities",
+                                                 "train-model", "evaluate-model"}
+    # The demo config's values are the compiled defaults; the overrides travel in the runtime config.
+    assert spec["root"]["inputDefinitions"]["parameters"]["train_architecture"]["defaultValue"] == "small_cnn"
+    assert body["runtime_config"]["parameters"] == {
+        "train_learning_rate": 0.0005, "train_max_steps": 1200, "train_squared": False, "sha256": "0123",
+        "eval_far_targets": [0.001, 0.1]}
+    # Compile-time caching kept (no --no-cache).
+    assert all(t["cachingOptions"].get("enableCache") for t in spec["root"]["dag"]["tasks"].values())
+    assert all(r["headers"].get("authorization") == "Bearer secret-token" for r in fake_kfp.requests)
+
+    assert f"run: {fake_kfp.host}/#/runs/details/run-0001" in out.splitlines()
+    assert "run id: run-0001" in out.splitlines()
+    assert "experiment id: exp-1" in out.splitlines()
+
+
+def test_existing_experiment_is_reused_and_no_cache_turns_caching_off(fake_kfp, package, capsys):
+    fake_kfp.experiments.append({"experiment_id": "exp-42", "display_name": "faces"})
+    code = submit.main(["--host", fake_kfp.host, "--experiment", "faces", "--package", str(package),
+                        "--skip-compile", "--no-cache", "--namespace", "team-a"])
+    assert code == 0, capsys.readouterr().err
+    assert fake_kfp.calls("POST", "/apis/v2beta1/experiments") == []
+    # An explicit namespace: kfp skips the health check and scopes the lookup to it.
+    assert fake_kfp.calls("GET", "/apis/v2beta1/healthz") == []
+    assert fake_kfp.calls("GET", "/apis/v2beta1/experiments")[0]["query"]["namespace"] == ["team-a"]
+    body = fake_kfp.calls("POST", "/apis/v2beta1/runs")[0]["body"]
+    assert body["experiment_id"] == "exp-42"
+    tasks = _spec(body)["root"]["dag"]["tasks"]
+    assert len(tasks) == 7 and all(t["cachingOptions"].get("enableCache", False) is False for t in tasks.values())
+    assert body["runtime_config"].get("parameters", {}) == {}
+
+
+def test_service_account_token_file_from_the_environment(fake_kfp, package, tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    token.write_text("projected-sa-token\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    assert submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile"]) == 0
+    assert fake_kfp.requests and all(
+        r["headers"].get("authorization") == "Bearer projected-sa-token" for r in fake_kfp.requests)
+    # No experiment given: kfp's "Default".
+    assert fake_kfp.calls("POST", "/apis/v2beta1/experiments")[0]["body"]["display_name"] == "Default"
+
+
+def test_unknown_parameter_is_refused_before_anything_is_sent(fake_kfp, package, capsys):
+    code = submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile",
+                        "--param", "train_learnig_rate=0.1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train_learnig_rate" in err and "train_learning_rate" in err and "eval_folds" in err
+    assert fake_kfp.requests == []
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("train_max_steps=many", "expected an integer"),
+    ("train_max_steps=1.5", "expected an integer"),
+    ("train_squared=1", "expected true or false"),
+    ("eval_far_targets=0.1", "expected a list"),
+    ("no_equals_sign", "expected key=value"),
+])
+def test_badly_typed_parameter_is_refused(fake_kfp, package, capsys, param, expected):
+    code = submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile", "--param", param])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert fake_kfp.requests == []
+
+
+def test_parameter_types_follow_the_compiled_yaml(package):
+    types = submit.pipeline_parameter_types(package)
+    assert types["train_learning_rate"] == "NUMBER_DOUBLE" and types["train_max_steps"] == "NUMBER_INTEGER"
+    assert types["source_uri"] == "STRING" and types["eval_far_targets"] == "LIST"
+    assert submit.parse_param("train_learning_rate=1", types) == ("train_learning_rate", 1.0)
+    assert submit.parse_param("source_uri=gs://b/lfw.tgz", types) == ("source_uri", "gs://b/lfw.tgz")
+    assert submit.parse_param("pairs_uri=", types) == ("pairs_uri", "")
+    with pytest.raises(InputError, match="pipeline package not found"):
+        submit.pipeline_parameter_types(package.with_name("missing.yaml"))
+
+
+def test_server_error_on_create_run_is_one_clear_line(fake_kfp, package, capsys):
+    fake_kfp.fail[("POST", "/apis/v2beta1/runs")] = 500
+    code = submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1
+    assert err[0].startswith("error: KFP API at " + fake_kfp.host)
+    assert "HTTP 500" in err[0] and "creating the run" in err[0] and "database is on fire" in err[0]
+
+
+def test_server_error_everywhere_with_a_namespace(fake_kfp, package, capsys):
+    fake_kfp.fail[("*", "*")] = 503
+    code = submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile",
+                        "--namespace", "team-a"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fake_kfp.host in err and "HTTP 503" in err
+    assert fake_kfp.calls("POST", "/apis/v2beta1/runs") == []
+
+
+def test_failing_health_check_names_the_cause(fake_kfp, package, capsys, monkeypatch):
+    from kfp.client import client as kfp_client
+
+    fake_kfp.fail[("GET", "/apis/v2beta1/healthz")] = 500
+    # kfp.Client retries the health check 5 times, 5 s apart; the waits are not what is tested.
+    monkeypatch.setattr(kfp_client.time, "sleep", lambda seconds: None)
+    code = submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(fake_kfp.calls("GET", "/apis/v2beta1/healthz")) == 5
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"error: KFP API at {fake_kfp.host} answered HTTP 500")
+    assert "healthz" in err[-1] and "5 attempts" in err[-1]
+    assert fake_kfp.calls("POST", "/apis/v2beta1/runs") == []
+
+
+def test_unreachable_host_is_one_clear_line(package, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    from kfp.client import client as kfp_client
+
+    monkeypatch.setattr(kfp_client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    host = f"http://127.0.0.1:{port}"
+    code = submit.main(["--host", host, "--package", str(package), "--skip-compile"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"error: cannot reach the KFP API at {host}")
+    assert "refused" in err[-1].lower()
+
+
+def test_missing_images_or_host_are_usage_errors(package, monkeypatch, capsys):
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        submit.main(["--package", str(package), "--skip-compile"])
+    assert exc.value.code == 2 and "--host" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        submit.main(["--host", "http://127.0.0.1:1"])
+    assert exc.value.code == 2 and "--light-image" in capsys.readouterr().err
+
