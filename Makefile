@@ -80,13 +80,13 @@ rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate
 	  $(foreach s,$(SET),--set '$(s)') $(if $(EVALUATE),--with-evaluate)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
-	$(PY) benchmarks/preprocess.py
+	$(PY) -m benchmarks.preprocess
 
 bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
-	$(PY) benchmarks/train.py
+	$(PY) -m benchmarks.train
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
-	$(PY) benchmarks/quality.py
+	$(PY) -m benchmarks.quality --pipeline
 
 lock: install ## re-pin requirements/lock.txt from the current venv
 	{ head -2 $(LOCK); $(PIP) freeze --exclude-editable | grep -v '^facenet-kfp'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
