@@ -28,14 +28,13 @@ from PIL import Image
 
 from facenet_kfp import augment
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import atomic_dir, read_json, write_json
+from facenet_kfp.fsutil import atomic_dir, write_json
+from facenet_kfp.labels import COUNTS_JSON, LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"
-COUNTS_FILE = "image_counts.json"
 SUMMARY_FILE = "completion.json"
 SHARD_PREFIX = "completion"
 JPEG_QUALITY = 92
@@ -65,35 +64,6 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def read_labels(labels_dir: str | os.PathLike) -> tuple[dict[str, int], dict[str, int]]:
-    """Read and cross-check ``labels.json`` ({name: id}) and ``image_counts.json`` ({name: real count}).
-
-    Ids must be distinct integers >= 0, counts integers >= 1, and both files must
-    name the same identities; errors name the file and the key.
-    """
-    labels_dir = Path(labels_dir)
-    labels_path, counts_path = labels_dir / LABELS_FILE, labels_dir / COUNTS_FILE
-    labels, counts = read_json(labels_path), read_json(counts_path)
-    for path, mapping, minimum in ((labels_path, labels, 0), (counts_path, counts, 1)):
-        if not isinstance(mapping, dict):
-            raise InputError(f"{path}: expected a JSON object {{name: integer}}, got {type(mapping).__name__}")
-        for name, value in mapping.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise InputError(f"{path}: key {name!r} must map to an integer >= {minimum}, got {value!r}")
-    seen: dict[int, str] = {}
-    for name, label in labels.items():
-        if label in seen:
-            raise InputError(f"{labels_path}: keys {seen[label]!r} and {name!r} share id {label}")
-        seen[label] = name
-    for name in labels:
-        if name not in counts:
-            raise InputError(f"{counts_path}: key {name!r} (present in {LABELS_FILE}) is missing")
-    for name in counts:
-        if name not in labels:
-            raise InputError(f"{labels_path}: key {name!r} (present in {COUNTS_FILE}) is missing")
-    return labels, counts
-
-
 def _real_images(dataset_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Manifest rows grouped by identity, each group sorted by file name."""
     by_identity: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
@@ -116,13 +86,13 @@ def _check_agreement(real: dict[str, list[dict[str, Any]]], labels: dict[str, in
     for identity, rows in real.items():
         if identity not in labels:
             raise InputError(f"identity {identity!r} has {len(rows)} image(s) in {dataset_dir} "
-                             f"but is missing from {labels_dir / LABELS_FILE}")
+                             f"but is missing from {labels_dir / LABELS_JSON}")
         if counts[identity] != len(rows):
             raise InputError(f"identity {identity!r}: {dataset_dir} has {len(rows)} real image(s) "
-                             f"but {labels_dir / COUNTS_FILE} says {counts[identity]}")
+                             f"but {labels_dir / COUNTS_JSON} says {counts[identity]}")
     for identity in labels:
         if identity not in real:
-            raise InputError(f"identity {identity!r}: {labels_dir / COUNTS_FILE} says {counts[identity]} "
+            raise InputError(f"identity {identity!r}: {labels_dir / COUNTS_JSON} says {counts[identity]} "
                              f"image(s) but {dataset_dir} has 0")
 
 
@@ -251,7 +221,7 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
     _check_int("workers", workers, 1)
 
     dataset_dir, labels_dir = Path(dataset_dir), Path(labels_dir)
-    labels, counts = read_labels(labels_dir)
+    labels, counts = load_labels(labels_dir)
     real = _real_images(dataset_dir)
     _check_agreement(real, labels, counts, dataset_dir, labels_dir)
     jobs, excluded = plan_completion(real, labels, multiple, min_images)

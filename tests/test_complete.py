@@ -176,12 +176,12 @@ def test_identity_in_labels_but_not_in_dataset_is_named(tmp_path):
 
 @pytest.mark.parametrize("labels_json, counts_json, text", [
     (None, {"Ann_One": 1}, r"labels.json: file not found"),
-    ({"Ann_One": "0"}, {"Ann_One": 1}, r"labels.json: key 'Ann_One' must map to an integer >= 0"),
-    ({"Ann_One": 0}, {"Ann_One": True}, r"image_counts.json: key 'Ann_One' must map to an integer >= 1"),
-    (["Ann_One"], {"Ann_One": 1}, r"labels.json: expected a JSON object"),
-    ({"Ann_One": 0, "Bob": 0}, {"Ann_One": 1, "Bob": 1}, r"labels.json: keys 'Ann_One' and 'Bob' share id 0"),
-    ({"Ann_One": 0, "Bob": 1}, {"Ann_One": 1}, r"image_counts.json: key 'Bob'.* is missing"),
-    ({"Ann_One": 0}, {"Ann_One": 1, "Bob": 1}, r"labels.json: key 'Bob'.* is missing"),
+    ({"Ann_One": "0"}, {"Ann_One": 1}, r"labels.json: 'Ann_One' must map to an integer >= 0"),
+    ({"Ann_One": 0}, {"Ann_One": True}, r"image_counts.json: 'Ann_One' must map to an integer >= 1"),
+    (["Ann_One"], {"Ann_One": 1}, r"labels.json: expected a non-empty JSON object"),
+    ({"Ann_One": 0, "Bob": 0}, {"Ann_One": 1, "Bob": 1}, r"labels.json: ids must be distinct"),
+    ({"Ann_One": 0, "Bob": 1}, {"Ann_One": 1}, r"'Bob' is in labels.json but not image_counts.json"),
+    ({"Ann_One": 0}, {"Ann_One": 1, "Bob": 1}, r"'Bob' is in image_counts.json but not labels.json"),
 ])
 def test_malformed_labels_name_file_and_key(tmp_path, labels_json, counts_json, text):
     dataset, labels = make_inputs(tmp_path, {"Ann_One": 1})
