@@ -39,7 +39,7 @@ FROM          ?= $(PIPELINE_ROOT)
 SET           ?=
 EVALUATE      ?=
 
-.PHONY: help install test run compile lock clean golden submit rerun bench-preprocess bench-train bench-quality
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -87,6 +87,18 @@ bench-train: install ## training throughput, mining share and input pipeline hea
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
 	$(PY) -m benchmarks.quality --pipeline
+
+images: ## build both container images (docker if a daemon answers, else buildah); LIGHT_BASE_IMAGE / TRAINER_BASE_IMAGE override the bases
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/build.sh
+
+push: ## push both images to IMAGE_REGISTRY (build first; docker/buildah login first)
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/push.sh
+
+lint: install ## hadolint both Dockerfiles (any finding fails; also part of make test)
+	images/lint.sh
+
+standin-bases: ## offline: local stand-ins for the two base images (root, debootstrap, buildah)
+	images/standin-base.sh
 
 lock: install ## re-pin requirements/lock.txt from the current venv
 	{ head -2 $(LOCK); $(PIP) freeze --exclude-editable | grep -v '^facenet-kfp'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)

@@ -441,7 +441,7 @@ def main() -> int:
 
     print("\n1. training step (forward, mining + loss + statistics, backward, Adam)")
     print(f"{'precision':<15} {'loss':<11} {'ms/step':>8} {'IQR ms':>10} {'images/s':>9} "
-          f"{'vs f32':>7} {'first call s':>13}")
+          f"{'vs 1st':>7} {'first call s':>13}")
     base = {}
     for precision, res in results.items():
         for kind in (TRIVIAL,) + LOSSES:

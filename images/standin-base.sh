@@ -88,6 +88,7 @@ build_light() {
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
 
     ctr="$(bah from scratch)"
+    CONTAINER_TO_REMOVE="$ctr"
     mnt="$(bah mount "$ctr")"
     # tar with numeric owners: 'buildah copy' would reset group ownership of the tree.
     tar -C "$rootfs" --numeric-owner -cf - . | tar -C "$mnt" --numeric-owner -xpf -
@@ -99,6 +100,7 @@ build_light() {
         --label org.opencontainers.image.description="facenet-kfp offline stand-in for python:3.11-slim-bookworm (debootstrap $SUITE minbase)" \
         "$ctr"
     bah commit --rm "$ctr" "$LIGHT_STANDIN" >/dev/null
+    CONTAINER_TO_REMOVE=""
     rm -rf "$rootfs"
     ROOTFS_TO_REMOVE=""
     size="$(image_size_mb buildah "$LIGHT_STANDIN")"
@@ -110,6 +112,7 @@ build_trainer() {
     local tf ctr size start=$SECONDS
     tf="$(lock_pin tensorflow)"
     ctr="$(bah from "$LIGHT_STANDIN")"
+    CONTAINER_TO_REMOVE="$ctr"
     log "installing tensorflow==$tf into the system Python of $LIGHT_STANDIN"
     # System-wide like the TensorFlow images; --break-system-packages because Debian marks its
     # Python externally managed (PEP 668).
@@ -119,13 +122,23 @@ build_trainer() {
         --label org.opencontainers.image.description="facenet-kfp offline stand-in for tensorflow/tensorflow:$tf-gpu (CPU only)" \
         "$ctr"
     bah commit --rm "$ctr" "$TRAINER_STANDIN" >/dev/null
+    CONTAINER_TO_REMOVE=""
     size="$(image_size_mb buildah "$TRAINER_STANDIN")"
     log "committed $TRAINER_STANDIN in $((SECONDS - start)) s ($size MB)"
 }
 
-# The debootstrap tree is temporary, also when a step fails.
+# The debootstrap tree and the working container are temporary, also when a step fails.
 ROOTFS_TO_REMOVE=""
-trap 'if [[ -n "$ROOTFS_TO_REMOVE" ]]; then rm -rf "$ROOTFS_TO_REMOVE"; fi' EXIT
+CONTAINER_TO_REMOVE=""
+cleanup() {
+    if [[ -n "$CONTAINER_TO_REMOVE" ]]; then
+        bah rm "$CONTAINER_TO_REMOVE" >/dev/null || log "could not remove working container $CONTAINER_TO_REMOVE"
+    fi
+    if [[ -n "$ROOTFS_TO_REMOVE" ]]; then
+        rm -rf "$ROOTFS_TO_REMOVE"
+    fi
+}
+trap cleanup EXIT
 
 init_buildah
 build_light

@@ -499,3 +499,9 @@ esac
     pushes = [line for line in calls.read_text().splitlines() if line.startswith("docker push")]
     assert pushes == ["docker push registry.example/ml/facenet-kfp:1.2.3",
                       "docker push registry.example/ml/facenet-kfp-trainer:1.2.3"]
+
+
+def test_standin_script_rejects_an_unknown_target(tmp_path):
+    proc = run_script("standin-base.sh", script_env(tmp_path), "gpu")
+    assert proc.returncode == 1
+    assert "unknown target 'gpu'" in proc.stderr
