@@ -19,13 +19,16 @@ MAX_LIST_ITEMS = 20
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log lines with timestamps to stdout (what the KFP UI and the local runner show)."""
+    """Log lines with timestamps to stdout (what the KFP UI and the local runner show).
+
+    Inside a KFP executor the root logger already has the executor's handler;
+    a second one would print every line twice.
+    """
     root = logging.getLogger()
-    if not any(getattr(h, "_facenet", False) for h in root.handlers):
+    if not root.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                                "%H:%M:%S"))
-        handler._facenet = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
 

@@ -242,12 +242,16 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
 
+    containers: Any = contextlib.nullcontext()
     if runner == "subprocess":
         kfp_runner = local.SubprocessRunner(use_venv=False)
     elif runner == "docker":
-        from facenet_kfp.docker_runner import make_docker_runner
+        from pipelines.docker_runner import make_docker_runner, race_free_containers
 
-        kfp_runner = make_docker_runner(root)
+        kfp_runner = make_docker_runner(
+            root, inputs={"data.source_uri": config.data.source_uri, "data.pairs_uri": config.data.pairs_uri},
+            output_dirs={"cluster.checkpoint_root": config.cluster.checkpoint_root})
+        containers = race_free_containers(root / "containers.json")
     else:
         raise FacenetError(f"unknown runner {runner!r}; use subprocess or docker")
     local.init(runner=kfp_runner, pipeline_root=str(root), enable_caching=enable_caching,
@@ -257,7 +261,7 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
     records: list[TaskRecord] = []
     start = time.monotonic()
     status, failure = "SUCCEEDED", ""
-    with warnings.catch_warnings(), record_tasks(records):
+    with warnings.catch_warnings(), record_tasks(records), containers:
         # The subprocess runner warns for every image whose name lacks "python".
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:

@@ -1,0 +1,274 @@
+"""Run the pipeline's steps in their images with kfp.local.DockerRunner, against Docker or podman.
+
+Two things the stock DockerRunner of kfp 2.17 does not do, done here:
+
+1. **No auto-remove race.** kfp's `docker_task_handler.run_docker_container`
+   starts each container with `auto_remove=True`, then streams its log and
+   calls `wait()`. Against podman's Docker-compatible API (podman 4.3) the log
+   stream starts late: by then a short step has exited and been removed, so
+   inspecting it answers HTTP 500 ("no such container", which crashes the run)
+   or `wait()` answers 404, which kfp reads as exit code 0 -- a step that
+   raised is then reported as SUCCESS. `race_free_containers()` replaces that
+   function for the duration of a run with `ContainerRecorder.run`: create and
+   start the container *without* auto-remove, stream its log to the end,
+   `wait()` for the real exit code, then `remove()` it (forced when the run is
+   interrupted, so no container is left behind). Each container is recorded
+   (id, image, step function, exit code, start overhead) in
+   `<pipeline root>/containers.json`.
+
+2. **Everything a step reads is mounted, and the pipeline root is writable.**
+   kfp bind-mounts only the pipeline root, at the same absolute path.
+   `make_docker_runner` adds read-only bind mounts, at the same absolute
+   paths, of local input files (the archive and pairs.txt of `--source` /
+   `--pairs`, e.g. the demo archive) and a read-write one of a local
+   checkpoint root. The images run as uid:gid 1000:1000 (`USER 1000:1000`
+   in images/Dockerfile and images/trainer.Dockerfile), which must be able to
+   create the run folders in the pipeline root:
+   - this process is root (CI, these development machines): containers run
+     as the image's own user, and the pipeline root (the folder itself, not
+     its contents) is chowned to 1000:1000 -- the steps run exactly as they
+     do on a cluster, and root on the host can still read and delete
+     everything;
+   - any other user: containers run as this process's uid:gid (`user=`), so
+     the outputs belong to whoever started the run and `make clean` can
+     remove them (this needs a rootful Docker or podman; a rootless engine
+     maps ids differently and is not covered).
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+from urllib.parse import unquote, urlsplit
+
+import docker
+from kfp import local
+from kfp.local import docker_task_handler
+
+from facenet_kfp.errors import FacenetError, InputError
+from facenet_kfp.fsutil import write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_UID = 1000   # USER 1000:1000 in both Dockerfiles (tests/test_docker_runner.py checks)
+IMAGE_GID = 1000
+RUN_LABEL = "io.github.facenet-kfp.pipeline-root"   # value: the pipeline root of the run
+CONTAINERS_FILE = "containers.json"
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """One step's container, as the Docker API reported it."""
+    container_id: str
+    image: str
+    function: str          # the component function it executed ('' when not a KFP component)
+    exit_code: int         # from wait(); 0 = the step succeeded
+    start_seconds: float   # create + start request until the API answered (s): per-step overhead
+    seconds: float         # create request until the container was removed (s)
+
+
+def step_function(command: list[str]) -> str:
+    """The component function a KFP lightweight-component command executes ('' if none).
+
+    KFP's command ends with `... --executor_input JSON --function_to_execute NAME`.
+    """
+    for flag, value in zip(command, command[1:]):
+        if flag == "--function_to_execute":
+            return value
+    return ""
+
+
+class ContainerRecorder:
+    """Runs step containers without auto-remove and records each one.
+
+    `run` has the signature of kfp's `docker_task_handler.run_docker_container`
+    (returns the container's exit code); `runs` lists the containers of this
+    run in order, and `path` (when given) holds them as JSON after each one.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        self.runs: list[ContainerRun] = []
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is not None:
+            write_json(self.path, [dataclasses.asdict(r) for r in self.runs])
+
+    def run(self, client: Any, image: str, command: list[str], volumes: dict[str, Any],
+            **run_args: Any) -> int:
+        """Run one step: create and start, stream the log, wait, remove; the exit code."""
+        if run_args.get("auto_remove"):
+            raise FacenetError("auto_remove=True in the DockerRunner's arguments brings back the "
+                               "race this runner avoids (see pipelines/docker_runner.py); drop it")
+        run_args = {k: v for k, v in run_args.items() if k != "auto_remove"}
+        image = docker_task_handler.add_latest_tag_if_not_present(image)
+        _ensure_image(client, image)
+
+        started = time.monotonic()
+        container = client.containers.run(image=image, command=command, detach=True, stdout=True,
+                                          stderr=True, volumes=volumes, auto_remove=False,
+                                          **run_args)
+        start_seconds = time.monotonic() - started
+        try:
+            _print_log(container.logs(stream=True, follow=True))
+            result = container.wait()
+        except BaseException:
+            # Interrupted or the API failed: do not leave the container running.
+            container.remove(force=True)
+            raise
+        container.remove()
+        exit_code = int(result["StatusCode"])
+        if result.get("Error"):
+            print(f"container {container.id[:12]} ({image}): {result['Error']}")
+        record = ContainerRun(container_id=container.id, image=image,
+                              function=step_function(command), exit_code=exit_code,
+                              start_seconds=round(start_seconds, 3),
+                              seconds=round(time.monotonic() - started, 3))
+        self.runs.append(record)
+        self._save()
+        log.debug("container %s (%s) exited %d", container.id[:12], image, exit_code)
+        return exit_code
+
+
+def _ensure_image(client: Any, image: str) -> None:
+    """Pull `image` unless the engine already has it (as kfp does, with one lookup, not a listing)."""
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        print(f"Pulling image {image!r}")
+        client.images.pull(image)
+        print("Image pull complete\n")
+    else:
+        print(f"Found image {image!r}\n")
+
+
+def _print_log(chunks: Any) -> None:
+    """Print a container's log stream line by line (chunks may split lines and UTF-8 characters).
+
+    `print` is looked up at call time: kfp indents step logs by replacing it.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    for chunk in chunks:
+        pending += decoder.decode(chunk)
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            builtins.print(line)
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        builtins.print(pending)
+
+
+@contextlib.contextmanager
+def race_free_containers(path: str | os.PathLike | None = None) -> Iterator[ContainerRecorder]:
+    """Run kfp's Docker steps through a `ContainerRecorder` inside the `with` block.
+
+    Replaces `kfp.local.docker_task_handler.run_docker_container` (which
+    `DockerTaskHandler.run` looks up at call time) and restores the original on
+    exit, also after an exception. `path`: where the container records go
+    (`<pipeline root>/containers.json`); it is reset to `[]` on entry.
+    """
+    recorder = ContainerRecorder(path)
+    original = docker_task_handler.run_docker_container
+    docker_task_handler.run_docker_container = recorder.run
+    try:
+        yield recorder
+    finally:
+        docker_task_handler.run_docker_container = original
+
+
+def local_path(uri: str) -> Path | None:
+    """The host path a `file://` URI or plain path names; None for remote URIs (https, gs, ...)."""
+    if not uri:
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme.lower() == "file":
+        return Path(unquote(parts.path))
+    if "://" in uri:
+        return None
+    return Path(uri)
+
+
+def _mount_path(key: str, uri: str) -> Path | None:
+    path = local_path(uri)
+    if path is None:
+        return None
+    if not path.is_absolute():
+        raise InputError(f"{key}={uri!r}: a local path must be absolute to be mounted into the "
+                         "step containers (they see host paths only at the same absolute path)")
+    return Path(os.path.normpath(path))
+
+
+def container_user(uid: int | None = None, gid: int | None = None) -> str | None:
+    """The `user` containers run as: None (the image's 1000:1000) for root, else `uid:gid`."""
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    return None if uid == 0 else f"{uid}:{gid}"
+
+
+def make_docker_runner(pipeline_root: str | os.PathLike, inputs: Mapping[str, str] | None = None,
+                       output_dirs: Mapping[str, str] | None = None,
+                       user: str | None = None) -> local.DockerRunner:
+    """A kfp DockerRunner whose step containers see the run's local inputs and can write outputs.
+
+    Args:
+        pipeline_root: Absolute pipeline root (kfp mounts it read-write at the same path).
+        inputs: Config key -> URI of files the steps read (`data.source_uri`,
+            `data.pairs_uri`); local ones (absolute paths, `file://`) must exist
+            and are mounted read-only at the same path, remote ones are ignored.
+        output_dirs: Config key -> folder the steps write outside the pipeline
+            root (`cluster.checkpoint_root`); a local one is created and
+            mounted read-write at the same path.
+        user: `uid:gid` the containers run as; default `container_user()`
+            (see the module docstring). When the containers run as the
+            image's user, this process is root and the pipeline root and
+            output folders are chowned to 1000:1000.
+
+    Use it with `race_free_containers()` around the run.
+    """
+    root = Path(pipeline_root)
+    if not root.is_absolute():
+        raise InputError(f"pipeline root {pipeline_root} must be an absolute path")
+    user = user if user is not None else container_user()
+
+    mounts: dict[Path, docker.types.Mount] = {}
+    for key, uri in (inputs or {}).items():
+        path = _mount_path(key, uri)
+        if path is None or path.is_relative_to(root):
+            continue
+        if not path.exists():
+            raise InputError(f"{key}={uri!r}: {path} not found")
+        mounts[path] = docker.types.Mount(target=str(path), source=str(path), type="bind",
+                                          read_only=True)
+    writable = [root]
+    for key, uri in (output_dirs or {}).items():
+        path = _mount_path(key, uri)
+        if path is None:
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        writable.append(path)
+        if not path.is_relative_to(root):
+            mounts[path] = docker.types.Mount(target=str(path), source=str(path), type="bind",
+                                              read_only=False)
+    if user is None:
+        for folder in writable:
+            if (folder.stat().st_uid, folder.stat().st_gid) != (IMAGE_UID, IMAGE_GID):
+                log.info("chown %d:%d %s (the images' user writes the step outputs)",
+                         IMAGE_UID, IMAGE_GID, folder)
+                os.chown(folder, IMAGE_UID, IMAGE_GID)
+
+    run_args: dict[str, Any] = {"labels": {RUN_LABEL: str(root)}}
+    if mounts:
+        run_args["mounts"] = list(mounts.values())
+    if user is not None:
+        run_args["user"] = user
+    return local.DockerRunner(**run_args)

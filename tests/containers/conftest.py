@@ -1,0 +1,60 @@
+"""Fixtures of the container tests: a reachable Docker API and the two built images.
+
+These tests run through `make test-containers`, which builds the images, starts
+podman's Docker-compatible service (images/podman.sh) and sets DOCKER_HOST,
+FACENET_LIGHT_IMAGE and FACENET_TRAINER_IMAGE. They fail, rather than skip, when
+any of that is missing: a skipped CI check would look green.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import docker
+import pytest
+
+from components import Images
+
+MEASURED: dict[str, str] = {}   # label -> value, printed at the end of the session
+
+
+@pytest.fixture(scope="session")
+def engine() -> Any:
+    """A Docker API client (DOCKER_HOST, else the default socket) that answers."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"no Docker API at DOCKER_HOST={os.environ.get('DOCKER_HOST', '(default socket)')}: "
+                    f"{exc}; run 'make test-containers' (it starts podman's service)")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def images(engine: Any) -> Images:
+    """The light and trainer images under test, present in the engine's store."""
+    refs = {name: os.environ.get(f"FACENET_{name.upper()}_IMAGE", "") for name in ("light", "trainer")}
+    missing = [f"FACENET_{name.upper()}_IMAGE" for name, ref in refs.items() if not ref]
+    if missing:
+        pytest.fail(f"set {' and '.join(missing)} to the built images (make test-containers does)")
+    for ref in refs.values():
+        try:
+            engine.images.get(ref)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"image {ref} is not in the engine's store; build it (make images)")
+    return Images(light=refs["light"], trainer=refs["trainer"])
+
+
+@pytest.fixture(scope="session")
+def measured() -> dict[str, str]:
+    """Figures to report (timings, start overhead), printed in the terminal summary."""
+    return MEASURED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MEASURED:
+        terminalreporter.section("measured")
+        for label, value in MEASURED.items():
+            terminalreporter.write_line(f"{label}: {value}")
