@@ -7,8 +7,6 @@ fails the run (the auto-remove race would report it as a success), and that no
 container is left behind.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import statistics
@@ -61,6 +59,7 @@ def expected_user() -> str:
 
 # ---- single components: the race ------------------------------------------------------------
 
+# No `from __future__ import annotations` in this file: KFP reads these return annotations as types.
 def raise_an_error() -> str:
     raise ValueError("this step fails on purpose")
 

@@ -1,0 +1,100 @@
+"""The `facenet-kfp` command line: every step's --help, the data steps chained by hand, verify."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from facenet_kfp.cli import build_parser, main
+
+STEPS = ["synth", "download", "extract", "labels", "complete", "splits", "train", "evaluate",
+         "verify", "embed"]
+
+
+def test_every_step_has_help(capsys):
+    for step in STEPS:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([step, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: facenet-kfp " + step in capsys.readouterr().out
+
+
+def test_help_imports_no_tensorflow():
+    """The data-step containers have no TensorFlow: the CLI must not need it to start."""
+    code = ("import sys; from facenet_kfp.cli import build_parser; build_parser(); "
+            "import facenet_kfp.download, facenet_kfp.extract, facenet_kfp.labels, "
+            "facenet_kfp.complete, facenet_kfp.splits, facenet_kfp.synth, facenet_kfp.kfp_io; "
+            "print('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_data_steps_by_hand(tmp_path, demo_archive, capsys):
+    work = tmp_path / "work"
+    assert main(["-q", "download", str(demo_archive["archive"]), "--out", str(work / "lfw.tgz"),
+                 "--sha256", demo_archive["sha256"]]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == demo_archive["sha256"]
+    assert main(["-q", "extract", str(work / "lfw.tgz"), "--out", str(work / "images")]) == 0
+    extracted = json.loads(capsys.readouterr().out)
+    assert extracted["identities"] == 40 and extracted["skipped"] == 0
+    assert main(["-q", "labels", str(work / "images"), "--out", str(work / "labels")]) == 0
+    assert json.loads(capsys.readouterr().out)["identities"] == 40
+    assert main(["-q", "complete", str(work / "images"), str(work / "labels"), "--out",
+                 str(work / "completion")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "splits", str(work / "labels"), "--out", str(work / "splits"),
+                 "--fractions", "0.6,0.2,0.2", "--seed", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train"]["identities"] + summary["val"]["identities"] + summary["test"]["identities"] == 40
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "/nonexistent/lfw.tgz", "--out", "x"], "/nonexistent/lfw.tgz"),
+    (["download", "ftp://example.com/lfw.tgz", "--out", "x"], "ftp://example.com/lfw.tgz"),
+    (["download", "/tmp", "--out", "x", "--sha256", "xyz"], "sha256"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"facenet-kfp {argv[0]}: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_splits_rejects_bad_fractions(tmp_path, capsys):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "labels.json").write_text(json.dumps({"A": 0, "B": 1}))
+    (tmp_path / "labels" / "image_counts.json").write_text(json.dumps({"A": 2, "B": 2}))
+    assert main(["splits", str(tmp_path / "labels"), "--out", str(tmp_path / "s"),
+                 "--fractions", "0.8,0.3,0.1"]) == 2
+    assert "fraction" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_prints_distance_and_verdict(tmp_path, demo_archive, capsys):
+    """verify on two demo images with a saved (untrained) model and an explicit threshold."""
+    import tarfile
+
+    from facenet_kfp import export
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.model import build_embedding_model
+
+    model_dir = tmp_path / "model"
+    config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=8)
+    export.save_model_artifact(build_embedding_model((32, 32, 3), 8, "small_cnn"), model_dir,
+                               export.artifact_metadata(config, trained_steps=0),
+                               {"train": [], "val": []})
+    with tarfile.open(demo_archive["archive"]) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith("_0001.jpg")][:2]
+        tar.extractall(tmp_path, members=members, filter="data")
+    a, b = (str(tmp_path / m.name) for m in members)
+    assert main(["-q", "verify", "--model", str(model_dir), a, a, "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "distance:  0.0000 (squared L2)" in out and out.strip().endswith("same person")
+    assert main(["-q", "verify", "--model", str(model_dir), a, b, "--threshold", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith("different people")
+    assert main(["-q", "verify", "--model", str(tmp_path / "nowhere"), a, b]) == 2
+    assert "nowhere: model folder not found" in capsys.readouterr().err
