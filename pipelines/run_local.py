@@ -264,6 +264,8 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
     with warnings.catch_warnings(), record_tasks(records), containers:
         # The subprocess runner warns for every image whose name lacks "python".
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        # Display names and cluster settings are for the KFP UI; the local runner says so per task.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
             pipeline()
         except Exception as exc:  # the run failed: report which task and why
