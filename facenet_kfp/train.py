@@ -432,6 +432,8 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
         check(window, step - len(pending) + 1, values)
         pending = []
 
+    if val_ds is not None and start_step == 0:
+        validate(0)           # the untrained starting point: the curves then show what training did
     iterator = iter(train_ds)
     remaining = config.max_steps - start_step
     train_start = time.monotonic()
@@ -500,7 +502,9 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
                         "train_mean_positive_distance": last_train["mean_positive_distance"],
                         "train_mean_negative_distance": last_train["mean_negative_distance"]})
     if history["val"]:
-        last_val = history["val"][-1]
+        first_val, last_val = history["val"][0], history["val"][-1]
+        metrics.update({"first_val_step": first_val["step"], "first_val_loss": first_val["loss"],
+                        "first_val_fraction_positive": first_val["fraction_positive_triplets"]})
         metrics.update({"val_loss": last_val["loss"],
                         "val_fraction_positive": last_val["fraction_positive_triplets"],
                         "val_mean_positive_distance": last_val["mean_positive_distance"],

@@ -131,7 +131,7 @@ KEY_FIGURES = {
     "make-labels": ["identities", "singletons"],
     "complete-identities": ["generated", "identities_completed"],
     "split-identities": ["train_identities", "val_identities", "test_identities"],
-    "train-model": ["val_loss", "val_fraction_positive", "steps"],
+    "train-model": ["steps"],
     "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
 }
 
@@ -146,6 +146,11 @@ def key_figures(record: TaskRecord) -> str:
             values[key] = value
     wanted = KEY_FIGURES.get(record.name, [])
     parts = []
+    for first, last, label in (("first_val_loss", "val_loss", "val loss"),
+                               ("first_val_fraction_positive", "val_fraction_positive",
+                                "val positive triplets")):
+        if isinstance(values.get(first), (int, float)) and isinstance(values.get(last), (int, float)):
+            parts.append(f"{label} {values[first]:.3f} -> {values[last]:.3f}")
     for key in wanted:
         value = values.get(key)
         if isinstance(value, dict):

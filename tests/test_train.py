@@ -115,7 +115,7 @@ def test_short_run_lowers_loss_and_writes_artifact(trained):
     history = json.loads((trained["model"] / "history.json").read_text())
     train_hist = history["train"]
     assert [r["step"] for r in train_hist] == [5, 10, 15, 20, 25, 30]
-    assert [r["step"] for r in history["val"]] == [15, 30]
+    assert [r["step"] for r in history["val"]] == [0, 15, 30]   # 0: the untrained starting point
     first, last = train_hist[0], train_hist[-2:]
     assert np.mean([r["loss"] for r in last]) < 0.5 * first["loss"]
     assert np.mean([r["mean_negative_distance"] for r in last]) > first["mean_negative_distance"]
@@ -161,7 +161,7 @@ def test_resume_continues_from_the_latest_checkpoint(trained, tiny, tmp_path, ca
     before = json.loads((trained["model"] / "history.json").read_text())
     assert history["train"][:6] == before["train"]                       # kept, not retrained
     assert [r["step"] for r in history["train"][6:]] == [35, 40]
-    assert [r["step"] for r in history["val"]] == [15, 30, 40]
+    assert [r["step"] for r in history["val"]] == [0, 15, 30, 40]
     assert json.loads((tmp_path / "model" / "model.json").read_text())["trained_steps"] == 40
 
     # A checkpoint of another model is refused, naming the setting.
