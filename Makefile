@@ -15,15 +15,17 @@ IMAGE_TAG      ?= 0.1.0
 LIGHT_IMAGE    := $(IMAGE_REGISTRY)/facenet-kfp:$(IMAGE_TAG)
 TRAINER_IMAGE  := $(IMAGE_REGISTRY)/facenet-kfp-trainer:$(IMAGE_TAG)
 
-# `make run` settings.
-PIPELINE_ROOT ?= local_outputs
+# `make run` settings. RUNNER=docker runs each step in its image (see "Containers" in README.md);
+# its runs get their own pipeline root, because kfp's cache key does not include the runner: in
+# local_outputs a docker run would be served entirely from the subprocess runs' cache.
+RUNNER        ?= subprocess
+PIPELINE_ROOT ?= $(if $(filter docker,$(RUNNER)),local_outputs/docker,local_outputs)
 CONFIG        ?= configs/demo.yaml
 COMPILE_CONFIG ?= configs/lfw.yaml
 DEMO_DIR      ?= data/demo
 SOURCE        ?=
 SHA256        ?=
 PAIRS         ?=
-RUNNER        ?= subprocess
 PYTEST_ARGS   ?=
 
 # `make submit` settings (KFP_TOKEN is read from the environment, so the echoed command does not show it).
@@ -33,13 +35,22 @@ RUN_NAME      ?=
 NAMESPACE     ?=
 PARAMS        ?=
 NO_CACHE      ?=
+# `make test-containers` settings: stand-in bases for machines that reach package mirrors but no
+# container registry (images/standin-base.sh); set LIGHT_BASE_IMAGE and TRAINER_BASE_IMAGE to
+# build on other bases instead.
+STANDIN_LIGHT_BASE   := localhost/facenet-kfp-base:python3.11-bookworm
+STANDIN_TRAINER_BASE := localhost/facenet-kfp-trainer-base:tf2.21-cpu
+CONTAINER_PACKAGES   := buildah podman runc debootstrap
+# With RUNNER=docker, `make run` goes through images/podman.sh exec: DOCKER_HOST or a Docker daemon
+# when there is one, else podman's Docker-compatible service, started for the run and stopped after it.
+RUN_WITH      = $(if $(filter docker,$(RUNNER)),images/podman.sh exec)
 # `make rerun` settings.
 STEP          ?= train
 FROM          ?= $(PIPELINE_ROOT)
 SET           ?=
 EVALUATE      ?=
 
-.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality container-tools test-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -55,8 +66,8 @@ install: $(STAMP) ## create .venv with the pinned dependencies (quick when done)
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (demo data unless SOURCE=...; CONFIG, PAIRS, PIPELINE_ROOT)
-	$(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
+run: install ## run the pipeline locally (demo data unless SOURCE=...; CONFIG, PAIRS, PIPELINE_ROOT, RUNNER=docker)
+	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
 	  --demo-dir $(DEMO_DIR) --runner $(RUNNER) \
 	  --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
 	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
@@ -96,6 +107,19 @@ push: ## push both images to IMAGE_REGISTRY (build first; docker/buildah login f
 
 lint: install ## hadolint both Dockerfiles (any finding fails; also part of make test)
 	images/lint.sh
+
+container-tools: ## install buildah, podman, runc, debootstrap with apt-get when missing (root; skipped when a Docker daemon answers)
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then exit 0; fi; \
+	missing=""; for tool in $(CONTAINER_PACKAGES); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq $(CONTAINER_PACKAGES); fi
+
+test-containers: install container-tools ## build both images, run the pipeline in them (podman's API unless DOCKER_HOST / Docker), compare with the venv run
+	$(if $(LIGHT_BASE_IMAGE)$(TRAINER_BASE_IMAGE),,images/standin-base.sh)
+	LIGHT_BASE_IMAGE=$(or $(LIGHT_BASE_IMAGE),$(STANDIN_LIGHT_BASE)) \
+	  TRAINER_BASE_IMAGE=$(or $(TRAINER_BASE_IMAGE),$(STANDIN_TRAINER_BASE)) \
+	  IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/build.sh
+	FACENET_LIGHT_IMAGE=$(LIGHT_IMAGE) FACENET_TRAINER_IMAGE=$(TRAINER_IMAGE) \
+	  images/podman.sh exec $(VENV)/bin/pytest tests/containers $(PYTEST_ARGS)
 
 standin-bases: ## offline: local stand-ins for the two base images (root, debootstrap, buildah)
 	images/standin-base.sh

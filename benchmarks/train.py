@@ -1,35 +1,37 @@
 """Benchmark training throughput, the mining + loss share of a step and input-pipeline headroom on this machine.
 
-nn4_small2 at 96x96, batch 64 = P 16 x K 4, Adam, real images of a generated
-demo archive (120 identities, generated once into data/bench/train-demo/ and
-prepared with the library's extract, labels, completion and splits functions).
-Measured side by side in one run, so the ratios hold even when the machine is
-shared and absolute numbers drift:
+nn4_small2 at 96x96, batch 64 = P 16 x K 4, Adam, on real images of a
+generated demo archive (120 identities, made once in data/bench/train-demo/
+and prepared there by the library's extract, labels, completion and splits
+functions). Everything is measured side by side in one run, so the ratios
+hold even when other jobs share the machine and absolute numbers drift:
 
-1. training images/s of the full step (forward, mining + loss + the training
-   statistics `train.batch_loss` computes, backward, Adam update), compiled
-   the way `train.train` compiles it (tf.function, no XLA), for batch_hard
-   (the default), batch_all and semi_hard, in float32 and mixed_bfloat16;
-2. the share of step time spent in mining + loss, two ways: (a) the same step
-   with a trivial loss of the same embeddings (their mean), timed in the same
-   interleaved rounds: share = (real - trivial) / real; (b) `batch_loss`
-   forward + backward alone on the model's [64, 128] embeddings, compiled the
-   same way: share = alone / real step. Target < 5%;
-3. the input pipeline alone (`data.make_train_dataset`: decode, crop, resize
+1. images/s of the full training step (forward, mining + loss + the batch
+   statistics `train.batch_loss` computes, backward, Adam update), compiled as
+   `train.train` compiles it (tf.function, no XLA): batch_hard (the default),
+   batch_all and semi_hard in the first precision (float32), the default loss
+   in the others (mixed_bfloat16); wall and process-CPU time per step;
+2. the share of the step spent in mining + loss, two ways: (a) the real step
+   minus the same step with a trivial loss (mean of the embeddings: the whole
+   backward pass, no mining), paired round by round, with a bootstrap 95%
+   interval; (b) `batch_loss` forward + backward alone on the model's
+   [64, 128] embeddings, compiled the same way, over the step time.
+   Target < 5%;
+3. the input pipeline alone (`data.make_train_dataset`: decode + crop, resize
    to 96, augment, batch; no model) against the model's consumption rate
-   (target >= 3x), and the step rate when the model is fed by that pipeline,
-   both competing for the same cores, against the rate from batches in memory;
+   (target >= 3x), and the default step fed by that pipeline, the two sharing
+   the cores, against the step on batches held in memory;
 4. the peak RSS of this process.
 
-Every figure is the median over timed steps after warm-up steps (the first
-call traces the graph and is reported separately). The configurations are
-timed in interleaved rounds, in a rotating order, so that load from other
-jobs hits them alike.
+Figures are medians over timed steps after warm-up steps (the first call
+traces the graph; its time is shown apart). The step functions run in
+interleaved rounds, in a rotating order, so load from other jobs hits them
+alike.
 
-With KERAS_BACKEND=jax (no TensorFlow) only the model + loss part runs, jitted
-with jax.jit on batches decoded with Pillow (centre crop, no augmentation);
-the tf.data part is skipped. That path is untested: JAX is not installed on
-the development machine.
+With KERAS_BACKEND=jax (no TensorFlow) only parts 1, 2 and 4 run, jitted with
+jax.jit through Keras' stateless API, on batches decoded with Pillow (centre
+crop, no augmentation); the tf.data part is skipped and says so. That path is
+untested: JAX is not installed on the development machine.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import logging
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ P, K = 16, 4
 BATCH = P * K
 LOSSES = ("batch_hard", "batch_all", "semi_hard")      # batch_hard first: the default
 TRIVIAL = "trivial"
+PRECISIONS = ("float32", "mixed_bfloat16")
 IN_MEMORY_BATCHES = 4      # distinct real batches cycled through by the model timings
 SHARE_TARGET = 0.05
 PIPELINE_TARGET = 3.0
@@ -140,7 +142,7 @@ def pil_batches(work: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray,
                         width, height = image.size
                         box_w, box_h = round(width * crop), round(height * crop)
                         left, top = (width - box_w) // 2, (height - box_h) // 2
-                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX,
+                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX,
                                              box=(left, top, left + box_w, top + box_h))
                         images.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
                     labels.append(label_ids[name])
@@ -177,8 +179,11 @@ def tf_train_step(model, optimizer, loss_fn) -> Callable:
         optimizer.apply(tape.gradient(out["loss"], model.trainable_variables), model.trainable_variables)
         return out
 
-    # A tf.function call on CPU returns after every op of the graph, the update included, has run.
-    return lambda images, labels: float(step(images, labels)["loss"])
+    def run(images, labels):
+        # A tf.function call on CPU returns after every op of the graph, the update included, has run.
+        return float(step(images, labels)["loss"])
+    run.traces = step.experimental_get_tracing_count     # checked after timing: one trace each
+    return run
 
 
 def tf_loss_step(loss_fn) -> Callable:
@@ -225,10 +230,12 @@ def jax_train_step(model, optimizer, loss_fn) -> Callable:
         out, state = step(state, images, labels)
         jax.block_until_ready((out, state))
         return float(out["loss"])
+    run.traces = None          # jax.jit exposes no public trace count
     return run
 
 
 def jax_loss_step(loss_fn) -> Callable:
+    """jax.jit of the loss forward + backward alone: (labels, embeddings [B, D]) -> loss."""
     import jax
 
     def objective(embeddings, labels):
@@ -246,46 +253,83 @@ def jax_loss_step(loss_fn) -> Callable:
 
 # ----------------------------------------------------------------------------- timing
 
-def time_interleaved(calls: dict[str, Callable[[int], float]], warmup: int, repeats: int,
-                     desc: str) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds per call of each entry over `repeats` rounds, after `warmup` untimed calls each.
+Key = tuple[str, str]          # (precision, loss kind)
 
-    Each round calls every entry once, in an order rotated by one per round, so
-    slow spells of a shared machine spread over all entries. Returns (times,
-    first-call seconds, i.e. tracing + compiling + one call).
+
+def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repeats: int, desc: str,
+                     every: dict[Key, int] | None = None
+                     ) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray], dict[Key, float]]:
+    """Wall and process-CPU seconds of each call over `repeats` rounds, after `warmup` untimed calls each.
+
+    Each round calls every entry once, in an order rotated by one per round,
+    so slow spells of a shared machine spread over all entries, and entry r
+    of every array comes from round r. An entry with `every[key]` = n runs
+    only in rounds 0, n, 2n, ... (NaN in the others): the slow configurations
+    get fewer steps. CPU time is this process's, all threads: on a loaded
+    machine it moves less than wall time. Returns (wall [repeats],
+    cpu [repeats], first-call seconds = tracing + one call).
     """
+    every = every or {}
     first = {}
-    for name, call in calls.items():
+    for key, call in calls.items():
         start = time.perf_counter()
         loss = call(0)
-        first[name] = time.perf_counter() - start
+        first[key] = time.perf_counter() - start
         if not np.isfinite(loss):
-            raise SystemExit(f"{desc} {name}: loss is {loss} on the first step")
+            raise SystemExit(f"{desc} {' '.join(key)}: loss is {loss} on the first call")
         for i in range(1, warmup):
             call(i)
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
+        print(f"  {desc} {' '.join(key)}: first call {first[key]:.1f} s, warm-up done", flush=True)
+    keys = list(calls)
+    wall = {key: np.full(repeats, np.nan) for key in keys}
+    cpu = {key: np.full(repeats, np.nan) for key in keys}
     report = time.monotonic()
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            calls[name](warmup + r)
-            times[name].append(time.perf_counter() - start)
-        if time.monotonic() - report > 30:
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if r % every.get(key, 1):
+                continue
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            calls[key](warmup + r)
+            wall[key][r] = time.perf_counter() - start_wall
+            cpu[key][r] = time.process_time() - start_cpu
+        if time.monotonic() - report > 30 or r + 1 == repeats:
             report = time.monotonic()
             print(f"  {desc}: round {r + 1}/{repeats}", flush=True)
-    return times, first
+    return wall, cpu, first
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def med(values: np.ndarray) -> float:
+    """Median over the rounds that ran."""
+    return float(np.nanmedian(values))
 
 
-def spread(values: list[float]) -> str:
+def forward_macs(model) -> int:
+    """Multiply-accumulates of one image's forward pass through the Conv2D and Dense layers (the bulk)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, out_channels = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += height * width * kh * kw * layer.input.shape[-1] * out_channels
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return total
+
+
+def iqr_ms(values: np.ndarray) -> str:
     """Interquartile range as 'p25-p75' in ms."""
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return f"{q1 * 1e3:.0f}-{q3 * 1e3:.0f}"
+    q1, q3 = np.nanpercentile(values, [25, 75]) * 1e3
+    return f"{q1:.0f}-{q3:.0f}"
+
+
+def paired_median_ci(diffs: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
+    """Median of per-round differences and its 95% bootstrap interval (percentile method)."""
+    diffs = diffs[np.isfinite(diffs)]
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(diffs, size=(resamples, len(diffs)), replace=True), axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(diffs)), float(low), float(high)
 
 
 def peak_rss_mb() -> float:
@@ -306,61 +350,92 @@ def machine_lines(backend: str) -> list[str]:
                 flags = set(line.split(":", 1)[1].split())
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     lines = [f"machine: {platform.system()} {platform.machine()}, {cpu}, os.cpu_count()={os.cpu_count()}, "
-             f"usable cores {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f} at start",
-             f"  CPU bfloat16 instructions: {', '.join(bf16) if bf16 else 'none (avx512_bf16/amx_bf16 absent)'}"]
+             f"usable cores {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f} now",
+             f"  CPU bfloat16 instructions: {', '.join(bf16) if bf16 else 'none (no avx512_bf16 / amx_bf16)'}"]
     if backend == "tensorflow":
         import tensorflow as tf
         devices = ", ".join(d.name for d in tf.config.list_logical_devices())
-        lines.append(f"keras {keras.__version__}, backend tensorflow, TF {tf.__version__}, devices: {devices}")
+        lines.append(f"  keras {keras.__version__}, backend tensorflow, TF {tf.__version__}, devices: {devices}")
     else:
         import jax
-        lines.append(f"keras {keras.__version__}, backend jax, jax {jax.__version__}, devices: {jax.devices()}")
+        lines.append(f"  keras {keras.__version__}, backend jax, jax {jax.__version__}, devices: {jax.devices()}")
     return lines
+
+
+def build(precision: str):
+    """(model, built Adam) under the `precision` dtype policy, as train.train builds them."""
+    previous = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy(precision)
+        model = build_embedding_model((IMAGE_SIZE, IMAGE_SIZE, 3), 128, ARCHITECTURE)
+        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+        optimizer.build(model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return model, optimizer
+
+
+class _DropRetracingWarning(logging.Filter):
+    """Drops TF's 'triggered tf.function retracing' heuristic, which fires because this script builds
+    several step functions from one Python function; each one's trace count is checked exactly instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="data/bench/train-demo", help="archive and prepared data (reused)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration, the "
-                        "traced first one included (default 3)")
+    parser.add_argument("--steps", type=int, default=12,
+                        help="timed steps of each first-precision configuration; the other precisions get "
+                             "a quarter, at least 3 (default 12: about 10 minutes on 2 shared cores; "
+                             "20-30 narrows the intervals)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the "
+                        "traced first one included (default 2)")
     parser.add_argument("--precisions", default="float32,mixed_bfloat16",
-                        help="comma-separated Keras dtype policies (default float32,mixed_bfloat16)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 timed steps, 2 warm-up, "
-                        "short pipeline and loss timings")
+                        help="comma-separated Keras dtype policies; the first gets every loss and the "
+                             "trivial one, the others the default loss (default float32,mixed_bfloat16)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps, short pipeline "
+                        "and loss timings")
     parser.add_argument("-v", "--verbose", action="store_true", help="library INFO logs")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.warmup = 4, 2
+        args.steps = 3
     if args.steps < 2 or args.warmup < 1:
         parser.error("--steps must be >= 2 and --warmup >= 1")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for p in precisions:
-        if p not in ("float32", "mixed_bfloat16", "mixed_float16"):
-            parser.error(f"--precisions: unknown policy {p!r}")
+        # mixed_float16 would need loss scaling (a GPU setting): not benchmarked on CPU.
+        if p not in PRECISIONS:
+            parser.error(f"--precisions: {p!r} is not one of {', '.join(PRECISIONS)}")
+    if not precisions or len(set(precisions)) != len(precisions):
+        parser.error("--precisions: give one or more distinct policies")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").addFilter(_DropRetracingWarning())
     pipeline_batches, pipeline_repeats = (10, 1) if args.quick else (50, 3)
-    loss_repeats = 30 if args.quick else 200
+    loss_repeats = 20 if args.quick else 200
+    fed_steps = max(2, args.steps // 2)
+    other_steps = max(3, args.steps // 4)
+    other_every = max(1, args.steps // other_steps)
 
     backend = keras.backend.backend()
     if backend not in ("tensorflow", "jax"):
         raise SystemExit(f"KERAS_BACKEND={backend}: this benchmark runs on tensorflow or jax")
     use_tf = backend == "tensorflow"
     wall_start = time.perf_counter()
+    start_load = os.getloadavg()[0]
     work = prepare_data(Path(args.work))
-    rss = {"data prepared": peak_rss_mb()}
+    rss = {"data": peak_rss_mb()}
 
-    # Real batches for the model timings: the training pipeline's own output on TF.
+    # Real batches for the model: on TF the training pipeline's own output.
     pipeline = None
     if use_tf:
-        import tensorflow as tf
-
         from facenet_kfp.data import load_split_images, make_train_dataset
         images, labels, _, synthetic = load_split_images(work / "images", work / "completion", work / "labels",
                                                          work / "splits", "train")
         config = TrainConfig()
-        data_line = (f"train split: {len(np.unique(labels))} identities, {len(images)} images "
+        data_line = (f"train split {len(np.unique(labels))} identities, {len(images)} images "
                      f"({sum(synthetic)} generated by completion)")
 
         def dataset(seed: int):
@@ -369,121 +444,137 @@ def main() -> int:
         batches = list(dataset(0).take(IN_MEMORY_BATCHES))
         train_step, loss_step = tf_train_step, tf_loss_step
 
-        # 3. input pipeline alone: no model, all cores for tf.data.
+        # 3. The input pipeline alone: no model, every core for tf.data.
+        print(f"timing the input pipeline: {pipeline_repeats} x {pipeline_batches} batches ...", flush=True)
         rates = []
         for r in range(pipeline_repeats):
             iterator = iter(dataset(1 + r))
             for _ in range(3):
-                next(iterator)              # starts the workers and fills the prefetch buffer
+                next(iterator)              # starts the map workers and fills the prefetch buffer
             start = time.perf_counter()
             for _ in range(pipeline_batches):
                 next(iterator)
             rates.append(pipeline_batches * BATCH / (time.perf_counter() - start))
             del iterator
-        pipeline = median(rates)
-        rss["input pipeline"] = peak_rss_mb()
+        pipeline = float(np.median(rates))
+        rss["pipeline"] = peak_rss_mb()
     else:
         batches = pil_batches(work, IN_MEMORY_BATCHES)
         data_line = f"{IN_MEMORY_BATCHES} P x K batches of train-split images decoded with Pillow"
         train_step, loss_step = jax_train_step, jax_loss_step
 
-    # 1, 2. model steps, then the loss alone on that model's embeddings.
-    kinds = (TRIVIAL,) + LOSSES
-    results: dict[str, dict] = {}
-    for precision in precisions:
-        print(f"timing {precision}: {len(kinds)} step functions x ({args.warmup} warm-up + {args.steps} "
-              f"timed steps) ...", flush=True)
-        keras.utils.set_random_seed(0)
-        previous = keras.mixed_precision.global_policy()
-        try:
-            keras.mixed_precision.set_global_policy(precision)
-            model = build_embedding_model((IMAGE_SIZE, IMAGE_SIZE, 3), 128, ARCHITECTURE)
-            optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-            if precision == "mixed_float16":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            optimizer.build(model.trainable_variables)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-        steps = {kind: train_step(model, optimizer, loss_function(kind)) for kind in kinds}
-        calls = {kind: (lambda i, step=step: step(*batches[i % len(batches)])) for kind, step in steps.items()}
-        step_times, first = time_interleaved(calls, args.warmup, args.steps, precision)
+    # 1, 2. Every step function in the same interleaved rounds.
+    keras.utils.set_random_seed(0)
+    built = {p: build(p) for p in precisions}
+    main_precision = precisions[0]
+    default: Key = (main_precision, LOSSES[0])
+    trivial: Key = (main_precision, TRIVIAL)
+    keys: list[Key] = [trivial] + [(main_precision, kind) for kind in LOSSES]
+    keys += [(p, LOSSES[0]) for p in precisions[1:]]
+    every = {(p, LOSSES[0]): other_every for p in precisions[1:]}
+    steps = {key: train_step(*built[key[0]], loss_function(key[1])) for key in keys}
+    calls = {key: (lambda i, step=step: step(*batches[i % len(batches)])) for key, step in steps.items()}
+    print(f"timing {len(keys)} train steps: {args.warmup} warm-up each, then {args.steps} interleaved rounds "
+          f"({other_steps} timed steps for {', '.join(precisions[1:]) or '-'}) ...", flush=True)
+    wall, cpu, first = time_interleaved(calls, args.warmup, args.steps, "step", every)
+    rss["steps"] = peak_rss_mb()
 
-        fed = None
-        if use_tf:
-            # Fed by the live pipeline, which now shares the cores with the model.
-            iterator = iter(dataset(100))
-            for _ in range(args.warmup):
-                steps[LOSSES[0]](*next(iterator))
-            fed_times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                steps[LOSSES[0]](*next(iterator))
-                fed_times.append(time.perf_counter() - start)
-            del iterator
-            fed = median(fed_times)
+    fed = None
+    if use_tf:
+        # The default step fed by the live pipeline, which now shares the cores with the model.
+        print(f"timing {' '.join(default)} fed by the pipeline: {fed_steps} steps ...", flush=True)
+        iterator = iter(dataset(100))
+        for _ in range(args.warmup):
+            steps[default](*next(iterator))
+        fed_times = []
+        for _ in range(fed_steps):
+            start = time.perf_counter()
+            steps[default](*next(iterator))
+            fed_times.append(time.perf_counter() - start)
+        del iterator
+        fed = float(np.median(fed_times))
+    retraced = [f"{' '.join(key)} ({step.traces()} traces)" for key, step in steps.items()
+                if step.traces is not None and step.traces() != 1]
 
-        embeddings = [(batch_labels, model(batch_images, training=False)) for batch_images, batch_labels in batches]
-        loss_calls = {kind: (lambda i, step=loss_step(loss_function(kind)): step(*embeddings[i % len(embeddings)]))
-                      for kind in LOSSES}
-        loss_times, _ = time_interleaved(loss_calls, 3, loss_repeats, f"{precision} loss alone")
-        results[precision] = {"steps": step_times, "first": first, "fed": fed, "loss": loss_times}
-        rss[f"{precision} model"] = peak_rss_mb()
-        del model, optimizer, steps, calls
+    # The loss alone, on the main model's embeddings of the same real batches.
+    model = built[main_precision][0]
+    embeddings = [(y, model(x, training=False)) for x, y in batches]
+    loss_calls = {(main_precision, kind): (lambda i, step=loss_step(loss_function(kind)):
+                                           step(*embeddings[i % len(embeddings)]))
+                  for kind in LOSSES}
+    print(f"timing batch_loss forward + backward alone: {loss_repeats} rounds ...", flush=True)
+    alone, _, _ = time_interleaved(loss_calls, 3, loss_repeats, "loss alone")
+    rss["loss alone"] = peak_rss_mb()
+    gflop_per_image = 3 * 2 * forward_macs(model) / 1e9     # backward ~ 2x forward; 2 FLOP per MAC
 
     # ------------------------------------------------------------------ report
     print()
     for line in machine_lines(backend):
         print(line)
+    print(f"  load average {start_load:.1f} at start: other jobs share the cores, so compare figures "
+          f"within this run")
     print(f"data: {IDENTITIES}-identity demo archive in {args.work}; {data_line}")
-    print(f"model: {ARCHITECTURE} {IMAGE_SIZE}x{IMAGE_SIZE}, 128-D, batch {BATCH} = P {P} x K {K}, Adam; "
-          f"{'tf.function (no XLA), as train.train' if use_tf else 'jax.jit'}; "
-          f"median of {args.steps} timed steps after {args.warmup} warm-up, interleaved rounds")
+    print(f"model: {ARCHITECTURE} {IMAGE_SIZE}x{IMAGE_SIZE}, 128-D embeddings, batch {BATCH} = P {P} x K {K}, "
+          f"Adam lr 1e-3, {'tf.function without XLA (as train.train)' if use_tf else 'jax.jit'}")
+    print(f"timing: medians over {args.steps} interleaved rounds after {args.warmup} warm-up steps (the first "
+          f"traces); {', '.join(precisions[1:]) or 'no other precision'}: {other_steps} steps, every "
+          f"{other_every}th round")
+    print(f"trace check: {'every step function traced once' if not retraced else 'RETRACED: ' + ', '.join(retraced)}"
+          if use_tf else "trace check: not available on jax")
 
-    print("\n1. training step (forward, mining + loss + statistics, backward, Adam)")
-    print(f"{'precision':<15} {'loss':<11} {'ms/step':>8} {'IQR ms':>10} {'images/s':>9} "
-          f"{'vs 1st':>7} {'first call s':>13}")
-    base = {}
-    for precision, res in results.items():
-        for kind in (TRIVIAL,) + LOSSES:
-            t = median(res["steps"][kind])
-            base.setdefault(kind, t)
-            print(f"{precision:<15} {kind:<11} {t * 1e3:8.0f} {spread(res['steps'][kind]):>10} "
-                  f"{BATCH / t:9.1f} {base[kind] / t:6.2f}x {res['first'][kind]:13.1f}")
+    print("\n1. training step: forward, mining + loss + batch statistics, backward, Adam update")
+    print(f"{'precision':<15} {'loss':<11} {'steps':>5} {'ms/step':>8} {'IQR ms':>12} {'images/s':>9} "
+          f"{'CPU s/step':>11} {'img/CPU-s':>10} {'first call s':>13}")
+    for key in keys:
+        t, c = med(wall[key]), med(cpu[key])
+        print(f"{key[0]:<15} {key[1]:<11} {int(np.isfinite(wall[key]).sum()):5d} {t * 1e3:8.0f} "
+              f"{iqr_ms(wall[key]):>12} {BATCH / t:9.1f} {c:11.2f} {BATCH / c:10.1f} {first[key]:13.1f}")
+    print(f"  {' '.join(default)}: about {gflop_per_image * BATCH / med(wall[default]):.0f} GFLOP/s achieved "
+          f"({gflop_per_image:.2f} GFLOP per image and step: 3 x the forward Conv2D/Dense MACs x 2)")
+    for p in precisions[1:]:
+        other = (p, LOSSES[0])
+        print(f"  {p} / {main_precision} speed ({LOSSES[0]}): {med(wall[default] / wall[other]):.2f}x "
+              f"(median of per-round ratios; CPU-time ratio {med(cpu[default] / cpu[other]):.2f}x)")
 
     print(f"\n2. mining + loss share of the step (target < {SHARE_TARGET:.0%})")
-    print(f"{'precision':<15} {'loss':<11} {'step ms':>8} {'trivial ms':>11} {'diff ms':>8} {'share':>7}"
-          f"   {'alone ms':>9} {'share':>7}")
+    print("  (a) real step - trivial step (mean of the embeddings) in the same round: median, 95% bootstrap CI")
+    for kind in LOSSES:
+        key = (main_precision, kind)
+        t = med(wall[key])
+        diff, low, high = paired_median_ci(wall[key] - wall[trivial])
+        print(f"  {main_precision:<15} {kind:<11} step {t * 1e3:6.0f} ms, diff {diff * 1e3:+6.0f} ms "
+              f"[{low * 1e3:+.0f}, {high * 1e3:+.0f}] = {diff / t:+6.1%} [{low / t:+.1%}, {high / t:+.1%}]")
+    print("  (b) batch_loss forward + backward alone on the model's [64, 128] float32 embeddings, compiled the "
+          "same way\n      (call overhead included), over the step time")
     worst = 0.0
-    for precision, res in results.items():
-        trivial = median(res["steps"][TRIVIAL])
-        for kind in LOSSES:
-            t = median(res["steps"][kind])
-            alone = median(res["loss"][kind])
-            worst = max(worst, alone / t)
-            print(f"{precision:<15} {kind:<11} {t * 1e3:8.0f} {trivial * 1e3:11.0f} {(t - trivial) * 1e3:8.1f} "
-                  f"{(t - trivial) / t:7.1%}   {alone * 1e3:9.2f} {alone / t:7.2%}")
-    print("  diff = real - trivial step (same rounds; noisy, can be negative); alone = batch_loss forward + "
-          "backward\n  on the model's [64, 128] embeddings, compiled the same way (includes the call overhead)")
-    print(f"  largest 'alone' share: {worst:.2%} -> {'meets' if worst < SHARE_TARGET else 'MISSES'} "
-          f"the < {SHARE_TARGET:.0%} target")
+    for key in keys:
+        if key[1] == TRIVIAL:
+            continue
+        times = alone[(main_precision, key[1])]
+        share = med(times) / med(wall[key])
+        worst = max(worst, share)
+        print(f"  {key[0]:<15} {key[1]:<11} {med(times) * 1e3:6.2f} ms (IQR {iqr_ms(times * 1e3)} us) "
+              f"= {share:6.2%} of the step")
+    print(f"  largest share (b): {worst:.2%} -> {'meets' if worst < SHARE_TARGET else 'MISSES'} the "
+          f"< {SHARE_TARGET:.0%} target")
 
-    print(f"\n3. input pipeline vs model (target >= {PIPELINE_TARGET:.0f}x)")
+    print(f"\n3. input pipeline vs the model's consumption (target >= {PIPELINE_TARGET:.0f}x)")
     if pipeline is None:
         print(f"  skipped: the tf.data pipeline needs TensorFlow (KERAS_BACKEND={backend})")
     else:
-        print(f"  make_train_dataset alone (decode, crop, resize {IMAGE_SIZE}, augment, batch): "
-              f"{pipeline:8.0f} images/s (median of {pipeline_repeats} x {pipeline_batches} batches)")
-        for precision, res in results.items():
-            model_rate = BATCH / median(res["steps"][LOSSES[0]])
-            fed_rate = BATCH / res["fed"]
-            print(f"  {precision:<15} model consumes {model_rate:6.1f} images/s ({LOSSES[0]}): pipeline / model "
-                  f"= {pipeline / model_rate:6.1f}x -> {'meets' if pipeline / model_rate >= PIPELINE_TARGET else 'MISSES'}"
-                  f" target")
-            print(f"  {'':<15} fed by the live pipeline: {fed_rate:6.1f} images/s = {fed_rate / model_rate:.2f} "
-                  f"of the in-memory rate (both share the cores)")
+        print(f"  make_train_dataset alone (decode + crop, resize {IMAGE_SIZE}, augment, batch): "
+              f"{pipeline:.0f} images/s (median of {pipeline_repeats} x {pipeline_batches} batches)")
+        for p in precisions:
+            model_rate = BATCH / med(wall[(p, LOSSES[0])])
+            ratio = pipeline / model_rate
+            print(f"  {p:<15} {LOSSES[0]} consumes {model_rate:6.1f} images/s: pipeline / model = {ratio:6.1f}x "
+                  f"-> {'meets' if ratio >= PIPELINE_TARGET else 'MISSES'} the target")
+        model_rate = BATCH / med(wall[default])
+        print(f"  {' '.join(default)} fed by the live pipeline ({fed_steps} steps in one block after the "
+              f"rounds): {BATCH / fed:.1f} images/s = {BATCH / fed / model_rate:.2f} x the in-memory rate")
 
-    print(f"\n4. peak RSS of this process: {peak_rss_mb():.0f} MB  ("
-          + ", ".join(f"after {phase}: {mb:.0f}" for phase, mb in rss.items()) + ")")
+    print(f"\n4. peak RSS of this process: {peak_rss_mb():.0f} MB (after "
+          + ", ".join(f"{phase}: {mb:.0f}" for phase, mb in rss.items()) + " MB)")
     print(f"total wall time {time.perf_counter() - wall_start:.0f} s")
     return 0
 

@@ -46,8 +46,10 @@ service_driver() {
         return
     fi
     local driver
-    driver="$(podman info --format '{{.Store.GraphDriverName}}')" || die "'podman info' failed (CONTAINERS_CONF=$CONTAINERS_CONF)"
-    [[ -n "$driver" ]] || die "'podman info' reported no storage driver; set STORAGE_DRIVER=overlay or vfs"
+    driver="$(podman info --format '{{.Store.GraphDriverName}}')" \
+        || die "'podman info' failed (CONTAINERS_CONF=$CONTAINERS_CONF)"
+    [[ -n "$driver" ]] \
+        || die "'podman info' reported no storage driver; set STORAGE_DRIVER=overlay or vfs"
     printf '%s\n' "$driver"
 }
 
@@ -61,7 +63,8 @@ service_pid() {
     cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline")"
     # A pid can be reused after the service died: only a 'podman ... system service' on our
     # socket counts.
-    [[ "$cmdline" == *podman* && "$cmdline" == *"system service"* && "$cmdline" == *"unix://$SOCKET"* ]] || return 1
+    [[ "$cmdline" == *podman* && "$cmdline" == *"system service"* \
+        && "$cmdline" == *"unix://$SOCKET"* ]] || return 1
     printf '%s\n' "$pid"
 }
 
@@ -96,11 +99,9 @@ start_service() {
         sleep 0.1
         waited=$((waited + 1))
     done
-    if [[ "$driver" == overlay ]]; then
-        log "podman service started: pid $pid, storage driver overlay, settings $CONTAINERS_CONF, log $SERVICE_LOG"
-    else
-        log "podman service started: pid $pid, storage driver $driver (no overlay: every container start copies its image, seconds per step), settings $CONTAINERS_CONF, log $SERVICE_LOG"
-    fi
+    local note=""
+    [[ "$driver" == overlay ]] || note=" (no overlay: every container start copies its image, seconds per step)"
+    log "podman service started: pid $pid, storage driver $driver$note, settings $CONTAINERS_CONF, log $SERVICE_LOG"
     printf 'DOCKER_HOST=unix://%s\n' "$SOCKET"
 }
 

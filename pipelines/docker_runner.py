@@ -11,10 +11,12 @@ Two things the stock DockerRunner of kfp 2.17 does not do, done here:
    raised is then reported as SUCCESS. `race_free_containers()` replaces that
    function for the duration of a run with `ContainerRecorder.run`: create and
    start the container *without* auto-remove, stream its log to the end,
-   `wait()` for the real exit code, then `remove()` it (forced when the run is
-   interrupted, so no container is left behind). Each container is recorded
-   (id, image, step function, exit code, start overhead) in
-   `<pipeline root>/containers.json`.
+   `wait()` for the real exit code, then `remove()` it. Each container is
+   recorded (id, image, step function, exit code, start overhead) in
+   `<pipeline root>/containers.json`. An interrupted run leaves no container
+   behind: Ctrl-C (KeyboardInterrupt) and, inside the block, SIGTERM (turned
+   into SystemExit; by default it would end Python at once while the step's
+   container ran on under conmon) force-remove the containers still running.
 
 2. **Everything a step reads is mounted, and the pipeline root is writable.**
    kfp bind-mounts only the pipeline root, at the same absolute path.
@@ -43,6 +45,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +101,8 @@ class ContainerRecorder:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
         self.runs: list[ContainerRun] = []
+        self._live: dict[str, Any] = {}   # id -> container not yet removed (steps may run in threads)
+        self._lock = threading.Lock()
         self._save()
 
     def _save(self) -> None:
@@ -118,14 +124,16 @@ class ContainerRecorder:
                                           stderr=True, volumes=volumes, auto_remove=False,
                                           **run_args)
         start_seconds = time.monotonic() - started
+        with self._lock:
+            self._live[container.id] = container
         try:
             _print_log(container.logs(stream=True, follow=True))
             result = container.wait()
         except BaseException:
             # Interrupted or the API failed: do not leave the container running.
-            container.remove(force=True)
+            self._remove(container, force=True)
             raise
-        container.remove()
+        self._remove(container)
         exit_code = int(result["StatusCode"])
         if result.get("Error"):
             print(f"container {container.id[:12]} ({image}): {result['Error']}")
@@ -137,6 +145,24 @@ class ContainerRecorder:
         self._save()
         log.debug("container %s (%s) exited %d", container.id[:12], image, exit_code)
         return exit_code
+
+    def _remove(self, container: Any, force: bool = False) -> None:
+        try:
+            container.remove(force=force)
+        except docker.errors.NotFound:
+            # Removed meanwhile (remove_live from another thread): gone is what was wanted.
+            log.warning("container %s was already removed", container.id[:12])
+        with self._lock:
+            self._live.pop(container.id, None)
+
+    def remove_live(self) -> list[str]:
+        """Force-remove the containers still running (an interrupted run); their ids."""
+        with self._lock:
+            live = list(self._live.values())
+        for container in live:
+            log.warning("removing container %s of the interrupted step", container.id[:12])
+            self._remove(container, force=True)
+        return [c.id for c in live]
 
 
 def _ensure_image(client: Any, image: str) -> None:
@@ -168,22 +194,36 @@ def _print_log(chunks: Any) -> None:
         builtins.print(pending)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def race_free_containers(path: str | os.PathLike | None = None) -> Iterator[ContainerRecorder]:
     """Run kfp's Docker steps through a `ContainerRecorder` inside the `with` block.
 
     Replaces `kfp.local.docker_task_handler.run_docker_container` (which
     `DockerTaskHandler.run` looks up at call time) and restores the original on
-    exit, also after an exception. `path`: where the container records go
+    exit, also after an exception. In the main thread, SIGTERM raises
+    SystemExit(143) inside the block, so that, like after Ctrl-C, the containers
+    still running are force-removed on the way out; the previous handler is
+    restored after. `path`: where the container records go
     (`<pipeline root>/containers.json`); it is reset to `[]` on entry.
     """
     recorder = ContainerRecorder(path)
     original = docker_task_handler.run_docker_container
     docker_task_handler.run_docker_container = recorder.run
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         yield recorder
     finally:
-        docker_task_handler.run_docker_container = original
+        try:
+            recorder.remove_live()
+        finally:
+            docker_task_handler.run_docker_container = original
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def local_path(uri: str) -> Path | None:

@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 import stat
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,9 +43,9 @@ class FakeContainer:
     """
 
     def __init__(self, api: "FakeApi", log: list[bytes], exit_code: int, auto_remove: bool,
-                 fail_logs: BaseException | None = None):
+                 after_log=None):
         self.api, self.log, self.exit_code = api, log, exit_code
-        self.auto_remove, self.fail_logs = auto_remove, fail_logs
+        self.auto_remove, self.after_log = auto_remove, after_log
         self.id = f"c{len(api.created):063d}"
         self.removed = False
 
@@ -55,19 +57,20 @@ class FakeContainer:
 
         def chunks():
             yield from self.log
-            if self.fail_logs is not None:
-                raise self.fail_logs
+            if self.after_log is not None:   # what happens while the step still runs
+                self.after_log()
         return chunks()
 
     def wait(self):
         self.api.calls.append("wait")
-        if self.auto_remove:
+        if self.auto_remove or self.removed:
             raise docker.errors.NotFound("no such container")
         return {"StatusCode": self.exit_code, "Error": None}
 
     def remove(self, force: bool = False):
         self.api.calls.append("remove(force)" if force else "remove")
-        assert not self.removed
+        if self.removed:
+            raise docker.errors.NotFound("no such container")
         self.removed = True
 
 
@@ -97,7 +100,7 @@ class FakeContainers:
         self.api.calls.append("run")
         self.api.run_kwargs.append(kwargs)
         container = FakeContainer(self.api, self.api.log, self.api.exit_code,
-                                  kwargs.get("auto_remove", False), self.api.fail_logs)
+                                  kwargs.get("auto_remove", False), self.api.after_log)
         self.api.created.append(container)
         return container
 
@@ -106,8 +109,8 @@ class FakeApi:
     """docker.DockerClient stand-in: one image store, containers that print `log` and exit."""
 
     def __init__(self, exit_code: int = 0, log: list[bytes] | None = None,
-                 present: set[str] | None = None, fail_logs: BaseException | None = None):
-        self.exit_code, self.fail_logs = exit_code, fail_logs
+                 present: set[str] | None = None, after_log=None):
+        self.exit_code, self.after_log = exit_code, after_log
         self.log = log if log is not None else [b"step says hello\n"]
         self.calls: list[str] = []
         self.run_kwargs: list[dict] = []
@@ -173,8 +176,12 @@ def test_log_stream_keeps_utf8_characters_split_across_chunks(capsys):
     assert capsys.readouterr().out.splitlines()[-2:] == ["naïve Zoë", "no newline at the end"]
 
 
+def interrupt():
+    raise KeyboardInterrupt
+
+
 def test_interrupted_run_force_removes_the_container():
-    api = FakeApi(fail_logs=KeyboardInterrupt())
+    api = FakeApi(after_log=interrupt)
     recorder = ContainerRecorder()
     with pytest.raises(KeyboardInterrupt):
         recorder.run(api, IMAGE, COMMAND, {})
@@ -234,6 +241,44 @@ def test_patch_is_restored_after_the_block_and_after_an_error(tmp_path):
         with race_free_containers():
             raise RuntimeError("step blew up")
     assert docker_task_handler.run_docker_container is original
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers live in the main thread")
+def test_sigterm_during_a_step_removes_its_container_and_exits():
+    before = signal.getsignal(signal.SIGTERM)
+    api = FakeApi(after_log=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as exited:
+        with race_free_containers() as recorder:
+            assert signal.getsignal(signal.SIGTERM) is not before
+            recorder.run(api, IMAGE, COMMAND, {})
+            time.sleep(5)   # not reached: the signal arrives during the log stream
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert api.calls[-2:] == ["logs", "remove(force)"] and api.created[0].removed
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_interrupted_block_removes_containers_still_running_in_other_threads():
+    release, started = threading.Event(), threading.Event()
+    api = FakeApi(after_log=lambda: (started.set(), release.wait(10)))
+    errors = []
+
+    def step(recorder):
+        try:
+            recorder.run(api, IMAGE, COMMAND, {})
+        except docker.errors.NotFound as exc:   # its wait(): the container was removed under it
+            errors.append(exc)
+
+    with pytest.raises(KeyboardInterrupt):
+        with race_free_containers() as recorder:
+            worker = threading.Thread(target=step, args=(recorder,))
+            worker.start()
+            assert started.wait(10)
+            raise KeyboardInterrupt
+    assert api.created[0].removed and "remove(force)" in api.calls
+    release.set()
+    worker.join(10)
+    assert len(errors) == 1 and recorder.runs == []
 
 
 def test_records_file_starts_empty_for_each_run(tmp_path):
@@ -329,10 +374,22 @@ def test_image_user_matches_the_dockerfiles():
         assert users and users[-1] == f"{IMAGE_UID}:{IMAGE_GID}", dockerfile
 
 
-def test_run_local_uses_this_runner():
-    source = (ROOT / "pipelines" / "run_local.py").read_text()
-    assert "from pipelines.docker_runner import make_docker_runner, race_free_containers" in source
-    assert docker_runner.CONTAINERS_FILE in source
+def test_run_local_mounts_the_runs_inputs_and_records_containers(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_make_docker_runner(root, inputs=None, output_dirs=None, user=None):
+        seen.update(root=root, inputs=inputs, output_dirs=output_dirs)
+        raise InputError("stop before any container")
+
+    monkeypatch.setattr(docker_runner, "make_docker_runner", fake_make_docker_runner)
+    from pipelines.run_local import run_pipeline
+
+    with pytest.raises(InputError, match="stop before any container"):
+        run_pipeline(None, "/data/lfw.tgz", "", "/data/pairs.txt", str(tmp_path / "root"),
+                     runner="docker", overrides={"cluster": {"checkpoint_root": "/ckpt"}})
+    assert seen == {"root": tmp_path / "root",
+                    "inputs": {"data.source_uri": "/data/lfw.tgz", "data.pairs_uri": "/data/pairs.txt"},
+                    "output_dirs": {"cluster.checkpoint_root": "/ckpt"}}
 
 
 # ---- images/podman.sh with a fake podman ---------------------------------------------------
