@@ -19,8 +19,10 @@ hold even when other jobs share the machine and absolute numbers drift:
    Target < 5%;
 3. the input pipeline alone (`data.make_train_dataset`: decode + crop, resize
    to 96, augment, batch; no model) against the model's consumption rate
-   (target >= 3x), and the default step fed by that pipeline, the two sharing
-   the cores, against the step on batches held in memory;
+   (target >= 3x), also as CPU seconds per batch against the model's CPU
+   seconds per step (a ratio other jobs hardly move), and the default step fed
+   by that pipeline, the two sharing the cores, against the step on batches
+   held in memory, in alternating blocks;
 4. the peak RSS of this process.
 
 Figures are medians over timed steps after warm-up steps (the first call
@@ -69,6 +71,7 @@ LOSSES = ("batch_hard", "batch_all", "semi_hard")      # batch_hard first: the d
 TRIVIAL = "trivial"
 PRECISIONS = ("float32", "mixed_bfloat16")
 IN_MEMORY_BATCHES = 4      # distinct real batches cycled through by the model timings
+FED_BLOCK = 3              # steps per block when pipeline-fed and in-memory steps alternate
 SHARE_TARGET = 0.05
 PIPELINE_TARGET = 3.0
 
@@ -317,10 +320,10 @@ def forward_macs(model) -> int:
     return total
 
 
-def iqr_ms(values: np.ndarray) -> str:
-    """Interquartile range as 'p25-p75' in ms."""
+def iqr_ms(values: np.ndarray, decimals: int = 0) -> str:
+    """Interquartile range of seconds as 'p25-p75' in ms."""
     q1, q3 = np.nanpercentile(values, [25, 75]) * 1e3
-    return f"{q1:.0f}-{q3:.0f}"
+    return f"{q1:.{decimals}f}-{q3:.{decimals}f}"
 
 
 def paired_median_ci(diffs: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
@@ -446,17 +449,19 @@ def main() -> int:
 
         # 3. The input pipeline alone: no model, every core for tf.data.
         print(f"timing the input pipeline: {pipeline_repeats} x {pipeline_batches} batches ...", flush=True)
-        rates = []
+        rates, cpu_per_batch = [], []
         for r in range(pipeline_repeats):
             iterator = iter(dataset(1 + r))
             for _ in range(3):
                 next(iterator)              # starts the map workers and fills the prefetch buffer
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(pipeline_batches):
                 next(iterator)
-            rates.append(pipeline_batches * BATCH / (time.perf_counter() - start))
+            rates.append(pipeline_batches * BATCH / (time.perf_counter() - start_wall))
+            cpu_per_batch.append((time.process_time() - start_cpu) / pipeline_batches)
             del iterator
         pipeline = float(np.median(rates))
+        pipeline_cpu = float(np.median(cpu_per_batch))
         rss["pipeline"] = peak_rss_mb()
     else:
         batches = pil_batches(work, IN_MEMORY_BATCHES)
@@ -479,20 +484,27 @@ def main() -> int:
     wall, cpu, first = time_interleaved(calls, args.warmup, args.steps, "step", every)
     rss["steps"] = peak_rss_mb()
 
-    fed = None
     if use_tf:
-        # The default step fed by the live pipeline, which now shares the cores with the model.
-        print(f"timing {' '.join(default)} fed by the pipeline: {fed_steps} steps ...", flush=True)
+        # The default step fed by the live pipeline, which then shares the cores with the model, in
+        # blocks alternating with blocks on in-memory batches: steps next to each other in time
+        # compare, whatever the other jobs do. Single steps cannot alternate: the prefetch buffer
+        # would fill during the in-memory step and charge it the pipeline's work.
+        print(f"timing {' '.join(default)} fed by the pipeline: {fed_steps} steps, in blocks alternating "
+              f"with in-memory steps ...", flush=True)
         iterator = iter(dataset(100))
         for _ in range(args.warmup):
             steps[default](*next(iterator))
-        fed_times = []
-        for _ in range(fed_steps):
-            start = time.perf_counter()
-            steps[default](*next(iterator))
-            fed_times.append(time.perf_counter() - start)
+        fed = {"pipeline": ([], []), "memory": ([], [])}
+        block = min(FED_BLOCK, fed_steps)
+        for _ in range(-(-fed_steps // block)):
+            for source in ("pipeline", "memory"):
+                for i in range(block):
+                    start_wall, start_cpu = time.perf_counter(), time.process_time()
+                    batch = next(iterator) if source == "pipeline" else batches[i % len(batches)]
+                    steps[default](*batch)
+                    fed[source][0].append(time.perf_counter() - start_wall)
+                    fed[source][1].append(time.process_time() - start_cpu)
         del iterator
-        fed = float(np.median(fed_times))
     retraced = [f"{' '.join(key)} ({step.traces()} traces)" for key, step in steps.items()
                 if step.traces is not None and step.traces() != 1]
 
@@ -517,8 +529,8 @@ def main() -> int:
     print(f"model: {ARCHITECTURE} {IMAGE_SIZE}x{IMAGE_SIZE}, 128-D embeddings, batch {BATCH} = P {P} x K {K}, "
           f"Adam lr 1e-3, {'tf.function without XLA (as train.train)' if use_tf else 'jax.jit'}")
     print(f"timing: medians over {args.steps} interleaved rounds after {args.warmup} warm-up steps (the first "
-          f"traces); {', '.join(precisions[1:]) or 'no other precision'}: {other_steps} steps, every "
-          f"{other_every}th round")
+          f"traces); {', '.join(precisions[1:]) or 'no other precision'}: {other_steps} steps, "
+          f"{'every round' if other_every == 1 else f'one round in {other_every}'}")
     print(f"trace check: {'every step function traced once' if not retraced else 'RETRACED: ' + ', '.join(retraced)}"
           if use_tf else "trace check: not available on jax")
 
@@ -545,7 +557,8 @@ def main() -> int:
         print(f"  {main_precision:<15} {kind:<11} step {t * 1e3:6.0f} ms, diff {diff * 1e3:+6.0f} ms "
               f"[{low * 1e3:+.0f}, {high * 1e3:+.0f}] = {diff / t:+6.1%} [{low / t:+.1%}, {high / t:+.1%}]")
     print("  (b) batch_loss forward + backward alone on the model's [64, 128] float32 embeddings, compiled the "
-          "same way\n      (call overhead included), over the step time")
+          "same way\n      (call overhead included), over the step time; the loss runs in float32 in every "
+          "precision")
     worst = 0.0
     for key in keys:
         if key[1] == TRIVIAL:
@@ -553,7 +566,7 @@ def main() -> int:
         times = alone[(main_precision, key[1])]
         share = med(times) / med(wall[key])
         worst = max(worst, share)
-        print(f"  {key[0]:<15} {key[1]:<11} {med(times) * 1e3:6.2f} ms (IQR {iqr_ms(times * 1e3)} us) "
+        print(f"  {key[0]:<15} {key[1]:<11} {med(times) * 1e3:6.2f} ms (IQR {iqr_ms(times, 2)} ms) "
               f"= {share:6.2%} of the step")
     print(f"  largest share (b): {worst:.2%} -> {'meets' if worst < SHARE_TARGET else 'MISSES'} the "
           f"< {SHARE_TARGET:.0%} target")
@@ -569,9 +582,17 @@ def main() -> int:
             ratio = pipeline / model_rate
             print(f"  {p:<15} {LOSSES[0]} consumes {model_rate:6.1f} images/s: pipeline / model = {ratio:6.1f}x "
                   f"-> {'meets' if ratio >= PIPELINE_TARGET else 'MISSES'} the target")
-        model_rate = BATCH / med(wall[default])
-        print(f"  {' '.join(default)} fed by the live pipeline ({fed_steps} steps in one block after the "
-              f"rounds): {BATCH / fed:.1f} images/s = {BATCH / fed / model_rate:.2f} x the in-memory rate")
+        model_cpu = med(cpu[default])
+        print(f"  CPU: the pipeline spends {pipeline_cpu * 1e3:.0f} CPU-ms per batch, {' '.join(default)} "
+              f"{model_cpu:.2f} CPU-s per step: {model_cpu / pipeline_cpu:.0f}x "
+              f"(the pipeline takes {pipeline_cpu / (pipeline_cpu + model_cpu):.1%} of the CPU when training)")
+        fed_wall, fed_cpu = np.asarray(fed["pipeline"][0]), np.asarray(fed["pipeline"][1])
+        mem_wall, mem_cpu = np.asarray(fed["memory"][0]), np.asarray(fed["memory"][1])
+        print(f"  {' '.join(default)} fed by the live pipeline vs from memory, alternating blocks of "
+              f"{min(FED_BLOCK, fed_steps)} ({len(fed_wall)} steps each):")
+        print(f"    pipeline-fed {BATCH / med(fed_wall):6.1f} images/s, {med(fed_cpu):.2f} CPU-s/step; in-memory "
+              f"{BATCH / med(mem_wall):6.1f} images/s, {med(mem_cpu):.2f} CPU-s/step; fed / memory speed "
+              f"{med(mem_wall) / med(fed_wall):.2f}x")
 
     print(f"\n4. peak RSS of this process: {peak_rss_mb():.0f} MB (after "
           + ", ".join(f"{phase}: {mb:.0f}" for phase, mb in rss.items()) + " MB)")
