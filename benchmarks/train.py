@@ -260,21 +260,21 @@ Key = tuple[str, str]          # (precision, loss kind)
 
 
 def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repeats: int, desc: str,
-                     every: dict[Key, int] | None = None
+                     warm: tuple[Key, ...] = ()
                      ) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray], dict[Key, float]]:
     """Wall and process-CPU seconds of each call over `repeats` rounds, after `warmup` untimed calls each.
 
     Each round calls every entry once, in an order rotated by one per round,
     so slow spells of a shared machine spread over all entries, and entry r
-    of every array comes from round r. An entry with `every[key]` = n runs
-    only in rounds 0, n, 2n, ... (NaN in the others): the slow configurations
-    get fewer steps. CPU time is this process's, all threads: on a loaded
-    machine it moves less than wall time. Returns (wall [repeats],
+    of every array comes from round r. Entries in `warm` were warmed up
+    before and get no first call. CPU time is this process's, all threads: on
+    a loaded machine it moves less than wall time. Returns (wall [repeats],
     cpu [repeats], first-call seconds = tracing + one call).
     """
-    every = every or {}
     first = {}
     for key, call in calls.items():
+        if key in warm:
+            continue
         start = time.perf_counter()
         loss = call(0)
         first[key] = time.perf_counter() - start
@@ -290,8 +290,6 @@ def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repe
     for r in range(repeats):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            if r % every.get(key, 1):
-                continue
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             calls[key](warmup + r)
             wall[key][r] = time.perf_counter() - start_wall
@@ -420,7 +418,6 @@ def main() -> int:
     loss_repeats = 20 if args.quick else 200
     fed_steps = max(2, args.steps // 2)
     other_steps = max(3, args.steps // 4)
-    other_every = max(1, args.steps // other_steps)
 
     backend = keras.backend.backend()
     if backend not in ("tensorflow", "jax"):
@@ -468,21 +465,28 @@ def main() -> int:
         data_line = f"{IN_MEMORY_BATCHES} P x K batches of train-split images decoded with Pillow"
         train_step, loss_step = jax_train_step, jax_loss_step
 
-    # 1, 2. Every step function in the same interleaved rounds.
+    # 1, 2. The first precision's step functions in interleaved rounds; then each other precision
+    # in its own rounds with the default step (a much slower step in the same rounds would
+    # disturb whichever step follows it).
     keras.utils.set_random_seed(0)
     built = {p: build(p) for p in precisions}
     main_precision = precisions[0]
     default: Key = (main_precision, LOSSES[0])
     trivial: Key = (main_precision, TRIVIAL)
     keys: list[Key] = [trivial] + [(main_precision, kind) for kind in LOSSES]
-    keys += [(p, LOSSES[0]) for p in precisions[1:]]
-    every = {(p, LOSSES[0]): other_every for p in precisions[1:]}
-    steps = {key: train_step(*built[key[0]], loss_function(key[1])) for key in keys}
+    other_keys: list[Key] = [(p, LOSSES[0]) for p in precisions[1:]]
+    steps = {key: train_step(*built[key[0]], loss_function(key[1])) for key in keys + other_keys}
     calls = {key: (lambda i, step=step: step(*batches[i % len(batches)])) for key, step in steps.items()}
-    print(f"timing {len(keys)} train steps: {args.warmup} warm-up each, then {args.steps} interleaved rounds "
-          f"({other_steps} timed steps for {', '.join(precisions[1:]) or '-'}) ...", flush=True)
-    wall, cpu, first = time_interleaved(calls, args.warmup, args.steps, "step", every)
+    print(f"timing {len(keys)} {main_precision} train steps: {args.warmup} warm-up each, then {args.steps} "
+          f"interleaved rounds ...", flush=True)
+    wall, cpu, first = time_interleaved({key: calls[key] for key in keys}, args.warmup, args.steps, "step")
     rss["steps"] = peak_rss_mb()
+    pairs = {}        # other precision -> (wall, cpu, first) of its rounds with the default step
+    for key in other_keys:
+        print(f"timing {' '.join(key)} against {' '.join(default)}: {other_steps} rounds ...", flush=True)
+        pair_wall, pair_cpu, pair_first = time_interleaved({default: calls[default], key: calls[key]},
+                                                           args.warmup, other_steps, "step", warm=(default,))
+        pairs[key] = (pair_wall, pair_cpu, pair_first[key])
 
     if use_tf:
         # The default step fed by the live pipeline, which then shares the cores with the model, in
