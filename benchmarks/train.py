@@ -10,11 +10,12 @@ hold even when other jobs share the machine and absolute numbers drift:
    statistics `train.batch_loss` computes, backward, Adam update), compiled as
    `train.train` compiles it (tf.function, no XLA): batch_hard (the default),
    batch_all and semi_hard in the first precision (float32), the default loss
-   in the others (mixed_bfloat16); wall and process-CPU time per step;
+   in the others (mixed_bfloat16, timed in rounds of its own paired with the
+   float32 default step); wall and process-CPU time per step;
 2. the share of the step spent in mining + loss, two ways: (a) the real step
    minus the same step with a trivial loss (mean of the embeddings: the whole
    backward pass, no mining), paired round by round, with a bootstrap 95%
-   interval; (b) `batch_loss` forward + backward alone on the model's
+   interval, in wall and in CPU time; (b) `batch_loss` forward + backward alone on the model's
    [64, 128] embeddings, compiled the same way, over the step time.
    Target < 5%;
 3. the input pipeline alone (`data.make_train_dataset`: decode + crop, resize
@@ -388,9 +389,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="data/bench/train-demo", help="archive and prepared data (reused)")
     parser.add_argument("--steps", type=int, default=12,
-                        help="timed steps of each first-precision configuration; the other precisions get "
-                             "a quarter, at least 3 (default 12: about 10 minutes on 2 shared cores; "
-                             "20-30 narrows the intervals)")
+                        help="interleaved rounds of the first precision's steps (trivial + 3 losses); each "
+                             "other precision gets a quarter of that, at least 3, paired with the default step "
+                             "(default 12: 8-13 minutes on 2 shared cores; 20-30 narrows the intervals)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the "
                         "traced first one included (default 2)")
     parser.add_argument("--precisions", default="float32,mixed_bfloat16",
@@ -524,6 +525,10 @@ def main() -> int:
     gflop_per_image = 3 * 2 * forward_macs(model) / 1e9     # backward ~ 2x forward; 2 FLOP per MAC
 
     # ------------------------------------------------------------------ report
+    def step_rate(key: Key) -> float:
+        """Images/s of a training step: the first precision from the main rounds, others from theirs."""
+        return BATCH / med(wall[key] if key in wall else pairs[key][0][key])
+
     print()
     for line in machine_lines(backend):
         print(line)
@@ -532,43 +537,49 @@ def main() -> int:
     print(f"data: {IDENTITIES}-identity demo archive in {args.work}; {data_line}")
     print(f"model: {ARCHITECTURE} {IMAGE_SIZE}x{IMAGE_SIZE}, 128-D embeddings, batch {BATCH} = P {P} x K {K}, "
           f"Adam lr 1e-3, {'tf.function without XLA (as train.train)' if use_tf else 'jax.jit'}")
-    print(f"timing: medians over {args.steps} interleaved rounds after {args.warmup} warm-up steps (the first "
-          f"traces); {', '.join(precisions[1:]) or 'no other precision'}: {other_steps} steps, "
-          f"{'every round' if other_every == 1 else f'one round in {other_every}'}")
-    print(f"trace check: {'every step function traced once' if not retraced else 'RETRACED: ' + ', '.join(retraced)}"
-          if use_tf else "trace check: not available on jax")
+    print(f"timing: medians; {main_precision}: {args.steps} interleaved rounds of its {len(keys)} steps"
+          + "".join(f"; {key[0]}: {other_steps} rounds paired with {' '.join(default)}" for key in other_keys)
+          + f"; {args.warmup} warm-up steps each, the first of which traces")
+    if use_tf:
+        print("trace check: " + ("every step function traced once" if not retraced
+                                 else "RETRACED: " + ", ".join(retraced)))
 
     print("\n1. training step: forward, mining + loss + batch statistics, backward, Adam update")
     print(f"{'precision':<15} {'loss':<11} {'steps':>5} {'ms/step':>8} {'IQR ms':>12} {'images/s':>9} "
           f"{'CPU s/step':>11} {'img/CPU-s':>10} {'first call s':>13}")
-    for key in keys:
-        t, c = med(wall[key]), med(cpu[key])
-        print(f"{key[0]:<15} {key[1]:<11} {int(np.isfinite(wall[key]).sum()):5d} {t * 1e3:8.0f} "
-              f"{iqr_ms(wall[key]):>12} {BATCH / t:9.1f} {c:11.2f} {BATCH / c:10.1f} {first[key]:13.1f}")
-    print(f"  {' '.join(default)}: about {gflop_per_image * BATCH / med(wall[default]):.0f} GFLOP/s achieved "
-          f"({gflop_per_image:.2f} GFLOP per image and step: 3 x the forward Conv2D/Dense MACs x 2)")
-    for p in precisions[1:]:
-        other = (p, LOSSES[0])
-        print(f"  {p} / {main_precision} speed ({LOSSES[0]}): {med(wall[default] / wall[other]):.2f}x "
-              f"(median of per-round ratios; CPU-time ratio {med(cpu[default] / cpu[other]):.2f}x)")
+    rows = [(key, wall[key], cpu[key], first[key]) for key in keys]
+    rows += [(key, pairs[key][0][key], pairs[key][1][key], pairs[key][2]) for key in other_keys]
+    for key, key_wall, key_cpu, key_first in rows:
+        t, c = med(key_wall), med(key_cpu)
+        print(f"{key[0]:<15} {key[1]:<11} {len(key_wall):5d} {t * 1e3:8.0f} {iqr_ms(key_wall):>12} "
+              f"{BATCH / t:9.1f} {c:11.2f} {BATCH / c:10.1f} {key_first:13.1f}")
+    print(f"  {' '.join(default)}: about {gflop_per_image * step_rate(default):.0f} GFLOP/s achieved "
+          f"({gflop_per_image:.2f} GFLOP per image and step = 3 x the forward Conv2D/Dense MACs x 2)")
+    for key in other_keys:
+        pair_wall, pair_cpu, _ = pairs[key]
+        print(f"  {key[0]} / {main_precision} speed ({key[1]}, per-round ratios of its own rounds): "
+              f"{med(pair_wall[default] / pair_wall[key]):.2f}x wall, "
+              f"{med(pair_cpu[default] / pair_cpu[key]):.2f}x CPU time")
 
     print(f"\n2. mining + loss share of the step (target < {SHARE_TARGET:.0%})")
-    print("  (a) real step - trivial step (mean of the embeddings) in the same round: median, 95% bootstrap CI")
+    print("  (a) real step - trivial step (mean of the embeddings) of the same round: median and 95% "
+          "bootstrap interval,\n      of wall time and of CPU time (the latter moves less with other jobs)")
     for kind in LOSSES:
         key = (main_precision, kind)
-        t = med(wall[key])
-        diff, low, high = paired_median_ci(wall[key] - wall[trivial])
-        print(f"  {main_precision:<15} {kind:<11} step {t * 1e3:6.0f} ms, diff {diff * 1e3:+6.0f} ms "
-              f"[{low * 1e3:+.0f}, {high * 1e3:+.0f}] = {diff / t:+6.1%} [{low / t:+.1%}, {high / t:+.1%}]")
+        parts = []
+        for name, times in (("wall", wall), ("CPU", cpu)):
+            t = med(times[key])
+            diff, low, high = paired_median_ci(times[key] - times[trivial])
+            parts.append(f"{name} {diff * 1e3:+5.0f} ms [{low * 1e3:+.0f}, {high * 1e3:+.0f}] = {diff / t:+5.1%} "
+                         f"[{low / t:+.1%}, {high / t:+.1%}]")
+        print(f"  {main_precision:<15} {kind:<11} " + "; ".join(parts))
     print("  (b) batch_loss forward + backward alone on the model's [64, 128] float32 embeddings, compiled the "
           "same way\n      (call overhead included), over the step time; the loss runs in float32 in every "
           "precision")
     worst = 0.0
-    for key in keys:
-        if key[1] == TRIVIAL:
-            continue
+    for key in [k for k in keys if k[1] != TRIVIAL] + other_keys:
         times = alone[(main_precision, key[1])]
-        share = med(times) / med(wall[key])
+        share = med(times) * step_rate(key) / BATCH
         worst = max(worst, share)
         print(f"  {key[0]:<15} {key[1]:<11} {med(times) * 1e3:6.2f} ms (IQR {iqr_ms(times, 2)} ms) "
               f"= {share:6.2%} of the step")
@@ -581,15 +592,14 @@ def main() -> int:
     else:
         print(f"  make_train_dataset alone (decode + crop, resize {IMAGE_SIZE}, augment, batch): "
               f"{pipeline:.0f} images/s (median of {pipeline_repeats} x {pipeline_batches} batches)")
-        for p in precisions:
-            model_rate = BATCH / med(wall[(p, LOSSES[0])])
-            ratio = pipeline / model_rate
-            print(f"  {p:<15} {LOSSES[0]} consumes {model_rate:6.1f} images/s: pipeline / model = {ratio:6.1f}x "
-                  f"-> {'meets' if ratio >= PIPELINE_TARGET else 'MISSES'} the target")
+        for key in [default] + other_keys:
+            ratio = pipeline / step_rate(key)
+            print(f"  {key[0]:<15} {key[1]} consumes {step_rate(key):6.1f} images/s: pipeline / model = "
+                  f"{ratio:6.1f}x -> {'meets' if ratio >= PIPELINE_TARGET else 'MISSES'} the target")
         model_cpu = med(cpu[default])
         print(f"  CPU: the pipeline spends {pipeline_cpu * 1e3:.0f} CPU-ms per batch, {' '.join(default)} "
-              f"{model_cpu:.2f} CPU-s per step: {model_cpu / pipeline_cpu:.0f}x "
-              f"(the pipeline takes {pipeline_cpu / (pipeline_cpu + model_cpu):.1%} of the CPU when training)")
+              f"{model_cpu:.2f} CPU-s per step: {model_cpu / pipeline_cpu:.0f}x (the pipeline takes "
+              f"{pipeline_cpu / (pipeline_cpu + model_cpu):.1%} of the CPU when training)")
         fed_wall, fed_cpu = np.asarray(fed["pipeline"][0]), np.asarray(fed["pipeline"][1])
         mem_wall, mem_cpu = np.asarray(fed["memory"][0]), np.asarray(fed["memory"][1])
         print(f"  {' '.join(default)} fed by the live pipeline vs from memory, alternating blocks of "
