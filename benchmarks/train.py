@@ -285,8 +285,8 @@ def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repe
             call(i)
         print(f"  {desc} {' '.join(key)}: first call {first[key]:.1f} s, warm-up done", flush=True)
     keys = list(calls)
-    wall = {key: np.full(repeats, np.nan) for key in keys}
-    cpu = {key: np.full(repeats, np.nan) for key in keys}
+    wall = {key: np.zeros(repeats) for key in keys}
+    cpu = {key: np.zeros(repeats) for key in keys}
     report = time.monotonic()
     for r in range(repeats):
         shift = r % len(keys)
@@ -302,8 +302,7 @@ def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repe
 
 
 def med(values: np.ndarray) -> float:
-    """Median over the rounds that ran."""
-    return float(np.nanmedian(values))
+    return float(np.median(values))
 
 
 def forward_macs(model) -> int:
@@ -321,13 +320,12 @@ def forward_macs(model) -> int:
 
 def iqr_ms(values: np.ndarray, decimals: int = 0) -> str:
     """Interquartile range of seconds as 'p25-p75' in ms."""
-    q1, q3 = np.nanpercentile(values, [25, 75]) * 1e3
+    q1, q3 = np.percentile(values, [25, 75]) * 1e3
     return f"{q1:.{decimals}f}-{q3:.{decimals}f}"
 
 
 def paired_median_ci(diffs: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
     """Median of per-round differences and its 95% bootstrap interval (percentile method)."""
-    diffs = diffs[np.isfinite(diffs)]
     rng = np.random.default_rng(seed)
     boot = np.median(rng.choice(diffs, size=(resamples, len(diffs)), replace=True), axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
@@ -335,12 +333,14 @@ def paired_median_ci(diffs: np.ndarray, seed: int = 0, resamples: int = 2000) ->
 
 
 def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (threads included, child processes not), in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------- report
 
 def machine_lines(backend: str) -> list[str]:
+    """What the figures were measured on: CPU model and bfloat16 support, cores, load, library versions."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     flags: set[str] = set()
