@@ -51,8 +51,8 @@ from facenet_kfp.config import (SECTIONS, EvaluateConfig, PipelineConfig, TrainC
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import read_json, write_json
 from pipelines.facenet_pipeline import PIPELINE_NAME, SECTION_PREFIX, pipeline_parameters
-from pipelines.run_local import (DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE, TaskRecord,
-                                 headline_metrics, print_headline, print_table, record_tasks)
+from pipelines.run_local import (DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE, headline_metrics,
+                                 TaskRecord, record_tasks, report_summary)
 
 log = logging.getLogger(__name__)
 
@@ -416,16 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
-                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
-               for t in summary["tasks"]]
-    print_table(records, summary["status"], out=sys.stdout)
-    print_headline(summary["metrics"], out=sys.stdout)
-    print(f"summary: {Path(args.pipeline_root) / RERUN_SUMMARY}")
-    if summary["status"] != "SUCCEEDED":
-        print(f"\nerror: {summary['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return report_summary(summary, Path(args.pipeline_root) / RERUN_SUMMARY)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,20 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
     return summary
 
 
+def report_summary(summary: dict[str, Any], path: Path) -> int:
+    """Print the table and headline figures of a finished run; the exit status it deserves."""
+    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
+                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
+               for t in summary["tasks"]]
+    print_table(records, summary["status"], out=sys.stdout)
+    print_headline(summary["metrics"], out=sys.stdout)
+    print(f"summary: {path}")
+    if summary["status"] != "SUCCEEDED":
+        print(f"\nerror: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
@@ -320,16 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
-                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
-               for t in summary["tasks"]]
-    print_table(records, summary["status"])
-    print_headline(summary["metrics"])
-    print(f"summary: {Path(args.pipeline_root) / 'summary.json'}")
-    if summary["status"] != "SUCCEEDED":
-        print(f"\nerror: {summary['error']}", file=sys.stderr)
-        return 1
-    return 0
+    return report_summary(summary, Path(args.pipeline_root) / "summary.json")
 
 
 if __name__ == "__main__":
