@@ -10,13 +10,15 @@ def complete_identities(images: Input[Dataset], labels: Input[Artifact], multipl
 
     Args:
         images: Packed image dataset from the extract step.
-        labels: Labels folder from the labels step.
+        labels: Labels folder from the labels step, made from `images`.
         multiple: K; every identity is completed to a multiple of it.
         min_images: Identities with fewer real images are not completed.
         seed: Seed of the deterministic augmentations.
         shard_size_mb: Target size of each tar shard in MB.
         completion: Packed dataset holding only the generated images
-            (manifest rows marked synthetic, naming their source image).
+            (manifest rows marked synthetic, naming their source image) and
+            provenance.json (dataset and labels fingerprints, multiple,
+            min_images, seed).
     """
     from facenet_kfp.complete import complete_dataset
     from facenet_kfp.kfp_io import compact_metadata, run_step

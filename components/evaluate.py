@@ -12,8 +12,10 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
 
     Args:
         model: Trained model folder from the train step.
-        images: Packed image dataset (real images only are used).
-        splits: Splits folder (val.txt and test.txt).
+        images: Packed image dataset (real images only are used); the one
+            the model was trained on, per model.json's input fingerprints.
+        splits: Splits folder (val.txt and test.txt) made from `images`,
+            per its provenance.json.
         max_positive_pairs: Cap on same-person pairs per split (as many different pairs).
         folds: Folds of the cross-validated accuracy.
         far_targets: False accept rates at which VAL is reported.

@@ -13,7 +13,8 @@ def split_identities(labels: Input[Artifact], train_fraction: float, val_fractio
         val_fraction: Share for validation (threshold selection); only identities with 2+ images.
         test_fraction: Share for the held-out test; only identities with 2+ images.
         seed: Seed of the identity shuffle.
-        splits: Folder with train.txt, val.txt, test.txt and summary.json.
+        splits: Folder with train.txt, val.txt, test.txt, summary.json and
+            provenance.json (fingerprints of the labels and their dataset).
     """
     from facenet_kfp.kfp_io import compact_metadata, run_step
     from facenet_kfp.splits import make_splits

@@ -31,6 +31,7 @@ from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, write_json
 from facenet_kfp.labels import COUNTS_JSON, LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
+from facenet_kfp.provenance import check_inputs, write_provenance
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,11 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
 
     dataset_dir: packed real images (the extract step's output). labels_dir:
     ``labels.json`` and ``image_counts.json`` (the labels step's output), which
-    must agree with the manifest. out_dir: written atomically; holds only the
-    generated images (manifest rows add ``source``, ``augmentation``, ``width``,
-    ``height``; ``synthetic`` is true) and ``completion.json``.
+    must be made from this dataset (its provenance) and agree with the
+    manifest. out_dir: written atomically; holds only the generated images
+    (manifest rows add ``source``, ``augmentation``, ``width``, ``height``;
+    ``synthetic`` is true), ``completion.json`` and ``provenance.json`` (the
+    dataset and labels fingerprints, `multiple`, `min_images`, `seed`).
 
     Identities with fewer than `min_images` real images are excluded (not
     completed; whether they need completing or not) and listed in
@@ -222,6 +225,7 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
 
     dataset_dir, labels_dir = Path(dataset_dir), Path(labels_dir)
     labels, counts = load_labels(labels_dir)
+    fingerprints = check_inputs(images=dataset_dir, labels=labels_dir)
     real = _real_images(dataset_dir)
     _check_agreement(real, labels, counts, dataset_dir, labels_dir)
     jobs, excluded = plan_completion(real, labels, multiple, min_images)
@@ -234,7 +238,7 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
     summary = {"generated": len(jobs), "identities_completed": completed,
                "identities_excluded": len(excluded), "excluded": excluded,
                "multiple": multiple, "seed": seed, "min_images": min_images}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, step="complete") as tmp:
         with ShardWriter(tmp, shard_size_mb << 20, prefix=SHARD_PREFIX) as writer, \
                 Progress("completion", total=len(jobs), unit="images", logger=log) as progress:
             for job, (jpeg, params, width, height) in _run_jobs(dataset_dir, jobs, seed, workers):
@@ -242,4 +246,6 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
                            augmentation=params, width=width, height=height)
                 progress.update()
         write_json(tmp / SUMMARY_FILE, summary)
+        write_provenance(tmp, "completion", images=fingerprints["images"], labels=fingerprints["labels"],
+                         multiple=multiple, min_images=min_images, seed=seed)
     return {key: value for key, value in summary.items() if key != "excluded"}

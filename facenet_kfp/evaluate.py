@@ -45,9 +45,10 @@ import numpy as np
 from facenet_kfp import metrics as vm
 from facenet_kfp.config import EvaluateConfig
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import write_json, write_text
+from facenet_kfp.fsutil import read_json, write_json, write_text
 from facenet_kfp.pairs import check_pairs_exist, make_pairs, parse_pairs_file
 from facenet_kfp.progress import Progress
+from facenet_kfp.provenance import check_inputs, check_recorded
 from facenet_kfp.shards import MANIFEST, ShardReader, read_manifest
 from facenet_kfp.splits import read_split
 
@@ -159,6 +160,11 @@ def _check_folder(path: Path, what: str) -> None:
 
 
 def _check_inputs(model_dir: Path, dataset_dir: Path, splits_dir: Path) -> None:
+    """The three folders exist, the splits come from this dataset and the model was trained on both.
+
+    model.json's ``inputs`` (fingerprints of what the model was trained on)
+    is compared when present; a model saved without it is only logged.
+    """
     _check_folder(model_dir, "model")
     if not (model_dir / MODEL_JSON).is_file():
         raise InputError(f"{model_dir / MODEL_JSON}: not found; is {model_dir} a model folder from train?")
@@ -166,6 +172,14 @@ def _check_inputs(model_dir: Path, dataset_dir: Path, splits_dir: Path) -> None:
     if not (dataset_dir / MANIFEST).is_file():
         raise InputError(f"{dataset_dir / MANIFEST}: not found; is {dataset_dir} a packed image dataset?")
     _check_folder(splits_dir, "splits")
+    fingerprints = check_inputs(images=dataset_dir, splits=splits_dir)
+    metadata = read_json(model_dir / MODEL_JSON)
+    recorded = metadata.get("inputs") if isinstance(metadata, dict) else None
+    if recorded is None:
+        log.warning("%s: no 'inputs' fingerprints; cannot check that the model was trained on %s and %s",
+                    model_dir / MODEL_JSON, dataset_dir, splits_dir)
+    else:
+        check_recorded(recorded, fingerprints, f"{model_dir / MODEL_JSON}", "trained")
 
 
 def real_rows_by_file(dataset_dir: Path) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, read_json, write_json
+from facenet_kfp.provenance import dataset_fingerprint, write_provenance
 from facenet_kfp.shards import read_manifest
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,14 @@ def build_labels(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     ``labels.json`` is ``{"Person_Name": id}`` with ids 0..n-1 assigned in sorted
     name order (Python string order, i.e. by code point); ``image_counts.json``
     is ``{"Person_Name": number of real images}``. Synthetic manifest rows are
-    not counted. The folder is written atomically.
+    not counted. ``provenance.json`` records the dataset's fingerprint
+    (`facenet_kfp.provenance`). The folder is written atomically.
 
     Returns ``{"identities": n, "images": real images in total, "max_images":
     largest count, "singletons": identities with exactly one real image}``.
     """
     counts = count_real_images(dataset_dir)
+    images = dataset_fingerprint(dataset_dir)
     labels = {name: index for index, name in enumerate(counts)}
     summary = {
         "identities": len(counts),
@@ -64,9 +67,10 @@ def build_labels(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
         "max_images": max(counts.values()),
         "singletons": sum(1 for count in counts.values() if count == 1),
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, step="labels") as tmp:
         write_json(tmp / LABELS_JSON, labels)
         write_json(tmp / COUNTS_JSON, counts)
+        write_provenance(tmp, "labels", images=images)
     log.info("%s: %d identities, %d real images (max %d per identity, %d singletons)", out_dir,
              summary["identities"], summary["images"], summary["max_images"], summary["singletons"])
     return summary

@@ -14,6 +14,7 @@ import numpy as np
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, write_json, write_text
 from facenet_kfp.labels import load_labels
+from facenet_kfp.provenance import check_inputs, read_provenance, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
     Sizes follow `split_sizes`.
 
     Writes ``train.txt``, ``val.txt``, ``test.txt`` (``Name<TAB>real_count`` per
-    line, sorted by name) and ``summary.json`` into `out_dir` atomically.
+    line, sorted by name), ``summary.json`` and ``provenance.json`` (the
+    fingerprints of the labels and of the dataset they came from) into
+    `out_dir` atomically.
 
     Returns ``{split: {"identities", "images", "identities_with_pairs"}, ...,
     "fractions": [train, val, test], "seed": seed}``, also the content of
@@ -101,6 +104,8 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     _, counts = load_labels(labels_dir)
+    labels_fingerprint = check_inputs(labels=labels_dir)["labels"]
+    images_fingerprint = read_provenance(labels_dir, "labels")["images"]
     names = sorted(counts)
     with_pairs = [name for name in names if counts[name] >= 2]
     singles = [name for name in names if counts[name] == 1]
@@ -126,10 +131,12 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
     summary["fractions"] = list(fractions)
     summary["seed"] = int(seed)
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, step="splits") as tmp:
         for split in SPLITS:
             write_text(tmp / f"{split}.txt", "".join(f"{name}\t{counts[name]}\n" for name in members[split]))
         write_json(tmp / SUMMARY_JSON, summary)
+        write_provenance(tmp, "splits", images=images_fingerprint, labels=labels_fingerprint,
+                         fractions=list(fractions), seed=int(seed))
     log.info("%s: %s", out_dir, ", ".join(
         f"{split} {summary[split]['identities']} identities / {summary[split]['images']} images"
         for split in SPLITS))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_kfp import complete
+from facenet_kfp import complete, provenance
 from facenet_kfp.augment import sample_params
 from facenet_kfp.complete import augmentation_rng, complete_dataset, generate_image
 from facenet_kfp.errors import InputError
+from facenet_kfp.labels import build_labels
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
 
 COUNTS = {"Ann_One": 1, "Bob_Two": 2, "Cat_Three": 3, "Dan_Four": 4, "Eve_Five": 5, "Fay_Eight": 8}
@@ -32,7 +33,10 @@ def jpeg(identity_index: int, number: int) -> bytes:
 def make_inputs(root: Path, counts: dict[str, int] = COUNTS, *, label_counts: dict[str, int] | None = None,
                 corrupt: str | None = None, extra_files: dict[str, str] | None = None
                 ) -> tuple[Path, Path]:
-    """A packed dataset (small shards, so images span several) and its labels folder."""
+    """A packed dataset (small shards, so images span several) and its labels folder from build_labels.
+
+    `label_counts` then overwrites image_counts.json, as a damaged labels folder would.
+    """
     dataset, labels_dir = root / "dataset", root / "labels"
     with ShardWriter(dataset, max_shard_bytes=60_000) as writer:
         for i, (name, count) in enumerate(sorted(counts.items())):
@@ -42,10 +46,9 @@ def make_inputs(root: Path, counts: dict[str, int] = COUNTS, *, label_counts: di
                 writer.add(name, file, data, width=250, height=250)
         for name, file in (extra_files or {}).items():
             writer.add(name, file, jpeg(99, 1), width=250, height=250)
-    labels_dir.mkdir()
-    names = sorted(counts)
-    (labels_dir / "labels.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
-    (labels_dir / "image_counts.json").write_text(json.dumps(label_counts or counts))
+    build_labels(dataset, labels_dir)
+    if label_counts is not None:
+        (labels_dir / "image_counts.json").write_text(json.dumps(label_counts))
     return dataset, labels_dir
 
 
@@ -204,11 +207,36 @@ def test_generated_names_must_not_collide_with_real_files(tmp_path):
 
 
 def test_synthetic_input_rows_are_refused(tmp_path):
-    dataset, labels = make_inputs(tmp_path, {"Ann_One": 1})
-    manifest = dataset / "manifest.jsonl"
-    row = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**row, "synthetic": True}) + "\n")
-    with pytest.raises(InputError, match="synthetic"):
+    dataset = tmp_path / "dataset"
+    with ShardWriter(dataset) as writer:
+        writer.add("Ann_One", "Ann_One/Ann_One_0001.jpg", jpeg(0, 1))
+        writer.add("Ann_One", "Ann_One/Ann_One_c0002.jpg", jpeg(0, 2), synthetic=True)
+    build_labels(dataset, tmp_path / "labels")
+    with pytest.raises(InputError, match=r"'Ann_One/Ann_One_c0002.jpg' is synthetic; completion expects"):
+        complete_dataset(dataset, tmp_path / "labels", tmp_path / "out", workers=1)
+
+
+def test_records_its_inputs_and_settings(tmp_path):
+    dataset, labels = make_inputs(tmp_path)
+    complete_dataset(dataset, labels, tmp_path / "out", multiple=8, min_images=2, seed=5, workers=1)
+    assert json.loads((tmp_path / "out" / "provenance.json").read_text()) == {
+        "artifact": "completion", "images": provenance.dataset_fingerprint(dataset),
+        "labels": provenance.fingerprint("labels", labels), "multiple": 8, "min_images": 2, "seed": 5}
+
+
+def test_labels_of_another_dataset_are_refused(tmp_path):
+    dataset, _ = make_inputs(tmp_path / "a")
+    _, other_labels = make_inputs(tmp_path / "b", {**COUNTS, "Gus_Nine": 9})
+    with pytest.raises(InputError, match=r"labels .*/b/labels was made from another dataset \(images "
+                                         r"fingerprint \w+, but images .*/a/dataset has \w+\)"):
+        complete_dataset(dataset, other_labels, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_without_provenance_are_refused(tmp_path):
+    dataset, labels = make_inputs(tmp_path)
+    (labels / "provenance.json").unlink()
+    with pytest.raises(InputError, match=r"provenance.json: not found; .*older version.* rerun the labels step"):
         complete_dataset(dataset, labels, tmp_path / "out", workers=1)
 
 
@@ -221,12 +249,11 @@ def test_failure_midway_leaves_no_output(tmp_path, workers):
         complete_dataset(dataset, labels, out, workers=workers)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    # An existing output folder (KFP creates it) is left exactly as it was.
+    # An existing empty output folder (KFP creates it) is left exactly as it was.
     out.mkdir()
-    (out / "marker").write_text("old")
     with pytest.raises(InputError, match="not a readable image"):
         complete_dataset(dataset, labels, out, workers=workers)
-    assert [p.name for p in out.iterdir()] == ["marker"]
+    assert list(out.iterdir()) == []
 
 
 def test_plan_is_independent_of_files():

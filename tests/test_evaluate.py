@@ -15,9 +15,11 @@ from PIL import Image
 
 from facenet_kfp import evaluate as ev
 from facenet_kfp import metrics as vm
+from facenet_kfp import provenance
 from facenet_kfp.config import EvaluateConfig
 from facenet_kfp.errors import DownloadError, InputError
 from facenet_kfp.fsutil import atomic_dir
+from facenet_kfp.labels import build_labels
 from facenet_kfp.pairs import make_pairs
 from facenet_kfp.shards import ShardWriter
 
@@ -50,9 +52,13 @@ def colour_embedding(data: bytes) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def build_data(tmp_path):
-    """Packed dataset (real images plus generated rows for val/test people), splits, image bytes by key."""
-    rng = np.random.default_rng(0)
+def build_data(tmp_path, seed=0):
+    """Packed dataset (real images plus generated rows for val/test people), its labels, splits, image bytes by key.
+
+    The split files name fixed people, so they are written here, with the
+    provenance make_splits would record.
+    """
+    rng = np.random.default_rng(seed)
     images, synthetic = {}, []
     dataset = tmp_path / "images"
     with atomic_dir(dataset) as tmp, ShardWriter(tmp, max_shard_bytes=4000) as writer:
@@ -69,12 +75,16 @@ def build_data(tmp_path):
                         data_bytes = jpeg((1.0, 0.0, 1.0 - 0.1 * c))
                         synthetic.append(data_bytes)
                         writer.add(name, f"{name}/{name}_000C{c}.jpg", data_bytes, synthetic=True)
+    labels = tmp_path / "labels"
+    build_labels(dataset, labels)
     splits = tmp_path / "splits"
     splits.mkdir()
     for split, people in (("train", TRAIN), ("val", VAL), ("test", TEST)):
         (splits / f"{split}.txt").write_text("".join(f"{n}\t{c}\n" for n, c in sorted(people.items())))
-    return {"dataset": dataset, "splits": splits, "images": images, "synthetic": synthetic,
-            "root": tmp_path}
+    provenance.write_provenance(splits, "splits", images=provenance.dataset_fingerprint(dataset),
+                                labels=provenance.fingerprint("labels", labels))
+    return {"dataset": dataset, "labels": labels, "splits": splits, "images": images,
+            "synthetic": synthetic, "root": tmp_path}
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +98,13 @@ def fresh_data(tmp_path):
     return build_data(tmp_path)
 
 
-def write_model_dir(path, squared=True):
+def write_model_dir(path, squared=True, inputs=None):
+    """model.json (with `inputs`, the fingerprints train records, when given) and history.json."""
     path.mkdir(parents=True, exist_ok=True)
     meta = {"distance": {"squared": squared, "margin": 0.2},
             "preprocessing": {"image_size": 32, "crop_fraction": 0.6, "version": "centre-crop-v1"}}
+    if inputs is not None:
+        meta["inputs"] = inputs
     (path / "model.json").write_text(json.dumps(meta))
     (path / "history.json").write_text(json.dumps(HISTORY))
     return path
@@ -363,6 +376,36 @@ def test_input_errors_name_the_file(fresh_data, fake_model, tmp_path):
     with pytest.raises(InputError, match="manifest"):
         ev.evaluate(model, tmp_path, data["splits"], CONFIG, report_path=tmp_path / "r.html",
                     threshold_path=tmp_path / "t.json")
+    assert not fake_model
+
+
+def test_model_trained_on_these_inputs_is_evaluated(data, fake_model, tmp_path):
+    inputs = provenance.check_inputs(images=data["dataset"], labels=data["labels"], splits=data["splits"])
+    result, _ = run(data, write_model_dir(tmp_path / "model", inputs=inputs))
+    assert result["metrics"]["test_pairs"] > 0
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("images", r"model.json: trained on another dataset \(images fingerprint 0{12}\) than the images given"),
+    ("splits", r"model.json: trained on other splits \(splits fingerprint 0{12}\) than the splits given"),
+])
+def test_model_trained_on_other_inputs_is_refused(data, fake_model, tmp_path, kind, match):
+    inputs = provenance.check_inputs(images=data["dataset"], splits=data["splits"])
+    model = write_model_dir(tmp_path / "model", inputs={**inputs, kind: "0" * 64})
+    with pytest.raises(InputError, match=match):
+        run(data, model)
+    assert not fake_model and not (tmp_path / "out").exists()
+
+
+def test_splits_of_another_dataset_or_without_provenance_are_refused(data, fake_model, tmp_path):
+    other = build_data(tmp_path / "other", seed=1)      # the same people, other images
+    model = write_model_dir(tmp_path / "model")
+    with pytest.raises(InputError, match=r"splits .*other/splits was made from another dataset \(images "
+                                         r"fingerprint \w+, but images .*/images has \w+\)"):
+        run({**data, "splits": other["splits"]}, model)
+    (other["splits"] / provenance.PROVENANCE_JSON).unlink()
+    with pytest.raises(InputError, match=r"splits/provenance.json: not found.* rerun the splits step"):
+        run({**data, "splits": other["splits"]}, model)
     assert not fake_model
 
 

@@ -8,7 +8,9 @@ import random
 import pytest
 
 from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import STEP_MARKER
 from facenet_kfp.labels import build_labels, count_real_images, load_labels
+from facenet_kfp.provenance import PROVENANCE_JSON, check_inputs, dataset_fingerprint
 from facenet_kfp.shards import ShardWriter
 
 # identity -> (real images, synthetic images)
@@ -58,12 +60,30 @@ def test_labels_do_not_depend_on_manifest_order(tmp_path):
         assert (tmp_path / "la" / name).read_bytes() == (tmp_path / "lb" / name).read_bytes()
 
 
-def test_existing_output_folder_is_replaced(tmp_path):
+def test_earlier_output_is_replaced_anything_else_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "dataset")
     out = tmp_path / "labels"
-    out.mkdir()
+    out.mkdir()     # an empty folder, as KFP creates it
+    build_labels(dataset, out)
     (out / "old.json").write_text("{}")
-    build_labels(write_dataset(tmp_path / "dataset"), out)
-    assert sorted(p.name for p in out.iterdir()) == ["image_counts.json", "labels.json"]
+    build_labels(dataset, out)      # the step's own earlier output
+    assert sorted(p.name for p in out.iterdir()) == [STEP_MARKER, "image_counts.json", "labels.json",
+                                                     PROVENANCE_JSON]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="refusing to replace"):
+        build_labels(dataset, tmp_path / "work")
+    with pytest.raises(InputError, match="refusing to replace"):
+        build_labels(dataset, tmp_path)      # the folder holding the input
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and dataset.is_dir()
+
+
+def test_records_the_dataset_fingerprint(tmp_path):
+    dataset = write_dataset(tmp_path / "dataset")
+    build_labels(dataset, tmp_path / "labels")
+    assert json.loads((tmp_path / "labels" / PROVENANCE_JSON).read_text()) == {
+        "artifact": "labels", "images": dataset_fingerprint(dataset)}
+    assert check_inputs(images=dataset, labels=tmp_path / "labels")["images"] == dataset_fingerprint(dataset)
 
 
 def test_identity_with_only_synthetic_images_is_an_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for facenet_kfp.splits on label folders written here."""
+"""Tests for facenet_kfp.splits on label folders made by build_labels from small packed datasets."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ import json
 import pytest
 
 from facenet_kfp.errors import InputError
+from facenet_kfp.labels import build_labels
+from facenet_kfp.provenance import PROVENANCE_JSON, check_inputs, fingerprint, read_provenance
+from facenet_kfp.shards import ShardWriter
 from facenet_kfp.splits import make_splits, read_split, split_sizes
 
 SPLITS = ("train", "val", "test")
 
 
 def write_labels(path, counts):
-    path.mkdir(parents=True, exist_ok=True)
-    names = sorted(counts)
-    (path / "labels.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
-    (path / "image_counts.json").write_text(json.dumps({name: counts[name] for name in names}))
+    """A labels folder at `path` for a packed dataset (placeholder bytes) written beside it."""
+    dataset = path.with_name(path.name + "-images")
+    with ShardWriter(dataset) as writer:
+        for name in sorted(counts):
+            for i in range(1, counts[name] + 1):
+                writer.add(name, f"{name}/{name}_{i:04d}.jpg", b"\xff\xd8 not decoded here")
+    build_labels(dataset, path)
     return path
 
 
@@ -185,3 +191,23 @@ def test_read_split_checks_name_and_file(tmp_path):
         read_split(tmp_path, "test")
     (tmp_path / "train.txt").write_text("Ann\t2\n\nBo\t1\n")
     assert read_split(tmp_path, "train") == [("Ann", 2), ("Bo", 1)]
+
+
+def test_records_the_labels_and_their_dataset(tmp_path):
+    labels = write_labels(tmp_path / "labels", mixed_counts(5, 10))
+    make_splits(labels, tmp_path / "splits", (0.6, 0.2, 0.2), seed=4)
+    assert json.loads((tmp_path / "splits" / PROVENANCE_JSON).read_text()) == {
+        "artifact": "splits", "images": read_provenance(labels, "labels")["images"],
+        "labels": fingerprint("labels", labels), "fractions": [0.6, 0.2, 0.2], "seed": 4}
+    assert set(check_inputs(labels=labels, splits=tmp_path / "splits")) == {"labels", "splits"}
+    other = write_labels(tmp_path / "other", mixed_counts(5, 11))
+    with pytest.raises(InputError, match=r"splits .*/splits was made from other labels"):
+        check_inputs(labels=other, splits=tmp_path / "splits")
+
+
+def test_labels_without_provenance_are_refused(tmp_path):
+    labels = write_labels(tmp_path / "labels", mixed_counts(5, 10))
+    (labels / PROVENANCE_JSON).unlink()
+    with pytest.raises(InputError, match=r"labels/provenance.json: not found.* rerun the labels step"):
+        make_splits(labels, tmp_path / "splits")
+    assert not (tmp_path / "splits").exists()
