@@ -17,18 +17,35 @@ content, not by name) is never unpacked onto the file system:
    Pillow in a process pool; each worker reads its own bytes from the archive.
    For a tar only (reason, width, height) comes back and this process re-reads
    the bytes of valid images by offset (cheaper than pickling them); zip
-   members are inflated once, in the worker, and sent back. The original
-   bytes (never re-encoded) go into tar shards through `ShardWriter`.
+   members are inflated once, in the worker, and sent back. JPEG (grey or
+   RGB) and PNG bytes are stored as they are; every other accepted format
+   (BMP, GIF, TIFF, WebP, CMYK JPEG), which TensorFlow's decoder misreads or
+   cannot read (a 1-bit BMP fails, a palette BMP comes out as its indices),
+   is re-encoded losslessly as PNG, so whatever extract accepts, training reads.
 
-Memory stays bounded: at most ``2 * workers`` chunks of at most
-`_CHUNK_BYTES` each are in flight, and no member is larger than
-`MAX_IMAGE_BYTES`.
+Only errors that say "this file is not a valid image" skip an image; any other
+error (a failed read of the archive, no memory, a bug) fails the step. When
+more than `max_skipped_fraction` of the images are unusable the step fails too:
+a mostly broken archive is not a dataset. Junk (OS metadata, hidden files,
+files without an image suffix that are not images, files outside
+``<root>/<identity>/``) is skipped and reported but is not an unusable image.
+
+Resources stay bounded: at most ``2 * workers`` chunks of at most
+`_CHUNK_BYTES` each are in flight, no member is larger than `MAX_IMAGE_BYTES`,
+and an extraction writes (scratch plus shards) at most `max_expansion` times
+the archive's size, at least `MIN_EXPANSION_BYTES`. Scratch lives in a
+locked folder of the temporary folder, removed on any exception (SIGTERM
+included, where the entry point turns it into one); child processes die with
+this process, and a later run removes the scratch of a killed one.
 """
 
 from __future__ import annotations
 
 import bz2
 import collections
+import contextlib
+import ctypes
+import fcntl
 import gzip
 import io
 import logging
@@ -37,8 +54,11 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
+import signal
 import stat
 import struct
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -59,11 +79,22 @@ log = logging.getLogger(__name__)
 DATASET_JSON = "dataset.json"
 # Top folders of the published LFW variants, preferred when several top folders exist.
 KNOWN_ROOTS = ("lfw", "lfw-deepfunneled", "lfw-funneled")
-# Formats tf.io.decode_image reads: anything else would fail later, inside training.
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# Formats Pillow may decode here; all but grey/RGB JPEG and PNG are stored re-encoded as PNG.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+# Stored as they are: tf.io.decode_image reads these (modes as Pillow names them) correctly.
+_KEPT = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"), "PNG": None}   # None: every mode
+# Modes a re-encoded PNG keeps (lossless); others become RGB, as TensorFlow would decode them.
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+# A file with one of these suffixes in an identity folder is an image, even when it does not decode.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 # No face image is this large (LFW's are ~15 KB); refusing bigger members bounds memory.
 MAX_IMAGE_BYTES = 64 << 20
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+# The least an extraction may always write: tiny archives (tests, demos) need no max_expansion.
+MIN_EXPANSION_BYTES = 64 << 20
+SCRATCH_PREFIX = "facenet-extract-"
+# How check_image's reasons start for a file whose format Pillow recognised (an image, if broken).
+_DAMAGED = ("undecodable or truncated image", "too many pixels")
 
 _CHUNK_IMAGES = 32          # images per task sent to a worker
 _CHUNK_BYTES = 8 << 20      # ... or fewer, so a chunk holds at most ~8 MB
@@ -71,7 +102,15 @@ _DECOMPRESS_CHUNK = 1 << 20   # bytes per progress message from the decompressin
 _CODECS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 control characters: never part of a real file name (C1 appear when latin-1 decodes junk).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_PR_SET_PDEATHSIG = 1       # linux/prctl.h
+# Pillow raises these for a file that is not a valid image (its fuzz tests accept the same set,
+# less MemoryError, which here means the machine is short of memory and fails the step);
+# struct.error comes from headers too short for their fields. OSError only without an errno:
+# Pillow's decoders raise bare OSError("image file is truncated"), real I/O errors carry one.
+_BAD_IMAGE_ERRORS = (SyntaxError, ValueError, EOFError, NotImplementedError, OverflowError,
+                     struct.error, Image.DecompressionBombError)
 
 
 class _Member(NamedTuple):
@@ -92,32 +131,49 @@ class _Candidate(NamedTuple):
 # --------------------------------------------------------------------------- public API
 
 def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    shard_size_mb: int = 64, workers: int | None = None) -> dict:
+                    shard_size_mb: int = 64, workers: int | None = None,
+                    max_skipped_fraction: float = 0.01, max_expansion: float = 20.0) -> dict:
     """Pack the valid images of `archive` into a sharded dataset at `out_dir`.
 
     Args:
         archive: a .tar, .tar.gz/.tgz (also bzip2/xz) or .zip file, detected by content.
-        out_dir: output folder, replaced atomically; gets ``manifest.jsonl``,
+        out_dir: output folder, replaced atomically when absent, empty or an
+            earlier output of this step; gets ``manifest.jsonl``,
             ``shards/images-NNNNN.tar`` (about `shard_size_mb` MiB each) and
             ``dataset.json`` (the returned summary). A compressed tar needs its
             uncompressed size as scratch space in the temporary folder (TMPDIR).
         shard_size_mb: target shard size in MiB (>= 1).
         workers: decoding processes; None uses every CPU this process may run on,
             1 decodes in this process.
+        max_skipped_fraction: fail when more than this fraction (0..1) of the
+            images is unusable: unusable / (stored + unusable). An unusable image
+            is a file in an identity folder that has an image suffix
+            (`IMAGE_SUFFIXES`) or that Pillow recognises as an image, and that
+            cannot be stored (undecodable, truncated, empty, too large, ...).
+            Junk is skipped without counting: OS metadata, hidden files, files
+            outside ``<root>/<identity>/``, and other files that are not images
+            (``notes.txt``).
+        max_expansion: an extraction may write (decompressed tar in TMPDIR plus
+            shards) at most this many times the archive's size, and always
+            `MIN_EXPANSION_BYTES`; more is refused as a likely decompression bomb.
 
     Returns:
-        ``{"images", "identities", "image_root", "shards", "skipped", "format"}``:
-        counts of stored images and identities, the image root inside the
-        archive ("." when identity folders are at the top), the number of
-        shard files, ``[{"member", "reason"}, ...]`` sorted by member name,
-        and "tar" or "zip".
+        ``{"images", "identities", "image_root", "shards", "skipped", "unusable",
+        "converted", "format"}``: counts of stored images and identities, the
+        image root inside the archive ("." when identity folders are at the
+        top), the number of shard files, ``[{"member", "reason"}, ...]`` sorted
+        by member name, how many of those are unusable images, how many images
+        were re-encoded as PNG, and "tar" or "zip".
 
     Manifest rows are ``{identity, file: "<identity>/<name>", synthetic: False,
-    width, height, shard, offset, size}``, sorted by identity then file name.
+    width, height, shard, offset, size}``, sorted by identity then file name;
+    a re-encoded image adds ``converted_from`` (its format, e.g. "BMP") and
+    keeps its file name.
 
     Raises:
         InputError: the archive is missing, not a tar/zip, corrupt, empty, has
-            an unsafe member (named in the message), or no valid image.
+            an unsafe member (named in the message), no valid image, too many
+            unusable images, or would write more than `max_expansion` allows.
     """
     archive = Path(archive)
     out_dir = Path(out_dir)
@@ -127,54 +183,186 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
         workers = _available_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be an integer >= 1 or None, got {workers!r}")
+    if not _is_number(max_skipped_fraction) or not 0 <= max_skipped_fraction <= 1:
+        raise InputError(f"max_skipped_fraction must be a number from 0 to 1, got {max_skipped_fraction!r}")
+    if not _is_number(max_expansion) or not 1 <= max_expansion < math.inf:
+        raise InputError(f"max_expansion must be a finite number >= 1, got {max_expansion!r}")
     if not archive.is_file():
         raise InputError(f"{archive}: archive not found")
 
     fmt, codec = _detect_format(archive)
-    with tempfile.TemporaryDirectory(prefix="facenet-extract-") as scratch:
+    budget = _Budget(archive, max_expansion)
+    with _scratch_dir() as scratch:
         source = archive
         if fmt == "zip":
             members = _scan_zip(archive)
         elif codec:
-            source = Path(scratch) / "archive.tar"
-            with _GrowingTar(archive, codec, source) as growing:
+            source = scratch / "archive.tar"
+            with _GrowingTar(archive, codec, source, budget) as growing:
                 members = _scan_tar(growing, archive)
-                growing.finish()
+                budget.spend(growing.finish(), "the decompressed tar")
         else:
             with open(archive, "rb") as handle:
                 members = _scan_tar(handle, archive)
         skipped: list[dict] = []
-        root, candidates = _plan(members, skipped, archive)
+        unusable: list[dict] = []
+        root, candidates = _plan(members, skipped, unusable, archive)
         log.info("%s: image root %r, %d candidate images in %d identity folders", archive, root,
                  len(candidates), len({c.identity for c in candidates}))
 
-        with atomic_dir(out_dir) as tmp, _Source(fmt, str(source)) as reader:
-            with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer:
-                for cand, (data, reason, width, height) in _decode_all(fmt, source, candidates, workers):
-                    if reason:
-                        _skip(skipped, cand.member.name, reason)
+        converted = 0
+        with atomic_dir(out_dir, step="extract") as tmp, _Source(fmt, str(source)) as reader:
+            with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer, \
+                    contextlib.closing(_decode_all(fmt, source, candidates, workers)) as results:
+                for cand, (data, check) in results:
+                    if check.reason:
+                        _skip(skipped, cand.member.name, check.reason)
+                        if _is_image(cand.file, check.reason):
+                            unusable.append(skipped[-1])
                         continue
-                    if data is None:
+                    if check.png is not None:
+                        data = check.png
+                        converted += 1
+                    elif data is None:
                         data, _ = reader.read(cand.member)
+                    budget.spend(len(data) + 2 * tarfile.BLOCKSIZE, "the packed images")
+                    extra = {"converted_from": check.converted_from} if check.png is not None else {}
                     writer.add(cand.identity, cand.file, data, synthetic=False,
-                               width=width, height=height)
+                               width=check.width, height=check.height, **extra)
             rows = writer.records
             if not rows:
                 raise InputError(f"{archive}: no identity has a valid image "
                                  f"({len(skipped)} files skipped, e.g. {skipped[0]['member']}: "
                                  f"{skipped[0]['reason']})")
+            _check_unusable(archive, unusable, len(rows), max_skipped_fraction)
             summary = {
                 "images": len(rows),
                 "identities": len({row["identity"] for row in rows}),
                 "image_root": root,
                 "shards": len(shard_files(tmp)),
                 "skipped": sorted(skipped, key=lambda item: item["member"]),
+                "unusable": len(unusable),
+                "converted": converted,
                 "format": fmt,
             }
             write_json(tmp / DATASET_JSON, summary)
-    log.info("%s: %d images of %d identities in %d shards, %d files skipped", out_dir,
-             summary["images"], summary["identities"], summary["shards"], len(skipped))
+    log.info("%s: %d images of %d identities in %d shards, %d files skipped (%d unusable images), "
+             "%d re-encoded as PNG", out_dir, summary["images"], summary["identities"],
+             summary["shards"], len(skipped), len(unusable), converted)
     return summary
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_image(file: str, reason: str) -> bool:
+    """Whether a skipped file in an identity folder counts as an unusable image (not as junk):
+    it has an image suffix, or Pillow recognised its format but could not decode it."""
+    return file.lower().endswith(IMAGE_SUFFIXES) or reason.startswith(_DAMAGED)
+
+
+def _check_unusable(archive: Path, unusable: list[dict], stored: int, max_fraction: float) -> None:
+    """InputError when more than `max_fraction` of the images could not be stored."""
+    total = stored + len(unusable)
+    if len(unusable) <= max_fraction * total:
+        return
+    examples = "; ".join(f"{item['member']}: {item['reason']}"
+                         for item in sorted(unusable, key=lambda item: item["member"])[:5])
+    raise InputError(f"{archive}: {len(unusable)} of {total} images are unusable "
+                     f"({len(unusable) / total:.1%}, more than max_skipped_fraction "
+                     f"{max_fraction:g}), e.g. {examples}; repair or replace the archive, or "
+                     f"raise max_skipped_fraction (config data.max_skipped_fraction, pipeline "
+                     f"parameter max_skipped_fraction, facenet-kfp extract --max-skipped-fraction) "
+                     f"to keep only its valid images")
+
+
+class _Budget:
+    """Bytes an extraction may write: `max_expansion` x the archive's size, at least MIN_EXPANSION_BYTES."""
+
+    def __init__(self, archive: Path, max_expansion: float):
+        self.archive, self.max_expansion = archive, max_expansion
+        self.archive_bytes = archive.stat().st_size
+        self.limit = max(int(self.archive_bytes * max_expansion), MIN_EXPANSION_BYTES)
+        self.used = 0
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.used
+
+    def spend(self, nbytes: int, what: str) -> None:
+        self.used += nbytes
+        if self.used > self.limit:
+            raise self.exceeded(what)
+
+    def exceeded(self, what: str) -> InputError:
+        return InputError(
+            f"{self.archive}: {what} would take the extraction past {self.limit:,} bytes, the most "
+            f"it may write (max_expansion {self.max_expansion:g} x the archive's "
+            f"{self.archive_bytes:,} bytes, and at least {MIN_EXPANSION_BYTES >> 20} MiB); face "
+            f"image archives expand about 1.1x, so this looks like a decompression bomb; if the "
+            f"archive is genuine, raise max_expansion (config data.max_expansion, pipeline "
+            f"parameter max_expansion, facenet-kfp extract --max-expansion)")
+
+
+# --------------------------------------------------------------------------- scratch and children
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """A new folder in the temporary folder, removed when the block ends, however it ends.
+
+    The folder holds a lock file, locked for the block's lifetime (and by forked
+    children, which die with this process): a folder whose lock is free belongs
+    to a process that was killed (SIGKILL, out of memory) and is removed here
+    before a new one is made.
+    """
+    _remove_stale_scratch(Path(tempfile.gettempdir()))
+    path = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+    fd = None
+    try:
+        # Locked before it gets its name, so no other run ever sees it unlocked.
+        fd = os.open(path / ".lock.new", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(path / ".lock.new", path / ".lock")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove_stale_scratch(temp_dir: Path) -> None:
+    """Remove the scratch folders in `temp_dir` whose lock no process holds."""
+    for folder in temp_dir.glob(SCRATCH_PREFIX + "*"):
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except OSError:
+            continue  # not locked yet (being made), or another user's
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use by a running extraction
+        finally:
+            os.close(fd)
+        log.warning("removing %s, scratch left by an extraction that was killed", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _become_child(parent: int) -> None:
+    """Set up a forked child process so that it never outlives `parent` nor reports its signals.
+
+    On Linux the kernel kills the child when the parent ends (PR_SET_PDEATHSIG,
+    also after a SIGKILL); elsewhere callers check ``os.getppid()``. Ctrl-C is
+    left to the parent, which stops its children; SIGTERM ends the child at once.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)  # the parent ended before the death signal was armed
 
 
 # --------------------------------------------------------------------------- archive reading
@@ -225,22 +413,36 @@ def _detect_format(archive: Path) -> tuple[str, str]:
     raise InputError(f"{archive}: not a tar (plain, gzip, bzip2 or xz) or zip archive")
 
 
-def _decompress_into(archive: str, codec: str, target: str, conn) -> None:
-    """Child process: decompress `archive` into `target`, sending the byte count after each chunk.
+def _decompress_into(archive: str, codec: str, target: str, limit: int, parent: int, conn) -> None:
+    """Child process: decompress `archive` into `target`, at most `limit` bytes, reporting each chunk.
 
-    Messages: ("progress", bytes), then ("done", bytes) or ("error", text).
+    Messages: ("progress", bytes), then ("done", bytes), ("limit", bytes) when
+    the output would pass `limit`, ("corrupt", text) for bad compressed data,
+    or ("io", (errno, text)) when reading or writing fails (a full disk).
     """
+    _become_child(parent)
     total = 0
     try:
         with _CODECS[codec](archive, "rb") as src, open(target, "wb") as dst:
             while chunk := src.read(_DECOMPRESS_CHUNK):
+                if total + len(chunk) > limit:
+                    conn.send(("limit", total + len(chunk)))
+                    return
+                if os.getppid() != parent:
+                    return  # the parent died (where no death signal exists)
                 dst.write(chunk)
                 dst.flush()  # the parent reads the bytes as soon as it hears of them
                 total += len(chunk)
                 conn.send(("progress", total))
         conn.send(("done", total))
-    except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    except OSError as exc:
+        # gzip, bz2 and lzma report bad data as OSError without an errno; I/O errors have one.
+        if exc.errno is not None:
+            conn.send(("io", (exc.errno, f"{exc.strerror} ({exc.filename or target})")))
+        else:
+            conn.send(("corrupt", f"{type(exc).__name__}: {exc}"))
+    except (EOFError, zlib.error, lzma.LZMAError) as exc:
+        conn.send(("corrupt", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
@@ -252,8 +454,9 @@ class _GrowingTar:
     parse headers (seeking over member data) while decompression goes on.
     """
 
-    def __init__(self, archive: Path, codec: str, target: Path):
+    def __init__(self, archive: Path, codec: str, target: Path, budget: _Budget):
         self.archive = archive
+        self._budget = budget
         self.written = 0
         self.done = False
         self._pos = 0
@@ -262,7 +465,8 @@ class _GrowingTar:
         ctx = _mp_context()
         self._conn, child_conn = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_decompress_into, name="decompress", daemon=True,
-                                 args=(str(archive), codec, str(target), child_conn))
+                                 args=(str(archive), codec, str(target), budget.left, os.getpid(),
+                                       child_conn))
         self._proc.start()
         child_conn.close()
         self._progress = Progress(f"decompress {archive.name}", unit="MB", scale=1 << 20)
@@ -280,8 +484,12 @@ class _GrowingTar:
             self._proc.join()
             raise FacenetError(f"{self.archive}: decompression process ended without a result "
                                f"(exit code {self._proc.exitcode})") from None
-        if kind == "error":
+        if kind == "corrupt":
             raise InputError(f"{self.archive}: corrupt or truncated compressed archive ({value})")
+        if kind == "limit":
+            raise self._budget.exceeded("the decompressed tar")
+        if kind == "io":
+            raise OSError(value[0], f"decompressing {self.archive} failed: {value[1]}")
         self._progress.update(value - self.written)
         self.written = value
         if kind == "done":
@@ -318,7 +526,7 @@ class _GrowingTar:
 
     def close(self) -> None:
         if self._proc.is_alive():
-            self._proc.terminate()  # we stopped early (unsafe member, error): its output is unused
+            self._proc.kill()  # we stopped early (unsafe member, error, signal): its output is unused
         self._proc.join()
         self._conn.close()
         os.close(self._fd)
@@ -331,6 +539,20 @@ def _unsafe_name(name: str) -> str:
     if ".." in name and ".." in re.split(r"[/\\]", name):
         return "'..' path component"
     return ""
+
+
+def _text(name: str) -> str:
+    """A tar member name as text that any later step can store.
+
+    tarfile keeps bytes that are not UTF-8 as lone surrogates, which JSON,
+    TensorFlow strings and tar headers cannot hold; such a name (an archive made
+    where names were latin-1, say ``b"Zo\\xeb"``) is decoded as latin-1 instead.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("latin-1")
+    return name
 
 
 def _parts(name: str) -> tuple:
@@ -423,7 +645,8 @@ def _scan_tar(fileobj, archive: Path) -> list[_Member]:
         while (info := tar.next()) is not None:
             count += 1
             tar.members.clear()  # tarfile keeps every TarInfo otherwise; we keep our own list
-            why = _unsafe_name(info.name)
+            name = _text(info.name)
+            why = _unsafe_name(name)
             if not why:
                 if info.issym() or info.islnk():
                     why = f"{'symbolic' if info.issym() else 'hard'} link to {info.linkname!r}"
@@ -434,11 +657,11 @@ def _scan_tar(fileobj, archive: Path) -> list[_Member]:
                 elif not (info.isreg() or info.isdir()):
                     why = f"unsupported member type {info.type!r}"
             if why:
-                raise InputError(f"{archive}: refusing the whole archive: member {info.name!r} "
+                raise InputError(f"{archive}: refusing the whole archive: member {name!r} "
                                  f"is unsafe ({why})")
             if info.isreg():
                 problem = "sparse tar member (not supported)" if info.issparse() else ""
-                members.append(_Member(info.name, _parts(info.name), info.offset_data, info.size, problem))
+                members.append(_Member(name, _parts(name), info.offset_data, info.size, problem))
         fileobj.seek(tar.offset)
         end = fileobj.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as exc:
@@ -458,6 +681,9 @@ def _scan_zip(archive: Path) -> list[_Member]:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"{archive}: corrupt zip archive ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{archive}: refusing the whole archive: member name {exc.object!r} is "
+                         f"marked as UTF-8 but is not ({exc.reason}); repack the archive") from None
     if not infos:
         raise InputError(f"{archive}: archive is empty (no members)")
     members = []
@@ -514,14 +740,29 @@ def _find_root(paths: list[tuple]) -> tuple:
     return ()
 
 
+def _unstorable(member: _Member, parts: tuple) -> str:
+    """Why a file in an identity folder cannot be stored without decoding it ("" if it may be)."""
+    if _CONTROL.search(parts[-2]) or _CONTROL.search(parts[-1]):
+        return "control character (tab, newline, ...) in the name"
+    if member.problem:
+        return member.problem
+    if member.size > MAX_IMAGE_BYTES:
+        return f"too large for an image ({member.size:,} bytes, limit {MAX_IMAGE_BYTES:,})"
+    return ""
+
+
 def _skip(skipped: list[dict], member: str, reason: str) -> None:
     level = logging.INFO if reason.startswith("junk") else logging.WARNING
     log.log(level, "skipping %s: %s", member, reason)
     skipped.append({"member": member, "reason": reason})
 
 
-def _plan(members: list[_Member], skipped: list[dict], archive: Path) -> tuple[str, list[_Candidate]]:
-    """Choose the image root and the candidate images, sorted by identity then file name."""
+def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
+          archive: Path) -> tuple[str, list[_Candidate]]:
+    """Choose the image root and the candidate images, sorted by identity then file name.
+
+    Skipped members go to `skipped`; those that are images in an identity folder also to `unusable`.
+    """
     if not members:
         raise InputError(f"{archive}: archive holds no files (only folders)")
     kept = []
@@ -549,13 +790,10 @@ def _plan(members: list[_Member], skipped: list[dict], archive: Path) -> tuple[s
         elif len(parts) != depth:
             _skip(skipped, member.name, f"not directly inside an identity folder "
                                         f"(expected {root_text}<identity>/<file>)")
-        elif _CONTROL.search(parts[-2]) or _CONTROL.search(parts[-1]):
-            _skip(skipped, member.name, "control character (tab, newline, ...) in the name")
-        elif member.problem:
-            _skip(skipped, member.name, member.problem)
-        elif member.size > MAX_IMAGE_BYTES:
-            _skip(skipped, member.name, f"too large for an image ({member.size:,} bytes, "
-                                        f"limit {MAX_IMAGE_BYTES:,})")
+        elif reason := _unstorable(member, parts):
+            _skip(skipped, member.name, reason)
+            if parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                unusable.append(skipped[-1])
         else:
             file = f"{parts[-2]}/{parts[-1]}"
             earlier = by_file.get(file)
@@ -602,8 +840,14 @@ class _Source:
             return self._zip.read(self._infos[member.locator]), ""
         except NotImplementedError as exc:
             return None, f"unsupported zip compression ({exc})"
-        except zipfile.BadZipFile as exc:
-            raise InputError(f"{self.path}: corrupt zip member {member.name!r} ({exc})") from exc
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # reading the archive failed: not the member's fault
+            bad = exc  # bz2 reports bad data as OSError without an errno
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as exc:
+            bad = exc
+        raise InputError(f"{self.path}: corrupt zip member {member.name!r} "
+                         f"({type(bad).__name__}: {bad})") from bad
 
     def close(self) -> None:
         if self._fd is not None:
@@ -614,47 +858,74 @@ class _Source:
             self._zip = None
 
 
-def check_image(data: bytes) -> tuple[str, int, int]:
-    """Fully decode `data` with Pillow: ("", width, height) if valid, else (reason, 0, 0)."""
+class ImageCheck(NamedTuple):
+    """What decoding one file found."""
+    reason: str = ""             # why the file is skipped; "" for a usable image
+    width: int = 0
+    height: int = 0
+    png: bytes | None = None     # lossless PNG to store instead of the original bytes
+    converted_from: str = ""     # the original format, when `png` is set
+
+
+def check_image(data: bytes) -> ImageCheck:
+    """Fully decode `data` with Pillow; re-encode it as PNG unless TensorFlow reads it as it is.
+
+    Grey or RGB JPEG and PNG keep their bytes (`png` is None); other formats
+    (`IMAGE_FORMATS`) come back as PNG in the same mode when PNG has it
+    (`_PNG_MODES`), else as RGB, the pixels TensorFlow would decode. A file
+    that is not a valid image gets a `reason`; any other error (no memory, an
+    I/O error, a bug) propagates.
+    """
     if not data:
-        return "empty file (0 bytes)", 0, 0
+        return ImageCheck("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
-            img.load()  # open() only parses the header; load() finds truncated/corrupt data
-            width, height = img.size
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        img.load()  # open() only parses the header; load() finds truncated/corrupt data
     except Image.UnidentifiedImageError:
-        return f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})", 0, 0
+        return ImageCheck(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})")
     except Image.DecompressionBombError as exc:
-        return f"too many pixels ({exc})", 0, 0
-    # Pillow's decoders report corrupt data as OSError, SyntaxError, ValueError,
-    # EOFError and more; whatever the type, the file is skipped and the reason kept.
-    except Exception as exc:  # noqa: BLE001
-        return f"undecodable or truncated image ({type(exc).__name__}: {exc})", 0, 0
-    return "", width, height
+        return ImageCheck(f"too many pixels ({exc})")
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
+    except _BAD_IMAGE_ERRORS as exc:
+        return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
+    with img:
+        kept = _KEPT.get(img.format, ())
+        if kept is None or img.mode in kept:
+            return ImageCheck("", *img.size)
+        buf = io.BytesIO()
+        (img if img.mode in _PNG_MODES else img.convert("RGB")).save(buf, "PNG")
+        return ImageCheck("", *img.size, buf.getvalue(), img.format)
 
 
-def _decode_members(source: _Source, members: list[_Member]) -> list[tuple]:
-    """(bytes or None, reason, width, height) per member.
+def _decode_members(source: _Source, members: list[_Member]) -> list[tuple[bytes | None, ImageCheck]]:
+    """(original bytes or None, ImageCheck) per member.
 
-    Bytes come back only for valid zip images: a tar member is cheaper to re-read
-    by offset than to pickle between processes, a zip member would be inflated twice.
+    Original bytes come back only for valid, kept zip images: a tar member is
+    cheaper to re-read by offset than to pickle between processes, a zip member
+    would be inflated twice. An unexpected error names the member.
     """
     results = []
     for member in members:
-        data, reason = source.read(member)
-        width = height = 0
-        if not reason:
-            reason, width, height = check_image(data)
-        keep = not reason and source.fmt == "zip"
-        results.append((data if keep else None, reason, width, height))
+        try:
+            data, reason = source.read(member)
+            check = ImageCheck(reason) if reason else check_image(data)
+        except Exception as exc:
+            exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
+            raise
+        keep = not check.reason and check.png is None and source.fmt == "zip"
+        results.append((data if keep else None, check))
     return results
 
 
 _worker_source: _Source | None = None
 
 
-def _init_worker(fmt: str, path: str) -> None:
+def _init_worker(fmt: str, path: str, parent: int) -> None:
     global _worker_source
+    _become_child(parent)
     _worker_source = _Source(fmt, path)
 
 
@@ -684,10 +955,11 @@ def _mp_context():
 
 
 def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
-                workers: int) -> Iterator[tuple[_Candidate, tuple]]:
-    """Yield (candidate, (bytes or None, reason, width, height)) in candidate order.
+                workers: int) -> Iterator[tuple[_Candidate, tuple[bytes | None, ImageCheck]]]:
+    """Yield (candidate, (original bytes or None, ImageCheck)) in candidate order.
 
     Uses min(workers, number of chunks) processes; one decodes in this process.
+    Closing the generator early (an error, a signal) cancels the queued chunks.
     """
     chunks = list(_chunks(candidates))
     workers = min(workers, len(chunks))
@@ -700,8 +972,9 @@ def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
                     yield from zip(chunk, results)
             return
         todo = iter(chunks)
-        with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
-                                 initargs=(fmt, str(source_path))) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+                                   initargs=(fmt, str(source_path), os.getpid()))
+        try:
             # A fixed window of tasks in flight keeps memory bounded and order intact.
             pending: collections.deque[tuple[list[_Candidate], Future]] = collections.deque()
 
@@ -718,3 +991,5 @@ def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
                 submit()
                 progress.update(len(chunk))
                 yield from zip(chunk, results)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

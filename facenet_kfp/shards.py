@@ -82,7 +82,19 @@ class ShardWriter:
 
     def add(self, identity: str, file: str, data: bytes, synthetic: bool = False,
             **fields: Any) -> dict[str, Any]:
-        """Store one image's bytes; returns its manifest row."""
+        """Store one image's bytes; returns its manifest row.
+
+        `identity` and `file` must be text that UTF-8 can hold: a lone surrogate
+        (an undecoded byte of a file name) is refused, as JSON, TensorFlow and
+        tar readers elsewhere could not use it.
+        """
+        for key, text in (("identity", identity), ("file", file)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError(f"{self.out_dir}: {key} {text!r} holds bytes that are not text "
+                                 f"({exc.reason}); decode the name (e.g. as latin-1) before "
+                                 f"storing it") from None
         if self._tar is None or (self._shard_bytes and self._shard_bytes + len(data) > self.max_shard_bytes):
             self._open_next()
         header = _member_header(file, len(data))
@@ -113,7 +125,7 @@ def _member_header(name: str, size: int) -> bytes:
     costs ~10x more, which shows at 13k images); anything else goes through
     tarfile's PAX encoder so long and non-ASCII names stay intact.
     """
-    encoded = name.encode("utf-8")
+    encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) >= 100 or not name.isascii() or size >= 8 ** 11:
         info = tarfile.TarInfo(name=name)
         info.size, info.mode = size, 0o644
@@ -128,13 +140,19 @@ def _member_header(name: str, size: int) -> bytes:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read and validate a packed dataset's manifest; errors name the file, line and key."""
+    """Read and validate a packed dataset's manifest; errors name the file, line and key.
+
+    Each row's shard must be a file path inside `dataset_dir` (no absolute
+    path, no ``..``, no symbolic link leading out) and its offset and size
+    non-negative integers, so a manifest never makes a step read elsewhere.
+    """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST
     if not path.is_file():
         raise InputError(f"{path}: manifest not found; is {dataset_dir} a packed image dataset?")
     rows = []
-    with open(path) as handle:
+    checked: dict[str, str] = {}   # shard -> why it is refused ("" if it is fine)
+    with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -142,11 +160,40 @@ def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: not valid JSON ({exc})") from exc
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: not a JSON object")
             missing = [key for key in REQUIRED_FIELDS if key not in row]
             if missing:
                 raise InputError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
+            for key in ("offset", "size"):
+                value = row[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise InputError(f"{path}:{number}: {key} must be an integer >= 0, got {value!r}")
+            shard = row["shard"]
+            if not isinstance(shard, str):
+                raise InputError(f"{path}:{number}: shard must be a path string, got {shard!r}")
+            if shard not in checked:
+                checked[shard] = _outside(dataset_dir, shard)
+            if checked[shard]:
+                raise InputError(f"{path}:{number}: refusing shard {shard!r}: {checked[shard]}; a "
+                                 f"manifest may only name shard files inside {dataset_dir}")
             rows.append(row)
     return rows
+
+
+def _outside(dataset_dir: Path, shard: str) -> str:
+    """Why `shard` (a manifest's path) does not name a file inside `dataset_dir` ("" if it does)."""
+    if not shard or "\0" in shard:
+        return "not a file path"
+    if shard.startswith(("/", "\\")) or os.path.isabs(shard) or (len(shard) > 1 and shard[1] == ":"):
+        return "an absolute path"
+    if ".." in shard.replace("\\", "/").split("/"):
+        return "a '..' path component"
+    root = dataset_dir.resolve()
+    target = (root / shard).resolve()
+    if not target.is_relative_to(root):
+        return f"a symbolic link leading to {target}, outside the dataset folder"
+    return ""
 
 
 class ShardReader:
@@ -166,6 +213,10 @@ class ShardReader:
         handle = self._handles.get(row["shard"])
         if handle is None:
             path = self.dataset_dir / row["shard"]
+            why = _outside(self.dataset_dir, row["shard"])
+            if why:
+                raise InputError(f"{self.dataset_dir / MANIFEST}: refusing shard {row['shard']!r} "
+                                 f"of {row['file']!r}: {why}")
             if not path.is_file():
                 raise InputError(f"{path}: shard named in the manifest is missing")
             handle = self._handles[row["shard"]] = open(path, "rb")

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import random
 import stat
+import struct
 import tarfile
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.extract import DATASET_JSON, check_image, extract_dataset
+from facenet_kfp.extract import (DATASET_JSON, MIN_EXPANSION_BYTES, ImageCheck, check_image,
+                                 extract_dataset)
+from facenet_kfp.fsutil import STEP_MARKER
 from facenet_kfp.shards import ShardReader, read_manifest, shard_files
 
 
@@ -113,7 +120,8 @@ def test_formats_and_roots(tmp_path, kind, root):
 
     expected_root = {"lfw/": "lfw", "lfw-deepfunneled/": "lfw-deepfunneled", "": ".", "./faces/": "faces"}[root]
     assert summary == {"images": 6, "identities": 3, "image_root": expected_root, "shards": 1,
-                       "skipped": [], "format": "zip" if kind == "zip" else "tar"}
+                       "skipped": [], "unusable": 0, "converted": 0,
+                       "format": "zip" if kind == "zip" else "tar"}
     assert json.loads((out / DATASET_JSON).read_text()) == summary
     rows = read_manifest(out)
     assert [row["file"] for row in rows] == [
@@ -173,12 +181,18 @@ def test_two_hundred_images_fill_a_few_shards(tmp_path):
     assert stored(out) == {name[len("lfw/"):]: data for name, data in files.items()}
 
 
-def test_existing_output_folder_is_replaced(tmp_path):
+def test_earlier_output_is_replaced_and_other_folders_are_refused(tmp_path):
     out = tmp_path / "dataset"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    extract_dataset(write_tar(tmp_path / "one.tgz", {"lfw/A/A_0001.jpg": jpeg(1)}), out, workers=1)
     extract_dataset(write_tar(tmp_path / "lfw.tgz", lfw_files()), out, workers=1)
-    assert sorted(p.name for p in out.iterdir()) == [DATASET_JSON, "manifest.jsonl", "shards"]
+    assert sorted(p.name for p in out.iterdir()) == [STEP_MARKER, DATASET_JSON, "manifest.jsonl", "shards"]
+    assert len(read_manifest(out)) == 6
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(InputError, match="refusing to replace"):
+        extract_dataset(tmp_path / "lfw.tgz", mine, workers=1)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------- refused archives
@@ -257,6 +271,12 @@ def test_refused_archive_leaves_existing_output_untouched(tmp_path):
     with pytest.raises(InputError):
         extract_dataset(archive, out, workers=1)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    earlier = tmp_path / "earlier"
+    extract_dataset(write_tar(tmp_path / "good.tgz", lfw_files()), earlier, workers=1)
+    before = {path: path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
+    with pytest.raises(InputError, match="unsafe"):
+        extract_dataset(archive, earlier, workers=1)
+    assert {path: path.read_bytes() for path in earlier.rglob("*") if path.is_file()} == before
 
 
 # --------------------------------------------------------------------------- skipped files
@@ -280,7 +300,8 @@ def test_bad_and_junk_files_are_skipped_with_reasons(tmp_path, kind):
     files.update(bad)
     archive = write_zip(tmp_path / "a.zip", files) if kind == "zip" else write_tar(tmp_path / "a.tgz", files)
     out = tmp_path / "dataset"
-    summary = extract_dataset(archive, out, workers=2)
+    # 3 of 9 images are damaged: far above the default limit for a dataset this small.
+    summary = extract_dataset(archive, out, workers=2, max_skipped_fraction=0.5)
 
     reasons = {item["member"]: item["reason"] for item in summary["skipped"]}
     assert sorted(reasons) == sorted(bad)
@@ -296,6 +317,7 @@ def test_bad_and_junk_files_are_skipped_with_reasons(tmp_path, kind):
     assert "identity folder" in reasons["lfw/Carl_Cox/extra/Carl_Cox_0009.jpg"]
     assert "outside the image root 'lfw/'" == reasons["lfw-names.txt"]
     assert summary["images"] == 6 and summary["identities"] == 3
+    assert summary["unusable"] == 3  # the truncated, empty and text .jpg files; the rest is junk
     assert json.loads((out / DATASET_JSON).read_text())["skipped"] == summary["skipped"]
     assert stored(out) == {name[len("lfw/"):]: data for name, data in lfw_files().items()}
 
@@ -303,7 +325,8 @@ def test_bad_and_junk_files_are_skipped_with_reasons(tmp_path, kind):
 def test_identity_without_valid_images_is_dropped(tmp_path):
     files = lfw_files()
     files["lfw/Dee_Dee/Dee_Dee_0001.jpg"] = b"not an image"
-    summary = extract_dataset(write_tar(tmp_path / "a.tar", files, "w"), tmp_path / "out", workers=1)
+    summary = extract_dataset(write_tar(tmp_path / "a.tar", files, "w"), tmp_path / "out", workers=1,
+                              max_skipped_fraction=0.2)
     assert summary["identities"] == 3
     assert {row["identity"] for row in read_manifest(tmp_path / "out")} == {"Ann_Bell", "Bo_Diddley", "Carl_Cox"}
 
@@ -380,6 +403,11 @@ def test_truncated_archives_are_errors(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"shard_size_mb": 0}, "shard_size_mb"), ({"shard_size_mb": 1.5}, "shard_size_mb"),
     ({"workers": 0}, "workers"), ({"workers": True}, "workers"),
+    ({"max_skipped_fraction": -0.1}, "max_skipped_fraction"),
+    ({"max_skipped_fraction": 1.5}, "max_skipped_fraction"),
+    ({"max_skipped_fraction": float("nan")}, "max_skipped_fraction"),
+    ({"max_skipped_fraction": "0.1"}, "max_skipped_fraction"),
+    ({"max_expansion": 0.5}, "max_expansion"), ({"max_expansion": float("inf")}, "max_expansion"),
 ])
 def test_bad_parameters(tmp_path, kwargs, match):
     archive = write_tar(tmp_path / "a.tgz", lfw_files())
@@ -389,12 +417,12 @@ def test_bad_parameters(tmp_path, kwargs, match):
 
 def test_check_image():
     good = jpeg(1, size=32)
-    assert check_image(good) == ("", 32, 32)
-    assert check_image(good[:-200])[0].startswith("undecodable or truncated image")
-    assert check_image(b"")[0] == "empty file (0 bytes)"
+    assert check_image(good) == ImageCheck("", 32, 32)
+    assert check_image(good[:-200]).reason.startswith("undecodable or truncated image")
+    assert check_image(b"").reason == "empty file (0 bytes)"
     buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, "TIFF")  # decodable, but not a format training reads
-    assert check_image(buf.getvalue())[0].startswith("not an image in a supported format")
+    Image.new("RGB", (4, 4)).save(buf, "PPM")  # Pillow reads it, but it is not an accepted format
+    assert check_image(buf.getvalue()).reason.startswith("not an image in a supported format")
 
 
 def test_tar_without_end_marker_or_with_a_broken_header_is_an_error(tmp_path):
@@ -538,3 +566,327 @@ def test_fast_tar_members_match_tarfile(tmp_path, fmt):
         expected = [[getattr(m, k) for k in keys] for m in plain.getmembers()]
         assert [[getattr(m, k) for k in keys] for m in fast.getmembers()] == expected
     assert len(expected) == 7
+
+
+# --------------------------------------------------------------------------- which errors skip an image
+
+def _raising_load(exc: BaseException):
+    def load(self):
+        raise exc
+    return load
+
+
+@pytest.mark.parametrize("exc", [OSError("image file is truncated"), SyntaxError("broken PNG file"),
+                                 ValueError("unsupported BMP compression"), EOFError(),
+                                 struct.error("unpack requires a buffer of 4 bytes")])
+def test_decode_errors_skip_the_image(monkeypatch, exc):
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _raising_load(exc))
+    assert check_image(jpeg(1)).reason == f"undecodable or truncated image ({type(exc).__name__}: {exc})"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("exc", [MemoryError(), TypeError("a bug"),
+                                 OSError(errno.EIO, "Input/output error")])
+def test_other_errors_while_decoding_fail_the_step(tmp_path, monkeypatch, exc, workers):
+    monkeypatch.setattr(ImageFile.ImageFile, "load", _raising_load(exc))  # forked workers inherit it
+    archive = write_tar(tmp_path / "a.tgz", lfw_files())
+    with pytest.raises(type(exc)) as err:
+        extract_dataset(archive, tmp_path / "out", workers=workers)
+    assert any("while checking archive member 'lfw/" in note for note in err.value.__notes__)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_failing_archive_read_fails_the_step(tmp_path, monkeypatch):
+    real_pread = os.pread
+
+    def pread(fd, size, offset):
+        if size > 600:  # a member's bytes, not a tar header
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with pytest.raises(OSError) as err:
+        extract_dataset(write_tar(tmp_path / "a.tar", lfw_files(), "w"), tmp_path / "out", workers=1)
+    assert err.value.errno == errno.EIO
+    assert_nothing_written(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- max_skipped_fraction
+
+def _many(count: int) -> dict[str, bytes]:
+    return {f"lfw/P{i % 10}/P{i % 10}_{i:04d}.jpg": jpeg(i, size=8) for i in range(count)}
+
+
+def test_mostly_corrupt_archive_fails_naming_counts_and_examples(tmp_path):
+    files = _many(10)
+    good = jpeg(0, size=32)
+    files.update({f"lfw/Q{i}/Q{i}_0001.jpg": good[: len(good) // 3] for i in range(30)})
+    files["lfw/Q0/notes.txt"] = b"junk is not counted"
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        extract_dataset(write_tar(tmp_path / "a.tgz", files), out, workers=2)
+    message = str(err.value)
+    assert "30 of 40 images are unusable (75.0%, more than max_skipped_fraction 0.01)" in message
+    assert "lfw/Q0/Q0_0001.jpg: undecodable or truncated image" in message
+    assert "max_skipped_fraction" in message and str(tmp_path / "a.tgz") in message
+    assert_nothing_written(out)
+
+
+def test_a_handful_of_damaged_images_and_junk_pass(tmp_path):
+    files = _many(300)
+    files.update({"lfw/P1/P1_9998.jpg": b"", "lfw/P2/P2_9999.png": b"\x89PNG\r\n\x1a\n trunc",
+                  "lfw/P1/.DS_Store": b"\0\0\0\1Bud1", "lfw/P2/notes.txt": b"not an image",
+                  "lfw/README": b"read me", "lfw/P3/info": b""})
+    summary = extract_dataset(write_tar(tmp_path / "a.tgz", files), tmp_path / "out", workers=2)
+    assert summary["images"] == 300 and summary["unusable"] == 2
+    assert {item["member"] for item in summary["skipped"]} == set(files) - set(_many(300))
+
+
+@pytest.mark.parametrize("limit, passes", [(0.25, True), (0.24, False), (0.0, False), (1.0, True)])
+def test_max_skipped_fraction_is_a_strict_upper_bound(tmp_path, limit, passes):
+    files = _many(3)
+    files["lfw/P0/P0_0009.jpg"] = b"text"   # 1 of 4 images unusable
+    archive = write_tar(tmp_path / "a.tgz", files)
+    if passes:
+        assert extract_dataset(archive, tmp_path / "out", workers=1, max_skipped_fraction=limit)["unusable"] == 1
+    else:
+        with pytest.raises(InputError, match="1 of 4 images are unusable"):
+            extract_dataset(archive, tmp_path / "out", workers=1, max_skipped_fraction=limit)
+
+
+# --------------------------------------------------------------------------- what training reads
+
+def _encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _sample_images() -> dict[str, tuple[bytes, str]]:
+    """{file name: (bytes, format stored as: "" kept, else the original format re-encoded as PNG)}."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    grey16 = Image.fromarray(np.random.default_rng(1).integers(0, 65536, (9, 11)).astype(np.uint16))
+    return {
+        "bmp_1bit.bmp": (_encode(rgb.convert("1"), "BMP"), "BMP"),
+        "bmp_palette.bmp": (_encode(rgb.convert("P"), "BMP"), "BMP"),  # TF reads the indices as grey
+        "bmp_rgb.bmp": (_encode(rgb, "BMP"), "BMP"),
+        "gif.gif": (_encode(rgb, "GIF"), "GIF"),
+        "tiff.tif": (_encode(rgb, "TIFF"), "TIFF"),
+        "webp.webp": (_encode(rgb, "WEBP", lossless=True), "WEBP"),
+        "jpeg_cmyk.jpg": (_encode(rgb.convert("CMYK"), "JPEG"), "JPEG"),
+        "jpeg_grey.jpg": (_encode(rgb.convert("L"), "JPEG"), ""),
+        "jpeg_rgb.jpg": (_encode(rgb, "JPEG"), ""),
+        "png_16bit.png": (_encode(grey16, "PNG"), ""),
+        "png_1bit.png": (_encode(rgb.convert("1"), "PNG"), ""),
+        "png_palette.png": (_encode(rgb.convert("P"), "PNG"), ""),
+        "png_rgba.png": (_encode(rgb.convert("RGBA"), "PNG"), ""),
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_stored_image_is_one_training_decodes(tmp_path, workers):
+    tf = pytest.importorskip("tensorflow")
+    from facenet_kfp.data import preprocess_image
+
+    samples = _sample_images()
+    files = {f"lfw/A/{name}": data for name, (data, _) in samples.items()}
+    summary = extract_dataset(write_zip(tmp_path / "a.zip", files) if workers == 2
+                              else write_tar(tmp_path / "a.tgz", files), tmp_path / "out", workers=workers)
+    assert summary["images"] == len(samples) and summary["skipped"] == []
+    assert summary["converted"] == sum(1 for _, fmt in samples.values() if fmt)
+    rows = {row["file"]: row for row in read_manifest(tmp_path / "out")}
+    for file, data in stored(tmp_path / "out").items():
+        original, converted_from = samples[file.split("/")[1]]
+        assert rows[file].get("converted_from", "") == converted_from, file
+        if not converted_from:
+            assert data == original, file
+            continue
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), file
+        decoded = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        with Image.open(io.BytesIO(original)) as img:
+            assert np.array_equal(decoded, np.asarray(img.convert("RGB"))), file
+            assert (rows[file]["width"], rows[file]["height"]) == img.size
+    for file, data in stored(tmp_path / "out").items():
+        assert preprocess_image(tf.constant(data), 16, 0.6).shape == (16, 16, 3), file
+
+
+# --------------------------------------------------------------------------- names that are not UTF-8
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_latin1_member_names_are_decoded_as_latin1(tmp_path, fmt):
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w", format=fmt, encoding="latin-1") as tar:
+        for name, data in {"lfw/Zoë_Ló/Zoë_Ló_0001.jpg": jpeg(1), "lfw/Ann/Ann_0001.jpg": jpeg(2)}.items():
+            if fmt == tarfile.PAX_FORMAT:  # a PAX writer that stores the raw bytes (hdrcharset=BINARY)
+                name = name.encode("latin-1").decode("utf-8", "surrogateescape")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(archive, encoding="utf-8") as tar:
+        assert any("\udceb" in name for name in tar.getnames())  # what tarfile itself makes of it
+    summary = extract_dataset(archive, tmp_path / "out", workers=1)
+    assert summary["identities"] == 2
+    assert {row["identity"] for row in read_manifest(tmp_path / "out")} == {"Ann", "Zoë_Ló"}
+    assert stored(tmp_path / "out")["Zoë_Ló/Zoë_Ló_0001.jpg"] == jpeg(1)
+    with tarfile.open(shard_files(tmp_path / "out")[0]) as tar:
+        assert "Zoë_Ló/Zoë_Ló_0001.jpg" in tar.getnames()
+
+
+def test_zip_name_marked_utf8_that_is_not_is_refused(tmp_path):
+    archive = write_zip(tmp_path / "a.zip", {"lfw/Zoë/Zoë_0001.jpg": jpeg(1)})
+    archive.write_bytes(archive.read_bytes().replace("ë".encode(), b"\xeb\xeb"))
+    with pytest.raises(InputError, match=r"member name b'lfw/Zo\\xeb\\xeb.*is marked as UTF-8 but is not"):
+        extract_dataset(archive, tmp_path / "out", workers=1)
+
+
+# --------------------------------------------------------------------------- bounded disk
+
+def write_bomb(path: Path, zeros: int, files: dict[str, bytes] | None = None) -> Path:
+    """A .tgz with `files` then `lfw/A/blob.bin` of `zeros` zero bytes (about 1000:1), streamed."""
+    raw = io.BytesIO()
+    tar = tarfile.open(fileobj=raw, mode="w")
+    for name, data in (files or {}).items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    blob = tarfile.TarInfo("lfw/A/blob.bin")
+    blob.size = zeros
+    prefix = raw.getvalue()[:tar.offset] + blob.tobuf(tarfile.USTAR_FORMAT)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip container
+    left = zeros + -zeros % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE    # data, padding, end marker
+    chunk = bytes(1 << 20)
+    with open(path, "wb") as out:
+        out.write(compressor.compress(prefix))
+        while left > 0:
+            out.write(compressor.compress(chunk[:left]))
+            left -= len(chunk)
+        out.write(compressor.flush())
+    return path
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch) -> Path:
+    """The temporary folder extract uses for scratch, empty, under tmp_path."""
+    folder = tmp_path / "scratch-root"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_decompression_bomb_is_refused_naming_the_cap(tmp_path, temp_dir):
+    zeros = MIN_EXPANSION_BYTES + (8 << 20)
+    archive = write_bomb(tmp_path / "bomb.tgz", zeros, lfw_files())
+    assert archive.stat().st_size * 1000 < zeros * 2  # a thousandfold, give or take
+    cap = MIN_EXPANSION_BYTES
+    with pytest.raises(InputError) as err:
+        extract_dataset(archive, tmp_path / "out", workers=1)
+    message = str(err.value)
+    assert f"the decompressed tar would take the extraction past {cap:,} bytes" in message
+    assert "max_expansion 20 x the archive's" in message
+    assert "raise max_expansion (config data.max_expansion" in message
+    assert list(temp_dir.iterdir()) == []
+    assert_nothing_written(tmp_path / "out")
+    # A genuine archive that expands this much passes when the cap is raised.
+    summary = extract_dataset(archive, tmp_path / "out", workers=1, max_expansion=10_000)
+    assert summary["images"] == 6 and summary["unusable"] == 0
+    assert {item["member"] for item in summary["skipped"]} == {"lfw/A/blob.bin"}
+    assert list(temp_dir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- interrupted extractions
+
+# Runs an extraction whose decompression writes one chunk and then hangs, like a huge archive
+# on a slow disk, so the test can stop it at a known point. SIGTERM becomes SystemExit, as the
+# command line and the KFP entry point arrange.
+_STALLED_EXTRACT = """
+import signal, sys, time
+from facenet_kfp import extract
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+gzip_open = extract._CODECS["gzip"]
+
+class Stalling:
+    def __init__(self, path, mode):
+        self.file, self.reads = gzip_open(path, mode), 0
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.file.close()
+    def read(self, size):
+        self.reads += 1
+        if self.reads > 1:
+            time.sleep(3600)
+        return self.file.read(size)
+
+extract._CODECS["gzip"] = Stalling
+extract.extract_dataset(sys.argv[1], sys.argv[2], workers=1)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopped_extraction_leaves_no_child_and_no_scratch(tmp_path, temp_dir, how):
+    import signal
+    import subprocess
+    import sys
+
+    archive = write_tar(tmp_path / "a.tgz", lfw_files())
+    script = tmp_path / "stalled.py"
+    script.write_text(_STALLED_EXTRACT)
+    env = {**os.environ, "TMPDIR": str(temp_dir)}
+    proc = subprocess.Popen([sys.executable, str(script), str(archive), str(tmp_path / "out")],
+                            env=env, stderr=subprocess.PIPE)
+    children: list[int] = []
+    try:
+        _wait_for(lambda: any(path.stat().st_size for path in temp_dir.glob("facenet-extract-*/archive.tar")),
+                  "the scratch file")
+        children = _children(proc.pid)
+        assert children, "no decompressing child process"
+        proc.send_signal(getattr(signal, how))
+        returncode = proc.wait(timeout=120)
+        _wait_for(lambda: not any(_running(pid) for pid in children), "the child processes to end")
+    finally:
+        for pid in [proc.pid] + children:  # whatever failed above, leave no process behind
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert_nothing_written(tmp_path / "out")
+    if how == "SIGTERM":
+        assert returncode == 143, proc.stderr.read().decode()
+        assert list(temp_dir.iterdir()) == []
+    else:
+        assert returncode == -signal.SIGKILL
+        [stale] = temp_dir.iterdir()  # no process could clean up after SIGKILL ...
+        assert (stale / "archive.tar").is_file()
+        extract_dataset(archive, tmp_path / "out", workers=1)  # ... so the next run does
+        assert list(temp_dir.iterdir()) == []

@@ -1,4 +1,5 @@
 import json
+import re
 import tarfile
 
 import pytest
@@ -66,3 +67,58 @@ def test_fast_header_matches_tarfile_ustar(name):
     reference = tarfile.TarInfo(name)
     reference.size, reference.mode = 123456, 0o644
     assert _member_header(name, 123456) == reference.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def _append_row(out, **changes) -> int:
+    """Append a copy of the first manifest row with `changes`; returns its line number."""
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    row = json.loads(lines[0]) | changes
+    (out / "manifest.jsonl").write_text("\n".join(lines + [json.dumps(row)]) + "\n")
+    return len(lines) + 1
+
+
+@pytest.mark.parametrize("shard, why", [
+    ("../outside.tar", r"a '\.\.' path component"),
+    ("shards/../../outside.tar", r"a '\.\.' path component"),
+    ("ABSOLUTE", "an absolute path"),
+    ("shards/link.tar", "a symbolic link leading to .*outside.tar, outside the dataset folder"),
+    ("", "not a file path"),
+])
+def test_manifest_naming_a_shard_outside_the_dataset_is_refused(tmp_path, shard, why):
+    out = _write(tmp_path, [("A", "A/A_0001.jpg", b"inside")], max_bytes=1 << 20)
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(b"secret" * 100)
+    (out / "shards/link.tar").symlink_to(outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    line = _append_row(out, shard=shard, offset=0, size=6)
+    with pytest.raises(InputError, match=f"manifest.jsonl:{line}: refusing shard {re.escape(repr(shard))}: {why}"):
+        read_manifest(out)
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[-1])
+    with ShardReader(out) as reader, pytest.raises(InputError, match=f"refusing shard .*{why}"):
+        reader.read(row)
+
+
+def test_symlink_inside_the_dataset_is_read(tmp_path):
+    out = _write(tmp_path, [("A", "A/A_0001.jpg", b"inside")], max_bytes=1 << 20)
+    (out / "shards/alias.tar").symlink_to("images-00000.tar")
+    _append_row(out, shard="shards/alias.tar")
+    rows = read_manifest(out)
+    with ShardReader(out) as reader:
+        assert reader.read(rows[1]) == b"inside"
+
+
+@pytest.mark.parametrize("key, value", [("offset", -1), ("size", "6"), ("size", True), ("offset", 1.5)])
+def test_manifest_offsets_and_sizes_are_checked(tmp_path, key, value):
+    out = _write(tmp_path, [("A", "A/A_0001.jpg", b"x")], max_bytes=1 << 20)
+    line = _append_row(out, **{key: value})
+    with pytest.raises(InputError, match=f"manifest.jsonl:{line}: {key} must be an integer >= 0"):
+        read_manifest(out)
+
+
+def test_names_that_are_not_text_are_refused(tmp_path):
+    undecoded = b"Zo\xeb".decode("utf-8", "surrogateescape")
+    with atomic_dir(tmp_path / "ds") as tmp, ShardWriter(tmp) as writer:
+        writer.add("Zoë", "Zoë/Zoë_0001.jpg", b"x")  # any real text is fine
+        with pytest.raises(InputError, match=r"identity 'Zo\\udceb' holds bytes that are not text"):
+            writer.add(undecoded, f"{undecoded}/{undecoded}_0001.jpg", b"x")
+    assert [row["identity"] for row in read_manifest(tmp_path / "ds")] == ["Zoë"]
