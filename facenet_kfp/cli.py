@@ -2,7 +2,9 @@
 
 Each subcommand calls the same library function as the step's KFP component.
 Errors in the input (a bad archive, a missing file, a wrong value) print one
-line naming the file, key or value and exit with status 2.
+line naming the file, key or value and exit with status 2. An output path is
+never an input, a folder holding one or inside one; SIGTERM stops a step with
+its temporary files removed (exit status 143).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,16 +35,19 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from facenet_kfp.download import download
+    from facenet_kfp.download import check_replaceable_file, download
 
-    result = download(args.source, args.out, args.sha256)
+    check_replaceable_file(args.out, args.sha256)
+    result = download(args.source, args.out, args.sha256, max_download_gb=args.max_download_gb)
     _print_json(result.metadata())
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from facenet_kfp.extract import extract_dataset
 
-    summary = extract_dataset(args.archive, args.out, shard_size_mb=args.shard_size_mb)
+    summary = extract_dataset(args.archive, args.out, shard_size_mb=args.shard_size_mb,
+                              max_skipped_fraction=args.max_skipped_fraction,
+                              max_expansion=args.max_expansion)
     _print_json({k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary.get("skipped", []))})
 
 
@@ -63,8 +69,20 @@ def cmd_complete(args: argparse.Namespace) -> None:
 def cmd_splits(args: argparse.Namespace) -> None:
     from facenet_kfp.splits import make_splits
 
-    fractions = tuple(float(x) for x in args.fractions.split(","))
-    _print_json(make_splits(args.labels, args.out, fractions=fractions, seed=args.seed))
+    _print_json(make_splits(args.labels, args.out, fractions=args.fractions, seed=args.seed))
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    """`--fractions train,val,test`: three finite numbers (make_splits checks their range and sum)."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(x) for x in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers train,val,test such as "
+                                         f"0.7,0.15,0.15; got {text!r}")
+    return values
 
 
 def _overrides(pairs: list[str], section: str) -> dict[str, dict[str, Any]]:
@@ -128,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
 
-    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str,
+            inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ("out",)) -> argparse.ArgumentParser:
+        """A subcommand; `inputs` / `outputs` name its path arguments for `_check_paths`."""
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, path_inputs=inputs, path_outputs=outputs)
         return p
 
     p = add("synth", cmd_synth, "write an LFW-format demo archive (lfw.tgz, pairs.txt, sha256) of procedurally drawn faces")
@@ -139,21 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--lfw-scale", action="store_true", help="LFW's full size: 5,749 identities, 13,233 images")
 
-    p = add("download", cmd_download, "step 1: fetch an archive (https://, gs://, file:// or path), verify sha256")
+    p = add("download", cmd_download, "step 1: fetch an archive (https://, gs://, file:// or path), verify sha256",
+            inputs=("source",))
     p.add_argument("source", help="archive URI or path")
     p.add_argument("--out", required=True, help="destination file")
     p.add_argument("--sha256", default="", help="expected sha256 (64 hex digits)")
+    p.add_argument("--max-download-gb", type=float, default=20.0,
+                   help="fail past this many GB (10**9 bytes) received (default 20)")
 
-    p = add("extract", cmd_extract, "step 2: safely extract an archive into a packed image dataset")
+    p = add("extract", cmd_extract, "step 2: safely extract an archive into a packed image dataset",
+            inputs=("archive",))
     p.add_argument("archive", help="archive file (.tgz, .tar.gz, .tar, .zip)")
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
+    p.add_argument("--max-skipped-fraction", type=float, default=0.01,
+                   help="fail when a larger fraction of the images is unusable (default 0.01)")
+    p.add_argument("--max-expansion", type=float, default=20.0,
+                   help="fail when extraction writes more than this many times the archive's size (default 20)")
 
-    p = add("labels", cmd_labels, "step 3: write labels.json (name -> id, sorted) and image_counts.json")
+    p = add("labels", cmd_labels, "step 3: write labels.json (name -> id, sorted) and image_counts.json",
+            inputs=("images",))
     p.add_argument("images", help="packed image dataset folder")
     p.add_argument("--out", required=True, help="output labels folder")
 
-    p = add("complete", cmd_complete, "step 4: augment identities up to a multiple of K images")
+    p = add("complete", cmd_complete, "step 4: augment identities up to a multiple of K images",
+            inputs=("images", "labels"))
     p.add_argument("images", help="packed image dataset folder")
     p.add_argument("labels", help="labels folder")
     p.add_argument("--out", required=True, help="output completion folder")
@@ -162,13 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
     p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
 
-    p = add("splits", cmd_splits, "step 5: identity-disjoint train/val/test splits")
+    p = add("splits", cmd_splits, "step 5: identity-disjoint train/val/test splits", inputs=("labels",))
     p.add_argument("labels", help="labels folder")
     p.add_argument("--out", required=True, help="output splits folder")
-    p.add_argument("--fractions", default="0.70,0.15,0.15", help="train,val,test fractions (default 0.70,0.15,0.15)")
+    p.add_argument("--fractions", type=_fractions, default="0.70,0.15,0.15", help="train,val,test fractions (default 0.70,0.15,0.15)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
 
-    p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining")
+    p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining",
+            inputs=("images", "completion", "labels", "splits", "config"),
+            outputs=("out", "checkpoint_dir", "tensorboard_dir"))
     for name in ("images", "completion", "labels", "splits"):
         p.add_argument(name, help=f"{name} folder")
     p.add_argument("--out", required=True, help="output model folder")
@@ -177,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (resumes from it)")
     p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
 
-    p = add("evaluate", cmd_evaluate, "step 7: choose the threshold on validation pairs, report test metrics")
+    p = add("evaluate", cmd_evaluate, "step 7: choose the threshold on validation pairs, report test metrics",
+            inputs=("model", "images", "splits", "config", "pairs"))
     p.add_argument("model", help="model folder from train")
     p.add_argument("images", help="packed image dataset folder")
     p.add_argument("splits", help="splits folder")
@@ -187,14 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default="", help="LFW pairs.txt (URI or path) for the standard protocol")
     p.add_argument("--pairs-sha256", default="", help="expected sha256 of pairs.txt")
 
-    p = add("verify", cmd_verify, "are two face images the same person? prints the distance and the verdict")
+    p = add("verify", cmd_verify, "are two face images the same person? prints the distance and the verdict",
+            outputs=())
     p.add_argument("--model", required=True, help="model folder from train")
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the evaluated one)")
     p.add_argument("--threshold-file", default=None, help="threshold.json from the evaluate step")
 
-    p = add("embed", cmd_embed, "write embeddings of face images (one row per image, with its path)")
+    p = add("embed", cmd_embed, "write embeddings of face images (one row per image, with its path)",
+            inputs=("model", "images"))
     p.add_argument("--model", required=True, help="model folder from train")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .npz, .csv or .tsv")
@@ -202,12 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """No output path of the command is one of its inputs, holds one, or lies inside one."""
+    from facenet_kfp.fsutil import check_outputs_apart
+
+    def named(dests: tuple[str, ...], option: bool) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for dest in dests:
+            value = getattr(args, dest)
+            label = "--" + dest.replace("_", "-") if option else dest
+            values = value if isinstance(value, list) else [value]
+            for i, item in enumerate(values):
+                found[label if len(values) == 1 else f"{label} #{i + 1}"] = item
+        return found
+
+    check_outputs_apart(named(args.path_outputs, True), named(args.path_inputs, False))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from facenet_kfp.fsutil import sigterm_as_exit
+
     try:
-        args.func(args)
+        with sigterm_as_exit():
+            _check_paths(args)
+            args.func(args)
     except FacenetError as exc:
         print(f"facenet-kfp {args.command}: error: {exc}", file=sys.stderr)
         return 2

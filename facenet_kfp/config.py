@@ -40,9 +40,12 @@ class DataConfig:
     """Steps 1-5: download, extract, labels, completion, splits."""
     source_uri: str = LFW_URL          # https://, gs://, file:// or a local path to the archive
     sha256: str = LFW_SHA256           # expected archive sha256; "" skips the check
+    max_download_gb: float = 20.0      # download fails past this many GB (10**9 bytes); raise it for larger archives
     pairs_uri: str = ""                # optional LFW View 2 pairs.txt for the standard protocol
     pairs_sha256: str = ""             # expected pairs.txt sha256; "" skips the check
     shard_size_mb: int = 64            # target size of each packed image shard
+    max_skipped_fraction: float = 0.01  # extract fails when more of the images are unusable (junk files do not count)
+    max_expansion: float = 20.0        # extract may write this many times the archive's size (at least 64 MiB)
     multiple: int = 4                  # complete every identity up to a multiple of this (K)
     min_images: int = 1                # identities with fewer real images are not completed
     completion_seed: int = 0           # seed of the completion augmentations
@@ -52,6 +55,7 @@ class DataConfig:
     split_seed: int = 0                # seed of the identity shuffle
 
     def validate(self) -> None:
+        check_fields(self, "data")
         fractions = {"train_fraction": self.train_fraction, "val_fraction": self.val_fraction,
                      "test_fraction": self.test_fraction}
         for key, value in fractions.items():
@@ -60,9 +64,14 @@ class DataConfig:
         if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
             raise InputError(f"data.train_fraction + val_fraction + test_fraction must be 1, "
                              f"got {sum(fractions.values()):.6g}")
+        _positive("data", "max_download_gb", self.max_download_gb)
         _positive("data", "multiple", self.multiple)
         _positive("data", "min_images", self.min_images)
         _positive("data", "shard_size_mb", self.shard_size_mb)
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise InputError(f"data.max_skipped_fraction must be from 0 to 1, got {self.max_skipped_fraction}")
+        if not 1 <= self.max_expansion < math.inf:
+            raise InputError(f"data.max_expansion must be a finite number >= 1, got {self.max_expansion}")
         if not self.source_uri:
             raise InputError("data.source_uri must not be empty")
         for key in ("sha256", "pairs_sha256"):
@@ -94,6 +103,7 @@ class TrainConfig:
     seed: int = 0                      # seed of sampling, augmentation and initialisation
 
     def validate(self) -> None:
+        check_fields(self, "train")
         _choice("train", "architecture", self.architecture, ARCHITECTURES)
         _choice("train", "loss", self.loss, LOSSES)
         _choice("train", "precision", self.precision, PRECISIONS)
@@ -127,6 +137,7 @@ class EvaluateConfig:
     seed: int = 0                      # seed of the negative-pair draw
 
     def validate(self) -> None:
+        check_fields(self, "evaluate")
         _positive("evaluate", "max_positive_pairs", self.max_positive_pairs)
         _positive("evaluate", "batch_size", self.batch_size)
         if self.folds < 2:
@@ -159,6 +170,11 @@ class ClusterConfig:
     checkpoint_root: str = ""          # persistent folder (gs:// or path) for resumable checkpoints
 
     def validate(self) -> None:
+        check_fields(self, "cluster")
+        for key in ("data_cpu", "data_memory", "train_cpu", "train_memory", "evaluate_cpu",
+                    "evaluate_memory", "accelerator_type", "shm_size"):
+            if not getattr(self, key):
+                raise InputError(f"cluster.{key} must not be empty")
         for key in ("train_gpus", "evaluate_gpus", "download_retries", "train_retries"):
             if getattr(self, key) < 0:
                 raise InputError(f"cluster.{key} must be >= 0, got {getattr(self, key)}")
@@ -186,6 +202,25 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "evaluate": EvaluateConfig
             "cluster": ClusterConfig}
 
 
+def check_fields(config: Any, section: str) -> None:
+    """Checks every key of a section needs: floats finite, counts and seeds >= 0, texts not blank.
+
+    An int key is a count, size, step or seed, so none may be negative; NaN or
+    infinity in a float key would only fail later, far from its cause.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind, where = getattr(config, f.name), hints[f.name], f"{section}.{f.name}"
+        values = value if typing.get_origin(kind) is tuple else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InputError(f"{where} must be a finite number, got {item!r}")
+        if kind is int and not isinstance(value, bool) and isinstance(value, int) and value < 0:
+            raise InputError(f"{where} must be >= 0, got {value}")
+        if kind is str and isinstance(value, str) and value != value.strip():
+            raise InputError(f"{where} must not start or end with spaces, got {value!r}")
+
+
 def _positive(section: str, key: str, value: Any) -> None:
     if value <= 0:
         raise InputError(f"{section}.{key} must be > 0, got {value}")
@@ -204,7 +239,11 @@ def _check_sha256(key: str, value: str) -> None:
 def _coerce(where: str, value: Any, kind: Any) -> Any:
     """Check a YAML value against a dataclass field type (ints become floats where asked)."""
     origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if kind in (int, str, bool):
         if type(value) is not kind:
@@ -269,7 +308,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict
         raise InputError(f"{where}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     sections = {}
     for name, cls in SECTIONS.items():
-        values = dict(raw.get(name) or {})
+        section = raw.get(name)
+        if section is not None and not isinstance(section, dict):
+            raise InputError(f"{where}: section {name!r} must be a mapping of keys, got "
+                             f"{type(section).__name__} {section!r}")
+        values = dict(section or {})
         values.update((overrides or {}).get(name, {}))
         sections[name] = section_from_dict(cls, values, f"{where}: {name}")
     return PipelineConfig(**sections).validate()

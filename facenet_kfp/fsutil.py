@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a crashed or retried step never leaves half an artifact."""
+"""Atomic file and folder writes: a crashed, stopped or retried step never leaves half an artifact."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,20 +38,74 @@ def atomic_file(target: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+STEP_MARKER = ".facenet-kfp-step"   # inside every folder atomic_dir(step=...) writes; holds the step name
+
+
+def _marker_step(folder: Path) -> str | None:
+    """The step named by `folder`'s marker file, or None when it has none."""
+    marker = folder / STEP_MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        return marker.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def check_replaceable(target: str | os.PathLike, step: str) -> None:
+    """InputError unless `step` may write its output folder at `target`.
+
+    Allowed: nothing at `target`, an empty folder (KFP creates output folders
+    before a step runs), or a folder holding `step`'s own marker (its earlier
+    output). Anything else, a user's file or folder, another step's output, a
+    symlink, is refused so that no run replaces what this step did not write.
+    """
+    from facenet_kfp.errors import InputError
+
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink():
+        why = "it is a symbolic link"
+    elif not target.is_dir():
+        why = "it is a file, not an output folder of this step"
+    elif not any(target.iterdir()):
+        return
+    elif (found := _marker_step(target)) == step:
+        return
+    elif found:
+        why = f"it is the output of step {found!r}, not of step {step!r}"
+    else:
+        why = f"it is a folder that step {step!r} did not write (no {STEP_MARKER} marker)"
+    raise InputError(f"{target}: refusing to replace it: {why}; choose a new or empty output "
+                     f"path, or remove it yourself")
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, step: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target` (whole-folder swap).
 
     KFP creates output folders before a step runs, so an existing `target` is
     removed only after the new content is complete. On an exception the
     temporary folder is deleted and `target` is untouched.
+
+    With `step`, `target` must pass `check_replaceable` (checked before the
+    body runs, and again before the swap) and the new folder gets a marker
+    file naming the step, so the next run of that step may replace it.
     """
     target = Path(target)
+    if step is not None:
+        if not step.strip() or "\n" in step:
+            raise ValueError(f"atomic_dir: step must be a one-line name, got {step!r}")
+        check_replaceable(target, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target)
     tmp.mkdir()
     try:
         yield tmp
+        if step is not None:
+            (tmp / STEP_MARKER).write_text(step + "\n")
+            check_replaceable(target, step)
         if target.is_dir() and not target.is_symlink():
             old = _temp_sibling(target)
             os.replace(target, old)
@@ -61,6 +118,72 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
+                        inputs: dict[str, str | os.PathLike | None]) -> None:
+    """InputError when an output path is an input, a folder holding one, or inside one.
+
+    `outputs` and `inputs` map a name for messages (an option or argument) to a
+    local path; None, empty values and URIs with a scheme other than file://
+    are skipped. Paths are compared after resolving symbolic links.
+    """
+    from facenet_kfp.errors import InputError
+
+    def resolved(value) -> Path | None:
+        if value is None or not str(value).strip():
+            return None
+        text = os.fspath(value)
+        if "://" in text:
+            if not text.lower().startswith("file://"):
+                return None
+            from urllib.parse import unquote, urlsplit
+            text = unquote(urlsplit(text).path)
+        return Path(text).expanduser().resolve()
+
+    for out_name, out_value in outputs.items():
+        out = resolved(out_value)
+        if out is None:
+            continue
+        for in_name, in_value in inputs.items():
+            inp = resolved(in_value)
+            if inp is None:
+                continue
+            if out == inp:
+                why = f"is the input {in_name}"
+            elif inp.is_relative_to(out):
+                why = f"holds the input {in_name} ({in_value})"
+            elif out.is_relative_to(inp):
+                why = f"is inside the input {in_name} ({in_value})"
+            else:
+                continue
+            raise InputError(f"{out_name} {out_value}: the output {why}; writing it would replace "
+                             f"or change the input; choose an output path outside the inputs")
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit(143) instead of killing the process at once.
+
+    Kubernetes stops a pod, and a runner a task, with SIGTERM; Python's default
+    ends the process without unwinding, so atomic_file / atomic_dir would leave
+    their temporary files. Raised as an exception, it runs every `finally` and
+    `except BaseException` on the way out, then exits with the usual status
+    128 + 15. Outside the main thread (where handlers cannot be set) a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("received SIGTERM: stopping and removing temporary files", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,29 +21,38 @@ from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# What the model's decoder (tf.io.decode_image) reads; PIL may open more than this.
-DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 EMBEDDING_FORMATS = (".npz", ".csv", ".tsv")
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file the model can decode; InputError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    """The bytes of an image file as the model's decoder reads them; InputError naming the file otherwise.
+
+    The same check as the extract step (`extract.check_image`): the file is
+    fully decoded with Pillow, and a format TensorFlow's decoder cannot read
+    as it is (a 1-bit BMP, a CMYK JPEG, TIFF, WebP) comes back as lossless PNG.
+    Images over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``, about 89
+    megapixels) are refused before their pixels are decoded: a small file can
+    declare a huge image (a decompression bomb).
+    """
+    from PIL import Image
+
+    from facenet_kfp.extract import check_image
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     data = path.read_bytes()
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            kind = img.format
-            img.load()   # decodes the pixels: a truncated or corrupt file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from exc
-    if kind not in DECODABLE_FORMATS:
-        raise InputError(f"{path}: {kind} images are not supported; use one of "
-                         f"{', '.join(DECODABLE_FORMATS)}")
-    return data
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            check = check_image(data)
+    except Image.DecompressionBombWarning as exc:
+        raise InputError(f"{path}: image too large to decode safely ({exc}); resize it") from exc
+    if check.reason.startswith("too many pixels"):
+        raise InputError(f"{path}: image too large to decode safely ({check.reason}); resize it")
+    if check.reason:
+        raise InputError(f"{path}: not a readable image ({check.reason})")
+    return check.png or data
 
 
 def _check_model_dir(model_dir: str | os.PathLike) -> Path:
@@ -159,6 +169,7 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
     paths = [str(p) for p in paths]
     if not paths:
         raise InputError("no image files to embed")
+    _check_embeddings_replaceable(out_file)
     # Check every file before the (slow) model load, so a typo fails at once.
     for path in paths:
         if not Path(path).is_file():
@@ -190,3 +201,32 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
                 writer.writerow([path] + [f"{v:.9g}" for v in row.tolist()])
     log.info("wrote %d embeddings of dimension %d to %s", len(paths), dim, out_file)
     return {"images": len(paths), "dim": dim, "out": str(out_file)}
+
+
+def _check_embeddings_replaceable(out_file: Path) -> None:
+    """InputError unless `out_file` is absent or an earlier embeddings file of this format.
+
+    Recognised: an .npz holding exactly the arrays ``embeddings`` and ``paths``,
+    or a .csv / .tsv whose header is ``path,e0,...``. Anything else may be a
+    user's file and is not replaced.
+    """
+    if not out_file.exists() and not out_file.is_symlink():
+        return
+    why = "is not a regular file"
+    if out_file.is_file() and not out_file.is_symlink():
+        why = "is not an embeddings file written by embed"
+        try:
+            if out_file.suffix.lower() == ".npz":
+                with np.load(out_file, allow_pickle=False) as npz:
+                    if sorted(npz.files) == ["embeddings", "paths"]:
+                        return
+            else:
+                delimiter = "\t" if out_file.suffix.lower() == ".tsv" else ","
+                with open(out_file, newline="", encoding="utf-8") as handle:
+                    header = next(csv.reader(handle, delimiter=delimiter), [])
+                if header[:2] == ["path", "e0"] and header[1:] == [f"e{i}" for i in range(len(header) - 1)]:
+                    return
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, csv.Error) as exc:
+            why = f"is not an embeddings file written by embed ({exc})"
+    raise InputError(f"{out_file}: refusing to replace it: it {why}; remove it or choose "
+                     f"another --out")

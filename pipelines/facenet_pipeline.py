@@ -66,10 +66,13 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
         t = {f.name: p["train_" + f.name] for f in dataclasses.fields(TrainConfig)}
         e = {f.name: p["eval_" + f.name] for f in dataclasses.fields(EvaluateConfig)}
 
-        download = steps["download"](source_uri=p["source_uri"], sha256=p["sha256"])
+        download = steps["download"](source_uri=p["source_uri"], sha256=p["sha256"],
+                                     max_download_gb=p["max_download_gb"])
         download.set_display_name("1. download archive")
         extract = steps["extract"](archive=download.outputs["archive"],
-                                   shard_size_mb=p["shard_size_mb"])
+                                   shard_size_mb=p["shard_size_mb"],
+                                   max_skipped_fraction=p["max_skipped_fraction"],
+                                   max_expansion=p["max_expansion"])
         extract.set_display_name("2. extract images")
         labels = steps["labels"](images=extract.outputs["images"])
         labels.set_display_name("3. label JSON")

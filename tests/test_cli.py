@@ -54,7 +54,7 @@ def test_data_steps_by_hand(tmp_path, demo_archive, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["extract", "/nonexistent/lfw.tgz", "--out", "x"], "/nonexistent/lfw.tgz"),
     (["download", "ftp://example.com/lfw.tgz", "--out", "x"], "ftp://example.com/lfw.tgz"),
-    (["download", "/tmp", "--out", "x", "--sha256", "xyz"], "sha256"),
+    (["download", "/nonexistent/lfw.tgz", "--out", "x", "--sha256", "xyz"], "sha256"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -98,3 +98,52 @@ def test_verify_prints_distance_and_verdict(tmp_path, demo_archive, capsys):
     assert capsys.readouterr().out.strip().endswith("different people")
     assert main(["-q", "verify", "--model", str(tmp_path / "nowhere"), a, b]) == 2
     assert "nowhere: model folder not found" in capsys.readouterr().err
+
+
+def test_out_never_replaces_an_input(tmp_path, capsys):
+    """`labels work/images --out work` and `extract a.tgz --out a.tgz` are refused; nothing changes."""
+    work = tmp_path / "work"
+    (work / "images").mkdir(parents=True)
+    (work / "images" / "manifest.jsonl").write_text("{}\n")
+    (work / "notes.txt").write_text("mine")
+    archive = tmp_path / "a.tgz"
+    archive.write_bytes(b"archive bytes")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    cases = [(["labels", str(work / "images"), "--out", str(work)], "holds the input images"),
+             (["extract", str(archive), "--out", str(archive)], "is the input archive"),
+             (["splits", str(work / "images"), "--out", str(work / "images" / "s")],
+              "is inside the input labels"),
+             (["train", str(work / "images"), str(work), str(work), str(work), "--out",
+               str(tmp_path / "model"), "--checkpoint-dir", str(work / "ckpt")],
+              "--checkpoint-dir"),
+             (["embed", "--model", str(tmp_path / "model"), str(work / "notes.txt"), "--out",
+               str(work / "notes.txt")], "is the input images")]
+    for argv, message in cases:
+        assert main(["-q"] + argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (work / "notes.txt").read_text() == "mine" and archive.read_bytes() == b"archive bytes"
+
+
+def test_download_out_replaces_only_a_verified_copy(tmp_path, demo_archive, capsys):
+    out = tmp_path / "lfw.tgz"
+    out.write_text("a user's file")
+    argv = ["-q", "download", str(demo_archive["archive"]), "--out", str(out)]
+    assert main(argv) == 2 and "refusing to replace" in capsys.readouterr().err
+    assert main(argv + ["--sha256", demo_archive["sha256"]]) == 2
+    assert out.read_text() == "a user's file"
+    out.unlink()
+    assert main(argv + ["--sha256", demo_archive["sha256"]]) == 0
+    assert main(argv + ["--sha256", demo_archive["sha256"]]) == 0   # its own verified copy
+    capsys.readouterr()
+    assert out.read_bytes() == demo_archive["archive"].read_bytes()
+
+
+@pytest.mark.parametrize("fractions", ["a,b,c", "0.5,0.5", "nan,0.5,0.5", ""])
+def test_splits_fractions_that_are_not_three_numbers_are_a_usage_error(fractions, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["splits", "labels", "--out", "s", "--fractions", fractions])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --fractions: expected three numbers" in err and repr(fractions) in err

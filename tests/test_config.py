@@ -54,3 +54,38 @@ def test_ints_accepted_for_floats_and_overrides_apply(tmp_path):
 @pytest.mark.parametrize("cls", [DataConfig, TrainConfig, EvaluateConfig, ClusterConfig])
 def test_every_key_is_documented(cls):
     assert set(field_help(cls)) == {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: [1, 2]", r"bad\.yaml: section 'train' must be a mapping of keys, got list"),
+    ("data: just text", r"section 'data' must be a mapping of keys, got str"),
+    ("train: {learning_rate: .nan}", r"train\.learning_rate must be a finite number"),
+    ("train: {margin: .inf}", r"train\.margin must be a finite number"),
+    ("train: {margin: -.inf}", r"train\.margin must be a finite number"),
+    ("train: {learning_rate: high}", r"train\.learning_rate must be a number, got 'high'"),
+    ("train: {margin: true}", r"train\.margin must be a number"),
+    ("evaluate: {seed_threshold: .nan}", r"evaluate\.seed_threshold must be a finite number"),
+    ("evaluate: {far_targets: [0.01, .nan]}", r"evaluate\.far_targets\[1\] must be a finite"),
+    ("train: {seed: -1}", r"train\.seed must be >= 0"),
+    ("evaluate: {report_examples: -3}", r"evaluate\.report_examples must be >= 0"),
+    ("data: {split_seed: -2}", r"data\.split_seed must be >= 0"),
+    ("data: {source_uri: ' https://example.com/a.tgz'}", r"data\.source_uri must not start or end"),
+    ("data: {max_download_gb: 0}", r"data\.max_download_gb must be > 0"),
+    ("cluster: {train_memory: ''}", r"cluster\.train_memory must not be empty"),
+])
+def test_bad_values_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("cls, key", [(TrainConfig, "learning_rate"), (TrainConfig, "margin"),
+                                      (TrainConfig, "crop_fraction"), (DataConfig, "train_fraction"),
+                                      (EvaluateConfig, "seed_threshold")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_refused_when_built_in_code(cls, key, value):
+    """Steps validate their section directly (not through load_config): the same checks apply."""
+    section = cls.__name__.removesuffix("Config").lower()
+    with pytest.raises(InputError, match=rf"{section}\.{key} must be a finite number"):
+        dataclasses.replace(cls(), **{key: value}).validate()

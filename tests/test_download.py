@@ -60,6 +60,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send_partial(path == "/stall")
         if path == "/wrong-range" and self.headers.get("Range"):
             return self._send_range(DATA, start=0)
+        if path in ("/trickle", "/hang", "/endless", "/liar"):
+            return self._send_slowly(path)
         if path == "/no-length":
             self.send_response(200)
             self.end_headers()
@@ -112,6 +114,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         if stall:
             self.server.state.release.wait(10)
+        self.close_connection = True
+
+
+    def _send_slowly(self, path: str):
+        """/trickle: one byte per 20 ms; /hang: half the body, then nothing; /endless: chunks
+        forever, no declared size; /liar: declares 1,000 bytes, then chunks forever."""
+        release = self.server.state.release
+        self.send_response(200)
+        if path in ("/trickle", "/hang"):
+            self.send_header("Content-Length", str(len(DATA)))
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+            if path == "/liar":
+                self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            if path == "/hang":
+                self.wfile.write(DATA[: len(DATA) // 2])
+                self.wfile.flush()
+                release.wait(60)
+            elif path == "/trickle":
+                for byte in DATA:
+                    if release.wait(0.02):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            else:
+                chunk = DATA[:16 * 1024]
+                while not release.is_set():
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:   # the client gave up: what these tests want
+            pass
         self.close_connection = True
 
 
@@ -238,6 +272,117 @@ def test_http_connection_refused_retries_then_fails(tmp_path):
         port = sock.getsockname()[1]
     with pytest.raises(DownloadError, match=r"after 2 attempts.*connection failed"):
         download(f"http://127.0.0.1:{port}/x", tmp_path / "out.bin", retries=1, **FAST)
+
+
+def test_trickling_server_fails_naming_url_and_rate(server, tmp_path):
+    url = f"{server.url}/trickle"
+    with pytest.raises(DownloadError, match=r"after 2 attempts.*too slow: .* bytes/s.*min_rate 10000") \
+            as info:
+        download(url, tmp_path / "out.bin", retries=1, min_rate=10_000, rate_window=0.2, **FAST)
+    assert url in str(info.value)
+    assert [p for p, _ in server.state.requests] == ["/trickle", "/trickle"]
+    assert server.state.requests[1][1] is not None   # the retry resumed where the first stopped
+    assert _leftovers(tmp_path) == []
+
+
+def test_endless_body_is_capped_at_max_download_gb(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"/endless: more than max_download_gb = 0.0002 GB "
+                                            r"received .*declared no size.*data\.max_download_gb"):
+        download(f"{server.url}/endless", tmp_path / "out.bin", max_download_gb=0.0002, **FAST)
+    assert len(server.state.requests) == 1   # not retried
+    assert _leftovers(tmp_path) == []
+
+
+def test_body_longer_than_declared_stops(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"/liar: received more than the 1,000 bytes the source"):
+        download(f"{server.url}/liar", tmp_path / "out.bin", **FAST)
+    assert _leftovers(tmp_path) == []
+
+
+def test_declared_size_over_max_download_gb_fails_before_writing(server, tmp_path):
+    with pytest.raises(DownloadError, match=r"300,000 bytes, more than max_download_gb = 0.0001 GB"):
+        download(f"{server.url}/file.bin", tmp_path / "out.bin", max_download_gb=0.0001, **FAST)
+    src = tmp_path / "src.bin"
+    src.write_bytes(DATA)
+    with pytest.raises(DownloadError, match="more than max_download_gb"):
+        download(src, tmp_path / "out.bin", max_download_gb=0.0001)
+    assert _leftovers(tmp_path) == ["src.bin"]
+
+
+@pytest.mark.parametrize("path", ["/file.bin", "/no-length", "local"])
+def test_download_keeps_a_free_space_reserve(server, tmp_path, path):
+    import shutil
+
+    src = tmp_path / "src" / "data.bin"
+    src.parent.mkdir()
+    src.write_bytes(DATA)
+    out = tmp_path / "out"
+    out.mkdir()
+    reserve = shutil.disk_usage(out).free + 10 * 2 ** 30   # more than this disk can keep free
+    source = str(src) if path == "local" else f"{server.url}{path}"
+    with pytest.raises(DownloadError, match=rf"not enough disk space in {re.escape(str(out))}"):
+        download(source, out / "out.bin", min_free_bytes=reserve, **FAST)
+    assert _leftovers(out) == []
+
+
+def test_unreachable_host_stops_retrying_after_give_up_after(tmp_path, monkeypatch):
+    """Retries of a host that never answers stop after give_up_after seconds, not after `retries`."""
+    import facenet_kfp.download as module
+
+    clock = {"now": 0.0}
+    sleeps = []
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock["now"])
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock["now"] += seconds
+    monkeypatch.setattr(module.time, "sleep", sleep)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x"
+    with pytest.raises(DownloadError, match=r"connection failed.*give_up_after 20 s") as info:
+        download(url, tmp_path / "out.bin", retries=50, backoff=1.0, give_up_after=20)
+    assert url in str(info.value)
+    assert sum(sleeps) <= 20 and len(sleeps) < 50
+
+
+def test_name_resolution_failure_names_url_and_error(tmp_path):
+    url = "http://host.invalid/lfw.tgz"   # .invalid never resolves (RFC 6761)
+    with pytest.raises(DownloadError, match=r"connection failed") as info:
+        download(url, tmp_path / "out.bin", retries=1, **FAST)
+    assert url in str(info.value)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("entry", ["cli", "run_step"])
+def test_sigterm_removes_the_scratch_file(server, tmp_path, entry):
+    """A download stopped with SIGTERM (a stopped pod or run) leaves no temporary file behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dest, url = tmp_path / "out.bin", f"{server.url}/hang"
+    if entry == "cli":
+        argv = [sys.executable, "-m", "facenet_kfp.cli", "download", url, "--out", str(dest)]
+    else:
+        argv = [sys.executable, "-c", "import sys; from facenet_kfp.kfp_io import run_step; "
+                "from facenet_kfp.download import download; "
+                "run_step('download', download, sys.argv[1], sys.argv[2])", url, str(dest)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120   # a generous wait for the first bytes, not a timing check
+        while not any(p.stat().st_size for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "received SIGTERM" in err
+    assert _leftovers(tmp_path) == []
 
 
 def test_wrong_sha256_leaves_no_file(server, tmp_path):

@@ -120,10 +120,10 @@ def test_input_errors_name_the_file(model_dir, images, tmp_path, no_model_load):
         verify.verify_pair(model_dir, images["a"], broken, threshold=1.0)
     with pytest.raises(InputError, match="missing.jpg: image file not found"):
         verify.verify_pair(model_dir, tmp_path / "missing.jpg", images["a"], threshold=1.0)
-    tiff = tmp_path / "face.tiff"
-    Image.new("RGB", (40, 40)).save(tiff, format="TIFF")
-    with pytest.raises(InputError, match="TIFF images are not supported"):
-        verify.verify_pair(model_dir, images["a"], tiff, threshold=1.0)
+    pdf = tmp_path / "face.pdf"
+    Image.new("RGB", (40, 40)).save(pdf, format="PDF")
+    with pytest.raises(InputError, match=r"face\.pdf: not a readable image \(not an image in a supported format"):
+        verify.verify_pair(model_dir, images["a"], pdf, threshold=1.0)
     (tmp_path / "no-model").mkdir()
     with pytest.raises(InputError, match=r"no-model/model\.json: not found"):
         verify.verify_pair(tmp_path / "no-model", images["a"], images["b"], threshold=1.0)
@@ -164,3 +164,75 @@ def test_embed_files_argument_errors(model_dir, images, tmp_path, no_model_load)
     with pytest.raises(InputError, match="batch_size"):
         verify.embed_files(model_dir, [images["a"]], tmp_path / "emb.npz", batch_size=0)
     assert not (tmp_path / "emb.npz").exists()
+
+
+def test_embed_replaces_only_its_own_earlier_output(model_dir, images, tmp_path, no_model_load):
+    """A user's file at --out is never replaced; an earlier embeddings file is recognised."""
+    for name, content in (("notes.csv", b"name,phone\nann,123\n"), ("data.npz", b"not a zip"),
+                          ("table.tsv", b"path\tscore\n")):
+        user_file = tmp_path / name
+        user_file.write_bytes(content)
+        with pytest.raises(InputError, match=f"{name}: refusing to replace it"):
+            verify.embed_files(model_dir, [images["a"]], user_file)
+        assert user_file.read_bytes() == content
+    other_npz = tmp_path / "other.npz"
+    np.savez(other_npz, weights=np.zeros(3))
+    with pytest.raises(InputError, match="other.npz: refusing to replace it"):
+        verify.embed_files(model_dir, [images["a"]], other_npz)
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(InputError, match="not a regular file"):
+        verify.embed_files(model_dir, [images["a"]], tmp_path / "folder.npz")
+
+
+def test_embed_replaces_an_earlier_embeddings_file(model_dir, images, tmp_path):
+    for name in ("emb.npz", "emb.csv"):
+        verify.embed_files(model_dir, [images["a"], images["b"]], tmp_path / name)
+        verify.embed_files(model_dir, [images["c"]], tmp_path / name)
+    assert np.load(tmp_path / "emb.npz")["paths"].tolist() == [str(images["c"])]
+    assert len((tmp_path / "emb.csv").read_text().splitlines()) == 2
+
+
+def _png_declaring(path, width, height):
+    """A tiny PNG whose header declares width x height pixels (its pixel data is not there)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png_bytes(Image.new("L", (8, 8))))
+    ihdr = 8 + 8   # signature, then length and type of the IHDR chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _png_bytes(img):
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("width, height", [(10_000, 10_000), (40_000, 40_000)])
+def test_decompression_bomb_is_an_error_naming_the_file(model_dir, images, tmp_path, no_model_load,
+                                                        width, height):
+    """Over Pillow's limit (warning) and over twice the limit (error): both refused, file named."""
+    bomb = _png_declaring(tmp_path / "bomb.png", width, height)
+    with pytest.raises(InputError, match=r"bomb\.png: image too large to decode safely"):
+        verify.verify_pair(model_dir, images["a"], bomb, threshold=1.0)
+    with pytest.raises(InputError, match=r"bomb\.png: image too large to decode safely"):
+        verify.read_image_file(bomb)
+
+
+def test_image_tensorflow_cannot_decode_is_read_as_extract_stores_it(model_dir, images, tmp_path):
+    """A 1-bit BMP: Pillow reads it, TensorFlow's decoder does not; it is embedded like its PNG copy."""
+    bmp, png = tmp_path / "one-bit.bmp", tmp_path / "one-bit.png"
+    pattern = Image.new("1", (40, 40))
+    pattern.paste(1, (0, 0, 20, 40))
+    pattern.save(bmp, format="BMP")
+    pattern.save(png, format="PNG")
+    result = verify.embed_files(model_dir, [images["a"], bmp, png], tmp_path / "e.npz")
+    assert result["images"] == 3
+    embeddings = np.load(tmp_path / "e.npz")["embeddings"]
+    np.testing.assert_allclose(embeddings[1], embeddings[2], atol=1e-5)
+    assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
