@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from facenet_kfp import __version__
 from facenet_kfp.errors import FacenetError
+from facenet_kfp.fsutil import atomic_dir
 
 
 def _print_json(obj: Any) -> None:
@@ -28,10 +29,13 @@ def _print_json(obj: Any) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     from facenet_kfp.synth import generate_demo_archive
 
-    result = generate_demo_archive(args.out, identities=args.identities, seed=args.seed,
-                                   lfw_scale=args.lfw_scale)
-    print(f"archive: {result.archive}\npairs:   {result.pairs}\nsha256:  {result.sha256}\n"
-          f"{result.identities} identities, {result.images} images")
+    out = Path(args.out)
+    # Written as one folder: an earlier synth output may be replaced, a user's folder never.
+    with atomic_dir(out, step="synth") as tmp:
+        result = generate_demo_archive(tmp, identities=args.identities, seed=args.seed,
+                                       lfw_scale=args.lfw_scale)
+    print(f"archive: {out / Path(result.archive).name}\npairs:   {out / Path(result.pairs).name}\n"
+          f"sha256:  {result.sha256}\n{result.identities} identities, {result.images} images")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -114,10 +118,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, _overrides(args.set, "evaluate"))
     out = Path(args.out)
-    result = evaluate(args.model, args.images, args.splits, config.evaluate,
-                      report_path=out / "report.html", threshold_path=out / "threshold.json",
-                      metrics_path=out / "metrics.json", pairs_uri=args.pairs or "",
-                      pairs_sha256=args.pairs_sha256 or "", model_uri=str(Path(args.model).resolve()))
+    # The three files are written as one folder: an earlier evaluate output may be replaced,
+    # a user's folder never.
+    with atomic_dir(out, step="evaluate") as tmp:
+        result = evaluate(args.model, args.images, args.splits, config.evaluate,
+                          report_path=tmp / "report.html", threshold_path=tmp / "threshold.json",
+                          metrics_path=tmp / "metrics.json", pairs_uri=args.pairs or "",
+                          pairs_sha256=args.pairs_sha256 or "",
+                          model_uri=str(Path(args.model).resolve()))
     _print_json(result["metrics"])
     print(f"report: {out / 'report.html'}\nthreshold: {out / 'threshold.json'}")
 

@@ -126,6 +126,27 @@ def test_out_never_replaces_an_input(tmp_path, capsys):
     assert (work / "notes.txt").read_text() == "mine" and archive.read_bytes() == b"archive bytes"
 
 
+def test_synth_and_evaluate_out_never_replace_a_users_folder(tmp_path, capsys):
+    """Folders of files (synth, evaluate): a user's folder is refused; synth's own output is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my report")
+    missing = str(tmp_path / "missing")
+    for argv in (["synth", "--out", str(mine), "--identities", "10"],
+                 ["evaluate", missing, missing, missing, "--out", str(mine)]):
+        assert main(["-q"] + argv) == 2
+        err = capsys.readouterr().err
+        assert "refusing to replace" in err and str(mine) in err, err
+    assert [p.name for p in mine.iterdir()] == ["report.html"]
+    assert (mine / "report.html").read_text() == "my report"
+    demo = tmp_path / "demo"
+    for _ in range(2):   # the second run replaces the first run's own output
+        assert main(["-q", "synth", "--out", str(demo), "--identities", "10"]) == 0
+    assert sorted(p.name for p in demo.iterdir() if not p.name.startswith(".")) == [
+        "lfw.tgz", "lfw.tgz.sha256", "pairs.txt"]
+    capsys.readouterr()
+
+
 def test_download_out_replaces_only_a_verified_copy(tmp_path, demo_archive, capsys):
     out = tmp_path / "lfw.tgz"
     out.write_text("a user's file")
