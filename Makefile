@@ -8,6 +8,14 @@ PY            := $(VENV)/bin/python
 PIP           := $(PY) -m pip
 LOCK          := requirements/lock.txt
 STAMP         := $(VENV)/.installed
+# The oldest Python the lock's pins install on (pyproject.toml's requires-python says the same).
+REQUIRED_PYTHON := 3.11
+# The interpreter .venv is made of, and its version when it is older than REQUIRED_PYTHON (or
+# "missing or cannot run"); evaluated only when the venv is (re)built.
+VENV_PYTHON    = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+OLD_PYTHON     = $(shell $(VENV_PYTHON) -c 'import sys; print("" if sys.version_info[:2] >= \
+                   tuple(map(int, "$(REQUIRED_PYTHON)".split("."))) else "Python " + sys.version.split()[0])' \
+                   2>/dev/null || echo "missing or cannot run")
 
 # Container images: `make compile` writes exactly these references into the pipeline YAML.
 IMAGE_REGISTRY ?= ghcr.io/facenet-kfp
@@ -26,6 +34,7 @@ DEMO_DIR      ?= data/demo
 SOURCE        ?=
 SHA256        ?=
 PAIRS         ?=
+PAIRS_SHA256  ?=
 PYTEST_ARGS   ?=
 
 # `make submit` settings (KFP_TOKEN is read from the environment, so the echoed command does not show it).
@@ -56,22 +65,24 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml $(LOCK)
+	$(if $(OLD_PYTHON),$(error facenet-kfp needs Python $(REQUIRED_PYTHON) or newer, but $(VENV_PYTHON) is $(OLD_PYTHON); \
+	  run make install PYTHON=python$(REQUIRED_PYTHON) (or remove an old $(VENV)/)))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c $(LOCK) -e '.[train,dev]'
 	touch $@
 
-install: $(STAMP) ## create .venv with the pinned dependencies (quick when done)
+install: $(STAMP) ## create .venv with the pinned dependencies (Python 3.11+, PYTHON=...; quick when done)
 
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (demo data unless SOURCE=...; CONFIG, PAIRS, PIPELINE_ROOT, RUNNER=docker)
+run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, PIPELINE_ROOT, RUNNER=docker)
 	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
 	  --demo-dir $(DEMO_DIR) --runner $(RUNNER) \
 	  --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
 	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
-	  $(if $(PAIRS),--pairs '$(PAIRS)')
+	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)')
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \

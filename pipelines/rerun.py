@@ -24,8 +24,9 @@ Later sources override earlier ones per artifact (``--from local_outputs
 pipeline; ``--set`` overrides them by pipeline parameter name
 (``train_learning_rate=0.0005``) or by the plain key of the step's config
 section (``learning_rate=0.0005``). The table and ``<pipeline root>/rerun-summary.json``
-follow run_local's format; the summary's ``artifacts`` lists every artifact
-known after the rerun (the new outputs replace the imported ones), so a later
+follow run_local's format (tasks in DAG order: the importers, then the step); the
+summary's ``artifacts`` lists every artifact known after the rerun (the new
+outputs replace the imported ones), so a later
 rerun can start from it.
 """
 
@@ -51,8 +52,9 @@ from facenet_kfp.config import (SECTIONS, EvaluateConfig, PipelineConfig, TrainC
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import read_json, write_json
 from pipelines.facenet_pipeline import PIPELINE_NAME, SECTION_PREFIX, pipeline_parameters
-from pipelines.run_local import (DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE, headline_metrics,
-                                 TaskRecord, record_tasks, report_summary)
+from pipelines.run_local import (DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE, TaskRecord,
+                                 failure_message, headline_metrics, record_tasks, report_summary,
+                                 task_summaries)
 
 log = logging.getLogger(__name__)
 
@@ -380,16 +382,12 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
         "from": described,
         "inputs": inputs,
         "parameters": {name: values[name] for name in sorted(used)},
-        "tasks": [{"name": r.name, "display_name": r.display_name, "status": r.status,
-                   "seconds": round(r.seconds, 2), "outputs": r.outputs,
-                   **({"error": r.error} if r.error else {})} for r in records],
+        "tasks": task_summaries(records),
         "metrics": headline_metrics(records),
         "artifacts": artifacts,
     }
     if status == "FAILED":
-        failed = [r for r in records if r.status == "FAILED"]
-        summary["error"] = (f"task {failed[0].name} failed: {failed[0].error}" if failed
-                            else f"pipeline failed before a task ran: {failure}")
+        summary["error"] = failure_message(records, failure)
     write_json(root / RERUN_SUMMARY, summary)
     return summary
 

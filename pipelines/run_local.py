@@ -1,10 +1,14 @@
 """Run the whole pipeline on this machine with `kfp.local`, then print and save a summary.
 
-`python -m pipelines.run_local [--source URI --sha256 HEX] [--config YAML] [--pairs URI]`
+`python -m pipelines.run_local [--config YAML] [--source URI --sha256 HEX] [--pairs URI --pairs-sha256 HEX]`
 runs the seven steps as a real KFP pipeline (SubprocessRunner in this venv, or
-DockerRunner with `--runner docker`), caching on. With no `--source` it runs on
-the demo archive, generating it first when missing. At the end it prints one
-line per task (ran / cache hit / failed, seconds, key figures) and writes
+DockerRunner with `--runner docker`), caching on. The archive is `--source`, else
+the config's `data.source_uri`; only when neither names one does it run on the
+demo archive, generating it first when missing. `--pairs` replaces the config's
+pairs.txt (`demo`: the demo archive's); a checksum is never dropped: the config's
+`pairs_sha256` stays when `--pairs` names the config's `pairs_uri`, and
+`--pairs-sha256` sets one. At the end it prints one line per task in DAG order
+(ran / cache hit / failed, seconds, key figures) and writes
 `<pipeline root>/summary.json`. A failed run exits 1 and names the failed task
 and its error.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -25,15 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
 from kfp import local
 from kfp.local.cache import LocalCache
 from kfp.local.orchestrator import task_executor
 
 from components import Images
 from facenet_kfp.config import load_config
-from facenet_kfp.errors import FacenetError
+from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import write_json
 from pipelines.facenet_pipeline import PIPELINE_NAME, build_pipeline
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LIGHT_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp:0.1.0"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0"
@@ -46,6 +54,7 @@ HEADLINE = [
     ("threshold", "threshold"),
 ]
 _ERROR_LINE = re.compile(r"(step \S+ failed: .*|\w+(Error|Exception): .*)$")
+_STEP_NUMBER = re.compile(r"(\d+)\.\s")
 
 
 @dataclass
@@ -125,6 +134,34 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
         LocalCache.get = original_get
 
 
+def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:
+    """The records sorted by the step number that starts each display name ("4. complete ...").
+
+    The pipeline numbers its steps in DAG order (tests/test_pipeline.py checks
+    that every task's upstream tasks have lower numbers), so the table reads the
+    same whichever order kfp.local ran independent tasks in. Tasks without a
+    number (a rerun's importers) come first, by display name.
+    """
+    def key(record: TaskRecord) -> tuple[int, str]:
+        match = _STEP_NUMBER.match(record.display_name)
+        return (int(match.group(1)) if match else 0, record.display_name)
+    return sorted(records, key=key)
+
+
+def task_summaries(records: list[TaskRecord]) -> list[dict[str, Any]]:
+    """The `tasks` list of a summary: one entry per task, in DAG order."""
+    return [{"name": r.name, "display_name": r.display_name, "status": r.status,
+             "seconds": round(r.seconds, 2), "outputs": r.outputs,
+             **({"error": r.error} if r.error else {})} for r in dag_order(records)]
+
+
+def failure_message(records: list[TaskRecord], failure: str) -> str:
+    """What a failed run's summary says: the first failed task in DAG order and its error."""
+    failed = [r for r in dag_order(records) if r.status == "FAILED"]
+    return (f"task {failed[0].name} failed: {failed[0].error}" if failed
+            else f"pipeline failed before a task ran: {failure}")
+
+
 KEY_FIGURES = {
     "download-archive": ["size", "sha256"],
     "extract-images": ["identities", "images", "skipped_total", "shards"],
@@ -146,6 +183,9 @@ def key_figures(record: TaskRecord) -> str:
             values[key] = value
     wanted = KEY_FIGURES.get(record.name, [])
     parts = []
+    start_step = values.get("start_step")
+    if record.name == "train-model" and isinstance(start_step, (int, float)) and start_step > 0:
+        parts.append(f"resumed at step {int(start_step)}")
     for first, last, label in (("first_val_loss", "val_loss", "val loss"),
                                ("first_val_fraction_positive", "val_fraction_positive",
                                 "val positive triplets")):
@@ -226,23 +266,81 @@ def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str
     return str(archive.resolve()), digest_file.read_text().split()[0]
 
 
+def config_names_source(config_path: str | None) -> bool:
+    """Whether the YAML file itself sets `data.source_uri` (DataConfig's LFW default does not count)."""
+    if config_path is None:
+        return False
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    return "source_uri" in (raw.get("data") or {})
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_sources(config_path: str | None, source: str | None, sha256: str | None, pairs: str | None,
+                 pairs_sha256: str | None, demo_dir: str, demo_identities: int, demo_seed: int,
+                 overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The archive and pairs.txt a local run uses: {source_uri, sha256, pairs_uri, pairs_sha256}.
+
+    The archive is `source`, else the config's `data.source_uri`; only when
+    neither names one is it the demo archive (generated when missing). `sha256`
+    sets the archive's checksum; without it the config's stays when the archive
+    is the config's, and a `source` of its own has none. `pairs` ("demo": the
+    demo archive's pairs.txt) replaces the config's pairs file; the config's
+    `pairs_sha256` stays when `pairs` names the config's `pairs_uri`, and
+    `pairs_sha256` sets one, so a known checksum is never dropped.
+    """
+    config = load_config(config_path, overrides).data
+    demo = not (source or config_names_source(config_path) or "source_uri" in overrides.get("data", {}))
+    if demo:
+        source_uri, source_sha = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
+    elif source:
+        source_uri, source_sha = source, (config.sha256 if source == config.source_uri else "")
+    else:
+        source_uri, source_sha = config.source_uri, config.sha256
+    if pairs == "demo":
+        if not demo:
+            raise InputError(f"--pairs demo is the demo archive's pairs.txt, but this run uses "
+                             f"{source_uri}; give that dataset's pairs file as --pairs URI")
+        demo_pairs = (Path(demo_dir) / "pairs.txt").resolve()
+        if not demo_pairs.is_file():
+            raise InputError(f"{demo_pairs}: demo pairs file not found; remove {demo_dir} to "
+                             f"generate the demo dataset again")
+        pairs_uri, pairs_sha = str(demo_pairs), _file_sha256(demo_pairs)
+    elif pairs:
+        pairs_uri, pairs_sha = pairs, (config.pairs_sha256 if pairs == config.pairs_uri else "")
+    else:
+        pairs_uri, pairs_sha = config.pairs_uri, config.pairs_sha256
+    if pairs_sha256 and not pairs_uri:
+        raise InputError("--pairs-sha256 needs a pairs file: give --pairs URI or set data.pairs_uri "
+                         f"in {config_path or 'the config'}")
+    return {"source_uri": source_uri, "sha256": sha256 or source_sha,
+            "pairs_uri": pairs_uri, "pairs_sha256": pairs_sha256 or pairs_sha}
+
+
 def run_pipeline(config_path: str | None, source: str | None, sha256: str | None,
                  pairs: str | None, pipeline_root: str, runner: str = "subprocess",
                  demo_dir: str = "data/demo", demo_identities: int = 120, demo_seed: int = 0,
                  images: Images | None = None, enable_caching: bool = True,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run the pipeline locally; returns the summary (also written to summary.json)."""
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 pairs_sha256: str | None = None) -> dict[str, Any]:
+    """Run the pipeline locally; returns the summary (also written to summary.json).
+
+    Which archive and pairs file it uses: see `data_sources`.
+    """
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-    data = overrides.setdefault("data", {})
-    if source:
-        data["source_uri"], data["sha256"] = source, sha256 or ""
-    else:
-        data["source_uri"], data["sha256"] = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
-        if pairs == "demo":
-            pairs = str((Path(demo_dir) / "pairs.txt").resolve())
-    if pairs:
-        data["pairs_uri"], data["pairs_sha256"] = pairs, ""
+    overrides.setdefault("data", {}).update(data_sources(
+        config_path, source, sha256, pairs, pairs_sha256, demo_dir, demo_identities, demo_seed, overrides))
     config = load_config(config_path, overrides)
+    log.info("archive: %s%s", config.data.source_uri, "" if config.data.sha256 else " (no sha256 to check)")
+    if config.data.pairs_uri:
+        log.info("pairs.txt: %s%s", config.data.pairs_uri,
+                 "" if config.data.pairs_sha256 else " (no sha256 to check)")
     images = images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -284,15 +382,12 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
         "runner": runner,
         "seconds": round(time.monotonic() - start, 1),
         "source_uri": config.data.source_uri,
-        "tasks": [{"name": r.name, "display_name": r.display_name, "status": r.status,
-                   "seconds": round(r.seconds, 2), "outputs": r.outputs,
-                   **({"error": r.error} if r.error else {})} for r in records],
+        "pairs_uri": config.data.pairs_uri,
+        "tasks": task_summaries(records),
         "metrics": headline_metrics(records),
     }
     if status == "FAILED":
-        failed = [r for r in records if r.status == "FAILED"]
-        summary["error"] = (f"task {failed[0].name} failed: {failed[0].error}" if failed
-                            else f"pipeline failed before a task ran: {failure}")
+        summary["error"] = failure_message(records, failure)
     write_json(root / "summary.json", summary)
     return summary
 
@@ -314,9 +409,11 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--source", default="", help="archive URI or path; default: the demo archive")
-    parser.add_argument("--sha256", default="", help="expected sha256 of --source")
+    parser.add_argument("--source", default="", help="archive URI or path; default: the config's data.source_uri, "
+                                                     "else the demo archive")
+    parser.add_argument("--sha256", default="", help="expected sha256 of the archive")
     parser.add_argument("--pairs", default="", help="pairs.txt URI or path for the LFW protocol; 'demo' for the demo archive's")
+    parser.add_argument("--pairs-sha256", default="", help="expected sha256 of the pairs file")
     parser.add_argument("--pipeline-root", default="local_outputs", help="where artifacts and summary.json go")
     parser.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess")
     parser.add_argument("--demo-dir", default="data/demo", help="where the demo archive is kept")
@@ -330,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
                                args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
                                demo_identities=args.demo_identities, enable_caching=not args.no_cache,
-                               images=Images(light=args.light_image, trainer=args.trainer_image))
+                               images=Images(light=args.light_image, trainer=args.trainer_image),
+                               pairs_sha256=args.pairs_sha256 or None)
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -505,3 +505,48 @@ def test_standin_script_rejects_an_unknown_target(tmp_path):
     proc = run_script("standin-base.sh", script_env(tmp_path), "gpu")
     assert proc.returncode == 1
     assert "unknown target 'gpu'" in proc.stderr
+
+
+# ---- the supported Python ---------------------------------------------------------------------
+
+FAKE_PYTHON_310 = '''#!{python}
+"""Stands in for a Python 3.10: runs `-c CODE` with that version's sys.version_info and sys.version."""
+import sys
+sys.version_info = (3, 10, 12, "final", 0)
+sys.version = "3.10.12 (main, Jun 11 2023) [GCC 11.4.0]"
+assert sys.argv[1] == "-c", sys.argv
+exec(sys.argv[2])
+'''
+
+
+def make_install(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make install ARGS` in a copy of the files the install target reads (no .venv there yet)."""
+    (folder / "requirements").mkdir(parents=True, exist_ok=True)
+    for name in ("Makefile", "pyproject.toml", "requirements/lock.txt"):
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+    return subprocess.run(["make", "-C", str(folder), "install", *args], capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+
+
+def test_make_install_stops_on_an_old_python_with_one_line(tmp_path):
+    fake = tmp_path / "python3.10"
+    fake.write_text(FAKE_PYTHON_310.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    proc = make_install(tmp_path / "copy", f"PYTHON={fake}")
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip() and "Entering" not in line
+             and "Leaving" not in line]
+    assert len(lines) == 1, lines
+    assert "needs Python 3.11 or newer" in lines[0] and f"{fake} is Python 3.10.12" in lines[0]
+    assert not (tmp_path / "copy" / ".venv").exists()
+    missing = make_install(tmp_path / "copy", "PYTHON=/nonexistent/python3")
+    assert missing.returncode != 0 and "/nonexistent/python3 is missing or cannot run" in missing.stderr
+
+
+def test_make_install_accepts_this_python_and_agrees_with_pyproject(tmp_path):
+    dry_run = make_install(tmp_path / "copy", "-n", f"PYTHON={sys.executable}")
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert f"{sys.executable} -m venv .venv" in dry_run.stdout
+    required = re.search(r"^REQUIRED_PYTHON := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f'requires-python = ">={required}"' in (ROOT / "pyproject.toml").read_text()
+    assert f"Python {required}+" in (ROOT / "README.md").read_text()

@@ -229,8 +229,6 @@ def test_one_pair_plus_singletons(squared):
     assert value(got["fraction"]) == pytest.approx(want_fraction)
     assert value(got["batch_hard"]) == pytest.approx(ref_batch_hard(labels, emb, 0.5, squared), rel=1e-5)
     assert value(got["semi_hard"]) == pytest.approx(ref_semi_hard(labels, emb, 0.5, squared), rel=1e-5)
-    # Only the two anchors with a positive count in batch hard: a mean over 2, not 6.
-    assert value(got["batch_hard"]) > 0
 
 
 def test_identical_embeddings_have_finite_gradients_for_plain_l2():
