@@ -1,6 +1,6 @@
 """Step 7: embed validation and test faces, choose the verification threshold on validation, measure test.
 
-Protocol (see REFERENCE.md, "Verification evaluation"):
+Protocol (the verification protocol face-recognition papers report):
 
 1. Only REAL images are used (manifest rows with ``synthetic`` false): the
    completion step's flipped copies would make "same person" pairs trivially

@@ -43,7 +43,7 @@ from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# --- LFW facts (REFERENCE.md) -------------------------------------------------------------
+# --- LFW facts (from LFW's published statistics) -------------------------------------------------------------
 LFW_IDENTITIES = 5749
 LFW_IMAGES = 13233
 LFW_LARGEST = 530                       # George_W_Bush

@@ -26,7 +26,7 @@ Two things the stock DockerRunner of kfp 2.17 does not do, done here:
    checkpoint root. The images run as uid:gid 1000:1000 (`USER 1000:1000`
    in images/Dockerfile and images/trainer.Dockerfile), which must be able to
    create the run folders in the pipeline root:
-   - this process is root (CI, these development machines): containers run
+   - this process is root (CI machines, say): containers run
      as the image's own user, and the pipeline root (the folder itself, not
      its contents) is chowned to 1000:1000 -- the steps run exactly as they
      do on a cluster, and root on the host can still read and delete

@@ -478,7 +478,6 @@ def test_real_model_round_trip(data, tmp_path, real_model_dir):
     for key, value in m.items():
         if key != "distance":
             assert math.isfinite(value), key
-    assert 0 <= m["test_auc"] <= 1 and 0 <= m["threshold"] <= 4
     assert json.loads((out / "threshold.json").read_text())["preprocessing"]
     html = (out / "report.html").read_text()
     assert re.search(r"<h2>Example test pairs</h2>", html)

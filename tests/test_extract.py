@@ -451,9 +451,10 @@ def test_refusal_stops_the_decompressing_process(tmp_path):
     files = {"/etc/passwd": b"root:x:0:0"}
     files.update({f"lfw/P/P_{i:04d}.jpg": jpeg(i, size=160, noise=True) for i in range(100)})
     archive = write_tar(tmp_path / "a.tgz", files, dirs=False)
+    before = set(multiprocessing.active_children())
     with pytest.raises(InputError, match="'/etc/passwd'.*absolute path"):
         extract_dataset(archive, tmp_path / "out", workers=1)
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before
     assert_nothing_written(tmp_path / "out")
 
 

@@ -27,7 +27,7 @@ def write_labels(path, counts):
 
 
 def lfw_like_counts():
-    """LFW's images-per-person histogram (REFERENCE.md): 5,749 people, 1,680 with >= 2 images."""
+    """LFW's images-per-person histogram: 5,749 people, 1,680 with >= 2 images."""
     sizes = [1] * 4069 + [2] * 779 + [3] * 300 + [4] * 170 + [5] * 120 + [6] * 50 + [7] * 44
     sizes += [8 + i % 13 for i in range(160)] + [21 + i for i in range(56)] + [530]
     assert len(sizes) == 5749 and sum(1 for s in sizes if s >= 2) == 1680
