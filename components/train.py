@@ -39,7 +39,8 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
         precision: auto, float32, mixed_float16 or mixed_bfloat16.
         seed: Random seed of sampling, augmentation and initialisation.
         checkpoint_root: Persistent folder (gs:// or path) for checkpoints that
-            survive a pod retry; empty keeps them next to the model output.
+            survive a pod retry: a retry of this task resumes there, another
+            run starts at step 0; empty keeps them next to the model output.
         model: Model folder: model.keras, model.json (how to use it),
             saved_model/, history.json, curves.png.
         metrics: Final train and validation loss and triplet statistics.
@@ -59,12 +60,13 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
                   seed=seed)
     config = section_from_dict(TrainConfig, params, "train")
     config.validate()
-    inputs = [images.uri, completion.uri, labels.uri, splits.uri]
-    checkpoint_dir = checkpoint_dir_for(checkpoint_root, inputs, params)
+    # Keyed by this task's model URI: a retried pod resumes, a new run starts at step 0.
+    checkpoint_dir = checkpoint_dir_for(checkpoint_root, model.uri)
     result = run_step("train", train, images.path, completion.path, labels.path, splits.path,
-                      model.path, config, checkpoint_dir=checkpoint_dir)
+                      model.path, config, checkpoint_dir=checkpoint_dir, run_key=model.uri)
     log_metrics(metrics, result)
     model.metadata.update({"framework": "keras", "format": "model.keras + saved_model",
                            "architecture": architecture, "embedding_dim": embedding_dim,
-                           "distance": "squared_l2" if squared else "l2"})
+                           "distance": "squared_l2" if squared else "l2",
+                           "trained_steps": int(result["steps"]), "start_step": int(result["start_step"])})
     write_training_report(model.path, training_report.path)

@@ -25,7 +25,8 @@ model.json keys::
     preprocessing   {version: "centre-crop-v1", image_size: S, crop_fraction, scale: "[-1,1]"}
     distance        {squared: bool, definition: "...", margin}: how two embeddings compare
     loss, margin, trained_steps, keras_version, backend, created (UTC ISO 8601)
-    ...             whatever else train adds (config, final metrics)
+    start_step      the step training began at: 0, or the checkpoint step it resumed from
+    ...             whatever else train adds (input fingerprints, config, final metrics)
 """
 
 from __future__ import annotations
@@ -56,11 +57,15 @@ DISTANCE_DEFINITIONS = {
     False: "plain L2 between L2-normalised embeddings: sqrt(sum_k (a_k - b_k)^2), in [0, 2]",
 }
 # What a caller of save_model_artifact must say; the rest is derived from the model.
-REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margin", "trained_steps")
+REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margin", "trained_steps",
+                     "start_step")
 
 
-def artifact_metadata(config: Any, trained_steps: int, **extra: Any) -> dict[str, Any]:
-    """model.json content derived from a `TrainConfig` (architecture, preprocessing, distance, loss)."""
+def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **extra: Any) -> dict[str, Any]:
+    """model.json content derived from a `TrainConfig` (architecture, preprocessing, distance, loss).
+
+    start_step > 0 says the model continued a checkpoint at that step.
+    """
     from facenet_kfp.data import PREPROCESSING_VERSION
 
     metadata = {
@@ -72,6 +77,7 @@ def artifact_metadata(config: Any, trained_steps: int, **extra: Any) -> dict[str
         "loss": config.loss,
         "margin": float(config.margin),
         "trained_steps": int(trained_steps),
+        "start_step": int(start_step),
     }
     metadata.update(extra)
     return metadata
@@ -119,6 +125,10 @@ def save_model_artifact(model: Any, out_dir: str | os.PathLike, metadata: dict[s
                         history: dict[str, Any]) -> None:
     """Write the model folder (see module docstring) atomically: all of it or nothing.
 
+    `out_dir` may be replaced only when it is absent, empty or an earlier
+    output of the train step (fsutil.atomic_dir's marker); anything else is
+    refused with InputError.
+
     `metadata` needs REQUIRED_METADATA (see `artifact_metadata`); input_shape,
     embedding_dim, versions and the creation time are added here. `history`
     is {"train": [records], "val": [records]} as train records it.
@@ -126,7 +136,7 @@ def save_model_artifact(model: Any, out_dir: str | os.PathLike, metadata: dict[s
     import keras
 
     info = _complete_metadata(model, metadata)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, step="train") as tmp:
         model.save(tmp / MODEL_FILE)
         if keras.backend.backend() == "tensorflow":
             _export_saved_model(model, info, tmp / SAVED_MODEL_DIR)

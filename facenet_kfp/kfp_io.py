@@ -34,12 +34,19 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def run_step(name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run one step's library function with logging; errors propagate and fail the task."""
+    """Run one step's library function with logging; errors propagate and fail the task.
+
+    SIGTERM (a stopped pod or run) becomes SystemExit while the step runs, so
+    its temporary files are removed on the way out.
+    """
+    from facenet_kfp.fsutil import sigterm_as_exit
+
     configure_logging()
     log.info("step %s: starting", name)
     start = time.monotonic()
     try:
-        result = func(*args, **kwargs)
+        with sigterm_as_exit():
+            result = func(*args, **kwargs)
     except Exception as exc:
         # One clear line before the traceback: the local runner's summary quotes it.
         log.error("step %s failed: %s: %s", name, type(exc).__name__, exc)
@@ -60,16 +67,39 @@ def compact_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def checkpoint_dir_for(root: str, input_uris: list[str], params: dict[str, Any]) -> str | None:
-    """Checkpoint folder under `root` that a retried pod finds again, or None when root is empty.
+def checkpoint_dir_for(root: str, output_uri: str) -> str | None:
+    """Checkpoint folder under `root` for the task writing `output_uri`, or None when root is empty.
 
-    The folder is keyed by the task's inputs and parameters (not by run id, which
-    would differ between a task and its retry only on some backends and would
-    break caching if passed as a parameter).
+    `<root>/train-<sha256 of output_uri, 16 hex>`, keyed by the URI of the
+    task's model output artifact: a retried pod of the same task finds its
+    checkpoints again, and another run (even with the same inputs, parameters
+    and cached upstream artifacts) gets a new folder and trains from step 0.
+    Why the output URI:
+
+    - KFP backend: the driver gives each task execution fresh output URIs,
+      `<pipeline root>/<pipeline name>/<run id>/<task name>/<random uuid>/<output>`
+      (backend/src/v2/driver/driver.go `provisionOutputs`, joined by
+      backend/src/v2/metadata/client.go `GenerateOutputURI`), and puts them in
+      the executor input of the pod spec patch. The Argo retry strategy sits
+      on the executor template alone (backend/src/v2/compiler/argocompiler/
+      container.go `addContainerExecutorTemplate`), so a retried pod gets the
+      same executor input, hence the same URI.
+    - The cache key (backend/src/v2/cacheutils/cache.go `GenerateCacheKey`)
+      holds input artifact names, parameter values, output specs with their
+      URIs wiped, image and command: keying by the output URI leaves caching
+      as it is. A run id passed as a parameter instead
+      (dsl.PIPELINE_JOB_ID_PLACEHOLDER, which backend/src/v2/driver/resolve.go
+      `resolveInputParameter` turns into a parameter value) would enter the
+      key and make every train task a cache miss.
+    - kfp.local: outputs go to `<pipeline root>/<pipeline name>-<timestamp>/
+      <task>/<output>` (kfp/local/executor_input_utils.py
+      `get_local_pipeline_resource_name`, `construct_local_task_root`); the
+      retries of `orchestrator/task_executor.py` `execute_single_task` reuse
+      that name, and `LocalCache.compute_key` leaves output URIs out.
     """
     if not root:
         return None
-    key = hashlib.sha256(json.dumps([input_uris, params], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(output_uri.encode()).hexdigest()[:16]
     return f"{root.rstrip('/')}/train-{key}"
 
 

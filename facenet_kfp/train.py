@@ -14,9 +14,10 @@ keeps float32 master weights, so nothing is lost).
 
 Several GPUs: `tf.distribute.MirroredStrategy`. The P x K batch is the global
 batch; each replica gets P / replicas whole identities (the batch is
-identity-major) and mines triplets inside its own slice (per-replica mining,
-as in FaceNet's distributed training); gradients are averaged. p must then be
-a multiple of the number of replicas.
+identity-major, `distribute_batches`) and mines triplets inside its own slice
+(per-replica mining, as in FaceNet's distributed training); gradients are
+averaged (`make_train_step`). p must then be a multiple of the number of
+replicas.
 
 Every `log_every` steps a log line gives loss, fraction of positive
 triplets, mean positive / negative distance, learning rate, images/s and ETA
@@ -32,16 +33,23 @@ plain-L2 distance between the embeddings of a batch stays below 1e-3 for
 
 Checkpoints (model, optimizer, step) go to `checkpoint_dir` every
 `checkpoint_every` steps (tf.train.CheckpointManager keeps the last two; a
-gs:// URI works) with the history so far. A new call with the same
-checkpoint folder resumes from the latest checkpoint: that is how a retried
-pod continues. The input stream resumes exactly (`data.make_train_dataset`
-with start_batch). Changing max_steps on resume is allowed (the cosine
-schedule then follows the new length); other settings must match.
+gs:// URI works) with the history so far and `provenance.json`: the run key
+(the model output it trains for), the fingerprints of the four inputs
+(`provenance.check_inputs`), the train settings and the training code. A new
+call with the same checkpoint folder resumes from the latest checkpoint only
+when all of these match: that is how a retried pod continues. A checkpoint
+written for anything else is refused, naming what differs, never resumed
+silently. Changing max_steps on resume is allowed (the cosine schedule then
+follows the new length), as are the other RESUMABLE_CHANGES. A damaged
+checkpoint file is skipped with a warning for the previous checkpoint. The
+input stream resumes exactly (`data.make_train_dataset` with start_batch).
+Metrics and model.json give `start_step`, the step this call began at.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -52,17 +60,21 @@ from typing import Any
 
 import numpy as np
 
+from facenet_kfp import __version__
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import write_json
+from facenet_kfp.fsutil import check_replaceable, write_json
 from facenet_kfp.progress import Progress, _fmt_seconds
 
 log = logging.getLogger(__name__)
 
 COLLAPSE_MEAN_DISTANCE = 1e-3    # plain L2; random unit vectors in 128-D are ~1.41 apart
 COLLAPSE_MAX_DISTANCE = 1e-6
-CONFIG_JSON = "train_config.json"
 HISTORY_JSON = "history.json"
+PROVENANCE_JSON = "provenance.json"
+CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/1"
+# The modules whose code decides the trained weights (their source is part of a checkpoint's provenance).
+TRAINING_MODULES = ("augment", "data", "losses", "model", "train")
 # Settings that may change between a run and its resumption: they do not change the model.
 RESUMABLE_CHANGES = ("max_steps", "validate_every", "validation_batches", "checkpoint_every", "log_every")
 STAT_KEYS = ("loss", "fraction_positive_triplets", "mean_positive_distance", "mean_negative_distance")
@@ -209,28 +221,158 @@ def _read_json_any(path: str) -> Any | None:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _check_resume_config(checkpoint_dir: str, config: TrainConfig) -> None:
-    """Refuse to resume a checkpoint written with a different model or loss."""
-    path = f"{checkpoint_dir.rstrip('/')}/{CONFIG_JSON}"
+def code_fingerprint() -> dict[str, str]:
+    """{"version": facenet-kfp version, "sha256": of the TRAINING_MODULES' source}: the code that trains."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for name in TRAINING_MODULES:
+        digest.update(name.encode() + b"\0" + (package / f"{name}.py").read_bytes() + b"\0")
+    return {"version": __version__, "sha256": digest.hexdigest()}
+
+
+def checkpoint_provenance(run_key: str, inputs: dict[str, str], config: TrainConfig) -> dict[str, Any]:
+    """What provenance.json of a checkpoint folder records: run key, input fingerprints, settings, code."""
+    return {"format": CHECKPOINT_FORMAT, "run": run_key, "inputs": dict(inputs), "train": to_dict(config),
+            "code": code_fingerprint()}
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else repr(value)
+
+
+def provenance_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every recorded item that must match for a resume (none: resumable)."""
+    found = []
+    if saved.get("run") != current["run"]:
+        found.append(f"run: {saved.get('run')!r} -> {current['run']!r}")
+    saved_inputs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    for kind in sorted(set(saved_inputs) | set(current["inputs"])):
+        if saved_inputs.get(kind) != current["inputs"].get(kind):
+            found.append(f"inputs.{kind}: {_short(saved_inputs.get(kind))} -> "
+                         f"{_short(current['inputs'].get(kind))}")
+    saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    for key, value in current["train"].items():
+        if key not in RESUMABLE_CHANGES and saved_train.get(key) != value:
+            found.append(f"{key}: {saved_train.get(key)!r} -> {value!r}")
+    saved_code = saved.get("code") if isinstance(saved.get("code"), dict) else {}
+    for key, value in current["code"].items():
+        if saved_code.get(key) != value:
+            found.append(f"code {key}: {_short(saved_code.get(key))} -> {_short(value)}")
+    return found
+
+
+def _check_resume(checkpoint_dir: str, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint that was not written for this run, these inputs, settings and code."""
+    path = f"{checkpoint_dir.rstrip('/')}/{PROVENANCE_JSON}"
     saved = _read_json_any(path)
-    if saved is None:
-        return
-    current = to_dict(config)
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise InputError(f"{checkpoint_dir}: the checkpoint was written with other settings ({detail}); "
-                         f"use another checkpoint folder or delete this one to start over")
+    todo = (f"delete {checkpoint_dir} to train from step 0, or choose another checkpoint folder "
+            f"(train --checkpoint-dir, or cluster.checkpoint_root)")
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        what = "not found" if saved is None else f"not a {CHECKPOINT_FORMAT} record"
+        raise InputError(f"{path}: {what}, so nothing says which inputs and settings made the checkpoint "
+                         f"in {checkpoint_dir}; {todo}")
+    differences = provenance_differences(saved, current)
+    if differences:
+        raise InputError(f"{checkpoint_dir}: the checkpoint was written for other inputs or settings "
+                         f"({'; '.join(differences)}); resuming it would continue another model; {todo}")
+
+
+def _checkpoints(manager) -> list[str]:
+    """The manager's checkpoints, oldest first; the latest one too when the state file has no timestamps
+    (the manager then lists none)."""
+    found = list(manager.checkpoints)
+    if manager.latest_checkpoint and manager.latest_checkpoint not in found:
+        found.append(manager.latest_checkpoint)
+    return found
+
+
+def _restore_latest(checkpoint, manager, checkpoint_dir: str) -> str | None:
+    """Restore the newest readable checkpoint of `manager`; its path, or None when there is none.
+
+    A damaged checkpoint (truncated or missing file) is skipped with a
+    warning for the previous one (the manager keeps two); when none can be
+    read, InputError names each and what failed.
+    """
+    tf = _tf()
+    failures = []
+    for path in reversed(_checkpoints(manager)):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, IndexError, ValueError, tf.errors.OpError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failures.append(f"{path}: {reason}")
+            log.warning("cannot restore checkpoint %s (files %s.index, %s.data-*): %s; trying the "
+                        "previous checkpoint", path, path, path, reason)
+            continue
+        if failures:
+            log.warning("resuming from the previous checkpoint %s instead", path)
+        return path
+    if failures:
+        raise InputError(f"{checkpoint_dir}: no checkpoint can be restored ({'; '.join(failures)}); "
+                         f"delete {checkpoint_dir} to train from step 0")
+    return None
+
+
+# ----------------------------------------------------------------------------- one step on every replica
+
+def distribute_batches(strategy, dataset):
+    """`dataset`'s global batches split between the replicas of `strategy` (unchanged for one).
+
+    Replica r gets rows [r * N / R, (r + 1) * N / R) of each batch of N: with
+    identity-major P x K batches and p a multiple of R, whole identities.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return dataset
+    return strategy.experimental_distribute_dataset(dataset)
+
+
+def make_train_step(model, optimizer, loss_fn, strategy, policy: str = "float32"):
+    """A tf.function (images, labels) -> statistics running one optimizer step on every replica.
+
+    Each replica applies `loss_fn(labels, embeddings)` (a dict with "loss"
+    and statistics) to its own slice of the batch (`distribute_batches`), so
+    triplets are mined among its own identities only. Its loss is divided by
+    the number of replicas R because the optimizer sums the replicas'
+    gradients: the update uses (1/R) sum_r grad(loss_r), which for a loss
+    that averages over the batch is the single-device gradient. Statistics
+    are averaged over replicas. mixed_float16 scales the loss (the
+    LossScaleOptimizer unscales the gradients).
+    """
+    tf = _tf()
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(batch_images, batch_labels):
+        with tf.GradientTape() as tape:
+            stats = loss_fn(batch_labels, model(batch_images, training=True))
+            objective = stats["loss"] / replicas
+            if policy == "mixed_float16":
+                objective = optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+        return stats
+
+    @tf.function
+    def train_step(batch_images, batch_labels):
+        per_replica = strategy.run(replica_step, args=(batch_images, batch_labels))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()}
+
+    return train_step
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir) -> None:
+def _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, k: int) -> dict[str, str]:
+    """The input fingerprints (`provenance.check_inputs`): InputError when a folder is missing or the
+    four do not belong together (completion made with another multiple than k included)."""
+    from facenet_kfp.provenance import check_inputs
+
     for name, folder in (("dataset", dataset_dir), ("labels", labels_dir), ("splits", splits_dir)):
         if not folder or not Path(folder).is_dir():
             raise InputError(f"{folder}: {name} folder not found")
     if completion_dir and not Path(completion_dir).is_dir():
         raise InputError(f"{completion_dir}: completion folder not found")
+    return check_inputs(images=dataset_dir, completion=completion_dir or None, labels=labels_dir,
+                        splits=splits_dir, multiple=k if completion_dir else None)
 
 
 def _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int):
@@ -277,7 +419,7 @@ class _Window:
 def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
           labels_dir: str | os.PathLike, splits_dir: str | os.PathLike, model_dir: str | os.PathLike,
           config: TrainConfig, checkpoint_dir: str | None = None,
-          tensorboard_dir: str | None = None) -> dict[str, float]:
+          tensorboard_dir: str | None = None, run_key: str | None = None) -> dict[str, float]:
     """Train an embedding model on the train split and save the model artifact to `model_dir`.
 
     dataset_dir: packed real images; completion_dir: packed generated images
@@ -286,9 +428,15 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     val_* (last validation; absent when validate_every is 0), steps,
     start_step (> 0 after a resume), images_per_second (steps of this call,
     the first traced step excluded), train_seconds, learning_rate.
+
+    checkpoint_dir defaults to `<model_dir>.ckpt`. run_key names what this
+    call trains for (a KFP task passes its model output URI; default: the
+    absolute model_dir): a checkpoint is resumed only for the same run key,
+    input fingerprints, settings and code (see the module docstring).
     """
     config.validate()
-    _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir)
+    check_replaceable(model_dir, "train")       # before training, not after it
+    fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)
     keras = _keras()
     tf = _tf()
     from facenet_kfp import export
@@ -299,6 +447,7 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     replicas = strategy.num_replicas_in_sync
     images, labels, val = _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config, replicas)
     checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(model_dir)
+    provenance = checkpoint_provenance(run_key or os.path.abspath(model_dir), fingerprints, config)
 
     policy = resolve_precision(config.precision)
     previous_policy = keras.mixed_precision.global_policy()
@@ -321,43 +470,24 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
-    start_step = 0
-    if manager.latest_checkpoint:
-        _check_resume_config(checkpoint_dir, config)
-        try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as exc:
-            raise InputError(f"{manager.latest_checkpoint}: cannot restore the checkpoint ({exc}); "
-                             f"delete {checkpoint_dir} to start over") from exc
-        start_step = int(step_var.numpy())
+    restored = None
+    if _checkpoints(manager):
+        _check_resume(checkpoint_dir, provenance)
+        restored = _restore_latest(checkpoint, manager, checkpoint_dir)
+    start_step = int(step_var.numpy()) if restored else 0
+    if restored:
         saved = _read_json_any(f"{checkpoint_dir.rstrip('/')}/{HISTORY_JSON}") or {}
         for split in ("train", "val"):
             history[split] = [r for r in saved.get(split, []) if r["step"] <= start_step]
-        log.info("resuming from checkpoint %s at step %d of %d", manager.latest_checkpoint, start_step,
-                 config.max_steps)
-        if start_step > config.max_steps:
-            log.warning("the checkpoint is at step %d, past max_steps=%d: saving it as it is",
-                        start_step, config.max_steps)
+        log.info("resuming from checkpoint %s at step %d of %d", restored, start_step, config.max_steps)
+        if start_step >= config.max_steps:
+            log.warning("the checkpoint in %s is at step %d, max_steps is %d: saving it as the model "
+                        "without training; delete %s to train again", checkpoint_dir, start_step,
+                        config.max_steps, checkpoint_dir)
     else:
         log.info("no checkpoint in %s: starting at step 0", checkpoint_dir)
-    _write_json_any(f"{checkpoint_dir.rstrip('/')}/{CONFIG_JSON}", to_dict(config))
-
-    def train_replica(batch_images, batch_labels):
-        with tf.GradientTape() as tape:
-            embeddings = model(batch_images, training=True)
-            stats = batch_loss(config, batch_labels, embeddings)
-            # The optimizer sums gradients over replicas: divide to average them.
-            objective = stats["loss"] / replicas
-            if policy == "mixed_float16":
-                objective = optimizer.scale_loss(objective)
-        gradients = tape.gradient(objective, model.trainable_variables)
-        optimizer.apply(gradients, model.trainable_variables)
-        return stats
-
-    @tf.function
-    def train_step(batch_images, batch_labels):
-        per_replica = strategy.run(train_replica, args=(batch_images, batch_labels))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()}
+    _write_json_any(f"{checkpoint_dir.rstrip('/')}/{PROVENANCE_JSON}", provenance)
+    train_step = make_train_step(model, optimizer, lambda y, e: batch_loss(config, y, e), strategy, policy)
 
     @tf.function
     def eval_step(batch_images, batch_labels):
@@ -365,8 +495,7 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
 
     train_ds = make_train_dataset(images, labels, config.p, config.k, config.image_size, config.crop_fraction,
                                   config.augment, config.seed, start_batch=start_step)
-    if replicas > 1:
-        train_ds = strategy.experimental_distribute_dataset(train_ds)
+    train_ds = distribute_batches(strategy, train_ds)
     val_ds = None
     if val is not None:
         val_images, val_labels, p_val = val
@@ -518,7 +647,8 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     final.set_weights(model.get_weights())
-    metadata = export.artifact_metadata(config, step, precision=policy, replicas=replicas,
+    metadata = export.artifact_metadata(config, step, start_step=start_step, inputs=fingerprints,
+                                        resumed_from=restored, precision=policy, replicas=replicas,
                                         train_config=to_dict(config), metrics=metrics)
     export.save_model_artifact(final, model_dir, metadata, {"train": history["train"], "val": history["val"]})
     log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", step, step - start_step,

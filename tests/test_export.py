@@ -65,6 +65,7 @@ def test_model_json_history_and_curves(saved):
     assert info["format"] == "facenet-kfp-model/1" and info["file"] == "model.keras"
     assert info["architecture"] == "small_cnn" and info["input_shape"] == [32, 32, 3]
     assert info["embedding_dim"] == 16 and info["trained_steps"] == 30 and info["note"] == "test"
+    assert info["start_step"] == 0                                     # trained from scratch
     assert info["loss"] == "batch_all" and info["margin"] == 0.5
     assert info["distance"]["squared"] is False and info["distance"]["definition"].startswith("plain L2")
     assert info["preprocessing"] == {"version": "centre-crop-v1", "image_size": 32, "crop_fraction": 0.7,
@@ -148,6 +149,16 @@ def test_save_is_checked_and_atomic(saved, tmp_path):
         export.save_model_artifact(model, target, export.artifact_metadata(CONFIG, 99), {"train": [object()]})
     assert (target / "model.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+    # A folder that is not a model written by train is never replaced.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"work: refusing to replace it"):
+        export.save_model_artifact(model, work, export.artifact_metadata(CONFIG, 1), HISTORY)
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+    # An earlier model is.
+    export.save_model_artifact(model, target, export.artifact_metadata(CONFIG, 99, start_step=90), HISTORY)
+    assert json.loads((target / "model.json").read_text())["start_step"] == 90
 
 
 def test_plot_curves_without_validation(tmp_path):

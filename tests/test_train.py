@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facenet_kfp import provenance
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import FacenetError, InputError
+from facenet_kfp.fsutil import write_json
 
 tf = pytest.importorskip("tensorflow")
 train_mod = pytest.importorskip("facenet_kfp.train")
@@ -32,13 +34,31 @@ TINY = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.8, e
                    checkpoint_every=10, log_every=5, precision="float32", seed=0)
 
 
+def build_train_inputs(root: Path, **kwargs) -> dict:
+    """`build_tiny_dataset`'s four folders plus what the labels, complete and splits steps add to theirs:
+    provenance.json (completion made with multiple 4) and the summary files it fingerprints."""
+    d = build_tiny_dataset(root, **kwargs)
+    images = provenance.dataset_fingerprint(d["dataset"])
+    if not (d["labels"] / provenance.PROVENANCE_JSON).is_file():
+        provenance.write_provenance(d["labels"], "labels", images=images)
+    labels = provenance.fingerprint("labels", d["labels"])
+    for folder, summary, kind, extra in ((d["completion"], "completion.json", "completion",
+                                          {"multiple": 4, "min_images": 1, "seed": 0}),
+                                         (d["splits"], "summary.json", "splits", {})):
+        if not (folder / summary).is_file():
+            write_json(folder / summary, {})
+        if not (folder / provenance.PROVENANCE_JSON).is_file():
+            provenance.write_provenance(folder, kind, images=images, labels=labels, **extra)
+    return d
+
+
 def run_train(d: dict, model_dir: Path, config: TrainConfig, **kwargs) -> dict:
     return train_mod.train(d["dataset"], d["completion"], d["labels"], d["splits"], model_dir, config, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny_dataset(tmp_path_factory.mktemp("tiny-train"))
+    return build_train_inputs(tmp_path_factory.mktemp("tiny-train"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +130,7 @@ def test_precision_and_strategy_on_cpu():
 # ----------------------------------------------------------------------------- a short run
 
 @pytest.mark.slow
-def test_short_run_lowers_loss_and_writes_artifact(trained):
+def test_short_run_lowers_loss_and_writes_artifact(trained, tiny):
     metrics = trained["metrics"]
     history = json.loads((trained["model"] / "history.json").read_text())
     train_hist = history["train"]
@@ -135,10 +155,17 @@ def test_short_run_lowers_loss_and_writes_artifact(trained):
     assert (trained["model"] / "model.keras").is_file() and (trained["model"] / "curves.png").is_file()
     assert (trained["model"] / "saved_model" / "saved_model.pb").is_file()
 
-    # Checkpoints: the last two kept, plus the history so far.
+    assert info["start_step"] == 0 and info["resumed_from"] is None
+    assert info["inputs"] == provenance.check_inputs(images=tiny["dataset"], completion=tiny["completion"],
+                                                     labels=tiny["labels"], splits=tiny["splits"])
+
+    # Checkpoints: the last two kept, plus the history so far and what made them.
     state = tf.train.get_checkpoint_state(str(trained["ckpt"]))
     assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-20", "ckpt-30"]
     assert json.loads((trained["ckpt"] / "history.json").read_text())["step"] == 30
+    made = json.loads((trained["ckpt"] / "provenance.json").read_text())
+    assert made["run"] == str(trained["model"]) and made["inputs"] == info["inputs"]
+    assert made["train"]["embedding_dim"] == 16 and made["code"] == train_mod.code_fingerprint()
 
     # TensorBoard scalars.
     tags = set()
@@ -148,13 +175,19 @@ def test_short_run_lowers_loss_and_writes_artifact(trained):
     assert {"train/loss", "train/fraction_positive_triplets", "val/loss", "train/images_per_second"} <= tags
 
 
+def copy_checkpoint(trained, folder: Path) -> Path:
+    """A copy of the trained run's checkpoint folder (the module's run stays as it is)."""
+    shutil.copytree(trained["ckpt"], folder)
+    return folder
+
+
 @pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(trained, tiny, tmp_path, caplog):
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(trained["ckpt"], ckpt)
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    same_run = str(trained["model"])        # the run key the checkpoint was written for
     with caplog.at_level(logging.INFO, logger="facenet_kfp.train"):
         metrics = run_train(tiny, tmp_path / "model", dataclasses.replace(TINY, max_steps=40),
-                            checkpoint_dir=str(ckpt))
+                            checkpoint_dir=str(ckpt), run_key=same_run)
     assert "resuming from checkpoint" in caplog.text and "at step 30 of 40" in caplog.text
     assert metrics["start_step"] == 30 and metrics["steps"] == 40
     history = json.loads((tmp_path / "model" / "history.json").read_text())
@@ -162,12 +195,68 @@ def test_resume_continues_from_the_latest_checkpoint(trained, tiny, tmp_path, ca
     assert history["train"][:6] == before["train"]                       # kept, not retrained
     assert [r["step"] for r in history["train"][6:]] == [35, 40]
     assert [r["step"] for r in history["val"]] == [0, 15, 30, 40]
-    assert json.loads((tmp_path / "model" / "model.json").read_text())["trained_steps"] == 40
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["trained_steps"] == 40 and info["start_step"] == 30
+    assert info["resumed_from"] == str(ckpt / "ckpt-30")
 
     # A checkpoint of another model is refused, naming the setting.
-    with pytest.raises(InputError, match=r"embedding_dim: 16 -> 32"):
+    with pytest.raises(InputError, match=r"embedding_dim: 16 -> 32.*delete .*ckpt to train from step 0"):
         run_train(tiny, tmp_path / "other", dataclasses.replace(TINY, max_steps=50, embedding_dim=32),
-                  checkpoint_dir=str(ckpt))
+                  checkpoint_dir=str(ckpt), run_key=same_run)
+    # So is one written for another run (another model output), with the same inputs and settings.
+    with pytest.raises(InputError, match=r"run: .*model' -> .*other'"):
+        run_train(tiny, tmp_path / "other", dataclasses.replace(TINY, max_steps=50), checkpoint_dir=str(ckpt))
+
+
+@pytest.mark.slow
+def test_checkpoint_for_other_inputs_is_refused(trained, tmp_path):
+    """`train <other dataset> --out model` next to the first run's model.ckpt: refused, nothing replaced."""
+    other = build_train_inputs(tmp_path / "other", size=48)           # the same people, other pictures
+    before = (trained["model"] / "model.json").read_text()
+    with pytest.raises(InputError) as caught:
+        run_train(other, trained["model"], TINY)
+    message = str(caught.value)
+    assert message.startswith(f"{trained['ckpt']}: the checkpoint was written for other inputs")
+    assert "inputs.images:" in message
+    assert f"delete {trained['ckpt']} to train from step 0, or choose another checkpoint folder" in message
+    assert (trained["model"] / "model.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_checkpoint_without_provenance_is_refused(trained, tiny, tmp_path):
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    (ckpt / "provenance.json").unlink()                   # as written by an older version
+    with pytest.raises(InputError, match=r"ckpt/provenance.json: not found, so nothing says which inputs"):
+        run_train(tiny, tmp_path / "model", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_falls_back_to_the_previous_one(trained, tiny, tmp_path, caplog):
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    latest = ckpt / "ckpt-30.data-00000-of-00001"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with caplog.at_level(logging.INFO, logger="facenet_kfp.train"):
+        metrics = run_train(tiny, tmp_path / "model", TINY, checkpoint_dir=str(ckpt),
+                            run_key=str(trained["model"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"cannot restore checkpoint {ckpt / 'ckpt-30'}" in w for w in warnings), warnings
+    assert metrics["start_step"] == 20 and metrics["steps"] == 30
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["resumed_from"] == str(ckpt / "ckpt-20")
+    # Training wrote ckpt-30 anew, readable to its last byte.
+    state = tf.train.get_checkpoint_state(str(ckpt))
+    assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-20", "ckpt-30"]
+    assert tf.train.load_checkpoint(str(ckpt / "ckpt-30")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 30
+
+    for name in ("ckpt-30.data-00000-of-00001", "ckpt-20.index"):
+        (ckpt / name).write_bytes((ckpt / name).read_bytes()[:40])
+    with pytest.raises(InputError) as caught:
+        run_train(tiny, tmp_path / "again", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
+    message = str(caught.value)
+    assert message.startswith(f"{ckpt}: no checkpoint can be restored")
+    assert f"{ckpt / 'ckpt-30'}: IndexError" in message and f"{ckpt / 'ckpt-20'}: " in message
+    assert message.endswith(f"delete {ckpt} to train from step 0")
 
 
 # ----------------------------------------------------------------------------- fail fast
@@ -214,6 +303,13 @@ def test_bad_inputs(tiny, tmp_path):
         run_train(tiny, tmp_path / "m", dataclasses.replace(FAST, p=9))
     with pytest.raises(InputError, match=r"train.loss must be one of"):
         run_train(tiny, tmp_path / "m", dataclasses.replace(FAST, loss="triplet"))
+    # Artifacts that do not belong together: a completion of other pictures, or made for another K.
+    other = build_train_inputs(tmp_path / "other", size=48)
+    with pytest.raises(InputError, match=r"other/completion was made from .*another dataset"):
+        train_mod.train(tiny["dataset"], other["completion"], tiny["labels"], tiny["splits"], tmp_path / "m",
+                        FAST)
+    with pytest.raises(InputError, match=r"made with multiple=4 but 2 images per identity"):
+        run_train(tiny, tmp_path / "m", dataclasses.replace(FAST, k=2))
     splits = tmp_path / "splits"
     shutil.copytree(tiny["splits"], splits)
     (splits / "val.txt").write_text("Ivy_I\t3\n")
@@ -225,24 +321,107 @@ def test_bad_inputs(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- several replicas
 
+# Unit embeddings of a P=4 x K=2 batch: replica 0 gets identities 0, 1 (rows 0-3), replica 1 gets 2, 3.
+# Identity 2 lies next to identity 0, so mining across the two halves would find other hardest negatives.
+MINING_POINTS = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6],
+                          [0.95, 0.3, 0], [0.9, 0, 0.4], [0, 0, 1], [0.6, 0, 0.8]], np.float32)
+MINING_LABELS = np.repeat(np.arange(4), 2).astype(np.int32)
+MINING_LOSSES = ("batch_all", "batch_hard", "semi_hard")
+
+
+def two_replica_probe() -> dict:
+    """One `make_train_step` step on one device and on two logical CPU devices (MirroredStrategy).
+
+    Runs in a fresh process: the logical devices must be set before
+    TensorFlow starts. Returns {"gradients": {"one", "two"}: the kernel's
+    gradient of a loss that does not mine (SGD, learning rate 1: gradient =
+    old - new weights), "mined": {loss: statistics of MINING_POINTS on two
+    replicas}}.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from keras import ops
+
+    from facenet_kfp.model import L2Normalize
+
+    def one_step(strategy, loss_fn, images, kernel, learning_rate):
+        with strategy.scope():
+            model = keras.Sequential([keras.Input(images.shape[1:]), keras.layers.Flatten(),
+                                      keras.layers.Dense(kernel.shape[1], use_bias=False), L2Normalize()])
+            model.set_weights([kernel])
+            optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
+            optimizer.build(model.trainable_variables)
+        step = train_mod.make_train_step(model, optimizer, loss_fn, strategy)
+        batch = tf.data.Dataset.from_tensors((images, MINING_LABELS))
+        batches = train_mod.distribute_batches(strategy, batch)
+        stats = step(*next(iter(batches)))
+        return {k: float(v) for k, v in stats.items()}, kernel - model.get_weights()[0]
+
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 2, 2, 3)).astype(np.float32)
+    kernel = rng.normal(size=(12, 5)).astype(np.float32)
+    target = ops.convert_to_tensor(rng.normal(size=(5,)).astype(np.float32))
+
+    def not_mining(labels, embeddings):            # the batch mean of a per-image term
+        return {"loss": ops.mean(ops.sum((embeddings - target) ** 2, axis=1))}
+
+    gradients = {name: one_step(strategy, not_mining, images, kernel, 1.0)[1].tolist()
+                 for name, strategy in (("one", tf.distribute.get_strategy()), ("two", two))}
+    identity = np.eye(3, dtype=np.float32)
+    mined = {}
+    for loss in MINING_LOSSES:
+        config = dataclasses.replace(TINY, loss=loss, margin=0.5, squared=True)
+        mined[loss] = one_step(two, lambda y, e, c=config: train_mod.batch_loss(c, y, e),
+                               MINING_POINTS.reshape(8, 1, 1, 3), identity, 0.0)[0]
+    return {"replicas": two.num_replicas_in_sync, "gradients": gradients, "mined": mined}
+
+
+def run_in_fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the repository root (a new TensorFlow runtime); fails the test on rc != 0."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_replicas_average_gradients_and_mine_their_own_identities():
+    out = run_in_fresh_python("import json; from tests.test_train import two_replica_probe; "
+                              "print('PROBE', json.dumps(two_replica_probe()))").stdout
+    probe = json.loads(out.split("PROBE ", 1)[1])
+    assert probe["replicas"] == 2
+    one, two = (np.array(probe["gradients"][k]) for k in ("one", "two"))
+    assert np.abs(one).max() > 1e-3
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6)     # the mean over replicas, not the sum
+
+    points = MINING_POINTS / np.linalg.norm(MINING_POINTS, axis=1, keepdims=True)
+    for loss in MINING_LOSSES:
+        config = dataclasses.replace(TINY, loss=loss, margin=0.5, squared=True)
+        whole = train_mod.batch_loss(config, MINING_LABELS, points)
+        halves = [train_mod.batch_loss(config, MINING_LABELS[rows], points[rows])
+                  for rows in (slice(0, 4), slice(4, 8))]
+        assert abs(float(whole["loss"]) - np.mean([float(h["loss"]) for h in halves])) > 0.05, loss
+        for key, value in probe["mined"][loss].items():
+            assert value == pytest.approx(np.mean([float(h[key]) for h in halves]), abs=1e-5), (loss, key)
+
+
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
-    """The multi-GPU code path (MirroredStrategy, per-replica mining, mixed_float16) on 2 logical CPUs."""
+    """The multi-GPU training run (MirroredStrategy, mixed_float16) on 2 logical CPUs."""
     script = textwrap.dedent(f"""
-        import json, logging, sys
+        import json, logging
         logging.basicConfig(level=logging.INFO)
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        sys.path.insert(0, {str(ROOT)!r})
         import dataclasses
         from pathlib import Path
         from facenet_kfp import train
-        from tests.test_data import build_tiny_dataset
-        from tests.test_train import TINY
+        from tests.test_train import TINY, build_train_inputs
         train.distribution_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         root = Path({str(tmp_path)!r})
-        d = build_tiny_dataset(root)
+        d = build_train_inputs(root)
         config = dataclasses.replace(TINY, max_steps=4, log_every=2, validate_every=4, checkpoint_every=4,
                                      precision="mixed_float16")
         metrics = train.train(d["dataset"], d["completion"], d["labels"], d["splits"], root / "model", config)
@@ -253,9 +432,7 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
         except Exception as exc:
             print("ODD", type(exc).__name__, exc)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_in_fresh_python(script)
     assert "2 replica(s)" in result.stderr and "precision mixed_float16" in result.stderr
     metrics = json.loads(result.stdout.split("METRICS ", 1)[1].splitlines()[0])
     assert metrics["steps"] == 4 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
