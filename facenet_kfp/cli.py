@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--config", default=None, help="YAML config (its train section is used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train key, e.g. --set max_steps=100")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (resumes from it)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default <out>.ckpt); resumed only when it "
+                   "was written for the same --out, inputs and settings")
     p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
 
     p = add("evaluate", cmd_evaluate, "step 7: choose the threshold on validation pairs, report test metrics",
