@@ -77,12 +77,13 @@ install: $(STAMP) ## create .venv with the pinned dependencies (Python 3.11+, PY
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, PIPELINE_ROOT, RUNNER=docker)
+run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
 	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
 	  --demo-dir $(DEMO_DIR) --runner $(RUNNER) \
 	  --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
 	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
-	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)')
+	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)') \
+	  $(if $(NO_CACHE),--no-cache)
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
