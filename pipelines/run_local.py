@@ -53,7 +53,8 @@ HEADLINE = [
     ("test_val_at_far_0.001", "VAL@FAR=1e-3"),
     ("threshold", "threshold"),
 ]
-_ERROR_LINE = re.compile(r"(step \S+ failed: .*|\w+(Error|Exception): .*)$")
+_STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
 _STEP_NUMBER = re.compile(r"(\d+)\.\s")
 
 
@@ -121,8 +122,7 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
         record.status = "FAILED" if failed else ("CACHED" if current.hit else "SUCCEEDED")
         record.outputs = {key: _artifact_summary(value) for key, value in (outputs or {}).items()}
         if failed:
-            errors = [m.group(1) for line in tee.lines if (m := _ERROR_LINE.search(line.strip()))]
-            record.error = errors[0] if errors else "see the task log above"
+            record.error = task_error(tee.lines)
         return outputs, status
 
     task_executor.execute_single_task = recorded
@@ -132,6 +132,16 @@ def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
     finally:
         task_executor.execute_single_task = original
         LocalCache.get = original_get
+
+
+def task_error(lines: list[str]) -> str:
+    """The error line of a failed task's log: the step's own "step X failed: ..." line, else the
+    traceback's last exception line (warnings that quote an error, such as skipped images, are not it)."""
+    for pattern in (_STEP_FAILED, _EXCEPTION_LINE):
+        found = [m.group(1) for line in lines if (m := pattern.search(line.strip()))]
+        if found:
+            return found[0] if pattern is _STEP_FAILED else found[-1]
+    return "see the task log above"
 
 
 def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:

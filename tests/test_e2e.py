@@ -186,3 +186,15 @@ def test_train_line_says_when_it_resumed():
                           outputs={"metrics": {"uri": "m", "metadata": {"steps": 400, "start_step": start_step}}})
     assert key_figures(train(300)) == "resumed at step 300, steps=400"
     assert key_figures(train(0)) == "steps=400"
+
+
+def test_failed_task_line_quotes_the_step_error_not_a_warning():
+    log = ["12:00:01 WARNING facenet_kfp.extract: skipping P/P_0002.jpg: undecodable image (OSError: Truncated File Read)",
+           "12:00:02 ERROR facenet_kfp: step extract failed: InputError: a.tgz: 80 of 100 images are unusable",
+           "Traceback (most recent call last):",
+           "facenet_kfp.errors.InputError: a.tgz: 80 of 100 images are unusable"]
+    assert run_local.task_error(log) == "step extract failed: InputError: a.tgz: 80 of 100 images are unusable"
+    # Without the step's line (a crash before logging was set up): the traceback's last exception.
+    assert run_local.task_error(["ValueError: first", "  File x", "facenet_kfp.errors.InputError: last"]
+                                ) == "facenet_kfp.errors.InputError: last"
+    assert run_local.task_error(["nothing useful"]) == "see the task log above"
