@@ -9,8 +9,8 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
                 learning_rate: float, lr_schedule: str, warmup_steps: int, max_steps: int,
                 augment: bool, validate_every: int, validation_batches: int,
                 checkpoint_every: int, log_every: int, precision: str, seed: int,
-                checkpoint_root: str, model: Output[Model], metrics: Output[Metrics],
-                training_report: Output[HTML]):
+                checkpoint_root: str, tensorboard_root: str, model: Output[Model],
+                metrics: Output[Metrics], training_report: Output[HTML], tensorboard: Output[Artifact]):
     """Train FaceNet embeddings on the train split; validate on the validation split.
 
     Args:
@@ -41,10 +41,16 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
         checkpoint_root: Persistent folder (gs:// or path) for checkpoints that
             survive a pod retry: a retry of this task resumes there, another
             run starts at step 0; empty keeps them next to the model output.
+        tensorboard_root: Folder (gs:// or path) that gets this run's
+            TensorBoard events as training goes, in its own subfolder
+            (train-<hash of the model URI>, like the checkpoints); empty: none.
         model: Model folder: model.keras, model.json (how to use it),
             saved_model/, history.json, curves.png.
         metrics: Final train and validation loss and triplet statistics.
         training_report: Loss and fraction-of-positive-triplet curves.
+        tensorboard: TensorBoard event files of the whole run (train and
+            validation scalars, learning rate, images/s):
+            `tensorboard --logdir <its URI>`.
     """
     from facenet_kfp.config import TrainConfig, section_from_dict
     from facenet_kfp.kfp_io import checkpoint_dir_for, log_metrics, run_step
@@ -62,11 +68,16 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
     config.validate()
     # Keyed by this task's model URI: a retried pod resumes, a new run starts at step 0.
     checkpoint_dir = checkpoint_dir_for(checkpoint_root, model.uri)
+    live_events = checkpoint_dir_for(tensorboard_root, model.uri)
     result = run_step("train", train, images.path, completion.path, labels.path, splits.path,
-                      model.path, config, checkpoint_dir=checkpoint_dir, run_key=model.uri)
+                      model.path, config, checkpoint_dir=checkpoint_dir,
+                      tensorboard_dir=[tensorboard.path] + ([live_events] if live_events else []),
+                      run_key=model.uri)
     log_metrics(metrics, result)
     model.metadata.update({"framework": "keras", "format": "model.keras + saved_model",
                            "architecture": architecture, "embedding_dim": embedding_dim,
                            "distance": "squared_l2" if squared else "l2",
                            "trained_steps": int(result["steps"]), "start_step": int(result["start_step"])})
     write_training_report(model.path, training_report.path)
+    tensorboard.metadata.update({"format": "TensorBoard event files",
+                                 "tensorboard_root_folder": live_events or ""})

@@ -168,6 +168,7 @@ class ClusterConfig:
     download_retries: int = 3          # task-level retries of the download step
     train_retries: int = 2             # task-level retries of training (resumes from checkpoint)
     checkpoint_root: str = ""          # persistent folder (gs:// or path) for resumable checkpoints
+    tensorboard_root: str = ""         # folder (gs:// or path) for live TensorBoard events, one subfolder per train run
 
     def validate(self) -> None:
         check_fields(self, "cluster")

@@ -21,15 +21,17 @@ replicas.
 
 Every `log_every` steps a log line gives loss, fraction of positive
 triplets, mean positive / negative distance, learning rate, images/s and ETA
-(means over the steps since the previous line), also written as TensorBoard
-scalars when `tensorboard_dir` is set. Every `validate_every` steps (and after
-the last step) the same metrics are computed on `validation_batches` fixed
-P x K batches of real validation images, without augmentation.
+(means over the steps since the previous line). Every `validate_every` steps
+(and after the last step) the same metrics are computed on
+`validation_batches` fixed P x K batches of real validation images, without
+augmentation. Both are also TensorBoard scalars (`TensorBoardLog`:
+train/<metric> with train/learning_rate and train/images_per_second, and
+val/<metric>) in each folder of `tensorboard_dir`.
 
-Fail fast: a non-finite loss raises FacenetError naming the step; so does
-embedding collapse (all embeddings at one point), detected when the mean
-plain-L2 distance between the embeddings of a batch stays below 1e-3 for
-`log_every` consecutive steps or the largest one is below 1e-6.
+Fail fast (`TrainingMonitor`, on every step's values, read back at least
+every COLLAPSE_STEPS steps whatever `log_every` is): a non-finite loss,
+embedding collapse or divergence raises FacenetError naming the step and the
+setting to change; the step then fails and no model is exported.
 
 Checkpoints (model, optimizer, step) go to `checkpoint_dir` every
 `checkpoint_every` steps (tf.train.CheckpointManager keeps the last two; a
@@ -55,6 +57,8 @@ import logging
 import math
 import os
 import time
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,11 @@ log = logging.getLogger(__name__)
 
 COLLAPSE_MEAN_DISTANCE = 1e-3    # plain L2; random unit vectors in 128-D are ~1.41 apart
 COLLAPSE_MAX_DISTANCE = 1e-6
+COLLAPSE_STEPS = 20              # consecutive steps below COLLAPSE_MEAN_DISTANCE that count as collapse
+DIVERGENCE_STEPS = 50            # steps per mean loss of the divergence check
+TENSORBOARD_RUN_JSON = "facenet-kfp-run.json"   # in a TensorBoard folder: the run its events belong to
+TENSORBOARD_FORMAT = "facenet-kfp-tensorboard/1"
+EVENT_FILE_PREFIX = "events.out.tfevents."
 HISTORY_JSON = "history.json"
 PROVENANCE_JSON = "provenance.json"
 CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/1"
@@ -405,21 +414,172 @@ def _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     return images, labels, val
 
 
+# ----------------------------------------------------------------------------- monitor
+
+class TrainingMonitor:
+    """Fail-fast checks on the values of each training step, as plain floats (no backend needed).
+
+    `update(step, values)` takes step `step`'s (1-based) "loss", "mean_pairwise_l2" and
+    "max_pairwise_l2" (plain L2 between the batch's embeddings, `batch_loss`) and raises
+    FacenetError naming the step and the setting to change when
+
+    - the loss is not finite (NaN or infinite weights or activations);
+    - the embeddings collapse: the largest distance is below COLLAPSE_MAX_DISTANCE (all at one
+      point), or the mean distance stays below COLLAPSE_MEAN_DISTANCE for COLLAPSE_STEPS
+      consecutive steps;
+    - training diverges: the mean loss over the last DIVERGENCE_STEPS steps is more than one
+      `margin` above the lowest such mean so far. The triplet loss of unit vectors is bounded
+      (at most 4 + margin), so divergence shows as a lasting rise, not a blow-up; a healthy
+      run's windowed loss falls from about the margin towards 0 with ripples far below a margin.
+
+    The windows count steps, whatever `log_every` is; a resumed call starts them afresh.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.low_distance_run = 0
+        self.losses: deque[float] = deque(maxlen=DIVERGENCE_STEPS)
+        self.best: tuple[float, int] | None = None        # lowest windowed mean loss, its last step
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate step `step` (1-based) trained with."""
+        c = self.config
+        return learning_rate_at(step - 1, c.learning_rate, c.warmup_steps, c.max_steps, c.lr_schedule)
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        loss, lr = values["loss"], self.learning_rate(step)
+        if not math.isfinite(loss):
+            raise FacenetError(f"loss is {loss} at step {step} (learning rate {lr:.3g}): training diverged; "
+                               f"lower train.learning_rate or use precision: float32")
+        if values["max_pairwise_l2"] < COLLAPSE_MAX_DISTANCE:
+            raise FacenetError(f"embedding collapse at step {step}: all embeddings of the batch are at one "
+                               f"point (largest distance {values['max_pairwise_l2']:.2e}); lower "
+                               f"train.learning_rate (now {lr:.3g})")
+        low = values["mean_pairwise_l2"] < COLLAPSE_MEAN_DISTANCE
+        self.low_distance_run = self.low_distance_run + 1 if low else 0
+        if self.low_distance_run >= COLLAPSE_STEPS:
+            raise FacenetError(f"embedding collapse at step {step}: mean distance between embeddings below "
+                               f"{COLLAPSE_MEAN_DISTANCE} for {self.low_distance_run} steps; lower "
+                               f"train.learning_rate (now {lr:.3g})")
+        self.losses.append(loss)
+        if len(self.losses) < DIVERGENCE_STEPS:
+            return
+        mean = sum(self.losses) / DIVERGENCE_STEPS
+        if self.best is None or mean < self.best[0]:
+            self.best = (mean, step)
+        elif mean > self.best[0] + self.config.margin:
+            best, at = self.best
+            raise FacenetError(f"training diverged at step {step}: the mean loss of steps "
+                               f"{step - DIVERGENCE_STEPS + 1}-{step} is {mean:.4g}, up from {best:.4g} "
+                               f"(steps {at - DIVERGENCE_STEPS + 1}-{at}), more than train.margin="
+                               f"{self.config.margin:g} higher; lower train.learning_rate (now {lr:.3g}) "
+                               f"or raise train.warmup_steps")
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+class TensorBoardLog:
+    """TensorBoard scalars `<split>/<key>` of one run, written to one or more folders (paths or gs://).
+
+    A folder holds one run: `claim_tensorboard_dir` gives it facenet-kfp-run.json naming the
+    run key and refuses a folder of another run. Each call adds its own event file (TensorBoard
+    merges a folder's files) and writes a (tag, step) only when the folder's events do not
+    have it yet: a retried or resumed call fills in what the earlier attempt did not write
+    (the restored history first) and never writes a step twice. Flushed at each write, so a
+    killed pod loses at most the record being written; a truncated last record is skipped.
+
+    Written with the raw `tf.summary.write` and the "scalars" plugin metadata (what
+    `tf.summary.scalar` writes), so the trainer image needs no tensorboard package.
+    """
+
+    def __init__(self, folders: Sequence[str], run_key: str):
+        tf = _tf()
+        from tensorflow.core.framework import summary_pb2
+
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class=summary_pb2.DATA_CLASS_SCALAR)
+        self._outputs = []          # (writer, {tag: last step in the folder})
+        for folder in folders:
+            written = claim_tensorboard_dir(folder, run_key)
+            self._outputs.append((tf.summary.create_file_writer(folder), written))
+
+    def write(self, split: str, record: dict[str, float]) -> None:
+        """Each finite value of `record` but "step" as `<split>/<key>` at record["step"]."""
+        tf = _tf()
+        step = int(record["step"])
+        for writer, written in self._outputs:
+            with writer.as_default():
+                for key, value in record.items():
+                    tag = f"{split}/{key}"
+                    if key != "step" and math.isfinite(value) and step > written.get(tag, -1):
+                        tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step,
+                                         metadata=self._metadata)
+                        written[tag] = step
+            writer.flush()
+
+    def close(self) -> None:
+        for writer, _ in self._outputs:
+            writer.close()
+
+
+def claim_tensorboard_dir(folder: str, run_key: str) -> dict[str, int]:
+    """Make `folder` run `run_key`'s TensorBoard folder; {tag: last step} of the events in it.
+
+    A new or empty folder gets facenet-kfp-run.json naming the run; a folder whose
+    facenet-kfp-run.json names this run is continued; anything else is refused, so that
+    `tensorboard --logdir` never shows two runs' events mixed in one curve.
+    """
+    gfile = _tf().io.gfile
+    marker = f"{folder.rstrip('/')}/{TENSORBOARD_RUN_JSON}"
+    names = gfile.listdir(folder) if gfile.isdir(folder) else []
+    claimed = _read_json_any(marker)
+    if claimed is None:
+        if names:
+            raise InputError(f"{folder}: TensorBoard folder is not empty and has no {TENSORBOARD_RUN_JSON}, so "
+                             f"it is not this trainer's; give an empty or new folder for the events")
+        gfile.makedirs(folder)
+        _write_json_any(marker, {"format": TENSORBOARD_FORMAT, "run": run_key})
+        return {}
+    if not isinstance(claimed, dict) or claimed.get("run") != run_key:
+        owner = claimed.get("run") if isinstance(claimed, dict) else claimed
+        raise InputError(f"{marker}: the TensorBoard folder holds the events of run {owner!r}, not of "
+                         f"{run_key!r}; give a new folder for this run's events, or delete {folder}")
+    return written_steps(folder, names)
+
+
+def written_steps(folder: str, names: Sequence[str]) -> dict[str, int]:
+    """{tag: last step} over the event files among `names` in `folder` (a truncated tail is skipped)."""
+    tf = _tf()
+    last: dict[str, int] = {}
+    for name in sorted(names):
+        if not name.startswith(EVENT_FILE_PREFIX):
+            continue
+        path = f"{folder.rstrip('/')}/{name}"
+        try:
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for value in event.summary.value:
+                    last[value.tag] = max(last.get(value.tag, -1), int(event.step))
+        except tf.errors.DataLossError:
+            log.warning("%s: cut short after its last complete event (a stopped pod); the rest is read", path)
+    return last
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclasses.dataclass
 class _Window:
-    """Per-step values since the last log line, and the collapse counter across lines."""
+    """Per-step values since the last log line."""
     values: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {k: [] for k in STAT_KEYS})
     start_time: float = dataclasses.field(default_factory=time.monotonic)
     steps: int = 0
-    low_distance_run: int = 0
 
 
 def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
           labels_dir: str | os.PathLike, splits_dir: str | os.PathLike, model_dir: str | os.PathLike,
           config: TrainConfig, checkpoint_dir: str | None = None,
-          tensorboard_dir: str | None = None, run_key: str | None = None) -> dict[str, float]:
+          tensorboard_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+          run_key: str | None = None) -> dict[str, float]:
     """Train an embedding model on the train split and save the model artifact to `model_dir`.
 
     dataset_dir: packed real images; completion_dir: packed generated images
@@ -433,6 +593,11 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     call trains for (a KFP task passes its model output URI; default: the
     absolute model_dir): a checkpoint is resumed only for the same run key,
     input fingerprints, settings and code (see the module docstring).
+
+    tensorboard_dir: a folder (path or gs://) or several (a KFP task writes its
+    tensorboard artifact and its folder under tensorboard_root) that each get
+    this run's TensorBoard events, the restored history included
+    (`TensorBoardLog`); a folder of another run key is refused.
     """
     config.validate()
     check_replaceable(model_dir, "train")       # before training, not after it
@@ -447,7 +612,11 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     replicas = strategy.num_replicas_in_sync
     images, labels, val = _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config, replicas)
     checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(model_dir)
-    provenance = checkpoint_provenance(run_key or os.path.abspath(model_dir), fingerprints, config)
+    run_key = run_key or os.path.abspath(model_dir)
+    provenance = checkpoint_provenance(run_key, fingerprints, config)
+    if isinstance(tensorboard_dir, (str, os.PathLike)):
+        tensorboard_dir = [tensorboard_dir]
+    tensorboard = TensorBoardLog([str(f) for f in tensorboard_dir or ()], run_key)
 
     policy = resolve_precision(config.precision)
     previous_policy = keras.mixed_precision.global_policy()
@@ -504,7 +673,10 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
                                     config.crop_fraction, False, config.seed
                                     ).take(config.validation_batches).cache()
 
-    writer = tf.summary.create_file_writer(str(tensorboard_dir)) if tensorboard_dir else None
+    for split in ("train", "val"):
+        for record in history[split]:
+            tensorboard.write(split, record)     # what an earlier attempt's folders may lack
+    monitor = TrainingMonitor(config)
     schedule = make_schedule(config)
     batch_size = config.p * config.k
 
@@ -524,27 +696,13 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
         log.info("validation at step %d (%d batches): loss %.4f, positive triplets %.3f, "
                  "d+ %.4f, d- %.4f", step, batches, record["loss"], record["fraction_positive_triplets"],
                  record["mean_positive_distance"], record["mean_negative_distance"])
-        _summaries(writer, "val", record)
+        tensorboard.write("val", record)
         return record
 
     def check(window: _Window, first_step: int, values: list[dict[str, float]]) -> None:
-        """Fail fast on a non-finite loss or collapsed embeddings; `values` are steps first_step, ..."""
+        """Fail fast (`TrainingMonitor`); `values` are those of steps first_step, first_step + 1, ..."""
         for i, v in enumerate(values):
-            step = first_step + i
-            if not math.isfinite(v["loss"]):
-                raise FacenetError(f"loss is {v['loss']} at step {step} (learning rate "
-                                   f"{float(schedule(step - 1)):.3g}): training diverged; lower "
-                                   f"train.learning_rate or use precision: float32")
-            if v["max_pairwise_l2"] < COLLAPSE_MAX_DISTANCE:
-                raise FacenetError(f"embedding collapse at step {step}: all embeddings of the batch are "
-                                   f"at one point (largest distance {v['max_pairwise_l2']:.2e}); lower "
-                                   f"train.learning_rate")
-            window.low_distance_run = (window.low_distance_run + 1
-                                       if v["mean_pairwise_l2"] < COLLAPSE_MEAN_DISTANCE else 0)
-            if window.low_distance_run >= config.log_every:
-                raise FacenetError(f"embedding collapse at step {step}: mean distance between embeddings "
-                                   f"below {COLLAPSE_MEAN_DISTANCE} for {window.low_distance_run} steps; "
-                                   f"lower train.learning_rate (now {float(schedule(step - 1)):.3g})")
+            monitor.update(first_step + i, v)
             for k in STAT_KEYS:
                 window.values[k].append(v[k])
 
@@ -579,6 +737,8 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
                 overhead = 0.0
                 # The first step traces the graph: leave it out of the rate.
                 window.start_time, window.steps = first_done_time, 0
+            if len(pending) >= COLLAPSE_STEPS:
+                flush()         # the monitor sees every step within COLLAPSE_STEPS, whatever log_every is
             last = step == config.max_steps
             if step % config.log_every == 0 or last:
                 flush()
@@ -594,7 +754,7 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
                          "%.0f images/s, ETA %s", step, config.max_steps, record["loss"],
                          record["fraction_positive_triplets"], record["mean_positive_distance"],
                          record["mean_negative_distance"], record["learning_rate"], rate, eta)
-                _summaries(writer, "train", {**record, "images_per_second": rate})
+                tensorboard.write("train", {**record, "images_per_second": rate})
                 window.values = {k: [] for k in STAT_KEYS}
                 window.steps, window.start_time = 0, time.monotonic()
             paused = time.monotonic()
@@ -614,8 +774,7 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     train_seconds = train_end - train_start
     if val_ds is not None and (not history["val"] or history["val"][-1]["step"] != step):
         validate(step)        # resumed at max_steps after a crash between checkpoint and export
-    if writer is not None:
-        writer.flush()
+    tensorboard.close()
 
     timed_steps = step - first_done_step
     images_per_second = (timed_steps * batch_size / (train_end - first_done_time - overhead)
@@ -654,25 +813,3 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", step, step - start_step,
              images_per_second, model_dir)
     return metrics
-
-
-def _summaries(writer, prefix: str, record: dict[str, float]) -> None:
-    """TensorBoard scalars `<prefix>/<key>` at record["step"].
-
-    Written with the raw `tf.summary.write` and the "scalars" plugin metadata
-    (what `tf.summary.scalar` writes), so the trainer image does not need the
-    tensorboard package.
-    """
-    if writer is None:
-        return
-    tf = _tf()
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR)
-    with writer.as_default():
-        for key, value in record.items():
-            if key != "step":
-                tf.summary.write(f"{prefix}/{key}", tf.constant(float(value), tf.float32),
-                                 step=int(record["step"]), metadata=metadata)

@@ -2,9 +2,10 @@
 
 Parameter names: data keys as they are (``source_uri``, ``multiple``, ...),
 training keys prefixed ``train_`` and evaluation keys prefixed ``eval_``
-(``train_learning_rate``, ``eval_folds``), plus ``checkpoint_root``. Each task
-receives only the parameters that change its output, so the cache key of a
-step changes only when its own inputs do (see README, "Caching").
+(``train_learning_rate``, ``eval_folds``), plus ``checkpoint_root`` and
+``tensorboard_root`` (destinations of the train task). Each task receives only
+the parameters that concern it, so the cache key of a step changes only when
+its own inputs do (see README, "Caching").
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str
                 value = list(value)
             params.append((SECTION_PREFIX[section] + f.name, kind, value,
                            f"{help_text[f.name]} (config: {section}.{f.name})"))
-    params.append(("checkpoint_root", str, config.cluster.checkpoint_root,
-                   field_help(ClusterConfig)["checkpoint_root"] + " (config: cluster.checkpoint_root)"))
+    for key in ("checkpoint_root", "tensorboard_root"):     # destinations of the train task
+        params.append((key, str, getattr(config.cluster, key),
+                       f"{field_help(ClusterConfig)[key]} (config: cluster.{key})"))
     return params
 
 
@@ -89,7 +91,8 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
         train = steps["train"](images=extract.outputs["images"],
                                completion=complete.outputs["completion"],
                                labels=labels.outputs["labels"], splits=splits.outputs["splits"],
-                               checkpoint_root=p["checkpoint_root"], **t)
+                               checkpoint_root=p["checkpoint_root"],
+                               tensorboard_root=p["tensorboard_root"], **t)
         train.set_display_name("6. train embeddings")
         evaluate = steps["evaluate"](model=train.outputs["model"],
                                      images=extract.outputs["images"],

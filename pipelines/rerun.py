@@ -105,7 +105,8 @@ STEPS = {
                    {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
                     "test_fraction": "test_fraction", "seed": "split_seed"}, "data"),
     "train": Step("train", "train-model", "6. train embeddings", ("images", "completion", "labels", "splits"),
-                  {**_same_names(SECTION_PREFIX["train"], TrainConfig), "checkpoint_root": "checkpoint_root"},
+                  {**_same_names(SECTION_PREFIX["train"], TrainConfig), "checkpoint_root": "checkpoint_root",
+                   "tensorboard_root": "tensorboard_root"},
                   "train"),
     "evaluate": Step("evaluate", "evaluate-model", "7. threshold evaluation", ("model", "images", "splits"),
                      {**_same_names(SECTION_PREFIX["evaluate"], EvaluateConfig), "pairs_uri": "pairs_uri",
@@ -120,6 +121,7 @@ def parameter_fields() -> dict[str, tuple[str, str]]:
         for f in dataclasses.fields(SECTIONS[section]):
             fields[prefix + f.name] = (section, f.name)
     fields["checkpoint_root"] = ("cluster", "checkpoint_root")
+    fields["tensorboard_root"] = ("cluster", "tensorboard_root")
     return fields
 
 

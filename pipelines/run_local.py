@@ -363,7 +363,8 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
 
         kfp_runner = make_docker_runner(
             root, inputs={"data.source_uri": config.data.source_uri, "data.pairs_uri": config.data.pairs_uri},
-            output_dirs={"cluster.checkpoint_root": config.cluster.checkpoint_root})
+            output_dirs={"cluster.checkpoint_root": config.cluster.checkpoint_root,
+                         "cluster.tensorboard_root": config.cluster.tensorboard_root})
         containers = race_free_containers(root / "containers.json")
     else:
         raise FacenetError(f"unknown runner {runner!r}; use subprocess or docker")

@@ -162,6 +162,7 @@ def test_training_parameter_leaves_data_tasks_unchanged(tmp_path):
     ("eval_folds", {"evaluate-model"}),
     ("pairs_uri", {"evaluate-model"}),
     ("checkpoint_root", {"train-model"}),
+    ("tensorboard_root", {"train-model"}),
 ])
 def test_parameters_reach_only_the_steps_they_change(tmp_path, param, readers):
     spec, _ = _docs(tmp_path)

@@ -204,7 +204,7 @@ def test_set_accepts_parameter_names_and_plain_keys():
 
 
 @pytest.mark.parametrize("item, steps, message", [
-    ("learnig_rate=0.1", ["train"], "unknown parameter; step train reads: checkpoint_root, train_architecture"),
+    ("learnig_rate=0.1", ["train"], "unknown parameter; step train reads: checkpoint_root, tensorboard_root, train_architecture"),
     ("eval_folds=5", ["train"], "step train does not read eval_folds"),
     ("train_max_steps=5", ["evaluate"], "step evaluate does not read train_max_steps"),
     ("multiple=8", ["labels"], "reads: no parameters"),

@@ -439,3 +439,174 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["precision"] == "mixed_float16" and info["replicas"] == 2
     assert "ODD InputError train.p=3 must be a multiple of the 2 GPUs" in result.stdout
+
+
+# ----------------------------------------------------------------------------- TensorBoard events
+
+TRAIN_TAGS = {f"train/{k}" for k in train_mod.STAT_KEYS} | {"train/learning_rate", "train/images_per_second"}
+VAL_TAGS = {f"val/{k}" for k in train_mod.STAT_KEYS}
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} over a folder's event files, read as TensorBoard does (a cut tail skipped)."""
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        try:
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    assert value.metadata.plugin_data.plugin_name == "scalars", value.tag
+                    found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+        except tf.errors.DataLossError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_every_logged_and_validated_step(trained):
+    scalars = read_scalars(trained["tb"])
+    assert set(scalars) == TRAIN_TAGS | VAL_TAGS
+    history = json.loads((trained["model"] / "history.json").read_text())
+    for split, tags in (("train", TRAIN_TAGS), ("val", VAL_TAGS)):
+        steps = [r["step"] for r in history[split]]
+        for tag in tags:
+            assert [s for s, _ in scalars[tag]] == steps, tag
+            key = tag.split("/", 1)[1]
+            if key != "images_per_second":
+                np.testing.assert_allclose([v for _, v in scalars[tag]], [r[key] for r in history[split]],
+                                           rtol=1e-6, err_msg=tag)
+    assert all(v > 0 for _, v in scalars["train/images_per_second"])
+    assert len(list(trained["tb"].glob("events.out.tfevents.*"))) == 1
+    marker = json.loads((trained["tb"] / train_mod.TENSORBOARD_RUN_JSON).read_text())
+    assert marker == {"format": train_mod.TENSORBOARD_FORMAT, "run": str(trained["model"])}
+
+
+@pytest.mark.slow
+def test_resumed_run_completes_tensorboard_folders_without_repeating_a_step(trained, tiny, tmp_path):
+    """A retried pod's folders: one cut short by the kill (kept, completed), one new (the restored history
+    is replayed into it). Each ends with every (tag, step) of the whole run exactly once."""
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(trained["tb"], earlier)
+    (events,) = earlier.glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:-5])            # the last record cut short
+    lost = {tag for tag, points in read_scalars(earlier).items() if points[-1][0] < 30}
+    assert lost                                               # the cut removed a step-30 point
+    fresh = tmp_path / "fresh"
+    run_train(tiny, tmp_path / "model", dataclasses.replace(TINY, max_steps=40), checkpoint_dir=str(ckpt),
+              tensorboard_dir=[str(earlier), str(fresh)], run_key=str(trained["model"]))
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    for folder in (earlier, fresh):
+        scalars = read_scalars(folder)
+        assert set(scalars) == TRAIN_TAGS | VAL_TAGS, folder
+        for tag, points in scalars.items():
+            steps = sorted(s for s, _ in points)
+            if tag == "train/images_per_second" and folder == fresh:
+                assert steps == [35, 40]                      # a rate belongs to the call that measured it
+            else:
+                split = tag.split("/", 1)[0]
+                assert steps == [r["step"] for r in history[split]], (folder.name, tag)
+    assert len(list(earlier.glob("events.out.tfevents.*"))) == 2
+
+
+def test_tensorboard_folder_belongs_to_one_run(tiny, tmp_path):
+    folder = str(tmp_path / "tb")
+    assert train_mod.claim_tensorboard_dir(folder, "run-a") == {}
+    assert json.loads((tmp_path / "tb" / train_mod.TENSORBOARD_RUN_JSON).read_text())["run"] == "run-a"
+    assert train_mod.claim_tensorboard_dir(folder, "run-a") == {}          # the same run continues
+    with pytest.raises(InputError, match=r"facenet-kfp-run.json: the TensorBoard folder holds the events of "
+                                         r"run 'run-a', not of 'run-b'; give a new folder"):
+        train_mod.claim_tensorboard_dir(folder, "run-b")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    with pytest.raises(InputError, match=r"notes: TensorBoard folder is not empty and has no facenet-kfp-run"):
+        train_mod.claim_tensorboard_dir(str(tmp_path / "notes"), "run-a")
+    # train() refuses such a folder before it trains.
+    with pytest.raises(InputError, match="holds the events of run 'run-a'"):
+        run_train(tiny, tmp_path / "model", FAST, tensorboard_dir=folder)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- the monitor on set values
+
+def monitor_steps(monitor, losses, mean_l2=0.5, max_l2=1.0, first=1):
+    """Feed `losses` as steps first, first + 1, ...; the step the monitor fails at, or None."""
+    for i, loss in enumerate(losses):
+        try:
+            monitor.update(first + i, {"loss": loss, "mean_pairwise_l2": mean_l2, "max_pairwise_l2": max_l2})
+        except FacenetError:
+            return first + i
+    return None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_monitor_fails_on_a_non_finite_loss(bad):
+    monitor = train_mod.TrainingMonitor(TINY)
+    assert monitor_steps(monitor, [0.3] * 9) is None
+    with pytest.raises(FacenetError, match=rf"loss is {bad} at step 10 \(learning rate 0.002\): training "
+                                           r"diverged; lower train.learning_rate"):
+        monitor.update(10, {"loss": bad, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0})
+
+
+@pytest.mark.parametrize("log_every", [1, 7, 1000])
+def test_monitor_collapse_window_counts_steps_not_log_lines(log_every):
+    n = train_mod.COLLAPSE_STEPS
+    monitor = train_mod.TrainingMonitor(dataclasses.replace(TINY, log_every=log_every))
+    low = train_mod.COLLAPSE_MEAN_DISTANCE / 2
+    assert monitor_steps(monitor, [0.5] * (n - 1), mean_l2=low) is None       # one step short ...
+    assert monitor_steps(monitor, [0.5], first=n) is None                      # ... then it recovers
+    assert monitor_steps(monitor, [0.5] * (n - 1), mean_l2=low, first=n + 1) is None
+    with pytest.raises(FacenetError, match=rf"embedding collapse at step {2 * n}: mean distance between "
+                                           rf"embeddings below 0.001 for {n} steps; lower train.learning_rate"):
+        monitor.update(2 * n, {"loss": 0.5, "mean_pairwise_l2": low, "max_pairwise_l2": 1.0})
+    with pytest.raises(FacenetError, match=r"embedding collapse at step 3: all embeddings of the batch are at "
+                                           r"one point \(largest distance 0.00e\+00\); lower train.learning_rate"):
+        train_mod.TrainingMonitor(TINY).update(3, {"loss": 0.5, "mean_pairwise_l2": 0.0, "max_pairwise_l2": 0.0})
+
+
+def test_monitor_fails_on_a_lasting_rise_of_more_than_a_margin():
+    n, margin = train_mod.DIVERGENCE_STEPS, TINY.margin
+    rng = np.random.default_rng(0)
+    # A healthy run: from about the margin down to 0.01, with ripples of +-30 % (a real run's are smaller).
+    healthy = [float(v) for v in (margin + 0.2) * np.exp(-np.arange(2000) / 300) * rng.uniform(0.7, 1.3, 2000)
+               + 0.01]
+    assert monitor_steps(train_mod.TrainingMonitor(TINY), healthy) is None
+    # A rise by less than a margin, however long, is not divergence.
+    assert monitor_steps(train_mod.TrainingMonitor(TINY), [0.05] * 100 + [0.05 + 0.9 * margin] * 500) is None
+    # Flat at 0.05 for 100 steps, then 0.05 + margin + 0.1: the 50-step mean passes 0.05 + margin after
+    # j high steps, 0.05 + (margin + 0.1) * j / 50 > 0.05 + margin, i.e. j = 42 for margin 0.5.
+    j = math.floor(n * margin / (margin + 0.1)) + 1
+    monitor = train_mod.TrainingMonitor(TINY)
+    assert monitor_steps(monitor, [0.05] * 100 + [0.05 + margin + 0.1] * (j - 1)) is None
+    with pytest.raises(FacenetError, match=r"training diverged at step 142: the mean loss of steps 93-142 is "
+                                           r"0.554, up from 0.05 \(steps 1-50\), more than train.margin=0.5 "
+                                           r"higher; lower train.learning_rate \(now 0.002\) or raise "
+                                           r"train.warmup_steps"):
+        monitor.update(100 + j, {"loss": 0.05 + margin + 0.1, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0})
+
+
+def test_training_reads_back_every_collapse_window_and_exports_nothing(tiny, tmp_path, monkeypatch):
+    """log_every far above the window: the collapse still fails the step after COLLAPSE_STEPS steps."""
+    import keras
+
+    from facenet_kfp import model as model_mod
+
+    def constant_model(input_shape, embedding_dim, architecture):
+        inputs = keras.Input(shape=input_shape)
+        x = keras.layers.GlobalAveragePooling2D()(inputs)
+        x = keras.layers.Dense(embedding_dim, kernel_initializer="zeros", bias_initializer="ones")(x)
+        return keras.Model(inputs, model_mod.L2Normalize()(x))
+
+    steps_run = []
+    real_make_train_step = train_mod.make_train_step
+
+    def counting_make_train_step(*args):
+        step = real_make_train_step(*args)
+        return lambda *batch: steps_run.append(1) or step(*batch)
+
+    monkeypatch.setattr(model_mod, "build_embedding_model", constant_model)
+    monkeypatch.setattr(train_mod, "make_train_step", counting_make_train_step)
+    config = dataclasses.replace(FAST, max_steps=3 * train_mod.COLLAPSE_STEPS, log_every=1000)
+    with pytest.raises(FacenetError, match=r"embedding collapse at step 1: all embeddings"):
+        run_train(tiny, tmp_path / "model", config, tensorboard_dir=str(tmp_path / "tb"))
+    assert len(steps_run) == train_mod.COLLAPSE_STEPS
+    assert not (tmp_path / "model").exists()                 # no model.json, no model.keras
