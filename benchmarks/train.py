@@ -24,17 +24,25 @@ hold even when other jobs share the machine and absolute numbers drift:
    seconds per step (a ratio other jobs hardly move), and the default step fed
    by that pipeline, the two sharing the cores, against the step on batches
    held in memory, in alternating blocks;
-4. the peak RSS of this process.
+4. the two input pipelines side by side on the same P x K batches of the
+   demo's 250x250 JPEGs (crop 0.6, resize to 96, augmented): the TF-free
+   `facenet_kfp.input.TrainBatches` (worker processes, bytes read from the
+   shards by offset) and `data.make_train_dataset` (tf.data, bytes in
+   memory), in alternating rounds: images/s, images per CPU-second of this
+   process and its workers ("per core"), their ratio (target >= 0.8) and the
+   cores each needs to feed a GPU at 10,000 images/s; `--input-only` runs
+   just this part (a few minutes);
+5. the peak RSS of this process.
 
 Figures are medians over timed steps after warm-up steps (the first call
 traces the graph; its time is shown apart). The step functions run in
 interleaved rounds, in a rotating order, so load from other jobs hits them
 alike.
 
-With KERAS_BACKEND=jax (no TensorFlow) only parts 1, 2 and 4 run, jitted with
-jax.jit through Keras' stateless API, on batches decoded with Pillow (centre
-crop, no augmentation); the tf.data part is skipped and says so. That path is
-untested: JAX is not installed on the development machine.
+With KERAS_BACKEND=jax (no TensorFlow) parts 1 and 2 run jitted with jax.jit
+through Keras' stateless API, on batches from `facenet_kfp.input`; part 3 and
+the tf.data half of part 4 are skipped and say so. Parts 1 and 2 on JAX have
+not been run on the development machine.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -57,6 +65,7 @@ from keras import ops
 from facenet_kfp.complete import complete_dataset
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.extract import extract_dataset
+from facenet_kfp.input import DEFAULT_CACHE_BYTES, SplitImages, TrainBatches, open_split, worker_count
 from facenet_kfp.labels import build_labels
 from facenet_kfp.model import build_embedding_model
 from facenet_kfp.splits import make_splits
@@ -75,6 +84,8 @@ IN_MEMORY_BATCHES = 4      # distinct real batches cycled through by the model t
 FED_BLOCK = 3              # steps per block when pipeline-fed and in-memory steps alternate
 SHARE_TARGET = 0.05
 PIPELINE_TARGET = 3.0
+FEED_TARGET = 10_000       # images/s one GPU consumes: what the input pipeline must feed
+INPUT_RATIO_TARGET = 0.8   # per-core rate of facenet_kfp.input over tf.data's
 
 
 # ----------------------------------------------------------------------------- data
@@ -106,55 +117,105 @@ def prepare_data(root: Path) -> Path:
     return work
 
 
-def pil_batches(work: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` P x K batches of train-split images decoded with Pillow, for the backend without tf.data.
+def input_batches(work: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` P x K train batches from the TF-free pipeline (`facenet_kfp.input`), for the backend without tf.data.
 
-    Same pixels as `data.preprocess_image` without augmentation, up to the
-    resampling filter: centre crop of TrainConfig.crop_fraction, box-filter
-    resize to 96, scaled to [-1, 1]. Returns (float32 [B, 96, 96, 3], int32 [B]).
+    Returns (float32 [B, 96, 96, 3], int32 [B]) pairs, augmented as training is.
     """
-    import io
+    config = TrainConfig()
+    with open_train_split(work) as images, TrainBatches(images, images.labels, P, K, IMAGE_SIZE,
+                                                        config.crop_fraction, config.augment, seed) as stream:
+        return [next(stream) for _ in range(count)]
 
-    from PIL import Image
 
-    from facenet_kfp.labels import load_labels
-    from facenet_kfp.shards import ShardReader, read_manifest
-    from facenet_kfp.splits import read_split
+def open_train_split(work: Path, cache_bytes: int = DEFAULT_CACHE_BYTES) -> SplitImages:
+    """The prepared demo's train split, read lazily from its shards (real and generated images)."""
+    return open_split(work / "images", work / "completion", work / "labels", work / "splits", "train",
+                      cache_bytes=cache_bytes)
 
-    crop = TrainConfig().crop_fraction
-    label_ids, _ = load_labels(work / "labels")
-    train = {name for name, _ in read_split(work / "splits", "train")}
-    rows: dict[str, list[tuple[Path, dict]]] = {}
-    for folder in (work / "images", work / "completion"):
-        for row in read_manifest(folder):
-            if row["identity"] in train:
-                rows.setdefault(row["identity"], []).append((folder, row))
-    eligible = sorted(name for name, found in rows.items() if len(found) >= K)
-    if len(eligible) < P:
-        raise SystemExit(f"{work}: only {len(eligible)} train identities have {K}+ images; need {P}")
-    rng = np.random.default_rng(seed)
-    readers = {folder: ShardReader(folder) for folder in (work / "images", work / "completion")}
-    batches = []
-    try:
-        for _ in range(count):
-            images, labels = [], []
-            for name in rng.choice(eligible, size=P, replace=False):
-                for index in rng.choice(len(rows[name]), size=K, replace=False):
-                    folder, row = rows[name][index]
-                    with Image.open(io.BytesIO(readers[folder].read(row))) as image:
-                        image = image.convert("RGB")
-                        width, height = image.size
-                        box_w, box_h = round(width * crop), round(height * crop)
-                        left, top = (width - box_w) // 2, (height - box_h) // 2
-                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX,
-                                             box=(left, top, left + box_w, top + box_h))
-                        images.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-                    labels.append(label_ids[name])
-            batches.append((np.stack(images), np.asarray(labels, dtype=np.int32)))
-    finally:
-        for reader in readers.values():
-            reader.close()
-    return batches
+
+# ----------------------------------------------------------------------------- input pipelines
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all threads) and its live child processes (Linux /proc)."""
+    total = time.process_time()
+    me, tick = str(os.getpid()), os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                       # the process ended while being listed
+        if fields[1] == me:                # fields after the command: state, ppid, ..., utime, stime
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def compare_input_pipelines(work: Path, batches: int, rounds: int, workers: int | None, use_tf: bool
+                            ) -> dict[str, dict[str, np.ndarray]]:
+    """Wall and CPU seconds of `batches` P x K training batches (96 px, augmented) from each input pipeline.
+
+    "input": `facenet_kfp.input.TrainBatches` over the split read lazily from
+    the shards, decoded by `workers` processes; "tf.data": today's
+    `data.make_train_dataset` over the split's bytes in memory (when TensorFlow
+    is there). Each round builds every pipeline afresh, lets it fill its
+    buffers with 3 untimed batches, then times `batches`; the order rotates
+    per round. CPU seconds count this process and its worker processes.
+    """
+    config = TrainConfig()
+    split = open_train_split(work)
+    makers: dict[str, Callable[[int], Iterator]] = {
+        "input": lambda seed: TrainBatches(split, split.labels, P, K, IMAGE_SIZE, config.crop_fraction,
+                                           config.augment, seed, workers=workers)}
+    if use_tf:
+        from facenet_kfp.data import load_split_images, make_train_dataset
+        images, labels, _, _ = load_split_images(work / "images", work / "completion", work / "labels",
+                                                 work / "splits", "train")
+        makers["tf.data"] = lambda seed: iter(make_train_dataset(images, labels, P, K, IMAGE_SIZE,
+                                                                 config.crop_fraction, config.augment, seed))
+    times = {name: {"wall": np.zeros(rounds), "cpu": np.zeros(rounds)} for name in makers}
+    names = list(makers)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            stream = makers[name](100 + r)
+            for _ in range(3):
+                next(stream)
+            start_wall, start_cpu = time.perf_counter(), tree_cpu_seconds()
+            for _ in range(batches):
+                pixels, _ = next(stream)
+            times[name]["cpu"][r] = tree_cpu_seconds() - start_cpu
+            times[name]["wall"][r] = time.perf_counter() - start_wall
+            if tuple(pixels.shape) != (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3):
+                raise SystemExit(f"{name}: batch of shape {tuple(pixels.shape)}")
+            if isinstance(stream, TrainBatches):
+                stream.close()              # stops its workers before the other pipeline's round
+            del stream
+        print(f"  input pipelines: round {r + 1}/{rounds}", flush=True)
+    split.close()
+    return times
+
+
+def report_input_pipelines(times: dict[str, dict[str, np.ndarray]], batches: int, workers: int) -> None:
+    """Section 4: images/s and images per CPU-second of each pipeline, their ratio, cores to feed a GPU."""
+    images = batches * BATCH
+    print(f"\n4. input pipelines side by side: {BATCH}-image P x K batches of the demo's 250x250 JPEGs, "
+          f"crop {TrainConfig().crop_fraction}, resize to {IMAGE_SIZE}, augmented; {batches} batches per round, "
+          f"{len(next(iter(times.values()))['wall'])} rounds, medians")
+    print(f"  facenet_kfp.input: {workers} worker processes (one per usable core); tf.data: AUTOTUNE; CPU time "
+          f"counts this process and its workers")
+    print(f"  {'pipeline':<18} {'images/s':>9} {'images/s per core':>18} {'cores for ' + format(FEED_TARGET, ',') + '/s':>17}")
+    per_core = {}
+    for name, t in times.items():
+        per_core[name] = med(images / t["cpu"])
+        print(f"  {name:<18} {med(images / t['wall']):9.0f} {per_core[name]:18.0f} "
+              f"{FEED_TARGET / per_core[name]:17.1f}")
+    if "tf.data" in times:
+        ratios = (times["tf.data"]["cpu"] / times["input"]["cpu"])
+        ratio = med(ratios)
+        print(f"  per-core rate, facenet_kfp.input / tf.data: {ratio:.2f} (median of per-round ratios; range "
+              f"{ratios.min():.2f}-{ratios.max():.2f}) -> {'meets' if ratio >= INPUT_RATIO_TARGET else 'MISSES'} "
+              f"the >= {INPUT_RATIO_TARGET} target")
+    else:
+        print("  tf.data: skipped, it needs TensorFlow")
 
 
 # ----------------------------------------------------------------------------- compiled steps
@@ -399,10 +460,22 @@ def main() -> int:
                              "trivial one, the others the default loss (default float32,mixed_bfloat16)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps, short pipeline "
                         "and loss timings")
+    parser.add_argument("--input-only", action="store_true", help="only part 4: the two input pipelines "
+                        "side by side (a few minutes)")
+    parser.add_argument("--input-batches", type=int, default=30,
+                        help="timed batches per pipeline and round in part 4 (default 30)")
+    parser.add_argument("--input-rounds", type=int, default=5, help="rounds of part 4 (default 5)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes of facenet_kfp.input (default: one per usable core)")
     parser.add_argument("-v", "--verbose", action="store_true", help="library INFO logs")
     args = parser.parse_args()
     if args.quick:
         args.steps = 3
+        args.input_batches, args.input_rounds = 10, 2
+    if args.input_batches < 1 or args.input_rounds < 1:
+        parser.error("--input-batches and --input-rounds must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0 (0: decode in the benchmark's process)")
     if args.steps < 2 or args.warmup < 1:
         parser.error("--steps must be >= 2 and --warmup >= 1")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -428,6 +501,17 @@ def main() -> int:
     start_load = os.getloadavg()[0]
     work = prepare_data(Path(args.work))
     rss = {"data": peak_rss_mb()}
+    if args.input_only:
+        print(f"timing the input pipelines side by side: {args.input_rounds} rounds ...", flush=True)
+        inputs = compare_input_pipelines(work, args.input_batches, args.input_rounds, args.workers, use_tf)
+        print()
+        for line in machine_lines(backend):
+            print(line)
+        print(f"  load average {start_load:.1f} at start: other jobs share the cores, so compare figures "
+              f"within this run")
+        report_input_pipelines(inputs, args.input_batches, worker_count(args.workers))
+        print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MB")
+        return 0
 
     # Real batches for the model: on TF the training pipeline's own output.
     pipeline = None
@@ -462,8 +546,8 @@ def main() -> int:
         pipeline_cpu = float(np.median(cpu_per_batch))
         rss["pipeline"] = peak_rss_mb()
     else:
-        batches = pil_batches(work, IN_MEMORY_BATCHES)
-        data_line = f"{IN_MEMORY_BATCHES} P x K batches of train-split images decoded with Pillow"
+        batches = input_batches(work, IN_MEMORY_BATCHES)
+        data_line = f"{IN_MEMORY_BATCHES} P x K batches of the train split from facenet_kfp.input"
         train_step, loss_step = jax_train_step, jax_loss_step
 
     # 1, 2. The first precision's step functions in interleaved rounds; then each other precision
@@ -510,6 +594,9 @@ def main() -> int:
                     fed[source][0].append(time.perf_counter() - start_wall)
                     fed[source][1].append(time.process_time() - start_cpu)
         del iterator
+    print(f"timing the input pipelines side by side: {args.input_rounds} rounds ...", flush=True)
+    inputs = compare_input_pipelines(work, args.input_batches, args.input_rounds, args.workers, use_tf)
+    rss["input pipelines"] = peak_rss_mb()
     retraced = [f"{' '.join(key)} ({step.traces()} traces)" for key, step in steps.items()
                 if step.traces is not None and step.traces() != 1]
 
@@ -608,7 +695,8 @@ def main() -> int:
               f"{BATCH / med(mem_wall):6.1f} images/s, {med(mem_cpu):.2f} CPU-s/step; fed / memory speed "
               f"{med(mem_wall) / med(fed_wall):.2f}x")
 
-    print(f"\n4. peak RSS of this process: {peak_rss_mb():.0f} MB (after "
+    report_input_pipelines(inputs, args.input_batches, worker_count(args.workers))
+    print(f"\n5. peak RSS of this process: {peak_rss_mb():.0f} MB (after "
           + ", ".join(f"{phase}: {mb:.0f}" for phase, mb in rss.items()) + " MB)")
     print(f"total wall time {time.perf_counter() - wall_start:.0f} s")
     return 0

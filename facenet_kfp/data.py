@@ -1,4 +1,4 @@
-"""Input pipeline: split images from packed shards, P x K identity sampling, tf.data preprocessing.
+"""TensorFlow input pipeline: split images from packed shards, P x K batches, tf.data preprocessing.
 
 Everything that feeds images to a model goes through `preprocess_image`, so
 training, validation, evaluation and serving see the same pixels:
@@ -20,30 +20,23 @@ Training batches are P x K: P distinct identities, K images each, laid out
 identity by identity (rows i*K .. i*K+K-1 share a label). Online triplet
 mining needs that structure: a batch of consecutive images of one large
 identity (the seed project's input) has no negatives and gives zero loss.
+
+The constants of this definition, the split index and `PKSampler` live in
+`facenet_kfp.input`, the TensorFlow-free pipeline that implements the same
+preprocessing with Pillow and NumPy; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.labels import LABELS_JSON, load_labels
+from facenet_kfp.input import BRIGHTNESS, JITTER, PREPROCESSING_VERSION, SPLITS, PKSampler, open_split  # noqa: F401
 from facenet_kfp.progress import Progress
-from facenet_kfp.shards import ShardReader, read_manifest
-from facenet_kfp.splits import read_split
-
-log = logging.getLogger(__name__)
-
-PREPROCESSING_VERSION = "centre-crop-v1"
-JITTER = 0.06        # crop jitter: shift and scale of the crop box, as a fraction of its size
-BRIGHTNESS = 0.1     # brightness offset range on the [0, 1] pixel scale
-SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -117,145 +110,18 @@ def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.P
     ones from `completion_dir` when `include_synthetic` (None: no completion).
     Returns (image bytes, labels int32 [N] from `labels.json`, keys = the
     manifest `file` of each image, synthetic flags), grouped by identity in
-    split order. Every identity of the split must be in `labels.json` and have
-    exactly the number of real images the split file records.
+    split order. Validation is `input.open_split`'s: every identity of the
+    split must be in `labels.json` and have exactly the number of real images
+    the split file records.
     """
-    if split not in SPLITS:
-        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    for name, folder in (("dataset", dataset_dir), ("labels", labels_dir), ("splits", splits_dir)):
-        if not Path(folder).is_dir():
-            raise InputError(f"{folder}: {name} folder not found")
-    if include_synthetic and completion_dir is not None and not Path(completion_dir).is_dir():
-        raise InputError(f"{completion_dir}: completion folder not found")
-    entries = read_split(splits_dir, split)          # InputError when missing, malformed or empty
-    label_ids, _ = load_labels(labels_dir)
-    missing = [name for name, _ in entries if name not in label_ids]
-    if missing:
-        raise InputError(f"{Path(labels_dir) / LABELS_JSON}: {len(missing)} identities of split {split!r} "
-                         f"have no label, e.g. {', '.join(missing[:3])}")
-
-    wanted = {name for name, _ in entries}
-    sources = [(Path(dataset_dir), False)]
-    if include_synthetic and completion_dir is not None:
-        sources.append((Path(completion_dir), True))
-    rows_by_identity: dict[str, list[tuple[Path, dict]]] = {name: [] for name in wanted}
-    for folder, expect_synthetic in sources:
-        for row in read_manifest(folder):
-            if row["identity"] not in wanted:
-                continue
-            if bool(row["synthetic"]) != expect_synthetic:
-                kind = "generated" if row["synthetic"] else "real"
-                raise InputError(f"{folder}: manifest row {row['file']} is a {kind} image; "
-                                 f"expected only {'generated' if expect_synthetic else 'real'} images here")
-            rows_by_identity[row["identity"]].append((folder, row))
-
-    for name, real_count in entries:
-        found = sum(1 for _, row in rows_by_identity[name] if not row["synthetic"])
-        if found != real_count:
-            raise InputError(f"{dataset_dir}: identity {name} of split {split!r} has {found} real images "
-                             f"in the dataset but {real_count} in the split file")
-
-    images: list[bytes] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    synthetic: list[bool] = []
-    total = sum(len(rows_by_identity[name]) for name, _ in entries)
-    readers = {folder: ShardReader(folder) for folder, _ in sources}
-    try:
-        with Progress(f"reading {split} images", total=total, unit="images") as progress:
-            for name, _ in entries:
-                for folder, row in rows_by_identity[name]:
-                    images.append(readers[folder].read(row))
-                    labels.append(int(label_ids[name]))
-                    keys.append(row["file"])
-                    synthetic.append(bool(row["synthetic"]))
-                    progress.update()
-    finally:
-        for reader in readers.values():
-            reader.close()
-    log.info("split %s: %d identities, %d images (%d generated)", split, len(entries), len(images),
-             sum(synthetic))
-    return images, np.asarray(labels, dtype=np.int32), keys, synthetic
-
-
-# ----------------------------------------------------------------------------- P x K sampling
-
-class PKSampler:
-    """Index batches of P distinct identities x K images each; pure NumPy, deterministic per seed.
-
-    - An epoch is one pass over the identities in a fresh random order, cut
-      into groups of P, so identities are drawn without replacement within
-      an epoch. The last partial group is dropped: its identities are simply
-      reshuffled into the next epoch.
-    - Within an identity, images are taken in a shuffled order and cycled:
-      each image is used once per cycle and the K images of one batch are
-      distinct whenever the identity has at least K images.
-    - An identity with fewer than K images (excluded from completion) gives
-      all its images plus draws with replacement from them, so the batch
-      still holds K rows per identity; augmentation makes the copies differ.
-    """
-
-    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int):
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.size == 0:
-            raise InputError(f"PKSampler needs a non-empty 1-D label array, got shape {labels.shape}")
-        if p < 1 or k < 1:
-            raise InputError(f"PKSampler needs p >= 1 and k >= 1, got p={p}, k={k}")
-        self.p, self.k, self.seed = int(p), int(k), int(seed)
-        self.identities = np.unique(labels)
-        if len(self.identities) < self.p:
-            raise InputError(f"P x K sampling needs at least p={p} identities, got {len(self.identities)}")
-        # Indices of each identity's images, in label order (np.unique sorts).
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], self.identities, side="left")
-        self.members = np.split(order, bounds[1:])
-
-    @property
-    def batch_size(self) -> int:
-        return self.p * self.k
-
-    def batches(self, start: int = 0) -> Iterator[np.ndarray]:
-        """Infinite stream of int64 index arrays [P*K], identity-major; skips the first `start`.
-
-        Every call restarts the same stream, so `batches(start=n)` continues
-        exactly where a run stopped after n batches.
-        """
-        rng = np.random.default_rng(self.seed)
-        cycles = [rng.permutation(m) for m in self.members]
-        cursors = np.zeros(len(self.members), dtype=np.int64)
-        n_ident = len(self.identities)
-        produced = 0
-        while True:
-            identity_order = rng.permutation(n_ident)
-            for g in range(n_ident // self.p):
-                group = identity_order[g * self.p:(g + 1) * self.p]
-                batch = np.empty(self.batch_size, dtype=np.int64)
-                for slot, ident in enumerate(group):
-                    batch[slot * self.k:(slot + 1) * self.k] = self._take(rng, cycles, cursors, ident)
-                if produced >= start:
-                    yield batch
-                produced += 1
-
-    def _take(self, rng: np.random.Generator, cycles: list[np.ndarray], cursors: np.ndarray,
-              ident: int) -> np.ndarray:
-        members = self.members[ident]
-        n, k = len(members), self.k
-        if n < k:
-            extra = rng.choice(members, size=k - n, replace=True)
-            return np.concatenate([rng.permutation(members), extra])
-        cursor = cursors[ident]
-        if cursor + k <= n:
-            cursors[ident] = cursor + k
-            return cycles[ident][cursor:cursor + k]
-        # Finish this cycle, then start a new one whose order puts the images just
-        # taken last, so the K images of the batch stay distinct and every image
-        # is still used exactly once per cycle.
-        tail = cycles[ident][cursor:]
-        fresh = rng.permutation(members)
-        fresh = np.concatenate([fresh[~np.isin(fresh, tail)], fresh[np.isin(fresh, tail)]])
-        cycles[ident] = fresh
-        cursors[ident] = k - len(tail)
-        return np.concatenate([tail, fresh[:k - len(tail)]])
+    with open_split(dataset_dir, completion_dir, labels_dir, splits_dir, split, include_synthetic,
+                    cache_bytes=0) as lazy:
+        images: list[bytes] = []
+        with Progress(f"reading {split} images", total=len(lazy), unit="images") as progress:
+            for i in range(len(lazy)):
+                images.append(lazy[i])
+                progress.update()
+        return images, lazy.labels, list(lazy.keys), lazy.synthetic.tolist()
 
 
 # ----------------------------------------------------------------------------- tf.data

@@ -2,23 +2,31 @@
 
 Layout of a model folder::
 
-    model.keras      the embedding network, Keras 3 native format (float32 weights);
-                     load with `load_model_artifact` (registers the custom layers)
+    model.keras      the embedding network, Keras 3 native format (float32 weights), built-in
+                     layers only: plain `keras.saving.load_model("model.keras")` loads it on the
+                     TensorFlow or JAX backend, no facenet_kfp import needed (`load_model_artifact`
+                     also checks it against model.json)
     model.json       everything needed to use it (below)
     history.json     training curves: {"train": [{step, loss, fraction_positive_triplets,
                      mean_positive_distance, mean_negative_distance, ...}, ...], "val": [...]}
     curves.png       loss, fraction of positive triplets and mean distances, train and val
-    saved_model/     TensorFlow SavedModel for serving stacks (TF Serving, Vertex AI),
-                     written when the Keras backend is TensorFlow; two signatures:
+    saved_model/     TensorFlow SavedModel for serving stacks (TF Serving, Vertex AI), written
+                     whenever TensorFlow is importable, on either Keras backend; two signatures:
                        serve(images: float32 [N, S, S, 3], preprocessed) -> {embeddings: [N, D]}
                        serve_image_bytes(images: string [N], JPEG/PNG bytes) -> {embeddings: [N, D]}
-                     the second applies `data.preprocess_image` inside the graph.
+                     the second applies `data.preprocess_image` inside the graph. Without
+                     TensorFlow the folder has no saved_model/ and model.json says why;
+                     `export_saved_model` writes one later where TensorFlow is installed.
 
 model.json keys::
 
     format          "facenet-kfp-model/1"
     file            "model.keras"
+    files           what the folder holds: model.keras, model.json, history.json, curves.png
+                    and, when written, saved_model/
+    load            how to load model.keras (plain keras.saving.load_model)
     saved_model     "saved_model" or null
+    saved_model_missing  null, or why there is no saved_model/ (TensorFlow not importable)
     architecture    nn4_small2 | small_cnn
     input_shape     [S, S, 3]
     embedding_dim   D (embeddings are L2-normalised, float32)
@@ -52,6 +60,8 @@ HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 SAVED_MODEL_DIR = "saved_model"
 SCALE = "[-1,1]"
+LOAD_HINT = ("keras.saving.load_model('model.keras') in plain Keras 3, TensorFlow or JAX backend; "
+             "no facenet_kfp import needed")
 DISTANCE_DEFINITIONS = {
     True: "squared L2 between L2-normalised embeddings: sum_k (a_k - b_k)^2, in [0, 4]",
     False: "plain L2 between L2-normalised embeddings: sqrt(sum_k (a_k - b_k)^2), in [0, 2]",
@@ -66,7 +76,7 @@ def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **ex
 
     start_step > 0 says the model continued a checkpoint at that step.
     """
-    from facenet_kfp.data import PREPROCESSING_VERSION
+    from facenet_kfp.input import PREPROCESSING_VERSION
 
     metadata = {
         "architecture": config.architecture,
@@ -87,18 +97,16 @@ def _complete_metadata(model: Any, metadata: dict[str, Any]) -> dict[str, Any]:
     """Check the caller's metadata against the model and add the derived keys."""
     import keras
 
-    from facenet_kfp.data import PREPROCESSING_VERSION
-
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise InputError(f"model metadata lacks {', '.join(missing)} (needed in {MODEL_JSON})")
     input_shape = [int(v) for v in model.input_shape[1:]]
     embedding_dim = int(model.output_shape[-1])
     pre = dict(metadata["preprocessing"])
-    pre.setdefault("version", PREPROCESSING_VERSION)
     pre.setdefault("scale", SCALE)
-    if "image_size" not in pre or "crop_fraction" not in pre:
-        raise InputError(f"model metadata preprocessing needs image_size and crop_fraction, got {pre}")
+    if not {"version", "image_size", "crop_fraction"} <= set(pre):
+        raise InputError(f"model metadata preprocessing needs version, image_size and crop_fraction "
+                         f"(artifact_metadata gives them), got {pre}")
     if input_shape[:2] != [pre["image_size"], pre["image_size"]]:
         raise InputError(f"model input {input_shape} does not match preprocessing image_size "
                          f"{pre['image_size']}")
@@ -132,26 +140,47 @@ def save_model_artifact(model: Any, out_dir: str | os.PathLike, metadata: dict[s
     `metadata` needs REQUIRED_METADATA (see `artifact_metadata`); input_shape,
     embedding_dim, versions and the creation time are added here. `history`
     is {"train": [records], "val": [records]} as train records it.
-    """
-    import keras
 
+    saved_model/ is written whenever TensorFlow is importable (either backend);
+    where it is not, model.json's saved_model_missing says so and a warning is
+    logged; nothing else in saving needs TensorFlow.
+    """
     info = _complete_metadata(model, metadata)
+    no_tensorflow = _why_no_tensorflow()
     with atomic_dir(out_dir, step="train") as tmp:
         model.save(tmp / MODEL_FILE)
-        if keras.backend.backend() == "tensorflow":
-            _export_saved_model(model, info, tmp / SAVED_MODEL_DIR)
-            info["saved_model"] = SAVED_MODEL_DIR
-        else:
-            info["saved_model"] = None
-        write_json(tmp / MODEL_JSON, info)
         write_json(tmp / HISTORY_JSON, history)
         plot_curves(history, tmp / CURVES_PNG)
+        files = [MODEL_FILE, MODEL_JSON, HISTORY_JSON, CURVES_PNG]
+        if no_tensorflow is None:
+            export_saved_model(model, info, tmp / SAVED_MODEL_DIR)
+            files.append(f"{SAVED_MODEL_DIR}/")
+        else:
+            log.warning("%s: no %s/ written: %s", out_dir, SAVED_MODEL_DIR, no_tensorflow)
+        info.update(files=files, load=LOAD_HINT, saved_model=None if no_tensorflow else SAVED_MODEL_DIR,
+                    saved_model_missing=no_tensorflow)
+        write_json(tmp / MODEL_JSON, info)
     log.info("saved model artifact %s (%s, %d-D embeddings, %s steps)", out_dir, info["architecture"],
              info["embedding_dim"], info["trained_steps"])
 
 
-def _export_saved_model(model: Any, info: dict[str, Any], path: Path) -> None:
-    """SavedModel with a float-image signature and a raw-bytes signature (preprocessing inside)."""
+def _why_no_tensorflow() -> str | None:
+    """None when TensorFlow imports, else why saved_model/ cannot be written (for model.json and the log)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as exc:
+        return (f"TensorFlow is not importable where the model was saved ({exc}); "
+                f"facenet_kfp.export.export_saved_model writes {SAVED_MODEL_DIR}/ where it is installed")
+    return None
+
+
+def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a SavedModel at `path` with a float-image and a raw-bytes signature (see module docstring).
+
+    `info` is model.json's content (input_shape, preprocessing). Works on the
+    TensorFlow and JAX Keras backends; needs TensorFlow installed. Not atomic on
+    its own: callers write into a temporary folder (fsutil.atomic_dir).
+    """
     import keras
     import tensorflow as tf
 
@@ -161,17 +190,20 @@ def _export_saved_model(model: Any, info: dict[str, Any], path: Path) -> None:
     crop = info["preprocessing"]["crop_fraction"]
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
+    serve = archive.add_endpoint(
         name="serve", fn=lambda images: {"embeddings": model(images, training=False)},
         input_signature=[tf.TensorSpec([None, *info["input_shape"]], tf.float32, name="images")])
 
+    # A tf.function of its own around `serve`: on the JAX backend `serve` is the jax2tf
+    # conversion of the model, and TensorFlow's string ops cannot pass through jax2tf.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def from_bytes(images):
         pixels = tf.map_fn(lambda data: preprocess_image(data, size, crop), images,
                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        return {"embeddings": model(pixels, training=False)}
+        return serve(pixels)
 
-    archive.add_endpoint(name="serve_image_bytes", fn=from_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    from_bytes.get_concrete_function()
+    archive.add_endpoint(name="serve_image_bytes", fn=from_bytes)
     archive.write_out(str(path), verbose=False)
 
 
@@ -210,8 +242,8 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
     """(Keras model, model.json metadata) of a model folder; InputError names what is missing or wrong."""
     import keras
 
-    import facenet_kfp.model  # noqa: F401  (registers the custom layers for deserialisation)
-    from facenet_kfp.data import PREPROCESSING_VERSION
+    import facenet_kfp.model  # noqa: F401  (registers L2Normalize, which older model files end in)
+    from facenet_kfp.input import PREPROCESSING_VERSION
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

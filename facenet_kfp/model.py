@@ -2,13 +2,16 @@
 
 Both take float images [B, H, W, C] (channels last; scaling the pixels is the
 input pipeline's job) and return [B, embedding_dim] float32 embeddings on the
-unit sphere: Dense(embedding_dim) with no activation, then `L2Normalize` along
-the last axis. (The seed put a ReLU before the normalisation and normalised
-the whole batch as one vector; its embeddings collapsed.)
+unit sphere: Dense(embedding_dim) with no activation, then Keras's built-in
+`UnitNormalization` along the last axis, x / max(‖x‖₂, 1e-12), computed in
+float32 under any dtype policy. (The seed put a ReLU before the normalisation
+and normalised the whole batch as one vector; its embeddings collapsed.)
 
-Written with `keras.layers` / `keras.ops` only, so the same model runs on the
-TensorFlow and JAX backends, and it saves to `.keras` and loads back with
-`keras.saving.load_model` without `custom_objects`.
+Written with built-in `keras.layers` only, so the same model runs on the
+TensorFlow and JAX backends, and its `.keras` file loads with plain
+`keras.saving.load_model` in a Python that never imports facenet_kfp.
+`L2Normalize`, the custom layer earlier versions ended in, stays registered
+so their model files still load once this module is imported.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ log = logging.getLogger(__name__)
 # small_cnn by 16; below 32 pixels the last feature maps vanish or carry nothing.
 MIN_INPUT_SIZE = {"nn4_small2": 32, "small_cnn": 32}
 
-# OpenFace's nn4.small2 (Torch, embSize=128): 3,733,968 parameters.
+# OpenFace's nn4.small2 (Torch, embSize=128): 3,733,968 parameters. Ours at 96x96x3 with
+# 128-D embeddings: 3,729,312 trainable, plus 9,312 batch-norm moving statistics.
 NN4_SMALL2_PARAMETERS = 3_733_968
+NN4_SMALL2_TRAINABLE = 3_729_312
 
 _BN_EPSILON = 1e-5   # Torch's SpatialBatchNormalization default, as in OpenFace
 
@@ -36,6 +41,10 @@ _BN_EPSILON = 1e-5   # Torch's SpatialBatchNormalization default, as in OpenFace
 @keras.saving.register_keras_serializable(package="facenet_kfp")
 class L2Normalize(layers.Layer):
     """x / max(‖x‖₂, sqrt(epsilon)) along `axis`, computed and returned in float32.
+
+    The final layer of models saved by earlier versions (new models end in
+    `keras.layers.UnitNormalization`, which plain Keras loads); kept so that
+    their model.keras files load through `export.load_model_artifact`.
 
     The layer's dtype policy is float32 so that, under a mixed precision global
     policy, the final embeddings (and the distances built from them) keep full
@@ -176,7 +185,9 @@ def build_embedding_model(input_shape=(96, 96, 3), embedding_dim: int = 128,
     inputs = keras.Input(shape=shape, name="image")
     features = _TRUNKS[architecture](inputs)
     x = layers.Dense(embedding_dim, name="embedding_dense")(features)
-    outputs = L2Normalize(name="l2_normalize")(x)
+    # float32 even under a mixed precision policy: a float16 unit vector has only ~3
+    # significant digits per component, too few for the distances built from it.
+    outputs = layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalize")(x)
     model = keras.Model(inputs, outputs, name=f"facenet_{architecture}")
     log.info("built %s: input %s, %d-D embeddings, %d parameters",
              model.name, shape, embedding_dim, model.count_params())

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -15,7 +19,7 @@ tf = pytest.importorskip("tensorflow")
 export = pytest.importorskip("facenet_kfp.export")
 
 from facenet_kfp.data import preprocess_image  # noqa: E402  (after the importorskip guards)
-from facenet_kfp.model import build_embedding_model  # noqa: E402
+from facenet_kfp.model import L2Normalize, build_embedding_model  # noqa: E402
 from tests.test_data import face_image  # noqa: E402
 
 CONFIG = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.7, embedding_dim=16,
@@ -26,6 +30,54 @@ HISTORY = {"train": [{"step": s, "loss": 1.0 / s, "fraction_positive_triplets": 
            "val": [{"step": 30, "loss": 0.1, "fraction_positive_triplets": 0.02,
                     "mean_positive_distance": 0.6, "mean_negative_distance": 1.1}]}
 IMAGES = [face_image(i % 5, i) for i in range(7)]
+
+# Loads model.keras with plain Keras and embeds pixels: argv = model.keras, pixels .npy, output .npy.
+# facenet_kfp is never imported, so the file must hold only built-in layers.
+PLAIN_KERAS_EMBED = """
+import os, sys
+import keras, numpy as np
+model_path, pixels_path, out_path = sys.argv[1:]
+model = keras.saving.load_model(model_path)
+np.save(out_path, keras.ops.convert_to_numpy(model(np.load(pixels_path), training=False)))
+assert keras.backend.backend() == os.environ["KERAS_BACKEND"], keras.backend.backend()
+assert not [name for name in sys.modules if name.split(".")[0] == "facenet_kfp"]
+"""
+
+# Builds a model on the JAX backend and saves the artifact: argv = folder, TrainConfig fields .json,
+# pixels .npy, output .npy, "no-tensorflow" (make `import tensorflow` fail) or "tensorflow".
+JAX_SAVE = """
+import sys
+if sys.argv[5] == "no-tensorflow":
+    sys.modules["tensorflow"] = None                  # `import tensorflow` now raises ImportError
+import json, logging
+logging.basicConfig(level=logging.INFO)
+import keras, numpy as np
+from facenet_kfp import export
+from facenet_kfp.config import TrainConfig
+from facenet_kfp.model import build_embedding_model
+folder, config_path, pixels_path, out_path = sys.argv[1:5]
+with open(config_path) as handle:
+    config = TrainConfig(**json.load(handle))
+keras.utils.set_random_seed(0)
+model = build_embedding_model((32, 32, 3), 16, "small_cnn")
+export.save_model_artifact(model, folder, export.artifact_metadata(config, 5), {"train": [], "val": []})
+np.save(out_path, keras.ops.convert_to_numpy(model(np.load(pixels_path), training=False)))
+assert keras.backend.backend() == "jax", keras.backend.backend()
+print("tensorflow modules:", sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "tensorflow" and v))
+"""
+
+
+def _python(script, backend, *args):
+    """Run `script` in a fresh Python with KERAS_BACKEND=backend; the completed process (checked)."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _pixels(images):
+    return np.stack([preprocess_image(b, 32, 0.7).numpy() for b in images])
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +115,11 @@ def test_model_json_history_and_curves(saved):
     _, folder = saved
     info = json.loads((folder / "model.json").read_text())
     assert info["format"] == "facenet-kfp-model/1" and info["file"] == "model.keras"
+    assert sorted(info["files"]) == ["curves.png", "history.json", "model.json", "model.keras", "saved_model/"]
+    assert sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if not p.name.startswith(".")) \
+        == sorted(info["files"])
+    assert "keras.saving.load_model('model.keras')" in info["load"] and "no facenet_kfp import" in info["load"]
+    assert info["saved_model_missing"] is None
     assert info["architecture"] == "small_cnn" and info["input_shape"] == [32, 32, 3]
     assert info["embedding_dim"] == 16 and info["trained_steps"] == 30 and info["note"] == "test"
     assert info["start_step"] == 0                                     # trained from scratch
@@ -86,6 +143,68 @@ def test_saved_model_signatures_match_keras(saved):
     pixels = np.stack([preprocess_image(b, 32, 0.7).numpy() for b in IMAGES])
     from_pixels = reloaded.signatures["serve"](images=tf.constant(pixels))["embeddings"]
     np.testing.assert_allclose(from_pixels.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_plain_keras_loads_the_model_on_either_backend(saved, backend, tmp_path):
+    model, folder = saved
+    pixels = _pixels(IMAGES)
+    np.save(tmp_path / "pixels.npy", pixels)
+    _python(PLAIN_KERAS_EMBED, backend, folder / "model.keras", tmp_path / "pixels.npy", tmp_path / "emb.npy")
+    embeddings = np.load(tmp_path / "emb.npy")
+    assert embeddings.dtype == np.float32 and embeddings.shape == (7, 16)
+    np.testing.assert_allclose(embeddings, np.asarray(model(pixels, training=False)), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensorflow", [False, True], ids=["without-tensorflow", "with-tensorflow"])
+def test_a_model_saved_on_jax_is_the_same_artifact(tensorflow, tmp_path):
+    folder = tmp_path / "model"
+    pixels = _pixels(IMAGES)
+    np.save(tmp_path / "pixels.npy", pixels)
+    fields = {f: getattr(CONFIG, f) for f in ("architecture", "image_size", "crop_fraction", "embedding_dim",
+                                               "loss", "margin", "squared")}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    done = _python(JAX_SAVE, "jax", folder, tmp_path / "config.json", tmp_path / "pixels.npy",
+                   tmp_path / "jax.npy", "tensorflow" if tensorflow else "no-tensorflow")
+    info = json.loads((folder / "model.json").read_text())
+    assert info["backend"] == "jax" and info["trained_steps"] == 5
+    assert info["preprocessing"] == export.artifact_metadata(CONFIG, 5)["preprocessing"]
+    # Loaded here on the TensorFlow backend, it embeds as it did on JAX.
+    loaded, metadata = export.load_model_artifact(folder)
+    jax_embeddings = np.load(tmp_path / "jax.npy")
+    np.testing.assert_allclose(np.asarray(loaded(pixels, training=False)), jax_embeddings, atol=1e-5)
+    np.testing.assert_allclose(export.embed_images(loaded, metadata, IMAGES), jax_embeddings, atol=1e-5)
+    if not tensorflow:
+        assert "tensorflow modules: []" in done.stdout
+        assert info["saved_model"] is None and not (folder / "saved_model").exists()
+        assert sorted(info["files"]) == ["curves.png", "history.json", "model.json", "model.keras"]
+        assert "TensorFlow is not importable" in info["saved_model_missing"]
+        assert "no saved_model/ written: TensorFlow is not importable" in done.stderr     # the log says it too
+        # Where TensorFlow is installed, export_saved_model adds the serving signatures.
+        export.export_saved_model(loaded, info, tmp_path / "saved_model")
+        serving = tf.saved_model.load(str(tmp_path / "saved_model"))
+    else:
+        assert info["saved_model"] == "saved_model" and info["saved_model_missing"] is None
+        assert "saved_model/" in info["files"]
+        serving = tf.saved_model.load(str(folder / "saved_model"))
+    from_bytes = serving.signatures["serve_image_bytes"](images=tf.constant(IMAGES))["embeddings"]
+    np.testing.assert_allclose(from_bytes.numpy(), jax_embeddings, atol=1e-5)
+    from_pixels = serving.signatures["serve"](images=tf.constant(pixels))["embeddings"]
+    np.testing.assert_allclose(from_pixels.numpy(), jax_embeddings, atol=1e-5)
+
+
+def test_a_model_ending_in_the_earlier_l2normalize_layer_still_loads(tmp_path):
+    """Model files written before the built-in UnitNormalization load through load_model_artifact."""
+    model = build_embedding_model((32, 32, 3), 16, "small_cnn")
+    earlier = keras.Model(model.input, L2Normalize(name="l2_normalize")(model.get_layer("embedding_dense").output),
+                          name=model.name)
+    export.save_model_artifact(earlier, tmp_path / "model", export.artifact_metadata(CONFIG, 1), HISTORY)
+    loaded, metadata = export.load_model_artifact(tmp_path / "model")
+    assert isinstance(loaded.layers[-1], L2Normalize)
+    expected = _reference_embeddings(model, IMAGES)          # the same weights, today's final layer
+    np.testing.assert_allclose(export.embed_images(loaded, metadata, IMAGES), expected, atol=1e-5)
 
 
 def test_load_errors_name_the_file(saved, tmp_path):

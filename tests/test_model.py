@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from facenet_kfp.errors import InputError
 from facenet_kfp.model import (
     ARCHITECTURES,
     NN4_SMALL2_PARAMETERS,
+    NN4_SMALL2_TRAINABLE,
     L2Normalize,
     build_embedding_model,
 )
@@ -70,6 +74,9 @@ def test_nn4_small2_has_openface_size():
     assert abs(model.count_params() - NN4_SMALL2_PARAMETERS) <= 0.05 * NN4_SMALL2_PARAMETERS
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert abs(trainable - NN4_SMALL2_PARAMETERS) <= 0.05 * NN4_SMALL2_PARAMETERS
+    # The final normalisation has no weights: the documented counts hold exactly.
+    assert trainable == NN4_SMALL2_TRAINABLE == 3_729_312
+    assert model.count_params() - trainable == 9_312          # batch-norm moving means and variances
     # 96x96 ends as 3x3x736 before the global pooling, as in OpenFace.
     assert tuple(model.get_layer("inception_5b_concat").output.shape) == (None, 3, 3, 736)
     assert tuple(model.get_layer("inception_3c_concat").output.shape) == (None, 6, 6, 640)
@@ -82,19 +89,26 @@ def test_keras_file_round_trip_gives_the_same_embeddings(architecture, tmp_path)
     images = face_like_images(2, SHAPES[architecture], seed=1)
     path = tmp_path / "model.keras"
     model.save(path)
+    # Only built-in layers in the file, so plain Keras loads it (tests/test_export.py loads it in a
+    # Python that never imports facenet_kfp, on both backends).
+    with zipfile.ZipFile(path) as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    assert all(layer["module"].startswith("keras.") for layer in layers)
+    assert "facenet_kfp" not in json.dumps(layers)
     loaded = keras.saving.load_model(path)
     assert loaded.name == model.name
-    assert isinstance(loaded.layers[-1], L2Normalize)
+    assert isinstance(loaded.layers[-1], keras.layers.UnitNormalization)
+    assert loaded.layers[-1].dtype_policy.name == "float32"
     np.testing.assert_allclose(embed(loaded, images), embed(model, images), atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_outputs_float32_unit_vectors(policy):
+def test_mixed_precision_outputs_float32_unit_vectors(policy, tmp_path):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
         model = build_embedding_model((64, 64, 3), 32, "small_cnn")
-        assert model.get_layer("embedding_dense").compute_dtype != "float32"
+        assert model.get_layer("embedding_dense").compute_dtype == policy.removeprefix("mixed_")
         emb = model(face_like_images(4, (64, 64, 3)), training=False)
     finally:
         keras.mixed_precision.set_global_policy(previous)
@@ -102,13 +116,28 @@ def test_mixed_precision_outputs_float32_unit_vectors(policy):
     emb = keras.ops.convert_to_numpy(emb)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert model.output.dtype == "float32"
+    assert model.layers[-1].dtype_policy.name == "float32"
+    # The float32 normalisation is part of the saved config: loaded under the default policy, the
+    # final layer still computes in float32 while the trunk keeps the mixed policy it was saved with.
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[-1].dtype_policy.name == "float32"
+    assert loaded.get_layer("embedding_dense").dtype_policy.name == policy
 
 
-def test_l2_normalize_is_per_embedding():
+def test_normalisation_is_per_embedding():
     x = np.array([[3.0, 4.0], [0.0, 0.5], [0.0, 0.0]], np.float32)
-    got = keras.ops.convert_to_numpy(L2Normalize()(x))
-    # Each row on its own (the seed normalised the whole batch as one vector); a zero row stays 0.
-    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]], atol=1e-7)
+    model = build_embedding_model((32, 32, 3), 2, "small_cnn")
+    for layer in (model.layers[-1], L2Normalize()):       # today's final layer and the earlier one
+        got = keras.ops.convert_to_numpy(layer(x))
+        # Each row on its own (the seed normalised the whole batch as one vector); a zero row stays 0.
+        np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]], atol=1e-7)
+    # Models saved with the earlier layer give the same embeddings as today's.
+    scales = np.repeat([1e-3, 1.0, 1e3, 1.0], 4)[:, None]
+    rows = (np.random.default_rng(0).normal(size=(16, 8)) * scales).astype(np.float32)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.layers[-1](rows)),
+                               keras.ops.convert_to_numpy(L2Normalize()(rows)), rtol=1e-6, atol=1e-7)
     layer = L2Normalize.from_config(L2Normalize(axis=1, epsilon=1e-6, name="n").get_config())
     assert (layer.axis, layer.epsilon, layer.name) == (1, 1e-6, "n")
 

@@ -1,0 +1,387 @@
+"""Tests of the TensorFlow-free input pipeline: lazy split images, preprocessing parity, P x K batches, workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facenet_kfp import input as fin
+from facenet_kfp.errors import InputError
+from facenet_kfp.shards import ShardWriter
+from facenet_kfp.synth import render_jpeg
+
+# Real images per identity (train split) and the generated images completion adds.
+TRAIN = {"Ann_A": 5, "Bob_B": 2, "Cat_C": 3, "Dan_D": 4, "Eve_E": 1, "Fay_F": 6}
+VAL = {"Gus_G": 3, "Hal_H": 2}
+COMPLETED = {"Bob_B": 2, "Cat_C": 1, "Ann_A": 3, "Fay_F": 2}
+LEVEL = 2.0 / 255.0          # one grey level on the [-1, 1] scale
+
+
+def build_dataset(root: Path, size: int = 64) -> dict:
+    """Packed dataset + completion + labels + splits folders under `root`, as steps 2-5 write them."""
+    people = {**TRAIN, **VAL}
+    names = sorted(people)
+    ids = {name: i for i, name in enumerate(names)}
+    folders = {name: root / name for name in ("dataset", "completion", "labels", "splits")}
+    with ShardWriter(folders["dataset"], max_shard_bytes=15_000) as writer:
+        for name in names:
+            for j in range(people[name]):
+                writer.add(name, f"{name}/{name}_{j + 1:04d}.jpg", render_jpeg(1, ids[name], j, size))
+    with ShardWriter(folders["completion"], max_shard_bytes=15_000) as writer:
+        for name, extra in COMPLETED.items():
+            for j in range(extra):
+                writer.add(name, f"{name}/{name}_000C{j + 1}.jpg", render_jpeg(1, ids[name], 50 + j, size),
+                           synthetic=True, source=f"{name}/{name}_0001.jpg")
+    folders["labels"].mkdir()
+    (folders["labels"] / "labels.json").write_text(json.dumps(ids))
+    (folders["labels"] / "image_counts.json").write_text(json.dumps(people))
+    folders["splits"].mkdir()
+    for split, members in (("train", TRAIN), ("val", VAL), ("test", VAL)):
+        (folders["splits"] / f"{split}.txt").write_text("".join(f"{n}\t{c}\n" for n, c in sorted(members.items())))
+    return {**folders, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("input"))
+
+
+def open_train(tiny, **kwargs) -> fin.SplitImages:
+    return fin.open_split(tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train", **kwargs)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- parity with data.preprocess_image
+
+def test_area_resize_matches_tensorflow():
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    for h, w, size in ((150, 150, 96), (143, 157, 96), (38, 38, 96), (250, 187, 32), (7, 10, 4), (96, 96, 96)):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = fin.area_resize(pixels, size)
+        reference = tf.image.resize(pixels, [size, size], method="area").numpy()
+        assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, reference, atol=5e-3)        # grey levels, float32 rounding
+        # Mirror and scale are folded into the weights: the same as flipping and scaling afterwards.
+        np.testing.assert_allclose(fin.area_resize(pixels, size, mirror=True, scale=0.5),
+                                   0.5 * reference[:, ::-1], atol=5e-3)
+
+
+def test_preprocess_matches_tensorflow_exactly_on_pngs():
+    """PNG decoding is lossless in both: crop box, resize and scaling agree to float precision."""
+    tf = pytest.importorskip("tensorflow")
+    from facenet_kfp.data import preprocess_image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (61, 97, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (120, 90), dtype=np.uint8)
+    deep = Image.frombytes("I;16", (50, 40), rng.integers(0, 65536, (40, 50), dtype="<u2").tobytes())
+    cases = [png(Image.fromarray(rgb)), png(Image.fromarray(rgb[:33, :45])), png(Image.fromarray(grey)),
+             png(Image.fromarray(np.dstack([rgb, rgb[..., :1]]))),
+             png(deep), png(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE))]
+    assert [Image.open(io.BytesIO(data)).mode for data in cases] == ["RGB", "RGB", "L", "RGBA", "I;16", "P"]
+    for data in cases:
+        for size, crop in ((96, 0.6), (32, 1.0), (17, 0.45), (9, 0.5)):
+            ours = fin.preprocess_array(data, size, crop)
+            reference = preprocess_image(tf.constant(data), size, crop).numpy()
+            assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+            np.testing.assert_allclose(ours, reference, atol=1e-4, err_msg=f"{Image.open(io.BytesIO(data)).mode}")
+
+
+def test_preprocess_matches_tensorflow_on_jpegs():
+    """250x250 face JPEGs: the same crop and resize; the decoders' inverse DCT differs by about a grey level."""
+    tf = pytest.importorskip("tensorflow")
+    from facenet_kfp.data import preprocess_image
+
+    diffs = []
+    for identity in range(6):
+        data = render_jpeg(2, identity, identity % 3)
+        # With the accurate inverse DCT (Pillow's), TensorFlow decodes the same pixels.
+        accurate = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE").numpy()
+        np.testing.assert_array_equal(np.asarray(fin.decode_rgb(data)), accurate)
+        ours = fin.preprocess_array(data, 96, 0.6)
+        reference = preprocess_image(tf.constant(data), 96, 0.6).numpy()
+        assert ours.min() >= -1.0 and ours.max() <= 1.0
+        diffs.append(np.abs(ours - reference) / LEVEL)
+    diffs = np.stack(diffs)
+    assert diffs.mean() < 1.5, diffs.mean()
+    assert np.percentile(diffs, 99) < 5.0, np.percentile(diffs, 99)
+
+
+def test_crop_box_follows_tensorflow_rounding():
+    # Centre box: round-half-to-even in float32, as tf.round.
+    assert fin.crop_box(250, 250, 0.6) == (50, 50, 150, 150)
+    assert fin.crop_box(61, 97, 0.6) == (12, 20, 37, 58)       # box 36.6 -> 37, 58.2 -> 58; left 19.5 -> 20
+    assert fin.crop_box(5, 5, 0.5) == (2, 2, 2, 2)             # box 2.5 -> 2, top 1.5 -> 2: half to even
+    assert fin.crop_box(10, 10, 0.5) == (2, 2, 5, 5)           # top 2.5 -> 2
+    assert fin.crop_box(33, 45, 0.5) == (8, 12, 16, 22)        # box 16.5 -> 16, 22.5 -> 22; top 8.5 -> 8
+    # Jitter: scale 1.05 gives a 63 box at 0.6 of 100, shifted by 0.05 of it, then pushed inside.
+    augmentation = np.array([1.05, 0.05, -0.05, 0.0, 0.0])
+    assert fin.crop_box(100, 100, 0.6, augmentation) == (22, 15, 63, 63)
+    assert fin.crop_box(100, 100, 1.0, np.array([1.06, 0.06, -0.06, 0.0, 0.0])) == (0, 0, 100, 100)
+
+
+def test_augmentation_semantics():
+    data = render_jpeg(3, 1, 0, size=100)
+    plain = fin.preprocess_array(data, 24, 0.6)
+    identity = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(fin.preprocess_array(data, 24, 0.6, identity), plain)
+    mirrored = fin.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(mirrored, plain[:, ::-1], atol=1e-6)
+    brighter = fin.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 0.0, 0.08]))
+    np.testing.assert_allclose(brighter, np.clip(plain + 0.16, -1.0, 1.0), atol=1e-5)
+    # Scale and shift move the box: the result is the area resize of that box.
+    augmentation = np.array([1.05, 0.05, -0.05, 0.0, 0.0])
+    top, left, box_h, box_w = fin.crop_box(100, 100, 0.6, augmentation)
+    pixels = np.asarray(fin.decode_rgb(data))[top:top + box_h, left:left + box_w]
+    np.testing.assert_allclose(fin.preprocess_array(data, 24, 0.6, augmentation),
+                               fin.area_resize(pixels, 24) / 127.5 - 1.0, atol=1e-5)
+
+    draws = fin.draw_augmentation(5, 3, 4000)
+    assert draws.shape == (4000, len(fin.AUGMENTATION_FIELDS))
+    scale, shift_y, shift_x, mirror, brightness = draws.T
+    assert (abs(scale - 1) <= fin.JITTER).all() and (abs(shift_y) <= fin.JITTER).all()
+    assert (abs(shift_x) <= fin.JITTER).all() and (abs(brightness) <= fin.BRIGHTNESS).all()
+    assert set(np.unique(mirror)) == {0.0, 1.0} and 0.45 < mirror.mean() < 0.55
+    np.testing.assert_array_equal(fin.draw_augmentation(5, 3, 10), draws[:10])      # row j: (seed, batch, j)
+    assert not np.array_equal(fin.draw_augmentation(5, 4, 10), draws[:10])
+    assert not np.array_equal(fin.draw_augmentation(6, 3, 10), draws[:10])
+
+
+# ----------------------------------------------------------------------------- split images read by offset
+
+def test_open_split_reads_bytes_by_offset(tiny):
+    with open_train(tiny) as split:
+        expected = {tiny["ids"][n]: c + COMPLETED.get(n, 0) for n, c in TRAIN.items()}
+        assert dict(zip(*np.unique(split.labels, return_counts=True))) == expected
+        assert split.labels.dtype == np.int32 and len(split) == len(split.keys) == len(split.synthetic)
+        assert int(split.synthetic.sum()) == sum(COMPLETED.values())
+        first = split.keys.index("Ann_A/Ann_A_0001.jpg")
+        assert split[first] == render_jpeg(1, tiny["ids"]["Ann_A"], 0, 64)
+        assert split[first:first + 2] == [split[first], split[first + 1]]
+        with pytest.raises(IndexError):
+            split[len(split)]
+    real = fin.open_split(tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train",
+                          include_synthetic=False)
+    assert len(real) == sum(TRAIN.values()) and not real.synthetic.any()
+
+
+def test_byte_cache_is_lru_and_bounded():
+    loads = []
+
+    def load(i):
+        loads.append(i)
+        return bytes(10 * (i + 1))
+
+    cache = fin.ByteCache(max_bytes=60)
+    for i in (0, 1, 2, 0, 3):          # 10 + 20 + 30 = 60; 0 is used again, so 3 (40 B) evicts 1 and 2
+        cache.get(i, load)
+    assert loads == [0, 1, 2, 3] and len(cache) == 2 and cache.nbytes == 50
+    cache.get(1, load)
+    assert loads[-1] == 1 and cache.nbytes <= 60 and (cache.hits, cache.misses) == (1, 5)
+    cache.get(9, load)                # 100 bytes: larger than the cache, returned but not kept
+    assert 9 not in cache._items and cache.nbytes <= 60
+    none = fin.ByteCache(0)
+    none.get(0, load)
+    assert len(none) == 0 and none.nbytes == 0
+    with pytest.raises(InputError, match="cache size"):
+        fin.ByteCache(-1)
+
+
+def test_cache_stays_bounded_while_training(tiny):
+    with open_train(tiny, cache_bytes=0) as split:
+        sizes = [len(split[i]) for i in range(len(split))]
+    assert sum(sizes) > 4 * 8_000                              # the split does not fit in the cache
+    with open_train(tiny, cache_bytes=8_000) as split:
+        with fin.TrainBatches(split, split.labels, 3, 4, 16, 0.6, True, 0, workers=0) as stream:
+            for _ in range(30):
+                next(stream)
+                assert split.cache.nbytes <= 8_000 and len(split.cache) <= 8_000 // min(sizes)
+        assert split.cache.misses > len(split)                 # images are read again, not all kept
+
+
+# ----------------------------------------------------------------------------- P x K batches
+
+def test_train_batches_follow_the_sampler(tiny):
+    with open_train(tiny) as split:
+        sampler = fin.PKSampler(split.labels, 3, 4, 7).batches()
+        batches = []
+        with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, True, 7, workers=0) as stream:
+            for b in range(4):
+                images, labels = next(stream)
+                index = next(sampler)
+                assert images.shape == (12, 20, 20, 3) and images.dtype == np.float32 and labels.dtype == np.int32
+                np.testing.assert_array_equal(labels, split.labels[index])
+                augmentation = fin.draw_augmentation(7, b, 12)
+                for j in (0, 5, 11):
+                    np.testing.assert_array_equal(images[j], fin.preprocess_array(split[index[j]], 20, 0.7,
+                                                                                  augmentation[j]))
+                assert -1.0 <= images.min() and images.max() <= 1.0
+                batches.append(images)
+        # Worker processes give the same batches as decoding in this process.
+        with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, True, 7, workers=2) as stream:
+            for expected in batches:
+                np.testing.assert_array_equal(next(stream)[0], expected)
+        # Without augmentation every batch is the centre crop.
+        index = next(fin.PKSampler(split.labels, 3, 4, 7).batches())
+        with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, False, 7, workers=0) as stream:
+            np.testing.assert_array_equal(next(stream)[0][2], fin.preprocess_array(split[index[2]], 20, 0.7))
+
+
+def test_resume_at_batch_n_equals_the_uninterrupted_stream(tiny):
+    with open_train(tiny) as split:
+        with fin.TrainBatches(split, split.labels, 3, 4, 16, 0.6, True, 11, workers=2) as stream:
+            uninterrupted = [next(stream) for _ in range(7)]
+        for workers in (0, 2):
+            with fin.TrainBatches(split, split.labels, 3, 4, 16, 0.6, True, 11, start_batch=4,
+                                  workers=workers) as resumed:
+                for images, labels in uninterrupted[4:]:
+                    got_images, got_labels = next(resumed)
+                    np.testing.assert_array_equal(got_images, images)
+                    np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_embedding_batches_keep_order(tiny):
+    val = fin.open_split(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
+    images = [val[i] for i in range(len(val))]
+    expected = np.stack([fin.preprocess_array(data, 16, 0.6) for data in images])
+    for source, workers in ((val, 0), (images, 2)):
+        batches = list(fin.embedding_batches(source, 16, 0.6, batch_size=2, workers=workers))
+        assert [len(b) for b in batches] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(batches), expected)
+    assert list(fin.embedding_batches([], 16, 0.6, batch_size=4, workers=0)) == []
+    val.close()
+
+
+# ----------------------------------------------------------------------------- no TensorFlow, workers, errors
+
+def test_imports_and_runs_without_tensorflow(tmp_path):
+    images = [render_jpeg(4, i % 3, i, 64) for i in range(12)]
+    (tmp_path / "images.json").write_text(json.dumps([data.hex() for data in images]))
+    script = f"""
+import json, sys
+sys.modules["tensorflow"] = None     # any import of TensorFlow (or Keras) now fails
+sys.modules["keras"] = None
+import numpy as np
+from facenet_kfp import input as fin
+images = [bytes.fromhex(h) for h in json.load(open({str(tmp_path / "images.json")!r}))]
+labels = np.arange(12) % 3
+with fin.TrainBatches(images, labels, 3, 2, 24, 0.6, True, 0, workers=2) as stream:
+    batch, batch_labels = next(stream)
+assert batch.shape == (6, 24, 24, 3) and batch_labels.shape == (6,)
+print(len(list(fin.embedding_batches(images, 24, 0.6, 5, workers=1))), fin.PREPROCESSING_VERSION)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", fin.PREPROCESSING_VERSION]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_with_their_parent():
+    script = """
+import os, signal, time, numpy as np
+from facenet_kfp import input as fin
+from facenet_kfp.synth import render_jpeg
+images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
+stream = fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 8, 0.6, False, 0, workers=2)
+next(stream)
+print("ready", flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = _children(parent.pid)
+        assert len(workers) == 2
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                                Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+                                                for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+
+
+def test_errors_name_the_input(tiny, tmp_path):
+    with pytest.raises(InputError, match="split must be one of train, val, test, got 'training'"):
+        fin.open_split(tiny["dataset"], None, tiny["labels"], tiny["splits"], "training")
+    with pytest.raises(InputError, match=f"{tmp_path / 'nope'}: dataset folder not found"):
+        fin.open_split(tmp_path / "nope", None, tiny["labels"], tiny["splits"], "train")
+    empty_splits = tmp_path / "splits"
+    empty_splits.mkdir()
+    with pytest.raises(InputError, match=f"{empty_splits / 'train.txt'}: split file not found"):
+        fin.open_split(tiny["dataset"], None, tiny["labels"], empty_splits, "train")
+    (empty_splits / "train.txt").write_text("Zed_Z\t1\n")
+    with pytest.raises(InputError, match=r"labels.json: 1 identities .* Zed_Z"):
+        fin.open_split(tiny["dataset"], None, tiny["labels"], empty_splits, "train")
+
+    # A shard named in the manifest is missing: the error names it when the split is opened.
+    broken = tmp_path / "dataset"
+    broken.mkdir()
+    (broken / "manifest.jsonl").write_text((tiny["dataset"] / "manifest.jsonl").read_text())
+    (broken / "shards").mkdir()
+    shards = sorted((tiny["dataset"] / "shards").iterdir())
+    for shard in shards[1:]:
+        (broken / "shards" / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(InputError, match=f"{broken / 'shards' / shards[0].name}: shard named in .* is missing"):
+        fin.open_split(broken, None, tiny["labels"], tiny["splits"], "train")
+
+    # An undecodable image fails naming its key, from a worker process too.
+    with open_train(tiny) as split:
+        images = [split[i] for i in range(len(split))]
+        bad = 0
+        images[bad] = b"not an image"
+
+        class Named(list):
+            keys = split.keys
+
+        for workers in (0, 1):
+            stream = fin.TrainBatches(Named(images), split.labels, len(TRAIN), 4, 16, 0.6, False, 0,
+                                      workers=workers)
+            with pytest.raises(InputError, match=f"{split.keys[bad]}: cannot decode the image"):
+                for _ in range(10):
+                    next(stream)
+            stream.close()
+        for kwargs, message in ((dict(workers=-1), "workers must be an integer >= 0"),
+                                (dict(workers=1.5), "workers must be an integer >= 0"),
+                                (dict(start_batch=-2), "start_batch must be an integer >= 0"),
+                                (dict(image_size=0), "image_size must be an integer >= 1"),
+                                (dict(crop_fraction=1.5), r"crop_fraction must be in \(0, 1\]")):
+            args = dict(image_size=16, crop_fraction=0.6, start_batch=0, workers=0) | kwargs
+            with pytest.raises(InputError, match=message):
+                fin.TrainBatches(split, split.labels, 3, 4, args["image_size"], args["crop_fraction"], True, 0,
+                                 start_batch=args["start_batch"], workers=args["workers"])
+        with pytest.raises(InputError, match="3 images but 2 labels"):
+            fin.TrainBatches(images[:3], split.labels[:2], 1, 1, 16, 0.6, True, 0, workers=0)
+        with pytest.raises(InputError, match="batch_size must be an integer > 0"):
+            fin.embedding_batches(split, 16, 0.6, 0)
