@@ -59,7 +59,7 @@ FROM          ?= $(PIPELINE_ROOT)
 SET           ?=
 EVALUATE      ?=
 
-.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality container-tools test-containers
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality bench-recipe container-tools test-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ bench-preprocess: install ## time the five data steps on an LFW-scale demo archi
 
 bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
 	$(PY) -m benchmarks.train
+
+bench-recipe: install ## configs/lfw.yaml's recipe vs the seed's on the LFW-scale demo archive, same budget (about 45 min)
+	$(PY) -m benchmarks.recipe
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
 	$(PY) -m benchmarks.quality --pipeline
