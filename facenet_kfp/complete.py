@@ -33,6 +33,7 @@ from facenet_kfp.labels import COUNTS_JSON, LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
 from facenet_kfp.provenance import check_inputs, write_provenance
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest
+from facenet_kfp.workers import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,6 @@ class CompletionJob(NamedTuple):
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def default_workers() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _real_images(dataset_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -220,7 +214,7 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
     _check_int("seed", seed, 0)
     _check_int("shard_size_mb", shard_size_mb, 1)
     if workers is None:
-        workers = default_workers()
+        workers = available_cpus()
     _check_int("workers", workers, 1)
 
     dataset_dir, labels_dir = Path(dataset_dir), Path(labels_dir)

@@ -44,21 +44,17 @@ from __future__ import annotations
 import bz2
 import collections
 import contextlib
-import ctypes
 import fcntl
 import gzip
 import io
 import logging
 import lzma
 import math
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import stat
 import struct
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -73,6 +69,7 @@ from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import atomic_dir, write_json
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import ShardWriter, shard_files
+from facenet_kfp.workers import available_cpus, become_child, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +101,6 @@ _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # C0 and C1 control characters: never part of a real file name (C1 appear when latin-1 decodes junk).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_PR_SET_PDEATHSIG = 1       # linux/prctl.h
 # Pillow raises these for a file that is not a valid image (its fuzz tests accept the same set,
 # less MemoryError, which here means the machine is short of memory and fails the step);
 # struct.error comes from headers too short for their fields. OSError only without an errno:
@@ -180,7 +176,7 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
     if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, int) or shard_size_mb < 1:
         raise InputError(f"shard_size_mb must be an integer >= 1, got {shard_size_mb!r}")
     if workers is None:
-        workers = _available_cpus()
+        workers = available_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be an integer >= 1 or None, got {workers!r}")
     if not _is_number(max_skipped_fraction) or not 0 <= max_skipped_fraction <= 1:
@@ -348,57 +344,7 @@ def _remove_stale_scratch(temp_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _become_child(parent: int) -> None:
-    """Set up a forked child process so that it never outlives `parent` nor reports its signals.
-
-    On Linux the kernel kills the child when the parent ends (PR_SET_PDEATHSIG,
-    also after a SIGKILL); elsewhere callers check ``os.getppid()``. Ctrl-C is
-    left to the parent, which stops its children; SIGTERM ends the child at once.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        os._exit(1)  # the parent ended before the death signal was armed
-
-
 # --------------------------------------------------------------------------- archive reading
-
-def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by a container CPU limit (cgroup v2 cpu.max or v1 CFS quota); None if unlimited.
-
-    A Kubernetes pod with ``limits.cpu: 2`` on a 64-core node sees all 64 cores
-    in its affinity mask; 64 decoding processes would mostly wait and each cost memory.
-    """
-    for quota_file, period_file in (("cpu.max", None),
-                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
-        try:
-            fields = (root / quota_file).read_text().split()
-            if period_file is not None:
-                fields.append((root / period_file).read_text().strip())
-        except OSError:
-            continue  # this cgroup version is not mounted here: try the other one
-        if len(fields) != 2 or fields[0] in ("max", "-1"):
-            return None
-        try:
-            quota, period = int(fields[0]), int(fields[1])
-        except ValueError:
-            return None
-        return quota / period if quota > 0 and period > 0 else None
-    return None
-
-
-def _available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a container CPU limit."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        cpus = min(cpus, math.ceil(limit))
-    return max(cpus, 1)
-
 
 def _detect_format(archive: Path) -> tuple[str, str]:
     """("tar", codec) with codec "" (plain), "gzip", "bzip2" or "xz"; or ("zip", "")."""
@@ -420,7 +366,7 @@ def _decompress_into(archive: str, codec: str, target: str, limit: int, parent: 
     the output would pass `limit`, ("corrupt", text) for bad compressed data,
     or ("io", (errno, text)) when reading or writing fails (a full disk).
     """
-    _become_child(parent)
+    become_child(parent)
     total = 0
     try:
         with _CODECS[codec](archive, "rb") as src, open(target, "wb") as dst:
@@ -462,7 +408,7 @@ class _GrowingTar:
         self._pos = 0
         target.touch()  # the child truncates this same file; open it now to read as it grows
         self._fd = os.open(target, os.O_RDONLY)
-        ctx = _mp_context()
+        ctx = mp_context()
         self._conn, child_conn = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_decompress_into, name="decompress", daemon=True,
                                  args=(str(archive), codec, str(target), budget.left, os.getpid(),
@@ -925,7 +871,7 @@ _worker_source: _Source | None = None
 
 def _init_worker(fmt: str, path: str, parent: int) -> None:
     global _worker_source
-    _become_child(parent)
+    become_child(parent)
     _worker_source = _Source(fmt, path)
 
 
@@ -943,15 +889,6 @@ def _chunks(candidates: list[_Candidate]) -> Iterator[list[_Candidate]]:
         nbytes += cand.member.size
     if chunk:
         yield chunk
-
-
-def _mp_context():
-    # fork where there is one: it starts workers in milliseconds and, unlike
-    # spawn/forkserver, does not re-import the caller's __main__ (an unguarded
-    # script would crash). Workers only use Pillow and os.pread, never locks
-    # that another thread of the caller (e.g. TensorFlow's) could hold at fork.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
@@ -972,7 +909,7 @@ def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
                     yield from zip(chunk, results)
             return
         todo = iter(chunks)
-        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+        pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
                                    initargs=(fmt, str(source_path), os.getpid()))
         try:
             # A fixed window of tasks in flight keeps memory bounded and order intact.

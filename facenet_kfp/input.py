@@ -52,10 +52,10 @@ import numpy as np
 from PIL import Image
 
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.extract import _available_cpus, _become_child, _mp_context
 from facenet_kfp.labels import LABELS_JSON, load_labels
 from facenet_kfp.shards import MANIFEST, ShardReader, read_manifest
 from facenet_kfp.splits import SPLITS, read_split
+from facenet_kfp.workers import available_cpus, become_child, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ def _preprocess_into(out: np.ndarray, images: list[bytes], names: list[str], ima
 def worker_count(workers: int | None) -> int:
     """Worker processes to start: None means one per available CPU, 0 means none (decode in this process)."""
     if workers is None:
-        return _available_cpus()
+        return available_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise InputError(f"workers must be an integer >= 0 (0: decode in this process), got {workers!r}")
     return workers
@@ -465,7 +465,7 @@ _worker_slots: np.ndarray | None = None     # a worker's view of the parent's sh
 
 def _init_worker(parent: int, buffer: mmap.mmap, shape: tuple[int, ...]) -> None:
     global _worker_slots
-    _become_child(parent)
+    become_child(parent)
     _worker_slots = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
 
 
@@ -482,7 +482,7 @@ class _Batcher:
     copy of the slot. Memory: `depth` batches of float32 pixels, whatever
     the stream's length. Workers are forked (the slots are an anonymous
     shared mapping they inherit, not limited by /dev/shm) and end with this
-    process (`extract._become_child`).
+    process (`workers.become_child`).
     """
 
     def __init__(self, workers: int, batch_size: int, image_size: int, crop_fraction: float):
@@ -492,12 +492,12 @@ class _Batcher:
         shape = (self.depth, batch_size, image_size, image_size, 3)
         self._pool = None
         if workers:
-            if _mp_context().get_start_method() != "fork":
+            if mp_context().get_start_method() != "fork":
                 raise InputError("input worker processes need the 'fork' start method (Linux, macOS); "
                                  "use workers=0 to decode in this process")
             self._buffer = mmap.mmap(-1, int(np.prod(shape)) * 4)
             self._slots = np.frombuffer(self._buffer, dtype=np.float32).reshape(shape)
-            self._pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+            self._pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
                                              initargs=(os.getpid(), self._buffer, shape))
         else:
             self._slots = np.empty(shape, dtype=np.float32)

@@ -459,7 +459,7 @@ def test_refusal_stops_the_decompressing_process(tmp_path):
 
 
 def test_cgroup_cpu_limit(tmp_path):
-    from facenet_kfp.extract import _cgroup_cpu_limit
+    from facenet_kfp.workers import cgroup_cpu_limit as _cgroup_cpu_limit
 
     assert _cgroup_cpu_limit(tmp_path) is None                       # no cgroup files
     (tmp_path / "cpu.max").write_text("max 100000\n")
