@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=_fractions, default="0.70,0.15,0.15", help="train,val,test fractions (default 0.70,0.15,0.15)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
 
-    p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining",
+    p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining (Keras backend: "
+            "KERAS_BACKEND=tensorflow, the default, or jax)",
             inputs=("images", "completion", "labels", "splits", "config"),
             outputs=("out", "checkpoint_dir", "tensorboard_dir"))
     for name in ("images", "completion", "labels", "splits"):

@@ -1,74 +1,100 @@
 """Step 6: train the embedding network with online triplet mining on P x K batches; resumable.
 
-One optimizer step: a P x K batch (P identities x K images, `data.PKSampler`)
+One optimizer step: a P x K batch (P identities x K images, P x K sampling)
 -> embeddings [P*K, D] on the unit sphere -> triplet loss mined inside the
 batch (`config.loss`: batch_all, batch_hard or semi_hard; squared or plain L2
 distances) -> Adam. The learning rate rises linearly over `warmup_steps`
 (lr * (step + 1) / warmup_steps) and then stays constant or follows a cosine
 from the peak down to 1% of it at `max_steps`.
 
+One trainer for two Keras backends, chosen by KERAS_BACKEND before Keras is
+imported: Keras's `fit` runs `EmbeddingTrainer` (a small keras.Model around
+the embedding model whose `compute_loss` is the triplet loss and whose
+`compute_metrics` are the batch statistics), and one callback
+(`TrainingProgress`) checks, logs, validates and checkpoints.
+
+- tensorflow: batches from tf.data (`data.make_train_dataset`); several GPUs
+  through `tf.distribute.MirroredStrategy`: each replica gets P / replicas
+  whole identities of the identity-major batch and mines triplets among them
+  (per-replica mining, as in FaceNet's distributed training). Keras leaves a
+  scalar loss of our own unscaled, so `compute_loss` divides it by the number
+  of replicas R: the summed gradients are then (1/R) sum_r grad(loss_r), the
+  single-device gradient of a batch-mean loss. p must be a multiple of R.
+- jax: batches from `input.TrainBatches` (no TensorFlow anywhere on this
+  path); the step is jitted; several devices through
+  `keras.distribution.DataParallel` (the batch is sharded, the loss is that of
+  the whole batch, mined over all of it).
+
 Precision: float32, mixed_float16 (with dynamic loss scaling) or
 mixed_bfloat16; "auto" picks mixed_float16 when a GPU is visible, float32
 otherwise. The saved artifact is always a float32 model (mixed precision
 keeps float32 master weights, so nothing is lost).
-
-Several GPUs: `tf.distribute.MirroredStrategy`. The P x K batch is the global
-batch; each replica gets P / replicas whole identities (the batch is
-identity-major, `distribute_batches`) and mines triplets inside its own slice
-(per-replica mining, as in FaceNet's distributed training); gradients are
-averaged (`make_train_step`). p must then be a multiple of the number of
-replicas.
 
 Every `log_every` steps a log line gives loss, fraction of positive
 triplets, mean positive / negative distance, learning rate, images/s and ETA
 (means over the steps since the previous line). Every `validate_every` steps
 (and after the last step) the same metrics are computed on
 `validation_batches` fixed P x K batches of real validation images, without
-augmentation. Both are also TensorBoard scalars (`TensorBoardLog`:
+augmentation. Both are also TensorBoard scalars (`tensorboard_log.TensorBoardLog`:
 train/<metric> with train/learning_rate and train/images_per_second, and
 val/<metric>) in each folder of `tensorboard_dir`.
 
-Fail fast (`TrainingMonitor`, on every step's values, read back at least
-every COLLAPSE_STEPS steps whatever `log_every` is): a non-finite loss,
+Fail fast (`TrainingMonitor`, on every step's values whatever `log_every`
+is): a non-finite loss,
 embedding collapse or divergence raises FacenetError naming the step and the
-setting to change; the step then fails and no model is exported.
+setting to change; the step then fails and no model is exported (unlike
+keras.callbacks.TerminateOnNaN, which ends `fit` as if it had succeeded).
 
-Checkpoints (model, optimizer, step) go to `checkpoint_dir` every
-`checkpoint_every` steps (tf.train.CheckpointManager keeps the last two; a
-gs:// URI works) with the history so far and `provenance.json`: the run key
-(the model output it trains for), the fingerprints of the four inputs
-(`provenance.check_inputs`), the train settings and the training code. A new
-call with the same checkpoint folder resumes from the latest checkpoint only
-when all of these match: that is how a retried pod continues. A checkpoint
-written for anything else is refused, naming what differs, never resumed
-silently. Changing max_steps on resume is allowed (the cosine schedule then
-follows the new length), as are the other RESUMABLE_CHANGES. A damaged
-checkpoint file is skipped with a warning for the previous checkpoint. The
-input stream resumes exactly (`data.make_train_dataset` with start_batch).
-Metrics and model.json give `start_step`, the step this call began at.
+Checkpoints go to `checkpoint_dir` every `checkpoint_every` steps as
+`ckpt-<step>.npz` (`save_checkpoint`: the model's variables, the optimizer's
+variables, its step counter included, and the step, as NumPy arrays, so a
+checkpoint of either backend restores on the other), written atomically (a
+gs:// URI works); the last two are kept, with the history so far and
+`provenance.json`: the run key (the model output it trains for), the
+fingerprints of the four inputs (`provenance.check_inputs`), the train
+settings and the training code. A new call with the same checkpoint folder
+resumes from the latest checkpoint only when all of these match: that is how
+a retried pod continues. A checkpoint written for anything else is refused,
+naming what differs, never resumed silently. Changing max_steps on resume is
+allowed (the cosine schedule then follows the new length), as are the other
+RESUMABLE_CHANGES. A damaged checkpoint file is skipped with a warning for
+the previous checkpoint. The input stream resumes exactly (start_batch = the
+restored step), and the learning rate follows the restored optimizer step.
+(keras.callbacks.BackupAndRestore is not used: it restores the epoch only and
+deletes its backup when `fit` ends.) Metrics and model.json give
+`start_step`, the step this call began at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import re
 import time
+import zipfile
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
 from facenet_kfp import __version__
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import check_replaceable, write_json
+from facenet_kfp.fsutil import check_replaceable
 from facenet_kfp.progress import Progress, _fmt_seconds
+from facenet_kfp.tensorboard_log import (EVENT_FILE_PREFIX, TENSORBOARD_FORMAT, TENSORBOARD_RUN_JSON,  # noqa: F401
+                                         TensorBoardLog, claim_tensorboard_dir, delete, join, list_names,
+                                         read_bytes, read_json_any, write_bytes, write_json_any,
+                                         written_steps)
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +102,26 @@ COLLAPSE_MEAN_DISTANCE = 1e-3    # plain L2; random unit vectors in 128-D are ~1
 COLLAPSE_MAX_DISTANCE = 1e-6
 COLLAPSE_STEPS = 20              # consecutive steps below COLLAPSE_MEAN_DISTANCE that count as collapse
 DIVERGENCE_STEPS = 50            # steps per mean loss of the divergence check
-TENSORBOARD_RUN_JSON = "facenet-kfp-run.json"   # in a TensorBoard folder: the run its events belong to
-TENSORBOARD_FORMAT = "facenet-kfp-tensorboard/1"
-EVENT_FILE_PREFIX = "events.out.tfevents."
 HISTORY_JSON = "history.json"
 PROVENANCE_JSON = "provenance.json"
-CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/1"
+CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/2"
+CHECKPOINTS_KEPT = 2
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.npz")
+TF_CHECKPOINT_NAME = re.compile(r"ckpt-\d+\.index")      # tf.train.Checkpoint files of earlier versions
 # The modules whose code decides the trained weights (their source is part of a checkpoint's provenance).
-TRAINING_MODULES = ("augment", "data", "losses", "model", "train")
+TRAINING_MODULES = ("augment", "data", "input", "losses", "model", "train")
 # Settings that may change between a run and its resumption: they do not change the model.
 RESUMABLE_CHANGES = ("max_steps", "validate_every", "validation_batches", "checkpoint_every", "log_every")
 STAT_KEYS = ("loss", "fraction_positive_triplets", "mean_positive_distance", "mean_negative_distance")
 
 
-def _keras():
-    import keras
-    return keras
+def backend() -> str:
+    """The Keras backend this process trains with ("tensorflow" or "jax"; KERAS_BACKEND)."""
+    name = keras.backend.backend()
+    if name not in ("tensorflow", "jax"):
+        raise InputError(f"KERAS_BACKEND={name}: the trainer runs on tensorflow or jax; set KERAS_BACKEND "
+                         f"to one of them")
+    return name
 
 
 def _tf():
@@ -119,7 +149,6 @@ def learning_rate_at(step: float, peak: float, warmup_steps: int, max_steps: int
 
 def make_schedule(config: TrainConfig):
     """A Keras LearningRateSchedule for `config` (see `learning_rate_at`)."""
-    keras = _keras()
     ops = keras.ops
 
     class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -178,20 +207,190 @@ def batch_loss(config: TrainConfig, labels, embeddings) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- devices
 
+def _gpus() -> list:
+    if backend() == "jax":
+        import jax
+        return [d for d in jax.devices() if d.platform == "gpu"]
+    return _tf().config.list_logical_devices("GPU")
+
+
 def resolve_precision(precision: str) -> str:
     """The Keras dtype policy name for a config precision ("auto": mixed_float16 on GPU, else float32)."""
     if precision == "auto":
-        return "mixed_float16" if _tf().config.list_logical_devices("GPU") else "float32"
+        return "mixed_float16" if _gpus() else "float32"
     return precision
 
 
 def distribution_strategy():
-    """MirroredStrategy over the visible GPUs when there are several, else the default strategy."""
+    """TensorFlow: MirroredStrategy over the visible GPUs when there are several, else the default strategy."""
     tf = _tf()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in gpus])
     return tf.distribute.get_strategy()
+
+
+def jax_distribution():
+    """JAX: keras.distribution.DataParallel over the devices when there are several, else None."""
+    devices = keras.distribution.list_devices()
+    return keras.distribution.DataParallel(devices=devices) if len(devices) > 1 else None
+
+
+class Placement:
+    """Where the model lives: a tf.distribute strategy (tensorflow) or a keras.distribution (jax)."""
+
+    def __init__(self):
+        if backend() == "tensorflow":
+            self.strategy, self.distribution = distribution_strategy(), None
+            self.replicas = self.strategy.num_replicas_in_sync
+        else:
+            self.strategy, self.distribution = None, jax_distribution()
+            self.replicas = len(self.distribution.device_mesh.devices.flatten()) if self.distribution else 1
+
+    def scope(self):
+        if self.strategy is not None:
+            return self.strategy.scope()
+        if self.distribution is not None:
+            return self.distribution.scope()
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the Keras model that trains
+
+class EmbeddingTrainer(keras.Model):
+    """`fit`-able wrapper of an embedding model: loss and statistics of each P x K batch.
+
+    `statistics(labels, embeddings)` returns a dict of float32 scalars with
+    "loss" (`batch_loss`). `compute_loss` is that loss divided by `replicas`
+    (Keras does not scale a scalar loss it did not compute itself, and the
+    replicas' gradients are summed); `compute_metrics` returns the statistics
+    of the step (averaged over replicas by `fit`), so each step's callback
+    logs hold that step's values, not running means.
+    """
+
+    def __init__(self, embedding: keras.Model, statistics, replicas: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding, self.statistics, self.replicas = embedding, statistics, int(replicas)
+
+    def call(self, inputs, training=False):
+        return self.embedding(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.statistics(y, y_pred)["loss"] / float(self.replicas)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return self.statistics(y, y_pred)
+
+
+def build_trainer(config: TrainConfig, policy: str, placement: Placement) -> EmbeddingTrainer:
+    """The embedding model (seeded by config.seed, in `policy`) in an EmbeddingTrainer, compiled and built."""
+    from facenet_kfp import model as model_mod
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.utils.set_random_seed(config.seed)
+    try:
+        keras.mixed_precision.set_global_policy(policy)
+        with placement.scope():
+            embedding = model_mod.build_embedding_model((config.image_size, config.image_size, 3),
+                                                        config.embedding_dim, config.architecture)
+            trainer = EmbeddingTrainer(embedding, lambda y, e: batch_loss(config, y, e), placement.replicas)
+            optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
+            if policy == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            trainer.compile(optimizer=optimizer, jit_compile=backend() == "jax")
+            optimizer.build(trainer.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _sync(trainer: keras.Model) -> None:
+    """Make the Keras variables hold the training state (under JAX, `fit` keeps it outside them)."""
+    if backend() == "jax":
+        trainer.jax_state_sync()
+
+
+def checkpoint_steps(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the checkpoints in a folder, oldest first."""
+    found = [(int(m.group(1)), join(checkpoint_dir, name)) for name in list_names(checkpoint_dir)
+             if (m := CHECKPOINT_NAME.fullmatch(name))]
+    return sorted(found)
+
+
+def checkpoint_arrays(trainer: keras.Model, step: int) -> dict[str, np.ndarray]:
+    """{"step", "model/<i>", "optimizer/<i>", "names"}: the training state as NumPy arrays."""
+    _sync(trainer)
+    arrays = {"step": np.asarray(step, np.int64)}
+    names = {"model": [v.path for v in trainer.embedding.weights],
+             "optimizer": [v.path for v in trainer.optimizer.variables]}
+    for i, v in enumerate(trainer.embedding.weights):
+        arrays[f"model/{i:04d}"] = keras.ops.convert_to_numpy(v)
+    for i, v in enumerate(trainer.optimizer.variables):
+        arrays[f"optimizer/{i:04d}"] = keras.ops.convert_to_numpy(v)
+    arrays["names"] = np.asarray(json.dumps({"format": CHECKPOINT_FORMAT, **names}))
+    return arrays
+
+
+def save_checkpoint(checkpoint_dir: str, trainer: keras.Model, step: int) -> str:
+    """Write `ckpt-<step>.npz` atomically, keep the last CHECKPOINTS_KEPT; its path."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **checkpoint_arrays(trainer, step))
+    path = join(checkpoint_dir, f"ckpt-{step}.npz")
+    write_bytes(path, buffer.getvalue())
+    for _, old in checkpoint_steps(checkpoint_dir)[:-CHECKPOINTS_KEPT]:
+        delete(old)
+    return path
+
+
+def load_checkpoint(path: str, trainer: keras.Model) -> int:
+    """Assign a checkpoint's arrays to the trainer's model and optimizer variables; its step.
+
+    ValueError (or a zip / I/O error) when the file is damaged or holds
+    other variables than the trainer has.
+    """
+    data = read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(f"{path} is gone")
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        values = {key: arrays[key] for key in arrays.files}
+    for kind, variables in (("model", trainer.embedding.weights), ("optimizer", trainer.optimizer.variables)):
+        stored = sorted(k for k in values if k.startswith(f"{kind}/"))
+        if len(stored) != len(variables):
+            raise ValueError(f"{len(stored)} {kind} arrays for {len(variables)} variables")
+        for key, variable in zip(stored, variables):
+            if tuple(values[key].shape) != tuple(variable.shape):
+                raise ValueError(f"{key} has shape {values[key].shape}, {variable.path} {variable.shape}")
+    for kind, variables in (("model", trainer.embedding.weights), ("optimizer", trainer.optimizer.variables)):
+        for i, variable in enumerate(variables):
+            variable.assign(values[f"{kind}/{i:04d}"])
+    return int(values["step"])
+
+
+def restore_latest(checkpoint_dir: str, trainer: keras.Model) -> tuple[str | None, int]:
+    """(path, step) of the newest readable checkpoint, restored into `trainer`; (None, 0) when there is none.
+
+    A damaged checkpoint (truncated, unreadable or of other variables) is
+    skipped with a warning for the previous one; when none can be read,
+    InputError names each and what failed.
+    """
+    failures = []
+    for _, path in reversed(checkpoint_steps(checkpoint_dir)):
+        try:
+            step = load_checkpoint(path, trainer)
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            failures.append(f"{path}: {reason}")
+            log.warning("cannot restore checkpoint %s: %s; trying the previous checkpoint", path, reason)
+            continue
+        if failures:
+            log.warning("resuming from the previous checkpoint %s instead", path)
+        return path, step
+    if failures:
+        raise InputError(f"{checkpoint_dir}: no checkpoint can be restored ({'; '.join(failures)}); "
+                         f"delete {checkpoint_dir} to train from step 0")
+    return None, 0
 
 
 # ----------------------------------------------------------------------------- checkpoint folder
@@ -200,34 +399,6 @@ def default_checkpoint_dir(model_dir: str | os.PathLike) -> str:
     """`<model_dir>.ckpt`, next to the model folder (outside it: the model folder is replaced whole)."""
     model_dir = Path(model_dir)
     return str(model_dir.parent / (model_dir.name + ".ckpt"))
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def _write_json_any(path: str, obj: Any) -> None:
-    """Atomic JSON write to a local path (fsutil) or a gs:// URI (tf.io.gfile: write, then rename)."""
-    if not _is_uri(path):
-        write_json(path, obj)
-        return
-    gfile = _tf().io.gfile
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with gfile.GFile(tmp, "w") as handle:
-        handle.write(json.dumps(obj, indent=2) + "\n")
-    gfile.rename(tmp, path, overwrite=True)
-
-
-def _read_json_any(path: str) -> Any | None:
-    gfile = _tf().io.gfile
-    if not gfile.exists(path):
-        return None
-    with gfile.GFile(path, "r") as handle:
-        text = handle.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def code_fingerprint() -> dict[str, str]:
@@ -273,7 +444,7 @@ def provenance_differences(saved: dict[str, Any], current: dict[str, Any]) -> li
 def _check_resume(checkpoint_dir: str, current: dict[str, Any]) -> None:
     """Refuse a checkpoint that was not written for this run, these inputs, settings and code."""
     path = f"{checkpoint_dir.rstrip('/')}/{PROVENANCE_JSON}"
-    saved = _read_json_any(path)
+    saved = read_json_any(path)
     todo = (f"delete {checkpoint_dir} to train from step 0, or choose another checkpoint folder "
             f"(train --checkpoint-dir, or cluster.checkpoint_root)")
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
@@ -284,88 +455,6 @@ def _check_resume(checkpoint_dir: str, current: dict[str, Any]) -> None:
     if differences:
         raise InputError(f"{checkpoint_dir}: the checkpoint was written for other inputs or settings "
                          f"({'; '.join(differences)}); resuming it would continue another model; {todo}")
-
-
-def _checkpoints(manager) -> list[str]:
-    """The manager's checkpoints, oldest first; the latest one too when the state file has no timestamps
-    (the manager then lists none)."""
-    found = list(manager.checkpoints)
-    if manager.latest_checkpoint and manager.latest_checkpoint not in found:
-        found.append(manager.latest_checkpoint)
-    return found
-
-
-def _restore_latest(checkpoint, manager, checkpoint_dir: str) -> str | None:
-    """Restore the newest readable checkpoint of `manager`; its path, or None when there is none.
-
-    A damaged checkpoint (truncated or missing file) is skipped with a
-    warning for the previous one (the manager keeps two); when none can be
-    read, InputError names each and what failed.
-    """
-    tf = _tf()
-    failures = []
-    for path in reversed(_checkpoints(manager)):
-        try:
-            checkpoint.restore(path).assert_existing_objects_matched()
-        except (AssertionError, IndexError, ValueError, tf.errors.OpError) as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            failures.append(f"{path}: {reason}")
-            log.warning("cannot restore checkpoint %s (files %s.index, %s.data-*): %s; trying the "
-                        "previous checkpoint", path, path, path, reason)
-            continue
-        if failures:
-            log.warning("resuming from the previous checkpoint %s instead", path)
-        return path
-    if failures:
-        raise InputError(f"{checkpoint_dir}: no checkpoint can be restored ({'; '.join(failures)}); "
-                         f"delete {checkpoint_dir} to train from step 0")
-    return None
-
-
-# ----------------------------------------------------------------------------- one step on every replica
-
-def distribute_batches(strategy, dataset):
-    """`dataset`'s global batches split between the replicas of `strategy` (unchanged for one).
-
-    Replica r gets rows [r * N / R, (r + 1) * N / R) of each batch of N: with
-    identity-major P x K batches and p a multiple of R, whole identities.
-    """
-    if strategy.num_replicas_in_sync == 1:
-        return dataset
-    return strategy.experimental_distribute_dataset(dataset)
-
-
-def make_train_step(model, optimizer, loss_fn, strategy, policy: str = "float32"):
-    """A tf.function (images, labels) -> statistics running one optimizer step on every replica.
-
-    Each replica applies `loss_fn(labels, embeddings)` (a dict with "loss"
-    and statistics) to its own slice of the batch (`distribute_batches`), so
-    triplets are mined among its own identities only. Its loss is divided by
-    the number of replicas R because the optimizer sums the replicas'
-    gradients: the update uses (1/R) sum_r grad(loss_r), which for a loss
-    that averages over the batch is the single-device gradient. Statistics
-    are averaged over replicas. mixed_float16 scales the loss (the
-    LossScaleOptimizer unscales the gradients).
-    """
-    tf = _tf()
-    replicas = strategy.num_replicas_in_sync
-
-    def replica_step(batch_images, batch_labels):
-        with tf.GradientTape() as tape:
-            stats = loss_fn(batch_labels, model(batch_images, training=True))
-            objective = stats["loss"] / replicas
-            if policy == "mixed_float16":
-                objective = optimizer.scale_loss(objective)
-        gradients = tape.gradient(objective, model.trainable_variables)
-        optimizer.apply(gradients, model.trainable_variables)
-        return stats
-
-    @tf.function
-    def train_step(batch_images, batch_labels):
-        per_replica = strategy.run(replica_step, args=(batch_images, batch_labels))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()}
-
-    return train_step
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -384,34 +473,88 @@ def _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, k: int) -
                         splits=splits_dir, multiple=k if completion_dir else None)
 
 
-def _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int):
-    from facenet_kfp.data import load_split_images
+def _train_and_validation_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig,
+                                  replicas: int, start_step: int):
+    """(the training batches from batch start_step on, for `fit`; the validation batches, a list of
+    (images, labels), or None; a function that releases the inputs)."""
+    make = _tf_batches if backend() == "tensorflow" else _jax_batches
+    return make(dataset_dir, completion_dir, labels_dir, splits_dir, config, replicas, start_step)
+
+
+def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
+                start_step: int):
+    """tensorflow: tf.data P x K batches (`data.make_train_dataset`) over the train split's bytes in memory."""
+    from facenet_kfp.data import load_split_images, make_train_dataset
 
     images, labels, _, synthetic = load_split_images(dataset_dir, completion_dir or None, labels_dir,
                                                      splits_dir, "train", include_synthetic=True)
+    _check_train_split(labels, synthetic, splits_dir, config, replicas)
+    val = _validation_images(dataset_dir, labels_dir, splits_dir, config)
+    train = make_train_dataset(images, labels, config.p, config.k, config.image_size, config.crop_fraction,
+                               config.augment, config.seed, start_batch=start_step)
+    val_batches = None
+    if val is not None:
+        val_ds = make_train_dataset(val[0], val[1], val[2], config.k, config.image_size, config.crop_fraction,
+                                    False, config.seed).take(config.validation_batches)
+        val_batches = [(x.numpy(), y.numpy()) for x, y in val_ds]
+    return train, val_batches, lambda: None
+
+
+def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
+                 start_step: int):
+    """jax: `input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
+    from facenet_kfp.input import TrainBatches, open_split
+
+    split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
+    try:
+        _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
+        val = _validation_images(dataset_dir, labels_dir, splits_dir, config)
+    except BaseException:
+        split.close()
+        raise
+    val_batches = None
+    if val is not None:
+        with TrainBatches(val[0], val[1], val[2], config.k, config.image_size, config.crop_fraction, False,
+                          config.seed, workers=0) as batches:
+            val_batches = [next(batches) for _ in range(config.validation_batches)]
+    stream = TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
+                          config.augment, config.seed, start_batch=start_step)
+
+    def close() -> None:
+        stream.close()
+        split.close()
+    return (batch for batch in stream), val_batches, close      # fit takes a generator, not an iterator
+
+
+def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, replicas: int) -> None:
     identities = np.unique(labels)
     if len(identities) < config.p:
         raise InputError(f"{Path(splits_dir) / 'train.txt'}: split 'train' has {len(identities)} identities "
                          f"with images, fewer than p={config.p} identities per batch")
     short = int(np.sum(np.bincount(np.searchsorted(identities, labels)) < config.k))
     log.info("train: %d images (%d generated) of %d identities; %d identities have fewer than k=%d "
-             "images and are sampled with replacement", len(images), sum(synthetic), len(identities),
+             "images and are sampled with replacement", len(labels), int(np.sum(synthetic)), len(identities),
              short, config.k)
     if config.p % replicas:
         raise InputError(f"train.p={config.p} must be a multiple of the {replicas} GPUs "
                          f"(each replica mines triplets among whole identities)")
-    val = None
-    if config.validate_every > 0:
-        val_images, val_labels, _, _ = load_split_images(dataset_dir, None, labels_dir, splits_dir, "val",
-                                                         include_synthetic=False)
+
+
+def _validation_images(dataset_dir, labels_dir, splits_dir, config: TrainConfig):
+    """(image bytes, labels, P of a validation batch) of the val identities with >= 2 real images, or None."""
+    if config.validate_every <= 0:
+        return None
+    from facenet_kfp.input import open_split
+    with open_split(dataset_dir, None, labels_dir, splits_dir, "val", include_synthetic=False) as split:
+        val_labels = split.labels
         val_ids, counts = np.unique(val_labels, return_counts=True)
         keep = np.isin(val_labels, val_ids[counts >= 2])
         n_val = int(np.sum(counts >= 2))
         if n_val < 2:
             raise InputError(f"{Path(splits_dir) / 'val.txt'}: validation needs 2 identities with at least "
                              f"2 real images, found {n_val} (set validate_every: 0 to train without it)")
-        val = ([im for im, k in zip(val_images, keep) if k], val_labels[keep], min(config.p, n_val))
-    return images, labels, val
+        images = [split[i] for i in np.flatnonzero(keep)]
+    return images, val_labels[keep], min(config.p, n_val)
 
 
 # ----------------------------------------------------------------------------- monitor
@@ -476,103 +619,182 @@ class TrainingMonitor:
                                f"or raise train.warmup_steps")
 
 
-# ----------------------------------------------------------------------------- TensorBoard
+# ----------------------------------------------------------------------------- one callback per run
 
-class TensorBoardLog:
-    """TensorBoard scalars `<split>/<key>` of one run, written to one or more folders (paths or gs://).
+@dataclasses.dataclass
+class RunState:
+    """What a training call knows besides the variables: its steps, history and timing."""
+    config: TrainConfig
+    start_step: int
+    checkpoint_dir: str
+    tensorboard: TensorBoardLog
+    history: dict[str, list[dict[str, float]]]
+    val_batches: list | None = None
+    step: int = 0
+    first_done_time: float | None = None      # after the first (traced) step
+    first_done_step: int = 0
+    paused: float = 0.0                       # seconds in validation and checkpoints since then
 
-    A folder holds one run: `claim_tensorboard_dir` gives it facenet-kfp-run.json naming the
-    run key and refuses a folder of another run. Each call adds its own event file (TensorBoard
-    merges a folder's files) and writes a (tag, step) only when the folder's events do not
-    have it yet: a retried or resumed call fills in what the earlier attempt did not write
-    (the restored history first) and never writes a step twice. Flushed at each write, so a
-    killed pod loses at most the record being written; a truncated last record is skipped.
 
-    Written with the raw `tf.summary.write` and the "scalars" plugin metadata (what
-    `tf.summary.scalar` writes), so the trainer image needs no tensorboard package.
+def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
+    """The mean statistics of the fixed validation batches at the current step; in history and TensorBoard."""
+    _sync(trainer)
+    sums = {k: 0.0 for k in STAT_KEYS}
+    for images, labels in state.val_batches:
+        out = batch_loss(state.config, labels, trainer.predict(images, batch_size=len(images), verbose=0))
+        for k in STAT_KEYS:
+            sums[k] += float(out[k])
+    step, batches = state.step, len(state.val_batches)
+    record = {"step": step, **{k: v / batches for k, v in sums.items()}}
+    if not math.isfinite(record["loss"]):
+        raise FacenetError(f"validation loss is {record['loss']} at step {step}: the model produces "
+                           f"non-finite embeddings; lower train.learning_rate")
+    state.history["val"].append(record)
+    log.info("validation at step %d (%d batches): loss %.4f, positive triplets %.3f, d+ %.4f, d- %.4f", step,
+             batches, record["loss"], record["fraction_positive_triplets"], record["mean_positive_distance"],
+             record["mean_negative_distance"])
+    state.tensorboard.write("val", record)
+    return record
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """After each step: fail fast, log, validate and checkpoint on their schedules (in that order).
+
+    Keras hands each step's statistics to the callback as Python floats (it
+    reads them back from the device at every step: this callback validates and
+    checkpoints, so it is not one Keras may run in a thread while training
+    goes on). `TrainingMonitor` checks every step; its FacenetError ends `fit`
+    with the step failed. Validation and checkpoints do not count in images/s.
     """
 
-    def __init__(self, folders: Sequence[str], run_key: str):
-        tf = _tf()
-        from tensorflow.core.framework import summary_pb2
+    def __init__(self, state: RunState, progress: Progress):
+        super().__init__()
+        self.state, self.progress = state, progress
+        self.monitor = TrainingMonitor(state.config)
+        self.window: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
+        self.window_start, self.window_steps = time.monotonic(), 0
 
-        self._metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-            data_class=summary_pb2.DATA_CLASS_SCALAR)
-        self._outputs = []          # (writer, {tag: last step in the folder})
-        for folder in folders:
-            written = claim_tensorboard_dir(folder, run_key)
-            self._outputs.append((tf.summary.create_file_writer(folder), written))
+    def on_train_batch_end(self, batch, logs=None):
+        state, config = self.state, self.state.config
+        state.step = state.start_step + batch + 1
+        values = {k: float(v) for k, v in logs.items()}
+        self.monitor.update(state.step, values)
+        for k in STAT_KEYS:
+            self.window[k].append(values[k])
+        self.window_steps += 1
+        self.progress.update()
+        if state.first_done_time is None:          # the first step traced the step function: not in the rate
+            state.first_done_time, state.first_done_step = time.monotonic(), state.step
+            self.window_start, self.window_steps = state.first_done_time, 0
+        last = state.step == config.max_steps
+        if state.step % config.log_every == 0 or last:
+            self.log_line()
+        paused = time.monotonic()
+        if state.val_batches is not None and (state.step % config.validate_every == 0 or last):
+            validate(self.model, state)
+        if state.step % config.checkpoint_every == 0 or last:
+            self.checkpoint()
+        paused = time.monotonic() - paused
+        self.window_start += paused
+        state.paused += paused
 
-    def write(self, split: str, record: dict[str, float]) -> None:
-        """Each finite value of `record` but "step" as `<split>/<key>` at record["step"]."""
-        tf = _tf()
-        step = int(record["step"])
-        for writer, written in self._outputs:
-            with writer.as_default():
-                for key, value in record.items():
-                    tag = f"{split}/{key}"
-                    if key != "step" and math.isfinite(value) and step > written.get(tag, -1):
-                        tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step,
-                                         metadata=self._metadata)
-                        written[tag] = step
-            writer.flush()
+    def log_line(self) -> None:
+        state, config = self.state, self.state.config
+        batch_size = config.p * config.k
+        now = time.monotonic()
+        rate = (self.window_steps * batch_size / max(now - self.window_start, 1e-9) if self.window_steps
+                else math.nan)
+        record = {"step": state.step, **{k: float(np.mean(v)) for k, v in self.window.items()},
+                  "learning_rate": self.monitor.learning_rate(state.step)}
+        state.history["train"].append(record)
+        eta = (_fmt_seconds((config.max_steps - state.step) * batch_size / rate)
+               if math.isfinite(rate) and rate > 0 else "?")
+        log.info("step %d/%d: loss %.4f, positive triplets %.3f, d+ %.4f, d- %.4f, lr %.3g, %.0f images/s, "
+                 "ETA %s", state.step, config.max_steps, record["loss"], record["fraction_positive_triplets"],
+                 record["mean_positive_distance"], record["mean_negative_distance"], record["learning_rate"],
+                 rate, eta)
+        state.tensorboard.write("train", {**record, "images_per_second": rate})
+        self.window = {k: [] for k in STAT_KEYS}
+        self.window_start, self.window_steps = time.monotonic(), 0
 
-    def close(self) -> None:
-        for writer, _ in self._outputs:
-            writer.close()
-
-
-def claim_tensorboard_dir(folder: str, run_key: str) -> dict[str, int]:
-    """Make `folder` run `run_key`'s TensorBoard folder; {tag: last step} of the events in it.
-
-    A new or empty folder gets facenet-kfp-run.json naming the run; a folder whose
-    facenet-kfp-run.json names this run is continued; anything else is refused, so that
-    `tensorboard --logdir` never shows two runs' events mixed in one curve.
-    """
-    gfile = _tf().io.gfile
-    marker = f"{folder.rstrip('/')}/{TENSORBOARD_RUN_JSON}"
-    names = gfile.listdir(folder) if gfile.isdir(folder) else []
-    claimed = _read_json_any(marker)
-    if claimed is None:
-        if names:
-            raise InputError(f"{folder}: TensorBoard folder is not empty and has no {TENSORBOARD_RUN_JSON}, so "
-                             f"it is not this trainer's; give an empty or new folder for the events")
-        gfile.makedirs(folder)
-        _write_json_any(marker, {"format": TENSORBOARD_FORMAT, "run": run_key})
-        return {}
-    if not isinstance(claimed, dict) or claimed.get("run") != run_key:
-        owner = claimed.get("run") if isinstance(claimed, dict) else claimed
-        raise InputError(f"{marker}: the TensorBoard folder holds the events of run {owner!r}, not of "
-                         f"{run_key!r}; give a new folder for this run's events, or delete {folder}")
-    return written_steps(folder, names)
+    def checkpoint(self) -> None:
+        state = self.state
+        path = save_checkpoint(state.checkpoint_dir, self.model, state.step)
+        write_json_any(join(state.checkpoint_dir, HISTORY_JSON), {"step": state.step, **state.history})
+        log.info("checkpoint %s", path)
 
 
-def written_steps(folder: str, names: Sequence[str]) -> dict[str, int]:
-    """{tag: last step} over the event files among `names` in `folder` (a truncated tail is skipped)."""
-    tf = _tf()
-    last: dict[str, int] = {}
-    for name in sorted(names):
-        if not name.startswith(EVENT_FILE_PREFIX):
-            continue
-        path = f"{folder.rstrip('/')}/{name}"
-        try:
-            for event in tf.compat.v1.train.summary_iterator(path):
-                for value in event.summary.value:
-                    last[value.tag] = max(last.get(value.tag, -1), int(event.step))
-        except tf.errors.DataLossError:
-            log.warning("%s: cut short after its last complete event (a stopped pod); the rest is read", path)
-    return last
+# ----------------------------------------------------------------------------- summary and export
+
+def summary_metrics(state: RunState, train_end: float, train_seconds: float) -> dict[str, float]:
+    """The returned metrics: steps, start_step, images/s, time, learning rate, last train and val values."""
+    config, history = state.config, state.history
+    batch_size = config.p * config.k
+    timed_steps = state.step - state.first_done_step
+    images_per_second = (timed_steps * batch_size / (train_end - state.first_done_time - state.paused)
+                         if state.first_done_time is not None and timed_steps > 0 else 0.0)
+    metrics: dict[str, float] = {
+        "steps": state.step, "start_step": state.start_step, "images_per_second": images_per_second,
+        "train_seconds": train_seconds,
+        "learning_rate": learning_rate_at(max(state.step - 1, 0), config.learning_rate, config.warmup_steps,
+                                          config.max_steps, config.lr_schedule)}
+    if history["train"]:
+        last_train = history["train"][-1]
+        metrics.update({"train_loss": last_train["loss"],
+                        "train_fraction_positive": last_train["fraction_positive_triplets"],
+                        "train_mean_positive_distance": last_train["mean_positive_distance"],
+                        "train_mean_negative_distance": last_train["mean_negative_distance"]})
+    if history["val"]:
+        first_val, last_val = history["val"][0], history["val"][-1]
+        metrics.update({"first_val_step": first_val["step"], "first_val_loss": first_val["loss"],
+                        "first_val_fraction_positive": first_val["fraction_positive_triplets"]})
+        metrics.update({"val_loss": last_val["loss"],
+                        "val_fraction_positive": last_val["fraction_positive_triplets"],
+                        "val_mean_positive_distance": last_val["mean_positive_distance"],
+                        "val_mean_negative_distance": last_val["mean_negative_distance"]})
+    return metrics
+
+
+def float32_model(trainer: EmbeddingTrainer, config: TrainConfig) -> keras.Model:
+    """A plain float32 copy of the trained embedding model, outside any distribution."""
+    from facenet_kfp import model as model_mod
+
+    _sync(trainer)
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        keras.mixed_precision.set_global_policy("float32")
+        final = model_mod.build_embedding_model((config.image_size, config.image_size, 3), config.embedding_dim,
+                                                config.architecture)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    final.set_weights([keras.ops.convert_to_numpy(v) for v in trainer.embedding.weights])
+    return final
 
 
 # ----------------------------------------------------------------------------- training
 
-@dataclasses.dataclass
-class _Window:
-    """Per-step values since the last log line."""
-    values: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {k: [] for k in STAT_KEYS})
-    start_time: float = dataclasses.field(default_factory=time.monotonic)
-    steps: int = 0
+def _restore(trainer, checkpoint_dir: str, provenance: dict[str, Any], config: TrainConfig):
+    """(path restored or None, start step, history up to it) from the checkpoint folder."""
+    history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
+    older = [name for name in list_names(checkpoint_dir) if TF_CHECKPOINT_NAME.fullmatch(name)]
+    if older:
+        raise InputError(f"{checkpoint_dir}: holds {older[-1]}, a TensorFlow checkpoint of an earlier version "
+                         f"of the trainer, which this one cannot resume; delete {checkpoint_dir} to train from "
+                         f"step 0, or choose another checkpoint folder")
+    if not checkpoint_steps(checkpoint_dir):
+        log.info("no checkpoint in %s: starting at step 0", checkpoint_dir)
+        return None, 0, history
+    _check_resume(checkpoint_dir, provenance)
+    restored, start_step = restore_latest(checkpoint_dir, trainer)
+    saved = read_json_any(join(checkpoint_dir, HISTORY_JSON)) or {}
+    for split in ("train", "val"):
+        history[split] = [r for r in saved.get(split, []) if r["step"] <= start_step]
+    log.info("resuming from checkpoint %s at step %d of %d", restored, start_step, config.max_steps)
+    if start_step >= config.max_steps:
+        log.warning("the checkpoint in %s is at step %d, max_steps is %d: saving it as the model without "
+                    "training; delete %s to train again", checkpoint_dir, start_step, config.max_steps,
+                    checkpoint_dir)
+    return restored, start_step, history
 
 
 def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
@@ -599,18 +821,12 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     this run's TensorBoard events, the restored history included
     (`TensorBoardLog`); a folder of another run key is refused.
     """
+    from facenet_kfp import export
+
     config.validate()
     check_replaceable(model_dir, "train")       # before training, not after it
     fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)
-    keras = _keras()
-    tf = _tf()
-    from facenet_kfp import export
-    from facenet_kfp.data import make_train_dataset
-    from facenet_kfp.model import build_embedding_model
-
-    strategy = distribution_strategy()
-    replicas = strategy.num_replicas_in_sync
-    images, labels, val = _load_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config, replicas)
+    placement = Placement()
     checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(model_dir)
     run_key = run_key or os.path.abspath(model_dir)
     provenance = checkpoint_provenance(run_key, fingerprints, config)
@@ -619,197 +835,44 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     tensorboard = TensorBoardLog([str(f) for f in tensorboard_dir or ()], run_key)
 
     policy = resolve_precision(config.precision)
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.utils.set_random_seed(config.seed)
-    input_shape = (config.image_size, config.image_size, 3)
-    try:
-        keras.mixed_precision.set_global_policy(policy)
-        with strategy.scope():
-            model = build_embedding_model(input_shape, config.embedding_dim, config.architecture)
-            optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
-            if policy == "mixed_float16":
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            optimizer.build(model.trainable_variables)
-            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    log.info("model %s: %d parameters, precision %s, %d replica(s), batch %d = P %d x K %d",
-             model.name, model.count_params(), policy, replicas, config.p * config.k, config.p, config.k)
-
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=2)
-    history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
-    restored = None
-    if _checkpoints(manager):
-        _check_resume(checkpoint_dir, provenance)
-        restored = _restore_latest(checkpoint, manager, checkpoint_dir)
-    start_step = int(step_var.numpy()) if restored else 0
-    if restored:
-        saved = _read_json_any(f"{checkpoint_dir.rstrip('/')}/{HISTORY_JSON}") or {}
-        for split in ("train", "val"):
-            history[split] = [r for r in saved.get(split, []) if r["step"] <= start_step]
-        log.info("resuming from checkpoint %s at step %d of %d", restored, start_step, config.max_steps)
-        if start_step >= config.max_steps:
-            log.warning("the checkpoint in %s is at step %d, max_steps is %d: saving it as the model "
-                        "without training; delete %s to train again", checkpoint_dir, start_step,
-                        config.max_steps, checkpoint_dir)
-    else:
-        log.info("no checkpoint in %s: starting at step 0", checkpoint_dir)
-    _write_json_any(f"{checkpoint_dir.rstrip('/')}/{PROVENANCE_JSON}", provenance)
-    train_step = make_train_step(model, optimizer, lambda y, e: batch_loss(config, y, e), strategy, policy)
-
-    @tf.function
-    def eval_step(batch_images, batch_labels):
-        return batch_loss(config, batch_labels, model(batch_images, training=False))
-
-    train_ds = make_train_dataset(images, labels, config.p, config.k, config.image_size, config.crop_fraction,
-                                  config.augment, config.seed, start_batch=start_step)
-    train_ds = distribute_batches(strategy, train_ds)
-    val_ds = None
-    if val is not None:
-        val_images, val_labels, p_val = val
-        # Fixed batches (same seed every pass), cached after the first pass.
-        val_ds = make_train_dataset(val_images, val_labels, p_val, config.k, config.image_size,
-                                    config.crop_fraction, False, config.seed
-                                    ).take(config.validation_batches).cache()
-
+    trainer = build_trainer(config, policy, placement)
+    log.info("model %s: %d parameters, backend %s, precision %s, %d replica(s), batch %d = P %d x K %d",
+             trainer.embedding.name, trainer.embedding.count_params(), backend(), policy, placement.replicas,
+             config.p * config.k, config.p, config.k)
+    restored, start_step, history = _restore(trainer, checkpoint_dir, provenance, config)
+    train_batches, val_batches, close = _train_and_validation_batches(
+        dataset_dir, completion_dir, labels_dir, splits_dir, config, placement.replicas, start_step)
+    write_json_any(join(checkpoint_dir, PROVENANCE_JSON), provenance)
     for split in ("train", "val"):
         for record in history[split]:
             tensorboard.write(split, record)     # what an earlier attempt's folders may lack
-    monitor = TrainingMonitor(config)
-    schedule = make_schedule(config)
-    batch_size = config.p * config.k
-
-    def validate(step: int) -> dict[str, float]:
-        sums = {k: 0.0 for k in STAT_KEYS}
-        batches = 0
-        for batch_images, batch_labels in val_ds:
-            out = eval_step(batch_images, batch_labels)
-            for k in STAT_KEYS:
-                sums[k] += float(out[k])
-            batches += 1
-        record = {"step": step, **{k: v / batches for k, v in sums.items()}}
-        if not math.isfinite(record["loss"]):
-            raise FacenetError(f"validation loss is {record['loss']} at step {step}: the model produces "
-                               f"non-finite embeddings; lower train.learning_rate")
-        history["val"].append(record)
-        log.info("validation at step %d (%d batches): loss %.4f, positive triplets %.3f, "
-                 "d+ %.4f, d- %.4f", step, batches, record["loss"], record["fraction_positive_triplets"],
-                 record["mean_positive_distance"], record["mean_negative_distance"])
-        tensorboard.write("val", record)
-        return record
-
-    def check(window: _Window, first_step: int, values: list[dict[str, float]]) -> None:
-        """Fail fast (`TrainingMonitor`); `values` are those of steps first_step, first_step + 1, ..."""
-        for i, v in enumerate(values):
-            monitor.update(first_step + i, v)
-            for k in STAT_KEYS:
-                window.values[k].append(v[k])
-
-    pending: list[dict[str, Any]] = []     # step outputs not yet read back (keeps the device busy)
-    window = _Window()
-    step = start_step
-    first_done_time = None
-    first_done_step = start_step
-    overhead = 0.0
-
-    def flush() -> None:
-        nonlocal pending
-        values = [{k: float(v) for k, v in out.items()} for out in pending]
-        check(window, step - len(pending) + 1, values)
-        pending = []
-
-    if val_ds is not None and start_step == 0:
-        validate(0)           # the untrained starting point: the curves then show what training did
-    iterator = iter(train_ds)
-    remaining = config.max_steps - start_step
-    train_start = time.monotonic()
-    with Progress("training", total=max(remaining, 0), unit="steps", every=math.inf, logger=log) as progress:
-        while step < config.max_steps:
-            batch_images, batch_labels = next(iterator)
-            pending.append(train_step(batch_images, batch_labels))
-            step += 1
-            window.steps += 1
-            progress.update()
-            if first_done_time is None:
-                float(pending[-1]["loss"])          # wait for the traced first step before timing
-                first_done_time, first_done_step = time.monotonic(), step
-                overhead = 0.0
-                # The first step traces the graph: leave it out of the rate.
-                window.start_time, window.steps = first_done_time, 0
-            if len(pending) >= COLLAPSE_STEPS:
-                flush()         # the monitor sees every step within COLLAPSE_STEPS, whatever log_every is
-            last = step == config.max_steps
-            if step % config.log_every == 0 or last:
-                flush()
-                now = time.monotonic()
-                rate = (window.steps * batch_size / max(now - window.start_time, 1e-9) if window.steps
-                        else math.nan)
-                record = {"step": step, **{k: float(np.mean(v)) for k, v in window.values.items()},
-                          "learning_rate": float(schedule(step - 1))}
-                history["train"].append(record)
-                eta = (_fmt_seconds((config.max_steps - step) * batch_size / rate)
-                       if math.isfinite(rate) and rate > 0 else "?")
-                log.info("step %d/%d: loss %.4f, positive triplets %.3f, d+ %.4f, d- %.4f, lr %.3g, "
-                         "%.0f images/s, ETA %s", step, config.max_steps, record["loss"],
-                         record["fraction_positive_triplets"], record["mean_positive_distance"],
-                         record["mean_negative_distance"], record["learning_rate"], rate, eta)
-                tensorboard.write("train", {**record, "images_per_second": rate})
-                window.values = {k: [] for k in STAT_KEYS}
-                window.steps, window.start_time = 0, time.monotonic()
-            paused = time.monotonic()
-            if val_ds is not None and (step % config.validate_every == 0 or last):
-                validate(step)
-            if step % config.checkpoint_every == 0 or last:
-                flush()
-                step_var.assign(step)
-                path = manager.save(checkpoint_number=step)
-                _write_json_any(f"{checkpoint_dir.rstrip('/')}/{HISTORY_JSON}", {"step": step, **history})
-                log.info("checkpoint %s", path)
-            # Validation and checkpoints do not count in images/s.
-            paused = time.monotonic() - paused
-            window.start_time += paused
-            overhead += paused
-    train_end = time.monotonic()
-    train_seconds = train_end - train_start
-    if val_ds is not None and (not history["val"] or history["val"][-1]["step"] != step):
-        validate(step)        # resumed at max_steps after a crash between checkpoint and export
-    tensorboard.close()
-
-    timed_steps = step - first_done_step
-    images_per_second = (timed_steps * batch_size / (train_end - first_done_time - overhead)
-                         if first_done_time is not None and timed_steps > 0 else 0.0)
-    metrics: dict[str, float] = {"steps": step, "start_step": start_step,
-                                 "images_per_second": images_per_second,
-                                 "train_seconds": train_seconds,
-                                 "learning_rate": float(schedule(max(step - 1, 0)))}
-    if history["train"]:
-        last_train = history["train"][-1]
-        metrics.update({"train_loss": last_train["loss"],
-                        "train_fraction_positive": last_train["fraction_positive_triplets"],
-                        "train_mean_positive_distance": last_train["mean_positive_distance"],
-                        "train_mean_negative_distance": last_train["mean_negative_distance"]})
-    if history["val"]:
-        first_val, last_val = history["val"][0], history["val"][-1]
-        metrics.update({"first_val_step": first_val["step"], "first_val_loss": first_val["loss"],
-                        "first_val_fraction_positive": first_val["fraction_positive_triplets"]})
-        metrics.update({"val_loss": last_val["loss"],
-                        "val_fraction_positive": last_val["fraction_positive_triplets"],
-                        "val_mean_positive_distance": last_val["mean_positive_distance"],
-                        "val_mean_negative_distance": last_val["mean_negative_distance"]})
-
-    # The artifact is a plain float32 model outside any distribution strategy.
-    previous_policy = keras.mixed_precision.global_policy()
+    state = RunState(config, start_step, checkpoint_dir, tensorboard, history, val_batches, step=start_step,
+                     first_done_step=start_step)
+    remaining = max(config.max_steps - start_step, 0)
     try:
-        keras.mixed_precision.set_global_policy("float32")
-        final = build_embedding_model(input_shape, config.embedding_dim, config.architecture)
+        if val_batches is not None and start_step == 0:
+            validate(trainer, state)      # the untrained starting point: the curves then show what training did
+        train_start = time.monotonic()
+        with Progress("training", total=remaining, unit="steps", every=math.inf, logger=log) as progress:
+            if remaining:
+                with placement.scope():      # jax: fit shards each batch over the devices
+                    trainer.fit(train_batches, steps_per_epoch=remaining, epochs=1, verbose=0, shuffle=False,
+                                callbacks=[TrainingProgress(state, progress)])
     finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    final.set_weights(model.get_weights())
-    metadata = export.artifact_metadata(config, step, start_step=start_step, inputs=fingerprints,
-                                        resumed_from=restored, precision=policy, replicas=replicas,
-                                        train_config=to_dict(config), metrics=metrics)
+        close()
+        tensorboard.close()
+    train_end = time.monotonic()
+    if val_batches is not None and (not history["val"] or history["val"][-1]["step"] != state.step):
+        validate(trainer, state)      # resumed at max_steps after a crash between checkpoint and export
+        tensorboard.close()
+    metrics = summary_metrics(state, train_end, train_end - train_start)
+
+    final = float32_model(trainer, config)
+    metadata = export.artifact_metadata(config, state.step, start_step=start_step, inputs=fingerprints,
+                                        resumed_from=restored, precision=policy, replicas=placement.replicas,
+                                        train_config=to_dict(config), metrics=metrics,
+                                        backend=backend())
     export.save_model_artifact(final, model_dir, metadata, {"train": history["train"], "val": history["val"]})
-    log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", step, step - start_step,
-             images_per_second, model_dir)
+    log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", state.step,
+             state.step - start_step, metrics["images_per_second"], model_dir)
     return metrics

@@ -386,10 +386,11 @@ def test_run_local_mounts_the_runs_inputs_and_records_containers(tmp_path, monke
 
     with pytest.raises(InputError, match="stop before any container"):
         run_pipeline(None, "/data/lfw.tgz", "", "/data/pairs.txt", str(tmp_path / "root"),
-                     runner="docker", overrides={"cluster": {"checkpoint_root": "/ckpt"}})
+                     runner="docker", overrides={"cluster": {"checkpoint_root": "/ckpt",
+                                                             "tensorboard_root": "/events"}})
     assert seen == {"root": tmp_path / "root",
                     "inputs": {"data.source_uri": "/data/lfw.tgz", "data.pairs_uri": "/data/pairs.txt"},
-                    "output_dirs": {"cluster.checkpoint_root": "/ckpt"}}
+                    "output_dirs": {"cluster.checkpoint_root": "/ckpt", "cluster.tensorboard_root": "/events"}}
 
 
 # ---- images/podman.sh with a fake podman ---------------------------------------------------

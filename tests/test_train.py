@@ -160,8 +160,12 @@ def test_short_run_lowers_loss_and_writes_artifact(trained, tiny):
                                                      labels=tiny["labels"], splits=tiny["splits"])
 
     # Checkpoints: the last two kept, plus the history so far and what made them.
-    state = tf.train.get_checkpoint_state(str(trained["ckpt"]))
-    assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-20", "ckpt-30"]
+    assert sorted(p.name for p in trained["ckpt"].glob("ckpt-*")) == ["ckpt-20.npz", "ckpt-30.npz"]
+    with np.load(trained["ckpt"] / "ckpt-30.npz") as saved:
+        assert int(saved["step"]) == 30
+        names = json.loads(str(saved["names"]))
+        assert len(names["model"]) == len([k for k in saved.files if k.startswith("model/")])
+        assert any(n.endswith("iteration") or "iterations" in n for n in names["optimizer"]), names["optimizer"]
     assert json.loads((trained["ckpt"] / "history.json").read_text())["step"] == 30
     made = json.loads((trained["ckpt"] / "provenance.json").read_text())
     assert made["run"] == str(trained["model"]) and made["inputs"] == info["inputs"]
@@ -197,7 +201,7 @@ def test_resume_continues_from_the_latest_checkpoint(trained, tiny, tmp_path, ca
     assert [r["step"] for r in history["val"]] == [0, 15, 30, 40]
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["trained_steps"] == 40 and info["start_step"] == 30
-    assert info["resumed_from"] == str(ckpt / "ckpt-30")
+    assert info["resumed_from"] == str(ckpt / "ckpt-30.npz")
 
     # A checkpoint of another model is refused, naming the setting.
     with pytest.raises(InputError, match=r"embedding_dim: 16 -> 32.*delete .*ckpt to train from step 0"):
@@ -234,29 +238,42 @@ def test_checkpoint_without_provenance_is_refused(trained, tiny, tmp_path):
 @pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_the_previous_one(trained, tiny, tmp_path, caplog):
     ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
-    latest = ckpt / "ckpt-30.data-00000-of-00001"
+    latest = ckpt / "ckpt-30.npz"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     with caplog.at_level(logging.INFO, logger="facenet_kfp.train"):
         metrics = run_train(tiny, tmp_path / "model", TINY, checkpoint_dir=str(ckpt),
                             run_key=str(trained["model"]))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(f"cannot restore checkpoint {ckpt / 'ckpt-30'}" in w for w in warnings), warnings
+    assert any(f"cannot restore checkpoint {latest}" in w for w in warnings), warnings
     assert metrics["start_step"] == 20 and metrics["steps"] == 30
     info = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert info["resumed_from"] == str(ckpt / "ckpt-20")
+    assert info["resumed_from"] == str(ckpt / "ckpt-20.npz")
     # Training wrote ckpt-30 anew, readable to its last byte.
-    state = tf.train.get_checkpoint_state(str(ckpt))
-    assert [Path(p).name for p in state.all_model_checkpoint_paths] == ["ckpt-20", "ckpt-30"]
-    assert tf.train.load_checkpoint(str(ckpt / "ckpt-30")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 30
+    assert sorted(p.name for p in ckpt.glob("ckpt-*")) == ["ckpt-20.npz", "ckpt-30.npz"]
+    with np.load(latest) as saved:
+        assert int(saved["step"]) == 30
 
-    for name in ("ckpt-30.data-00000-of-00001", "ckpt-20.index"):
+    for name in ("ckpt-30.npz", "ckpt-20.npz"):
         (ckpt / name).write_bytes((ckpt / name).read_bytes()[:40])
     with pytest.raises(InputError) as caught:
         run_train(tiny, tmp_path / "again", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
     message = str(caught.value)
     assert message.startswith(f"{ckpt}: no checkpoint can be restored")
-    assert f"{ckpt / 'ckpt-30'}: IndexError" in message and f"{ckpt / 'ckpt-20'}: " in message
+    assert f"{latest}: BadZipFile" in message and f"{ckpt / 'ckpt-20.npz'}: " in message
     assert message.endswith(f"delete {ckpt} to train from step 0")
+
+
+def test_checkpoint_folder_of_the_tensorflow_format_is_refused(tiny, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.mkdir()
+    for name in ("checkpoint", "ckpt-10.index", "ckpt-10.data-00000-of-00001"):
+        (ckpt / name).write_bytes(b"written by an earlier version")
+    with pytest.raises(InputError, match=r"model.ckpt: holds ckpt-10.index, a TensorFlow checkpoint of an earlier "
+                                         r"version.*delete .*model.ckpt to train from step 0"):
+        run_train(tiny, tmp_path / "model", FAST)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint", "ckpt-10.data-00000-of-00001",
+                                                       "ckpt-10.index"]
+    assert not (tmp_path / "model").exists()
 
 
 # ----------------------------------------------------------------------------- fail fast
@@ -330,7 +347,7 @@ MINING_LOSSES = ("batch_all", "batch_hard", "semi_hard")
 
 
 def two_replica_probe() -> dict:
-    """One `make_train_step` step on one device and on two logical CPU devices (MirroredStrategy).
+    """One `fit` step of `EmbeddingTrainer` on one device and on two logical CPU devices (MirroredStrategy).
 
     Runs in a fresh process: the logical devices must be set before
     TensorFlow starts. Returns {"gradients": {"one", "two"}: the kernel's
@@ -350,13 +367,11 @@ def two_replica_probe() -> dict:
             model = keras.Sequential([keras.Input(images.shape[1:]), keras.layers.Flatten(),
                                       keras.layers.Dense(kernel.shape[1], use_bias=False), L2Normalize()])
             model.set_weights([kernel])
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
-            optimizer.build(model.trainable_variables)
-        step = train_mod.make_train_step(model, optimizer, loss_fn, strategy)
-        batch = tf.data.Dataset.from_tensors((images, MINING_LABELS))
-        batches = train_mod.distribute_batches(strategy, batch)
-        stats = step(*next(iter(batches)))
-        return {k: float(v) for k, v in stats.items()}, kernel - model.get_weights()[0]
+            trainer = train_mod.EmbeddingTrainer(model, loss_fn, strategy.num_replicas_in_sync)
+            trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate), jit_compile=False)
+        batch = tf.data.Dataset.from_tensors((images, MINING_LABELS)).repeat()
+        logs = trainer.fit(batch, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False).history
+        return {k: float(v[-1]) for k, v in logs.items()}, kernel - model.get_weights()[0]
 
     two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     rng = np.random.default_rng(0)
@@ -584,8 +599,8 @@ def test_monitor_fails_on_a_lasting_rise_of_more_than_a_margin():
         monitor.update(100 + j, {"loss": 0.05 + margin + 0.1, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0})
 
 
-def test_training_reads_back_every_collapse_window_and_exports_nothing(tiny, tmp_path, monkeypatch):
-    """log_every far above the window: the collapse still fails the step after COLLAPSE_STEPS steps."""
+def test_training_checks_every_step_and_exports_nothing(tiny, tmp_path, monkeypatch):
+    """log_every far above the collapse window: every step is checked, so training stops at the first."""
     import keras
 
     from facenet_kfp import model as model_mod
@@ -597,16 +612,16 @@ def test_training_reads_back_every_collapse_window_and_exports_nothing(tiny, tmp
         return keras.Model(inputs, model_mod.L2Normalize()(x))
 
     steps_run = []
-    real_make_train_step = train_mod.make_train_step
+    real_batch_end = train_mod.TrainingProgress.on_train_batch_end
 
-    def counting_make_train_step(*args):
-        step = real_make_train_step(*args)
-        return lambda *batch: steps_run.append(1) or step(*batch)
+    def counting_batch_end(self, batch, logs=None):
+        steps_run.append(batch)
+        return real_batch_end(self, batch, logs)
 
     monkeypatch.setattr(model_mod, "build_embedding_model", constant_model)
-    monkeypatch.setattr(train_mod, "make_train_step", counting_make_train_step)
+    monkeypatch.setattr(train_mod.TrainingProgress, "on_train_batch_end", counting_batch_end)
     config = dataclasses.replace(FAST, max_steps=3 * train_mod.COLLAPSE_STEPS, log_every=1000)
     with pytest.raises(FacenetError, match=r"embedding collapse at step 1: all embeddings"):
         run_train(tiny, tmp_path / "model", config, tensorboard_dir=str(tmp_path / "tb"))
-    assert len(steps_run) == train_mod.COLLAPSE_STEPS
+    assert steps_run == [0]                                  # fit's first batch, step 1
     assert not (tmp_path / "model").exists()                 # no model.json, no model.keras
