@@ -477,27 +477,6 @@ def test_bad_arguments(tmp_path):
 # --- gs:// ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    emulator = create_server("localhost", port, in_memory=True, default_bucket="test-bucket")
-    emulator.start()
-    yield f"http://localhost:{port}"
-    emulator.stop()
-
-
-@pytest.fixture
-def gcs(gcs_emulator, monkeypatch):
-    from google.cloud import storage
-
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    return storage.Client(project="test").bucket("test-bucket")
-
-
 def test_gs_download(gcs, tmp_path):
     gcs.blob("lfw/data.bin").upload_from_string(DATA)
     dest = tmp_path / "out" / "data.bin"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facenet_kfp import provenance
+from facenet_kfp import provenance, tensorboard_log
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import write_json
@@ -625,3 +625,21 @@ def test_training_checks_every_step_and_exports_nothing(tiny, tmp_path, monkeypa
         run_train(tiny, tmp_path / "model", config, tensorboard_dir=str(tmp_path / "tb"))
     assert steps_run == [0]                                  # fit's first batch, step 1
     assert not (tmp_path / "model").exists()                 # no model.json, no model.keras
+
+
+def test_checkpoints_and_events_on_gcs_are_written_and_resumed(tiny, tmp_path, gcs):
+    """checkpoint_dir and tensorboard_dir as gs:// URIs (a GCS emulator): written, kept, then resumed."""
+    ckpt, events = "gs://test-bucket/ckpt/run", "gs://test-bucket/events/run"
+    config = dataclasses.replace(TINY, max_steps=20, checkpoint_every=10, validate_every=0)
+    first = run_train(tiny, tmp_path / "a", config, checkpoint_dir=ckpt, tensorboard_dir=events, run_key="run-1")
+    assert first["start_step"] == 0 and first["steps"] == 20
+    names = {blob.name for blob in gcs.list_blobs(prefix="ckpt/run/")}
+    assert {"ckpt/run/ckpt-10.npz", "ckpt/run/ckpt-20.npz", "ckpt/run/provenance.json"} <= names
+    event_files = [blob.name for blob in gcs.list_blobs(prefix="events/run/")
+                   if blob.name.split("/")[-1].startswith(tensorboard_log.EVENT_FILE_PREFIX)]
+    assert event_files
+    second = run_train(tiny, tmp_path / "b", dataclasses.replace(config, max_steps=30), checkpoint_dir=ckpt,
+                       tensorboard_dir=events, run_key="run-1")
+    assert second["start_step"] == 20 and second["steps"] == 30
+    steps = tensorboard_log.written_steps(events, tensorboard_log.list_names(events))
+    assert steps and max(steps.values()) == 30
