@@ -59,7 +59,7 @@ FROM          ?= $(PIPELINE_ROOT)
 SET           ?=
 EVALUATE      ?=
 
-.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality bench-recipe container-tools test-containers
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-train bench-quality bench-recipe gpu-wheels bench-gpu-dry-run container-tools test-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -113,6 +113,28 @@ bench-recipe: install ## configs/lfw.yaml's recipe vs the seed's on the LFW-scal
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
 	$(PY) -m benchmarks.quality --pipeline
+
+# `make gpu-wheels`: Keras and what it and the trainer need beyond JAX, Pillow, NumPy, PyYAML, h5py,
+# ml-dtypes, absl-py and rich, as wheels for benchmarks/gpu.sh on an offline GPU machine (Python 3.12),
+# at the lock's versions.
+GPU_WHEEL_DIR     := .whl
+GPU_PYTHON        := 3.12
+GPU_PLATFORMS     := manylinux2014_x86_64 manylinux_2_28_x86_64
+GPU_WHEELS        := keras namex optree typing_extensions packaging matplotlib contourpy cycler fonttools \
+                     kiwisolver pyparsing python-dateutil six tzdata
+
+gpu-wheels: install ## download the wheels benchmarks/gpu.sh installs offline into .whl/ (Keras, matplotlib and their dependencies)
+	@pins=""; for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -i "^$$name==" $(LOCK)) || { echo "gpu-wheels: $$name is not pinned in $(LOCK); add it (make lock) or drop it from GPU_WHEELS" >&2; exit 1; }; \
+	  pins="$$pins $$pin"; done; \
+	rm -rf $(GPU_WHEEL_DIR).new && mkdir $(GPU_WHEEL_DIR).new && \
+	$(PIP) download --quiet --only-binary=:all: --no-deps --python-version $(GPU_PYTHON) \
+	  $(foreach p,$(GPU_PLATFORMS),--platform $(p)) --dest $(GPU_WHEEL_DIR).new $$pins && \
+	rm -rf $(GPU_WHEEL_DIR) && mv $(GPU_WHEEL_DIR).new $(GPU_WHEEL_DIR) && \
+	ls $(GPU_WHEEL_DIR) && du -sh $(GPU_WHEEL_DIR)
+
+bench-gpu-dry-run: install ## benchmarks/gpu.py on a tiny budget on this machine, TensorFlow unused (about a minute)
+	work=$$(mktemp -d) && trap 'rm -rf "$$work"' EXIT && KERAS_BACKEND=jax $(PY) -m benchmarks.gpu --dry-run --work "$$work/work"
 
 images: ## build both container images (docker if a daemon answers, else buildah); LIGHT_BASE_IMAGE / TRAINER_BASE_IMAGE override the bases
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/build.sh

@@ -7,8 +7,10 @@ functions). Everything is measured side by side in one run, so the ratios
 hold even when other jobs share the machine and absolute numbers drift:
 
 1. images/s of the full training step (forward, mining + loss + the batch
-   statistics `train.batch_loss` computes, backward, Adam update), compiled as
-   `train.train` compiles it (tf.function, no XLA): batch_hard (the default),
+   statistics `train.batch_loss` computes, backward, Adam update): the
+   trainer's own step, `train.build_trainer`'s EmbeddingTrainer run by Keras
+   `train_on_batch`, compiled as `fit` compiles it (tf.function without XLA on
+   TensorFlow, jax.jit on JAX), one trainer per configuration: batch_hard (the default),
    batch_all and semi_hard in the first precision (float32), the default loss
    in the others (mixed_bfloat16, timed in rounds of its own paired with the
    float32 default step); wall and process-CPU time per step;
@@ -23,7 +25,8 @@ hold even when other jobs share the machine and absolute numbers drift:
    (target >= 3x), also as CPU seconds per batch against the model's CPU
    seconds per step (a ratio other jobs hardly move), and the default step fed
    by that pipeline, the two sharing the cores, against the step on batches
-   held in memory, in alternating blocks;
+   held in memory, in alternating blocks (on JAX: the trainer's own pipeline,
+   `facenet_kfp.input.TrainBatches`, in the same alternating blocks);
 4. the two input pipelines side by side on the same P x K batches of the
    demo's 250x250 JPEGs (crop 0.6, resize to 96, augmented): the TF-free
    `facenet_kfp.input.TrainBatches` (worker processes, bytes read from the
@@ -39,10 +42,9 @@ traces the graph; its time is shown apart). The step functions run in
 interleaved rounds, in a rotating order, so load from other jobs hits them
 alike.
 
-With KERAS_BACKEND=jax (no TensorFlow) parts 1 and 2 run jitted with jax.jit
-through Keras' stateless API, on batches from `facenet_kfp.input`; part 3 and
-the tf.data half of part 4 are skipped and say so. Parts 1 and 2 on JAX have
-not been run on the development machine.
+With KERAS_BACKEND=jax (no TensorFlow) the same trainers run jitted, on
+batches from `facenet_kfp.input`; the tf.data figures of parts 3 and 4 are
+skipped and say so. `benchmarks/gpu.py` measures the JAX trainer on a GPU.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from facenet_kfp.labels import build_labels
 from facenet_kfp.model import build_embedding_model
 from facenet_kfp.splits import make_splits
 from facenet_kfp.synth import generate_demo_archive
-from facenet_kfp.train import batch_loss
+from facenet_kfp.train import Placement, batch_loss, build_trainer
 
 IDENTITIES = 120
 ARCHITECTURE = "nn4_small2"
@@ -233,21 +235,26 @@ def loss_function(kind: str) -> Callable:
     return lambda labels, embeddings: batch_loss(config, labels, embeddings)
 
 
-def tf_train_step(model, optimizer, loss_fn) -> Callable:
-    """One compiled optimizer step, as `train.train` builds it (tf.function, no XLA); returns the loss."""
-    import tensorflow as tf
+def build(precision: str, kind: str):
+    """The trainer `train.train` builds (`train.build_trainer`, TrainConfig's defaults) for one loss kind.
 
-    @tf.function
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            out = loss_fn(labels, model(images, training=True))
-        optimizer.apply(tape.gradient(out["loss"], model.trainable_variables), model.trainable_variables)
-        return out
+    TRIVIAL keeps the model, optimizer and schedule and swaps the loss for the
+    mean of the embeddings before Keras first traces the step.
+    """
+    trainer = build_trainer(TrainConfig(loss=LOSSES[0] if kind == TRIVIAL else kind), precision, Placement())
+    if kind == TRIVIAL:
+        trainer.statistics = loss_function(TRIVIAL)
+    return trainer
 
+
+def train_step(trainer) -> Callable:
+    """One optimizer step of `trainer` through Keras `train_on_batch`: (images, labels) -> loss.
+
+    train_on_batch returns the step's logs as Python floats, so the call ends
+    after the update has run on the device.
+    """
     def run(images, labels):
-        # A tf.function call on CPU returns after every op of the graph, the update included, has run.
-        return float(step(images, labels)["loss"])
-    run.traces = step.experimental_get_tracing_count     # checked after timing: one trace each
+        return float(trainer.train_on_batch(images, labels, return_dict=True)["loss"])
     return run
 
 
@@ -266,36 +273,6 @@ def tf_loss_step(loss_fn) -> Callable:
         out, gradient = step(labels, embeddings)
         gradient.numpy()
         return float(out["loss"])
-    return run
-
-
-def jax_train_step(model, optimizer, loss_fn) -> Callable:
-    """The same step with jax.jit over Keras' stateless API; each step function keeps its own weights."""
-    import jax
-
-    def objective(trainable, non_trainable, images, labels):
-        embeddings, non_trainable = model.stateless_call(trainable, non_trainable, images, training=True)
-        out = loss_fn(labels, embeddings)
-        return out["loss"], (out, non_trainable)
-
-    gradient_fn = jax.value_and_grad(objective, has_aux=True)
-
-    @jax.jit
-    def step(state, images, labels):
-        trainable, non_trainable, optimizer_state = state
-        (_, (out, non_trainable)), gradients = gradient_fn(trainable, non_trainable, images, labels)
-        trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, gradients, trainable)
-        return out, (trainable, non_trainable, optimizer_state)
-
-    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-             [v.value for v in optimizer.variables])
-
-    def run(images, labels):
-        nonlocal state
-        out, state = step(state, images, labels)
-        jax.block_until_ready((out, state))
-        return float(out["loss"])
-    run.traces = None          # jax.jit exposes no public trace count
     return run
 
 
@@ -425,22 +402,9 @@ def machine_lines(backend: str) -> list[str]:
     return lines
 
 
-def build(precision: str):
-    """(model, built Adam) under the `precision` dtype policy, as train.train builds them."""
-    previous = keras.mixed_precision.global_policy()
-    try:
-        keras.mixed_precision.set_global_policy(precision)
-        model = build_embedding_model((IMAGE_SIZE, IMAGE_SIZE, 3), 128, ARCHITECTURE)
-        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-        optimizer.build(model.trainable_variables)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    return model, optimizer
-
-
 class _DropRetracingWarning(logging.Filter):
     """Drops TF's 'triggered tf.function retracing' heuristic, which fires because this script builds
-    several step functions from one Python function; each one's trace count is checked exactly instead."""
+    several trainers, each tracing its own step function once (its input shapes never change)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "triggered tf.function retracing" not in record.getMessage()
@@ -527,7 +491,7 @@ def main() -> int:
             return make_train_dataset(images, labels, P, K, IMAGE_SIZE, config.crop_fraction,
                                       config.augment, seed)
         batches = list(dataset(0).take(IN_MEMORY_BATCHES))
-        train_step, loss_step = tf_train_step, tf_loss_step
+        loss_step = tf_loss_step
 
         # 3. The input pipeline alone: no model, every core for tf.data.
         print(f"timing the input pipeline: {pipeline_repeats} x {pipeline_batches} batches ...", flush=True)
@@ -548,19 +512,19 @@ def main() -> int:
     else:
         batches = input_batches(work, IN_MEMORY_BATCHES)
         data_line = f"{IN_MEMORY_BATCHES} P x K batches of the train split from facenet_kfp.input"
-        train_step, loss_step = jax_train_step, jax_loss_step
+        loss_step = jax_loss_step
 
     # 1, 2. The first precision's step functions in interleaved rounds; then each other precision
     # in its own rounds with the default step (a much slower step in the same rounds would
     # disturb whichever step follows it).
     keras.utils.set_random_seed(0)
-    built = {p: build(p) for p in precisions}
     main_precision = precisions[0]
     default: Key = (main_precision, LOSSES[0])
     trivial: Key = (main_precision, TRIVIAL)
     keys: list[Key] = [trivial] + [(main_precision, kind) for kind in LOSSES]
     other_keys: list[Key] = [(p, LOSSES[0]) for p in precisions[1:]]
-    steps = {key: train_step(*built[key[0]], loss_function(key[1])) for key in keys + other_keys}
+    trainers = {key: build(*key) for key in keys + other_keys}
+    steps = {key: train_step(trainer) for key, trainer in trainers.items()}
     calls = {key: (lambda i, step=step: step(*batches[i % len(batches)])) for key, step in steps.items()}
     print(f"timing {len(keys)} {main_precision} train steps: {args.warmup} warm-up each, then {args.steps} "
           f"interleaved rounds ...", flush=True)
@@ -573,35 +537,41 @@ def main() -> int:
                                                            args.warmup, other_steps, "step", warm=(default,))
         pairs[key] = (pair_wall, pair_cpu, pair_first[key])
 
+    # The default step fed by the backend's training pipeline (tf.data, or TrainBatches and its
+    # workers), which then shares the cores with the model, in blocks alternating with blocks on
+    # in-memory batches: steps next to each other in time compare, whatever the other jobs do.
+    # Single steps cannot alternate: the prefetch buffer would fill during the in-memory step and
+    # charge it the pipeline's work.
+    print(f"timing {' '.join(default)} fed by the pipeline: {fed_steps} steps, in blocks alternating "
+          f"with in-memory steps ...", flush=True)
     if use_tf:
-        # The default step fed by the live pipeline, which then shares the cores with the model, in
-        # blocks alternating with blocks on in-memory batches: steps next to each other in time
-        # compare, whatever the other jobs do. Single steps cannot alternate: the prefetch buffer
-        # would fill during the in-memory step and charge it the pipeline's work.
-        print(f"timing {' '.join(default)} fed by the pipeline: {fed_steps} steps, in blocks alternating "
-              f"with in-memory steps ...", flush=True)
-        iterator = iter(dataset(100))
-        for _ in range(args.warmup):
-            steps[default](*next(iterator))
-        fed = {"pipeline": ([], []), "memory": ([], [])}
-        block = min(FED_BLOCK, fed_steps)
-        for _ in range(-(-fed_steps // block)):
-            for source in ("pipeline", "memory"):
-                for i in range(block):
-                    start_wall, start_cpu = time.perf_counter(), time.process_time()
-                    batch = next(iterator) if source == "pipeline" else batches[i % len(batches)]
-                    steps[default](*batch)
-                    fed[source][0].append(time.perf_counter() - start_wall)
-                    fed[source][1].append(time.process_time() - start_cpu)
-        del iterator
+        iterator, fed_split = iter(dataset(100)), None
+    else:
+        fed_split = open_train_split(work)
+        iterator = TrainBatches(fed_split, fed_split.labels, P, K, IMAGE_SIZE, TrainConfig().crop_fraction,
+                                TrainConfig().augment, 100, workers=args.workers)
+    for _ in range(args.warmup):
+        steps[default](*next(iterator))
+    fed = {"pipeline": ([], []), "memory": ([], [])}
+    block = min(FED_BLOCK, fed_steps)
+    for _ in range(-(-fed_steps // block)):
+        for source in ("pipeline", "memory"):
+            for i in range(block):
+                start_cpu, start_wall = tree_cpu_seconds(), time.perf_counter()
+                batch = next(iterator) if source == "pipeline" else batches[i % len(batches)]
+                steps[default](*batch)
+                fed[source][0].append(time.perf_counter() - start_wall)
+                fed[source][1].append(tree_cpu_seconds() - start_cpu)
+    if fed_split is not None:
+        iterator.close()
+        fed_split.close()
+    del iterator
     print(f"timing the input pipelines side by side: {args.input_rounds} rounds ...", flush=True)
     inputs = compare_input_pipelines(work, args.input_batches, args.input_rounds, args.workers, use_tf)
     rss["input pipelines"] = peak_rss_mb()
-    retraced = [f"{' '.join(key)} ({step.traces()} traces)" for key, step in steps.items()
-                if step.traces is not None and step.traces() != 1]
 
     # The loss alone, on the main model's embeddings of the same real batches.
-    model = built[main_precision][0]
+    model = trainers[default].embedding
     embeddings = [(y, model(x, training=False)) for x, y in batches]
     loss_calls = {(main_precision, kind): (lambda i, step=loss_step(loss_function(kind)):
                                            step(*embeddings[i % len(embeddings)]))
@@ -623,13 +593,11 @@ def main() -> int:
           f"within this run")
     print(f"data: {IDENTITIES}-identity demo archive in {args.work}; {data_line}")
     print(f"model: {ARCHITECTURE} {IMAGE_SIZE}x{IMAGE_SIZE}, 128-D embeddings, batch {BATCH} = P {P} x K {K}, "
-          f"Adam lr 1e-3, {'tf.function without XLA (as train.train)' if use_tf else 'jax.jit'}")
+          f"train.build_trainer (Adam, lr 1e-3 cosine), Keras train_on_batch: "
+          f"{'tf.function without XLA' if use_tf else 'jax.jit'}")
     print(f"timing: medians; {main_precision}: {args.steps} interleaved rounds of its {len(keys)} steps"
           + "".join(f"; {key[0]}: {other_steps} rounds paired with {' '.join(default)}" for key in other_keys)
           + f"; {args.warmup} warm-up steps each, the first of which traces")
-    if use_tf:
-        print("trace check: " + ("every step function traced once" if not retraced
-                                 else "RETRACED: " + ", ".join(retraced)))
 
     print("\n1. training step: forward, mining + loss + batch statistics, backward, Adam update")
     print(f"{'precision':<15} {'loss':<11} {'steps':>5} {'ms/step':>8} {'IQR ms':>12} {'images/s':>9} "
@@ -675,7 +643,8 @@ def main() -> int:
 
     print(f"\n3. input pipeline vs the model's consumption (target >= {PIPELINE_TARGET:.0f}x)")
     if pipeline is None:
-        print(f"  skipped: the tf.data pipeline needs TensorFlow (KERAS_BACKEND={backend})")
+        print(f"  tf.data alone: skipped, it needs TensorFlow (KERAS_BACKEND={backend}); part 4 times "
+              f"facenet_kfp.input alone")
     else:
         print(f"  make_train_dataset alone (decode + crop, resize {IMAGE_SIZE}, augment, batch): "
               f"{pipeline:.0f} images/s (median of {pipeline_repeats} x {pipeline_batches} batches)")
@@ -687,13 +656,14 @@ def main() -> int:
         print(f"  CPU: the pipeline spends {pipeline_cpu * 1e3:.0f} CPU-ms per batch, {' '.join(default)} "
               f"{model_cpu:.2f} CPU-s per step: {model_cpu / pipeline_cpu:.0f}x (the pipeline takes "
               f"{pipeline_cpu / (pipeline_cpu + model_cpu):.1%} of the CPU when training)")
-        fed_wall, fed_cpu = np.asarray(fed["pipeline"][0]), np.asarray(fed["pipeline"][1])
-        mem_wall, mem_cpu = np.asarray(fed["memory"][0]), np.asarray(fed["memory"][1])
-        print(f"  {' '.join(default)} fed by the live pipeline vs from memory, alternating blocks of "
-              f"{min(FED_BLOCK, fed_steps)} ({len(fed_wall)} steps each):")
-        print(f"    pipeline-fed {BATCH / med(fed_wall):6.1f} images/s, {med(fed_cpu):.2f} CPU-s/step; in-memory "
-              f"{BATCH / med(mem_wall):6.1f} images/s, {med(mem_cpu):.2f} CPU-s/step; fed / memory speed "
-              f"{med(mem_wall) / med(fed_wall):.2f}x")
+    fed_wall, fed_cpu = np.asarray(fed["pipeline"][0]), np.asarray(fed["pipeline"][1])
+    mem_wall, mem_cpu = np.asarray(fed["memory"][0]), np.asarray(fed["memory"][1])
+    print(f"  {' '.join(default)} fed by the live pipeline "
+          f"({'tf.data' if use_tf else 'facenet_kfp.input.TrainBatches'}) vs from memory, alternating blocks of "
+          f"{min(FED_BLOCK, fed_steps)} ({len(fed_wall)} steps each; CPU counts the pipeline's workers):")
+    print(f"    pipeline-fed {BATCH / med(fed_wall):6.1f} images/s, {med(fed_cpu):.2f} CPU-s/step; in-memory "
+          f"{BATCH / med(mem_wall):6.1f} images/s, {med(mem_cpu):.2f} CPU-s/step; fed / memory speed "
+          f"{med(mem_wall) / med(fed_wall):.2f}x")
 
     report_input_pipelines(inputs, args.input_batches, worker_count(args.workers))
     print(f"\n5. peak RSS of this process: {peak_rss_mb():.0f} MB (after "

@@ -1,0 +1,104 @@
+"""benchmarks/gpu.py's dry run on this CPU (JAX, TensorFlow and kfp unimportable) and benchmarks/gpu.sh's refusals.
+
+The dry run is the GPU benchmark on a tiny budget: every part runs (archive,
+data steps, batch sweep fed and from memory, the recipe trained to its
+max_steps and evaluated), so the test checks that each figure of the table
+and of the JSON is there and well-formed, not what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_SH = ROOT / "benchmarks" / "gpu.sh"
+
+# As on the GPU machine: no TensorFlow, no kfp; importing either fails.
+BLOCKED_RUN = textwrap.dedent("""
+    import runpy, sys
+    sys.modules["tensorflow"] = None
+    sys.modules["kfp"] = None
+    sys.argv = ["benchmarks.gpu", *sys.argv[1:]]
+    runpy.run_module("benchmarks.gpu", run_name="__main__")
+""")
+
+
+@pytest.mark.slow
+def test_gpu_dry_run_reports_every_figure_without_tensorflow(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT), "OUT": str(out)}
+    result = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--dry-run", "--work", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads((out / "gpu-benchmark.json").read_text())
+    assert report["dry_run"] is True and report["complete"] is True and report["machine"]["backend"] == "jax"
+    assert list(report["data_seconds"]) == ["synth", "extract", "labels", "complete", "splits"]
+    assert [(row["p"], row["k"], row["batch"]) for row in report["throughput"]] == [(2, 4, 8), (4, 4, 16)]
+    for row in report["throughput"]:
+        for key in ("fed_images_per_second", "memory_images_per_second"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["input_cost"] == pytest.approx(1 - row["fed_images_per_second"] / row["memory_images_per_second"])
+    best = report["best"]
+    assert best in report["throughput"]
+    assert best["fed_images_per_second"] == max(r["fed_images_per_second"] for r in report["throughput"])
+    assert report["target"] == {"images_per_second": 10_000, "met": best["fed_images_per_second"] >= 10_000}
+
+    recipe = report["recipe"]
+    assert recipe["steps"] == 12 and recipe["batch"] == 64          # the dry run's max_steps, lfw.yaml's 16 x 4
+    for key in ("val_accuracy", "test_accuracy", "test_kfold_accuracy", "test_auc", "test_val_at_far_0.001"):
+        assert 0.0 <= recipe[key] <= 1.0, (key, recipe[key])
+    assert recipe["wall_seconds"] >= recipe["train_seconds"] > 0 and recipe["images_per_second"] > 0
+    assert recipe["distance"] == "squared_l2" and recipe["threshold"] > 0 and recipe["test_pairs"] > 0
+    model = json.loads((tmp_path / "work" / "model" / "model.json").read_text())
+    assert model["backend"] == "jax" and model["precision"] == "mixed_bfloat16" and model["trained_steps"] == 12
+    assert "saved_model/" not in model["files"]      # TensorFlow was unimportable
+
+    table = result.stdout.split("GPU benchmark (DRY RUN", 1)[1]
+    for text in ("fed images/s", "memory images/s", "input cost", "<- best", "the >= 10,000 images/s target",
+                 "configs/lfw.yaml to completion: 12 steps of 64", "test accuracy", "AUC", "VAL@FAR=1e-3",
+                 "wall time"):
+        assert text in table, text
+    assert "data: splits done" in result.stdout and "recipe: evaluated" in result.stdout   # progress lines
+    assert "facenet_kfp.train: step 12/12" in result.stderr and "facenet_kfp.train: trained 12 steps" in result.stderr
+
+
+def test_gpu_benchmark_refuses_an_existing_work_folder(tmp_path, capsys):
+    from benchmarks import gpu
+
+    with pytest.raises(SystemExit) as exc:
+        gpu.main(["--dry-run", "--work", str(tmp_path)])
+    assert exc.value.code == 2 and f"--work {tmp_path} exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_gpu_sh_refuses_without_the_keras_wheel(tmp_path, folder):
+    wheels = tmp_path / "wheels"
+    if folder == "empty":
+        wheels.mkdir()
+        (wheels / "namex-0.1.0-py3-none-any.whl").write_bytes(b"")     # other wheels do not stand in for Keras
+    result = subprocess.run(["bash", str(GPU_SH), "--dry-run"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GPU_WHEELS": str(wheels)})
+    assert result.returncode == 2
+    assert f"no Keras wheel in {wheels}/" in result.stderr and "make gpu-wheels" in result.stderr
+    assert ("missing" if folder == "missing" else "has no keras-*.whl") in result.stderr
+    assert "installing" not in result.stdout
+
+
+def test_gpu_sh_refuses_wheels_for_another_python(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("keras-3.15.1-py3-none-any.whl", "optree-0.20.0-cp399-cp399-manylinux_2_28_x86_64.whl"):
+        (wheels / name).write_bytes(b"")
+    result = subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GPU_WHEELS": str(wheels), "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert "are for Python 3.99" in result.stderr and "make gpu-wheels GPU_PYTHON=" in result.stderr
