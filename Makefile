@@ -108,7 +108,7 @@ bench-preprocess: install ## time the five data steps on an LFW-scale demo archi
 bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
 	$(PY) -m benchmarks.train
 
-bench-recipe: install ## configs/lfw.yaml's recipe vs the seed's on the LFW-scale demo archive, same budget (about 45 min)
+bench-recipe: install ## configs/lfw.yaml's recipe vs the seed's on the LFW-scale demo archive, same budget (about 30 min on 2 cores)
 	$(PY) -m benchmarks.recipe
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
