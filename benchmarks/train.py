@@ -69,7 +69,6 @@ from facenet_kfp.config import TrainConfig
 from facenet_kfp.extract import extract_dataset
 from facenet_kfp.input import DEFAULT_CACHE_BYTES, SplitImages, TrainBatches, open_split, worker_count
 from facenet_kfp.labels import build_labels
-from facenet_kfp.model import build_embedding_model
 from facenet_kfp.splits import make_splits
 from facenet_kfp.synth import generate_demo_archive
 from facenet_kfp.train import Placement, batch_loss, build_trainer

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from facenet_kfp import __version__
 from facenet_kfp.errors import DownloadError, InputError
-from facenet_kfp.fsutil import atomic_file
+from facenet_kfp.fsutil import atomic_file, file_sha256, gcs_client
 from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -230,20 +230,12 @@ def check_replaceable_file(dest: str | os.PathLike, sha256: str = "") -> None:
         why = "is a symbolic link" if dest.is_symlink() else "is not a regular file"
     elif not expected:
         why = "already exists and no sha256 was given to show it is an earlier copy of this archive"
-    elif _file_sha256(dest) != expected:
+    elif file_sha256(dest) != expected:
         why = f"already exists and its sha256 is not {expected}"
     else:
         return
     raise InputError(f"download destination {dest} {why}; refusing to replace it: remove it "
                      f"or choose another destination")
-
-
-def _file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(MB):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _check_sha256(sha256: str) -> str:
@@ -440,27 +432,11 @@ def _split_gs_uri(source_uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-def _gcs_client():
-    """A storage client: application default credentials, else anonymous (public data)."""
-    # Imported here so http/local downloads do not pay for loading the Google client stack.
-    from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import storage
-
-    try:
-        # A download needs no project; with STORAGE_EMULATOR_HOST set the
-        # library itself switches to the emulator and anonymous credentials.
-        return storage.Client(project=None)
-    except DefaultCredentialsError:
-        log.info("no Google application default credentials found; using an anonymous "
-                 "client (works for public buckets only)")
-        return storage.Client.create_anonymous_client()
-
-
 def _fetch_gcs(source_uri: str, bucket: str, name: str, sink: _Sink, *, timeout: float) -> None:
     from google.api_core.exceptions import GoogleAPICallError
     from google.cloud.storage.exceptions import DataCorruption
 
-    client = _gcs_client()
+    client = gcs_client()
     try:
         blob = client.bucket(bucket).get_blob(name, timeout=timeout)
         if blob is None:

@@ -210,3 +210,111 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's content, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- local paths or gs:// URIs
+# Checkpoints, their JSON and TensorBoard events go to a local folder or a gs:// prefix.
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def gcs_client():
+    """A storage client: application default credentials, else anonymous (public data)."""
+    # Imported here so local and http work does not pay for loading the Google client stack.
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    try:
+        # No project is needed; with STORAGE_EMULATOR_HOST set the library itself
+        # switches to the emulator and anonymous credentials.
+        return storage.Client(project=None)
+    except DefaultCredentialsError:
+        import logging
+
+        logging.getLogger(__name__).info("no Google application default credentials found; using an "
+                                         "anonymous client (works for public buckets only)")
+        return storage.Client.create_anonymous_client()
+
+
+def _blob(uri: str):
+    """The google-cloud-storage blob of a gs:// URI."""
+    from facenet_kfp.errors import InputError
+
+    if not str(uri).startswith("gs://"):
+        raise InputError(f"{uri}: only local paths and gs:// URIs are supported")
+    bucket, _, name = str(uri)[len("gs://"):].partition("/")
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def join(folder: str, name: str) -> str:
+    return f"{str(folder).rstrip('/')}/{name}"
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The content of a file or gs:// object; None when it does not exist."""
+    if not is_uri(path):
+        return Path(path).read_bytes() if Path(path).is_file() else None
+    from google.api_core.exceptions import NotFound
+
+    try:
+        return _blob(path).download_as_bytes()
+    except NotFound:
+        return None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write atomically: a local file through `atomic_file`, a gs:// object in one upload."""
+    if is_uri(path):
+        _blob(path).upload_from_string(data)
+        return
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def list_names(folder: str) -> list[str]:
+    """The names of the files directly in a folder (or under a gs:// prefix); [] when there is none."""
+    if not is_uri(folder):
+        return sorted(p.name for p in Path(folder).iterdir() if p.is_file()) if Path(folder).is_dir() else []
+    blob = _blob(str(folder).rstrip("/") + "/")
+    names = (b.name[len(blob.name):] for b in blob.bucket.list_blobs(prefix=blob.name))
+    return sorted(n for n in names if n and "/" not in n)
+
+
+def delete(path: str) -> None:
+    if is_uri(path):
+        _blob(path).delete()
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def write_json_any(path: str, obj: Any) -> None:
+    """Atomic JSON write to a local path or a gs:// URI."""
+    if is_uri(path):
+        write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    else:
+        write_json(path, obj)
+
+
+def read_json_any(path: str) -> Any | None:
+    """The JSON in a file or gs:// object; None when it does not exist; InputError when it is not JSON."""
+    from facenet_kfp.errors import InputError
+
+    data = read_bytes(path)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc

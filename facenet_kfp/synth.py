@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import io
 import logging
 import math
@@ -38,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import atomic_file, write_text
+from facenet_kfp.fsutil import atomic_file, file_sha256, write_text
 from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -871,14 +870,6 @@ def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarI
     return info
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def generate_demo_archive(out_dir: str | os.PathLike, identities: int = 120, seed: int = 0,
                           lfw_scale: bool = False, image_size: int = LFW_IMAGE_SIZE,
                           workers: int | None = None) -> SynthResult:
@@ -939,7 +930,7 @@ def generate_demo_archive(out_dir: str | os.PathLike, identities: int = 120, see
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-    sha256 = _sha256(archive)
+    sha256 = file_sha256(archive)
     write_text(out_dir / "lfw.tgz.sha256", f"{sha256}  lfw.tgz\n")
 
     pairs_path = out_dir / "pairs.txt"

@@ -1,4 +1,4 @@
-"""TensorBoard event files of a training run, and the file access it shares with checkpoints; no TensorFlow.
+"""TensorBoard event files of a training run; no TensorFlow.
 
 Event files are what `tf.summary` writes: TFRecord framing (uint64 length,
 masked CRC-32C of the length, the record, masked CRC-32C of the record, all
@@ -17,7 +17,6 @@ files stay a few hundred KB).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,96 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import write_json
+from facenet_kfp.fsutil import is_uri, join, list_names, read_bytes, read_json_any, write_bytes, write_json_any
 
 log = logging.getLogger(__name__)
 
 TENSORBOARD_RUN_JSON = "facenet-kfp-run.json"   # in a TensorBoard folder: the run its events belong to
 TENSORBOARD_FORMAT = "facenet-kfp-tensorboard/1"
 EVENT_FILE_PREFIX = "events.out.tfevents."
-
-
-# ----------------------------------------------------------------------------- paths and gs:// URIs
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def _blob(uri: str):
-    """The google-cloud-storage blob of a gs:// URI."""
-    if not str(uri).startswith("gs://"):
-        raise InputError(f"{uri}: only local paths and gs:// URIs are supported")
-    from google.cloud import storage
-
-    bucket, _, name = str(uri)[len("gs://"):].partition("/")
-    return storage.Client().bucket(bucket).blob(name)
-
-
-def join(folder: str, name: str) -> str:
-    return f"{str(folder).rstrip('/')}/{name}"
-
-
-def read_bytes(path: str) -> bytes | None:
-    """The content of a file or gs:// object; None when it does not exist."""
-    if not is_uri(path):
-        return Path(path).read_bytes() if Path(path).is_file() else None
-    from google.api_core.exceptions import NotFound
-
-    try:
-        return _blob(path).download_as_bytes()
-    except NotFound:
-        return None
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically: a local file through a temporary name and a rename; a gs:// object in one upload."""
-    if is_uri(path):
-        _blob(path).upload_from_string(data)
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-
-
-def list_names(folder: str) -> list[str]:
-    """The names of the files directly in a folder (or under a gs:// prefix); [] when there is none."""
-    if not is_uri(folder):
-        return sorted(p.name for p in Path(folder).iterdir() if p.is_file()) if Path(folder).is_dir() else []
-    prefix = str(folder).rstrip("/") + "/"
-    blob = _blob(prefix)
-    names = (b.name[len(blob.name):] for b in blob.bucket.list_blobs(prefix=blob.name))
-    return sorted(n for n in names if n and "/" not in n)
-
-
-def delete(path: str) -> None:
-    if is_uri(path):
-        _blob(path).delete()
-    else:
-        Path(path).unlink(missing_ok=True)
-
-
-def write_json_any(path: str, obj: Any) -> None:
-    """Atomic JSON write to a local path (fsutil) or a gs:// URI."""
-    if is_uri(path):
-        write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-    else:
-        write_json(path, obj)
-
-
-def read_json_any(path: str) -> Any | None:
-    """The JSON in a file or gs:// object; None when it does not exist; InputError when it is not JSON."""
-    data = read_bytes(path)
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
 # ----------------------------------------------------------------------------- records and protobuf fields

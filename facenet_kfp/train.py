@@ -89,12 +89,10 @@ import numpy as np
 from facenet_kfp import __version__
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import check_replaceable
+from facenet_kfp.fsutil import (check_replaceable, delete, join, list_names, read_bytes, read_json_any,
+                                write_bytes, write_json_any)
 from facenet_kfp.progress import Progress, _fmt_seconds
-from facenet_kfp.tensorboard_log import (EVENT_FILE_PREFIX, TENSORBOARD_FORMAT, TENSORBOARD_RUN_JSON,  # noqa: F401
-                                         TensorBoardLog, claim_tensorboard_dir, delete, join, list_names,
-                                         read_bytes, read_json_any, write_bytes, write_json_any,
-                                         written_steps)
+from facenet_kfp.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 

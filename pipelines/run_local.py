@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -38,7 +37,7 @@ from kfp.local.orchestrator import task_executor
 from components import Images
 from facenet_kfp.config import load_config
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import write_json
+from facenet_kfp.fsutil import file_sha256, write_json
 from pipelines.facenet_pipeline import PIPELINE_NAME, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -284,14 +283,6 @@ def config_names_source(config_path: str | None) -> bool:
     return "source_uri" in (raw.get("data") or {})
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def data_sources(config_path: str | None, source: str | None, sha256: str | None, pairs: str | None,
                  pairs_sha256: str | None, demo_dir: str, demo_identities: int, demo_seed: int,
                  overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -321,7 +312,7 @@ def data_sources(config_path: str | None, source: str | None, sha256: str | None
         if not demo_pairs.is_file():
             raise InputError(f"{demo_pairs}: demo pairs file not found; remove {demo_dir} to "
                              f"generate the demo dataset again")
-        pairs_uri, pairs_sha = str(demo_pairs), _file_sha256(demo_pairs)
+        pairs_uri, pairs_sha = str(demo_pairs), file_sha256(demo_pairs)
     elif pairs:
         pairs_uri, pairs_sha = pairs, (config.pairs_sha256 if pairs == config.pairs_uri else "")
     else:

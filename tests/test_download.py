@@ -503,10 +503,10 @@ def test_gs_missing_object(gcs, tmp_path):
 def test_gs_client_is_anonymous_without_credentials(monkeypatch, tmp_path):
     from google.auth.credentials import AnonymousCredentials
 
-    from facenet_kfp.download import _gcs_client
+    from facenet_kfp.fsutil import gcs_client
 
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     # A credentials file that does not exist makes google.auth.default() fail at once.
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
-    client = _gcs_client()
+    client = gcs_client()
     assert isinstance(client._credentials, AnonymousCredentials)

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from facenet_kfp.errors import InputError

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facenet_kfp import provenance, tensorboard_log
+from facenet_kfp import fsutil, provenance, tensorboard_log
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import write_json
@@ -475,8 +475,8 @@ def test_tensorboard_events_hold_every_logged_and_validated_step(trained):
                                            rtol=1e-6, err_msg=tag)
     assert all(v > 0 for _, v in scalars["train/images_per_second"])
     assert len(list(trained["tb"].glob("events.out.tfevents.*"))) == 1
-    marker = json.loads((trained["tb"] / train_mod.TENSORBOARD_RUN_JSON).read_text())
-    assert marker == {"format": train_mod.TENSORBOARD_FORMAT, "run": str(trained["model"])}
+    marker = json.loads((trained["tb"] / tensorboard_log.TENSORBOARD_RUN_JSON).read_text())
+    assert marker == {"format": tensorboard_log.TENSORBOARD_FORMAT, "run": str(trained["model"])}
 
 
 @pytest.mark.slow
@@ -509,16 +509,16 @@ def test_resumed_run_completes_tensorboard_folders_without_repeating_a_step(trai
 
 def test_tensorboard_folder_belongs_to_one_run(tiny, tmp_path):
     folder = str(tmp_path / "tb")
-    assert train_mod.claim_tensorboard_dir(folder, "run-a") == {}
-    assert json.loads((tmp_path / "tb" / train_mod.TENSORBOARD_RUN_JSON).read_text())["run"] == "run-a"
-    assert train_mod.claim_tensorboard_dir(folder, "run-a") == {}          # the same run continues
+    assert tensorboard_log.claim_tensorboard_dir(folder, "run-a") == {}
+    assert json.loads((tmp_path / "tb" / tensorboard_log.TENSORBOARD_RUN_JSON).read_text())["run"] == "run-a"
+    assert tensorboard_log.claim_tensorboard_dir(folder, "run-a") == {}          # the same run continues
     with pytest.raises(InputError, match=r"facenet-kfp-run.json: the TensorBoard folder holds the events of "
                                          r"run 'run-a', not of 'run-b'; give a new folder"):
-        train_mod.claim_tensorboard_dir(folder, "run-b")
+        tensorboard_log.claim_tensorboard_dir(folder, "run-b")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine\n")
     with pytest.raises(InputError, match=r"notes: TensorBoard folder is not empty and has no facenet-kfp-run"):
-        train_mod.claim_tensorboard_dir(str(tmp_path / "notes"), "run-a")
+        tensorboard_log.claim_tensorboard_dir(str(tmp_path / "notes"), "run-a")
     # train() refuses such a folder before it trains.
     with pytest.raises(InputError, match="holds the events of run 'run-a'"):
         run_train(tiny, tmp_path / "model", FAST, tensorboard_dir=folder)
@@ -627,5 +627,5 @@ def test_checkpoints_and_events_on_gcs_are_written_and_resumed(tiny, tmp_path, g
     second = run_train(tiny, tmp_path / "b", dataclasses.replace(config, max_steps=30), checkpoint_dir=ckpt,
                        tensorboard_dir=events, run_key="run-1")
     assert second["start_step"] == 20 and second["steps"] == 30
-    steps = tensorboard_log.written_steps(events, tensorboard_log.list_names(events))
+    steps = tensorboard_log.written_steps(events, fsutil.list_names(events))
     assert steps and max(steps.values()) == 30

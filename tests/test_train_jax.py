@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facenet_kfp import tensorboard_log
+from facenet_kfp import fsutil, tensorboard_log
 from facenet_kfp.config import TrainConfig, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_jax_training_runs_with_tensorflow_unimportable(inputs, tmp_path):
     assert (tmp_path / "model" / "model.keras").is_file()
     assert sorted(p.name for p in (tmp_path / "model.ckpt").glob("ckpt-*")) == ["ckpt-10.npz", "ckpt-20.npz"]
     # TensorBoard events without TensorFlow: every logged and validated step, read back here.
-    names = tensorboard_log.list_names(str(tmp_path / "tb"))
+    names = fsutil.list_names(str(tmp_path / "tb"))
     written = tensorboard_log.written_steps(str(tmp_path / "tb"), names)
     assert written["train/loss"] == 20 and written["val/loss"] == 20 and written["train/learning_rate"] == 20
 
