@@ -53,6 +53,9 @@ CONTAINER_PACKAGES   := buildah podman runc debootstrap
 # With RUNNER=docker, `make run` goes through images/podman.sh exec: DOCKER_HOST or a Docker daemon
 # when there is one, else podman's Docker-compatible service, started for the run and stopped after it.
 RUN_WITH      = $(if $(filter docker,$(RUNNER)),images/podman.sh exec)
+# What `make run` and `make rerun` both pass.
+RUN_ARGS      = --runner $(RUNNER) --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+                $(foreach s,$(SET),--set '$(s)') $(if $(NO_CACHE),--no-cache)
 # `make rerun` settings.
 STEP          ?= train
 FROM          ?= $(PIPELINE_ROOT)
@@ -77,13 +80,11 @@ install: $(STAMP) ## create .venv with the pinned dependencies (Python 3.11+, PY
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
+run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
 	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
-	  --demo-dir $(DEMO_DIR) --runner $(RUNNER) \
-	  --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+	  --demo-dir $(DEMO_DIR) $(RUN_ARGS) \
 	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
-	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)') \
-	  $(if $(NO_CACHE),--no-cache)
+	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)')
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
@@ -97,10 +98,9 @@ submit: install ## compile and start a run on Kubeflow Pipelines (HOST, EXPERIME
 	  $(if $(NAMESPACE),--namespace '$(NAMESPACE)') $(if $(KFP_TOKEN),--existing-token "$$KFP_TOKEN") \
 	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache)
 
-rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1)
-	$(PY) -m pipelines.rerun --step $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
-	  --pipeline-root $(PIPELINE_ROOT) --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
-	  $(foreach s,$(SET),--set '$(s)') $(if $(EVALUATE),--with-evaluate)
+rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1)
+	$(RUN_WITH) $(PY) -m pipelines.run_local --rerun $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
+	  --pipeline-root $(PIPELINE_ROOT) $(RUN_ARGS) $(if $(EVALUATE),--with-evaluate)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
 	$(PY) -m benchmarks.preprocess

@@ -31,15 +31,13 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
         report: HTML report: ROC, distance histograms, training curves, example pairs.
         threshold: threshold.json for serving: threshold, distance definition, model.
     """
-    from facenet_kfp.config import EvaluateConfig, section_from_dict
+    from facenet_kfp.config import EvaluateConfig
     from facenet_kfp.evaluate import evaluate
     from facenet_kfp.kfp_io import log_classification, log_metrics, run_step
 
-    config = section_from_dict(EvaluateConfig, dict(
-        max_positive_pairs=max_positive_pairs, folds=folds, far_targets=list(far_targets),
-        seed_threshold=seed_threshold, batch_size=batch_size, report_examples=report_examples,
-        seed=seed), "evaluate")
-    config.validate()
+    config = EvaluateConfig(max_positive_pairs=max_positive_pairs, folds=folds, far_targets=far_targets,
+                            seed_threshold=seed_threshold, batch_size=batch_size,
+                            report_examples=report_examples, seed=seed)
     result = run_step("evaluate", evaluate, model.path, images.path, splits.path, config,
                       report_path=report.path, threshold_path=threshold.path,
                       pairs_uri=pairs_uri, pairs_sha256=pairs_sha256, model_uri=model.uri)

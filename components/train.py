@@ -52,20 +52,18 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
             validation scalars, learning rate, images/s):
             `tensorboard --logdir <its URI>`.
     """
-    from facenet_kfp.config import TrainConfig, section_from_dict
+    from facenet_kfp.config import TrainConfig
     from facenet_kfp.kfp_io import checkpoint_dir_for, log_metrics, run_step
     from facenet_kfp.report import write_training_report
     from facenet_kfp.train import train
 
-    params = dict(architecture=architecture, image_size=image_size, crop_fraction=crop_fraction,
-                  embedding_dim=embedding_dim, p=p, k=k, loss=loss, margin=margin,
-                  squared=squared, learning_rate=learning_rate, lr_schedule=lr_schedule,
-                  warmup_steps=warmup_steps, max_steps=max_steps, augment=augment,
-                  validate_every=validate_every, validation_batches=validation_batches,
-                  checkpoint_every=checkpoint_every, log_every=log_every, precision=precision,
-                  seed=seed)
-    config = section_from_dict(TrainConfig, params, "train")
-    config.validate()
+    config = TrainConfig(
+        architecture=architecture, image_size=image_size, crop_fraction=crop_fraction,
+        embedding_dim=embedding_dim, p=p, k=k, loss=loss, margin=margin, squared=squared,
+        learning_rate=learning_rate, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+        max_steps=max_steps, augment=augment, validate_every=validate_every,
+        validation_batches=validation_batches, checkpoint_every=checkpoint_every,
+        log_every=log_every, precision=precision, seed=seed)
     # Keyed by this task's model URI: a retried pod resumes, a new run starts at step 0.
     checkpoint_dir = checkpoint_dir_for(checkpoint_root, model.uri)
     live_events = checkpoint_dir_for(tensorboard_root, model.uri)

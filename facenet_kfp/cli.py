@@ -89,17 +89,13 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return values
 
 
-def _overrides(pairs: list[str], section: str) -> dict[str, dict[str, Any]]:
-    """`--set key=value` options as config overrides (values parsed as YAML scalars)."""
-    import yaml
+def _overrides(items: list[str], section: str) -> dict[str, dict[str, Any]]:
+    """`--set key=value` options as config overrides, typed by the config field (`key` or `section.key`)."""
+    from dataclasses import fields
 
-    values = {}
-    for item in pairs:
-        if "=" not in item:
-            raise FacenetError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw)
-    return {section: values}
+    from facenet_kfp.config import SECTIONS, parse_assignments
+
+    return parse_assignments(items, {f.name: (section, f.name) for f in fields(SECTIONS[section])})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -145,6 +141,19 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from facenet_kfp.verify import embed_files
 
     _print_json(embed_files(args.model, args.images, args.out, batch_size=args.batch_size))
+
+
+def _add_set(parser: argparse.ArgumentParser, section: str, example: str) -> None:
+    """`--set KEY=VALUE` for one config section; `--help` lists its keys with their help and defaults."""
+    from dataclasses import fields
+
+    from facenet_kfp.config import SECTIONS
+
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a {section} key ({example}); the keys are listed below")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = f"{section} keys (--set KEY=VALUE, or in --config under {section}:):\n" + "\n".join(
+        f"  {f.name:<20} {f.metadata['help']} (default {f.default!r})" for f in fields(SECTIONS[section]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(name, help=f"{name} folder")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--config", default=None, help="YAML config (its train section is used)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train key, e.g. --set max_steps=100")
+    _add_set(p, "train", "e.g. --set max_steps=100")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default <out>.ckpt); resumed only when it "
                    "was written for the same --out, inputs and settings")
     p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
@@ -226,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("splits", help="splits folder")
     p.add_argument("--out", required=True, help="output folder (report.html, threshold.json, metrics.json)")
     p.add_argument("--config", default=None, help="YAML config (its evaluate section is used)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluate key")
+    _add_set(p, "evaluate", "e.g. --set folds=5")
     p.add_argument("--pairs", default="", help="LFW pairs.txt (URI or path) for the standard protocol")
     p.add_argument("--pairs-sha256", default="", help="expected sha256 of pairs.txt")
 

@@ -1,4 +1,4 @@
-"""Typed configuration: frozen dataclasses with commented defaults, overridden by YAML files.
+"""Typed configuration: frozen dataclasses whose fields carry their own help, overridden by YAML.
 
 A config file has up to four sections, each optional::
 
@@ -7,18 +7,24 @@ A config file has up to four sections, each optional::
     evaluate: {folds: 10, ...}
     cluster:  {train_gpus: 1, ...}
 
-Unknown keys and wrong types are errors that name the file and the key.
+Each field's metadata holds its help text (read by the pipeline's parameter
+descriptions, the command line's ``--help`` and the README's config table) and
+its limits. A section checks itself when it is built (``__post_init__``), so an
+invalid config cannot exist; `load_config` adds the file name to the message.
+Unknown keys and wrong types are errors that name the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -33,213 +39,43 @@ ARCHITECTURES = ("nn4_small2", "small_cnn")
 LOSSES = ("batch_all", "batch_hard", "semi_hard")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
+# Toleration keys as a Kubernetes manifest spells them -> kfp.kubernetes.add_toleration's arguments.
+TOLERATION_KEYS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
+                   "tolerationSeconds": "toleration_seconds"}
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Steps 1-5: download, extract, labels, completion, splits."""
-    source_uri: str = LFW_URL          # https://, gs://, file:// or a local path to the archive
-    sha256: str = LFW_SHA256           # expected archive sha256; "" skips the check
-    max_download_gb: float = 20.0      # download fails past this many GB (10**9 bytes); raise it for larger archives
-    pairs_uri: str = ""                # optional LFW View 2 pairs.txt for the standard protocol
-    pairs_sha256: str = ""             # expected pairs.txt sha256; "" skips the check
-    shard_size_mb: int = 64            # target size of each packed image shard
-    max_skipped_fraction: float = 0.01  # extract fails when more of the images are unusable (junk files do not count)
-    max_expansion: float = 20.0        # extract may write this many times the archive's size (at least 64 MiB)
-    multiple: int = 4                  # complete every identity up to a multiple of this (K)
-    min_images: int = 1                # identities with fewer real images are not completed
-    completion_seed: int = 0           # seed of the completion augmentations
-    train_fraction: float = 0.70       # identity-disjoint split fractions (sum to 1)
-    val_fraction: float = 0.15         # validation identities (threshold selection), 2+ images each
-    test_fraction: float = 0.15        # held-out test identities, 2+ images each
-    split_seed: int = 0                # seed of the identity shuffle
+def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
+            maximum: float | None = None, above: float | None = None, below: float | None = None) -> Any:
+    """A config field: its default, one line of help and its limits (checked when a section is built).
 
-    def validate(self) -> None:
-        check_fields(self, "data")
-        fractions = {"train_fraction": self.train_fraction, "val_fraction": self.val_fraction,
-                     "test_fraction": self.test_fraction}
-        for key, value in fractions.items():
-            if not 0 < value < 1:
-                raise InputError(f"data.{key} must be in (0, 1), got {value}")
-        if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise InputError(f"data.train_fraction + val_fraction + test_fraction must be 1, "
-                             f"got {sum(fractions.values()):.6g}")
-        _positive("data", "max_download_gb", self.max_download_gb)
-        _positive("data", "multiple", self.multiple)
-        _positive("data", "min_images", self.min_images)
-        _positive("data", "shard_size_mb", self.shard_size_mb)
-        if not 0 <= self.max_skipped_fraction <= 1:
-            raise InputError(f"data.max_skipped_fraction must be from 0 to 1, got {self.max_skipped_fraction}")
-        if not 1 <= self.max_expansion < math.inf:
-            raise InputError(f"data.max_expansion must be a finite number >= 1, got {self.max_expansion}")
-        if not self.source_uri:
-            raise InputError("data.source_uri must not be empty")
-        for key in ("sha256", "pairs_sha256"):
-            _check_sha256(f"data.{key}", getattr(self, key))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Step 6: the embedding network and its triplet-loss training."""
-    architecture: str = "nn4_small2"   # nn4_small2 (OpenFace, 96x96) or small_cnn (demo/tests)
-    image_size: int = 96               # model input is image_size x image_size RGB
-    crop_fraction: float = 0.6         # centre crop of the 250x250 image kept around the face
-    embedding_dim: int = 128           # size of the L2-normalised embedding
-    p: int = 16                        # identities per batch
-    k: int = 4                         # images per identity per batch (the completion multiple)
-    loss: str = "batch_hard"           # batch_all | batch_hard | semi_hard
-    margin: float = 0.2                # triplet margin, in the units of the distance below
-    squared: bool = True               # squared L2 distances (FaceNet) or plain L2
-    learning_rate: float = 1e-3        # Adam learning rate (peak, after warm-up)
-    lr_schedule: str = "cosine"        # constant | cosine (decays to 1% of the peak)
-    warmup_steps: int = 0              # linear warm-up steps
-    max_steps: int = 20000             # optimizer steps
-    augment: bool = True               # random mirror, crop jitter, brightness (training only)
-    validate_every: int = 500          # steps between validation passes (0: never)
-    validation_batches: int = 10       # P x K batches per validation pass
-    checkpoint_every: int = 500        # steps between checkpoints
-    log_every: int = 20                # steps between log lines / TensorBoard points
-    precision: str = "auto"            # auto | float32 | mixed_float16 (GPU default) | mixed_bfloat16
-    seed: int = 0                      # seed of sampling, augmentation and initialisation
-
-    def validate(self) -> None:
-        check_fields(self, "train")
-        _choice("train", "architecture", self.architecture, ARCHITECTURES)
-        _choice("train", "loss", self.loss, LOSSES)
-        _choice("train", "precision", self.precision, PRECISIONS)
-        _choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for key in ("image_size", "embedding_dim", "max_steps", "checkpoint_every",
-                    "log_every", "validation_batches"):
-            _positive("train", key, getattr(self, key))
-        if self.p < 2:
-            raise InputError(f"train.p must be at least 2 (negatives need two identities), got {self.p}")
-        if self.k < 2:
-            raise InputError(f"train.k must be at least 2 (positives need two images), got {self.k}")
-        if self.margin <= 0:
-            raise InputError(f"train.margin must be > 0, got {self.margin}")
-        if self.learning_rate <= 0:
-            raise InputError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 < self.crop_fraction <= 1:
-            raise InputError(f"train.crop_fraction must be in (0, 1], got {self.crop_fraction}")
-        if self.validate_every < 0 or self.warmup_steps < 0:
-            raise InputError("train.validate_every and train.warmup_steps must be >= 0")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Step 7: threshold selection and verification metrics."""
-    max_positive_pairs: int = 3000     # cap on same-person pairs per split (as many different pairs)
-    folds: int = 10                    # k-fold cross-validation of the accuracy
-    far_targets: tuple[float, ...] = (1e-3, 1e-2)   # report VAL at these false accept rates
-    seed_threshold: float = 1.242      # the seed's fixed plain-L2 threshold, for comparison
-    batch_size: int = 128              # images per embedding batch
-    report_examples: int = 16          # example pairs shown in the HTML report
-    seed: int = 0                      # seed of the negative-pair draw
-
-    def validate(self) -> None:
-        check_fields(self, "evaluate")
-        _positive("evaluate", "max_positive_pairs", self.max_positive_pairs)
-        _positive("evaluate", "batch_size", self.batch_size)
-        if self.folds < 2:
-            raise InputError(f"evaluate.folds must be at least 2, got {self.folds}")
-        for far in self.far_targets:
-            if not 0 < far < 1:
-                raise InputError(f"evaluate.far_targets values must be in (0, 1), got {far}")
-        if self.seed_threshold <= 0:
-            raise InputError(f"evaluate.seed_threshold must be > 0, got {self.seed_threshold}")
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Kubernetes settings baked into the compiled pipeline (ignored by local runs)."""
-    data_cpu: str = "2"                # CPU request/limit of the five data steps
-    data_memory: str = "2Gi"           # memory request/limit of the five data steps
-    train_cpu: str = "8"               # CPU request/limit of training (input pipeline workers)
-    train_memory: str = "32Gi"         # memory request/limit of training
-    train_gpus: int = 1                # GPUs for training (0: CPU only)
-    evaluate_cpu: str = "4"            # CPU request/limit of evaluation
-    evaluate_memory: str = "16Gi"      # memory request/limit of evaluation
-    evaluate_gpus: int = 0             # GPUs for evaluation (0: CPU only)
-    accelerator_type: str = "nvidia.com/gpu"   # GPU resource name on open-source KFP
-    gpu_node_selector: dict[str, str] = field(default_factory=dict)   # e.g. {cloud.google.com/gke-accelerator: nvidia-tesla-t4}
-    gpu_toleration: dict[str, str] = field(default_factory=dict)      # e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
-    shm_size: str = "4Gi"              # /dev/shm (memory-backed emptyDir) for the input pipeline
-    gcs_secret: str = ""               # Secret with key.json for gs:// sources; "" = Workload Identity
-    download_retries: int = 3          # task-level retries of the download step
-    train_retries: int = 2             # task-level retries of training (resumes from checkpoint)
-    checkpoint_root: str = ""          # persistent folder (gs:// or path) for resumable checkpoints
-    tensorboard_root: str = ""         # folder (gs:// or path) for live TensorBoard events, one subfolder per train run
-
-    def validate(self) -> None:
-        check_fields(self, "cluster")
-        for key in ("data_cpu", "data_memory", "train_cpu", "train_memory", "evaluate_cpu",
-                    "evaluate_memory", "accelerator_type", "shm_size"):
-            if not getattr(self, key):
-                raise InputError(f"cluster.{key} must not be empty")
-        for key in ("train_gpus", "evaluate_gpus", "download_retries", "train_retries"):
-            if getattr(self, key) < 0:
-                raise InputError(f"cluster.{key} must be >= 0, got {getattr(self, key)}")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-
-    def validate(self) -> "PipelineConfig":
-        self.data.validate()
-        self.train.validate()
-        self.evaluate.validate()
-        self.cluster.validate()
-        if self.train.k != self.data.multiple:
-            # Not fatal in principle, but P x K batches then miss completed images.
-            raise InputError(f"train.k ({self.train.k}) must equal data.multiple ({self.data.multiple})")
-        return self
-
-
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
-            "cluster": ClusterConfig}
-
-
-def check_fields(config: Any, section: str) -> None:
-    """Checks every key of a section needs: floats finite, counts and seeds >= 0, texts not blank.
-
-    An int key is a count, size, step or seed, so none may be negative; NaN or
-    infinity in a float key would only fail later, far from its cause.
+    `minimum` and `maximum` are inclusive, `above` and `below` exclusive; every int is also >= 0.
     """
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, kind, where = getattr(config, f.name), hints[f.name], f"{section}.{f.name}"
-        values = value if typing.get_origin(kind) is tuple else (value,)
-        for item in values:
-            if isinstance(item, float) and not math.isfinite(item):
-                raise InputError(f"{where} must be a finite number, got {item!r}")
-        if kind is int and not isinstance(value, bool) and isinstance(value, int) and value < 0:
-            raise InputError(f"{where} must be >= 0, got {value}")
-        if kind is str and isinstance(value, str) and value != value.strip():
-            raise InputError(f"{where} must not start or end with spaces, got {value!r}")
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+                "above": above, "below": below}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def _positive(section: str, key: str, value: Any) -> None:
-    if value <= 0:
-        raise InputError(f"{section}.{key} must be > 0, got {value}")
+class Section:
+    """Checks and normalises a config section's fields when it is built."""
+    NAME: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{self.NAME}.{f.name}"
+            value = _coerce(where, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+            _check_limits(where, value, f.metadata)
+        self.check()
 
-def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _check_sha256(key: str, value: str) -> None:
-    if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
-        raise InputError(f"{key} must be 64 hex digits or empty, got {value!r}")
+    def check(self) -> None:
+        """Rules that involve several fields."""
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:
-    """Check a YAML value against a dataclass field type (ints become floats where asked)."""
-    origin = typing.get_origin(kind)
+    """`value` as a field of type `kind` (ints become floats, lists tuples); InputError otherwise."""
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{where} must be a number, got {value!r}")
@@ -249,48 +85,214 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if kind in (int, str, bool):
         if type(value) is not kind:
             raise InputError(f"{where} must be {kind.__name__}, got {value!r}")
+        if kind is str and value != value.strip():
+            raise InputError(f"{where} must not start or end with spaces, got {value!r}")
         return value
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise InputError(f"{where} must be a list, got {value!r}")
-        item = typing.get_args(kind)[0]
-        return tuple(_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value))
+        return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise InputError(f"{where} must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    return value
+        value_type = args[1]
+        return {str(k): v if value_type is Any else _coerce(f"{where}.{k}", v, value_type)
+                for k, v in value.items()}
+    raise InputError(f"{where}: config fields of type {kind} are not supported")
 
 
-def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build one config section from a mapping, naming `where.key` in every error."""
-    if not isinstance(values, dict):
-        raise InputError(f"{where} must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
+def _check_limits(where: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    for item in (value if isinstance(value, tuple) else (value,)):
+        if meta["choices"] and item not in meta["choices"]:
+            raise InputError(f"{where} must be one of {', '.join(meta['choices'])}; got {item!r}")
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if isinstance(item, int) and item < 0:
+            raise InputError(f"{where} must be >= 0, got {item}")
+        low = ("(", meta["above"]) if meta["above"] is not None else ("[", meta["minimum"])
+        high = (")", meta["below"]) if meta["below"] is not None else ("]", meta["maximum"])
+        if ((low[1] is None or (item > low[1] if low[0] == "(" else item >= low[1]))
+                and (high[1] is None or (item < high[1] if high[0] == ")" else item <= high[1]))):
+            continue
+        if low[1] is not None and high[1] is not None:
+            allowed = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        elif low[1] is not None:
+            allowed = f"> {low[1]:g}" if low[0] == "(" else f"at least {low[1]:g}"
+        else:
+            allowed = f"< {high[1]:g}" if high[0] == ")" else f"at most {high[1]:g}"
+        raise InputError(f"{where} must be {allowed}, got {item}")
+
+
+def _check_sha256(key: str, value: str) -> None:
+    if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+        raise InputError(f"{key} must be 64 hex digits or empty, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Steps 1-5: download, extract, labels, completion, splits."""
+    NAME: ClassVar[str] = "data"
+    source_uri: str = setting(LFW_URL, "https://, gs://, file:// or a local path to the archive")
+    sha256: str = setting(LFW_SHA256, "expected archive sha256; empty skips the check")
+    max_download_gb: float = setting(20.0, "download fails past this many GB (10**9 bytes); raise it for "
+                                           "larger archives", above=0)
+    pairs_uri: str = setting("", "optional LFW View 2 pairs.txt for the standard protocol")
+    pairs_sha256: str = setting("", "expected pairs.txt sha256; empty skips the check")
+    shard_size_mb: int = setting(64, "target size of each packed image shard (MB)", minimum=1)
+    max_skipped_fraction: float = setting(0.01, "extract fails when more of the images are unusable "
+                                                "(junk files do not count)", minimum=0, maximum=1)
+    max_expansion: float = setting(20.0, "extract may write this many times the archive's size "
+                                         "(at least 64 MiB)", minimum=1)
+    multiple: int = setting(4, "complete every identity up to a multiple of this many images (K)", minimum=1)
+    min_images: int = setting(1, "identities with fewer real images are not completed", minimum=1)
+    completion_seed: int = setting(0, "seed of the completion augmentations")
+    train_fraction: float = setting(0.70, "fraction of identities for training (the three fractions sum "
+                                          "to 1)", above=0, below=1)
+    val_fraction: float = setting(0.15, "fraction of identities for validation (threshold selection), "
+                                        "2+ images each", above=0, below=1)
+    test_fraction: float = setting(0.15, "fraction of held-out test identities, 2+ images each",
+                                   above=0, below=1)
+    split_seed: int = setting(0, "seed of the identity shuffle")
+
+    def check(self) -> None:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise InputError(f"data.train_fraction + val_fraction + test_fraction must be 1, got {total:.6g}")
+        if not self.source_uri:
+            raise InputError("data.source_uri must not be empty")
+        for key in ("sha256", "pairs_sha256"):
+            _check_sha256(f"data.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    """Step 6: the embedding network and its triplet-loss training."""
+    NAME: ClassVar[str] = "train"
+    architecture: str = setting("nn4_small2", "nn4_small2 (OpenFace, 96x96) or small_cnn (demo and tests)",
+                                choices=ARCHITECTURES)
+    image_size: int = setting(96, "model input is image_size x image_size RGB", minimum=1)
+    crop_fraction: float = setting(0.6, "centre crop kept around the face: this fraction of the image's "
+                                        "height and of its width", above=0, maximum=1)
+    embedding_dim: int = setting(128, "size of the L2-normalised embedding", minimum=1)
+    p: int = setting(16, "identities per batch (at least 2: negatives need two identities)", minimum=2)
+    k: int = setting(4, "images per identity per batch; equals data.multiple", minimum=2)
+    loss: str = setting("batch_hard", "triplet mining: batch_all, batch_hard or semi_hard", choices=LOSSES)
+    margin: float = setting(0.2, "triplet margin, in the units of the distance (see train.squared)", above=0)
+    squared: bool = setting(True, "squared L2 distances (FaceNet) when true, plain L2 when false")
+    learning_rate: float = setting(1e-3, "Adam learning rate (peak, after warm-up)", above=0)
+    lr_schedule: str = setting("cosine", "constant, or cosine (decays to 1% of the peak)", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, "linear warm-up steps")
+    max_steps: int = setting(20000, "optimizer steps", minimum=1)
+    augment: bool = setting(True, "random mirror, crop jitter and brightness (training only)")
+    validate_every: int = setting(500, "steps between validation passes (0: never)")
+    validation_batches: int = setting(10, "P x K batches per validation pass", minimum=1)
+    checkpoint_every: int = setting(500, "steps between checkpoints", minimum=1)
+    log_every: int = setting(20, "steps between log lines and TensorBoard points", minimum=1)
+    precision: str = setting("auto", "auto (mixed_float16 on a GPU, else float32), float32, mixed_float16 "
+                                     "or mixed_bfloat16", choices=PRECISIONS)
+    seed: int = setting(0, "seed of batch sampling, augmentation and weight initialisation")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
+    """Step 7: threshold selection and verification metrics."""
+    NAME: ClassVar[str] = "evaluate"
+    max_positive_pairs: int = setting(3000, "cap on same-person pairs per split (as many different-person "
+                                            "pairs are drawn)", minimum=1)
+    folds: int = setting(10, "k-fold cross-validation of the accuracy", minimum=2)
+    far_targets: tuple[float, ...] = setting((1e-3, 1e-2), "report VAL at these false accept rates",
+                                             above=0, below=1)
+    seed_threshold: float = setting(1.242, "a fixed plain-L2 threshold reported for comparison (1.242: "
+                                           "the original TF1 FaceNet's LFW threshold)", above=0)
+    batch_size: int = setting(128, "images per embedding batch", minimum=1)
+    report_examples: int = setting(16, "example pairs shown in the HTML report")
+    seed: int = setting(0, "seed of the different-person pair draw")
+
+
+@dataclass(frozen=True)
+class ClusterConfig(Section):
+    """Kubernetes settings baked into the compiled pipeline (ignored by local runs)."""
+    NAME: ClassVar[str] = "cluster"
+    data_cpu: str = setting("2", "CPU request and limit of the five data steps")
+    data_memory: str = setting("2Gi", "memory request and limit of the five data steps")
+    train_cpu: str = setting("8", "CPU request and limit of training (input pipeline workers)")
+    train_memory: str = setting("32Gi", "memory request and limit of training")
+    train_gpus: int = setting(1, "GPUs for training (0: CPU only)")
+    evaluate_cpu: str = setting("4", "CPU request and limit of evaluation")
+    evaluate_memory: str = setting("16Gi", "memory request and limit of evaluation")
+    evaluate_gpus: int = setting(0, "GPUs for evaluation (0: CPU only)")
+    accelerator_type: str = setting("nvidia.com/gpu", "GPU resource name (nvidia.com/gpu on open-source KFP)")
+    gpu_node_selector: dict[str, str] = setting({}, "node labels the GPU tasks require, e.g. "
+                                                    "{cloud.google.com/gke-accelerator: nvidia-l4}")
+    gpu_toleration: dict[str, Any] = setting({}, "toleration of the GPU tasks, as in a pod spec, e.g. {key: "
+                                                 "nvidia.com/gpu, operator: Exists, effect: NoSchedule}")
+    shm_size: str = setting("4Gi", "/dev/shm (memory-backed emptyDir) of train and evaluate")
+    gcs_secret: str = setting("", "Secret with key.json for gs:// sources; empty: Workload Identity")
+    download_retries: int = setting(3, "task-level retries of the download step")
+    train_retries: int = setting(2, "task-level retries of training (a retry resumes from its checkpoint)")
+    checkpoint_root: str = setting("", "persistent folder (gs:// or path) for resumable checkpoints; "
+                                       "empty: next to the model output")
+    tensorboard_root: str = setting("", "folder (gs:// or path) for live TensorBoard events, one subfolder "
+                                        "per train run; empty: none")
+
+    def check(self) -> None:
+        for key in ("data_cpu", "data_memory", "train_cpu", "train_memory", "evaluate_cpu",
+                    "evaluate_memory", "accelerator_type", "shm_size"):
+            if not getattr(self, key):
+                raise InputError(f"cluster.{key} must not be empty")
+        unknown = sorted(set(self.gpu_toleration) - set(TOLERATION_KEYS))
+        if unknown:
+            raise InputError(f"cluster.gpu_toleration: unknown key(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(TOLERATION_KEYS)}")
+        for key, value in self.gpu_toleration.items():
+            kind = int if key == "tolerationSeconds" else str
+            _coerce(f"cluster.gpu_toleration.{key}", value, kind)
+
+    def toleration(self) -> dict[str, Any]:
+        """`gpu_toleration` as keyword arguments of kfp.kubernetes.add_toleration."""
+        return {TOLERATION_KEYS[key]: value for key, value in self.gpu_toleration.items()}
+
+
+SECTIONS = {cls.NAME: cls for cls in (DataConfig, TrainConfig, EvaluateConfig, ClusterConfig)}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.k != self.data.multiple:
+            # P x K batches would miss completed images.
+            raise InputError(f"train.k ({self.train.k}) must equal data.multiple ({self.data.multiple})")
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` in this file: the one description of a config key."""
-    import inspect
-    import re
+    """{key: help text} of a config section."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
-    found = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = pattern.match(line)
-        if match:
-            found[match.group(1)] = match.group(2).strip()
-    return found
+
+def section_from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build one config section from a mapping; errors name `where` (a file) and the key."""
+    try:
+        if not isinstance(values, dict):
+            raise InputError(f"section {cls.NAME!r} must be a mapping of keys, got "
+                             f"{type(values).__name__} {values!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(f"{cls.NAME}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
                 ) -> PipelineConfig:
-    """Load and validate a YAML config (defaults when `path` is None), then apply overrides."""
+    """Load a YAML config (defaults when `path` is None), then apply overrides {section: {key: value}}."""
     raw: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -311,22 +313,86 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict
     for name, cls in SECTIONS.items():
         section = raw.get(name)
         if section is not None and not isinstance(section, dict):
-            raise InputError(f"{where}: section {name!r} must be a mapping of keys, got "
-                             f"{type(section).__name__} {section!r}")
-        values = dict(section or {})
-        values.update((overrides or {}).get(name, {}))
-        sections[name] = section_from_dict(cls, values, f"{where}: {name}")
-    return PipelineConfig(**sections).validate()
+            section_from_dict(cls, section, where)   # raises: not a mapping
+        sections[name] = section_from_dict(cls, {**(section or {}), **(overrides or {}).get(name, {})}, where)
+    try:
+        return PipelineConfig(**sections)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def config_key(name: str, aliases: typing.Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str]:
+    """(section, key) for `section.key`, or for a name in `aliases` (pipeline parameter names)."""
+    if aliases and name in aliases:
+        return aliases[name]
+    section, dot, key = name.partition(".")
+    if not dot or section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        known = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)] + list(aliases or ())
+        close = difflib.get_close_matches(name, known, n=3)
+        raise InputError(f"{name}: not a config key" + (f"; did you mean {' or '.join(close)}?" if close else
+                                                        "; expected section.key, e.g. train.max_steps"))
+    return section, key
+
+
+def parse_value(name: str, raw: str, kind: Any) -> Any:
+    """The text of a `key=value` assignment as a value of the config field type `kind`.
+
+    A str field takes the text as it is (so a sha256 of digits stays a string);
+    other types are read as YAML (``800``, ``true``, ``[0.001, 0.01]``,
+    ``{key: nvidia.com/gpu}``) and then checked against the field's type.
+    """
+    if kind is str:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{name}={raw!r}: not a YAML value ({exc})") from exc
+    return _coerce(name, value, kind)
+
+
+def parse_assignments(items: typing.Iterable[str], aliases: typing.Mapping[str, tuple[str, str]] | None = None,
+                      option: str = "--set") -> dict[str, dict[str, Any]]:
+    """`key=value` texts as load_config overrides {section: {key: value}}, typed by the config fields.
+
+    A key is `section.key` (``train.max_steps=800``) or a name in `aliases`
+    (``train_max_steps=800`` for a pipeline parameter).
+    """
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError(f"{option} {item!r}: expected key=value")
+        try:
+            section, key = config_key(name, aliases)
+            kind = typing.get_type_hints(SECTIONS[section])[key]
+            overrides.setdefault(section, {})[key] = parse_value(name, raw, kind)
+        except InputError as exc:
+            raise InputError(f"{option} {exc}") from None
+    return overrides
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A config (or section) as plain YAML/JSON-friendly values."""
-    data = dataclasses.asdict(config)
-
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
-    return plain(data)
+    return plain(dataclasses.asdict(config))
+
+
+def markdown_table() -> str:
+    """Every config key with its default and help: the configuration table in README.md."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = to_dict(cls())[f.name]
+            shown = default if isinstance(default, str) and default else json.dumps(default)
+            lines.append(f"| `{name}.{f.name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -388,7 +388,6 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     threshold, "threshold": the threshold.json content}``.
     """
     started = time.monotonic()
-    config.validate()
     model_dir, dataset_dir, splits_dir = Path(model_dir), Path(dataset_dir), Path(splits_dir)
     _check_inputs(model_dir, dataset_dir, splits_dir)
 

@@ -821,7 +821,6 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     """
     from facenet_kfp import export
 
-    config.validate()
     check_replaceable(model_dir, "train")       # before training, not after it
     fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)
     placement = Placement()

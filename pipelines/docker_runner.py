@@ -2,39 +2,27 @@
 
 Two things the stock DockerRunner of kfp 2.17 does not do, done here:
 
-1. **No auto-remove race.** kfp's `docker_task_handler.run_docker_container`
-   starts each container with `auto_remove=True`, then streams its log and
-   calls `wait()`. Against podman's Docker-compatible API (podman 4.3) the log
-   stream starts late: by then a short step has exited and been removed, so
-   inspecting it answers HTTP 500 ("no such container", which crashes the run)
-   or `wait()` answers 404, which kfp reads as exit code 0 -- a step that
-   raised is then reported as SUCCESS. `race_free_containers()` replaces that
-   function for the duration of a run with `ContainerRecorder.run`: create and
-   start the container *without* auto-remove, stream its log to the end,
-   `wait()` for the real exit code, then `remove()` it. Each container is
-   recorded (id, image, step function, exit code, start overhead) in
-   `<pipeline root>/containers.json`. An interrupted run leaves no container
-   behind: Ctrl-C (KeyboardInterrupt) and, inside the block, SIGTERM (turned
-   into SystemExit; by default it would end Python at once while the step's
-   container ran on under conmon) force-remove the containers still running.
+1. **No auto-remove race** (kubeflow/pipelines#13332; fix PRs #13402 and
+   #13907). kfp starts each container with ``auto_remove=True``, then streams
+   its log and calls ``wait()``. Against podman's Docker API the log stream
+   starts late: a short step has exited and been removed by then, so the run
+   crashes (HTTP 500, "no such container") or ``wait()`` answers 404, which kfp
+   reads as exit code 0: a step that raised is reported as SUCCESS.
+   `race_free_containers()` runs each step with `ContainerRecorder.run`
+   instead: create and start *without* auto-remove, stream the log to the end,
+   ``wait()`` for the real exit code, ``remove()``. Each container is recorded
+   in ``<pipeline root>/containers.json``; Ctrl-C and SIGTERM force-remove the
+   containers still running. Delete this part (and `replace_docker_run` in
+   pipelines/kfp_internals.py) once the kfp pinned in pyproject.toml has the fix.
 
 2. **Everything a step reads is mounted, and the pipeline root is writable.**
-   kfp bind-mounts only the pipeline root, at the same absolute path.
-   `make_docker_runner` adds read-only bind mounts, at the same absolute
-   paths, of local input files (the archive and pairs.txt of `--source` /
-   `--pairs`, e.g. the demo archive) and a read-write one of a local
-   checkpoint root. The images run as uid:gid 1000:1000 (`USER 1000:1000`
-   in images/Dockerfile and images/trainer.Dockerfile), which must be able to
-   create the run folders in the pipeline root:
-   - this process is root (CI machines, say): containers run
-     as the image's own user, and the pipeline root (the folder itself, not
-     its contents) is chowned to 1000:1000 -- the steps run exactly as they
-     do on a cluster, and root on the host can still read and delete
-     everything;
-   - any other user: containers run as this process's uid:gid (`user=`), so
-     the outputs belong to whoever started the run and `make clean` can
-     remove them (this needs a rootful Docker or podman; a rootless engine
-     maps ids differently and is not covered).
+   kfp bind-mounts only the pipeline root, at the same absolute path;
+   `make_docker_runner` adds read-only mounts of local input files (the archive
+   and pairs.txt) and read-write ones of local checkpoint and TensorBoard
+   roots. The images run as uid:gid 1000:1000: when this process is root, the
+   containers run as the image's user and the pipeline root is chowned to it;
+   otherwise they run as this process's uid:gid, so the outputs belong to
+   whoever started the run (a rootful engine; rootless ones map ids differently).
 """
 
 from __future__ import annotations
@@ -55,10 +43,10 @@ from urllib.parse import unquote, urlsplit
 
 import docker
 from kfp import local
-from kfp.local import docker_task_handler
 
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import write_json
+from pipelines.kfp_internals import image_with_tag, replace_docker_run
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +104,7 @@ class ContainerRecorder:
             raise FacenetError("auto_remove=True in the DockerRunner's arguments brings back the "
                                "race this runner avoids (see pipelines/docker_runner.py); drop it")
         run_args = {k: v for k, v in run_args.items() if k != "auto_remove"}
-        image = docker_task_handler.add_latest_tag_if_not_present(image)
+        image = image_with_tag(image)
         _ensure_image(client, image)
 
         started = time.monotonic()
@@ -202,28 +190,23 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def race_free_containers(path: str | os.PathLike | None = None) -> Iterator[ContainerRecorder]:
     """Run kfp's Docker steps through a `ContainerRecorder` inside the `with` block.
 
-    Replaces `kfp.local.docker_task_handler.run_docker_container` (which
-    `DockerTaskHandler.run` looks up at call time) and restores the original on
-    exit, also after an exception. In the main thread, SIGTERM raises
-    SystemExit(143) inside the block, so that, like after Ctrl-C, the containers
-    still running are force-removed on the way out; the previous handler is
-    restored after. `path`: where the container records go
-    (`<pipeline root>/containers.json`); it is reset to `[]` on entry.
+    In the main thread, SIGTERM raises SystemExit(143) inside the block, so that,
+    as after Ctrl-C, the containers still running are force-removed on the way
+    out; the previous handler is restored after. `path`: where the container
+    records go (``<pipeline root>/containers.json``); it is reset to ``[]`` on entry.
     """
     recorder = ContainerRecorder(path)
-    original = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = recorder.run
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
-        yield recorder
+        with replace_docker_run(recorder.run):
+            try:
+                yield recorder
+            finally:
+                recorder.remove_live()
     finally:
-        try:
-            recorder.remove_live()
-        finally:
-            docker_task_handler.run_docker_container = original
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def local_path(uri: str) -> Path | None:

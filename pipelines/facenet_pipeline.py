@@ -5,20 +5,24 @@ training keys prefixed ``train_`` and evaluation keys prefixed ``eval_``
 (``train_learning_rate``, ``eval_folds``), plus ``checkpoint_root`` and
 ``tensorboard_root`` (destinations of the train task). Each task receives only
 the parameters that concern it, so the cache key of a step changes only when
-its own inputs do (see README, "Caching").
+its own inputs do (see README, "Caching"). `STEPS` is the one description of
+the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`)
+both add tasks through `add_tasks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from kfp import dsl, kubernetes
 
 from components import Images, build_components
-from facenet_kfp.config import (ClusterConfig, DataConfig, EvaluateConfig, PipelineConfig,
-                                TrainConfig, field_help)
+from facenet_kfp.config import SECTIONS, PipelineConfig, field_help
+from facenet_kfp.errors import FacenetError
 
 PIPELINE_NAME = "facenet-kfp"
 PIPELINE_DESCRIPTION = (
@@ -29,28 +33,93 @@ PIPELINE_DESCRIPTION = (
     "EER and VAL@FAR.")
 
 SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_"}
+# Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
+CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
+# Config field type -> pipeline parameter type; any other field type cannot be a parameter.
+PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ...]: list}
 SHM_PATH = "/dev/shm"
 GCS_KEY_DIR = "/var/secrets/google"
 
 
+def parameter_keys() -> dict[str, tuple[str, str]]:
+    """{pipeline parameter name: (config section, key)}, in signature order."""
+    keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
+            for section, prefix in SECTION_PREFIX.items() for f in dataclasses.fields(SECTIONS[section])}
+    keys.update({key: ("cluster", key) for key in CLUSTER_PARAMETERS})
+    return keys
+
+
 def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str]]:
-    """(name, type, default, description) of every pipeline parameter, in signature order."""
+    """(name, type, default, description) of every pipeline parameter, in signature order.
+
+    A config field whose type has no pipeline parameter type fails here, at compile time.
+    """
     params = []
-    for section, cls in (("data", DataConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
-        values = getattr(config, section)
-        help_text = field_help(cls)
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for f in dataclasses.fields(cls):
-            value = getattr(values, f.name)
-            kind = {"str": str, "int": int, "float": float, "bool": bool}.get(str(hints[f.name]), list)
-            if kind is list:
-                value = list(value)
-            params.append((SECTION_PREFIX[section] + f.name, kind, value,
-                           f"{help_text[f.name]} (config: {section}.{f.name})"))
-    for key in ("checkpoint_root", "tensorboard_root"):     # destinations of the train task
-        params.append((key, str, getattr(config.cluster, key),
-                       f"{field_help(ClusterConfig)[key]} (config: cluster.{key})"))
+    for name, (section, key) in parameter_keys().items():
+        kind = typing.get_type_hints(SECTIONS[section])[key]
+        if kind not in PARAMETER_TYPES:
+            raise FacenetError(f"config {section}.{key} has type {kind}, which has no pipeline parameter "
+                               f"type; known: {', '.join(map(str, PARAMETER_TYPES))}")
+        value = getattr(getattr(config, section), key)
+        params.append((name, PARAMETER_TYPES[kind], list(value) if isinstance(value, tuple) else value,
+                       f"{field_help(SECTIONS[section])[key]} (config: {section}.{key})"))
     return params
+
+
+@dataclass(frozen=True)
+class Step:
+    """One task of the DAG: its component, label, input artifacts and {argument: pipeline parameter}.
+
+    An input artifact has the name of the output that produces it (``images``
+    is extract's output ``images``), so `inputs` is also the wiring.
+    """
+    name: str                    # key of components.build_components
+    display_name: str            # starts with its position in the DAG (the run table sorts by it)
+    inputs: tuple[str, ...]
+    parameters: dict[str, str]
+
+
+def _section(section: str, **renamed: str) -> dict[str, str]:
+    prefix = SECTION_PREFIX[section]
+    return {f.name: renamed.get(f.name, prefix + f.name) for f in dataclasses.fields(SECTIONS[section])}
+
+
+STEPS = (
+    Step("download", "1. download archive", (),
+         {"source_uri": "source_uri", "sha256": "sha256", "max_download_gb": "max_download_gb"}),
+    Step("extract", "2. extract images", ("archive",),
+         {"shard_size_mb": "shard_size_mb", "max_skipped_fraction": "max_skipped_fraction",
+          "max_expansion": "max_expansion"}),
+    Step("labels", "3. label JSON", ("images",), {}),
+    Step("complete", "4. complete to multiple of K", ("images", "labels"),
+         {"multiple": "multiple", "min_images": "min_images", "seed": "completion_seed",
+          "shard_size_mb": "shard_size_mb"}),
+    Step("splits", "5. identity splits", ("labels",),
+         {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
+          "test_fraction": "test_fraction", "seed": "split_seed"}),
+    Step("train", "6. train embeddings", ("images", "completion", "labels", "splits"),
+         {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}),
+    Step("evaluate", "7. threshold evaluation", ("model", "images", "splits"),
+         {**_section("evaluate"), "pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}),
+)
+
+
+def add_tasks(components: dict[str, Any], steps: tuple[Step, ...] | list[Step], values: dict[str, Any],
+              artifacts: dict[str, Any]) -> dict[str, dsl.PipelineTask]:
+    """Add `steps` to the pipeline being defined, in order; {step name: task}.
+
+    `values` maps pipeline parameter names to parameter channels or constants;
+    `artifacts` holds artifacts available before the first step (a rerun's
+    importers) and gains every output of each added task.
+    """
+    tasks = {}
+    for step in steps:
+        task = components[step.name](**{name: artifacts[name] for name in step.inputs},
+                                     **{arg: values[param] for arg, param in step.parameters.items()})
+        task.set_display_name(step.display_name)
+        artifacts.update(task.outputs)
+        tasks[step.name] = task
+    return tasks
 
 
 def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True) -> Callable:
@@ -59,56 +128,18 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
     `cluster=False` leaves out Kubernetes settings (resources, GPUs, volumes),
     which the local runner ignores anyway.
     """
-    steps = build_components(images)
+    components = build_components(images)
     params = pipeline_parameters(config)
     names = [name for name, *_ in params]
 
     def dag(*args: Any) -> None:
-        p = dict(zip(names, args))
-        t = {f.name: p["train_" + f.name] for f in dataclasses.fields(TrainConfig)}
-        e = {f.name: p["eval_" + f.name] for f in dataclasses.fields(EvaluateConfig)}
-
-        download = steps["download"](source_uri=p["source_uri"], sha256=p["sha256"],
-                                     max_download_gb=p["max_download_gb"])
-        download.set_display_name("1. download archive")
-        extract = steps["extract"](archive=download.outputs["archive"],
-                                   shard_size_mb=p["shard_size_mb"],
-                                   max_skipped_fraction=p["max_skipped_fraction"],
-                                   max_expansion=p["max_expansion"])
-        extract.set_display_name("2. extract images")
-        labels = steps["labels"](images=extract.outputs["images"])
-        labels.set_display_name("3. label JSON")
-        complete = steps["complete"](images=extract.outputs["images"],
-                                     labels=labels.outputs["labels"], multiple=p["multiple"],
-                                     min_images=p["min_images"], seed=p["completion_seed"],
-                                     shard_size_mb=p["shard_size_mb"])
-        complete.set_display_name("4. complete to multiple of K")
-        splits = steps["splits"](labels=labels.outputs["labels"],
-                                 train_fraction=p["train_fraction"],
-                                 val_fraction=p["val_fraction"],
-                                 test_fraction=p["test_fraction"], seed=p["split_seed"])
-        splits.set_display_name("5. identity splits")
-        train = steps["train"](images=extract.outputs["images"],
-                               completion=complete.outputs["completion"],
-                               labels=labels.outputs["labels"], splits=splits.outputs["splits"],
-                               checkpoint_root=p["checkpoint_root"],
-                               tensorboard_root=p["tensorboard_root"], **t)
-        train.set_display_name("6. train embeddings")
-        evaluate = steps["evaluate"](model=train.outputs["model"],
-                                     images=extract.outputs["images"],
-                                     splits=splits.outputs["splits"], pairs_uri=p["pairs_uri"],
-                                     pairs_sha256=p["pairs_sha256"], **e)
-        evaluate.set_display_name("7. threshold evaluation")
-
+        tasks = add_tasks(components, STEPS, dict(zip(names, args)), {})
         if cluster:
-            apply_cluster_settings(config.cluster, download, extract, labels, complete, splits,
-                                   train, evaluate)
+            apply_cluster_settings(config, tasks)
 
-    signature = inspect.Signature([
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                          annotation=kind)
+    dag.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
         for name, kind, default, _ in params])
-    dag.__signature__ = signature  # type: ignore[attr-defined]
     dag.__annotations__ = {name: kind for name, kind, *_ in params}
     dag.__name__ = "facenet_pipeline"
     args_doc = "\n".join(f"    {name}: {desc}" for name, _, _, desc in params)
@@ -116,13 +147,12 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(dag)
 
 
-def apply_cluster_settings(cluster: ClusterConfig, download: dsl.PipelineTask,
-                           extract: dsl.PipelineTask, labels: dsl.PipelineTask,
-                           complete: dsl.PipelineTask, splits: dsl.PipelineTask,
-                           train: dsl.PipelineTask, evaluate: dsl.PipelineTask) -> None:
+def apply_cluster_settings(config: PipelineConfig, tasks: dict[str, dsl.PipelineTask]) -> None:
     """Resources, GPUs, node placement, shared memory, credentials and retries per task."""
-    for task in (download, extract, labels, complete, splits):
-        _resources(task, cluster.data_cpu, cluster.data_memory)
+    cluster = config.cluster
+    for name in ("download", "extract", "labels", "complete", "splits"):
+        _resources(tasks[name], cluster.data_cpu, cluster.data_memory)
+    train, evaluate, download = tasks["train"], tasks["evaluate"], tasks["download"]
     _resources(train, cluster.train_cpu, cluster.train_memory)
     _resources(evaluate, cluster.evaluate_cpu, cluster.evaluate_memory)
     for task, gpus in ((train, cluster.train_gpus), (evaluate, cluster.evaluate_gpus)):
@@ -131,15 +161,14 @@ def apply_cluster_settings(cluster: ClusterConfig, download: dsl.PipelineTask,
             for key, value in cluster.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             if cluster.gpu_toleration:
-                kubernetes.add_toleration(task, **cluster.gpu_toleration)
+                kubernetes.add_toleration(task, **cluster.toleration())
     for task in (train, evaluate):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=SHM_PATH,
                                    medium="Memory", size_limit=cluster.shm_size)
     if cluster.gcs_secret:
         # Steps that read gs:// URIs given as parameters (the archive, pairs.txt, checkpoints).
         for task in (download, train, evaluate):
-            kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret,
-                                            mount_path=GCS_KEY_DIR)
+            kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
             task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
     if cluster.download_retries:
         download.set_retry(num_retries=cluster.download_retries, backoff_duration="30s")

@@ -1,70 +1,63 @@
-"""Run the whole pipeline on this machine with `kfp.local`, then print and save a summary.
+"""Run the pipeline on this machine with `kfp.local`, or rerun one step on earlier artifacts.
 
-`python -m pipelines.run_local [--config YAML] [--source URI --sha256 HEX] [--pairs URI --pairs-sha256 HEX]`
-runs the seven steps as a real KFP pipeline (SubprocessRunner in this venv, or
-DockerRunner with `--runner docker`), caching on. The archive is `--source`, else
-the config's `data.source_uri`; only when neither names one does it run on the
-demo archive, generating it first when missing. `--pairs` replaces the config's
-pairs.txt (`demo`: the demo archive's); a checksum is never dropped: the config's
-`pairs_sha256` stays when `--pairs` names the config's `pairs_uri`, and
-`--pairs-sha256` sets one. At the end it prints one line per task in DAG order
-(ran / cache hit / failed, seconds, key figures) and writes
-`<pipeline root>/summary.json`. A failed run exits 1 and names the failed task
-and its error.
+`python -m pipelines.run_local [--config YAML] [--source URI --sha256 HEX]
+[--pairs URI --pairs-sha256 HEX] [--set section.key=value ...]` runs the seven
+steps as a real KFP pipeline (SubprocessRunner in this venv, or DockerRunner
+with `--runner docker`), caching on. The archive is `--source`, else the
+config's `data.source_uri`; only when neither names one does it run on the demo
+archive, generating it first when missing. `--pairs` replaces the config's
+pairs.txt (`demo`: the demo archive's); a checksum is never dropped: the
+config's `pairs_sha256` stays when `--pairs` names the config's `pairs_uri`, and
+`--pairs-sha256` sets one.
+
+`python -m pipelines.run_local --rerun STEP --from SOURCE [--from SOURCE ...]
+[--with-evaluate]` runs one step (train, evaluate, complete, splits or labels)
+on the artifacts of an earlier run, each brought in by a `dsl.importer`. A
+SOURCE is a pipeline root (the newer of its ``summary.json`` and
+``rerun-summary.json``), a summary file, one run folder (task output folders
+such as ``extract-images/images``; a task that was a cache hit in that run has
+none there), or ``images=PATH,splits=PATH,...``; later sources win per artifact.
+
+`--set` overrides config keys (``train.max_steps=800``) or pipeline parameters
+(``train_max_steps=800``; with `--rerun`, also the step's plain key
+``max_steps=800``), typed by the config field. At the end it prints one line per
+task in DAG order (ran / cache hit / failed, seconds, key figures) and writes
+``<pipeline root>/summary.json`` (a rerun: ``rerun-summary.json``, which also
+lists every artifact known after it, so a later rerun can start from it). A
+failed run exits 1 and names the failed task and its error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
-import json
 import logging
-import re
 import sys
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import yaml
-from kfp import local
-from kfp.local.cache import LocalCache
-from kfp.local.orchestrator import task_executor
+from kfp import dsl, local
 
-from components import Images
-from facenet_kfp.config import load_config
+from components import Images, build_components
+from facenet_kfp.config import PipelineConfig, load_config, parse_assignments
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import file_sha256, write_json
-from pipelines.facenet_pipeline import PIPELINE_NAME, build_pipeline
+from facenet_kfp.fsutil import file_sha256
+from facenet_kfp.runs import (MARKERS, RERUN_SUMMARY, SUMMARY, Producer, TaskRecord, artifact_summary,
+                              check_inputs, dag_order, report_summary, resolve_source, summarise, task_error)
+from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline,
+                                        parameter_keys, pipeline_parameters)
+from pipelines.kfp_internals import observe_local_tasks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIGHT_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp:0.1.0"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0"
-HEADLINE = [
-    ("test_accuracy", "test accuracy"),
-    ("test_kfold_accuracy_mean", "10-fold accuracy"),
-    ("test_kfold_accuracy_std", "± std"),
-    ("test_auc", "AUC"),
-    ("test_val_at_far_0.001", "VAL@FAR=1e-3"),
-    ("threshold", "threshold"),
-]
-_STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
-_EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
-_STEP_NUMBER = re.compile(r"(\d+)\.\s")
-
-
-@dataclass
-class TaskRecord:
-    name: str
-    display_name: str
-    status: str = "RUNNING"
-    seconds: float = 0.0
-    outputs: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
+RERUNNABLE = ("labels", "complete", "splits", "train", "evaluate")
 
 
 class _Tee(io.TextIOBase):
@@ -83,186 +76,56 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-def _artifact_summary(value: Any) -> Any:
-    if hasattr(value, "uri"):
-        return {"uri": value.uri, "metadata": json.loads(json.dumps(dict(value.metadata), default=str))}
-    return {"value": value}
+def execute(pipeline: Callable, root: Path, runner: Any, enable_caching: bool,
+            containers: Any = None) -> tuple[list[TaskRecord], str, float]:
+    """Run `pipeline` with kfp.local; (task records in DAG order, "" or why the run failed, seconds)."""
+    local.init(runner=runner, pipeline_root=str(root), enable_caching=enable_caching, raise_on_error=True)
+    records: list[TaskRecord] = []
 
-
-@contextlib.contextmanager
-def record_tasks(records: list[TaskRecord]) -> Iterator[None]:
-    """Record status, wall time, outputs and errors of every task kfp.local executes.
-
-    kfp.local reports a cache hit only as an INFO log line, so the cache lookup
-    itself is observed: a lookup that returns outputs marks the current task CACHED.
-    """
-    original = task_executor.execute_single_task
-    original_get = LocalCache.get
-    current = threading.local()
-
-    def observed_get(self: LocalCache, key: str):
-        found = original_get(self, key)
-        if found is not None:
-            current.hit = True
-        return found
-
-    def recorded(*args: Any, **kwargs: Any):
-        task_name = kwargs["task_name"]
-        spec = kwargs["task_spec"]
-        record = TaskRecord(name=task_name, display_name=spec.task_info.name or task_name)
-        records.append(record)
-        tee = _Tee(sys.stdout)
-        current.hit = False
-        start = time.monotonic()
+    def record(task_name: str, display_name: str, run: Callable[[], tuple[Any, bool, bool]]) -> None:
+        records.append(entry := TaskRecord(task_name, display_name))
+        tee, start = _Tee(sys.stdout), time.monotonic()
         with contextlib.redirect_stdout(tee):
-            outputs, status = original(*args, **kwargs)
-        record.seconds = time.monotonic() - start
-        failed = getattr(status, "name", str(status)) == "FAILURE"
-        record.status = "FAILED" if failed else ("CACHED" if current.hit else "SUCCEEDED")
-        record.outputs = {key: _artifact_summary(value) for key, value in (outputs or {}).items()}
-        if failed:
-            record.error = task_error(tee.lines)
-        return outputs, status
+            outputs, failed, cached = run()
+        entry.seconds = time.monotonic() - start
+        entry.status = "FAILED" if failed else ("CACHED" if cached else "SUCCEEDED")
+        entry.outputs = {key: artifact_summary(value) for key, value in (outputs or {}).items()}
+        entry.error = task_error(tee.lines) if failed else ""
 
-    task_executor.execute_single_task = recorded
-    LocalCache.get = observed_get
-    try:
-        yield
-    finally:
-        task_executor.execute_single_task = original
-        LocalCache.get = original_get
-
-
-def task_error(lines: list[str]) -> str:
-    """The error line of a failed task's log: the step's own "step X failed: ..." line, else the
-    traceback's last exception line (warnings that quote an error, such as skipped images, are not it)."""
-    for pattern in (_STEP_FAILED, _EXCEPTION_LINE):
-        found = [m.group(1) for line in lines if (m := pattern.search(line.strip()))]
-        if found:
-            return found[0] if pattern is _STEP_FAILED else found[-1]
-    return "see the task log above"
-
-
-def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:
-    """The records sorted by the step number that starts each display name ("4. complete ...").
-
-    The pipeline numbers its steps in DAG order (tests/test_pipeline.py checks
-    that every task's upstream tasks have lower numbers), so the table reads the
-    same whichever order kfp.local ran independent tasks in. Tasks without a
-    number (a rerun's importers) come first, by display name.
-    """
-    def key(record: TaskRecord) -> tuple[int, str]:
-        match = _STEP_NUMBER.match(record.display_name)
-        return (int(match.group(1)) if match else 0, record.display_name)
-    return sorted(records, key=key)
-
-
-def task_summaries(records: list[TaskRecord]) -> list[dict[str, Any]]:
-    """The `tasks` list of a summary: one entry per task, in DAG order."""
-    return [{"name": r.name, "display_name": r.display_name, "status": r.status,
-             "seconds": round(r.seconds, 2), "outputs": r.outputs,
-             **({"error": r.error} if r.error else {})} for r in dag_order(records)]
-
-
-def failure_message(records: list[TaskRecord], failure: str) -> str:
-    """What a failed run's summary says: the first failed task in DAG order and its error."""
+    start, failure = time.monotonic(), ""
+    with warnings.catch_warnings(), observe_local_tasks(record), containers or contextlib.nullcontext():
+        # The subprocess runner warns for every image whose name lacks "python".
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        # Display names and cluster settings are for the KFP UI; the local runner says so per task.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        try:
+            pipeline()
+        except Exception as exc:  # the run failed: the summary names the task and why
+            failure = str(exc) or type(exc).__name__
     failed = [r for r in dag_order(records) if r.status == "FAILED"]
-    return (f"task {failed[0].name} failed: {failed[0].error}" if failed
-            else f"pipeline failed before a task ran: {failure}")
+    if failed:
+        failure = f"task {failed[0].name} failed: {failed[0].error}"
+    elif failure:
+        failure = f"pipeline failed before a task ran: {failure}"
+    return dag_order(records), failure, time.monotonic() - start
 
 
-KEY_FIGURES = {
-    "download-archive": ["size", "sha256"],
-    "extract-images": ["identities", "images", "skipped_total", "shards"],
-    "make-labels": ["identities", "singletons"],
-    "complete-identities": ["generated", "identities_completed"],
-    "split-identities": ["train_identities", "val_identities", "test_identities"],
-    "train-model": ["steps"],
-    "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
-}
+def make_runner(runner: str, root: Path, config: PipelineConfig) -> tuple[Any, Any]:
+    """(kfp.local runner, context manager around the run) for `--runner`."""
+    if runner == "subprocess":
+        return local.SubprocessRunner(use_venv=False), None
+    if runner == "docker":
+        from pipelines.docker_runner import make_docker_runner, race_free_containers
+
+        return (make_docker_runner(
+            root, inputs={"data.source_uri": config.data.source_uri, "data.pairs_uri": config.data.pairs_uri},
+            output_dirs={"cluster.checkpoint_root": config.cluster.checkpoint_root,
+                         "cluster.tensorboard_root": config.cluster.tensorboard_root}),
+                race_free_containers(root / "containers.json"))
+    raise FacenetError(f"unknown runner {runner!r}; use subprocess or docker")
 
 
-def key_figures(record: TaskRecord) -> str:
-    """A few figures for the table line of one task."""
-    values: dict[str, Any] = {}
-    for output in record.outputs.values():
-        for key, value in output.get("metadata", {}).items():
-            if isinstance(value, dict):  # e.g. splits: {"train": {"identities": n}} -> train_identities
-                values.update({f"{key}_{k}": v for k, v in value.items()})
-            values[key] = value
-    wanted = KEY_FIGURES.get(record.name, [])
-    parts = []
-    start_step = values.get("start_step")
-    if record.name == "train-model" and isinstance(start_step, (int, float)) and start_step > 0:
-        parts.append(f"resumed at step {int(start_step)}")
-    for first, last, label in (("first_val_loss", "val_loss", "val loss"),
-                               ("first_val_fraction_positive", "val_fraction_positive",
-                                "val positive triplets")):
-        if isinstance(values.get(first), (int, float)) and isinstance(values.get(last), (int, float)):
-            parts.append(f"{label} {values[first]:.3f} -> {values[last]:.3f}")
-    for key in wanted:
-        value = values.get(key)
-        if isinstance(value, dict):
-            continue
-        if isinstance(value, list):
-            value = len(value)
-        if key == "size" and isinstance(value, (int, float)):
-            parts.append(f"{value / 1e6:.1f} MB")
-        elif key == "sha256" and isinstance(value, str):
-            parts.append(f"sha256 {value[:12]}…")
-        elif isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
-        elif value is not None:
-            parts.append(f"{key}={value}")
-    return ", ".join(parts)
-
-
-def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
-    """Scalar metrics of the train and evaluate tasks (what summary.json calls `metrics`)."""
-    metrics: dict[str, Any] = {}
-    for record in records:
-        if record.name == "train-model":
-            out = record.outputs.get("metrics", {}).get("metadata", {})
-            metrics.update({f"train_{k}" if not k.startswith(("train_", "val_")) else k: v
-                            for k, v in out.items() if isinstance(v, (int, float))})
-        if record.name == "evaluate-model":
-            metrics.update({k: v for k, v in record.outputs.get("metrics", {}).get("metadata", {}).items()
-                            if isinstance(v, (int, float))})
-            threshold = record.outputs.get("threshold", {})
-            if threshold:
-                metrics["threshold_uri"] = threshold.get("uri")
-            report = record.outputs.get("report", {})
-            if report:
-                metrics["report_uri"] = report.get("uri")
-        if record.name == "train-model" and "model" in record.outputs:
-            metrics["model_uri"] = record.outputs["model"]["uri"]
-    return metrics
-
-
-def print_table(records: list[TaskRecord], status: str, out: Any = None) -> None:
-    out = out or sys.stdout
-    label = {"SUCCEEDED": "ran", "CACHED": "cache hit", "FAILED": "FAILED", "RUNNING": "?"}
-    width = max([len(r.display_name) for r in records] + [10])
-    print(f"\n{PIPELINE_NAME}: {status}", file=out)
-    print(f"  {'task':<{width}}  {'status':<9}  {'seconds':>8}  key figures", file=out)
-    for r in records:
-        figures = r.error if r.status == "FAILED" else key_figures(r)
-        print(f"  {r.display_name:<{width}}  {label[r.status]:<9}  {r.seconds:8.1f}  {figures}", file=out)
-    cached = sum(r.status == "CACHED" for r in records)
-    if records and cached == len(records):
-        print(f"  all {cached} tasks came from the cache", file=out)
-
-
-def print_headline(metrics: dict[str, Any], out: Any = None) -> None:
-    out = out or sys.stdout
-    shown = [(label, metrics[key]) for key, label in HEADLINE if isinstance(metrics.get(key), (int, float))]
-    if shown:
-        print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown), file=out)
-    for key, label in (("model_uri", "trained model"), ("report_uri", "report"),
-                       ("threshold_uri", "threshold.json")):
-        if metrics.get(key):
-            print(f"{label}: {metrics[key]}", file=out)
-
+# --- the whole pipeline ---------------------------------------------------------------------
 
 def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str, str]:
     """The demo archive's path and sha256, generating it when missing."""
@@ -275,29 +138,24 @@ def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str
     return str(archive.resolve()), digest_file.read_text().split()[0]
 
 
-def config_names_source(config_path: str | None) -> bool:
-    """Whether the YAML file itself sets `data.source_uri` (DataConfig's LFW default does not count)."""
-    if config_path is None:
-        return False
-    raw = yaml.safe_load(Path(config_path).read_text()) or {}
-    return "source_uri" in (raw.get("data") or {})
-
-
 def data_sources(config_path: str | None, source: str | None, sha256: str | None, pairs: str | None,
                  pairs_sha256: str | None, demo_dir: str, demo_identities: int, demo_seed: int,
                  overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The archive and pairs.txt a local run uses: {source_uri, sha256, pairs_uri, pairs_sha256}.
 
-    The archive is `source`, else the config's `data.source_uri`; only when
-    neither names one is it the demo archive (generated when missing). `sha256`
-    sets the archive's checksum; without it the config's stays when the archive
-    is the config's, and a `source` of its own has none. `pairs` ("demo": the
-    demo archive's pairs.txt) replaces the config's pairs file; the config's
+    The archive is `source`, else the config's `data.source_uri` (from the file
+    or `overrides`; DataConfig's LFW default does not count); only when neither
+    names one is it the demo archive (generated when missing). `sha256` sets the
+    archive's checksum; without it the config's stays when the archive is the
+    config's, and a `source` of its own has none. `pairs` ("demo": the demo
+    archive's pairs.txt) replaces the config's pairs file; the config's
     `pairs_sha256` stays when `pairs` names the config's `pairs_uri`, and
     `pairs_sha256` sets one, so a known checksum is never dropped.
     """
     config = load_config(config_path, overrides).data
-    demo = not (source or config_names_source(config_path) or "source_uri" in overrides.get("data", {}))
+    raw = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
+    named = "source_uri" in (raw.get("data") or {}) or "source_uri" in overrides.get("data", {})
+    demo = not (source or named)
     if demo:
         source_uri, source_sha = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
     elif source:
@@ -338,103 +196,166 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
     overrides.setdefault("data", {}).update(data_sources(
         config_path, source, sha256, pairs, pairs_sha256, demo_dir, demo_identities, demo_seed, overrides))
     config = load_config(config_path, overrides)
-    log.info("archive: %s%s", config.data.source_uri, "" if config.data.sha256 else " (no sha256 to check)")
-    if config.data.pairs_uri:
-        log.info("pairs.txt: %s%s", config.data.pairs_uri,
-                 "" if config.data.pairs_sha256 else " (no sha256 to check)")
+    for what, uri, digest in (("archive", config.data.source_uri, config.data.sha256),
+                              ("pairs.txt", config.data.pairs_uri, config.data.pairs_sha256)):
+        if uri:
+            log.info("%s: %s%s", what, uri, "" if digest else " (no sha256 to check)")
     images = images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-
-    containers: Any = contextlib.nullcontext()
-    if runner == "subprocess":
-        kfp_runner = local.SubprocessRunner(use_venv=False)
-    elif runner == "docker":
-        from pipelines.docker_runner import make_docker_runner, race_free_containers
-
-        kfp_runner = make_docker_runner(
-            root, inputs={"data.source_uri": config.data.source_uri, "data.pairs_uri": config.data.pairs_uri},
-            output_dirs={"cluster.checkpoint_root": config.cluster.checkpoint_root,
-                         "cluster.tensorboard_root": config.cluster.tensorboard_root})
-        containers = race_free_containers(root / "containers.json")
-    else:
-        raise FacenetError(f"unknown runner {runner!r}; use subprocess or docker")
-    local.init(runner=kfp_runner, pipeline_root=str(root), enable_caching=enable_caching,
-               raise_on_error=True)
-    pipeline = build_pipeline(config, images, cluster=False)
-
-    records: list[TaskRecord] = []
-    start = time.monotonic()
-    status, failure = "SUCCEEDED", ""
-    with warnings.catch_warnings(), record_tasks(records), containers:
-        # The subprocess runner warns for every image whose name lacks "python".
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        # Display names and cluster settings are for the KFP UI; the local runner says so per task.
-        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        try:
-            pipeline()
-        except Exception as exc:  # the run failed: report which task and why
-            status = "FAILED"
-            failure = str(exc)
-    if any(r.status == "FAILED" for r in records):
-        status = "FAILED"
-    summary = {
-        "pipeline": PIPELINE_NAME,
-        "status": status,
-        "runner": runner,
-        "seconds": round(time.monotonic() - start, 1),
-        "source_uri": config.data.source_uri,
-        "pairs_uri": config.data.pairs_uri,
-        "tasks": task_summaries(records),
-        "metrics": headline_metrics(records),
-    }
-    if status == "FAILED":
-        summary["error"] = failure_message(records, failure)
-    write_json(root / "summary.json", summary)
-    return summary
+    kfp_runner, containers = make_runner(runner, root, config)
+    records, failure, seconds = execute(build_pipeline(config, images, cluster=False), root, kfp_runner,
+                                        enable_caching, containers)
+    return summarise(PIPELINE_NAME, records, failure, seconds, root / SUMMARY, runner=runner,
+                     source_uri=config.data.source_uri, pairs_uri=config.data.pairs_uri)
 
 
-def report_summary(summary: dict[str, Any], path: Path) -> int:
-    """Print the table and headline figures of a finished run; the exit status it deserves."""
-    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
-                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
-               for t in summary["tasks"]]
-    print_table(records, summary["status"], out=sys.stdout)
-    print_headline(summary["metrics"], out=sys.stdout)
-    print(f"summary: {path}")
-    if summary["status"] != "SUCCEEDED":
-        print(f"\nerror: {summary['error']}", file=sys.stderr)
-        return 1
-    return 0
+# --- one step on earlier artifacts ----------------------------------------------------------
+
+@functools.cache
+def producers() -> dict[str, Producer]:
+    """{artifact: where the pipeline makes it}, for the artifacts a rerun imports (those in MARKERS)."""
+    components = build_components(Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE))
+    classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
+    return {output: Producer(step.name, spec.name, output, classes[definition.type.split("@")[0]])
+            for step in STEPS for spec in [components[step.name].component_spec]
+            for output, definition in spec.outputs.items() if output in MARKERS}
+
+
+def rerun_overrides(items: list[str], steps: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set` items of a rerun as config overrides; each must be a parameter one of `steps` reads."""
+    by_name = {step.name: step for step in STEPS}
+    section = {"train": "train", "evaluate": "evaluate"}.get(steps[0], "data")
+    keys = parameter_keys()
+    aliases = {**{key: (s, key) for name, (s, key) in keys.items() if s == section}, **keys}
+    parameter_of = {key: name for name, key in keys.items()}
+    used = {param for step in steps for param in by_name[step].parameters.values()}
+    overrides = parse_assignments(items, aliases)
+    for cfg_section, values in overrides.items():
+        for key in values:
+            param = parameter_of.get((cfg_section, key), f"{cfg_section}.{key}")
+            if param not in used:
+                hint = (" (add --with-evaluate to evaluate the new model too)" if steps == ["train"]
+                        and param in by_name["evaluate"].parameters.values() else "")
+                raise InputError(f"--set {cfg_section}.{key}: step {' + '.join(steps)} does not read {param}"
+                                 f"{hint}; it reads: {', '.join(sorted(used)) or 'no parameters'}")
+    return overrides
+
+
+def resolve_sources(specs: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Artifact URIs from every --from value (later ones win) and where each value pointed."""
+    found: dict[str, str] = {}
+    described = []
+    for spec in specs:
+        artifacts, where = resolve_source(spec, producers())
+        log.info("--from %s: %s (%s)", spec, ", ".join(sorted(artifacts)) or "no artifacts", where)
+        found.update(artifacts)
+        described.append(where)
+    return found, described
+
+
+def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: PipelineConfig,
+                         images: Images) -> Callable:
+    """A pipeline `facenet-kfp-rerun-<first step>`: one importer per input artifact, then the steps."""
+    components = build_components(images)
+    values = {name: default for name, _, default, _ in pipeline_parameters(config)}
+
+    def dag():  # no return annotation: kfp would read the string "None" as an output
+        imported = {}
+        for name, uri in inputs.items():
+            task = dsl.importer(artifact_uri=uri, artifact_class=producers()[name].cls, reimport=False)
+            task.set_display_name(f"import {name}")
+            imported[name] = task.output
+        add_tasks(components, [s for s in STEPS if s.name in names], values, imported)
+
+    dag.__name__ = f"facenet_rerun_{names[0]}"
+    return dsl.pipeline(name=f"{PIPELINE_NAME}-rerun-{names[0]}",
+                        description=f"Rerun of the {names[0]} step on imported artifacts.")(dag)
+
+
+def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root: str,
+          sets: list[str] | None = None, with_evaluate: bool = False, images: Images | None = None,
+          enable_caching: bool = True, runner: str = "subprocess") -> dict[str, Any]:
+    """Rerun `step` on the artifacts named by `sources`; returns the summary (also in rerun-summary.json).
+
+    Raises InputError before anything runs for an unknown step, a bad source,
+    a missing or malformed input artifact, or a bad override.
+    """
+    if step not in RERUNNABLE:
+        raise InputError(f"unknown step {step!r}; rerunnable: {', '.join(RERUNNABLE)}")
+    if with_evaluate and step != "train":
+        raise InputError("--with-evaluate applies to --rerun train only")
+    if not sources:
+        raise InputError("--from is required: a pipeline root, summary, run folder or name=path pairs")
+    names = [step, "evaluate"] if with_evaluate else [step]
+    config = load_config(config_path, rerun_overrides(sets or [], names))
+    found, described = resolve_sources(sources)
+    produced = {name for name, p in producers().items() if p.step in names}
+    needed = tuple(dict.fromkeys(name for s in STEPS if s.name in names for name in s.inputs
+                                 if name not in produced))
+    inputs = check_inputs(needed, found, described, producers())
+    pipeline = build_rerun_pipeline(names, inputs, config,
+                                    images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE))
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    kfp_runner, containers = make_runner(runner, root, config)
+    records, failure, seconds = execute(pipeline, root, kfp_runner, enable_caching, containers)
+    artifacts = {**found, **inputs}
+    by_output = {(p.task, p.output): name for name, p in producers().items()}
+    for record in records:
+        for output, value in record.outputs.items():
+            if (name := by_output.get((record.name, output))) and record.status != "FAILED":
+                artifacts[name] = value["uri"]
+    values = {name: default for name, _, default, _ in pipeline_parameters(config)}
+    used = sorted({param for s in STEPS if s.name in names for param in s.parameters.values()})
+    return summarise(f"{PIPELINE_NAME}-rerun-{step}", records, failure, seconds, root / RERUN_SUMMARY,
+                     step=step, with_evaluate=with_evaluate, **{"from": described}, inputs=inputs,
+                     parameters={name: values[name] for name in used}, artifacts=artifacts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--source", default="", help="archive URI or path; default: the config's data.source_uri, "
-                                                     "else the demo archive")
-    parser.add_argument("--sha256", default="", help="expected sha256 of the archive")
-    parser.add_argument("--pairs", default="", help="pairs.txt URI or path for the LFW protocol; 'demo' for the demo archive's")
-    parser.add_argument("--pairs-sha256", default="", help="expected sha256 of the pairs file")
-    parser.add_argument("--pipeline-root", default="local_outputs", help="where artifacts and summary.json go")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train.max_steps=800 (repeatable)")
+    parser.add_argument("--pipeline-root", default="local_outputs", help="where artifacts, the cache and the summary go")
     parser.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess")
-    parser.add_argument("--demo-dir", default="data/demo", help="where the demo archive is kept")
-    parser.add_argument("--demo-identities", type=int, default=120, help="identities in a newly generated demo archive")
     parser.add_argument("--no-cache", action="store_true", help="run every task even when cached")
-    parser.add_argument("--light-image", default=DEFAULT_LIGHT_IMAGE, help="image of the data steps (DockerRunner)")
-    parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of train/evaluate (DockerRunner)")
+    parser.add_argument("--light-image", default=DEFAULT_LIGHT_IMAGE, help="image of the data steps (part of the cache key)")
+    parser.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of train/evaluate (part of the cache key)")
+    whole = parser.add_argument_group("the whole pipeline")
+    whole.add_argument("--source", default="", help="archive URI or path; default: the config's data.source_uri, "
+                                                    "else the demo archive")
+    whole.add_argument("--sha256", default="", help="expected sha256 of the archive")
+    whole.add_argument("--pairs", default="", help="pairs.txt URI or path for the LFW protocol; 'demo' for the demo archive's")
+    whole.add_argument("--pairs-sha256", default="", help="expected sha256 of the pairs file")
+    whole.add_argument("--demo-dir", default="data/demo", help="where the demo archive is kept")
+    whole.add_argument("--demo-identities", type=int, default=120, help="identities in a newly generated demo archive")
+    one = parser.add_argument_group("one step on earlier artifacts")
+    one.add_argument("--rerun", metavar="STEP", help=f"rerun this step only: {', '.join(RERUNNABLE)}")
+    one.add_argument("--from", dest="sources", action="append", default=[], metavar="SOURCE",
+                     help="pipeline root, summary JSON, run folder or name=path pairs (repeatable; later wins)")
+    one.add_argument("--with-evaluate", action="store_true", help="with --rerun train: also evaluate the new model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
-                               args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
-                               demo_identities=args.demo_identities, enable_caching=not args.no_cache,
-                               images=Images(light=args.light_image, trainer=args.trainer_image),
-                               pairs_sha256=args.pairs_sha256 or None)
+        images = Images(light=args.light_image, trainer=args.trainer_image)
+        if args.rerun:
+            summary = rerun(args.rerun, args.sources, args.config, args.pipeline_root, sets=args.sets,
+                            with_evaluate=args.with_evaluate, enable_caching=not args.no_cache,
+                            runner=args.runner, images=images)
+            path = Path(args.pipeline_root) / RERUN_SUMMARY
+        else:
+            summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
+                                   args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
+                                   demo_identities=args.demo_identities, enable_caching=not args.no_cache,
+                                   overrides=parse_assignments(args.sets, parameter_keys()),
+                                   pairs_sha256=args.pairs_sha256 or None, images=images)
+            path = Path(args.pipeline_root) / SUMMARY
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return report_summary(summary, Path(args.pipeline_root) / "summary.json")
+    return report_summary(summary, path)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ from typing import Any, Iterator
 import yaml
 
 from facenet_kfp.errors import FacenetError, InputError
+from pipelines.kfp_internals import ui_base
 
 log = logging.getLogger(__name__)
 
+# kfp.Client reads this token file only when it finds no host (in-cluster mode); with a host it is passed on.
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
-ENDPOINT_ENV = "KF_PIPELINES_ENDPOINT"
-UI_ENDPOINT_ENV = "KF_PIPELINES_UI_ENDPOINT"
+DEFAULT_HOST = "kfp.Client's default endpoint"   # how messages name it when --host is not given
 HEALTHZ_MESSAGE = "Failed to get healthz info attempt"
 
 
@@ -43,13 +44,8 @@ class SubmitError(FacenetError):
     """The KFP endpoint could not be reached or refused a request."""
 
 
-def pipeline_parameter_types(package: str | os.PathLike) -> dict[str, str]:
-    """{name: parameterType} of the root inputDefinitions of a compiled pipeline YAML.
-
-    parameterType is the IR type: STRING, NUMBER_INTEGER, NUMBER_DOUBLE,
-    BOOLEAN, LIST or STRUCT. The first YAML document is the pipeline spec (a
-    second one, if present, is the Kubernetes platform spec).
-    """
+def package_parameters(package: str | os.PathLike) -> set[str]:
+    """Names of the root input parameters of a compiled pipeline YAML (its first document)."""
     path = Path(package)
     if not path.is_file():
         raise InputError(f"{path}: pipeline package not found")
@@ -60,55 +56,36 @@ def pipeline_parameter_types(package: str | os.PathLike) -> dict[str, str]:
         raise InputError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(spec, dict) or "root" not in spec:
         raise InputError(f"{path}: not a compiled KFP pipeline (no 'root' in the first document)")
-    params = spec["root"].get("inputDefinitions", {}).get("parameters", {})
-    return {name: definition.get("parameterType", "STRING") for name, definition in params.items()}
+    return set(spec["root"].get("inputDefinitions", {}).get("parameters", {}))
 
 
-def parse_param(text: str, types: dict[str, str]) -> tuple[str, Any]:
-    """One `key=value` override as (name, typed value), checked against the pipeline's parameters.
+def run_arguments(items: list[str], package: str | os.PathLike, config_path: str | None) -> dict[str, Any]:
+    """`--param` items as run arguments {pipeline parameter: value}.
 
-    STRING parameters take the text as is (so a sha256 of digits stays a string);
-    the others parse it as YAML and must get the declared type: an int for
-    NUMBER_INTEGER, an int or float for NUMBER_DOUBLE (sent as float), true/false
-    for BOOLEAN, a `[a, b]` list for LIST, a `{k: v}` mapping for STRUCT.
+    A name is a pipeline parameter (``train_learning_rate``) or its config key
+    (``train.learning_rate``); the value is typed by the config field and the
+    config `config_path` with the overrides applied must be valid. Every name
+    must be a parameter of `package`.
     """
-    name, sep, raw = text.partition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise InputError(f"--param {text!r}: expected key=value")
-    if name not in types:
-        raise InputError(f"--param {name}: not a parameter of the pipeline; valid: {', '.join(sorted(types))}")
-    kind = types[name]
-    if kind == "STRING":
-        return name, raw
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise InputError(f"--param {name}={raw!r}: not a YAML value ({exc})") from exc
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == "NUMBER_INTEGER" and is_number and isinstance(value, int):
-        return name, value
-    if kind == "NUMBER_DOUBLE" and is_number:
-        return name, float(value)
-    if kind == "BOOLEAN" and isinstance(value, bool):
-        return name, value
-    if kind == "LIST" and isinstance(value, list):
-        return name, value
-    if kind == "STRUCT" and isinstance(value, dict):
-        return name, value
-    wanted = {"NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number", "BOOLEAN": "true or false",
-              "LIST": "a list like [0.001, 0.01]", "STRUCT": "a mapping like {key: value}"}.get(kind, kind)
-    raise InputError(f"--param {name}={raw!r}: expected {wanted} ({kind})")
+    from facenet_kfp.config import load_config, parse_assignments
+    from pipelines.facenet_pipeline import parameter_keys
 
-
-def parse_params(items: list[str], package: str | os.PathLike) -> dict[str, Any]:
-    """All `--param` overrides, checked against the root inputDefinitions of `package`."""
-    types = pipeline_parameter_types(package)
-    params: dict[str, Any] = {}
-    for item in items:
-        name, value = parse_param(item, types)
-        params[name] = value
-    return params
+    keys = parameter_keys()
+    overrides = parse_assignments(items, keys, option="--param")
+    load_config(config_path, overrides)
+    parameter_of = {key: name for name, key in keys.items()}
+    valid = package_parameters(package)
+    arguments = {}
+    for section, values in overrides.items():
+        for key, value in values.items():
+            name = parameter_of.get((section, key))
+            if name is None:
+                raise InputError(f"--param {section}.{key} is compiled into the pipeline, not a run parameter; "
+                                 f"set it in the config and submit again")
+            if name not in valid:
+                raise InputError(f"--param {name}: not a parameter of {package}; valid: {', '.join(sorted(valid))}")
+            arguments[name] = list(value) if isinstance(value, tuple) else value
+    return arguments
 
 
 def _api_message(body: Any) -> str:
@@ -178,7 +155,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def make_client(host: str, namespace: str | None, existing_token: str | None, cookies: str | None,
+def make_client(host: str | None, namespace: str | None, existing_token: str | None, cookies: str | None,
                 ui_host: str | None) -> Any:
     """kfp.Client for `host` with the standard auth options; a token file from KF_PIPELINES_SA_TOKEN_PATH.
 
@@ -200,6 +177,7 @@ def make_client(host: str, namespace: str | None, existing_token: str | None, co
                                    credentials=credentials, ui_host=ui_host)
     if namespace:
         options["namespace"] = namespace
+    where = host or DEFAULT_HOST
     failures: list[BaseException] = []
     with warnings.catch_warnings(), _quiet_health_retries(failures):
         warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
@@ -208,14 +186,14 @@ def make_client(host: str, namespace: str | None, existing_token: str | None, co
         except TimeoutError as exc:
             # Raised after the health check failed every attempt; report the last real cause.
             if failures:
-                raise SubmitError(describe_error(failures[-1], host, "checking GET /apis/v2beta1/healthz "
+                raise SubmitError(describe_error(failures[-1], where, "checking GET /apis/v2beta1/healthz "
                                                  f"({len(failures)} attempts)")) from exc
-            raise SubmitError(f"KFP API at {host}: {exc}") from exc
+            raise SubmitError(f"KFP API at {where}: {exc}") from exc
         except Exception as exc:
-            raise SubmitError(describe_error(exc, host, "connecting")) from exc
+            raise SubmitError(describe_error(exc, where, "connecting")) from exc
 
 
-def submit(host: str, package: str | os.PathLike, params: dict[str, Any], *, experiment: str | None = None,
+def submit(host: str | None, package: str | os.PathLike, params: dict[str, Any], *, experiment: str | None = None,
            run_name: str | None = None, namespace: str | None = None, existing_token: str | None = None,
            cookies: str | None = None, enable_caching: bool | None = None,
            ui_host: str | None = None) -> dict[str, str]:
@@ -226,8 +204,8 @@ def submit(host: str, package: str | os.PathLike, params: dict[str, Any], *, exp
     `enable_caching=None` keeps the compile-time per-task setting; False turns
     caching off for every task of this run.
     """
-    host = host.rstrip("/")
     client = make_client(host, namespace, existing_token, cookies, ui_host)
+    host = host or DEFAULT_HOST
     stage = f"creating the run (experiment {experiment or 'Default'!r})"
     try:
         result = client.create_run_from_pipeline_package(
@@ -243,15 +221,14 @@ def submit(host: str, package: str | os.PathLike, params: dict[str, Any], *, exp
         if isinstance(exc, (kfp_server_api.ApiException, urllib3.exceptions.HTTPError)):
             raise SubmitError(describe_error(exc, host, stage)) from exc
         raise
-    base = (ui_host or os.environ.get(UI_ENDPOINT_ENV) or host).rstrip("/")
-    return {"run_id": result.run_id, "url": f"{base}/#/runs/details/{result.run_id}",
+    return {"run_id": result.run_id, "url": f"{ui_base(client)}/#/runs/details/{result.run_id}",
             "experiment_id": getattr(result.run_info, "experiment_id", None) or ""}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get(ENDPOINT_ENV),
-                        help=f"KFP API endpoint, e.g. http://localhost:8080 (default: ${ENDPOINT_ENV})")
+    parser.add_argument("--host", default=None, help="KFP API endpoint, e.g. http://localhost:8080 (default: "
+                        "kfp.Client's: $KF_PIPELINES_ENDPOINT, else in-cluster, else kubeconfig)")
     parser.add_argument("--experiment", default=None, help="experiment name, created when missing (default: kfp's 'Default')")
     parser.add_argument("--run-name", default=None, help="run name shown in the UI (default: package name and time)")
     parser.add_argument("--config", default="configs/lfw.yaml", help="YAML config whose values become the parameter defaults")
@@ -259,17 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-compile", action="store_true", help="submit --package as it is, without compiling")
     parser.add_argument("--light-image", default=None, help="image of the five data steps, e.g. REGISTRY/facenet-kfp:TAG")
     parser.add_argument("--trainer-image", default=None, help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a pipeline parameter (repeatable), e.g. train_learning_rate=0.0005")
+    parser.add_argument("--param", "--set", dest="param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a pipeline parameter (repeatable), e.g. train_learning_rate=0.0005 "
+                             "or train.learning_rate=0.0005")
     parser.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user deployments)")
     parser.add_argument("--existing-token", default=None, help="bearer token for the API (see also $KF_PIPELINES_SA_TOKEN_PATH)")
     parser.add_argument("--cookies", default=None, help="Cookie header for the API, e.g. authservice_session=...")
-    parser.add_argument("--ui-host", default=None, help=f"UI base URL for the printed link (default: ${UI_ENDPOINT_ENV} or --host)")
+    parser.add_argument("--ui-host", default=None, help="UI base URL for the printed link (default: "
+                        "$KF_PIPELINES_UI_ENDPOINT or the host)")
     parser.add_argument("--no-cache", action="store_true", help="run every task even when the cluster has a cached result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.host:
-        parser.error(f"--host is required (or set ${ENDPOINT_ENV})")
     if not args.skip_compile and not (args.light_image and args.trainer_image):
         parser.error("--light-image and --trainer-image are required unless --skip-compile")
     try:
@@ -278,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
             compile_pipeline(args.config, args.package, args.light_image, args.trainer_image)
             print(f"compiled {args.package} (defaults from {args.config})")
-        params = parse_params(args.param, args.package)
+        params = run_arguments(args.param, args.package, args.config)
         run = submit(args.host, args.package, params, experiment=args.experiment, run_name=args.run_name,
                      namespace=args.namespace, existing_token=args.existing_token, cookies=args.cookies,
                      enable_caching=False if args.no_cache else None, ui_host=args.ui_host)

@@ -1,10 +1,11 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from facenet_kfp.config import (ClusterConfig, DataConfig, EvaluateConfig, TrainConfig, field_help,
-                                load_config, to_dict)
+                                load_config, parse_assignments, to_dict)
 from facenet_kfp.errors import InputError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
@@ -84,7 +85,65 @@ def test_bad_values_name_the_key(tmp_path, text, message):
                                       (EvaluateConfig, "seed_threshold")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_floats_refused_when_built_in_code(cls, key, value):
-    """Steps validate their section directly (not through load_config): the same checks apply."""
+    """Sections built in code (as the components build theirs) check themselves: no invalid config exists."""
     section = cls.__name__.removesuffix("Config").lower()
     with pytest.raises(InputError, match=rf"{section}\.{key} must be a finite number"):
-        dataclasses.replace(cls(), **{key: value}).validate()
+        dataclasses.replace(cls(), **{key: value})
+
+
+def test_errors_name_the_file_and_the_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train: {max_steps: 0}\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: train\.max_steps must be at least 1, got 0$"):
+        load_config(path)
+
+
+def test_help_lives_in_the_field_metadata():
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert fields["loss"].metadata["help"] == field_help(TrainConfig)["loss"]
+    assert fields["loss"].metadata["choices"] == ("batch_all", "batch_hard", "semi_hard")
+    assert all(text and not text.startswith("#") for text in field_help(ClusterConfig).values())
+
+
+def test_dict_values_keep_their_yaml_types(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text("cluster:\n  gpu_toleration: {key: nvidia.com/gpu, operator: Exists, effect: NoExecute, "
+                    "tolerationSeconds: 300}\n  gpu_node_selector: {pool: gpu}\n")
+    cluster = load_config(path).cluster
+    assert cluster.gpu_toleration["tolerationSeconds"] == 300
+    assert cluster.toleration() == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute",
+                                    "toleration_seconds": 300}
+    path.write_text("cluster:\n  gpu_toleration: {tolerationSeconds: soon}\n")
+    with pytest.raises(InputError, match=r"cluster\.gpu_toleration\.tolerationSeconds must be int, got 'soon'"):
+        load_config(path)
+    path.write_text("cluster:\n  gpu_toleration: {toleration_seconds: 3}\n")
+    with pytest.raises(InputError, match=r"gpu_toleration: unknown key\(s\) toleration_seconds; known: key"):
+        load_config(path)
+    path.write_text("cluster:\n  gpu_node_selector: {pool: 1}\n")
+    with pytest.raises(InputError, match=r"cluster\.gpu_node_selector\.pool must be str, got 1"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("items, expected", [
+    (["train.max_steps=800", "evaluate.folds=5"], {"train": {"max_steps": 800}, "evaluate": {"folds": 5}}),
+    (["data.sha256=0123"], {"data": {"sha256": "0123"}}),            # a str field keeps the text
+    (["data.pairs_uri="], {"data": {"pairs_uri": ""}}),
+    (["train.learning_rate=1"], {"train": {"learning_rate": 1.0}}),  # an int is a float where asked
+    (["evaluate.far_targets=[0.001, 0.1]"], {"evaluate": {"far_targets": (0.001, 0.1)}}),
+    (["train.augment=false"], {"train": {"augment": False}}),
+])
+def test_assignments_are_typed_by_the_field(items, expected):
+    assert parse_assignments(items) == expected
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.max_steps=1.5", r"--set train\.max_steps must be int, got 1\.5"),
+    ("train.augment=1", r"train\.augment must be bool, got 1"),
+    ("train.max_step=5", r"train\.max_step: not a config key .*did you mean train\.max_steps"),
+    ("max_steps=5", r"max_steps: not a config key"),
+    ("train.max_steps", "expected key=value"),
+    ("evaluate.far_targets=[0.1", "not a YAML value"),
+])
+def test_bad_assignments_name_the_key(item, message):
+    with pytest.raises(InputError, match=message):
+        parse_assignments([item])

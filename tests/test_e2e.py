@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import random
 import socket
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from pipelines import run_local
-from pipelines.run_local import TaskRecord, data_sources, dag_order, key_figures, run_pipeline
+from pipelines.run_local import data_sources, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LFW = yaml.safe_load((ROOT / "configs/lfw.yaml").read_text())["data"]
@@ -89,6 +88,15 @@ def test_demo_run_end_to_end_then_from_cache(tmp_path, demo_archive, tiny_config
         [(name, "CACHED") for name in TASKS[:-1]] + [("evaluate-model", "FAILED")]
     assert "evaluate-model" in third["error"] and "sha256" in third["error"]
 
+    # `make run SET=...`: a config key typed by its field; only the step that reads it runs again.
+    code = run_local.main(["--config", str(tiny_config), "--pipeline-root", str(root), "--pairs", "demo",
+                           "--demo-dir", str(demo_archive["dir"]), "--set", "evaluate.report_examples=2",
+                           "--set", "eval_seed=1"])
+    assert code == 0
+    fourth = json.loads((root / "summary.json").read_text())
+    assert [(t["name"], t["status"]) for t in fourth["tasks"]] == \
+        [(name, "CACHED") for name in TASKS[:-1]] + [("evaluate-model", "SUCCEEDED")]
+
 
 @pytest.mark.slow
 def test_failed_download_fails_the_run_and_names_it(tmp_path, demo_archive, tiny_config):
@@ -158,6 +166,9 @@ def test_pairs_keep_or_set_a_checksum(tmp_path, demo_archive, tiny_config):
     (["--config", str(ROOT / "configs/lfw.yaml"), "--pairs", "demo"], "--pairs demo is the demo archive's pairs.txt"),
     (["--pairs-sha256", "d" * 64], "--pairs-sha256 needs a pairs file"),
     (["--pairs", "/data/pairs.txt", "--pairs-sha256", "xyz"], "data.pairs_sha256 must be 64 hex digits"),
+    (["--set", "train.max_steps=0"], "train.max_steps must be at least 1, got 0"),
+    (["--set", "train.max_steps=ten"], "--set train.max_steps must be int, got 'ten'"),
+    (["--set", "train.k=8"], "train.k (8) must equal data.multiple (4)"),
 ])
 def test_source_and_pairs_usage_errors_exit_2(tmp_path, capsys, demo_archive, tiny_config, argv, message):
     argv = ["--config", str(tiny_config), *argv] if "--config" not in argv else argv
@@ -165,36 +176,3 @@ def test_source_and_pairs_usage_errors_exit_2(tmp_path, capsys, demo_archive, ti
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-# --- the run table ------------------------------------------------------------------------------
-
-def test_table_is_in_dag_order_whatever_order_tasks_ran_in():
-    names = ["1. download archive", "2. extract images", "3. label JSON", "4. complete to multiple of K",
-             "5. identity splits", "6. train embeddings", "7. threshold evaluation"]
-    rerun = ["import completion", "import images", "6. train embeddings", "7. threshold evaluation"]
-    for expected in (names, rerun):
-        for seed in range(5):
-            shuffled = [TaskRecord(name=n, display_name=n) for n in expected]
-            random.Random(seed).shuffle(shuffled)
-            assert [r.display_name for r in dag_order(shuffled)] == expected
-
-
-def test_train_line_says_when_it_resumed():
-    def train(start_step):
-        return TaskRecord(name="train-model", display_name="6. train embeddings", status="SUCCEEDED",
-                          outputs={"metrics": {"uri": "m", "metadata": {"steps": 400, "start_step": start_step}}})
-    assert key_figures(train(300)) == "resumed at step 300, steps=400"
-    assert key_figures(train(0)) == "steps=400"
-
-
-def test_failed_task_line_quotes_the_step_error_not_a_warning():
-    log = ["12:00:01 WARNING facenet_kfp.extract: skipping P/P_0002.jpg: undecodable image (OSError: Truncated File Read)",
-           "12:00:02 ERROR facenet_kfp: step extract failed: InputError: a.tgz: 80 of 100 images are unusable",
-           "Traceback (most recent call last):",
-           "facenet_kfp.errors.InputError: a.tgz: 80 of 100 images are unusable"]
-    assert run_local.task_error(log) == "step extract failed: InputError: a.tgz: 80 of 100 images are unusable"
-    # Without the step's line (a crash before logging was set up): the traceback's last exception.
-    assert run_local.task_error(["ValueError: first", "  File x", "facenet_kfp.errors.InputError: last"]
-                                ) == "facenet_kfp.errors.InputError: last"
-    assert run_local.task_error(["nothing useful"]) == "see the task log above"

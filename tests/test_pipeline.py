@@ -100,7 +100,8 @@ def test_gpu_resources_and_kubernetes_settings(tmp_path):
     config.write_text(yaml.safe_dump({"cluster": {
         "train_gpus": 2, "evaluate_gpus": 1, "train_cpu": "6", "train_memory": "24Gi",
         "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-        "gpu_toleration": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        "gpu_toleration": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute",
+                           "tolerationSeconds": 300},
         "gcs_secret": "gcs-key", "shm_size": "8Gi"}}))
     spec, platform = _docs(tmp_path, config)
     executors = spec["deploymentSpec"]["executors"]
@@ -111,7 +112,9 @@ def test_gpu_resources_and_kubernetes_settings(tmp_path):
     assert "accelerator" not in executors["exec-extract-images"]["container"]["resources"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-train-model"]["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
-    assert k8s["exec-train-model"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    # tolerationSeconds reaches kfp as the number 300; protobuf's JSON writes an int64 as a string.
+    assert k8s["exec-train-model"]["tolerations"] == [{"effect": "NoExecute", "key": "nvidia.com/gpu",
+                                                       "operator": "Exists", "tolerationSeconds": "300"}]
     assert k8s["exec-train-model"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}]
     assert k8s["exec-download-archive"]["secretAsVolume"][0]["secretName"] == "gcs-key"
     env = {e["name"]: e["value"] for e in executors["exec-download-archive"]["container"]["env"]}
@@ -170,3 +173,20 @@ def test_parameters_reach_only_the_steps_they_change(tmp_path, param, readers):
              if any(p.get("componentInputParameter") == param
                     for p in t.get("inputs", {}).get("parameters", {}).values())}
     assert found == readers
+
+
+def test_a_field_type_without_a_pipeline_type_fails_at_compile_time(tmp_path, monkeypatch):
+    from facenet_kfp.errors import FacenetError
+    from pipelines import facenet_pipeline
+
+    monkeypatch.setattr(facenet_pipeline, "PARAMETER_TYPES", {str: str, int: int, float: float, bool: bool})
+    with pytest.raises(FacenetError, match=r"config evaluate\.far_targets has type tuple\[float, \.\.\.\], "
+                                           r"which has no pipeline parameter type"):
+        _compile(tmp_path)
+
+
+def test_parameter_descriptions_are_the_config_help(tmp_path):
+    from facenet_kfp.config import TrainConfig, field_help
+
+    params = _docs(tmp_path)[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["train_loss"]["description"] == f"{field_help(TrainConfig)['loss']} (config: train.loss)"

@@ -1,4 +1,4 @@
-"""pipelines.rerun: finding upstream artifacts, parameters, the importer pipeline, and real local reruns."""
+"""`pipelines.run_local --rerun`: finding upstream artifacts, parameters, the importer pipeline, and real local reruns."""
 
 import json
 import os
@@ -11,22 +11,24 @@ from kfp import compiler
 from components import Images
 from facenet_kfp.config import load_config
 from facenet_kfp.errors import InputError
-from pipelines import rerun
-from pipelines.facenet_pipeline import build_pipeline, pipeline_parameters
+from facenet_kfp import runs
+from pipelines import run_local as rerun
+from pipelines.facenet_pipeline import STEPS, build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = Images(light="registry.example/facenet-kfp:test", trainer="registry.example/facenet-kfp-trainer:test")
 UPSTREAM = ["images", "completion", "labels", "splits"]
+TRAIN_INPUTS = next(s.inputs for s in STEPS if s.name == "train")
 
 
 def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "model")) -> dict:
     """Artifact folders laid out as in a kfp.local run folder, holding only each kind's marker file."""
     paths = {}
     for name in names:
-        kind = rerun.ARTIFACTS[name]
-        path = folder / kind.task / kind.output
+        producer = rerun.producers()[name]
+        path = folder / producer.task / producer.output
         path.mkdir(parents=True)
-        (path / kind.marker).write_text("")
+        (path / runs.MARKERS[name]).write_text("")
         paths[name] = str(path)
     return paths
 
@@ -36,13 +38,13 @@ def _summary(paths: dict, status: str = "SUCCEEDED") -> dict:
     tasks = [{"name": "download-archive", "display_name": "1. download archive", "status": "SUCCEEDED",
               "seconds": 1.0, "outputs": {"archive": {"uri": "/elsewhere/archive", "metadata": {}}}}]
     for name, uri in paths.items():
-        kind = rerun.ARTIFACTS[name]
-        tasks.append({"name": kind.task, "display_name": kind.task, "status": "SUCCEEDED", "seconds": 1.0,
-                      "outputs": {kind.output: {"uri": uri, "metadata": {}}}})
+        producer = rerun.producers()[name]
+        tasks.append({"name": producer.task, "display_name": producer.task, "status": "SUCCEEDED", "seconds": 1.0,
+                      "outputs": {producer.output: {"uri": uri, "metadata": {}}}})
     return {"pipeline": "facenet-kfp", "status": status, "tasks": tasks, "metrics": {}}
 
 
-# --- wiring mirrors the full pipeline -------------------------------------------------------
+# --- wiring: the rerun pipeline is the full pipeline's steps on imported artifacts -------------
 
 @pytest.fixture(scope="module")
 def full_pipeline_spec(tmp_path_factory) -> dict:
@@ -52,41 +54,28 @@ def full_pipeline_spec(tmp_path_factory) -> dict:
     return yaml.safe_load(out.read_text())
 
 
-@pytest.mark.parametrize("step", sorted(rerun.STEPS))
-def test_step_wiring_matches_the_full_pipeline(full_pipeline_spec, step):
-    """Each step gets the same pipeline parameters and upstream outputs as in facenet_pipeline."""
-    spec = rerun.STEPS[step]
-    task = full_pipeline_spec["root"]["dag"]["tasks"][spec.task]
-    params = {arg: p["componentInputParameter"] for arg, p in task["inputs"].get("parameters", {}).items()}
-    assert params == spec.arguments
-    artifacts = {arg: a["taskOutputArtifact"] for arg, a in task["inputs"]["artifacts"].items()}
-    assert artifacts == {name: {"producerTask": rerun.ARTIFACTS[name].task,
-                                "outputArtifactKey": rerun.ARTIFACTS[name].output} for name in spec.inputs}
-    assert task["componentRef"]["name"] == f"comp-{spec.task}"
-
-
-def test_parameter_fields_name_every_pipeline_parameter():
-    config = load_config(ROOT / "configs/demo.yaml")
-    assert set(rerun.parameter_fields()) == {name for name, *_ in pipeline_parameters(config)}
-    assert rerun.parameter_fields()["train_learning_rate"] == ("train", "learning_rate")
-    assert rerun.parameter_fields()["train_fraction"] == ("data", "train_fraction")
-    assert rerun.parameter_fields()["checkpoint_root"] == ("cluster", "checkpoint_root")
-
-
-def test_step_arguments_take_config_values():
-    config = load_config(ROOT / "configs/demo.yaml", {"train": {"learning_rate": 5e-4}, "data": {"split_seed": 7}})
-    train = rerun.step_arguments("train", config)
-    assert train["learning_rate"] == 5e-4 and train["architecture"] == "small_cnn" and train["checkpoint_root"] == ""
-    assert rerun.step_arguments("splits", config) == {"train_fraction": 0.7, "val_fraction": 0.15,
-                                                      "test_fraction": 0.15, "seed": 7}
-    evaluate = rerun.step_arguments("evaluate", config)
-    assert evaluate["far_targets"] == [0.001, 0.01] and evaluate["pairs_uri"] == ""
+@pytest.mark.parametrize("step", rerun.RERUNNABLE)
+def test_rerun_step_is_wired_as_in_the_full_pipeline(full_pipeline_spec, tmp_path, step):
+    """The step's task reads the same artifacts, and its parameters hold the full pipeline's defaults."""
+    inputs = {name: str(tmp_path / name) for s in STEPS if s.name == step for name in s.inputs}
+    out = tmp_path / "rerun.yaml"
+    compiler.Compiler().compile(rerun.build_rerun_pipeline([step], inputs, load_config(ROOT / "configs/demo.yaml"),
+                                                           IMAGES), package_path=str(out))
+    spec = yaml.safe_load(out.read_text())
+    full_root = full_pipeline_spec["root"]
+    full_tasks = full_root["dag"]["tasks"]
+    name = next(n for n in spec["root"]["dag"]["tasks"] if not n.startswith("importer"))
+    task, full = spec["root"]["dag"]["tasks"][name], full_tasks[name]
+    assert set(task["inputs"]["artifacts"]) == set(full["inputs"]["artifacts"])
+    defaults = {p: d.get("defaultValue") for p, d in full_root["inputDefinitions"]["parameters"].items()}
+    expected = {arg: defaults[p["componentInputParameter"]] for arg, p in full["inputs"].get("parameters", {}).items()}
+    assert {arg: p["runtimeValue"]["constant"] for arg, p in task["inputs"].get("parameters", {}).items()} == expected
 
 
 def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
     paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
     config = load_config(ROOT / "configs/demo.yaml")
-    pipeline = rerun.build_rerun_pipeline("train", paths, config, IMAGES, with_evaluate=True)
+    pipeline = rerun.build_rerun_pipeline(["train", "evaluate"], paths, config, IMAGES)
     out = tmp_path / "rerun.yaml"
     compiler.Compiler().compile(pipeline, package_path=str(out))
     spec = yaml.safe_load(out.read_text())
@@ -118,13 +107,13 @@ def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
 def test_sources_run_folder_summary_root_and_pairs(tmp_path):
     run = tmp_path / "local_outputs" / "facenet-kfp-2026-01-01-00-00-00-000000"
     paths = _fake_artifacts(run)
-    assert rerun.resolve_source(str(run))[0] == paths
+    assert rerun.resolve_source(str(run), rerun.producers())[0] == paths
 
     root = tmp_path / "local_outputs"
     (root / "summary.json").write_text(json.dumps(_summary(paths)))
-    found, where = rerun.resolve_source(str(root))
+    found, where = rerun.resolve_source(str(root), rerun.producers())
     assert found == paths and where.endswith("summary.json")
-    assert rerun.resolve_source(str(root / "summary.json"))[0] == paths
+    assert rerun.resolve_source(str(root / "summary.json"), rerun.producers())[0] == paths
 
     # A newer rerun summary wins for the pipeline root; its `artifacts` are read too.
     new_model = _fake_artifacts(tmp_path / "rerun", ["model"])["model"]
@@ -133,11 +122,11 @@ def test_sources_run_folder_summary_root_and_pairs(tmp_path):
                      "artifacts": {name: paths[name] for name in UPSTREAM}}
     (root / "rerun-summary.json").write_text(json.dumps(rerun_summary))
     os.utime(root / "summary.json", ns=(1_000_000_000, 1_000_000_000))
-    found, where = rerun.resolve_source(str(root))
+    found, where = rerun.resolve_source(str(root), rerun.producers())
     assert where.endswith("rerun-summary.json")
     assert found == {**{name: paths[name] for name in UPSTREAM}, "model": new_model}
 
-    pairs = rerun.resolve_source(f"images={paths['images']},model={new_model}")[0]
+    pairs = rerun.resolve_source(f"images={paths['images']},model={new_model}", rerun.producers())[0]
     assert pairs == {"images": paths["images"], "model": new_model}
 
     # Later sources win, per artifact.
@@ -151,22 +140,22 @@ def test_failed_run_summary_still_gives_the_data_artifacts(tmp_path):
     summary["tasks"].append({"name": "train-model", "display_name": "6. train", "status": "FAILED",
                              "seconds": 3.0, "outputs": {}, "error": "InputError: bad"})
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    found = rerun.resolve_source(str(tmp_path / "summary.json"))[0]
+    found = rerun.resolve_source(str(tmp_path / "summary.json"), rerun.producers())[0]
     assert found == paths
-    assert rerun.check_inputs(rerun.STEPS["train"].inputs, found, ["x"]) == paths
+    assert runs.check_inputs(TRAIN_INPUTS, found, ["x"], rerun.producers()) == paths
 
 
 def test_check_inputs_names_what_is_missing(tmp_path):
     paths = _fake_artifacts(tmp_path / "run", ["images", "labels", "splits"])
     with pytest.raises(InputError, match=r"completion \(from complete-identities\).*--from completion=PATH"):
-        rerun.check_inputs(rerun.STEPS["train"].inputs, paths, ["run folder x"])
+        runs.check_inputs(TRAIN_INPUTS, paths, ["run folder x"], rerun.producers())
     (Path(paths["labels"]) / "labels.json").unlink()
     with pytest.raises(InputError, match=r"artifact labels: .*labels\.json not found"):
-        rerun.check_inputs(("labels",), paths, ["x"])
+        runs.check_inputs(("labels",), paths, ["x"], rerun.producers())
     with pytest.raises(InputError, match=r"artifact images: folder .*nowhere not found"):
-        rerun.check_inputs(("images",), {"images": str(tmp_path / "nowhere")}, ["x"])
+        runs.check_inputs(("images",), {"images": str(tmp_path / "nowhere")}, ["x"], rerun.producers())
     with pytest.raises(InputError, match="not a local path"):
-        rerun.check_inputs(("images",), {"images": "gs://bucket/images"}, ["x"])
+        runs.check_inputs(("images",), {"images": "gs://bucket/images"}, ["x"], rerun.producers())
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -176,51 +165,53 @@ def test_check_inputs_names_what_is_missing(tmp_path):
 ])
 def test_bad_sources(tmp_path, spec, message):
     with pytest.raises(InputError, match=message):
-        rerun.resolve_source(spec)
+        rerun.resolve_source(spec, rerun.producers())
 
 
 def test_folder_that_is_neither_root_nor_run(tmp_path):
     (tmp_path / "something").mkdir()
     with pytest.raises(InputError, match="neither a pipeline root .* nor a run folder"):
-        rerun.resolve_source(str(tmp_path))
+        rerun.resolve_source(str(tmp_path), rerun.producers())
     (tmp_path / "summary.json").write_text(json.dumps({"status": "SUCCEEDED"}))
     with pytest.raises(InputError, match="not a pipeline summary"):
-        rerun.resolve_source(str(tmp_path))
+        rerun.resolve_source(str(tmp_path), rerun.producers())
 
 
 # --- --set ----------------------------------------------------------------------------------
 
-def test_set_accepts_parameter_names_and_plain_keys():
-    overrides = rerun.parse_sets(["train_learning_rate=0.0005", "max_steps=12", "squared=false",
-                                  "checkpoint_root=0123", "architecture=small_cnn"], ["train"])
+def test_set_accepts_config_keys_parameter_names_and_plain_keys():
+    overrides = rerun.rerun_overrides(["train_learning_rate=0.0005", "max_steps=12", "train.squared=false",
+                                       "checkpoint_root=0123", "architecture=small_cnn"], ["train"])
     assert overrides == {"train": {"learning_rate": 0.0005, "max_steps": 12, "squared": False,
                                    "architecture": "small_cnn"},
                          "cluster": {"checkpoint_root": "0123"}}
-    assert rerun.parse_sets(["folds=5", "pairs_uri=/data/pairs.txt", "far_targets=[0.01]"], ["evaluate"]) == {
-        "evaluate": {"folds": 5, "far_targets": [0.01]}, "data": {"pairs_uri": "/data/pairs.txt"}}
-    assert rerun.parse_sets(["split_seed=3"], ["splits"]) == {"data": {"split_seed": 3}}
-    with_eval = rerun.parse_sets(["seed=3", "eval_seed=4"], ["train", "evaluate"])
+    assert rerun.rerun_overrides(["folds=5", "pairs_uri=/data/pairs.txt", "far_targets=[0.01]"], ["evaluate"]) == {
+        "evaluate": {"folds": 5, "far_targets": (0.01,)}, "data": {"pairs_uri": "/data/pairs.txt"}}
+    assert rerun.rerun_overrides(["split_seed=3"], ["splits"]) == {"data": {"split_seed": 3}}
+    with_eval = rerun.rerun_overrides(["seed=3", "eval_seed=4"], ["train", "evaluate"])
     assert with_eval == {"train": {"seed": 3}, "evaluate": {"seed": 4}}
 
 
 @pytest.mark.parametrize("item, steps, message", [
-    ("learnig_rate=0.1", ["train"], "unknown parameter; step train reads: checkpoint_root, tensorboard_root, train_architecture"),
-    ("eval_folds=5", ["train"], "step train does not read eval_folds"),
+    ("learnig_rate=0.1", ["train"], "--set learnig_rate: not a config key"),
+    ("eval_folds=5", ["train"], "step train does not read eval_folds .add --with-evaluate"),
     ("train_max_steps=5", ["evaluate"], "step evaluate does not read train_max_steps"),
     ("multiple=8", ["labels"], "reads: no parameters"),
-    ("seed=3", ["splits"], "unknown parameter; step splits reads: split_seed, test_fraction"),
+    ("seed=3", ["splits"], "step splits does not read data.seed|seed: not a config key"),
+    ("cluster.train_gpus=1", ["train"], "does not read cluster.train_gpus; it reads: checkpoint_root"),
     ("no_value", ["train"], "expected key=value"),
+    ("max_steps=many", ["train"], r"max_steps must be int, got 'many'"),
 ])
 def test_set_errors(item, steps, message):
     with pytest.raises(InputError, match=message):
-        rerun.parse_sets([item], steps)
+        rerun.rerun_overrides([item], steps)
 
 
 def test_set_values_are_type_checked_by_the_config(tmp_path):
     paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
     with pytest.raises(InputError, match=r"train\.max_steps must be int, got 'many'"):
         rerun.rerun("train", [str(tmp_path / "run")], str(ROOT / "configs/demo.yaml"), str(tmp_path / "out"),
-                    sets=["max_steps=many"])
+                    sets=["train.max_steps=many"])
     with pytest.raises(InputError, match=r"train\.k \(8\) must equal data\.multiple \(4\)"):
         rerun.rerun("train", [str(tmp_path / "run")], str(ROOT / "configs/demo.yaml"), str(tmp_path / "out"),
                     sets=["k=8"])
@@ -230,9 +221,9 @@ def test_set_values_are_type_checked_by_the_config(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--step", "extract", "--from", "x"], "unknown step 'extract'; rerunnable: labels, complete, splits, train, evaluate"),
-    (["--step", "evaluate", "--with-evaluate", "--from", "x"], "--with-evaluate applies to --step train only"),
-    (["--step", "train"], "--from is required"),
+    (["--rerun", "extract", "--from", "x"], "unknown step 'extract'; rerunnable: labels, complete, splits, train, evaluate"),
+    (["--rerun", "evaluate", "--with-evaluate", "--from", "x"], "--with-evaluate applies to --rerun train only"),
+    (["--rerun", "train"], "--from is required"),
 ])
 def test_cli_usage_errors_exit_2(tmp_path, capsys, argv, message):
     assert rerun.main([*argv, "--pipeline-root", str(tmp_path / "out")]) == 2
@@ -242,7 +233,7 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, argv, message):
 
 def test_cli_missing_artifact_exits_2(tmp_path, capsys):
     _fake_artifacts(tmp_path / "run", ["images", "splits"])
-    code = rerun.main(["--step", "evaluate", "--from", str(tmp_path / "run"),
+    code = rerun.main(["--rerun", "evaluate", "--from", str(tmp_path / "run"),
                        "--pipeline-root", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
@@ -265,7 +256,7 @@ def test_rerun_splits_with_a_new_seed(tmp_path, capsys):
     labels = tmp_path / "run" / "make-labels" / "labels"
     build_labels(tmp_path / "images", labels)
     root = tmp_path / "out"
-    code = rerun.main(["--step", "splits", "--from", str(tmp_path / "run"), "--set", "split_seed=5",
+    code = rerun.main(["--rerun", "splits", "--from", str(tmp_path / "run"), "--set", "split_seed=5",
                        "--pipeline-root", str(root)])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((root / "rerun-summary.json").read_text())
@@ -284,7 +275,7 @@ def test_failed_rerun_names_the_task_and_exits_1(tmp_path, capsys):
     images.mkdir(parents=True)
     (images / "manifest.jsonl").write_text("")
     root = tmp_path / "out"
-    assert rerun.main(["--step", "labels", "--from", str(tmp_path / "run"), "--pipeline-root", str(root)]) == 1
+    assert rerun.main(["--rerun", "labels", "--from", str(tmp_path / "run"), "--pipeline-root", str(root)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: task make-labels failed:") and "manifest.jsonl: no images" in err[-1]
     summary = json.loads((root / "rerun-summary.json").read_text())
@@ -330,13 +321,13 @@ def tiny_config(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_path, capsys):
     root = tmp_path / "outputs"
-    code = rerun.main(["--step", "train", "--from", str(upstream), "--config", str(tiny_config),
+    code = rerun.main(["--rerun", "train", "--from", str(upstream), "--config", str(tiny_config),
                        "--pipeline-root", str(root), "--set", "train_learning_rate=0.0005", "--set", "seed=1"])
     out = capsys.readouterr().out
     assert code == 0, out
     summary = json.loads((root / "rerun-summary.json").read_text())
     assert summary["status"] == "SUCCEEDED" and summary["step"] == "train"
-    assert summary["inputs"] == {name: str(upstream / rerun.ARTIFACTS[name].task / name) for name in UPSTREAM}
+    assert summary["inputs"] == {name: str(upstream / rerun.producers()[name].task / name) for name in UPSTREAM}
     # DAG order: the importers (by name), then the step.
     assert [(t["display_name"], t["status"]) for t in summary["tasks"]] == [
         (name, "SUCCEEDED") for name in ("import completion", "import images", "import labels",
@@ -350,7 +341,7 @@ def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_p
     assert "6. train embeddings" in out and "trained model: " + str(model) in out
 
     # Same inputs and parameters: the train task is a cache hit and points at the same model.
-    assert rerun.main(["--step", "train", "--from", str(upstream), "--config", str(tiny_config),
+    assert rerun.main(["--rerun", "train", "--from", str(upstream), "--config", str(tiny_config),
                        "--pipeline-root", str(root), "--set", "train_learning_rate=0.0005", "--set", "seed=1"]) == 0
     again = json.loads((root / "rerun-summary.json").read_text())
     train = [t for t in again["tasks"] if t["name"] == "train-model"][0]
@@ -358,7 +349,7 @@ def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_p
     capsys.readouterr()
 
     # Evaluate the new model: the pipeline root's newest summary is the rerun's, which lists every artifact.
-    assert rerun.main(["--step", "evaluate", "--from", str(root), "--config", str(tiny_config),
+    assert rerun.main(["--rerun", "evaluate", "--from", str(root), "--config", str(tiny_config),
                        "--pipeline-root", str(root)]) == 0
     evaluated = json.loads((root / "rerun-summary.json").read_text())
     assert evaluated["status"] == "SUCCEEDED" and evaluated["inputs"]["model"] == str(model)

@@ -126,7 +126,7 @@ def test_submit_compiles_and_creates_a_run_with_the_spec_inline(fake_kfp, tmp_pa
     code = submit.main(["--host", fake_kfp.host + "/", "--experiment", "faces", "--run-name", "lr sweep 1",
                         "--config", str(ROOT / "configs/demo.yaml"), "--package", str(package), *IMAGES,
                         "--param", "train_learning_rate=0.0005", "--param", "train_max_steps=1200",
-                        "--param", "train_squared=false", "--param", "sha256=0123",
+                        "--param", "train_squared=false", "--param", "sha256=" + "0123" * 16,
                         "--param", "eval_far_targets=[0.001, 0.1]", "--existing-token", "secret-token"])
     out = capsys.readouterr().out
     assert code == 0
@@ -150,7 +150,7 @@ def test_submit_compiles_and_creates_a_run_with_the_spec_inline(fake_kfp, tmp_pa
     # The demo config's values are the compiled defaults; the overrides travel in the runtime config.
     assert spec["root"]["inputDefinitions"]["parameters"]["train_architecture"]["defaultValue"] == "small_cnn"
     assert body["runtime_config"]["parameters"] == {
-        "train_learning_rate": 0.0005, "train_max_steps": 1200, "train_squared": False, "sha256": "0123",
+        "train_learning_rate": 0.0005, "train_max_steps": 1200, "train_squared": False, "sha256": "0123" * 16,
         "eval_far_targets": [0.001, 0.1]}
     # Compile-time caching kept (no --no-cache).
     assert all(t["cachingOptions"].get("enableCache") for t in spec["root"]["dag"]["tasks"].values())
@@ -193,15 +193,17 @@ def test_unknown_parameter_is_refused_before_anything_is_sent(fake_kfp, package,
                         "--param", "train_learnig_rate=0.1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "train_learnig_rate" in err and "train_learning_rate" in err and "eval_folds" in err
+    assert "train_learnig_rate: not a config key" in err and "did you mean train_learning_rate" in err
     assert fake_kfp.requests == []
 
 
 @pytest.mark.parametrize("param, expected", [
-    ("train_max_steps=many", "expected an integer"),
-    ("train_max_steps=1.5", "expected an integer"),
-    ("train_squared=1", "expected true or false"),
-    ("eval_far_targets=0.1", "expected a list"),
+    ("train_max_steps=many", "train_max_steps must be int, got 'many'"),
+    ("train_max_steps=1.5", "train_max_steps must be int, got 1.5"),
+    ("train_squared=1", "train_squared must be bool, got 1"),
+    ("eval_far_targets=0.1", "eval_far_targets must be a list"),
+    ("train.max_steps=0", "train.max_steps must be at least 1"),
+    ("cluster.train_gpus=2", "compiled into the pipeline, not a run parameter"),
     ("no_equals_sign", "expected key=value"),
 ])
 def test_badly_typed_parameter_is_refused(fake_kfp, package, capsys, param, expected):
@@ -211,15 +213,15 @@ def test_badly_typed_parameter_is_refused(fake_kfp, package, capsys, param, expe
     assert fake_kfp.requests == []
 
 
-def test_parameter_types_follow_the_compiled_yaml(package):
-    types = submit.pipeline_parameter_types(package)
-    assert types["train_learning_rate"] == "NUMBER_DOUBLE" and types["train_max_steps"] == "NUMBER_INTEGER"
-    assert types["source_uri"] == "STRING" and types["eval_far_targets"] == "LIST"
-    assert submit.parse_param("train_learning_rate=1", types) == ("train_learning_rate", 1.0)
-    assert submit.parse_param("source_uri=gs://b/lfw.tgz", types) == ("source_uri", "gs://b/lfw.tgz")
-    assert submit.parse_param("pairs_uri=", types) == ("pairs_uri", "")
+def test_arguments_are_typed_by_the_config_field(package):
+    arguments = submit.run_arguments(["train_learning_rate=1", "source_uri=gs://b/lfw.tgz", "pairs_uri=",
+                                      "sha256=" + "0" * 64, "eval.far_targets=[0.01]".replace("eval.", "evaluate."),
+                                      "train.max_steps=800"], package, str(ROOT / "configs/lfw.yaml"))
+    assert arguments == {"train_learning_rate": 1.0, "source_uri": "gs://b/lfw.tgz", "pairs_uri": "",
+                         "sha256": "0" * 64, "eval_far_targets": [0.01], "train_max_steps": 800}
+    assert isinstance(arguments["train_learning_rate"], float) and isinstance(arguments["sha256"], str)
     with pytest.raises(InputError, match="pipeline package not found"):
-        submit.pipeline_parameter_types(package.with_name("missing.yaml"))
+        submit.run_arguments(["train_max_steps=5"], package.with_name("missing.yaml"), None)
 
 
 def test_server_error_on_create_run_is_one_clear_line(fake_kfp, package, capsys):
@@ -274,11 +276,16 @@ def test_unreachable_host_is_one_clear_line(package, capsys, monkeypatch, tmp_pa
     assert "refused" in err[-1].lower()
 
 
-def test_missing_images_or_host_are_usage_errors(package, monkeypatch, capsys):
-    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
-    with pytest.raises(SystemExit) as exc:
-        submit.main(["--package", str(package), "--skip-compile"])
-    assert exc.value.code == 2 and "--host" in capsys.readouterr().err
+def test_host_from_kfp_environment(fake_kfp, package, monkeypatch, capsys):
+    """Without --host, kfp.Client finds the endpoint itself ($KF_PIPELINES_ENDPOINT), and the UI base too."""
+    monkeypatch.setenv("KF_PIPELINES_ENDPOINT", fake_kfp.host)
+    monkeypatch.setenv("KF_PIPELINES_UI_ENDPOINT", "https://kfp.example/ui")
+    assert submit.main(["--package", str(package), "--skip-compile"]) == 0
+    assert "run: https://kfp.example/ui/#/runs/details/run-0001" in capsys.readouterr().out
+    assert fake_kfp.calls("POST", "/apis/v2beta1/runs")
+
+
+def test_missing_images_are_a_usage_error(package, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         submit.main(["--host", "http://127.0.0.1:1"])
     assert exc.value.code == 2 and "--light-image" in capsys.readouterr().err

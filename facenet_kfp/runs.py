@@ -1,0 +1,268 @@
+"""Local pipeline runs as data: task records, the run table, summary files and the artifacts they list.
+
+A run (`make run`) or rerun (`make rerun`) is summarised as JSON: status,
+seconds, one entry per task in DAG order (name, display name, status, seconds,
+outputs with URIs and metadata, error) and headline metrics. This module builds,
+prints and reads those summaries; it does not depend on kfp, so
+pipelines/run_local.py only connects it to kfp.local.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+from facenet_kfp.errors import InputError
+from facenet_kfp.fsutil import read_json, write_json
+
+SUMMARY, RERUN_SUMMARY = "summary.json", "rerun-summary.json"
+HEADLINE = [("test_accuracy", "test accuracy"), ("test_kfold_accuracy_mean", "10-fold accuracy"),
+            ("test_kfold_accuracy_std", "± std"), ("test_auc", "AUC"),
+            ("test_val_at_far_0.001", "VAL@FAR=1e-3"), ("threshold", "threshold")]
+KEY_FIGURES = {
+    "download-archive": ["size", "sha256"],
+    "extract-images": ["identities", "images", "skipped_total", "shards"],
+    "make-labels": ["identities", "singletons"],
+    "complete-identities": ["generated", "identities_completed"],
+    "split-identities": ["train_identities", "val_identities", "test_identities"],
+    "train-model": ["steps"],
+    "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
+}
+# A file every folder of each importable artifact holds.
+MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
+           "splits": "train.txt", "model": "model.json"}
+_STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
+_STEP_NUMBER = re.compile(r"(\d+)\.\s")
+
+
+class Producer(NamedTuple):
+    """Where the pipeline makes an artifact."""
+    step: str      # step name (pipelines/facenet_pipeline.py STEPS)
+    task: str      # kfp task name, also the run sub-folder
+    output: str    # the task's output (and the artifact's name)
+    cls: type      # artifact class for dsl.importer
+
+
+@dataclass
+class TaskRecord:
+    name: str
+    display_name: str
+    status: str = "RUNNING"
+    seconds: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def artifact_summary(value: Any) -> Any:
+    if hasattr(value, "uri"):
+        return {"uri": value.uri, "metadata": json.loads(json.dumps(dict(value.metadata), default=str))}
+    return {"value": value}
+
+
+def task_error(lines: list[str]) -> str:
+    """The error line of a failed task's log: the step's own "step X failed: ..." line, else the
+    traceback's last exception line (warnings that quote an error, such as skipped images, are not it)."""
+    for pattern in (_STEP_FAILED, _EXCEPTION_LINE):
+        found = [m.group(1) for line in lines if (m := pattern.search(line.strip()))]
+        if found:
+            return found[0] if pattern is _STEP_FAILED else found[-1]
+    return "see the task log above"
+
+
+def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:
+    """The records sorted by the step number that starts each display name ("4. complete ...").
+
+    The pipeline numbers its steps in DAG order (tests/test_pipeline.py checks
+    that every task's upstream tasks have lower numbers), so the table reads the
+    same whichever order kfp.local ran independent tasks in. Tasks without a
+    number (a rerun's importers) come first, by display name.
+    """
+    def key(record: TaskRecord) -> tuple[int, str]:
+        match = _STEP_NUMBER.match(record.display_name)
+        return (int(match.group(1)) if match else 0, record.display_name)
+    return sorted(records, key=key)
+
+
+def summarise(pipeline: str, records: list[TaskRecord], failure: str, seconds: float, path: Path,
+              **fields: Any) -> dict:
+    """The summary of a run of `pipeline`, written to `path`: status, tasks in DAG order, metrics, error."""
+    summary = {
+        "pipeline": pipeline,
+        "status": "FAILED" if failure else "SUCCEEDED",
+        "seconds": round(seconds, 1),
+        **fields,
+        "tasks": [{"name": r.name, "display_name": r.display_name, "status": r.status,
+                   "seconds": round(r.seconds, 2), "outputs": r.outputs,
+                   **({"error": r.error} if r.error else {})} for r in records],
+        "metrics": headline_metrics(records),
+    }
+    if failure:
+        summary["error"] = failure
+    write_json(path, summary)
+    return summary
+
+
+def key_figures(record: TaskRecord) -> str:
+    """A few figures for the table line of one task."""
+    values: dict[str, Any] = {}
+    for output in record.outputs.values():
+        for key, value in output.get("metadata", {}).items():
+            if isinstance(value, dict):  # e.g. splits: {"train": {"identities": n}} -> train_identities
+                values.update({f"{key}_{k}": v for k, v in value.items()})
+            values[key] = value
+    parts = []
+    start_step = values.get("start_step")
+    if record.name == "train-model" and isinstance(start_step, (int, float)) and start_step > 0:
+        parts.append(f"resumed at step {int(start_step)}")
+    for first, last, label in (("first_val_loss", "val_loss", "val loss"),
+                               ("first_val_fraction_positive", "val_fraction_positive", "val positive triplets")):
+        if isinstance(values.get(first), (int, float)) and isinstance(values.get(last), (int, float)):
+            parts.append(f"{label} {values[first]:.3f} -> {values[last]:.3f}")
+    for key in KEY_FIGURES.get(record.name, []):
+        value = values.get(key)
+        value = len(value) if isinstance(value, list) else value
+        if key == "size" and isinstance(value, (int, float)):
+            parts.append(f"{value / 1e6:.1f} MB")
+        elif key == "sha256" and isinstance(value, str):
+            parts.append(f"sha256 {value[:12]}…")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif value is not None and not isinstance(value, dict):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
+    """Scalar metrics of the train and evaluate tasks (what summary.json calls `metrics`)."""
+    metrics: dict[str, Any] = {}
+    for record in records:
+        scalars = {k: v for k, v in record.outputs.get("metrics", {}).get("metadata", {}).items()
+                   if isinstance(v, (int, float))}
+        if record.name == "train-model":
+            metrics.update({k if k.startswith(("train_", "val_")) else f"train_{k}": v for k, v in scalars.items()})
+            if "model" in record.outputs:
+                metrics["model_uri"] = record.outputs["model"]["uri"]
+        if record.name == "evaluate-model":
+            metrics.update(scalars)
+            for output in ("threshold", "report"):
+                if record.outputs.get(output):
+                    metrics[f"{output}_uri"] = record.outputs[output].get("uri")
+    return metrics
+
+
+def report_summary(summary: dict[str, Any], path: Path) -> int:
+    """Print the table and headline figures of a finished run; the exit status it deserves."""
+    records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
+                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
+               for t in summary["tasks"]]
+    label = {"SUCCEEDED": "ran", "CACHED": "cache hit", "FAILED": "FAILED", "RUNNING": "?"}
+    width = max([len(r.display_name) for r in records] + [10])
+    print(f"\n{summary['pipeline']}: {summary['status']}")
+    print(f"  {'task':<{width}}  {'status':<9}  {'seconds':>8}  key figures")
+    for r in records:
+        figures = r.error if r.status == "FAILED" else key_figures(r)
+        print(f"  {r.display_name:<{width}}  {label[r.status]:<9}  {r.seconds:8.1f}  {figures}")
+    if records and all(r.status == "CACHED" for r in records):
+        print(f"  all {len(records)} tasks came from the cache")
+    metrics = summary["metrics"]
+    shown = [(label, metrics[key]) for key, label in HEADLINE if isinstance(metrics.get(key), (int, float))]
+    if shown:
+        print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown))
+    for key, label in (("model_uri", "trained model"), ("report_uri", "report"), ("threshold_uri", "threshold.json")):
+        if metrics.get(key):
+            print(f"{label}: {metrics[key]}")
+    print(f"summary: {path}")
+    if summary["status"] != "SUCCEEDED":
+        print(f"\nerror: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+
+# --- artifacts listed in summaries and run folders --------------------------------------------
+
+def _local_path(uri: str, where: str) -> str:
+    """An absolute local path for `uri` (a path or file:// URI); remote URIs are refused."""
+    uri = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in uri:
+        raise InputError(f"{where}: {uri!r} is not a local path; local reruns read local artifacts "
+                         f"(copy it here first)")
+    if not uri:
+        raise InputError(f"{where}: empty path")
+    return str(Path(uri).expanduser().resolve())
+
+
+def artifacts_from_summary(path: Path, producers: Mapping[str, Producer]) -> dict[str, str]:
+    """Artifact URIs listed in a summary.json or rerun-summary.json (task outputs, then `artifacts`)."""
+    summary = read_json(path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), list):
+        raise InputError(f"{path}: not a pipeline summary (no 'tasks' list)")
+    listed = summary.get("artifacts", {})
+    if not isinstance(listed, dict):
+        raise InputError(f"{path}: 'artifacts' must be a mapping of name to URI")
+    found = {name: uri for name, uri in listed.items() if name in MARKERS and isinstance(uri, str)}
+    by_output = {(p.task, p.output): name for name, p in producers.items()}
+    for task in summary["tasks"]:
+        if not isinstance(task, dict) or "name" not in task or not isinstance(task.get("outputs"), dict):
+            raise InputError(f"{path}: every task needs 'name' and 'outputs'")
+        for output, value in task["outputs"].items():
+            name = by_output.get((task["name"], output))
+            if name and isinstance(value, dict) and isinstance(value.get("uri"), str):
+                found[name] = value["uri"]
+    return found
+
+
+def resolve_source(spec: str, producers: Mapping[str, Producer]) -> tuple[dict[str, str], str]:
+    """({artifact name: uri}, a description of where they came from) for one --from value."""
+    path = Path(spec).expanduser()
+    if not path.exists() and "=" in spec:
+        found = {}
+        for item in spec.split(","):
+            name, sep, uri = item.partition("=")
+            if not sep or name.strip() not in MARKERS:
+                raise InputError(f"--from {spec!r}: {item!r} is not name=path with name one of {', '.join(MARKERS)}")
+            found[name.strip()] = _local_path(uri.strip(), f"--from {name.strip()}")
+        return found, "name=path pairs"
+    if not path.exists():
+        raise InputError(f"--from {spec}: no such file or folder (and not name=path pairs)")
+    summaries = [path] if path.is_file() else [p for p in (path / SUMMARY, path / RERUN_SUMMARY) if p.is_file()]
+    if summaries:
+        newest = max(summaries, key=lambda p: p.stat().st_mtime_ns)
+        return artifacts_from_summary(newest, producers), str(newest)
+    found = {name: str(path / p.task / p.output) for name, p in producers.items()
+             if (path / p.task / p.output).exists()}
+    if not found:
+        tasks = ", ".join(f"{p.task}/" for p in producers.values())
+        raise InputError(f"--from {spec}: neither a pipeline root (no {SUMMARY} or {RERUN_SUMMARY}) nor a run "
+                         f"folder (no task folder {tasks})")
+    return found, f"run folder {path}"
+
+
+def check_inputs(needed: tuple[str, ...], found: dict[str, str], described: list[str],
+                 producers: Mapping[str, Producer]) -> dict[str, str]:
+    """{name: absolute local path} of the `needed` artifacts; InputError names what is missing."""
+    missing = [name for name in needed if name not in found]
+    if missing:
+        names = ", ".join(f"{name} (from {producers[name].task})" for name in missing)
+        hint = ("; a task that was a cache hit in a run has no folder in that run folder, so pass the "
+                "pipeline root or its summary.json instead" if any(d.startswith("run folder") for d in described)
+                else "")
+        raise InputError(f"missing input artifact(s) {names} in {'; '.join(described) or 'no --from'}; "
+                         f"give them as --from {missing[0]}=PATH{hint}")
+    paths = {}
+    for name in needed:
+        path = Path(_local_path(found[name], f"artifact {name}"))
+        if not path.is_dir():
+            raise InputError(f"artifact {name}: folder {path} not found")
+        if not (path / MARKERS[name]).is_file():
+            raise InputError(f"artifact {name}: {path / MARKERS[name]} not found; is {path} a "
+                             f"{producers[name].task} output?")
+        paths[name] = str(path)
+    return paths
+
+
