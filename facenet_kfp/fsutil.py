@@ -230,6 +230,17 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def local_path(uri: str) -> Path | None:
+    """The host path a `file://` URI or plain path names; None for "" and remote URIs (https, gs, ...)."""
+    from urllib.parse import unquote, urlsplit
+
+    if not uri:
+        return None
+    if urlsplit(uri).scheme.lower() == "file":
+        return Path(unquote(urlsplit(uri).path))
+    return None if is_uri(uri) else Path(uri)
+
+
 def gcs_client():
     """A storage client: application default credentials, else anonymous (public data)."""
     # Imported here so local and http work does not pay for loading the Google client stack.

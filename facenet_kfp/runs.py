@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+import yaml
+
+from facenet_kfp.config import load_config
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import read_json, write_json
+from facenet_kfp.fsutil import file_sha256, local_path, read_json, write_json
 
 SUMMARY, RERUN_SUMMARY = "summary.json", "rerun-summary.json"
 HEADLINE = [("test_accuracy", "test accuracy"), ("test_kfold_accuracy_mean", "10-fold accuracy"),
@@ -188,13 +191,13 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
 
 def _local_path(uri: str, where: str) -> str:
     """An absolute local path for `uri` (a path or file:// URI); remote URIs are refused."""
-    uri = uri[len("file://"):] if uri.startswith("file://") else uri
-    if "://" in uri:
-        raise InputError(f"{where}: {uri!r} is not a local path; local reruns read local artifacts "
-                         f"(copy it here first)")
     if not uri:
         raise InputError(f"{where}: empty path")
-    return str(Path(uri).expanduser().resolve())
+    path = local_path(uri)
+    if path is None:
+        raise InputError(f"{where}: {uri!r} is not a local path; local reruns read local artifacts "
+                         f"(copy it here first)")
+    return str(path.expanduser().resolve())
 
 
 def artifacts_from_summary(path: Path, producers: Mapping[str, Producer]) -> dict[str, str]:
@@ -266,3 +269,58 @@ def check_inputs(needed: tuple[str, ...], found: dict[str, str], described: list
     return paths
 
 
+# --- which archive and pairs file a local run uses ----------------------------------------------
+
+def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str, str]:
+    """The demo archive's path and sha256, generating it when missing."""
+    archive, digest_file = demo_dir / "lfw.tgz", demo_dir / "lfw.tgz.sha256"
+    if not (archive.is_file() and digest_file.is_file()):
+        from facenet_kfp.synth import generate_demo_archive
+
+        print(f"generating the demo dataset in {demo_dir} ({identities} identities, seed {seed})")
+        generate_demo_archive(demo_dir, identities=identities, seed=seed)
+    return str(archive.resolve()), digest_file.read_text().split()[0]
+
+
+def data_sources(config_path: str | None, source: str | None, sha256: str | None, pairs: str | None,
+                 pairs_sha256: str | None, demo_dir: str, demo_identities: int, demo_seed: int,
+                 overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The archive and pairs.txt a local run uses: {source_uri, sha256, pairs_uri, pairs_sha256}.
+
+    The archive is `source`, else the config's `data.source_uri` (from the file
+    or `overrides`; DataConfig's LFW default does not count); only when neither
+    names one is it the demo archive (generated when missing). `sha256` sets the
+    archive's checksum; without it the config's stays when the archive is the
+    config's, and a `source` of its own has none. `pairs` ("demo": the demo
+    archive's pairs.txt) replaces the config's pairs file; the config's
+    `pairs_sha256` stays when `pairs` names the config's `pairs_uri`, and
+    `pairs_sha256` sets one, so a known checksum is never dropped.
+    """
+    config = load_config(config_path, overrides).data
+    raw = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
+    named = "source_uri" in (raw.get("data") or {}) or "source_uri" in overrides.get("data", {})
+    demo = not (source or named)
+    if demo:
+        source_uri, source_sha = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
+    elif source:
+        source_uri, source_sha = source, (config.sha256 if source == config.source_uri else "")
+    else:
+        source_uri, source_sha = config.source_uri, config.sha256
+    if pairs == "demo":
+        if not demo:
+            raise InputError(f"--pairs demo is the demo archive's pairs.txt, but this run uses "
+                             f"{source_uri}; give that dataset's pairs file as --pairs URI")
+        demo_pairs = (Path(demo_dir) / "pairs.txt").resolve()
+        if not demo_pairs.is_file():
+            raise InputError(f"{demo_pairs}: demo pairs file not found; remove {demo_dir} to "
+                             f"generate the demo dataset again")
+        pairs_uri, pairs_sha = str(demo_pairs), file_sha256(demo_pairs)
+    elif pairs:
+        pairs_uri, pairs_sha = pairs, (config.pairs_sha256 if pairs == config.pairs_uri else "")
+    else:
+        pairs_uri, pairs_sha = config.pairs_uri, config.pairs_sha256
+    if pairs_sha256 and not pairs_uri:
+        raise InputError("--pairs-sha256 needs a pairs file: give --pairs URI or set data.pairs_uri "
+                         f"in {config_path or 'the config'}")
+    return {"source_uri": source_uri, "sha256": sha256 or source_sha,
+            "pairs_uri": pairs_uri, "pairs_sha256": pairs_sha256 or pairs_sha}

@@ -1,28 +1,20 @@
 """Run the pipeline's steps in their images with kfp.local.DockerRunner, against Docker or podman.
 
-Two things the stock DockerRunner of kfp 2.17 does not do, done here:
+Two things kfp 2.17's DockerRunner does not do:
 
-1. **No auto-remove race** (kubeflow/pipelines#13332; fix PRs #13402 and
-   #13907). kfp starts each container with ``auto_remove=True``, then streams
-   its log and calls ``wait()``. Against podman's Docker API the log stream
-   starts late: a short step has exited and been removed by then, so the run
-   crashes (HTTP 500, "no such container") or ``wait()`` answers 404, which kfp
-   reads as exit code 0: a step that raised is reported as SUCCESS.
-   `race_free_containers()` runs each step with `ContainerRecorder.run`
-   instead: create and start *without* auto-remove, stream the log to the end,
-   ``wait()`` for the real exit code, ``remove()``. Each container is recorded
-   in ``<pipeline root>/containers.json``; Ctrl-C and SIGTERM force-remove the
-   containers still running. Delete this part (and `replace_docker_run` in
-   pipelines/kfp_internals.py) once the kfp pinned in pyproject.toml has the fix.
-
-2. **Everything a step reads is mounted, and the pipeline root is writable.**
-   kfp bind-mounts only the pipeline root, at the same absolute path;
-   `make_docker_runner` adds read-only mounts of local input files (the archive
-   and pairs.txt) and read-write ones of local checkpoint and TensorBoard
-   roots. The images run as uid:gid 1000:1000: when this process is root, the
-   containers run as the image's user and the pipeline root is chowned to it;
-   otherwise they run as this process's uid:gid, so the outputs belong to
-   whoever started the run (a rootful engine; rootless ones map ids differently).
+1. **No auto-remove race** (kubeflow/pipelines#13332; fix PRs #13402 and #13907:
+   delete this part, and its seam in pipelines/kfp_internals.py, once the kfp
+   pinned in pyproject.toml has the fix). kfp starts containers with
+   ``auto_remove=True``; against podman's Docker API a short step is removed
+   before its log stream starts, so the run crashes or ``wait()`` answers 404,
+   which kfp reads as exit code 0. `ContainerRecorder.run` creates and starts
+   without auto-remove, streams the log, waits for the real exit code, removes
+   the container and records it in ``<pipeline root>/containers.json``.
+2. **Inputs mounted, outputs writable.** kfp mounts only the pipeline root;
+   `make_docker_runner` adds local inputs read-only and checkpoint/TensorBoard
+   roots read-write, at the same paths. The images run as 1000:1000: as root,
+   the pipeline root is chowned to it; otherwise containers run as this
+   process's uid:gid (a rootful engine; rootless ones map ids differently).
 """
 
 from __future__ import annotations
@@ -39,13 +31,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
-from urllib.parse import unquote, urlsplit
 
 import docker
 from kfp import local
 
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import write_json
+from facenet_kfp.fsutil import local_path, write_json
 from pipelines.kfp_internals import image_with_tag, replace_docker_run
 
 log = logging.getLogger(__name__)
@@ -209,18 +200,6 @@ def race_free_containers(path: str | os.PathLike | None = None) -> Iterator[Cont
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def local_path(uri: str) -> Path | None:
-    """The host path a `file://` URI or plain path names; None for remote URIs (https, gs, ...)."""
-    if not uri:
-        return None
-    parts = urlsplit(uri)
-    if parts.scheme.lower() == "file":
-        return Path(unquote(parts.path))
-    if "://" in uri:
-        return None
-    return Path(uri)
-
-
 def _mount_path(key: str, uri: str) -> Path | None:
     path = local_path(uri)
     if path is None:
@@ -243,20 +222,10 @@ def make_docker_runner(pipeline_root: str | os.PathLike, inputs: Mapping[str, st
                        user: str | None = None) -> local.DockerRunner:
     """A kfp DockerRunner whose step containers see the run's local inputs and can write outputs.
 
-    Args:
-        pipeline_root: Absolute pipeline root (kfp mounts it read-write at the same path).
-        inputs: Config key -> URI of files the steps read (`data.source_uri`,
-            `data.pairs_uri`); local ones (absolute paths, `file://`) must exist
-            and are mounted read-only at the same path, remote ones are ignored.
-        output_dirs: Config key -> folder the steps write outside the pipeline
-            root (`cluster.checkpoint_root`); a local one is created and
-            mounted read-write at the same path.
-        user: `uid:gid` the containers run as; default `container_user()`
-            (see the module docstring). When the containers run as the
-            image's user, this process is root and the pipeline root and
-            output folders are chowned to 1000:1000.
-
-    Use it with `race_free_containers()` around the run.
+    `inputs` and `output_dirs` map config keys to URIs; local ones (absolute
+    paths, file://) are mounted at the same path: inputs read-only (they must
+    exist), output folders read-write (created). `user`: `uid:gid` the
+    containers run as, default `container_user()`. Use it inside `race_free_containers()`.
     """
     root = Path(pipeline_root)
     if not root.is_absolute():

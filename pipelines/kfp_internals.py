@@ -1,24 +1,16 @@
 """Every use of kfp's private API in this project, checked against the kfp versions it was written for.
 
-kfp has no public hook for what these do:
+- `observe_local_tasks` (the run table of `make run` / `make rerun`): kfp.local
+  reports a task's cache hit only as a log line, so `execute_single_task` and
+  `LocalCache.get` are wrapped during a run.
+- `replace_docker_run`, `image_with_tag` (pipelines/docker_runner.py): kfp's
+  DockerRunner races with podman's Docker API and can report a failed step as
+  SUCCESS (kubeflow/pipelines#13332, fix PRs #13402 and #13907); delete these
+  once the kfp pinned in pyproject.toml has the fix.
+- `ui_base` (`make submit`'s run link): the UI address kfp.Client resolved.
 
-- `observe_local_tasks`: the run table of `make run` / `make rerun` needs each
-  task's status, cache hit, outputs and log. kfp.local reports a cache hit only
-  as a log line, so `task_executor.execute_single_task` and `LocalCache.get`
-  are wrapped for the duration of a run.
-- `replace_docker_run`: kfp.local's DockerRunner starts containers with
-  ``auto_remove=True``, which races with podman's Docker API (a fast-failing
-  step can be reported as SUCCESS: kubeflow/pipelines#13332, fix PRs #13402
-  and #13907). `docker_task_handler.run_docker_container` is replaced for the
-  run; delete this, `image_with_tag` and the recorder in
-  pipelines/docker_runner.py once the kfp in pyproject.toml has the fix.
-- `ui_base`: the UI address kfp.Client resolved (from ``ui_host``,
-  ``KF_PIPELINES_UI_ENDPOINT`` or the host), for the run link `make submit`
-  prints.
-
-Each checks first that the installed kfp is in the range pyproject.toml pins
-(`supported_kfp`) and that the attribute still exists, and fails with a message
-naming the kfp version otherwise.
+Each first checks that the installed kfp is in the range pyproject.toml pins
+and that the attribute exists, and otherwise fails naming the kfp version.
 """
 
 from __future__ import annotations
@@ -60,11 +52,8 @@ def _check(feature: str, owner: Any, attribute: str) -> Any:
 
 @contextlib.contextmanager
 def observe_local_tasks(wrap: Callable[[str, str, Callable[[], tuple[Any, bool, bool]]], tuple]) -> Iterator[None]:
-    """Inside the block, kfp.local executes each task through `wrap(task_name, display_name, run)`.
-
-    `wrap` calls `run()` once: it executes the task and returns (outputs,
-    failed, cached); kfp then gets the task's own result.
-    """
+    """Inside the block kfp.local executes each task through `wrap(task_name, display_name, run)`;
+    `wrap` calls `run()` once, which executes the task and returns (outputs, failed, cached)."""
     from kfp.local.cache import LocalCache
     from kfp.local.orchestrator import task_executor
 
@@ -99,10 +88,8 @@ def observe_local_tasks(wrap: Callable[[str, str, Callable[[], tuple[Any, bool, 
 
 @contextlib.contextmanager
 def replace_docker_run(run: Callable[..., int]) -> Iterator[None]:
-    """Inside the block, kfp's DockerRunner starts every step container with `run` (kubeflow/pipelines#13332).
-
-    `run(client, image, command, volumes, **run_args)` returns the exit code.
-    """
+    """Inside the block kfp's DockerRunner starts each step with `run(client, image, command, volumes,
+    **run_args) -> exit code` (kubeflow/pipelines#13332)."""
     from kfp.local import docker_task_handler
 
     original = _check("the Docker runner", docker_task_handler, "run_docker_container")

@@ -1,30 +1,18 @@
 """Run the pipeline on this machine with `kfp.local`, or rerun one step on earlier artifacts.
 
-`python -m pipelines.run_local [--config YAML] [--source URI --sha256 HEX]
-[--pairs URI --pairs-sha256 HEX] [--set section.key=value ...]` runs the seven
-steps as a real KFP pipeline (SubprocessRunner in this venv, or DockerRunner
-with `--runner docker`), caching on. The archive is `--source`, else the
-config's `data.source_uri`; only when neither names one does it run on the demo
-archive, generating it first when missing. `--pairs` replaces the config's
-pairs.txt (`demo`: the demo archive's); a checksum is never dropped: the
-config's `pairs_sha256` stays when `--pairs` names the config's `pairs_uri`, and
-`--pairs-sha256` sets one.
-
-`python -m pipelines.run_local --rerun STEP --from SOURCE [--from SOURCE ...]
-[--with-evaluate]` runs one step (train, evaluate, complete, splits or labels)
-on the artifacts of an earlier run, each brought in by a `dsl.importer`. A
-SOURCE is a pipeline root (the newer of its ``summary.json`` and
-``rerun-summary.json``), a summary file, one run folder (task output folders
-such as ``extract-images/images``; a task that was a cache hit in that run has
-none there), or ``images=PATH,splits=PATH,...``; later sources win per artifact.
-
-`--set` overrides config keys (``train.max_steps=800``) or pipeline parameters
-(``train_max_steps=800``; with `--rerun`, also the step's plain key
-``max_steps=800``), typed by the config field. At the end it prints one line per
-task in DAG order (ran / cache hit / failed, seconds, key figures) and writes
-``<pipeline root>/summary.json`` (a rerun: ``rerun-summary.json``, which also
-lists every artifact known after it, so a later rerun can start from it). A
-failed run exits 1 and names the failed task and its error.
+`python -m pipelines.run_local [--config YAML] [--source URI] [--pairs URI] [--set KEY=VALUE]`
+runs the seven steps (SubprocessRunner in this venv, or DockerRunner with
+`--runner docker`), caching on; which archive and pairs.txt it uses:
+`facenet_kfp.runs.data_sources`. `--rerun STEP --from SOURCE [--with-evaluate]`
+runs one step (train, evaluate, complete, splits or labels) on the artifacts of
+an earlier run, each brought in by a `dsl.importer`; a SOURCE is a pipeline root,
+a summary file, a run folder or ``images=PATH,splits=PATH``
+(`facenet_kfp.runs.resolve_source`), later ones winning per artifact. `--set`
+takes config keys (``train.max_steps=800``) or pipeline parameter names
+(``train_max_steps=800``; a rerun also takes the step's plain keys), typed by the
+config field. Both print one line per task in DAG order and write
+``summary.json`` (a rerun: ``rerun-summary.json``, which lists every artifact
+known after it) in the pipeline root; a failed run exits 1 naming the task.
 """
 
 from __future__ import annotations
@@ -40,15 +28,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from kfp import dsl, local
 
 from components import Images, build_components
 from facenet_kfp.config import PipelineConfig, load_config, parse_assignments
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import file_sha256
 from facenet_kfp.runs import (MARKERS, RERUN_SUMMARY, SUMMARY, Producer, TaskRecord, artifact_summary,
-                              check_inputs, dag_order, report_summary, resolve_source, summarise, task_error)
+                              check_inputs, dag_order, data_sources, report_summary, resolve_source,
+                              summarise, task_error)
 from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline,
                                         parameter_keys, pipeline_parameters)
 from pipelines.kfp_internals import observe_local_tasks
@@ -126,61 +113,6 @@ def make_runner(runner: str, root: Path, config: PipelineConfig) -> tuple[Any, A
 
 
 # --- the whole pipeline ---------------------------------------------------------------------
-
-def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str, str]:
-    """The demo archive's path and sha256, generating it when missing."""
-    archive, digest_file = demo_dir / "lfw.tgz", demo_dir / "lfw.tgz.sha256"
-    if not (archive.is_file() and digest_file.is_file()):
-        from facenet_kfp.synth import generate_demo_archive
-
-        print(f"generating the demo dataset in {demo_dir} ({identities} identities, seed {seed})")
-        generate_demo_archive(demo_dir, identities=identities, seed=seed)
-    return str(archive.resolve()), digest_file.read_text().split()[0]
-
-
-def data_sources(config_path: str | None, source: str | None, sha256: str | None, pairs: str | None,
-                 pairs_sha256: str | None, demo_dir: str, demo_identities: int, demo_seed: int,
-                 overrides: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The archive and pairs.txt a local run uses: {source_uri, sha256, pairs_uri, pairs_sha256}.
-
-    The archive is `source`, else the config's `data.source_uri` (from the file
-    or `overrides`; DataConfig's LFW default does not count); only when neither
-    names one is it the demo archive (generated when missing). `sha256` sets the
-    archive's checksum; without it the config's stays when the archive is the
-    config's, and a `source` of its own has none. `pairs` ("demo": the demo
-    archive's pairs.txt) replaces the config's pairs file; the config's
-    `pairs_sha256` stays when `pairs` names the config's `pairs_uri`, and
-    `pairs_sha256` sets one, so a known checksum is never dropped.
-    """
-    config = load_config(config_path, overrides).data
-    raw = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
-    named = "source_uri" in (raw.get("data") or {}) or "source_uri" in overrides.get("data", {})
-    demo = not (source or named)
-    if demo:
-        source_uri, source_sha = ensure_demo_archive(Path(demo_dir), demo_identities, demo_seed)
-    elif source:
-        source_uri, source_sha = source, (config.sha256 if source == config.source_uri else "")
-    else:
-        source_uri, source_sha = config.source_uri, config.sha256
-    if pairs == "demo":
-        if not demo:
-            raise InputError(f"--pairs demo is the demo archive's pairs.txt, but this run uses "
-                             f"{source_uri}; give that dataset's pairs file as --pairs URI")
-        demo_pairs = (Path(demo_dir) / "pairs.txt").resolve()
-        if not demo_pairs.is_file():
-            raise InputError(f"{demo_pairs}: demo pairs file not found; remove {demo_dir} to "
-                             f"generate the demo dataset again")
-        pairs_uri, pairs_sha = str(demo_pairs), file_sha256(demo_pairs)
-    elif pairs:
-        pairs_uri, pairs_sha = pairs, (config.pairs_sha256 if pairs == config.pairs_uri else "")
-    else:
-        pairs_uri, pairs_sha = config.pairs_uri, config.pairs_sha256
-    if pairs_sha256 and not pairs_uri:
-        raise InputError("--pairs-sha256 needs a pairs file: give --pairs URI or set data.pairs_uri "
-                         f"in {config_path or 'the config'}")
-    return {"source_uri": source_uri, "sha256": sha256 or source_sha,
-            "pairs_uri": pairs_uri, "pairs_sha256": pairs_sha256 or pairs_sha}
-
 
 def run_pipeline(config_path: str | None, source: str | None, sha256: str | None,
                  pairs: str | None, pipeline_root: str, runner: str = "subprocess",

@@ -1,18 +1,15 @@
-"""Compile the pipeline and start a run on a Kubeflow Pipelines endpoint: `python -m pipelines.submit --host URL`.
+"""Compile the pipeline and start a run on Kubeflow Pipelines: `python -m pipelines.submit --host URL`.
 
-`python -m pipelines.submit --host URL --light-image REF --trainer-image REF
-[--config YAML] [--experiment NAME] [--run-name NAME] [--param key=value ...]
-[--namespace NS] [--existing-token TOKEN] [--no-cache]` compiles the pipeline
-(defaults from the config, as `make compile` does), sends it inline with the
-run (no pipeline upload), and prints the run's URL and id.
-
-Authentication is kfp.Client's own: `--existing-token` (a bearer token made
-outside, e.g. `gcloud auth print-access-token` or a Kubeflow profile's token),
-`--cookies` (e.g. `authservice_session=...` behind Dex/oauth2-proxy), or the
-file named by `KF_PIPELINES_SA_TOKEN_PATH` (a projected service-account token
-inside a cluster). `--param` values are checked against the compiled
-pipeline's parameters before anything is sent. A connection or API error
-prints one line naming the host and the problem and exits 2.
+It compiles the pipeline (defaults from `--config`, as `make compile` does),
+sends it inline with the run (no pipeline upload) and prints the run's URL and
+id. Endpoint and authentication are kfp.Client's own: without `--host` it finds
+the endpoint itself ($KF_PIPELINES_ENDPOINT, in-cluster, kubeconfig);
+`--existing-token` (e.g. `gcloud auth print-access-token`), `--cookies` (e.g.
+``authservice_session=...`` behind Dex/oauth2-proxy), or, since kfp.Client reads
+it only when it finds no host, the projected service-account token file named
+by $KF_PIPELINES_SA_TOKEN_PATH (re-read per request, as the kubelet rotates it).
+`--param` values are typed and checked before anything is sent; a connection or
+API error prints one line naming the host and the problem and exits 2.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from pipelines.kfp_internals import ui_base
 
 log = logging.getLogger(__name__)
 
-# kfp.Client reads this token file only when it finds no host (in-cluster mode); with a host it is passed on.
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 DEFAULT_HOST = "kfp.Client's default endpoint"   # how messages name it when --host is not given
 HEALTHZ_MESSAGE = "Failed to get healthz info attempt"
@@ -88,82 +84,51 @@ def run_arguments(items: list[str], package: str | os.PathLike, config_path: str
     return arguments
 
 
-def _api_message(body: Any) -> str:
-    """The human part of a KFP API error body ({"error", "message", "code", ...} JSON), or its start."""
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    text = str(body or "").strip()
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        text = str(parsed.get("message") or parsed.get("error") or text)
-    text = " ".join(text.split())
-    return text[:300] + ("…" if len(text) > 300 else "")
-
-
 def describe_error(exc: BaseException, host: str, stage: str) -> str:
     """One line naming the host, what was being done and what went wrong."""
     import kfp_server_api
     import urllib3
 
-    if isinstance(exc, kfp_server_api.ApiException):
-        if exc.status:
-            message = _api_message(exc.body)
-            return (f"KFP API at {host} answered HTTP {exc.status} {exc.reason or ''}".rstrip()
-                    + f" while {stage}" + (f": {message}" if message else ""))
-        return f"KFP API at {host} failed while {stage}: {exc.reason}"
+    if isinstance(exc, kfp_server_api.ApiException) and exc.status:
+        body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        try:   # a KFP error body: {"error", "message", "code", ...}
+            parsed = json.loads(body)
+            body = str(parsed.get("message") or parsed.get("error") or body) if isinstance(parsed, dict) else body
+        except ValueError:
+            pass
+        message = " ".join(body.split())[:300]
+        return (f"KFP API at {host} answered HTTP {exc.status} {exc.reason or ''}".rstrip()
+                + f" while {stage}" + (f": {message}" if message else ""))
     if isinstance(exc, urllib3.exceptions.MaxRetryError):
-        reason = exc.reason
-        if isinstance(reason, urllib3.exceptions.NewConnectionError):
-            # "...: Failed to establish a new connection: [Errno 111] Connection refused"
-            reason = str(reason).rsplit(": ", 1)[-1]
+        # "...: Failed to establish a new connection: [Errno 111] Connection refused" -> the last part
+        reason = str(exc.reason).rsplit(": ", 1)[-1]
         return f"cannot reach the KFP API at {host} while {stage}: {reason}"
-    if isinstance(exc, urllib3.exceptions.HTTPError):
-        return f"cannot talk to the KFP API at {host} while {stage}: {exc}"
-    return f"KFP API at {host} while {stage}: {exc}"
+    return f"KFP API at {host} failed while {stage}: {getattr(exc, 'reason', None) or exc}"
 
 
 @contextlib.contextmanager
 def _quiet_health_retries(failures: list[BaseException]) -> Iterator[None]:
-    """Replace kfp.Client's per-attempt health-check tracebacks with one warning line each.
-
-    kfp.Client() checks GET /apis/v2beta1/healthz up to 5 times, 5 s apart,
-    logging a full traceback (`logging.exception` on the root logger) each
-    time; the exceptions are collected so the final error can name the cause.
-    """
+    """kfp.Client() checks GET /apis/v2beta1/healthz up to 5 times, logging a full traceback each time:
+    log one line per attempt instead, and keep the exceptions so the final error can name the cause."""
     def keep(record: logging.LogRecord) -> bool:
         if record.getMessage().startswith(HEALTHZ_MESSAGE) and record.exc_info:
-            failures.append(record.exc_info[1])
-            log.warning("%s (%s)", record.getMessage().rstrip("."), _short(record.exc_info[1]))
+            failures.append(error := record.exc_info[1])
+            status = getattr(error, "status", None)
+            log.warning("%s (%s)", record.getMessage().rstrip("."),
+                        f"HTTP {status}" if status else f"{type(error).__name__}: {error}")
             return False
         return True
 
-    root = logging.getLogger()
-    root.addFilter(keep)
+    logging.getLogger().addFilter(keep)
     try:
         yield
     finally:
-        root.removeFilter(keep)
-
-
-def _short(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    if status:
-        return f"HTTP {status} {getattr(exc, 'reason', '')}".rstrip()
-    return f"{type(exc).__name__}: {exc}"
+        logging.getLogger().removeFilter(keep)
 
 
 def make_client(host: str | None, namespace: str | None, existing_token: str | None, cookies: str | None,
                 ui_host: str | None) -> Any:
-    """kfp.Client for `host` with the standard auth options; a token file from KF_PIPELINES_SA_TOKEN_PATH.
-
-    kfp.Client only reads KF_PIPELINES_SA_TOKEN_PATH when it finds no host
-    (in-cluster mode), so with an explicit host the same file is handed over
-    as kfp's own ServiceAccountTokenVolumeCredentials (re-read on every request,
-    as the kubelet rotates it).
-    """
+    """kfp.Client for `host` with the standard auth options (see the module docstring)."""
     import kfp
     from kfp.client import ServiceAccountTokenVolumeCredentials
 
@@ -183,14 +148,11 @@ def make_client(host: str | None, namespace: str | None, existing_token: str | N
         warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline")
         try:
             return kfp.Client(**options)
-        except TimeoutError as exc:
-            # Raised after the health check failed every attempt; report the last real cause.
-            if failures:
-                raise SubmitError(describe_error(failures[-1], where, "checking GET /apis/v2beta1/healthz "
-                                                 f"({len(failures)} attempts)")) from exc
-            raise SubmitError(f"KFP API at {where}: {exc}") from exc
         except Exception as exc:
-            raise SubmitError(describe_error(exc, where, "connecting")) from exc
+            # A TimeoutError comes after the health check failed every attempt: name the last cause.
+            cause, stage = ((failures[-1], f"checking GET /apis/v2beta1/healthz ({len(failures)} attempts)")
+                            if isinstance(exc, TimeoutError) and failures else (exc, "connecting"))
+            raise SubmitError(describe_error(cause, where, stage)) from exc
 
 
 def submit(host: str | None, package: str | os.PathLike, params: dict[str, Any], *, experiment: str | None = None,
@@ -207,20 +169,16 @@ def submit(host: str | None, package: str | os.PathLike, params: dict[str, Any],
     client = make_client(host, namespace, existing_token, cookies, ui_host)
     host = host or DEFAULT_HOST
     stage = f"creating the run (experiment {experiment or 'Default'!r})"
+    import kfp_server_api
+    import urllib3
+
     try:
         result = client.create_run_from_pipeline_package(
             str(package), arguments=params, run_name=run_name, experiment_name=experiment,
             namespace=namespace or None, enable_caching=enable_caching)
-    except ValueError as exc:
-        # kfp's own checks, e.g. two experiments with the same name.
-        raise SubmitError(f"KFP API at {host} while {stage}: {exc}") from exc
-    except Exception as exc:
-        import kfp_server_api
-        import urllib3
-
-        if isinstance(exc, (kfp_server_api.ApiException, urllib3.exceptions.HTTPError)):
-            raise SubmitError(describe_error(exc, host, stage)) from exc
-        raise
+    except (ValueError, kfp_server_api.ApiException, urllib3.exceptions.HTTPError) as exc:
+        # ValueError: kfp's own checks, e.g. two experiments with the same name.
+        raise SubmitError(describe_error(exc, host, stage)) from exc
     return {"run_id": result.run_id, "url": f"{ui_base(client)}/#/runs/details/{result.run_id}",
             "experiment_id": getattr(result.run_info, "experiment_id", None) or ""}
 

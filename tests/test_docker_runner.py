@@ -22,9 +22,10 @@ from kfp.local import docker_task_handler, status
 
 from facenet_kfp.errors import FacenetError, InputError
 from pipelines import docker_runner
+from facenet_kfp.fsutil import local_path
 from pipelines.docker_runner import (IMAGE_GID, IMAGE_UID, RUN_LABEL, ContainerRecorder,
-                                     container_user, local_path, make_docker_runner,
-                                     race_free_containers, step_function)
+                                     container_user, make_docker_runner, race_free_containers,
+                                     step_function)
 
 ROOT = Path(__file__).resolve().parents[1]
 PODMAN_SH = ROOT / "images" / "podman.sh"

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipelines import run_local
-from pipelines.run_local import data_sources, run_pipeline
+from facenet_kfp.runs import data_sources
+from pipelines.run_local import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LFW = yaml.safe_load((ROOT / "configs/lfw.yaml").read_text())["data"]
