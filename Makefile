@@ -23,7 +23,7 @@ IMAGE_TAG      ?= 0.1.0
 LIGHT_IMAGE    := $(IMAGE_REGISTRY)/facenet-kfp:$(IMAGE_TAG)
 TRAINER_IMAGE  := $(IMAGE_REGISTRY)/facenet-kfp-trainer:$(IMAGE_TAG)
 
-# `make run` settings. RUNNER=docker runs each step in its image (see "Containers" in README.md);
+# `make run` settings. RUNNER=docker runs each step in its image (see images/README.md);
 # its runs get their own pipeline root, because kfp's cache key does not include the runner: in
 # local_outputs a docker run would be served entirely from the subprocess runs' cache.
 RUNNER        ?= subprocess
@@ -108,7 +108,7 @@ bench-preprocess: install ## time the five data steps on an LFW-scale demo archi
 bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
 	$(PY) -m benchmarks.train
 
-bench-recipe: install ## configs/lfw.yaml's recipe vs the seed's on the LFW-scale demo archive, same budget (about 30 min on 2 cores)
+bench-recipe: install ## configs/lfw.yaml's recipe vs configs/seed.yaml's (the original TF1 implementation's) on the LFW-scale demo archive, same budget (about 30 min on 2 cores)
 	$(PY) -m benchmarks.recipe
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side

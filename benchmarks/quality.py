@@ -10,7 +10,8 @@ the recipe differs:
   squared L2, cosine schedule with warm-up, augmentation).
 
 Prints test accuracy (threshold chosen on validation pairs), 10-fold accuracy,
-AUC, EER, VAL@FAR and accuracy at the seed's fixed threshold side by side.
+AUC, EER, VAL@FAR and accuracy at the fixed threshold 1.242 of the original TF1
+implementation (evaluate.seed_threshold) side by side.
 With --pipeline it also times the whole `make run` pipeline (caching off) on
 the same archive: target under 10 minutes on 2 CPU cores, test accuracy >= 0.90.
 """

@@ -1,4 +1,4 @@
-"""The flagship recipe against the seed's, on the LFW-scale demo archive, at the same budget.
+"""The flagship recipe against the seed recipe (configs/seed.yaml: the original TF1 implementation's), at the same budget.
 
 `make bench-recipe` generates the LFW-scale demo archive (`facenet-kfp synth
 --lfw-scale`: LFW's 5,749 people, 13,233 images and histogram), runs the five

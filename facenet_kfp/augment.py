@@ -1,8 +1,8 @@
 """Face-safe image augmentation for completion: mirror, small rotation/scale/shift, brightness/contrast.
 
 Faces stay upright: there is no vertical flip and rotations are limited to
-±10°, so a generated image is a plausible photo of the same person (the seed
-project's upside-down copies are not). Every function is pure: the same image
+±10°, so a generated image is a plausible photo of the same person (the
+upside-down copies of the original TF1 implementation were not). Every function is pure: the same image
 and parameters give the same pixels, so completion is reproducible.
 """
 

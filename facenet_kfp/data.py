@@ -19,7 +19,7 @@ and crop so a loader can refuse a model preprocessed differently.
 Training batches are P x K: P distinct identities, K images each, laid out
 identity by identity (rows i*K .. i*K+K-1 share a label). Online triplet
 mining needs that structure: a batch of consecutive images of one large
-identity (the seed project's input) has no negatives and gives zero loss.
+identity (how the original TF1 implementation fed its input) has no negatives and gives zero loss.
 
 The constants of this definition, the split index and `PKSampler` live in
 `facenet_kfp.input`, the TensorFlow-free pipeline that implements the same

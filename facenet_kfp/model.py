@@ -4,8 +4,9 @@ Both take float images [B, H, W, C] (channels last; scaling the pixels is the
 input pipeline's job) and return [B, embedding_dim] float32 embeddings on the
 unit sphere: Dense(embedding_dim) with no activation, then Keras's built-in
 `UnitNormalization` along the last axis, x / max(‖x‖₂, 1e-12), computed in
-float32 under any dtype policy. (The seed put a ReLU before the normalisation
-and normalised the whole batch as one vector; its embeddings collapsed.)
+float32 under any dtype policy. (The original TF1 implementation this project
+started from put a ReLU before the normalisation and normalised the whole batch
+as one vector; its embeddings collapsed.)
 
 Written with built-in `keras.layers` only, so the same model runs on the
 TensorFlow and JAX backends, and its `.keras` file loads with plain

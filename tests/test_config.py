@@ -139,7 +139,7 @@ def test_assignments_are_typed_by_the_field(items, expected):
 @pytest.mark.parametrize("item, message", [
     ("train.max_steps=1.5", r"--set train\.max_steps must be int, got 1\.5"),
     ("train.augment=1", r"train\.augment must be bool, got 1"),
-    ("train.max_step=5", r"train\.max_step: not a config key .*did you mean train\.max_steps"),
+    ("train.max_step=5", r"train\.max_step: not a config key; did you mean train\.max_steps"),
     ("max_steps=5", r"max_steps: not a config key"),
     ("train.max_steps", "expected key=value"),
     ("evaluate.far_targets=[0.1", "not a YAML value"),

@@ -54,7 +54,7 @@ def test_embeddings_have_unit_norm_and_do_not_collapse(architecture):
     emb = embed(model, face_like_images(n, SHAPES[architecture]))
     assert emb.shape == (n, 64) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    # The seed's ReLU + whole-batch normalisation gave near-identical embeddings; a
+    # The original TF1 implementation's ReLU + whole-batch normalisation gave near-identical embeddings; a
     # per-embedding normalisation of a linear layer spreads different images apart.
     assert mean_pairwise_distance(emb) > 0.05
     # No ReLU before the normalisation: components take both signs.
@@ -131,7 +131,7 @@ def test_normalisation_is_per_embedding():
     model = build_embedding_model((32, 32, 3), 2, "small_cnn")
     for layer in (model.layers[-1], L2Normalize()):       # today's final layer and the earlier one
         got = keras.ops.convert_to_numpy(layer(x))
-        # Each row on its own (the seed normalised the whole batch as one vector); a zero row stays 0.
+        # Each row on its own (the original TF1 implementation normalised the whole batch); a zero row stays 0.
         np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]], atol=1e-7)
     # Models saved with the earlier layer give the same embeddings as today's.
     scales = np.repeat([1e-3, 1.0, 1e3, 1.0], 4)[:, None]
