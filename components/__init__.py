@@ -8,6 +8,7 @@ preinstalled in those images, so no pip install runs when a step starts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,10 @@ class Images:
                 raise ValueError(f"{name} image {ref!r} uses the 'latest' tag; pin a version")
 
 
+DEFAULT_IMAGES = Images(light="ghcr.io/facenet-kfp/facenet-kfp:0.1.0",
+                        trainer="ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0")
+
+
 def build_components(images: Images) -> dict[str, Any]:
     """All seven steps as KFP components, keyed by step name."""
     built = {}
@@ -56,3 +61,18 @@ def build_components(images: Images) -> dict[str, Any]:
         for name, func in steps.items():
             built[name] = dsl.component(func, base_image=image, install_kfp_package=False)
     return built
+
+
+@functools.cache
+def producers() -> dict[str, Any]:
+    """{artifact: `facenet_kfp.runs.Producer`} of the artifacts a local rerun can import (runs.MARKERS)."""
+    from facenet_kfp.runs import MARKERS, Producer
+
+    classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
+    found = {}
+    for step, component in build_components(DEFAULT_IMAGES).items():
+        spec = component.component_spec
+        for output, definition in spec.outputs.items():
+            if output in MARKERS:
+                found[output] = Producer(step, spec.name, output, classes[definition.type.split("@")[0]])
+    return found

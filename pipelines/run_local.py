@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import logging
 import sys
@@ -30,10 +29,10 @@ from typing import Any, Callable
 
 from kfp import dsl, local
 
-from components import Images, build_components
+from components import DEFAULT_IMAGES, Images, build_components, producers
 from facenet_kfp.config import PipelineConfig, load_config, parse_assignments
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.runs import (MARKERS, RERUN_SUMMARY, SUMMARY, Producer, TaskRecord, artifact_summary,
+from facenet_kfp.runs import (RERUN_SUMMARY, SUMMARY, TaskRecord, artifact_summary,
                               check_inputs, dag_order, data_sources, report_summary, resolve_source,
                               summarise, task_error)
 from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline,
@@ -42,8 +41,7 @@ from pipelines.kfp_internals import observe_local_tasks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LIGHT_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp:0.1.0"
-DEFAULT_TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0"
+DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE = DEFAULT_IMAGES.light, DEFAULT_IMAGES.trainer
 RERUNNABLE = ("labels", "complete", "splits", "train", "evaluate")
 
 
@@ -132,7 +130,7 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
                               ("pairs.txt", config.data.pairs_uri, config.data.pairs_sha256)):
         if uri:
             log.info("%s: %s%s", what, uri, "" if digest else " (no sha256 to check)")
-    images = images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE)
+    images = images or DEFAULT_IMAGES
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     kfp_runner, containers = make_runner(runner, root, config)
@@ -143,16 +141,6 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
 
 
 # --- one step on earlier artifacts ----------------------------------------------------------
-
-@functools.cache
-def producers() -> dict[str, Producer]:
-    """{artifact: where the pipeline makes it}, for the artifacts a rerun imports (those in MARKERS)."""
-    components = build_components(Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE))
-    classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
-    return {output: Producer(step.name, spec.name, output, classes[definition.type.split("@")[0]])
-            for step in STEPS for spec in [components[step.name].component_spec]
-            for output, definition in spec.outputs.items() if output in MARKERS}
-
 
 def rerun_overrides(items: list[str], steps: list[str]) -> dict[str, dict[str, Any]]:
     """`--set` items of a rerun as config overrides; each must be a parameter one of `steps` reads."""
@@ -227,7 +215,7 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
                                  if name not in produced))
     inputs = check_inputs(needed, found, described, producers())
     pipeline = build_rerun_pipeline(names, inputs, config,
-                                    images or Images(light=DEFAULT_LIGHT_IMAGE, trainer=DEFAULT_TRAINER_IMAGE))
+                                    images or DEFAULT_IMAGES)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     kfp_runner, containers = make_runner(runner, root, config)
