@@ -33,9 +33,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
     # Written as one folder: an earlier synth output may be replaced, a user's folder never.
     with atomic_dir(out, step="synth") as tmp:
         result = generate_demo_archive(tmp, identities=args.identities, seed=args.seed,
-                                       lfw_scale=args.lfw_scale)
-    print(f"archive: {out / Path(result.archive).name}\npairs:   {out / Path(result.pairs).name}\n"
-          f"sha256:  {result.sha256}\n{result.identities} identities, {result.images} images")
+                                       lfw_scale=args.lfw_scale, image_size=args.image_size,
+                                       workers=args.workers, layout=args.layout,
+                                       archive_format=args.format, counts=args.counts,
+                                       casia_scale=args.casia_scale, pool=args.pool,
+                                       boxes=not args.no_boxes)
+    pairs = f"pairs:   {out / result.pairs.name}\n" if result.pairs else ""
+    print(f"archive: {out / result.archive.name}\n{pairs}sha256:  {result.sha256}\n"
+          f"{result.layout} layout, {result.identities} identities, {result.images} images")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -170,11 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, path_inputs=inputs, path_outputs=outputs)
         return p
 
-    p = add("synth", cmd_synth, "write an LFW-format demo archive (lfw.tgz, pairs.txt, sha256) of procedurally drawn faces")
+    p = add("synth", cmd_synth, "write a demo archive of procedurally drawn faces (default lfw.tgz, "
+                                "pairs.txt, sha256; also CASIA-WebFace, VGGFace2 and nested layouts)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--identities", type=int, default=120, help="number of identities (default 120)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--lfw-scale", action="store_true", help="LFW's full size: 5,749 identities, 13,233 images")
+    p.add_argument("--layout", default="lfw", choices=("lfw", "casia", "vggface2", "nested"),
+                   help="archive layout (default lfw; only lfw writes pairs.txt)")
+    p.add_argument("--format", default="tgz", choices=("tgz", "tar", "zip"), help="archive format (default tgz)")
+    p.add_argument("--counts", choices=("lfw", "casia"), default=None,
+                   help="shape of the images-per-identity counts (default casia with --casia-scale, else lfw)")
+    p.add_argument("--casia-scale", action="store_true",
+                   help="CASIA-WebFace's size: 10,575 identities, 494,414 images (use with --pool)")
+    p.add_argument("--pool", type=int, default=None,
+                   help="render N faces per identity and derive every image from one of them (much faster)")
+    p.add_argument("--image-size", type=int, default=250, help="image side in px (default 250)")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
+    p.add_argument("--no-boxes", action="store_true", help="vggface2: leave out bb_landmark/loose_bb_*.csv")
 
     p = add("download", cmd_download, "step 1: fetch an archive (https://, gs://, file:// or path), verify sha256",
             inputs=("source",))

@@ -1,4 +1,4 @@
-"""Step 2: check an LFW-style archive member by member and pack its valid images into shards.
+"""Step 2: check a face dataset archive member by member and pack its valid images into shards.
 
 The archive (tar, optionally gzip/bzip2/xz-compressed, or zip; detected by
 content, not by name) is never unpacked onto the file system:
@@ -9,10 +9,25 @@ content, not by name) is never unpacked onto the file system:
    decompression and the safety scan run on two cores at once.
 2. The whole member list is checked before anything is written: an absolute
    path, a ``..`` component, a link, a device or a fifo refuses the archive.
-3. The image root is found (``lfw/``, ``lfw-deepfunneled/``, ``lfw-funneled/``,
-   another single top folder holding identity folders, or identity folders at
-   the top) and every file becomes a candidate ``<root>/<identity>/<file>`` or
-   is skipped with a reason (junk, wrong depth, too large, ...).
+3. The layout is detected from the file paths (`detect_layout`), with the
+   evidence that chose it recorded in ``dataset.json``:
+
+   - ``lfw``: ``lfw/``, ``lfw-deepfunneled/`` or ``lfw-funneled/`` on top, or
+     files named ``<identity>/<identity>_NNNN.<ext>`` (``root/<identity>/<file>``);
+   - ``casia``: CASIA-WebFace, an image root named ``CASIA-WebFace`` or whose
+     identity folders are all 7-digit ids (``CASIA-WebFace/0000045/001.jpg``);
+   - ``vggface2``: ``train/`` and/or ``test/`` holding ``n<6 digits>`` identity
+     folders, possibly below one folder (``vggface2/train/n000002/0001_01.jpg``);
+     the splits' identities are disjoint and are merged. With a
+     ``loose_bb_<split>.csv`` (in ``bb_landmark/`` or next to the split folders)
+     each image is cut to the square of `BOX_SCALE` times its box's longer side
+     around the box's centre (`square_box`), clipped to the image;
+   - ``folders``: any other tree; each folder holding an image file is an
+     identity, at any depth below the image root (the folder all identity
+     folders share). Two identity folders with the same name refuse the archive.
+
+   Every file becomes a candidate ``<identity>/<file>`` or is skipped with a
+   reason (junk, outside the identity folders, too large, ...).
 4. Candidates, sorted by identity then file name, are fully decoded with
    Pillow in a process pool; each worker reads its own bytes from the archive.
    For a tar only (reason, width, height) comes back and this process re-reads
@@ -22,6 +37,8 @@ content, not by name) is never unpacked onto the file system:
    (BMP, GIF, TIFF, WebP, CMYK JPEG), which TensorFlow's decoder misreads or
    cannot read (a 1-bit BMP fails, a palette BMP comes out as its indices),
    is re-encoded losslessly as PNG, so whatever extract accepts, training reads.
+   An image cut to its box is re-encoded by the worker: a JPEG as JPEG
+   (quality `BOX_JPEG_QUALITY`), anything else as PNG.
 
 Only errors that say "this file is not a valid image" skip an image; any other
 error (a failed read of the archive, no memory, a bug) fails the step. When
@@ -44,6 +61,7 @@ from __future__ import annotations
 import bz2
 import collections
 import contextlib
+import csv
 import fcntl
 import gzip
 import io
@@ -60,6 +78,7 @@ import tempfile
 import zipfile
 import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -76,6 +95,18 @@ log = logging.getLogger(__name__)
 DATASET_JSON = "dataset.json"
 # Top folders of the published LFW variants, preferred when several top folders exist.
 KNOWN_ROOTS = ("lfw", "lfw-deepfunneled", "lfw-funneled")
+# The layouts `detect_layout` tells apart, as dataset.json names them.
+LAYOUTS = ("lfw", "casia", "vggface2", "folders")
+CASIA_ROOT = "CASIA-WebFace"
+VGGFACE2_SPLITS = ("train", "test")
+# VGGFace2's loose face boxes, one file per split; NAME_ID is "<identity>/<file name without suffix>".
+BOX_FILES = {"train": "loose_bb_train.csv", "test": "loose_bb_test.csv"}
+BOX_FOLDER = "bb_landmark"
+BOX_COLUMNS = ("NAME_ID", "X", "Y", "W", "H")
+# Side of the square cut around a loose box, in units of the box's longer side: the 0.3
+# extension VGGFace2's authors apply to face boxes "to include the whole head".
+BOX_SCALE = 1.3
+BOX_JPEG_QUALITY = 95
 # Formats Pillow may decode here; all but grey/RGB JPEG and PNG are stored re-encoded as PNG.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Stored as they are: tf.io.decode_image reads these (modes as Pillow names them) correctly.
@@ -99,6 +130,9 @@ _DECOMPRESS_CHUNK = 1 << 20   # bytes per progress message from the decompressin
 _CODECS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_CASIA_ID = re.compile(r"\d{7}")
+_VGGFACE2_ID = re.compile(r"n\d{6}")
+_LFW_FILE = re.compile(r"(.+)_\d{4}\.\w+")     # <identity>_NNNN.<ext>
 # C0 and C1 control characters: never part of a real file name (C1 appear when latin-1 decodes junk).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Pillow raises these for a file that is not a valid image (its fuzz tests accept the same set,
@@ -122,6 +156,8 @@ class _Candidate(NamedTuple):
     member: _Member
     identity: str
     file: str          # "<identity>/<file name>", the manifest's `file`
+    split: str = ""    # vggface2: "train" or "test"
+    box: tuple | None = None   # vggface2: the loose face box (x, y, w, h), when its csv has one
 
 
 # --------------------------------------------------------------------------- public API
@@ -155,21 +191,27 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Returns:
         ``{"images", "identities", "image_root", "shards", "skipped", "unusable",
-        "converted", "format"}``: counts of stored images and identities, the
-        image root inside the archive ("." when identity folders are at the
-        top), the number of shard files, ``[{"member", "reason"}, ...]`` sorted
-        by member name, how many of those are unusable images, how many images
-        were re-encoded as PNG, and "tar" or "zip".
+        "converted", "format", "layout"}``: counts of stored images and
+        identities, the image root inside the archive ("." when identity
+        folders are at the top), the number of shard files,
+        ``[{"member", "reason"}, ...]`` sorted by member name, how many of
+        those are unusable images, how many images were re-encoded as PNG,
+        "tar" or "zip", and the layout (`_layout_summary`):
+        ``{"name", "root", "evidence"}``, for vggface2 also ``"splits"`` and
+        ``"boxes"``.
 
     Manifest rows are ``{identity, file: "<identity>/<name>", synthetic: False,
     width, height, shard, offset, size}``, sorted by identity then file name;
     a re-encoded image adds ``converted_from`` (its format, e.g. "BMP") and
-    keeps its file name.
+    keeps its file name; an image cut to its face box adds ``crop``
+    ([left, top, right, bottom] in the original's pixels) and its width and
+    height are the cut's.
 
     Raises:
         InputError: the archive is missing, not a tar/zip, corrupt, empty, has
             an unsafe member (named in the message), no valid image, too many
-            unusable images, or would write more than `max_expansion` allows.
+            unusable images, two identity folders with the same name, a
+            malformed face-box file, or would write more than `max_expansion` allows.
     """
     archive = Path(archive)
     out_dir = Path(out_dir)
@@ -202,12 +244,16 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
                 members = _scan_tar(handle, archive)
         skipped: list[dict] = []
         unusable: list[dict] = []
-        root, candidates = _plan(members, skipped, unusable, archive)
-        log.info("%s: image root %r, %d candidate images in %d identity folders", archive, root,
-                 len(candidates), len({c.identity for c in candidates}))
+        layout, candidates, box_files = _plan(members, skipped, unusable, archive)
+        log.info("%s: layout %s (%s), image root %r, %d candidate images in %d identity folders",
+                 archive, layout.name, layout.evidence, layout.root_name, len(candidates),
+                 len({c.identity for c in candidates}))
 
         converted = 0
+        boxes = collections.Counter()
         with atomic_dir(out_dir, step="extract") as tmp, _Source(fmt, str(source)) as reader:
+            if box_files:
+                candidates, boxes["rows"] = _attach_boxes(reader, archive, box_files, candidates)
             with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer, \
                     contextlib.closing(_decode_all(fmt, source, candidates, workers)) as results:
                 for cand, (data, check) in results:
@@ -216,13 +262,19 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
                         if _is_image(cand.file, check.reason):
                             unusable.append(skipped[-1])
                         continue
-                    if check.png is not None:
-                        data = check.png
-                        converted += 1
+                    if check.encoded is not None:
+                        data = check.encoded
                     elif data is None:
                         data, _ = reader.read(cand.member)
                     budget.spend(len(data) + 2 * tarfile.BLOCKSIZE, "the packed images")
-                    extra = {"converted_from": check.converted_from} if check.png is not None else {}
+                    extra = {}
+                    if check.converted_from:
+                        converted += 1
+                        extra["converted_from"] = check.converted_from
+                    if check.crop is not None:
+                        extra["crop"] = list(check.crop)
+                    boxes["applied" if check.crop is not None else
+                          "outside_image" if cand.box is not None else "without_box"] += 1
                     writer.add(cand.identity, cand.file, data, synthetic=False,
                                width=check.width, height=check.height, **extra)
             rows = writer.records
@@ -234,17 +286,22 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
             summary = {
                 "images": len(rows),
                 "identities": len({row["identity"] for row in rows}),
-                "image_root": root,
+                "image_root": layout.root_name,
                 "shards": len(shard_files(tmp)),
                 "skipped": sorted(skipped, key=lambda item: item["member"]),
                 "unusable": len(unusable),
                 "converted": converted,
                 "format": fmt,
+                "layout": _layout_summary(layout, rows, candidates, box_files, boxes),
             }
             write_json(tmp / DATASET_JSON, summary)
     log.info("%s: %d images of %d identities in %d shards, %d files skipped (%d unusable images), "
              "%d re-encoded as PNG", out_dir, summary["images"], summary["identities"],
              summary["shards"], len(skipped), len(unusable), converted)
+    if box_files:
+        log.info("%s: %d images cut to their face box, %d without a box, %d whose box misses the "
+                 "image (both kept uncut)", out_dir, boxes["applied"], boxes["without_box"],
+                 boxes["outside_image"])
     return summary
 
 
@@ -668,11 +725,69 @@ def _junk(parts: tuple) -> str:
     return ""
 
 
-def _find_root(paths: list[tuple]) -> tuple:
-    """The image root as path components; () when identity folders are at the top.
+@dataclass(frozen=True)
+class Layout:
+    """How an archive holds its images, as `detect_layout` found it."""
+    name: str                  # one of LAYOUTS
+    root: tuple                # the image root's path components; () for the archive's top
+    evidence: str              # what chose this layout, in words
+    splits: tuple = ()         # vggface2: the split folders between the root and identity folders
+    nested: bool = False       # folders: identity folders at any depth below the root
 
-    A known LFW top folder wins; otherwise a single top folder is the root when it
-    holds files two levels down (``T/<identity>/<file>``).
+    @property
+    def root_name(self) -> str:
+        """The root as dataset.json's image_root gives it: "a/b", or "." for the archive's top."""
+        return "/".join(self.root) or "."
+
+    def identity_folder(self, parts: tuple, image_folders: set[tuple]) -> tuple | str:
+        """The identity folder (path components) holding the file `parts`, or why it is in none.
+
+        `parts` starts with the root; `image_folders` are the folders holding a file
+        with an image suffix (what makes a folder an identity in a nested tree).
+        """
+        r = "/".join(self.root) + "/" if self.root else ""
+        depth = len(self.root) + (3 if self.splits else 2)
+        if self.splits:
+            if len(parts) != depth or parts[len(self.root)] not in self.splits:
+                return (f"not inside an identity folder (expected "
+                        f"{' or '.join(f'{r}{split}/<identity>/<file>' for split in self.splits)})")
+        elif not self.nested:
+            if len(parts) != depth:
+                return f"not directly inside an identity folder (expected {r}<identity>/<file>)"
+        elif len(parts) < depth:
+            return f"not inside an identity folder (expected {r}[<folder>/...]<identity>/<file>)"
+        elif parts[:-1] not in image_folders:
+            return "junk: no file with an image suffix in its folder, so not an identity folder"
+        return parts[:-1]
+
+
+def _where(root: tuple) -> str:
+    return f"top folder {root[0]}" if len(root) == 1 else f"folder {'/'.join(root)}" if root \
+        else "the archive's top"
+
+
+def _common_root(images: list[tuple]) -> tuple:
+    """The folder all identity folders of a tree share: the longest common prefix of the
+    images' folders, less its last part when every image is in that one folder."""
+    folders = [parts[:-1] for parts in images]
+    prefix = os.path.commonprefix(folders)
+    return tuple(prefix[:-1]) if all(folder == prefix for folder in folders) else tuple(prefix)
+
+
+def detect_layout(paths: list[tuple]) -> Layout:
+    """The layout of an archive from its files' path components (junk already removed).
+
+    In order: a published LFW top folder (`KNOWN_ROOTS`) is lfw; ``train/`` or
+    ``test/`` folders holding ``n<6 digits>`` folders are vggface2 (their parent
+    is the root); otherwise the root is the folder the image files' folders
+    share (`_common_root`) and the tree is casia when the root is named
+    CASIA-WebFace or every identity folder directly below it is a 7-digit id,
+    lfw when every image sits directly in an identity folder and is named
+    ``<identity>_NNNN``, else folders (identity folders at any depth).
+    Only files with an image suffix decide, or every file when none has one.
+
+    Raises:
+        InputError: several LFW top folders, or several VGGFace2 roots.
     """
     tops = {parts[0] for parts in paths if len(parts) >= 2}
     known = [name for name in KNOWN_ROOTS if name in tops]
@@ -680,10 +795,43 @@ def _find_root(paths: list[tuple]) -> tuple:
         raise InputError(f"several image roots in one archive: {', '.join(known)}; "
                          f"repack it with one of them")
     if known:
-        return (known[0],)
-    if len(tops) == 1 and any(len(parts) >= 3 for parts in paths):
-        return (next(iter(tops)),)
-    return ()
+        return Layout("lfw", (known[0],), f"top folder {known[0]}, a published LFW variant")
+    images = [parts for parts in paths if parts[-1].lower().endswith(IMAGE_SUFFIXES)] or paths
+
+    vgg: dict[tuple, tuple] = {}   # root -> its first identity folder, as an example
+    for parts in images:
+        if len(parts) >= 3 and parts[-3] in VGGFACE2_SPLITS and _VGGFACE2_ID.fullmatch(parts[-2]):
+            vgg[parts[:-3]] = min(vgg.get(parts[:-3], parts[:-1]), parts[:-1])
+    if len(vgg) > 1:
+        where = ", ".join(sorted("/".join(root) + "/" if root else "the archive's top" for root in vgg))
+        raise InputError(f"several VGGFace2 roots (folders holding train/ or test/) in one "
+                         f"archive: {where}; repack it with one of them")
+    if vgg:
+        (root, example), = vgg.items()
+        splits = sorted({parts[len(root)] for parts in images if len(parts) == len(root) + 3
+                         and parts[:len(root)] == root and parts[len(root)] in VGGFACE2_SPLITS})
+        return Layout("vggface2", root, f"{_where(root)} holds {' and '.join(f'{s}/' for s in splits)} "
+                                        f"with n-numbered identity folders (e.g. {'/'.join(example)})",
+                      splits=VGGFACE2_SPLITS)
+
+    root = _common_root(images)
+    flat = [parts for parts in images if len(parts) == len(root) + 2]
+    folders = sorted({parts[-2] for parts in flat})
+    named = bool(root) and root[-1].lower() == CASIA_ROOT.lower()
+    numbered = bool(folders) and all(_CASIA_ID.fullmatch(name) for name in folders)
+    if named or numbered:
+        other = next((name for name in folders if not _CASIA_ID.fullmatch(name)), "")
+        ids = f"identity folders are not all 7-digit ids (e.g. {other})" if other else \
+            "identity folders are 7-digit ids"
+        return Layout("casia", root, f"{_where(root)}, {ids}")
+    if len(flat) == len(images) and all((match := _LFW_FILE.fullmatch(parts[-1])) and match[1] == parts[-2]
+                                        for parts in flat):
+        return Layout("lfw", root, f"{_where(root)}, identity folders hold <identity>_NNNN files")
+    depths = sorted({len(parts) - len(root) - 1 for parts in images if len(parts) >= len(root) + 2} or {1})
+    deepest = max(images, key=len)
+    shape = f"directly below {_where(root)}" if depths == [1] else \
+        f"{depths[0]} to {depths[-1]} levels below {_where(root)} (e.g. {'/'.join(deepest[:-1])})"
+    return Layout("folders", root, f"identity folders (folders holding images) {shape}", nested=True)
 
 
 def _unstorable(member: _Member, parts: tuple) -> str:
@@ -704,10 +852,11 @@ def _skip(skipped: list[dict], member: str, reason: str) -> None:
 
 
 def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
-          archive: Path) -> tuple[str, list[_Candidate]]:
-    """Choose the image root and the candidate images, sorted by identity then file name.
+          archive: Path) -> tuple[Layout, list[_Candidate], dict[str, _Member]]:
+    """Detect the layout and choose the candidate images, sorted by identity then file name.
 
-    Skipped members go to `skipped`; those that are images in an identity folder also to `unusable`.
+    Returns (layout, candidates, vggface2 face-box files by split). Skipped
+    members go to `skipped`; those that are images in an identity folder also to `unusable`.
     """
     if not members:
         raise InputError(f"{archive}: archive holds no files (only folders)")
@@ -722,36 +871,168 @@ def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
         raise InputError(f"{archive}: no identity has a valid image "
                          f"(only {len(skipped)} junk or empty-named files)")
     try:
-        root = _find_root([member.parts for member in kept])
+        layout = detect_layout([member.parts for member in kept])
     except InputError as exc:
         raise InputError(f"{archive}: {exc}") from exc
+    root = layout.root
     root_text = "/".join(root) + "/" if root else ""
-    depth = len(root) + 2
+    box_files = _box_files(layout, kept, archive)
+    image_folders = {member.parts[:-1] for member in kept
+                     if member.parts[-1].lower().endswith(IMAGE_SUFFIXES)} if layout.nested else set()
 
     by_file: dict[str, _Candidate] = {}
+    folder_of: dict[str, tuple] = {}    # identity -> its folder: two folders may not share a name
+    box_parts = {member.parts for member in box_files.values()}
     for member in kept:
         parts = member.parts
+        if parts in box_parts:
+            if member not in box_files.values():
+                _skip(skipped, member.name, "replaced by a later member with the same name")
+            continue
         if parts[:len(root)] != root:
             _skip(skipped, member.name, f"outside the image root {root_text!r}")
-        elif len(parts) != depth:
-            _skip(skipped, member.name, f"not directly inside an identity folder "
-                                        f"(expected {root_text}<identity>/<file>)")
-        elif reason := _unstorable(member, parts):
+            continue
+        folder = layout.identity_folder(parts, image_folders)
+        if isinstance(folder, str):
+            _skip(skipped, member.name, folder)
+            continue
+        identity = folder[-1]
+        other = folder_of.setdefault(identity, folder)
+        if other != folder:
+            first, second = sorted(("/".join(other), "/".join(folder)))
+            raise InputError(f"{archive}: two identity folders are both named {identity!r}: "
+                             f"{first}/ and {second}/; identities are folder names, so these would "
+                             f"merge into one person; rename one of them and repack the archive")
+        if reason := _unstorable(member, parts):
             _skip(skipped, member.name, reason)
             if parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 unusable.append(skipped[-1])
-        else:
-            file = f"{parts[-2]}/{parts[-1]}"
-            earlier = by_file.get(file)
-            if earlier is not None:
-                # Extracting would let the later member overwrite the earlier one: do the same.
-                _skip(skipped, earlier.member.name, "replaced by a later member with the same name")
-            by_file[file] = _Candidate(member, parts[-2], file)
+            continue
+        file = f"{identity}/{parts[-1]}"
+        earlier = by_file.get(file)
+        if earlier is not None:
+            # Extracting would let the later member overwrite the earlier one: do the same.
+            _skip(skipped, earlier.member.name, "replaced by a later member with the same name")
+        by_file[file] = _Candidate(member, identity, file, folder[len(root)] if layout.splits else "")
     candidates = sorted(by_file.values(), key=lambda cand: (cand.identity, cand.file))
     if not candidates:
-        raise InputError(f"{archive}: no identity has a valid image: no file matches "
-                         f"{root_text}<identity>/<file> ({len(skipped)} files skipped)")
-    return (root_text.rstrip("/") or "."), candidates
+        raise InputError(f"{archive}: no identity has a valid image: no file is inside an identity "
+                         f"folder of the {layout.name} layout below {root_text or 'the top'!r} "
+                         f"({len(skipped)} files skipped)")
+    return layout, candidates, box_files
+
+
+# --------------------------------------------------------------------------- face boxes (VGGFace2)
+
+def _box_files(layout: Layout, kept: list[_Member], archive: Path) -> dict[str, _Member]:
+    """The loose-box csv of each vggface2 split, found in ``<root>/bb_landmark/`` or ``<root>/``."""
+    if layout.name != "vggface2":
+        return {}
+    found: dict[str, _Member] = {}
+    for split, name in BOX_FILES.items():
+        places = (layout.root + (BOX_FOLDER, name), layout.root + (name,))
+        matches = [member for member in kept if member.parts in places]
+        if len({member.parts for member in matches}) > 1:
+            raise InputError(f"{archive}: two face-box files for {split}/: "
+                             f"{', '.join(sorted(m.name for m in matches))}; keep one")
+        if matches:
+            found[split] = matches[-1]  # a tar member stored twice: the later one wins, as on extraction
+    return found
+
+
+def square_box(box: tuple[int, int, int, int], width: int, height: int,
+               scale: float = BOX_SCALE) -> tuple[int, int, int, int] | None:
+    """The cut for a loose face box ``(x, y, w, h)``: ``(left, top, right, bottom)`` pixels, or None.
+
+    The square of side s = round(scale * max(w, h)) centred on the box's centre
+    (left = round(x + (w - s) / 2), top = round(y + (h - s) / 2), Python's
+    rounding), clipped to the `width` x `height` image; None when nothing of it
+    is inside the image. The result is not square where the square was clipped.
+    """
+    x, y, w, h = box
+    side = round(scale * max(w, h))
+    left, top = round(x + (w - side) / 2), round(y + (h - side) / 2)
+    cut = (max(left, 0), max(top, 0), min(left + side, width), min(top + side, height))
+    return cut if cut[0] < cut[2] and cut[1] < cut[3] else None
+
+
+def _read_boxes(data: bytes, where: str) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
+    """(NAME_ID, (x, y, w, h)) of each row of a loose-box csv; InputError naming the line when malformed."""
+    rows = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=""))
+    try:
+        header = next(rows, [])
+        if tuple(field.strip() for field in header) != BOX_COLUMNS:
+            raise InputError(f"{where}: header {','.join(header)!r}, expected {','.join(BOX_COLUMNS)!r}")
+        for row in rows:
+            if not row or row == [""]:
+                continue
+            line = rows.line_num
+            try:
+                name_id, x, y, w, h = (field.strip() for field in row)
+                box = (int(x), int(y), int(w), int(h))
+            except ValueError:
+                raise InputError(f"{where}, line {line}: expected NAME_ID and four integers "
+                                 f"X,Y,W,H, got {','.join(row)!r}") from None
+            if box[2] < 1 or box[3] < 1 or not name_id:
+                raise InputError(f"{where}, line {line}: a box needs a NAME_ID and W, H >= 1, "
+                                 f"got {','.join(row)!r}")
+            yield name_id, box
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{where}: not a readable csv file ({exc})") from None
+
+
+def _attach_boxes(source: "_Source", archive: Path, box_files: dict[str, _Member],
+                  candidates: list[_Candidate]) -> tuple[list[_Candidate], int]:
+    """`candidates` with the box of each image its split's csv has; also the number of csv rows.
+
+    A row names an image as ``<identity>/<file name without suffix>``; rows of
+    images the archive does not hold are ignored, a name given twice refuses the file.
+    """
+    index = {(cand.split, cand.file.rsplit(".", 1)[0]): i for i, cand in enumerate(candidates)}
+    boxes: dict[int, tuple] = {}
+    rows = 0
+    for split, member in sorted(box_files.items()):
+        data, reason = source.read(member)
+        where = f"{archive}: {member.name}"
+        if data is None:
+            raise InputError(f"{where}: cannot read the face-box file ({reason})")
+        seen: set[str] = set()
+        for name_id, box in _read_boxes(data, where):
+            if name_id in seen:
+                raise InputError(f"{where}: {name_id!r} has two boxes; keep one")
+            seen.add(name_id)
+            rows += 1
+            i = index.get((split, name_id))
+            if i is not None:
+                boxes[i] = box
+    log.info("%s: %d face boxes in %s, %d of them for images in the archive", archive, rows,
+             ", ".join(m.name for m in box_files.values()), len(boxes))
+    return [cand._replace(box=boxes[i]) if i in boxes else cand for i, cand in enumerate(candidates)], rows
+
+
+def _layout_summary(layout: Layout, rows: list[dict], candidates: list[_Candidate],
+                    box_files: dict[str, _Member], boxes: collections.Counter) -> dict:
+    """dataset.json's ``layout``: ``{"name", "root", "evidence"}``; vggface2 adds
+
+    ``"splits": {split: {"identities", "images"}}`` (stored, per split folder)
+    and ``"boxes"``: None without a box file, else ``{"files", "rows", "scale",
+    "applied", "without_box", "outside_image"}`` (member names, csv rows,
+    `BOX_SCALE`, and stored images cut to their box, without a box, and
+    with a box that misses the image; the last two are stored uncut).
+    """
+    out = {"name": layout.name, "root": layout.root_name, "evidence": layout.evidence}
+    if layout.name != "vggface2":
+        return out
+    split_of = {cand.identity: cand.split for cand in candidates}
+    images = collections.Counter(split_of[row["identity"]] for row in rows)
+    identities = collections.Counter(split_of[name] for name in {row["identity"] for row in rows})
+    out["splits"] = {split: {"identities": identities[split], "images": images[split]}
+                     for split in layout.splits}
+    out["boxes"] = None if not box_files else {
+        "files": sorted(member.name for member in box_files.values()), "rows": boxes["rows"],
+        "scale": BOX_SCALE, "applied": boxes["applied"], "without_box": boxes["without_box"],
+        "outside_image": boxes["outside_image"]}
+    return out
 
 
 # --------------------------------------------------------------------------- decoding
@@ -807,20 +1088,24 @@ class _Source:
 class ImageCheck(NamedTuple):
     """What decoding one file found."""
     reason: str = ""             # why the file is skipped; "" for a usable image
-    width: int = 0
+    width: int = 0               # of the stored image (the cut, when `crop` is set)
     height: int = 0
-    png: bytes | None = None     # lossless PNG to store instead of the original bytes
-    converted_from: str = ""     # the original format, when `png` is set
+    encoded: bytes | None = None   # bytes to store instead of the original ones (PNG, or a cut JPEG)
+    converted_from: str = ""     # the original format, when it was re-encoded as PNG
+    crop: tuple[int, int, int, int] | None = None   # (left, top, right, bottom) cut out of the original
 
 
-def check_image(data: bytes) -> ImageCheck:
+def check_image(data: bytes, box: tuple[int, int, int, int] | None = None) -> ImageCheck:
     """Fully decode `data` with Pillow; re-encode it as PNG unless TensorFlow reads it as it is.
 
-    Grey or RGB JPEG and PNG keep their bytes (`png` is None); other formats
+    Grey or RGB JPEG and PNG keep their bytes (`encoded` is None); other formats
     (`IMAGE_FORMATS`) come back as PNG in the same mode when PNG has it
-    (`_PNG_MODES`), else as RGB, the pixels TensorFlow would decode. A file
-    that is not a valid image gets a `reason`; any other error (no memory, an
-    I/O error, a bug) propagates.
+    (`_PNG_MODES`), else as RGB, the pixels TensorFlow would decode. With a
+    loose face `box` (x, y, w, h) the image is cut to `square_box` (unless that
+    misses the image) and re-encoded: a JPEG as grey or RGB JPEG of quality
+    `BOX_JPEG_QUALITY`, any other format as PNG as above. A file that is not a
+    valid image gets a `reason`; any other error (no memory, an I/O error, a bug)
+    propagates.
     """
     if not data:
         return ImageCheck("empty file (0 bytes)")
@@ -838,6 +1123,9 @@ def check_image(data: bytes) -> ImageCheck:
     except _BAD_IMAGE_ERRORS as exc:
         return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
     with img:
+        crop = None if box is None else square_box(box, *img.size)
+        if crop is not None:
+            return _cut(img, crop)
         kept = _KEPT.get(img.format, ())
         if kept is None or img.mode in kept:
             return ImageCheck("", *img.size)
@@ -846,22 +1134,37 @@ def check_image(data: bytes) -> ImageCheck:
         return ImageCheck("", *img.size, buf.getvalue(), img.format)
 
 
-def _decode_members(source: _Source, members: list[_Member]) -> list[tuple[bytes | None, ImageCheck]]:
-    """(original bytes or None, ImageCheck) per member.
+def _cut(img: Image.Image, crop: tuple[int, int, int, int]) -> ImageCheck:
+    """`img` cut to `crop`, re-encoded as `check_image` describes."""
+    part = img.crop(crop)
+    buf = io.BytesIO()
+    if img.format in ("JPEG", "MPO"):
+        (part if part.mode in ("L", "RGB") else part.convert("RGB")).save(
+            buf, "JPEG", quality=BOX_JPEG_QUALITY)
+        converted_from = ""
+    else:
+        (part if part.mode in _PNG_MODES else part.convert("RGB")).save(buf, "PNG")
+        converted_from = "" if img.format == "PNG" else img.format
+    return ImageCheck("", part.width, part.height, buf.getvalue(), converted_from, crop)
+
+
+def _decode_members(source: _Source, items: list[tuple[_Member, tuple | None]]
+                    ) -> list[tuple[bytes | None, ImageCheck]]:
+    """(original bytes or None, ImageCheck) per (member, face box or None).
 
     Original bytes come back only for valid, kept zip images: a tar member is
     cheaper to re-read by offset than to pickle between processes, a zip member
     would be inflated twice. An unexpected error names the member.
     """
     results = []
-    for member in members:
+    for member, box in items:
         try:
             data, reason = source.read(member)
-            check = ImageCheck(reason) if reason else check_image(data)
+            check = ImageCheck(reason) if reason else check_image(data, box)
         except Exception as exc:
             exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
             raise
-        keep = not check.reason and check.png is None and source.fmt == "zip"
+        keep = not check.reason and check.encoded is None and source.fmt == "zip"
         results.append((data if keep else None, check))
     return results
 
@@ -875,8 +1178,8 @@ def _init_worker(fmt: str, path: str, parent: int) -> None:
     _worker_source = _Source(fmt, path)
 
 
-def _decode_chunk(members: list[_Member]) -> list[tuple]:
-    return _decode_members(_worker_source, members)
+def _decode_chunk(items: list[tuple[_Member, tuple | None]]) -> list[tuple]:
+    return _decode_members(_worker_source, items)
 
 
 def _chunks(candidates: list[_Candidate]) -> Iterator[list[_Candidate]]:
@@ -904,7 +1207,7 @@ def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
         if workers == 1:
             with _Source(fmt, str(source_path)) as source:
                 for chunk in chunks:
-                    results = _decode_members(source, [cand.member for cand in chunk])
+                    results = _decode_members(source, [(cand.member, cand.box) for cand in chunk])
                     progress.update(len(chunk))
                     yield from zip(chunk, results)
             return
@@ -918,7 +1221,7 @@ def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
             def submit() -> None:
                 chunk = next(todo, None)
                 if chunk is not None:
-                    pending.append((chunk, pool.submit(_decode_chunk, [c.member for c in chunk])))
+                    pending.append((chunk, pool.submit(_decode_chunk, [(c.member, c.box) for c in chunk])))
 
             for _ in range(2 * workers):
                 submit()

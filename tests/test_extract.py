@@ -119,9 +119,14 @@ def test_formats_and_roots(tmp_path, kind, root):
     summary = extract_dataset(archive, out, workers=1)
 
     expected_root = {"lfw/": "lfw", "lfw-deepfunneled/": "lfw-deepfunneled", "": ".", "./faces/": "faces"}[root]
+    evidence = {"lfw/": "top folder lfw, a published LFW variant",
+                "lfw-deepfunneled/": "top folder lfw-deepfunneled, a published LFW variant",
+                "": "the archive's top, identity folders hold <identity>_NNNN files",
+                "./faces/": "top folder faces, identity folders hold <identity>_NNNN files"}[root]
     assert summary == {"images": 6, "identities": 3, "image_root": expected_root, "shards": 1,
                        "skipped": [], "unusable": 0, "converted": 0,
-                       "format": "zip" if kind == "zip" else "tar"}
+                       "format": "zip" if kind == "zip" else "tar",
+                       "layout": {"name": "lfw", "root": expected_root, "evidence": evidence}}
     assert json.loads((out / DATASET_JSON).read_text()) == summary
     rows = read_manifest(out)
     assert [row["file"] for row in rows] == [

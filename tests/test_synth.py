@@ -313,3 +313,190 @@ def test_contact_sheet_has_one_row_per_identity():
     assert sheet.size == (4 * 32, 3 * 32) and sheet.mode == "RGB"
     arr = np.asarray(sheet, dtype=np.float64)
     assert arr.std() > 10                      # not blank
+
+
+# --- layouts ----------------------------------------------------------------------------------
+
+def _members(path: Path) -> dict[str, bytes]:
+    """{member name: bytes} of the files of a .tgz, .tar or .zip (folders left out)."""
+    if path.suffix == ".zip":
+        import zipfile
+        with zipfile.ZipFile(path) as zf:
+            return {info.filename: zf.read(info) for info in zf.infolist() if not info.is_dir()}
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def _by_folder(files: dict[str, bytes]) -> dict[str, list[str]]:
+    folders: dict[str, list[str]] = {}
+    for name in files:
+        folder, file = name.rsplit("/", 1)
+        folders.setdefault(folder, []).append(file)
+    return folders
+
+
+def test_lfw_layout_is_the_default_and_renders_each_face(tmp_path):
+    # Every image is the face renderer's output for its (identity, image), as before layouts existed.
+    default = synth.generate_demo_archive(tmp_path / "default", identities=10, seed=3, image_size=64, workers=1)
+    explicit = synth.generate_demo_archive(tmp_path / "lfw", identities=10, seed=3, image_size=64, workers=1,
+                                           layout="lfw", archive_format="tgz")
+    assert explicit.archive.read_bytes() == default.archive.read_bytes() and explicit.layout == "lfw"
+    names = synth.identity_names(10, 3)
+    for name, data in _members(default.archive).items():
+        person, file = name.split("/")[1:]
+        assert data == synth.render_jpeg(3, names.index(person), int(file[-8:-4]) - 1, 64), name
+
+
+def test_casia_layout(tmp_path):
+    result = synth.generate_demo_archive(tmp_path, identities=10, seed=2, image_size=64, workers=1,
+                                         layout="casia", archive_format="tar")
+    assert result.archive.name == "CASIA-WebFace.tar" and result.pairs is None
+    assert not (tmp_path / "pairs.txt").exists()
+    assert (tmp_path / "CASIA-WebFace.tar.sha256").read_text() == f"{result.sha256}  CASIA-WebFace.tar\n"
+    files = _members(result.archive)
+    folders = _by_folder(files)
+    ids = [folder.split("/")[1] for folder in folders]
+    assert all(folder.startswith("CASIA-WebFace/") for folder in folders)
+    assert ids == sorted(set(ids)) and all(re.fullmatch(r"\d{7}", i) for i in ids)
+    for folder, names in folders.items():
+        assert names == [f"{j:03d}.jpg" for j in range(1, len(names) + 1)], folder
+    assert sorted(len(names) for names in folders.values()) == sorted(synth.image_counts(10, 2))
+    assert {Image.open(io.BytesIO(data)).size for data in files.values()} == {(64, 64)}
+
+
+def test_vggface2_layout_has_disjoint_splits_varying_sizes_and_boxes(tmp_path):
+    result = synth.generate_demo_archive(tmp_path, identities=12, seed=1, image_size=100, workers=1,
+                                         layout="vggface2", archive_format="zip", pool=2)
+    files = _members(result.archive)
+    assert result.archive.name == "vggface2.zip"
+    images = {name: data for name, data in files.items() if name.endswith(".jpg")}
+    assert len(images) == result.images
+    split_ids: dict[str, set[str]] = {"train": set(), "test": set()}
+    for name in images:
+        top, split, identity, file = name.split("/")
+        assert top == "vggface2" and re.fullmatch(r"n\d{6}", identity) and re.fullmatch(r"\d{4}_\d{2}\.jpg", file)
+        split_ids[split].add(identity)
+    assert split_ids["train"] and split_ids["test"] and not split_ids["train"] & split_ids["test"]
+    sizes = {name: Image.open(io.BytesIO(data)).size for name, data in images.items()}
+    assert all(72 <= w <= 160 and 1.0 * w - 1 <= h <= 1.3 * w + 1 for w, h in sizes.values())
+    assert len(set(sizes.values())) > len(sizes) // 2 and any(w != h for w, h in sizes.values())
+
+    ids = synth.vggface2_ids(12, 1)
+    index = {identity: i for i, (_, identity) in enumerate(ids)}
+    rows = []
+    for split in ("train", "test"):
+        text = files[f"vggface2/bb_landmark/loose_bb_{split}.csv"].decode()
+        lines = text.splitlines()
+        assert lines[0] == "NAME_ID,X,Y,W,H"
+        rows += [(split, line) for line in lines[1:]]
+    assert len(rows) == len(images)
+    for split, line in rows:
+        name_id, *box = line.split(",")
+        identity, stem = name_id.strip('"').split("/")
+        assert f"vggface2/{split}/{identity}/{stem}.jpg" in images
+        j = sorted(n for n in images if f"/{identity}/" in n).index(f"vggface2/{split}/{identity}/{stem}.jpg")
+        g = synth.vggface2_geometry(1, index[identity], j, 100)
+        assert tuple(int(v) for v in box) == g.box
+        # 1.3 x the box's longer side, around its centre, is the pasted face scene to within a few px.
+        x, y, w, h = g.box
+        side = 1.3 * max(w, h)
+        assert abs(side - g.face) <= 0.1 * g.face
+        assert abs(x + w / 2 - (g.left + g.face / 2)) <= 0.04 * g.face
+        assert abs(y + h / 2 - (g.top + g.face / 2)) <= 0.04 * g.face
+        assert (g.width, g.height) == sizes[f"vggface2/{split}/{identity}/{stem}.jpg"]
+
+
+def test_vggface2_without_boxes(tmp_path):
+    result = synth.generate_demo_archive(tmp_path, identities=10, seed=1, image_size=64, workers=1,
+                                         layout="vggface2", archive_format="tgz", pool=1, boxes=False)
+    assert not any("bb_landmark" in name for name in _members(result.archive))
+
+
+def test_nested_layout_has_identities_at_several_depths(tmp_path):
+    result = synth.generate_demo_archive(tmp_path, identities=12, seed=0, image_size=64, workers=1,
+                                         layout="nested", archive_format="tar", pool=1)
+    folders = _by_folder(_members(result.archive))
+    depths = Counter(folder.count("/") for folder in folders)
+    assert result.archive.name == "faces.tar" and set(depths) == {2, 3}
+    assert all(folder.startswith("faces/set") for folder in folders)
+    names = [folder.rsplit("/", 1)[1] for folder in folders]
+    assert sorted(names) == synth.identity_names(12, 0)
+    for folder, files in folders.items():
+        assert files == [f"{j}.jpg" for j in range(1, len(files) + 1)], folder
+
+
+def test_pool_archives_are_deterministic_for_any_worker_count(tmp_path):
+    kwargs = dict(identities=10, seed=5, image_size=64, layout="casia", archive_format="zip", pool=2)
+    one = synth.generate_demo_archive(tmp_path / "one", workers=1, **kwargs)
+    two = synth.generate_demo_archive(tmp_path / "two", workers=2, **kwargs)
+    assert one.archive.read_bytes() == two.archive.read_bytes()
+    files = _members(one.archive)
+    assert len(set(files.values())) == len(files)          # derived images differ from each other
+
+
+def test_derived_face_is_a_shifted_mirrored_brighter_pool_face():
+    # Reference: replay the documented draws and apply them to the pool image with NumPy.
+    size = 64
+    face = synth.identity_params(0, 3)
+    pool = [synth.render_face(face, np.random.default_rng(k), size + 2 * 2) for k in range(3)]
+    for j in range(6):
+        image, _ = synth.derive_face(pool, 0, 3, j, size)
+        rng = np.random.default_rng(np.random.SeedSequence([0, synth._SEED_VARIANT, 3, j]))
+        dx, dy = rng.integers(0, 2 * 2 + 1, 2)
+        mirror = rng.random() < 0.5
+        gain = rng.uniform(*synth.DEFAULT_VARIATION.gain)
+        base = np.asarray(pool[j % 3], dtype=np.float64)[dy:dy + size, dx:dx + size]
+        expected = np.clip(np.rint((base[:, ::-1] if mirror else base) * gain), 0, 255)
+        assert image.size == (size, size)
+        assert np.abs(np.asarray(image, dtype=np.float64) - expected).max() <= 1, j
+
+
+def test_casia_counts_have_casia_webfaces_totals_and_a_long_tail():
+    counts = synth.casia_counts(synth.CASIA_IDENTITIES, 0)
+    assert len(counts) == 10_575 and sum(counts) == 494_414
+    assert min(counts) >= 2 and 500 <= max(counts) <= 1000
+    assert max(counts) > 10 * float(np.median(counts))
+    assert synth.casia_counts(10_575, 0) == counts and synth.casia_counts(10_575, 1) != counts
+    assert sum(synth.casia_counts(1058, 0)) == round(1058 * 494_414 / 10_575)
+
+
+def test_casia_scale_sets_casia_sizes(tmp_path, monkeypatch):
+    # The flag's wiring at a small stand-in size (a real run writes 494,414 images).
+    monkeypatch.setattr(synth, "CASIA_IDENTITIES", 12)
+    monkeypatch.setattr(synth, "CASIA_IMAGES", 12 * 30)
+    monkeypatch.setattr(synth, "_render_task", lambda task: [b"jpeg"] * (task.stop - task.start))
+    result = synth.generate_demo_archive(tmp_path, identities=3, casia_scale=True, layout="casia",
+                                         workers=1, pool=4)
+    assert (result.identities, result.images) == (12, 360)
+    assert len(_members(result.archive)) == 360
+
+
+@pytest.mark.parametrize("kwargs, value", [
+    ({"layout": "celeba"}, "celeba"),
+    ({"archive_format": "rar"}, "rar"),
+    ({"counts": "vgg"}, "vgg"),
+    ({"pool": 0}, "0"),
+    ({"lfw_scale": True, "casia_scale": True}, "lfw_scale and casia_scale"),
+    ({"casia_scale": True, "counts": "lfw"}, "counts 'lfw'"),
+])
+def test_bad_layout_arguments_raise_input_error_naming_the_value(tmp_path, kwargs, value):
+    with pytest.raises(InputError, match=re.escape(value)):
+        synth.generate_demo_archive(tmp_path, identities=10, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_synth_options_match_the_library(tmp_path, capsys):
+    import argparse
+    from facenet_kfp.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["synth"]
+    choices = {action.dest: tuple(action.choices) for action in sub._actions if action.choices}
+    assert choices == {"layout": synth.LAYOUTS, "format": synth.ARCHIVE_FORMATS, "counts": synth.COUNT_SHAPES}
+    out = tmp_path / "demo"
+    assert main(["-q", "synth", "--out", str(out), "--identities", "10", "--layout", "vggface2",
+                 "--format", "zip", "--image-size", "64", "--pool", "1", "--workers", "1", "--no-boxes"]) == 0
+    printed = capsys.readouterr().out
+    assert "vggface2.zip" in printed and "pairs" not in printed and "vggface2 layout" in printed
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["vggface2.zip", "vggface2.zip.sha256"]
