@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from kfp import compiler
 
 from components import Images
-from facenet_kfp.errors import FacenetError
 from facenet_kfp.config import load_config
-from facenet_kfp.fsutil import atomic_file
+from facenet_kfp.errors import FacenetError
 from pipelines.facenet_pipeline import build_pipeline
 
 
-def compile_pipeline(config_path: str | None, out: str | Path, light_image: str,
-                     trainer_image: str) -> Path:
-    """Compile with defaults from `config_path`; the YAML is written atomically to `out`."""
-    config = load_config(config_path)
-    pipeline = build_pipeline(config, Images(light=light_image, trainer=trainer_image))
+def compile_pipeline(config_path: str | None, out: str | os.PathLike, light_image: str, trainer_image: str) -> Path:
+    """Compile with defaults from `config_path`; the YAML appears at `out` whole or not at all."""
+    pipeline = build_pipeline(load_config(config_path), Images(light=light_image, trainer=trainer_image))
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.compiling.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.compiling.yaml")
     try:
         compiler.Compiler().compile(pipeline, package_path=str(tmp))
-        with atomic_file(out, "wb") as handle:
-            handle.write(tmp.read_bytes())
+        os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -40,11 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-image", required=True, help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
     args = parser.parse_args(argv)
     try:
-        out = compile_pipeline(args.config, args.out, args.light_image, args.trainer_image)
+        print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image)}")
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
     return 0
 
 
