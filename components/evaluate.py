@@ -4,7 +4,8 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metri
 
 
 def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Artifact],
-                   max_positive_pairs: int, folds: int, far_targets: list, seed_threshold: float,
+                   max_positive_pairs: int, max_pairs_per_identity: int, flip: bool, distance: str,
+                   folds: int, far_targets: list, seed_threshold: float,
                    batch_size: int, report_examples: int, seed: int, pairs_uri: str,
                    pairs_sha256: str, metrics: Output[Metrics], roc: Output[ClassificationMetrics],
                    report: Output[HTML], threshold: Output[Artifact]):
@@ -14,9 +15,12 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
         model: Trained model folder from the train step.
         images: Packed image dataset (real images only are used); the one
             the model was trained on, per model.json's input fingerprints.
-        splits: Splits folder (val.txt and test.txt) made from `images`,
-            per its provenance.json.
+        splits: Splits folder (val.txt, test.txt; train.txt to find the training
+            identities pairs.txt names) made from `images`, per its provenance.json.
         max_positive_pairs: Cap on same-person pairs per split (as many different pairs).
+        max_pairs_per_identity: Cap on same-person pairs drawn from one identity.
+        flip: Also report every figure for image-plus-mirror embeddings (flip_ metrics).
+        distance: Pair distance: model (as trained), squared_l2, l2 or cosine.
         folds: Folds of the cross-validated accuracy.
         far_targets: False accept rates at which VAL is reported.
         seed_threshold: The seed project's fixed plain-L2 threshold, for comparison.
@@ -26,7 +30,7 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
         pairs_uri: Optional LFW pairs.txt (https://, gs://, file:// or path) for the
             standard 10-fold protocol; empty to skip.
         pairs_sha256: Expected sha256 of pairs.txt; empty to skip the check.
-        metrics: Every scalar: accuracies, AUC, EER, VAL@FAR, thresholds.
+        metrics: Every scalar: accuracies, AUC, EER, VAL@FAR, thresholds, pair and identity counts.
         roc: Test ROC curve and confusion matrix at the chosen threshold.
         report: HTML report: ROC, distance histograms, training curves, example pairs.
         threshold: threshold.json for serving: threshold, distance definition, model.
@@ -35,7 +39,8 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
     from facenet_kfp.evaluate import evaluate
     from facenet_kfp.kfp_io import log_classification, log_metrics, run_step
 
-    config = EvaluateConfig(max_positive_pairs=max_positive_pairs, folds=folds, far_targets=far_targets,
+    config = EvaluateConfig(max_positive_pairs=max_positive_pairs, max_pairs_per_identity=max_pairs_per_identity,
+                            flip=flip, distance=distance, folds=folds, far_targets=far_targets,
                             seed_threshold=seed_threshold, batch_size=batch_size,
                             report_examples=report_examples, seed=seed)
     result = run_step("evaluate", evaluate, model.path, images.path, splits.path, config,

@@ -200,6 +200,12 @@ class EvaluateConfig(Section):
     NAME: ClassVar[str] = "evaluate"
     max_positive_pairs: int = setting(3000, "cap on same-person pairs per split (as many different-person "
                                             "pairs are drawn)", minimum=1)
+    max_pairs_per_identity: int = setting(10, "cap on same-person pairs per identity, so that no identity "
+                                              "dominates a split's pairs (as in LFW's pairs.txt)", minimum=1)
+    flip: bool = setting(True, "also report every figure for each image's embedding plus its mirror "
+                               "image's, re-normalised (flip_ metrics)")
+    distance: str = setting("model", "pair distance: model (as trained: squared_l2 or l2), squared_l2, l2 "
+                                     "or cosine", choices=("model", "squared_l2", "l2", "cosine"))
     folds: int = setting(10, "k-fold cross-validation of the accuracy", minimum=2)
     far_targets: tuple[float, ...] = setting((1e-3, 1e-2), "report VAL at these false accept rates",
                                              above=0, below=1)
@@ -207,7 +213,7 @@ class EvaluateConfig(Section):
                                            "the original TF1 FaceNet's LFW threshold)", above=0)
     batch_size: int = setting(128, "images per embedding batch", minimum=1)
     report_examples: int = setting(16, "example pairs shown in the HTML report")
-    seed: int = setting(0, "seed of the different-person pair draw")
+    seed: int = setting(0, "seed of the pair draws (which same-person and different-person pairs)")
 
 
 @dataclass(frozen=True)

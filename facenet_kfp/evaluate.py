@@ -6,13 +6,20 @@ Protocol (the verification protocol face-recognition papers report):
    completion step's flipped copies would make "same person" pairs trivially
    easy. Validation and test identities come from the splits folder and are
    disjoint from training identities.
-2. Per split, balanced pairs come from `pairs.make_pairs`: every same-person
-   image pair (subsampled to ``max_positive_pairs``) and as many different-person
-   pairs, seeded.
+2. Per split, pairs balanced across identities as LFW's pairs.txt is built
+   (`pairs.make_pairs`): at most ``max_pairs_per_identity`` same-person pairs
+   per identity and ``max_positive_pairs`` in all, and as many different-person
+   pairs, each from two identities chosen uniformly, seeded. Every output says
+   how many identities a split's figures rest on, and warns below
+   `MIN_IDENTITIES`.
 3. Embeddings come from the trained model with its recorded preprocessing
-   (`export.embed_images`); a pair's distance is computed in the model's own
-   definition, squared L2 ``‖a − b‖²`` (0..4 on the unit sphere) or plain L2
-   ``‖a − b‖`` (0..2), as recorded in model.json. Every output names it.
+   (`export.embed_images`). With ``flip``, each image is also embedded
+   mirrored left-right and the two embeddings are added and L2-normalised;
+   every figure is then reported for those embeddings too, as ``flip_``
+   variants (``test_flip_accuracy``, ``flip_threshold``). The distance is
+   ``distance``: ``model`` (the model's own, squared L2 ``‖a − b‖²`` or plain
+   L2 ``‖a − b‖`` as recorded in model.json), ``squared_l2``, ``l2`` or
+   ``cosine`` (``1 − a·b / (‖a‖ ‖b‖)``). Every output names it.
 4. The threshold maximises accuracy on the VALIDATION pairs
    (`metrics.select_threshold`); it is then applied unchanged to the TEST
    pairs. A pair is "same person" when ``distance < threshold``.
@@ -24,10 +31,15 @@ Protocol (the verification protocol face-recognition papers report):
    applied to test (``test_val_at_far_<far>``, with the FAR it actually gives
    on test in ``test_far_at_far_<far>``), and the k-fold variant on test alone
    (``test_kfold_val_at_far_<far>_mean``); and the accuracy of the seed
-   project's fixed threshold 1.242 (plain L2) converted to the model's distance.
+   project's fixed threshold 1.242 (plain L2) converted to the distance used
+   (omitted, with a note, for cosine distances of embeddings that are not unit
+   length, where no conversion exists).
 6. Optionally the LFW View 2 pairs.txt (``pairs_uri``): 10-fold accuracy with
-   the folds of the file, k-fold VAL at each FAR, AUC. Those pairs may name
-   training identities when the model was trained on the same archive.
+   the folds of the file, k-fold VAL at each FAR, AUC. Pairs naming a training
+   identity (splits folder's train.txt) are counted; the figures are reported
+   again on the pairs of held-out identities only (``lfw_pairs_heldout_``),
+   or, when fewer than `MIN_HELDOUT_PAIRS` remain, a warning says the
+   pairs.txt figures are not a held-out benchmark.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from facenet_kfp.fsutil import read_json, write_json, write_text
 from facenet_kfp.pairs import check_pairs_exist, make_pairs, parse_pairs_file
 from facenet_kfp.progress import Progress
 from facenet_kfp.provenance import check_inputs, check_recorded
+from facenet_kfp.report import flip_key
 from facenet_kfp.shards import MANIFEST, ShardReader, read_manifest
 from facenet_kfp.splits import read_split
 
@@ -59,23 +72,54 @@ THRESHOLD_JSON = "threshold.json"
 RULE = "same person when distance < threshold"
 CHOSEN_ON = "validation pairs, max accuracy"
 ROC_POINTS = 300          # the KFP UI draws a ROC of at most a few hundred points comfortably
+# A split whose same-person pairs come from fewer identities is flagged: its
+# threshold and figures describe a handful of people, not unseen faces at large.
+MIN_IDENTITIES = 20
+# Held-out LFW pairs needed for the held-out pairs.txt figures (10 folds of ~5 same + ~5 different).
+MIN_HELDOUT_PAIRS = 100
+# Embeddings whose norms are all within this of 1 count as unit vectors (float32 outputs of l2_normalize).
+UNIT_TOLERANCE = 1e-3
+FLIP_DEFINITION = ("each image embedded as is and mirrored left-right (the preprocessed input reversed "
+                   "along its width), the two embeddings added and L2-normalised")
 
-# Names of the two distance definitions, as written in every output.
+# Names of the distance definitions, as written in every output; "model" picks the model's own.
+DISTANCES = ("squared_l2", "l2", "cosine")
+DISTANCE_SETTINGS = ("model", *DISTANCES)
 DISTANCE_NAMES = {True: "squared_l2", False: "l2"}
-DISTANCE_LABELS = {"squared_l2": "squared L2", "l2": "plain L2"}
+DISTANCE_LABELS = {"squared_l2": "squared L2", "l2": "plain L2", "cosine": "cosine distance"}
 DISTANCE_DEFINITIONS = {
     "squared_l2": "squared Euclidean distance ||a - b||^2 between the L2-normalised embeddings "
                   "(0 for identical faces, at most 4)",
     "l2": "Euclidean distance ||a - b|| between the L2-normalised embeddings "
           "(0 for identical faces, at most 2)",
+    "cosine": "cosine distance 1 - a.b / (||a|| ||b||) between the embeddings "
+              "(0 for identical directions, at most 2; half the squared L2 distance of unit vectors)",
 }
 
 
 # ----------------------------------------------------------------------------- distances
 
 def distance_name(squared: bool) -> str:
-    """"squared_l2" or "l2": the key every output uses for the distance definition."""
+    """"squared_l2" or "l2": the name of the model's own distance (model.json's ``distance.squared``)."""
     return DISTANCE_NAMES[bool(squared)]
+
+
+def resolve_distance(setting: str, squared: bool) -> str:
+    """The distance an evaluation uses: evaluate.distance, where "model" means the model's own (`distance_name`)."""
+    if setting == "model":
+        return distance_name(squared)
+    if setting not in DISTANCES:
+        raise InputError(f"evaluate.distance must be one of {', '.join(DISTANCE_SETTINGS)}; got {setting!r}")
+    return setting
+
+
+def _as_distance(distance: str | bool) -> str:
+    """A distance name; a bool is model.json's ``distance.squared`` flag."""
+    if isinstance(distance, (bool, np.bool_)):
+        return distance_name(bool(distance))
+    if distance not in DISTANCES:
+        raise InputError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+    return distance
 
 
 def model_distance_squared(metadata: dict[str, Any], model_dir: str | os.PathLike) -> bool:
@@ -89,22 +133,84 @@ def model_distance_squared(metadata: dict[str, Any], model_dir: str | os.PathLik
 
 
 def pair_distances(embeddings: np.ndarray, index_a: np.ndarray, index_b: np.ndarray,
-                   squared: bool) -> np.ndarray:
+                   distance: str | bool) -> np.ndarray:
     """Distances of pairs (index_a[i], index_b[i]) of rows of `embeddings` [N, D]: float64 [P].
 
-    squared: ``sum_k (a_k - b_k)^2``; otherwise its square root. Computed in
-    float64 from the differences (not from dot products), so identical
-    embeddings give exactly 0.
+    `distance` is a name of `DISTANCES`, or a bool as model.json's
+    ``distance.squared`` (True: "squared_l2", False: "l2").
+
+    * squared_l2: ``sum_k (a_k - b_k)^2``; l2: its square root;
+    * cosine: ``1 - a.b / (|a| |b|)``, computed as ``|a/|a| - b/|b||^2 / 2``.
+
+    Computed in float64 from the differences (not from dot products), so
+    identical embeddings give exactly 0. A zero embedding has no cosine
+    distance: InputError.
     """
+    name = _as_distance(distance)
     e = np.asarray(embeddings, dtype=np.float64)
+    if name == "cosine":
+        norms = np.linalg.norm(e, axis=1, keepdims=True)
+        if not np.all(norms > 0):
+            raise InputError(f"{int(np.sum(norms == 0))} embeddings are zero vectors: the cosine distance "
+                             f"is undefined for them; use evaluate.distance squared_l2 or l2")
+        e = e / norms
     diff = e[np.asarray(index_a)] - e[np.asarray(index_b)]
     d2 = np.einsum("ij,ij->i", diff, diff)
-    return d2 if squared else np.sqrt(d2)
+    if name == "cosine":
+        return 0.5 * d2
+    return d2 if name == "squared_l2" else np.sqrt(d2)
 
 
-def seed_threshold_in(squared: bool, seed_threshold_l2: float) -> float:
-    """The seed project's plain-L2 threshold expressed in the model's distance definition."""
-    return vm.l2_to_squared(seed_threshold_l2) if squared else float(seed_threshold_l2)
+def unit_length(embeddings: np.ndarray) -> bool:
+    """True when every row of `embeddings` [N, D] has L2 norm 1 within `UNIT_TOLERANCE`."""
+    norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)
+    return bool(np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE))
+
+
+def seed_threshold_in(distance: str | bool, seed_threshold_l2: float, unit: bool = True) -> float | None:
+    """The seed project's plain-L2 threshold t in `distance`, or None where it has no equivalent.
+
+    squared_l2: t^2; l2: t; cosine: t^2 / 2 (``|a - b|^2 = 2 - 2 cos`` for unit
+    vectors), defined only when the embeddings are unit length (`unit`).
+    """
+    name = _as_distance(distance)
+    if name == "l2":
+        return float(seed_threshold_l2)
+    if name == "squared_l2":
+        return vm.l2_to_squared(seed_threshold_l2)
+    return vm.l2_to_squared(seed_threshold_l2) / 2.0 if unit else None
+
+
+def flip_embeddings(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Flip embeddings float32 [N, D]: ``(e + m) / |e + m|`` of each image's embedding e and its mirror's m."""
+    total = np.asarray(plain, dtype=np.float64) + np.asarray(mirrored, dtype=np.float64)
+    norms = np.linalg.norm(total, axis=1, keepdims=True)
+    if not np.all(norms > 0):
+        raise InputError(f"{int(np.sum(norms == 0))} images have opposite embeddings for the image and its "
+                         f"mirror, so their flip embedding is undefined; set evaluate.flip false")
+    return (total / norms).astype(np.float32)
+
+
+class MirrorPairModel:
+    """A model whose embedding of x is ``[f(x), f(mirror(x))]``: the wrapped model's of x and of x mirrored.
+
+    Batches are float32 [B, S, S, 3] (preprocessed images, NHWC); the mirror
+    reverses the width axis, which is the mirror of the source image's crop.
+    One call of the wrapped model embeds both halves ([2B, S, S, 3]). It has
+    what `export.embed_images` uses of a Keras model (``predict_on_batch``,
+    ``output_shape``), so the image and its mirror are read and preprocessed
+    exactly as every other embedding is.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        *batch, dim = model.output_shape
+        self.output_shape = (*batch, 2 * int(dim))
+
+    def predict_on_batch(self, batch: Any) -> np.ndarray:
+        x = np.asarray(batch)
+        both = np.asarray(self.model.predict_on_batch(np.concatenate((x, x[:, :, ::-1, :]))))
+        return np.concatenate((both[:len(x)], both[len(x):]), axis=1)
 
 
 def far_key(far: float) -> str:
@@ -136,15 +242,25 @@ def stratified_folds(same: np.ndarray, folds: int, seed: int, where: str) -> np.
 
 @dataclass
 class SplitPairs:
-    """Pairs of one split: image keys, and per pair the two key indices and the label."""
+    """Pairs of one split: image keys, and per pair the two key indices and the label.
+
+    `identities` counts the identities that appear in the pairs,
+    `positive_identities` those in same-person pairs: the people its figures
+    rest on. For pairs.txt, `heldout` marks the pairs of two non-training
+    identities and `train_identities` counts the training identities named.
+    """
     name: str
     keys: list[str]
     index_a: np.ndarray      # int64 [P]
     index_b: np.ndarray      # int64 [P]
     same: np.ndarray         # bool [P]
     identities: int
+    positive_identities: int = 0
     fold_ids: np.ndarray | None = None
-    distances: np.ndarray | None = None   # float64 [P], filled after embedding
+    distances: np.ndarray | None = None        # float64 [P], filled after embedding
+    flip_distances: np.ndarray | None = None   # float64 [P], of the flip embeddings
+    heldout: np.ndarray | None = None          # bool [P], pairs.txt only
+    train_identities: int = 0
 
     @property
     def used_keys(self) -> list[str]:
@@ -196,7 +312,7 @@ def real_rows_by_file(dataset_dir: Path) -> dict[str, dict[str, Any]]:
 
 def split_pairs(split: str, splits_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, Any]],
                 config: EvaluateConfig) -> SplitPairs:
-    """Balanced pairs of one split's identities (real images only)."""
+    """Pairs of one split's identities balanced across identities (real images only; `pairs.make_pairs`)."""
     entries = read_split(splits_dir, split)
     split_file = splits_dir / f"{split}.txt"
     wanted = {name for name, _ in entries}
@@ -212,16 +328,26 @@ def split_pairs(split: str, splits_dir: Path, dataset_dir: Path, rows: dict[str,
         raise InputError(f"{split_file}: no identity has 2 real images, so split {split!r} has no "
                          f"same-person pair to evaluate")
     try:
-        keys, index_a, index_b, same = make_pairs(images, config.max_positive_pairs, config.seed)
+        keys, index_a, index_b, same = make_pairs(images, max_positive=config.max_positive_pairs,
+                                                  max_per_identity=config.max_pairs_per_identity,
+                                                  seed=config.seed)
     except InputError as exc:
         raise InputError(f"{split_file}: cannot make {split} pairs: {exc}") from exc
-    log.info("%s: %d identities, %d pairs (%d same)", split, len(entries), same.size, int(same.sum()))
-    return SplitPairs(split, keys, index_a, index_b, same, len(entries))
+    owner = [rows[key]["identity"] for key in keys]
+    identities = len({owner[i] for i in np.concatenate((index_a, index_b))})
+    positive_identities = len({owner[i] for i in index_a[same]})
+    log.info("%s: %d identities in the split, %d in its %d pairs, %d in its %d same-person pairs", split,
+             len(entries), identities, same.size, positive_identities, int(same.sum()))
+    return SplitPairs(split, keys, index_a, index_b, same, identities, positive_identities)
 
 
 def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]],
-              dataset_dir: Path, folder: Path) -> SplitPairs:
-    """Download, parse and check an LFW pairs.txt; every image it names must be a real dataset image."""
+              dataset_dir: Path, folder: Path, train_names: set[str]) -> SplitPairs:
+    """Download, parse and check an LFW pairs.txt; every image it names must be a real dataset image.
+
+    `train_names` are the training identities: pairs naming one of them are
+    not held out (`SplitPairs.heldout` is False for them).
+    """
     from facenet_kfp.download import download
 
     result = download(pairs_uri, folder / "pairs.txt", sha256=pairs_sha256)
@@ -235,25 +361,34 @@ def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]]
                          f"(first: line {first.line}: {content!r})") from exc
     keys = sorted({f for p in pairs for f in (p.file1, p.file2)})
     index = {key: i for i, key in enumerate(keys)}
+    names = {name for p in pairs for name in (p.name1, p.name2)}
     split = SplitPairs(
         name="lfw_pairs", keys=keys,
         index_a=np.asarray([index[p.file1] for p in pairs], dtype=np.int64),
         index_b=np.asarray([index[p.file2] for p in pairs], dtype=np.int64),
         same=np.asarray([p.same for p in pairs], dtype=bool),
-        identities=len({name for p in pairs for name in (p.name1, p.name2)}),
-        fold_ids=np.asarray([p.fold for p in pairs], dtype=np.int64))
+        identities=len(names), positive_identities=len({p.name1 for p in pairs if p.same}),
+        fold_ids=np.asarray([p.fold for p in pairs], dtype=np.int64),
+        heldout=np.asarray([p.name1 not in train_names and p.name2 not in train_names for p in pairs],
+                           dtype=bool),
+        train_identities=len(names & train_names))
+    if split.train_identities:
+        log.warning("%s: %d of %d pairs name %d training identities", pairs_uri, int((~split.heldout).sum()),
+                    len(pairs), split.train_identities)
     return split
 
 
 def embed_keys(model: Any, metadata: dict[str, Any], dataset_dir: Path, rows: dict[str, dict[str, Any]],
-               keys: list[str], batch_size: int) -> np.ndarray:
-    """Embeddings float32 [len(keys), D] of the dataset images `keys`, read from the shards in chunks.
+               keys: list[str], batch_size: int, flip: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embeddings, flip embeddings) float32 [len(keys), D] of the dataset images `keys`, read in chunks.
 
-    Images are read and embedded a chunk at a time, so memory holds one chunk
-    of encoded images, not the dataset.
+    The flip embeddings (`flip_embeddings`, `MirrorPairModel`) are None
+    without `flip`. Images are read and embedded a chunk at a time, so memory
+    holds one chunk of encoded images, not the dataset.
     """
     from facenet_kfp import export
 
+    embedder = MirrorPairModel(model) if flip else model
     chunk = max(batch_size * 8, 512)
     parts: list[np.ndarray] = []
     with ShardReader(dataset_dir) as reader, \
@@ -261,7 +396,7 @@ def embed_keys(model: Any, metadata: dict[str, Any], dataset_dir: Path, rows: di
         for start in range(0, len(keys), chunk):
             batch_keys = keys[start:start + chunk]
             images = [reader.read(rows[key]) for key in batch_keys]
-            emb = np.asarray(export.embed_images(model, metadata, images, batch_size), dtype=np.float32)
+            emb = np.asarray(export.embed_images(embedder, metadata, images, batch_size), dtype=np.float32)
             if emb.ndim != 2 or emb.shape[0] != len(images):
                 raise InputError(f"model returned embeddings of shape {emb.shape} for {len(images)} images")
             parts.append(emb)
@@ -270,25 +405,30 @@ def embed_keys(model: Any, metadata: dict[str, Any], dataset_dir: Path, rows: di
     if not np.isfinite(embeddings).all():
         raise InputError(f"the model produced non-finite embeddings for {int((~np.isfinite(embeddings)).any(1).sum())} "
                          f"images; the model is broken (check training diverged)")
-    return embeddings
+    if not flip:
+        return embeddings, None
+    plain, mirrored = np.split(embeddings, 2, axis=1)
+    return plain, flip_embeddings(plain, mirrored)
 
 
 # ----------------------------------------------------------------------------- metrics
 
-def split_metrics(val: SplitPairs, test: SplitPairs, config: EvaluateConfig, squared: bool
-                  ) -> tuple[dict[str, Any], dict[str, float]]:
-    """All validation/test scalars (flat) and the thresholds chosen on validation.
+def verification_scores(val_distances: np.ndarray, val_same: np.ndarray, test_distances: np.ndarray,
+                        test_same: np.ndarray, test_folds: np.ndarray | None, config: EvaluateConfig,
+                        seed_threshold: float | None) -> tuple[dict[str, float], dict[str, float]]:
+    """The threshold chosen on validation pairs and what it gives on test pairs: (scores, thresholds).
 
-    Distances on `val` and `test` must be filled in. Returns (metrics,
-    thresholds) where thresholds maps "accuracy" and "far_<far>" to values in
-    the model's distance definition.
+    Scores are the flat ``threshold``, ``val_*``, ``test_*`` and
+    ``threshold_at_far_*`` scalars (module docstring, steps 4 and 5);
+    thresholds maps "accuracy" and "far_<far>" to the thresholds chosen on
+    validation. `seed_threshold` (in the same distance) adds
+    ``test_accuracy_at_seed_threshold``; None leaves it out.
     """
-    vd, vs, td, ts = val.distances, val.same, test.distances, test.same
+    vd, vs, td, ts = val_distances, val_same, test_distances, test_same
     threshold, val_accuracy = vm.select_threshold(vd, vs)
-    m: dict[str, Any] = {"threshold": threshold, "distance": distance_name(squared),
-                         "val_accuracy": val_accuracy,
-                         "test_accuracy": vm.accuracy_at(td, ts, threshold)}
-    folds = vm.kfold_accuracy(td, ts, config.folds, fold_ids=test.fold_ids)
+    m: dict[str, float] = {"threshold": threshold, "val_accuracy": val_accuracy,
+                           "test_accuracy": vm.accuracy_at(td, ts, threshold)}
+    folds = vm.kfold_accuracy(td, ts, config.folds, fold_ids=test_folds)
     m["test_kfold_accuracy_mean"] = folds["mean"]
     m["test_kfold_accuracy_std"] = folds["std"]
     m["test_auc"] = vm.roc_auc(td, ts)
@@ -300,50 +440,144 @@ def split_metrics(val: SplitPairs, test: SplitPairs, config: EvaluateConfig, squ
         far_threshold = vm.threshold_at_far(vd, vs, far)
         m[f"threshold_at_far_{key}"] = far_threshold
         m[f"test_val_at_far_{key}"], m[f"test_far_at_far_{key}"] = vm.val_far(td, ts, far_threshold)
-        kfold = vm.kfold_val_at_far(td, ts, far, config.folds, fold_ids=test.fold_ids)
+        kfold = vm.kfold_val_at_far(td, ts, far, config.folds, fold_ids=test_folds)
         m[f"test_kfold_val_at_far_{key}_mean"] = kfold["val_mean"]
         m[f"test_kfold_val_at_far_{key}_std"] = kfold["val_std"]
         m[f"test_kfold_far_at_far_{key}_mean"] = kfold["far_mean"]
         thresholds[f"far_{key}"] = far_threshold
-    seed_threshold = seed_threshold_in(squared, config.seed_threshold)
-    m["seed_threshold"] = seed_threshold
-    m["test_accuracy_at_seed_threshold"] = vm.accuracy_at(td, ts, seed_threshold)
-    for split in (val, test):
-        m[f"{split.name}_pairs"] = int(split.same.size)
-        m[f"{split.name}_positive_pairs"] = int(split.same.sum())
-        m[f"{split.name}_identities"] = split.identities
-        m[f"{split.name}_images"] = len(split.used_keys)
+    if seed_threshold is not None:
+        m["test_accuracy_at_seed_threshold"] = vm.accuracy_at(td, ts, seed_threshold)
     return m, thresholds
 
 
-def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float) -> dict[str, Any]:
-    """LFW pairs.txt scalars: k-fold accuracy and VAL@FAR with the file's folds, AUC, EER."""
-    d, s = lfw.distances, lfw.same
-    n_folds = int(np.unique(lfw.fold_ids).size)
-    fold_ids = lfw.fold_ids
-    if n_folds < 2:
-        # View 1 style files have one block: cross-validate on seeded stratified folds instead.
-        fold_ids = stratified_folds(s, config.folds, config.seed, "LFW pairs file (one fold)")
-        n_folds = config.folds
-    m: dict[str, Any] = {}
+def count_metrics(split: SplitPairs) -> dict[str, int]:
+    """What a split's figures rest on: pairs, same-person pairs, identities (in all and in same pairs), images."""
+    return {f"{split.name}_pairs": int(split.same.size),
+            f"{split.name}_positive_pairs": int(split.same.sum()),
+            f"{split.name}_identities": split.identities,
+            f"{split.name}_positive_identities": split.positive_identities,
+            f"{split.name}_images": len(split.used_keys)}
+
+
+def split_metrics(val: SplitPairs, test: SplitPairs, config: EvaluateConfig, distance: str | bool,
+                  unit: bool = True) -> tuple[dict[str, Any], dict[str, float]]:
+    """Validation/test scalars (flat): `verification_scores` of the distances, the counts and the distance name.
+
+    Distances on `val` and `test` must be filled in, in `distance` (a name of
+    `DISTANCES`, or model.json's squared flag). `unit` says whether the
+    embeddings are unit length (`seed_threshold_in`). Returns (metrics,
+    thresholds) as `verification_scores`.
+    """
+    name = _as_distance(distance)
+    seed_threshold = seed_threshold_in(name, config.seed_threshold, unit)
+    scores, thresholds = verification_scores(val.distances, val.same, test.distances, test.same,
+                                             test.fold_ids, config, seed_threshold)
+    m: dict[str, Any] = {"threshold": scores["threshold"], "distance": name, **scores}
+    if seed_threshold is not None:
+        m["seed_threshold"] = seed_threshold
+    for split in (val, test):
+        m.update(count_metrics(split))
+    return m, thresholds
+
+
+def flip_metrics(val: SplitPairs, test: SplitPairs, config: EvaluateConfig, distance: str, unit: bool
+                 ) -> tuple[dict[str, float], float]:
+    """`verification_scores` of the flip distances, named by `report.flip_key`, and the flip threshold."""
+    seed_threshold = seed_threshold_in(distance, config.seed_threshold, unit)
+    scores, thresholds = verification_scores(val.flip_distances, val.same, test.flip_distances, test.same,
+                                             test.fold_ids, config, seed_threshold)
+    return {flip_key(key): value for key, value in scores.items()}, thresholds["accuracy"]
+
+
+def pair_scores(distances: np.ndarray, same: np.ndarray, fold_ids: np.ndarray, config: EvaluateConfig,
+                threshold: float) -> dict[str, float]:
+    """Scalars of a pairs file (keys without a prefix): k-fold accuracy and VAL@FAR over `fold_ids`,
+    accuracy at `threshold` (chosen on validation), AUC and EER."""
+    d, s = distances, same
+    n_folds = int(np.unique(fold_ids).size)
     folds = vm.kfold_accuracy(d, s, n_folds, fold_ids=fold_ids)
-    m["lfw_pairs_kfold_accuracy_mean"] = folds["mean"]
-    m["lfw_pairs_kfold_accuracy_std"] = folds["std"]
-    m["lfw_pairs_accuracy_at_threshold"] = vm.accuracy_at(d, s, threshold)
+    m = {"kfold_accuracy_mean": folds["mean"], "kfold_accuracy_std": folds["std"],
+         "accuracy_at_threshold": vm.accuracy_at(d, s, threshold)}
     for far in config.far_targets:
         key = far_key(far)
         kfold = vm.kfold_val_at_far(d, s, far, n_folds, fold_ids=fold_ids)
-        m[f"lfw_pairs_val_at_far_{key}_mean"] = kfold["val_mean"]
-        m[f"lfw_pairs_val_at_far_{key}_std"] = kfold["val_std"]
-        m[f"lfw_pairs_far_at_far_{key}_mean"] = kfold["far_mean"]
-    m["lfw_pairs_auc"] = vm.roc_auc(d, s)
-    m["lfw_pairs_eer"], _ = vm.equal_error_rate(d, s)
+        m[f"val_at_far_{key}_mean"] = kfold["val_mean"]
+        m[f"val_at_far_{key}_std"] = kfold["val_std"]
+        m[f"far_at_far_{key}_mean"] = kfold["far_mean"]
+    m["auc"] = vm.roc_auc(d, s)
+    m["eer"], _ = vm.equal_error_rate(d, s)
+    return m
+
+
+def _prefixed(prefix: str, scores: dict[str, float], flip: bool = False) -> dict[str, float]:
+    return {(flip_key(prefix + key) if flip else prefix + key): value for key, value in scores.items()}
+
+
+def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float,
+                flip_threshold: float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """LFW pairs.txt scalars and warnings: `pair_scores` with the file's folds, overlap with training, held-out figures.
+
+    ``lfw_pairs_*``: every pair (flip variants when `flip_threshold` is given
+    and the flip distances are filled in). ``lfw_pairs_train_identities`` and
+    ``lfw_pairs_overlapping_pairs`` count the training identities named and
+    the pairs naming one. When some pair does, ``lfw_pairs_heldout_*`` are the
+    same scores on the pairs of two held-out identities, dealt into
+    ``config.folds`` seeded stratified folds (removing pairs unbalances the
+    file's folds); with fewer than `MIN_HELDOUT_PAIRS` such pairs (or too few of
+    a label for the folds) they are left out and a warning says the pairs.txt
+    figures are not a held-out benchmark.
+    """
+    s = lfw.same
+    fold_ids = lfw.fold_ids
+    if np.unique(fold_ids).size < 2:
+        # View 1 style files have one block: cross-validate on seeded stratified folds instead.
+        fold_ids = stratified_folds(s, config.folds, config.seed, "LFW pairs file (one fold)")
+    m: dict[str, Any] = _prefixed("lfw_pairs_", pair_scores(lfw.distances, s, fold_ids, config, threshold))
+    if flip_threshold is not None:
+        m.update(_prefixed("lfw_pairs_", pair_scores(lfw.flip_distances, s, fold_ids, config, flip_threshold),
+                           flip=True))
+    heldout = lfw.heldout
     m["lfw_pairs_pairs"] = int(s.size)
     m["lfw_pairs_positive_pairs"] = int(s.sum())
-    m["lfw_pairs_folds"] = n_folds
+    m["lfw_pairs_folds"] = int(np.unique(fold_ids).size)
     m["lfw_pairs_identities"] = lfw.identities
     m["lfw_pairs_images"] = len(lfw.keys)
-    return m
+    m["lfw_pairs_train_identities"] = lfw.train_identities
+    m["lfw_pairs_overlapping_pairs"] = int((~heldout).sum())
+    m["lfw_pairs_heldout_pairs"] = int(heldout.sum())
+    m["lfw_pairs_heldout_positive_pairs"] = int(s[heldout].sum())
+    # pairs.txt keys are Name/Name_NNNN.jpg.
+    m["lfw_pairs_heldout_identities"] = len({lfw.keys[i].split("/")[0]
+                                              for i in np.concatenate((lfw.index_a[heldout], lfw.index_b[heldout]))})
+    warnings: list[str] = []
+    if heldout.all():
+        return m, warnings
+    n_same, n_diff = int(s[heldout].sum()), int((~s[heldout]).sum())
+    if heldout.sum() < MIN_HELDOUT_PAIRS or min(n_same, n_diff) < config.folds:
+        warnings.append(
+            f"LFW pairs.txt: {m['lfw_pairs_overlapping_pairs']:,} of {s.size:,} pairs name "
+            f"{lfw.train_identities:,} training identities, and only {int(heldout.sum()):,} pairs of held-out "
+            f"identities remain ({n_same} same, {n_diff} different; at least {MIN_HELDOUT_PAIRS} with "
+            f"{config.folds} of each are needed for held-out figures): the pairs.txt figures are not a "
+            f"held-out benchmark; the test split's are")
+        return m, warnings
+    held_same = s[heldout]
+    folds = stratified_folds(held_same, config.folds, config.seed, "LFW pairs.txt, held-out identities")
+    m.update(_prefixed("lfw_pairs_heldout_", pair_scores(lfw.distances[heldout], held_same, folds, config,
+                                                         threshold)))
+    if flip_threshold is not None:
+        m.update(_prefixed("lfw_pairs_heldout_", pair_scores(lfw.flip_distances[heldout], held_same, folds, config,
+                                                             flip_threshold), flip=True))
+    m["lfw_pairs_heldout_folds"] = config.folds
+    return m, warnings
+
+
+def identity_warnings(splits: list[SplitPairs]) -> list[str]:
+    """One warning per split whose same-person pairs come from fewer than `MIN_IDENTITIES` identities."""
+    return [f"{s.name}: its figures rest on {s.positive_identities} identities in same-person pairs "
+            f"({s.identities} in all its pairs), fewer than {MIN_IDENTITIES}; they describe those few people, "
+            f"not unseen faces at large (use a larger dataset or a larger {s.name} fraction)"
+            for s in splits if s.positive_identities < MIN_IDENTITIES]
 
 
 def _roc_lists(distances: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
@@ -378,14 +612,16 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
 
     Inputs: the model folder from train (model.json + the Keras model), the
     packed image dataset (real images are used), the splits folder (val.txt,
-    test.txt). Writes, each atomically: `report_path` (self-contained HTML),
-    `threshold_path` (threshold.json, the serving threshold and its distance
-    definition) and, when given, `metrics_path` (JSON of the metrics).
+    test.txt, and train.txt with a pairs file). Writes, each atomically:
+    `report_path` (self-contained HTML), `threshold_path` (threshold.json, the
+    serving threshold and its distance definition) and, when given,
+    `metrics_path` (JSON of the metrics).
 
     Returns ``{"metrics": flat dict of every scalar, "roc": {"fpr", "tpr",
-    "thresholds"} (test ROC, at most 300 points, thresholds in the model's
-    distance), "confusion_matrix": [[TN, FP], [FN, TP]] on test at the chosen
-    threshold, "threshold": the threshold.json content}``.
+    "thresholds"} (test ROC, at most 300 points, thresholds in the distance
+    used), "confusion_matrix": [[TN, FP], [FN, TP]] on test at the chosen
+    threshold, "threshold": the threshold.json content, "warnings": [why some
+    figures mean little]}``.
     """
     started = time.monotonic()
     model_dir, dataset_dir, splits_dir = Path(model_dir), Path(dataset_dir), Path(splits_dir)
@@ -398,31 +634,44 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     test.fold_ids = stratified_folds(test.same, config.folds, config.seed, f"{splits_dir / 'test.txt'}")
     lfw: SplitPairs | None = None
     if pairs_uri:
+        train_names = {name for name, _ in read_split(splits_dir, "train")}
         with tempfile.TemporaryDirectory(prefix="facenet-pairs-") as tmp:
-            lfw = lfw_pairs(pairs_uri, pairs_sha256, rows, dataset_dir, Path(tmp))
+            lfw = lfw_pairs(pairs_uri, pairs_sha256, rows, dataset_dir, Path(tmp), train_names)
 
     from facenet_kfp import export
 
     model, metadata = export.load_model_artifact(model_dir)
     squared = model_distance_squared(metadata, model_dir)
-    name = distance_name(squared)
+    name = resolve_distance(config.distance, squared)
 
     splits = [s for s in (val, test, lfw) if s is not None]
     keys = sorted({key for s in splits for key in s.used_keys})
-    embeddings = embed_keys(model, metadata, dataset_dir, rows, keys, config.batch_size)
+    embeddings, flipped = embed_keys(model, metadata, dataset_dir, rows, keys, config.batch_size, config.flip)
     row_of = {key: i for i, key in enumerate(keys)}
     for s in splits:
         # Map the split's key indices to embedding rows (every key a pair uses was embedded).
         to_row = np.zeros(len(s.keys), dtype=np.int64)
         used = np.unique(np.concatenate((s.index_a, s.index_b)))
         to_row[used] = [row_of[s.keys[i]] for i in used]
-        s.distances = pair_distances(embeddings, to_row[s.index_a], to_row[s.index_b], squared)
+        s.distances = pair_distances(embeddings, to_row[s.index_a], to_row[s.index_b], name)
+        if flipped is not None:
+            s.flip_distances = pair_distances(flipped, to_row[s.index_a], to_row[s.index_b], name)
 
-    metrics, thresholds = split_metrics(val, test, config, squared)
-    threshold = thresholds["accuracy"]
+    # The seed threshold is compared only where it converts for the model's own embeddings.
+    unit = unit_length(embeddings)
+    metrics, thresholds = split_metrics(val, test, config, name, unit)
+    threshold, flip_threshold = thresholds["accuracy"], None
+    if flipped is not None:
+        flip_scores, flip_threshold = flip_metrics(val, test, config, name, unit)
+        metrics.update(flip_scores)
+    warnings = identity_warnings([val, test])
     if lfw is not None:
-        metrics.update(lfw_metrics(lfw, config, threshold))
+        lfw_scores, lfw_warnings = lfw_metrics(lfw, config, threshold, flip_threshold)
+        metrics.update(lfw_scores)
+        warnings += lfw_warnings
     metrics["embedding_dim"] = int(embeddings.shape[1])
+    for warning in warnings:
+        log.warning("%s", warning)
 
     threshold_info = {
         "threshold": threshold,
@@ -436,15 +685,19 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         "embedding_dim": int(embeddings.shape[1]),
         "preprocessing": metadata["preprocessing"],
     }
+    if flip_threshold is not None:
+        threshold_info.update(flip_threshold=flip_threshold, flip_definition=FLIP_DEFINITION,
+                              flip_test_accuracy=metrics["test_flip_accuracy"])
     result = {
         "metrics": metrics,
         "roc": _roc_lists(test.distances, test.same),
         "confusion_matrix": vm.confusion_matrix(test.distances, test.same, threshold),
         "threshold": threshold_info,
+        "warnings": warnings,
     }
 
     html = _build_report(model_dir, dataset_dir, rows, config, val, test, lfw, metrics, threshold,
-                         name, model_uri or str(model_dir))
+                         name, squared, warnings, model_uri or str(model_dir))
     write_json(threshold_path, threshold_info)
     if metrics_path is not None:
         write_json(metrics_path, metrics)
@@ -459,7 +712,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
 
 def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, Any]],
                   config: EvaluateConfig, val: SplitPairs, test: SplitPairs, lfw: SplitPairs | None,
-                  metrics: dict[str, Any], threshold: float, name: str, model: str) -> str:
+                  metrics: dict[str, Any], threshold: float, name: str, squared: bool, warnings: list[str],
+                  model: str) -> str:
     from facenet_kfp import report
 
     examples = []
@@ -471,15 +725,23 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
                 distance=float(test.distances[i]), same=bool(test.same[i]),
                 predicted_same=bool(test.distances[i] < threshold)))
     rocs = {"test pairs": vm.roc_curve(test.distances, test.same)[:2]}
+    if test.flip_distances is not None:
+        rocs["test pairs, flip"] = vm.roc_curve(test.flip_distances, test.same)[:2]
+    source = ("the model's own (model.json)" if config.distance == "model"
+              else f"evaluate.distance; the model was trained with {DISTANCE_LABELS[distance_name(squared)]}")
     notes = [
-        f"Distances are {DISTANCE_DEFINITIONS[name]}. A pair is judged the same person when its "
+        f"Distances are {DISTANCE_DEFINITIONS[name]} ({source}). A pair is judged the same person when its "
         f"distance is below the threshold.",
         f"The threshold maximises accuracy on {val.same.size:,} validation pairs "
-        f"({val.identities} identities) and is applied unchanged to {test.same.size:,} test pairs "
-        f"({test.identities} identities); validation and test identities are disjoint from training "
+        f"({val.positive_identities} identities in same-person pairs, {val.identities} in all) and is "
+        f"applied unchanged to {test.same.size:,} test pairs ({test.positive_identities} and "
+        f"{test.identities} identities); validation and test identities are disjoint from training "
         f"identities. Only real images are used, never the generated completion images.",
-        f"Pairs per split: every same-person image pair (at most {config.max_positive_pairs:,}, a seeded "
-        f"sample) and as many different-person pairs, drawn with seed {config.seed}.",
+        f"Pairs per split, balanced across identities as LFW's pairs.txt: at most "
+        f"{config.max_pairs_per_identity:,} same-person pairs per identity (a seeded sample of its image "
+        f"pairs) and at most {config.max_positive_pairs:,} in all (the per-identity cap lowered evenly to "
+        f"fit), and as many different-person pairs, each from two identities chosen uniformly and one image "
+        f"of each, without repeats; seed {config.seed}.",
         f"k-fold accuracy: the test pairs are shuffled (seed {config.seed}) into {config.folds} folds, "
         f"stratified by label; each fold is scored with the threshold that maximises accuracy on the "
         f"other folds; mean ± population std over folds.",
@@ -487,18 +749,42 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
         "pairs. 'test VAL at FAR' uses the threshold interpolated to that FAR on the validation pairs, "
         "applied to test (the FAR it actually gives on test is listed too); the k-fold variant finds the "
         "threshold on the other test folds.",
-        f"Seed threshold: the seed project's fixed plain-L2 threshold {config.seed_threshold:g}, "
-        f"i.e. {metrics['seed_threshold']:.4g} ({DISTANCE_LABELS[name]}).",
     ]
+    if "seed_threshold" in metrics:
+        notes.append(f"Seed threshold: the seed project's fixed plain-L2 threshold {config.seed_threshold:g}, "
+                     f"i.e. {metrics['seed_threshold']:.4g} ({DISTANCE_LABELS[name]}).")
+    else:
+        notes.append(f"Seed threshold: the seed project's fixed plain-L2 threshold {config.seed_threshold:g} "
+                     f"has no {DISTANCE_LABELS[name]} equivalent here (the embeddings are not unit length), "
+                     f"so its accuracy is not reported.")
+    if test.flip_distances is not None:
+        notes.append(f"Flip figures (flip_ metrics, 'with flip' column): {FLIP_DEFINITION}; their threshold "
+                     f"is chosen on the validation pairs the same way. threshold.json's threshold is the plain one, "
+                     f"for a service that embeds each image once; its flip_threshold is for one that embeds "
+                     f"image and mirror.")
     if lfw is not None:
         rocs["LFW pairs.txt"] = vm.roc_curve(lfw.distances, lfw.same)[:2]
-        notes.append(f"LFW pairs.txt: {lfw.same.size:,} pairs in {metrics['lfw_pairs_folds']} folds "
-                     f"(the file's own folds), {lfw.identities} identities. These identities may also "
-                     f"be TRAINING identities when the model was trained on the same archive, so these "
-                     f"numbers can be optimistic; the test-split numbers are the held-out ones.")
+        text = (f"LFW pairs.txt: {lfw.same.size:,} pairs in {metrics['lfw_pairs_folds']} folds "
+                f"(the file's own folds), {lfw.identities:,} identities. ")
+        if not metrics["lfw_pairs_train_identities"]:
+            text += "None of them is a training identity, so these figures are held out."
+        else:
+            text += (f"{metrics['lfw_pairs_train_identities']:,} of them are TRAINING identities, named by "
+                     f"{metrics['lfw_pairs_overlapping_pairs']:,} pairs, so the full figures are optimistic. ")
+            if "lfw_pairs_heldout_kfold_accuracy_mean" in metrics:
+                text += (f"The held-out figures (lfw_pairs_heldout_) use the "
+                         f"{metrics['lfw_pairs_heldout_pairs']:,} pairs of two non-training identities, "
+                         f"in {config.folds} seeded stratified folds.")
+                held = lfw.heldout
+                rocs["LFW pairs.txt, held-out identities"] = vm.roc_curve(lfw.distances[held], lfw.same[held])[:2]
+            else:
+                text += (f"Only {metrics['lfw_pairs_heldout_pairs']:,} pairs of held-out identities remain, "
+                         f"too few for figures of their own: the pairs.txt figures are NOT a held-out "
+                         f"benchmark; the test-split figures are.")
+        notes.append(text)
     history, curves_png = report.load_training_history(model_dir, required=False)
     return report.build_report_html(
         title="Face verification: threshold evaluation", model=model, metrics=metrics,
         distance_label=DISTANCE_LABELS[name], threshold=threshold,
-        seed_threshold=metrics["seed_threshold"], test_distances=test.distances, test_same=test.same,
-        rocs=rocs, history=history, curves_png=curves_png, examples=examples, notes=notes)
+        seed_threshold=metrics.get("seed_threshold"), test_distances=test.distances, test_same=test.same,
+        rocs=rocs, history=history, curves_png=curves_png, examples=examples, notes=notes, warnings=warnings)

@@ -1,4 +1,4 @@
-"""Verification pairs: LFW pairs.txt parsing and checking, and balanced pair sampling from identities.
+"""Verification pairs: LFW pairs.txt parsing and checking, and pair sampling balanced across identities.
 
 Image keys follow the LFW layout relative to the image root,
 ``<Person_Name>/<Person_Name>_NNNN.jpg`` (see `lfw_file_name`).
@@ -17,9 +17,11 @@ from facenet_kfp.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# Above this many possible different-person pairs, negatives are drawn by
-# rejection sampling instead of enumerating every candidate pair.
+# Above this many possible different-person pairs, negatives are drawn in bulk
+# with repeats dropped instead of enumerating every candidate pair.
 _ENUMERATE_LIMIT = 2_000_000
+# Bulk rounds before giving up: each round draws twice the pairs still missing.
+_MAX_ROUNDS = 1000
 
 
 @dataclass(frozen=True)
@@ -160,18 +162,20 @@ def check_pairs_exist(pairs: list[Pair], available: set[str]) -> None:
                          f"dataset ({len(available)} images); first: " + "; ".join(problems))
 
 
-def make_pairs(images_by_identity: dict[str, list[str]], max_positive: int, seed: int
-               ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Balanced same/different pairs from identities' images: returns (keys, index_a, index_b, same).
+def make_pairs(images_by_identity: dict[str, list[str]], *, max_positive: int, max_per_identity: int,
+               seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Same/different pairs balanced across identities, as LFW's pairs.txt: returns (keys, index_a, index_b, same).
 
     * ``keys``: every image key, sorted by identity name then by key; the pair
       arrays index into this list.
-    * Positive pairs: every (i, j), i < j, of two images of one identity; if
-      there are more than `max_positive`, a seeded uniform subset of that size.
-    * Negative pairs: as many as positives, drawn uniformly at random (seeded)
-      among all unordered pairs of images of two different identities, without
-      duplicates. (Uniform over image pairs, so identities with many images
-      appear more often, as they do in the positives.)
+    * Positive pairs: per identity, a seeded uniform sample of at most
+      `max_per_identity` of its image pairs (i, j), i < j. When those add up to
+      more than `max_positive`, the per-identity cap is lowered evenly
+      (`positive_quotas`), so that no identity dominates the same-person pairs.
+    * Negative pairs: as many as positives. Each is drawn by choosing two
+      distinct identities uniformly, then one image of each uniformly; a pair
+      drawn before is drawn again (`draw_negatives`). Every identity, also one
+      with a single image, is then as likely as any other to appear.
     * ``index_a``, ``index_b``: int64 [P], with index_a < index_b; ``same``: bool [P].
       Pairs come in a seeded random order so that contiguous folds
       (`metrics.kfold_accuracy` without fold_ids) mix same and different pairs.
@@ -180,8 +184,9 @@ def make_pairs(images_by_identity: dict[str, list[str]], max_positive: int, seed
     if there is no positive pair or fewer than two identities, or if there are
     fewer possible negative pairs than positives.
     """
-    if isinstance(max_positive, bool) or not isinstance(max_positive, (int, np.integer)) or max_positive < 1:
-        raise InputError(f"max_positive must be an integer >= 1, got {max_positive!r}")
+    for name, value in (("max_positive", max_positive), ("max_per_identity", max_per_identity)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     keys: list[str] = []
     sizes: list[int] = []
     seen: dict[str, str] = {}
@@ -198,64 +203,102 @@ def make_pairs(images_by_identity: dict[str, list[str]], max_positive: int, seed
     if len(sizes) < 2:
         raise InputError(f"need at least 2 identities to make different-person pairs, got {len(sizes)}")
     size = np.asarray(sizes, dtype=np.int64)
-    n_positive_all = int(np.sum(size * (size - 1) // 2))
-    if n_positive_all == 0:
+    possible = size * (size - 1) // 2
+    if int(possible.sum()) == 0:
         raise InputError(f"no identity among {len(sizes)} has 2 images: no same-person pair is possible")
     rng = np.random.default_rng(seed)
 
-    # Positives: enumerate per identity (LFW has ~240k in total, cheap) then subsample.
     starts = np.concatenate(([0], np.cumsum(size)[:-1]))
+    quota = positive_quotas(possible, int(max_per_identity), int(max_positive), rng)
     pos_a, pos_b = [], []
-    for start, k in zip(starts, size):
-        if k >= 2:
+    for start, k, q in zip(starts, size, quota):
+        if q:
             a, b = np.triu_indices(int(k), 1)
-            pos_a.append(a + start)
-            pos_b.append(b + start)
+            pick = np.sort(rng.choice(a.size, size=int(q), replace=False))
+            pos_a.append(a[pick] + start)
+            pos_b.append(b[pick] + start)
     pa, pb = np.concatenate(pos_a), np.concatenate(pos_b)
-    if pa.size > max_positive:
-        pick = np.sort(rng.choice(pa.size, size=max_positive, replace=False))
-        pa, pb = pa[pick], pb[pick]
     count = int(pa.size)
 
-    identity_of = np.repeat(np.arange(size.size), size)
     n = len(keys)
     n_negative_all = (n * n - int(np.sum(size * size))) // 2
     if count > n_negative_all:
         raise InputError(f"need {count} different-person pairs to balance the same-person pairs but only "
                          f"{n_negative_all} exist among {len(sizes)} identities / {n} images")
-    if n_negative_all <= _ENUMERATE_LIMIT or 2 * count > n_negative_all:
-        # Every pair (image of identity i, image of a later identity), in (a, b) order.
-        a = np.concatenate([np.repeat(np.arange(s, s + k), n - s - k) for s, k in zip(starts, size)])
-        b = np.concatenate([np.tile(np.arange(s + k, n), k) for s, k in zip(starts, size)])
-        pick = np.sort(rng.choice(a.size, size=count, replace=False))
-        na, nb = a[pick], b[pick]
-    else:
-        na, nb = _draw_negatives(identity_of, count, rng)
+    na, nb = draw_negatives(size, count, rng)
 
     index_a = np.concatenate((pa, na)).astype(np.int64)
     index_b = np.concatenate((pb, nb)).astype(np.int64)
     same = np.concatenate((np.ones(count, bool), np.zeros(count, bool)))
     order = rng.permutation(index_a.size)
-    logger.info("made %d same and %d different pairs from %d identities / %d images "
-                "(%d same-person pairs possible)", count, count, len(sizes), n, n_positive_all)
+    logger.info("made %d same and %d different pairs from %d identities / %d images (%d identities in "
+                "same-person pairs, at most %d each)", count, count, len(sizes), n, int(np.sum(quota > 0)),
+                int(quota.max()))
     return keys, index_a[order], index_b[order], same[order]
 
 
-def _draw_negatives(identity_of: np.ndarray, count: int, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` distinct unordered cross-identity image pairs, uniform, by rejection sampling.
+def positive_quotas(possible: np.ndarray, max_per_identity: int, max_positive: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Same-person pairs to draw per identity (int64, shape of `possible`), at most max_positive in all.
 
-    Only used when the possible pairs are many (see _ENUMERATE_LIMIT) and at
-    least twice `count`, so the loop ends after a few rounds.
+    ``min(possible, max_per_identity)`` when that fits in `max_positive`; else
+    ``min(possible, c)`` for the largest level c that fits, plus one more pair
+    for a seeded choice among the identities that have more than c, until the
+    total is exactly `max_positive` (water-filling: identities differ by at
+    most one pair unless they have fewer to give).
     """
-    n = identity_of.size
+    possible = np.asarray(possible, dtype=np.int64)
+    quota = np.minimum(possible, max_per_identity)
+    if int(quota.sum()) <= max_positive:
+        return quota
+    low, high = 0, max_per_identity          # sum(min(possible, low)) fits, sum(min(possible, high)) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if int(np.minimum(possible, mid).sum()) <= max_positive else (low, mid)
+    quota = np.minimum(possible, low)
+    extra = rng.choice(np.flatnonzero(possible > low), size=max_positive - int(quota.sum()), replace=False)
+    quota[extra] += 1
+    return quota
+
+
+def draw_negatives(sizes: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct different-identity image pairs (a < b, int64 [count] each) over images grouped by identity.
+
+    Images are numbered identity by identity (`sizes[i]` images of identity
+    i). Each pair is drawn as: two distinct identities uniformly, then one
+    image of each uniformly; a pair drawn before is drawn again. So image pair
+    (a, b) of identities (i, j) has probability 1 / (C(I, 2) * sizes[i] * sizes[j])
+    per draw, I = len(sizes).
+
+    Where there are few possible pairs (at most _ENUMERATE_LIMIT, or fewer than
+    twice `count`), every pair is enumerated and `count` are drawn without
+    replacement with those probabilities (numpy's weighted choice, which is
+    the same repeated draw); otherwise draws are made in bulk and repeats
+    dropped. Both give pairs in draw order; their random streams differ.
+    """
+    size = np.asarray(sizes, dtype=np.int64)
+    n = int(size.sum())
+    starts = np.concatenate(([0], np.cumsum(size)[:-1]))
+    n_all = (n * n - int(np.sum(size * size))) // 2
+    if n_all <= _ENUMERATE_LIMIT or 2 * count > n_all:
+        # Every pair (image of identity i, image of a later identity j), in (a, b) order.
+        a = np.concatenate([np.repeat(np.arange(s, s + k), n - s - k) for s, k in zip(starts, size)])
+        b = np.concatenate([np.tile(np.arange(s + k, n), k) for s, k in zip(starts, size)])
+        identity_of = np.repeat(np.arange(size.size), size)
+        weight = 1.0 / (size[identity_of[a]] * size[identity_of[b]])
+        pick = rng.choice(a.size, size=count, replace=False, p=weight / weight.sum())
+        return a[pick], b[pick]
     chosen = np.empty(0, dtype=np.int64)        # codes a * n + b with a < b, in draw order
-    while chosen.size < count:
-        a = rng.integers(0, n, size=2 * count)
-        b = rng.integers(0, n, size=2 * count)
-        ok = identity_of[a] != identity_of[b]
-        lo, hi = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
-        codes = np.concatenate((chosen, lo * n + hi))
+    for _ in range(_MAX_ROUNDS):
+        if chosen.size >= count:
+            return chosen // n, chosen % n
+        i = rng.integers(0, size.size, size=2 * count)
+        j = rng.integers(0, size.size - 1, size=2 * count)
+        j += j >= i                              # uniform over identities other than i
+        x = starts[i] + rng.integers(0, size[i])
+        y = starts[j] + rng.integers(0, size[j])
+        codes = np.concatenate((chosen, np.minimum(x, y) * n + np.maximum(x, y)))
         _, first = np.unique(codes, return_index=True)
         chosen = codes[np.sort(first)][:count]   # keep the first occurrence, in draw order
-    return chosen // n, chosen % n
+    raise InputError(f"could not draw {count} distinct different-person pairs in {_MAX_ROUNDS} rounds "
+                     f"among {size.size} identities / {n} images")

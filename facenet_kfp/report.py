@@ -32,6 +32,10 @@ MODEL_JSON = "model.json"
 THUMBNAIL_SIZE = 112     # pixels, longest side of an example-pair thumbnail
 # Keys naming the x axis of a history, in order of preference.
 STEP_KEYS = ("step", "steps", "epoch", "epochs")
+# Split prefixes of evaluation metric names, longest first; a flip variant has FLIP after its prefix.
+SPLIT_PREFIXES = ("lfw_pairs_heldout_", "lfw_pairs_", "val_", "test_")
+FLIP = "flip_"
+HELDOUT = "lfw_pairs_heldout_"
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -57,6 +61,7 @@ ul.notes li { margin-bottom: 4px; }
 .tag.correct { color: #2e9d48; }
 .tag.wrong { color: #d33; }
 .missing { color: #a60; }
+ul.warnings li { color: #a40; font-weight: 600; margin-bottom: 4px; }
 """
 
 
@@ -129,6 +134,28 @@ def format_value(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:.4f}"
     return str(value)
+
+
+# ----------------------------------------------------------------------------- metric names
+
+def flip_key(key: str) -> str:
+    """The name of a metric's flip variant: FLIP after its split prefix, else in front.
+
+    ``test_accuracy`` -> ``test_flip_accuracy``, ``lfw_pairs_auc`` ->
+    ``lfw_pairs_flip_auc``, ``lfw_pairs_heldout_auc`` ->
+    ``lfw_pairs_heldout_flip_auc``, ``threshold`` -> ``flip_threshold``.
+    """
+    prefix = next((p for p in SPLIT_PREFIXES if key.startswith(p)), "")
+    return f"{prefix}{FLIP}{key[len(prefix):]}"
+
+
+def plain_key(key: str) -> tuple[str, bool]:
+    """(name of the plain metric, whether `key` is a flip variant): the inverse of `flip_key`."""
+    prefix = next((p for p in SPLIT_PREFIXES if key.startswith(p)), "")
+    rest = key[len(prefix):]
+    if rest.startswith(FLIP):
+        return prefix + rest[len(FLIP):], True
+    return key, False
 
 
 # ----------------------------------------------------------------------------- training history
@@ -362,6 +389,15 @@ def _is_threshold_key(key: str) -> bool:
 
 def describe_metric(key: str) -> str:
     """One-line meaning of an evaluation metric name (empty when unknown)."""
+    key, flip = plain_key(key)
+    if flip:
+        meaning = describe_metric(key)
+        return f"{meaning} (flip: image + mirror embeddings)" if meaning else ""
+    if key.startswith(HELDOUT):
+        meaning = describe_metric("lfw_pairs_" + key[len(HELDOUT):])
+        # Held-out pairs are dealt into seeded stratified folds, not the file's.
+        return (meaning.replace("LFW pairs.txt", "LFW pairs.txt, held-out identities", 1)
+                .replace("over the file's folds", "over seeded stratified folds"))
     fixed = {
         "threshold": "distance threshold chosen on validation pairs (max accuracy)",
         "distance": "distance definition of every threshold and distance",
@@ -382,6 +418,8 @@ def describe_metric(key: str) -> str:
         "lfw_pairs_auc": "LFW pairs.txt: area under the ROC curve",
         "lfw_pairs_eer": "LFW pairs.txt: equal error rate",
         "lfw_pairs_folds": "LFW pairs.txt: number of folds",
+        "lfw_pairs_train_identities": "LFW pairs.txt: identities that are training identities",
+        "lfw_pairs_overlapping_pairs": "LFW pairs.txt: pairs naming a training identity",
     }
     if key in fixed:
         return fixed[key]
@@ -398,6 +436,7 @@ def describe_metric(key: str) -> str:
         (r"(val|test|lfw_pairs)_pairs", "{0}: pairs"),
         (r"(val|test|lfw_pairs)_positive_pairs", "{0}: same-person pairs"),
         (r"(val|test|lfw_pairs)_identities", "{0}: identities"),
+        (r"(val|test|lfw_pairs)_positive_identities", "{0}: identities in same-person pairs"),
         (r"(val|test|lfw_pairs)_images", "{0}: images embedded"),
     ]
     names = {"val": "validation", "test": "test", "lfw_pairs": "LFW pairs.txt"}
@@ -419,30 +458,49 @@ def metric_rows(metrics: dict[str, Any], distance_label: str) -> list[tuple[str,
     return rows
 
 
-def _headline_rows(metrics: dict[str, Any], distance_label: str) -> list[tuple[str, str]]:
-    rows = [("threshold", f"{metrics['threshold']:.4f} ({distance_label}); same person when distance < threshold"),
-            ("validation accuracy", format_value(metrics["val_accuracy"])),
-            ("test accuracy", format_value(metrics["test_accuracy"])),
-            ("test k-fold accuracy", f"{metrics['test_kfold_accuracy_mean']:.4f} ± "
-                                     f"{metrics['test_kfold_accuracy_std']:.4f}"),
-            ("test ROC AUC", format_value(metrics["test_auc"])),
-            ("test equal error rate", format_value(metrics["test_eer"]))]
+def _headline_rows(metrics: dict[str, Any], distance_label: str) -> list[list[str]]:
+    """Headline table rows: a label, the plain value and, when flip figures exist, the flip value."""
+    flip = flip_key("threshold") in metrics
+
+    def row(label: str, text: Any, *keys: str) -> list[str]:
+        cells = [label]
+        for names in ([keys, [flip_key(k) for k in keys]] if flip else [keys]):
+            cells.append(text(*(metrics[k] for k in names)) if all(k in metrics for k in names) else "")
+        return cells
+
+    def mean_std(mean: float, std: float) -> str:
+        return f"{mean:.4f} ± {std:.4f}"
+
+    rows = [row("threshold", lambda t: f"{t:.4f} ({distance_label}); same person when distance < threshold",
+                "threshold"),
+            row("validation accuracy", format_value, "val_accuracy"),
+            row("test accuracy", format_value, "test_accuracy"),
+            row("test k-fold accuracy", mean_std, "test_kfold_accuracy_mean", "test_kfold_accuracy_std"),
+            row("test ROC AUC", format_value, "test_auc"),
+            row("test equal error rate", format_value, "test_eer")]
     for key in metrics:
         match = re.fullmatch(r"test_val_at_far_(.+)", key)
         if match:
             far = match.group(1)
-            kfold = metrics.get(f"test_kfold_val_at_far_{far}_mean")
-            text = format_value(metrics[key])
-            if kfold is not None:
-                text += f" (k-fold {kfold:.4f} ± {metrics[f'test_kfold_val_at_far_{far}_std']:.4f})"
-            rows.append((f"test VAL @ FAR={far}", text))
-    rows.append((f"test accuracy at the seed threshold ({metrics['seed_threshold']:.4g} {distance_label})",
-                 format_value(metrics["test_accuracy_at_seed_threshold"])))
-    if "lfw_pairs_kfold_accuracy_mean" in metrics:
-        rows.append(("LFW pairs.txt k-fold accuracy", f"{metrics['lfw_pairs_kfold_accuracy_mean']:.4f} ± "
-                                                      f"{metrics['lfw_pairs_kfold_accuracy_std']:.4f}"))
-        rows.append(("LFW pairs.txt ROC AUC", format_value(metrics["lfw_pairs_auc"])))
-    rows.append(("pairs (validation / test)", f"{metrics['val_pairs']:,} / {metrics['test_pairs']:,}"))
+            kfold = (f"test_kfold_val_at_far_{far}_mean", f"test_kfold_val_at_far_{far}_std")
+            if all(k in metrics for k in kfold):
+                rows.append(row(f"test VAL @ FAR={far}", lambda v, m, s: f"{format_value(v)} (k-fold "
+                                                                         f"{mean_std(m, s)})", key, *kfold))
+            else:
+                rows.append(row(f"test VAL @ FAR={far}", format_value, key))
+    if "seed_threshold" in metrics:
+        rows.append(row(f"test accuracy at the seed threshold ({metrics['seed_threshold']:.4g} {distance_label})",
+                        format_value, "test_accuracy_at_seed_threshold"))
+    for prefix, label in (("lfw_pairs_", "LFW pairs.txt"), (HELDOUT, "LFW pairs.txt, held-out identities")):
+        if f"{prefix}kfold_accuracy_mean" in metrics:
+            rows.append(row(f"{label} k-fold accuracy", mean_std, f"{prefix}kfold_accuracy_mean",
+                            f"{prefix}kfold_accuracy_std"))
+            rows.append(row(f"{label} ROC AUC", format_value, f"{prefix}auc"))
+    counts = [("pairs (validation / test)", "pairs"),
+              ("identities in same-person pairs (validation / test)", "positive_identities")]
+    for label, name in counts:
+        if f"val_{name}" in metrics and f"test_{name}" in metrics:
+            rows.append([label, f"{metrics[f'val_{name}']:,} / {metrics[f'test_{name}']:,}"] + ([""] if flip else []))
     return rows
 
 
@@ -473,19 +531,27 @@ def build_report_html(*, title: str, model: str, metrics: dict[str, Any], distan
                       threshold: float, seed_threshold: float | None, test_distances: np.ndarray,
                       test_same: np.ndarray, rocs: dict[str, tuple[Sequence[float], Sequence[float]]],
                       history: dict[str, Any] | None, curves_png: bytes | None,
-                      examples: Sequence[ExamplePair], notes: Sequence[str]) -> str:
+                      examples: Sequence[ExamplePair], notes: Sequence[str],
+                      warnings: Sequence[str] = ()) -> str:
     """The evaluation report as one self-contained HTML page.
 
-    Sections: headline numbers, every metric (thresholds labelled with
+    Sections: `warnings` (when any), headline numbers (plain and, when the
+    metrics hold flip variants, flip figures side by side), every metric (thresholds labelled with
     `distance_label`, e.g. "squared L2"), ROC curves (`rocs`: label -> (FAR [M],
     VAL [M])), histograms of test same/different distances with `threshold`
     (and `seed_threshold`) marked, training curves (curves.png, else plotted
     from `history`), the example pairs, and `notes` on the method. All text
     is HTML-escaped.
     """
-    body = ["<h2>Headline</h2>",
-            _table(["", "value"], _headline_rows(metrics, distance_label), cls="headline"),
-            "<h2>Method</h2>", '<ul class="notes">']
+    body = []
+    if warnings:
+        body += ["<h2>Warnings</h2>", '<ul class="warnings">']
+        body += [f"<li>{html.escape(warning)}</li>" for warning in warnings]
+        body.append("</ul>")
+    header = ["", "value", "with flip"] if flip_key("threshold") in metrics else ["", "value"]
+    body += ["<h2>Headline</h2>",
+             _table(header, _headline_rows(metrics, distance_label), cls="headline"),
+             "<h2>Method</h2>", '<ul class="notes">']
     body += [f"<li>{html.escape(note)}</li>" for note in notes]
     body.append("</ul>")
     body += ["<h2>ROC curves</h2>", _img(figure_data_uri(roc_figure(rocs)), "ROC curves")]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.evaluate import (DISTANCE_LABELS, MODEL_JSON, THRESHOLD_JSON, distance_name,
+from facenet_kfp.evaluate import (DISTANCE_LABELS, DISTANCES, MODEL_JSON, THRESHOLD_JSON, distance_name,
                                   model_distance_squared, pair_distances)
 from facenet_kfp.fsutil import atomic_file, read_json
 from facenet_kfp.progress import Progress
@@ -52,7 +52,7 @@ def read_image_file(path: str | os.PathLike) -> bytes:
         raise InputError(f"{path}: image too large to decode safely ({check.reason}); resize it")
     if check.reason:
         raise InputError(f"{path}: not a readable image ({check.reason})")
-    return check.png or data
+    return check.encoded or data
 
 
 def _check_model_dir(model_dir: str | os.PathLike) -> Path:
@@ -89,8 +89,8 @@ def find_threshold_file(model_dir: str | os.PathLike, threshold_file: str | os.P
     return None
 
 
-def read_threshold_file(path: str | os.PathLike, squared: bool) -> float:
-    """The threshold of a threshold.json from evaluate, checked against the model's distance definition."""
+def read_threshold_file(path: str | os.PathLike) -> tuple[float, str]:
+    """(threshold, distance name) of a threshold.json from evaluate; the distance is one of DISTANCES."""
     path = Path(path)
     info = read_json(path)
     if not isinstance(info, dict) or "threshold" not in info or "distance" not in info:
@@ -98,11 +98,9 @@ def read_threshold_file(path: str | os.PathLike, squared: bool) -> float:
     threshold = info["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise InputError(f"{path}: 'threshold' must be a finite number, got {threshold!r}")
-    expected = distance_name(squared)
-    if info["distance"] != expected:
-        raise InputError(f"{path}: the threshold is for {info['distance']!r} distances but the model "
-                         f"uses {expected!r}; was it evaluated for another model?")
-    return float(threshold)
+    if info["distance"] not in DISTANCES:
+        raise InputError(f"{path}: 'distance' must be one of {', '.join(DISTANCES)}, got {info['distance']!r}")
+    return float(threshold), info["distance"]
 
 
 def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_b: str | os.PathLike,
@@ -110,14 +108,15 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
                 ) -> dict[str, Any]:
     """Are two face images the same person? Distance between their embeddings against a threshold.
 
-    The distance is the model's own definition (model.json): squared L2
-    ``‖a − b‖²`` or plain L2 ``‖a − b‖``. The threshold is, in order: `threshold`
-    (in that definition), the file `threshold_file`, ``<model_dir>/threshold.json``,
-    or ``threshold.json`` next to the model folder. Same person when
+    The threshold is, in order: `threshold` (in the model's own distance,
+    model.json: squared L2 ``‖a − b‖²`` or plain L2 ``‖a − b‖``), the file
+    `threshold_file`, ``<model_dir>/threshold.json``, or ``threshold.json`` next
+    to the model folder; a file's threshold comes with the distance evaluate used
+    (squared_l2, l2 or cosine), and that distance is computed. Same person when
     ``distance < threshold``.
 
     Returns ``{"distance", "threshold", "threshold_source", "distance_definition":
-    "squared_l2" | "l2", "squared", "same", "verdict": "same person" |
+    "squared_l2" | "l2" | "cosine", "squared", "same", "verdict": "same person" |
     "different people", "image_a", "image_b"}``.
     """
     if threshold is not None:
@@ -132,21 +131,21 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
         raise InputError(f"no threshold: neither {model_dir / THRESHOLD_JSON} nor "
                          f"{model_dir.parent / THRESHOLD_JSON} exists; pass --threshold VALUE or "
                          f"--threshold-file threshold.json (from the evaluate step)")
+    name = distance_name(squared)
     if source_path is not None:
-        threshold = read_threshold_file(source_path, squared)
+        threshold, name = read_threshold_file(source_path)
 
-    model, metadata, squared = _load_model(model_dir)
+    model, metadata, _ = _load_model(model_dir)
     from facenet_kfp import export
 
     embeddings = np.asarray(export.embed_images(model, metadata, [data_a, data_b], 2), dtype=np.float32)
-    distance = float(pair_distances(embeddings, np.array([0]), np.array([1]), squared)[0])
+    distance = float(pair_distances(embeddings, np.array([0]), np.array([1]), name)[0])
     same = distance < float(threshold)
-    name = distance_name(squared)
     log.info("%s vs %s: distance %.4f (%s), threshold %.4f: %s", image_a, image_b, distance,
              DISTANCE_LABELS[name], threshold, "same person" if same else "different people")
     return {"distance": distance, "threshold": float(threshold),
             "threshold_source": "argument" if source_path is None else str(source_path),
-            "distance_definition": name, "squared": squared, "same": bool(same),
+            "distance_definition": name, "squared": name == "squared_l2", "same": bool(same),
             "verdict": "same person" if same else "different people",
             "image_a": str(image_a), "image_b": str(image_b)}
 

@@ -1,15 +1,18 @@
-"""pairs.txt parsing and checking, and balanced pair sampling."""
+"""pairs.txt parsing and checking, and pair sampling balanced across identities, against loop references."""
 
 from __future__ import annotations
 
+import collections
 import itertools
+import math
 import re
 
 import numpy as np
 import pytest
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.pairs import Pair, check_pairs_exist, lfw_file_name, make_pairs, parse_pairs_file
+from facenet_kfp.pairs import (Pair, check_pairs_exist, draw_negatives, lfw_file_name, make_pairs, parse_pairs_file,
+                               positive_quotas)
 
 # 2 folds x 3 pairs per class; fields separated by tabs, one line by spaces.
 GOOD = """2\t3
@@ -168,6 +171,10 @@ def identities(sizes):
     return {f"id{k:02d}": [f"id{k:02d}/img{j}.jpg" for j in range(n)] for k, n in enumerate(sizes)}
 
 
+def pairs_of(images, max_positive=1000, max_per_identity=1000, seed=0):
+    return make_pairs(images, max_positive=max_positive, max_per_identity=max_per_identity, seed=seed)
+
+
 def check_pair_set(images, keys, a, b, same):
     """Properties every result must have; returns the set of pairs."""
     owner = {key: name for name, files in images.items() for key in files}
@@ -183,9 +190,17 @@ def check_pair_set(images, keys, a, b, same):
     return pairs
 
 
+def positives_per_identity(images, keys, a, same):
+    owner = {key: name for name, files in images.items() for key in files}
+    counts = {name: 0 for name in images}
+    for i in a[same]:
+        counts[owner[keys[i]]] += 1
+    return counts
+
+
 def test_make_pairs_all_positives_when_under_cap():
     images = identities([3, 2, 1, 4])
-    keys, a, b, same = make_pairs(images, max_positive=100, seed=0)
+    keys, a, b, same = pairs_of(images, max_positive=100, max_per_identity=6)
     check_pair_set(images, keys, a, b, same)
     positives = {(int(i), int(j)) for i, j, s in zip(a, b, same) if s}
     start = 0
@@ -199,20 +214,62 @@ def test_make_pairs_all_positives_when_under_cap():
     assert not np.all(same[:10]) and not np.all(~same[10:])
 
 
-def test_make_pairs_cap_and_determinism():
+def test_make_pairs_caps_same_person_pairs_per_identity():
+    images = identities([30, 20, 4, 3, 2, 1])               # 435, 190, 6, 3, 1, 0 possible
+    keys, a, b, same = pairs_of(images, max_per_identity=5)
+    check_pair_set(images, keys, a, b, same)
+    assert positives_per_identity(images, keys, a, same) == {"id00": 5, "id01": 5, "id02": 5, "id03": 3,
+                                                             "id04": 1, "id05": 0}
+
+
+def reference_quotas(possible, max_per_identity, max_positive):
+    """The level c of the water-filling, found by trying every level from the cap down."""
+    for c in range(max_per_identity, -1, -1):
+        if sum(min(p, c) for p in possible) <= max_positive:
+            return c
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_positive_quotas_against_a_loop(seed):
+    rng = np.random.default_rng(seed)
+    possible = rng.integers(0, 60, size=rng.integers(2, 30))
+    cap, total = int(rng.integers(1, 40)), int(rng.integers(1, 400))
+    quota = positive_quotas(possible, cap, total, np.random.default_rng(0))
+    c = reference_quotas(possible.tolist(), cap, total)
+    capped = np.minimum(possible, cap)
+    assert quota.sum() == min(total, capped.sum())
+    if capped.sum() <= total:
+        np.testing.assert_array_equal(quota, capped)
+    else:
+        extra = quota - np.minimum(possible, c)
+        assert set(extra.tolist()) <= {0, 1}                         # identities differ by at most one pair
+        assert np.all(extra[possible <= c] == 0) and np.all(quota <= capped)
+
+
+def test_make_pairs_overall_cap_lowers_the_per_identity_cap_evenly():
+    images = identities([30, 20, 10, 5, 1, 1])               # 435, 190, 45, 10 possible
+    first = pairs_of(images, max_positive=25, max_per_identity=10, seed=7)
+    check_pair_set(images, *first)
+    counts = positives_per_identity(images, first[0], first[1], first[3])
+    # 25 over four identities of >= 10 pairs each: 6 or 7 each, not 25 from the largest.
+    assert sum(counts.values()) == 25
+    assert sorted(counts.values()) == [0, 0, 6, 6, 6, 7]
+
+
+def test_make_pairs_is_deterministic_and_ignores_input_order():
     images = identities([30, 20, 10, 5, 1, 1])
-    first = make_pairs(images, max_positive=50, seed=7)
-    again = make_pairs(images, max_positive=50, seed=7)
-    other = make_pairs(images, max_positive=50, seed=8)
+    first = pairs_of(images, max_positive=50, max_per_identity=20, seed=7)
+    again = pairs_of(images, max_positive=50, max_per_identity=20, seed=7)
+    other = pairs_of(images, max_positive=50, max_per_identity=20, seed=8)
     check_pair_set(images, *first)
     assert first[0] == again[0]
     for x, y in zip(first[1:], again[1:]):
         np.testing.assert_array_equal(x, y)
     assert first[1].size == 100 and first[3].sum() == 50
     assert set(zip(first[1].tolist(), first[2].tolist())) != set(zip(other[1].tolist(), other[2].tolist()))
-    # the input's dict order and list order do not matter
     shuffled = {name: list(reversed(files)) for name, files in reversed(list(images.items()))}
-    third = make_pairs(shuffled, max_positive=50, seed=7)
+    third = pairs_of(shuffled, max_positive=50, max_per_identity=20, seed=7)
     for x, y in zip(first[1:], third[1:]):
         np.testing.assert_array_equal(x, y)
 
@@ -220,39 +277,86 @@ def test_make_pairs_cap_and_determinism():
 def test_make_pairs_uses_every_negative_when_exactly_enough():
     # 1 identity of 3 (3 positives) + 1 of 1 -> exactly 3 possible negatives
     images = identities([3, 1])
-    keys, a, b, same = make_pairs(images, max_positive=10, seed=0)
+    keys, a, b, same = pairs_of(images, max_positive=10, max_per_identity=10)
     check_pair_set(images, keys, a, b, same)
     assert {(int(i), int(j)) for i, j, s in zip(a, b, same) if not s} == {(0, 3), (1, 3), (2, 3)}
 
 
-def test_make_pairs_rejection_sampling_path(monkeypatch):
+def reference_negatives(sizes, count, rng):
+    """The definition, one draw at a time: two distinct identities uniformly, one image of each, no repeats."""
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    chosen = []
+    while len(chosen) < count:
+        i, j = rng.choice(len(sizes), size=2, replace=False)
+        x, y = starts[i] + rng.integers(sizes[i]), starts[j] + rng.integers(sizes[j])
+        pair = (min(x, y), max(x, y))
+        if pair not in chosen:
+            chosen.append(pair)
+    return chosen
+
+
+def identity_pair_counts(pairs, sizes):
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    counts = collections.Counter()
+    for x, y in pairs:
+        counts[(int(owner[x]), int(owner[y]))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_negatives_follow_the_identity_pair_definition(monkeypatch, bulk):
+    """Identity-pair frequencies of draw_negatives agree with the one-at-a-time reference (both code paths)."""
+    import facenet_kfp.pairs as pairs_module
+    if bulk:
+        monkeypatch.setattr(pairs_module, "_ENUMERATE_LIMIT", 10)
+    sizes = np.array([12, 1, 3, 1, 2])                       # 10 identity pairs, 1 to 36 image pairs each
+    count, runs = 6, 1500
+    ours, ref = collections.Counter(), collections.Counter()
+    for seed in range(runs):
+        a, b = draw_negatives(sizes, count, np.random.default_rng(seed))
+        assert len(set(zip(a.tolist(), b.tolist()))) == count
+        ours += identity_pair_counts(zip(a, b), sizes)
+        ref += identity_pair_counts(reference_negatives(sizes, count, np.random.default_rng(10_000 + seed)), sizes)
+    assert set(ours) == set(ref) and len(ours) == 10
+    total = count * runs
+    for key in ref:
+        # Each frequency ~0.1 of 9000 draws: binomial sd ~28 per sample; allow 5 sd of the difference.
+        assert abs(ours[key] - ref[key]) < 5 * math.sqrt(2 * total * 0.1), (key, ours[key], ref[key])
+    # Spread across identities, not images: the 12-image identity is in ~4 of 10 identity pairs.
+    big = sum(v for (i, j), v in ours.items() if 0 in (i, j)) / total
+    assert 0.35 < big < 0.45
+
+
+def test_make_pairs_negatives_are_spread_across_identities():
+    # One identity of 100 images and nine of 2: drawn over images, ~90% of negatives would involve the
+    # large one; drawn over identity pairs, 2/10 do.
+    images = identities([100] + [2] * 9)
+    keys, a, b, same = pairs_of(images, max_positive=1000, max_per_identity=10)
+    check_pair_set(images, keys, a, b, same)
+    big = sorted(images["id00"])
+    share = np.mean([keys[i] in big or keys[j] in big for i, j in zip(a[~same], b[~same])])
+    assert 0.1 < share < 0.3
+
+
+def test_make_pairs_bulk_sampling_path(monkeypatch):
     import facenet_kfp.pairs as pairs_module
     monkeypatch.setattr(pairs_module, "_ENUMERATE_LIMIT", 10)
     images = identities([6, 5, 4, 3, 2, 2, 1, 1])
-    keys, a, b, same = make_pairs(images, max_positive=20, seed=3)
+    keys, a, b, same = pairs_of(images, max_positive=20, max_per_identity=5, seed=3)
     check_pair_set(images, keys, a, b, same)
-    again = make_pairs(images, max_positive=20, seed=3)
+    again = pairs_of(images, max_positive=20, max_per_identity=5, seed=3)
     np.testing.assert_array_equal(a, again[1])
 
 
-def test_make_pairs_larger_draw_is_uniformish():
-    # each identity of 10 images; negatives should touch every identity
-    images = identities([10] * 20)
-    keys, a, b, same = make_pairs(images, max_positive=500, seed=1)
-    check_pair_set(images, keys, a, b, same)
-    owners = np.repeat(np.arange(20), 10)
-    touched = np.bincount(np.concatenate((owners[a[~same]], owners[b[~same]])), minlength=20)
-    assert touched.min() > 0
-
-
-@pytest.mark.parametrize("images, max_positive, problem", [
-    ({"a": ["a/1", "a/2"]}, 10, "at least 2 identities"),
-    ({"a": ["a/1"], "b": ["b/1"]}, 10, "no identity among 2 has 2 images"),
-    ({"a": ["a/1", "a/2"], "b": []}, 10, "identity 'b' has no images"),
-    ({"a": ["x", "a/2"], "b": ["x"]}, 10, "image 'x' is listed twice"),
-    ({"a": ["a/1", "a/2", "a/3", "a/4"], "b": ["b/1"]}, 10, "need 6 different-person pairs"),
-    ({"a": ["a/1", "a/2"], "b": ["b/1"]}, 0, "max_positive must be an integer >= 1"),
+@pytest.mark.parametrize("images, max_positive, max_per_identity, problem", [
+    ({"a": ["a/1", "a/2"]}, 10, 10, "at least 2 identities"),
+    ({"a": ["a/1"], "b": ["b/1"]}, 10, 10, "no identity among 2 has 2 images"),
+    ({"a": ["a/1", "a/2"], "b": []}, 10, 10, "identity 'b' has no images"),
+    ({"a": ["x", "a/2"], "b": ["x"]}, 10, 10, "image 'x' is listed twice"),
+    ({"a": ["a/1", "a/2", "a/3", "a/4"], "b": ["b/1"]}, 10, 10, "need 6 different-person pairs"),
+    ({"a": ["a/1", "a/2"], "b": ["b/1"]}, 0, 10, "max_positive must be an integer >= 1"),
+    ({"a": ["a/1", "a/2"], "b": ["b/1"]}, 10, 0, "max_per_identity must be an integer >= 1"),
 ])
-def test_make_pairs_errors(images, max_positive, problem):
+def test_make_pairs_errors(images, max_positive, max_per_identity, problem):
     with pytest.raises(InputError, match=re.escape(problem)):
-        make_pairs(images, max_positive=max_positive, seed=0)
+        pairs_of(images, max_positive=max_positive, max_per_identity=max_per_identity)

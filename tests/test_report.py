@@ -216,3 +216,70 @@ def test_histogram_keeps_the_axis_on_the_data():
     assert "seed threshold 1.54 (off the axis, right)" in labels and "threshold 0.04" in labels
     fig = report.histogram_figure(d, same, 0.04, "squared L2", seed_threshold=0.1)
     assert "seed threshold 0.1" in fig.axes[0].get_legend_handles_labels()[1]
+
+
+def test_flip_key_and_its_inverse():
+    cases = {"test_accuracy": "test_flip_accuracy", "val_auc": "val_flip_auc", "threshold": "flip_threshold",
+             "threshold_at_far_0.001": "flip_threshold_at_far_0.001",
+             "lfw_pairs_kfold_accuracy_mean": "lfw_pairs_flip_kfold_accuracy_mean",
+             "lfw_pairs_heldout_auc": "lfw_pairs_heldout_flip_auc"}
+    for plain, flip in cases.items():
+        assert report.flip_key(plain) == flip
+        assert report.plain_key(flip) == (plain, True) and report.plain_key(plain) == (plain, False)
+
+
+def test_descriptions_of_flip_held_out_and_overlap_metrics():
+    assert report.describe_metric("test_flip_accuracy") == (
+        "accuracy on test pairs at the validation threshold (flip: image + mirror embeddings)")
+    assert report.describe_metric("lfw_pairs_heldout_kfold_accuracy_mean") == (
+        "LFW pairs.txt, held-out identities: accuracy over seeded stratified folds")
+    assert report.describe_metric("lfw_pairs_heldout_flip_auc") == (
+        "LFW pairs.txt, held-out identities: area under the ROC curve (flip: image + mirror embeddings)")
+    assert report.describe_metric("lfw_pairs_heldout_pairs") == "LFW pairs.txt, held-out identities: pairs"
+    assert report.describe_metric("lfw_pairs_overlapping_pairs") == "LFW pairs.txt: pairs naming a training identity"
+    assert report.describe_metric("test_positive_identities") == "test: identities in same-person pairs"
+    assert report.describe_metric("flip_unknown") == ""
+    rows = {name: value for name, _, value in report.metric_rows({"flip_threshold": 0.9}, "cosine distance")}
+    assert rows == {"flip_threshold": "0.9000 (cosine distance)"}
+
+
+FLIP_METRICS = {**METRICS, **{report.flip_key(k): v + 0.01 for k, v in METRICS.items()
+                               if k not in ("distance", "val_pairs", "test_pairs", "seed_threshold")},
+                "val_positive_identities": 12, "test_positive_identities": 34,
+                "lfw_pairs_heldout_kfold_accuracy_mean": 0.81, "lfw_pairs_heldout_kfold_accuracy_std": 0.03,
+                "lfw_pairs_heldout_auc": 0.88}
+
+
+def build_with(metrics, warnings=(), seed_threshold=1.542564):
+    same = np.arange(20) % 2 == 0
+    return report.build_report_html(
+        title="Eval", model="m", metrics=metrics, distance_label="squared L2", threshold=1.05,
+        seed_threshold=seed_threshold, test_distances=np.where(same, 0.5, 1.5), test_same=same,
+        rocs={"test pairs": ([0, 1], [0, 1])}, history=None, curves_png=None, examples=[], notes=["n"],
+        warnings=list(warnings))
+
+
+def headline(html):
+    return html[html.index('<table class="headline">'):html.index("</table>")]
+
+
+def test_headline_puts_flip_figures_next_to_the_plain_ones():
+    table = headline(build_with(FLIP_METRICS))
+    assert "<th>with flip</th>" in table
+    assert ('<td>test accuracy</td><td class="num">0.9000</td><td class="num">0.9100</td>') in table
+    assert ('<td>test k-fold accuracy</td><td class="num">0.8900 ± 0.0200</td>'
+            '<td class="num">0.9000 ± 0.0300</td>') in table
+    assert "1.0600 (squared L2); same person when distance &lt; threshold" in table
+    assert '<td>LFW pairs.txt, held-out identities k-fold accuracy</td><td class="num">0.8100 ± 0.0300</td>' in table
+    assert '<td>identities in same-person pairs (validation / test)</td><td class="num">12 / 34</td>' in table
+    plain = headline(build_with(METRICS))
+    assert "with flip" not in plain and '<td>test accuracy</td><td class="num">0.9000</td></tr>' in plain
+
+
+def test_warnings_section_and_a_missing_seed_threshold():
+    metrics = {k: v for k, v in METRICS.items() if "seed_threshold" not in k}
+    html = build_with(metrics, warnings=["val: only 3 <identities>"], seed_threshold=None)
+    assert "<h2>Warnings</h2>" in html and "<li>val: only 3 &lt;identities&gt;</li>" in html
+    assert html.index("<h2>Warnings</h2>") < html.index("<h2>Headline</h2>")
+    assert "seed threshold" not in headline(html)
+    assert "<h2>Warnings</h2>" not in build_with(METRICS)

@@ -79,6 +79,18 @@ def test_explicit_threshold_wins_over_the_file(model_dir, images, tmp_path):
         (model_dir / "threshold.json").unlink()
 
 
+def test_the_threshold_files_distance_is_the_one_computed(model_dir, images, tmp_path):
+    """evaluate.distance may differ from the model's: verify computes what threshold.json names."""
+    squared = verify.verify_pair(model_dir, images["a"], images["c"], threshold=1.0)
+    assert squared["distance_definition"] == "squared_l2"
+    for name, expected in (("l2", np.sqrt(squared["distance"])), ("cosine", squared["distance"] / 2)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"threshold": 0.5, "distance": name}))
+        result = verify.verify_pair(model_dir, images["a"], images["c"], threshold_file=path)
+        assert result["distance_definition"] == name
+        assert result["distance"] == pytest.approx(expected, rel=1e-4)   # unit-length embeddings
+
+
 def test_threshold_next_to_the_model_folder(model_dir, images):
     sibling = model_dir.parent / "threshold.json"
     sibling.write_text(json.dumps({"threshold": 1.25, "distance": "squared_l2"}))
@@ -103,8 +115,8 @@ def test_threshold_errors(model_dir, images, tmp_path, no_model_load):
     with pytest.raises(InputError, match="threshold file not found"):
         verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=tmp_path / "nope.json")
     plain = tmp_path / "plain.json"
-    plain.write_text(json.dumps({"threshold": 1.1, "distance": "l2"}))
-    with pytest.raises(InputError, match=r"plain\.json.*'l2'.*'squared_l2'"):
+    plain.write_text(json.dumps({"threshold": 1.1, "distance": "hamming"}))
+    with pytest.raises(InputError, match=r"plain\.json: 'distance' must be one of squared_l2, l2, cosine, got 'hamming'"):
         verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=plain)
     plain.write_text(json.dumps({"threshold": "high", "distance": "squared_l2"}))
     with pytest.raises(InputError, match="finite number"):
