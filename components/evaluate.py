@@ -23,7 +23,7 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
         distance: Pair distance: model (as trained), squared_l2, l2 or cosine.
         folds: Folds of the cross-validated accuracy.
         far_targets: False accept rates at which VAL is reported.
-        seed_threshold: The seed project's fixed plain-L2 threshold, for comparison.
+        seed_threshold: A fixed plain-L2 threshold reported for comparison (1.242: the original TF1 implementation's).
         batch_size: Images per embedding batch.
         report_examples: Example test pairs shown in the report.
         seed: Seed of the negative-pair draw.

@@ -25,13 +25,13 @@ Protocol (the verification protocol face-recognition papers report):
    pairs. A pair is "same person" when ``distance < threshold``.
 5. Test metrics: accuracy at that threshold; 10-fold cross-validated accuracy
    (threshold from 9 folds, applied to the 10th; pairs are shuffled into
-   folds with the seed, stratified so each fold holds same and different
+   folds with evaluate.seed, stratified so each fold holds same and different
    pairs); ROC AUC and equal error rate; VAL at each target FAR, where the
    threshold reaching that FAR is interpolated on the validation pairs and
    applied to test (``test_val_at_far_<far>``, with the FAR it actually gives
    on test in ``test_far_at_far_<far>``), and the k-fold variant on test alone
-   (``test_kfold_val_at_far_<far>_mean``); and the accuracy of the seed
-   project's fixed threshold 1.242 (plain L2) converted to the distance used
+   (``test_kfold_val_at_far_<far>_mean``); and the accuracy at the fixed
+   threshold 1.242 (plain L2) of the original TF1 implementation, converted to the distance used
    (omitted, with a note, for cosine distances of embeddings that are not unit
    length, where no conversion exists).
 6. Optionally the LFW View 2 pairs.txt (``pairs_uri``): 10-fold accuracy with
@@ -168,7 +168,7 @@ def unit_length(embeddings: np.ndarray) -> bool:
 
 
 def seed_threshold_in(distance: str | bool, seed_threshold_l2: float, unit: bool = True) -> float | None:
-    """The seed project's plain-L2 threshold t in `distance`, or None where it has no equivalent.
+    """The fixed plain-L2 threshold t (evaluate.seed_threshold) in `distance`, or None where it has no equivalent.
 
     squared_l2: t^2; l2: t; cosine: t^2 / 2 (``|a - b|^2 = 2 - 2 cos`` for unit
     vectors), defined only when the embeddings are unit length (`unit`).
@@ -431,6 +431,7 @@ def verification_scores(val_distances: np.ndarray, val_same: np.ndarray, test_di
     folds = vm.kfold_accuracy(td, ts, config.folds, fold_ids=test_folds)
     m["test_kfold_accuracy_mean"] = folds["mean"]
     m["test_kfold_accuracy_std"] = folds["std"]
+    m["test_folds"] = config.folds
     m["test_auc"] = vm.roc_auc(td, ts)
     m["test_eer"], m["test_eer_threshold"] = vm.equal_error_rate(td, ts)
     m["val_auc"] = vm.roc_auc(vd, vs)
@@ -630,7 +631,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     rows = real_rows_by_file(dataset_dir)
     val = split_pairs("val", splits_dir, dataset_dir, rows, config)
     test = split_pairs("test", splits_dir, dataset_dir, rows, config)
-    # Folds shuffled with the seed (the pairs' own order comes from make_pairs).
+    # Folds shuffled with evaluate.seed (the pairs' own order comes from make_pairs).
     test.fold_ids = stratified_folds(test.same, config.folds, config.seed, f"{splits_dir / 'test.txt'}")
     lfw: SplitPairs | None = None
     if pairs_uri:
@@ -751,10 +752,10 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
         "threshold on the other test folds.",
     ]
     if "seed_threshold" in metrics:
-        notes.append(f"Seed threshold: the seed project's fixed plain-L2 threshold {config.seed_threshold:g}, "
+        notes.append(f"Seed threshold: the original TF1 implementation's fixed plain-L2 threshold {config.seed_threshold:g}, "
                      f"i.e. {metrics['seed_threshold']:.4g} ({DISTANCE_LABELS[name]}).")
     else:
-        notes.append(f"Seed threshold: the seed project's fixed plain-L2 threshold {config.seed_threshold:g} "
+        notes.append(f"Seed threshold: the original TF1 implementation's fixed plain-L2 threshold {config.seed_threshold:g} "
                      f"has no {DISTANCE_LABELS[name]} equivalent here (the embeddings are not unit length), "
                      f"so its accuracy is not reported.")
     if test.flip_distances is not None:

@@ -173,7 +173,8 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
     if records and all(r.status == "CACHED" for r in records):
         print(f"  all {len(records)} tasks came from the cache")
     metrics = summary["metrics"]
-    shown = [(label, metrics[key]) for key, label in HEADLINE if isinstance(metrics.get(key), (int, float))]
+    labels = {**dict(HEADLINE), "test_kfold_accuracy_mean": f"{int(metrics.get('test_folds', 10))}-fold accuracy"}
+    shown = [(labels[key], metrics[key]) for key, _ in HEADLINE if isinstance(metrics.get(key), (int, float))]
     if shown:
         print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown))
     for key, label in (("model_uri", "trained model"), ("report_uri", "report"), ("threshold_uri", "threshold.json")):
