@@ -35,6 +35,8 @@ SOURCE        ?=
 SHA256        ?=
 PAIRS         ?=
 PAIRS_SHA256  ?=
+EVAL_SOURCE   ?=
+EVAL_SHA256   ?=
 PYTEST_ARGS   ?=
 
 # `make submit` settings (KFP_TOKEN is read from the environment, so the echoed command does not show it).
@@ -80,11 +82,12 @@ install: $(STAMP) ## create .venv with the pinned dependencies (Python 3.11+, PY
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
+run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, EVAL_SOURCE, EVAL_SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
 	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
 	  --demo-dir $(DEMO_DIR) $(RUN_ARGS) \
 	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
-	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)')
+	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)') \
+	  $(if $(EVAL_SOURCE),--eval-source '$(EVAL_SOURCE)') $(if $(EVAL_SHA256),--eval-sha256 '$(EVAL_SHA256)')
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \

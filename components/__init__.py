@@ -16,7 +16,7 @@ from kfp import dsl
 
 from components.complete import complete_identities
 from components.download import download_archive
-from components.evaluate import evaluate_model
+from components.evaluate import evaluate_model, evaluate_on_archive
 from components.extract import extract_images
 from components.labels import make_labels
 from components.splits import split_identities
@@ -32,6 +32,7 @@ DATA_STEPS = {
 TRAINER_STEPS = {
     "train": train_model,
     "evaluate": evaluate_model,
+    "evaluate_on_archive": evaluate_on_archive,
 }
 
 

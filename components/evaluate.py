@@ -35,17 +35,37 @@ def evaluate_model(model: Input[Model], images: Input[Dataset], splits: Input[Ar
         report: HTML report: ROC, distance histograms, training curves, example pairs.
         threshold: threshold.json for serving: threshold, distance definition, model.
     """
-    from facenet_kfp.config import EvaluateConfig
-    from facenet_kfp.evaluate import evaluate
-    from facenet_kfp.kfp_io import log_classification, log_metrics, run_step
+    from facenet_kfp.kfp_io import evaluate_task
 
-    config = EvaluateConfig(max_positive_pairs=max_positive_pairs, max_pairs_per_identity=max_pairs_per_identity,
-                            flip=flip, distance=distance, folds=folds, far_targets=far_targets,
-                            seed_threshold=seed_threshold, batch_size=batch_size,
-                            report_examples=report_examples, seed=seed)
-    result = run_step("evaluate", evaluate, model.path, images.path, splits.path, config,
-                      report_path=report.path, threshold_path=threshold.path,
-                      pairs_uri=pairs_uri, pairs_sha256=pairs_sha256, model_uri=model.uri)
-    log_metrics(metrics, result["metrics"])
-    log_classification(roc, result["roc"], result["confusion_matrix"])
-    threshold.metadata.update(result["threshold"])
+    evaluate_task(model, images, splits, None, dict(
+        max_positive_pairs=max_positive_pairs, max_pairs_per_identity=max_pairs_per_identity, flip=flip,
+        distance=distance, folds=folds, far_targets=far_targets, seed_threshold=seed_threshold,
+        batch_size=batch_size, report_examples=report_examples, seed=seed),
+        pairs_uri, pairs_sha256, metrics, roc, report, threshold)
+
+
+def evaluate_on_archive(model: Input[Model], images: Input[Dataset], splits: Input[Artifact],
+                        eval_images: Input[Dataset], max_positive_pairs: int, max_pairs_per_identity: int,
+                        flip: bool, distance: str, folds: int, far_targets: list, seed_threshold: float,
+                        batch_size: int, report_examples: int, seed: int, pairs_uri: str, pairs_sha256: str,
+                        metrics: Output[Metrics], roc: Output[ClassificationMetrics], report: Output[HTML],
+                        threshold: Output[Artifact]):
+    """Pick the threshold on the validation identities, test it on a separate evaluation archive.
+
+    As evaluate_model, except that the test pairs come from `eval_images`
+    (LFW, say): its pairs.txt when `pairs_uri` is given (LFW View 2: 10-fold
+    accuracy in the file's folds, VAL@FAR, AUC, EER), else pairs drawn over
+    all its identities; identities both archives name are counted. Arguments
+    not listed here mean what they mean for evaluate_model.
+
+    Args:
+        eval_images: Packed image dataset of the evaluation archive.
+        pairs_uri: Optional pairs.txt of the evaluation archive.
+    """
+    from facenet_kfp.kfp_io import evaluate_task
+
+    evaluate_task(model, images, splits, eval_images, dict(
+        max_positive_pairs=max_positive_pairs, max_pairs_per_identity=max_pairs_per_identity, flip=flip,
+        distance=distance, folds=folds, far_targets=far_targets, seed_threshold=seed_threshold,
+        batch_size=batch_size, report_examples=report_examples, seed=seed),
+        pairs_uri, pairs_sha256, metrics, roc, report, threshold)

@@ -137,7 +137,12 @@ class DataConfig(Section):
     sha256: str = setting(LFW_SHA256, "expected archive sha256; empty skips the check")
     max_download_gb: float = setting(20.0, "download fails past this many GB (10**9 bytes); raise it for "
                                            "larger archives", above=0)
-    pairs_uri: str = setting("", "optional LFW View 2 pairs.txt for the standard protocol")
+    eval_source_uri: str = setting("", "archive of a separate evaluation dataset (LFW, say): when set, the "
+                                       "pipeline gets a second download and extract branch, the test pairs "
+                                       "come from it, and data.test_fraction's identities are trained on")
+    eval_sha256: str = setting("", "expected sha256 of the evaluation archive; empty skips the check")
+    pairs_uri: str = setting("", "optional LFW View 2 pairs.txt for the standard protocol (of the "
+                                 "evaluation archive when there is one)")
     pairs_sha256: str = setting("", "expected pairs.txt sha256; empty skips the check")
     shard_size_mb: int = setting(64, "target size of each packed image shard (MB)", minimum=1)
     max_skipped_fraction: float = setting(0.01, "extract fails when more of the images are unusable "
@@ -161,8 +166,10 @@ class DataConfig(Section):
             raise InputError(f"data.train_fraction + val_fraction + test_fraction must be 1, got {total:.6g}")
         if not self.source_uri:
             raise InputError("data.source_uri must not be empty")
-        for key in ("sha256", "pairs_sha256"):
+        for key in ("sha256", "eval_sha256", "pairs_sha256"):
             _check_sha256(f"data.{key}", getattr(self, key))
+        if self.eval_sha256 and not self.eval_source_uri:
+            raise InputError("data.eval_sha256 is set but data.eval_source_uri is empty")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ Protocol (the verification protocol face-recognition papers report):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -324,20 +325,35 @@ def split_pairs(split: str, splits_dir: Path, dataset_dir: Path, rows: dict[str,
         if len(images[name]) != count:
             raise InputError(f"{split_file}: identity {name} has {count} real images in the split file "
                              f"but {len(images[name])} in {dataset_dir / MANIFEST}")
+    return draw_pairs(split, images, rows, config, str(split_file), f"{len(entries)} identities in the split")
+
+
+def archive_pairs(dataset_dir: Path, rows: dict[str, dict[str, Any]], config: EvaluateConfig) -> SplitPairs:
+    """Pairs over every identity of a separate evaluation archive (when it comes without a pairs.txt)."""
+    images: dict[str, list[str]] = {}
+    for key, row in rows.items():
+        images.setdefault(row["identity"], []).append(key)
+    return draw_pairs("test", images, rows, config, str(dataset_dir / MANIFEST),
+                      f"{len(images)} identities in the evaluation archive")
+
+
+def draw_pairs(split: str, images: dict[str, list[str]], rows: dict[str, dict[str, Any]],
+               config: EvaluateConfig, where: str, described: str) -> SplitPairs:
+    """`pairs.make_pairs` over {identity: image keys}, as a SplitPairs named `split`."""
     if not any(len(keys) >= 2 for keys in images.values()):
-        raise InputError(f"{split_file}: no identity has 2 real images, so split {split!r} has no "
+        raise InputError(f"{where}: no identity has 2 real images, so split {split!r} has no "
                          f"same-person pair to evaluate")
     try:
         keys, index_a, index_b, same = make_pairs(images, max_positive=config.max_positive_pairs,
                                                   max_per_identity=config.max_pairs_per_identity,
                                                   seed=config.seed)
     except InputError as exc:
-        raise InputError(f"{split_file}: cannot make {split} pairs: {exc}") from exc
+        raise InputError(f"{where}: cannot make {split} pairs: {exc}") from exc
     owner = [rows[key]["identity"] for key in keys]
     identities = len({owner[i] for i in np.concatenate((index_a, index_b))})
     positive_identities = len({owner[i] for i in index_a[same]})
-    log.info("%s: %d identities in the split, %d in its %d pairs, %d in its %d same-person pairs", split,
-             len(entries), identities, same.size, positive_identities, int(same.sum()))
+    log.info("%s: %s, %d in its %d pairs, %d in its %d same-person pairs", split, described, identities,
+             same.size, positive_identities, int(same.sum()))
     return SplitPairs(split, keys, index_a, index_b, same, identities, positive_identities)
 
 
@@ -431,7 +447,7 @@ def verification_scores(val_distances: np.ndarray, val_same: np.ndarray, test_di
     folds = vm.kfold_accuracy(td, ts, config.folds, fold_ids=test_folds)
     m["test_kfold_accuracy_mean"] = folds["mean"]
     m["test_kfold_accuracy_std"] = folds["std"]
-    m["test_folds"] = config.folds
+    m["test_folds"] = int(np.unique(test_folds).size) if test_folds is not None else config.folds
     m["test_auc"] = vm.roc_auc(td, ts)
     m["test_eer"], m["test_eer_threshold"] = vm.equal_error_rate(td, ts)
     m["val_auc"] = vm.roc_auc(vd, vs)
@@ -573,6 +589,16 @@ def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float,
     return m, warnings
 
 
+def archive_overlap(train_rows: dict[str, dict[str, Any]], eval_rows: dict[str, dict[str, Any]],
+                    train_names: set[str]) -> dict[str, int]:
+    """How many identities of the evaluation archive the training archive also has, matched by name."""
+    eval_names = {row["identity"] for row in eval_rows.values()}
+    in_archive = eval_names & {row["identity"] for row in train_rows.values()}
+    return {"eval_identities": len(eval_names), "eval_images": len(eval_rows),
+            "eval_identities_in_training_archive": len(in_archive),
+            "eval_identities_in_train_split": len(eval_names & train_names)}
+
+
 def identity_warnings(splits: list[SplitPairs]) -> list[str]:
     """One warning per split whose same-person pairs come from fewer than `MIN_IDENTITIES` identities."""
     return [f"{s.name}: its figures rest on {s.positive_identities} identities in same-person pairs "
@@ -608,8 +634,15 @@ def choose_examples(split: SplitPairs, threshold: float, count: int, seed: int) 
 def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, splits_dir: str | os.PathLike,
              config: EvaluateConfig, *, report_path: str | os.PathLike,
              threshold_path: str | os.PathLike, pairs_uri: str = "", pairs_sha256: str = "",
-             model_uri: str = "", metrics_path: str | os.PathLike | None = None) -> dict[str, Any]:
+             model_uri: str = "", metrics_path: str | os.PathLike | None = None,
+             eval_dataset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Choose the threshold on validation pairs and measure it on test pairs (see the module docstring).
+
+    With `eval_dataset_dir` (a packed dataset of a separate evaluation archive,
+    LFW say) the test pairs come from that archive: the pairs of `pairs_uri`
+    (its folds are the k-fold folds: LFW View 2), else pairs drawn over all its
+    identities; the training archive's test split is not used. Identities
+    present in both archives (by name) are counted (``eval_*`` metrics).
 
     Inputs: the model folder from train (model.json + the Keras model), the
     packed image dataset (real images are used), the splits folder (val.txt,
@@ -627,17 +660,30 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     started = time.monotonic()
     model_dir, dataset_dir, splits_dir = Path(model_dir), Path(dataset_dir), Path(splits_dir)
     _check_inputs(model_dir, dataset_dir, splits_dir)
+    eval_dir = Path(eval_dataset_dir) if eval_dataset_dir is not None else None
+    if eval_dir is not None:
+        _check_folder(eval_dir, "evaluation image dataset")
+        if not (eval_dir / MANIFEST).is_file():
+            raise InputError(f"{eval_dir / MANIFEST}: not found; is {eval_dir} a packed image dataset?")
 
     rows = real_rows_by_file(dataset_dir)
+    test_dir, test_rows = (dataset_dir, rows) if eval_dir is None else (eval_dir, real_rows_by_file(eval_dir))
+    train_names = {name for name, _ in read_split(splits_dir, "train")}
     val = split_pairs("val", splits_dir, dataset_dir, rows, config)
-    test = split_pairs("test", splits_dir, dataset_dir, rows, config)
-    # Folds shuffled with evaluate.seed (the pairs' own order comes from make_pairs).
-    test.fold_ids = stratified_folds(test.same, config.folds, config.seed, f"{splits_dir / 'test.txt'}")
     lfw: SplitPairs | None = None
     if pairs_uri:
-        train_names = {name for name, _ in read_split(splits_dir, "train")}
         with tempfile.TemporaryDirectory(prefix="facenet-pairs-") as tmp:
-            lfw = lfw_pairs(pairs_uri, pairs_sha256, rows, dataset_dir, Path(tmp), train_names)
+            lfw = lfw_pairs(pairs_uri, pairs_sha256, test_rows, test_dir, Path(tmp), train_names)
+    if eval_dir is None:
+        test = split_pairs("test", splits_dir, dataset_dir, rows, config)
+    elif lfw is not None:
+        test = dataclasses.replace(lfw, name="test")   # the evaluation archive's pairs.txt, in its own folds
+    else:
+        test = archive_pairs(eval_dir, test_rows, config)
+    if test.fold_ids is None:
+        # Folds shuffled with evaluate.seed (the pairs' own order comes from make_pairs).
+        where = f"{splits_dir / 'test.txt'}" if eval_dir is None else f"pairs of the evaluation archive {eval_dir}"
+        test.fold_ids = stratified_folds(test.same, config.folds, config.seed, where)
 
     from facenet_kfp import export
 
@@ -645,32 +691,40 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     squared = model_distance_squared(metadata, model_dir)
     name = resolve_distance(config.distance, squared)
 
-    splits = [s for s in (val, test, lfw) if s is not None]
-    keys = sorted({key for s in splits for key in s.used_keys})
-    embeddings, flipped = embed_keys(model, metadata, dataset_dir, rows, keys, config.batch_size, config.flip)
-    row_of = {key: i for i, key in enumerate(keys)}
-    for s in splits:
-        # Map the split's key indices to embedding rows (every key a pair uses was embedded).
-        to_row = np.zeros(len(s.keys), dtype=np.int64)
-        used = np.unique(np.concatenate((s.index_a, s.index_b)))
-        to_row[used] = [row_of[s.keys[i]] for i in used]
-        s.distances = pair_distances(embeddings, to_row[s.index_a], to_row[s.index_b], name)
-        if flipped is not None:
-            s.flip_distances = pair_distances(flipped, to_row[s.index_a], to_row[s.index_b], name)
+    unit, dim = True, 0
+    # The splits of each archive, embedded once per image (lfw is the test split of a separate archive).
+    of_train = [val] if eval_dir is not None else [s for s in (val, test, lfw) if s is not None]
+    of_eval = [s for s in (test, lfw) if s is not None] if eval_dir is not None else []
+    for folder, folder_rows, splits in ((dataset_dir, rows, of_train), (test_dir, test_rows, of_eval)):
+        if not splits:
+            continue
+        keys = sorted({key for s in splits for key in s.used_keys})
+        embeddings, flipped = embed_keys(model, metadata, folder, folder_rows, keys, config.batch_size, config.flip)
+        # The seed threshold is compared only where it converts for the model's own embeddings.
+        unit, dim = unit and unit_length(embeddings), int(embeddings.shape[1])
+        row_of = {key: i for i, key in enumerate(keys)}
+        for s in splits:
+            # Map the split's key indices to embedding rows (every key a pair uses was embedded).
+            to_row = np.zeros(len(s.keys), dtype=np.int64)
+            used = np.unique(np.concatenate((s.index_a, s.index_b)))
+            to_row[used] = [row_of[s.keys[i]] for i in used]
+            s.distances = pair_distances(embeddings, to_row[s.index_a], to_row[s.index_b], name)
+            if flipped is not None:
+                s.flip_distances = pair_distances(flipped, to_row[s.index_a], to_row[s.index_b], name)
 
-    # The seed threshold is compared only where it converts for the model's own embeddings.
-    unit = unit_length(embeddings)
     metrics, thresholds = split_metrics(val, test, config, name, unit)
     threshold, flip_threshold = thresholds["accuracy"], None
-    if flipped is not None:
+    if config.flip:
         flip_scores, flip_threshold = flip_metrics(val, test, config, name, unit)
         metrics.update(flip_scores)
     warnings = identity_warnings([val, test])
+    if eval_dir is not None:
+        metrics.update(archive_overlap(rows, test_rows, train_names))
     if lfw is not None:
         lfw_scores, lfw_warnings = lfw_metrics(lfw, config, threshold, flip_threshold)
         metrics.update(lfw_scores)
         warnings += lfw_warnings
-    metrics["embedding_dim"] = int(embeddings.shape[1])
+    metrics["embedding_dim"] = dim
     for warning in warnings:
         log.warning("%s", warning)
 
@@ -683,7 +737,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "model": model_uri or str(model_dir),
-        "embedding_dim": int(embeddings.shape[1]),
+        "embedding_dim": dim,
         "preprocessing": metadata["preprocessing"],
     }
     if flip_threshold is not None:
@@ -697,8 +751,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         "warnings": warnings,
     }
 
-    html = _build_report(model_dir, dataset_dir, rows, config, val, test, lfw, metrics, threshold,
-                         name, squared, warnings, model_uri or str(model_dir))
+    html = _build_report(model_dir, test_dir, test_rows, config, val, test, lfw, metrics, threshold,
+                         name, squared, warnings, model_uri or str(model_dir), eval_dir is not None)
     write_json(threshold_path, threshold_info)
     if metrics_path is not None:
         write_json(metrics_path, metrics)
@@ -714,7 +768,9 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
 def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, Any]],
                   config: EvaluateConfig, val: SplitPairs, test: SplitPairs, lfw: SplitPairs | None,
                   metrics: dict[str, Any], threshold: float, name: str, squared: bool, warnings: list[str],
-                  model: str) -> str:
+                  model: str, separate: bool = False) -> str:
+    """The HTML report; `dataset_dir` and `rows` are those of the test pairs' images (`separate`:
+    a separate evaluation archive)."""
     from facenet_kfp import report
 
     examples = []
@@ -736,8 +792,13 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
         f"The threshold maximises accuracy on {val.same.size:,} validation pairs "
         f"({val.positive_identities} identities in same-person pairs, {val.identities} in all) and is "
         f"applied unchanged to {test.same.size:,} test pairs ({test.positive_identities} and "
-        f"{test.identities} identities); validation and test identities are disjoint from training "
-        f"identities. Only real images are used, never the generated completion images.",
+        f"{test.identities} identities); "
+        + (f"the test pairs come from the separate evaluation archive ({metrics['eval_identities']:,} "
+           f"identities, {metrics['eval_images']:,} images), {metrics['eval_identities_in_training_archive']:,} "
+           f"of whose identity names also occur in the training archive, "
+           f"{metrics['eval_identities_in_train_split']:,} of them in the train split. " if separate else
+           "validation and test identities are disjoint from training identities. ")
+        + "Only real images are used, never the generated completion images.",
         f"Pairs per split, balanced across identities as LFW's pairs.txt: at most "
         f"{config.max_pairs_per_identity:,} same-person pairs per identity (a seeded sample of its image "
         f"pairs) and at most {config.max_positive_pairs:,} in all (the per-identity cap lowered evenly to "

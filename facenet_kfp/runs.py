@@ -25,7 +25,8 @@ from facenet_kfp.fsutil import file_sha256, local_path, read_json, write_json
 SUMMARY, RERUN_SUMMARY = "summary.json", "rerun-summary.json"
 HEADLINE = [("test_accuracy", "test accuracy"), ("test_kfold_accuracy_mean", "10-fold accuracy"),
             ("test_kfold_accuracy_std", "± std"), ("test_auc", "AUC"),
-            ("test_val_at_far_0.001", "VAL@FAR=1e-3"), ("threshold", "threshold")]
+            ("test_val_at_far_0.001", "VAL@FAR=1e-3"), ("test_kfold_val_at_far_0.001_mean", "k-fold VAL@FAR=1e-3"),
+            ("test_eer", "EER"), ("threshold", "threshold")]
 KEY_FIGURES = {
     "download-archive": ["size", "sha256"],
     "extract-images": ["identities", "images", "skipped_total", "shards"],
@@ -34,6 +35,8 @@ KEY_FIGURES = {
     "split-identities": ["train_identities", "val_identities", "test_identities"],
     "train-model": ["steps"],
     "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
+    "evaluate-on-archive": ["test_accuracy", "test_auc", "threshold", "eval_identities",
+                            "eval_identities_in_training_archive"],
 }
 # A file every folder of each importable artifact holds.
 MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
@@ -126,7 +129,7 @@ def key_figures(record: TaskRecord) -> str:
                                ("first_val_fraction_positive", "val_fraction_positive", "val positive triplets")):
         if isinstance(values.get(first), (int, float)) and isinstance(values.get(last), (int, float)):
             parts.append(f"{label} {values[first]:.3f} -> {values[last]:.3f}")
-    for key in KEY_FIGURES.get(record.name, []):
+    for key in KEY_FIGURES.get(re.sub(r"-\d+$", "", record.name), []):
         value = values.get(key)
         value = len(value) if isinstance(value, list) else value
         if key == "size" and isinstance(value, (int, float)):
@@ -150,7 +153,7 @@ def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
             metrics.update({k if k.startswith(("train_", "val_")) else f"train_{k}": v for k, v in scalars.items()})
             if "model" in record.outputs:
                 metrics["model_uri"] = record.outputs["model"]["uri"]
-        if record.name == "evaluate-model":
+        if record.name in ("evaluate-model", "evaluate-on-archive"):
             metrics.update(scalars)
             for output in ("threshold", "report"):
                 if record.outputs.get(output):
@@ -175,6 +178,11 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
     metrics = summary["metrics"]
     labels = {**dict(HEADLINE), "test_kfold_accuracy_mean": f"{int(metrics.get('test_folds', 10))}-fold accuracy"}
     shown = [(labels[key], metrics[key]) for key, _ in HEADLINE if isinstance(metrics.get(key), (int, float))]
+    if shown and "eval_images" in metrics:
+        print(f"\non the evaluation archive ({int(metrics['eval_identities']):,} identities, "
+              f"{int(metrics['eval_images']):,} images; {int(metrics['eval_identities_in_training_archive']):,} "
+              f"identity names also in the training archive, {int(metrics['eval_identities_in_train_split']):,} "
+              f"in its train split):", end="")
     if shown:
         print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown))
     for key, label in (("model_uri", "trained model"), ("report_uri", "report"), ("threshold_uri", "threshold.json")):

@@ -45,8 +45,8 @@ def validate_fractions(fractions) -> tuple[float, float, float]:
     return tuple(float(value) for value in values)
 
 
-def split_sizes(n_identities: int, n_with_pairs: int,
-                fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+def split_sizes(n_identities: int, n_with_pairs: int, fractions: tuple[float, float, float],
+                test_split: bool = True) -> tuple[int, int, int]:
     """Number of identities in (train, val, test).
 
     The rule: val and test draw only from the M identities with >= 2 real
@@ -60,15 +60,18 @@ def split_sizes(n_identities: int, n_with_pairs: int,
     and leave train none.) If the minimum of 1 pushes val + test above M, the
     larger one shrinks. Train gets everything else.
 
+    Without `test_split` (a separate archive is the test set) test is empty
+    and its share goes to train.
+
     Raises InputError when val or test would be empty (M < 2) or train would be.
     """
     _, f_val, f_test = fractions
-    if n_with_pairs < 2:
+    if n_with_pairs < (2 if test_split else 1):
         split = "val" if n_with_pairs == 0 else "test"
         raise InputError(f"split {split!r} would be empty: val and test need one identity each with "
                          f"at least 2 real images, and {n_with_pairs} of {n_identities} identities have them")
     n_val = max(1, _round_half_up(f_val * n_with_pairs))
-    n_test = max(1, _round_half_up(f_test * n_with_pairs))
+    n_test = max(1, _round_half_up(f_test * n_with_pairs)) if test_split else 0
     while n_val + n_test > n_with_pairs:
         if n_val >= n_test:
             n_val -= 1
@@ -82,8 +85,11 @@ def split_sizes(n_identities: int, n_with_pairs: int,
 
 
 def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                fractions=(0.70, 0.15, 0.15), seed: int = 0) -> dict:
+                fractions=(0.70, 0.15, 0.15), seed: int = 0, test_split: bool = True) -> dict:
     """Split the identities of `labels_dir` (see `build_labels`) into train, val and test.
+
+    Without `test_split` test.txt is empty and the test fraction's identities
+    are trained on: the test pairs come from a separate evaluation archive.
 
     Identities with >= 2 real images are shuffled with
     ``numpy.random.default_rng(seed).permutation`` (over the sorted names, so
@@ -109,7 +115,7 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
     names = sorted(counts)
     with_pairs = [name for name in names if counts[name] >= 2]
     singles = [name for name in names if counts[name] == 1]
-    n_train, n_val, n_test = split_sizes(len(names), len(with_pairs), fractions)
+    n_train, n_val, n_test = split_sizes(len(names), len(with_pairs), fractions, test_split)
 
     order = np.random.default_rng(int(seed)).permutation(len(with_pairs))
     shuffled = [with_pairs[i] for i in order]
@@ -130,13 +136,14 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
         }
     summary["fractions"] = list(fractions)
     summary["seed"] = int(seed)
+    summary["test_split"] = bool(test_split)
 
     with atomic_dir(out_dir, step="splits") as tmp:
         for split in SPLITS:
             write_text(tmp / f"{split}.txt", "".join(f"{name}\t{counts[name]}\n" for name in members[split]))
         write_json(tmp / SUMMARY_JSON, summary)
         write_provenance(tmp, "splits", images=images_fingerprint, labels=labels_fingerprint,
-                         fractions=list(fractions), seed=int(seed))
+                         fractions=list(fractions), seed=int(seed), test_split=bool(test_split))
     log.info("%s: %s", out_dir, ", ".join(
         f"{split} {summary[split]['identities']} identities / {summary[split]['images']} images"
         for split in SPLITS))

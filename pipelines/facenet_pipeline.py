@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kfp import dsl, kubernetes
@@ -42,7 +42,8 @@ GCS_KEY_DIR = "/var/secrets/google"
 
 
 def parameter_keys() -> dict[str, tuple[str, str]]:
-    """{pipeline parameter name: (config section, key)}, in signature order."""
+    """{pipeline parameter name: (config section, key)}, in signature order (`pipeline_parameters`
+    leaves out the evaluation archive's two when the config names none)."""
     keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
             for section, prefix in SECTION_PREFIX.items() for f in dataclasses.fields(SECTIONS[section])}
     keys.update({key: ("cluster", key) for key in CLUSTER_PARAMETERS})
@@ -56,6 +57,8 @@ def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str
     """
     params = []
     for name, (section, key) in parameter_keys().items():
+        if name in EVAL_PARAMETERS and not config.data.eval_source_uri:
+            continue
         kind = typing.get_type_hints(SECTIONS[section])[key]
         if kind not in PARAMETER_TYPES:
             raise FacenetError(f"config {section}.{key} has type {kind}, which has no pipeline parameter "
@@ -71,12 +74,16 @@ class Step:
     """One task of the DAG: its component, label, input artifacts and {argument: pipeline parameter}.
 
     An input artifact has the name of the output that produces it (``images``
-    is extract's output ``images``), so `inputs` is also the wiring.
+    is extract's output ``images``), so `inputs` is also the wiring; `renamed`
+    gives other names where a component runs twice (the evaluation archive's
+    ``eval_images``).
     """
     name: str                    # key of components.build_components
     display_name: str            # starts with its position in the DAG (the run table sorts by it)
     inputs: tuple[str, ...]
     parameters: dict[str, str]
+    constants: dict[str, Any] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)   # {argument or output: artifact name}
 
 
 def _section(section: str, **renamed: str) -> dict[str, str]:
@@ -96,7 +103,7 @@ STEPS = (
           "shard_size_mb": "shard_size_mb"}),
     Step("splits", "5. identity splits", ("labels",),
          {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
-          "test_fraction": "test_fraction", "seed": "split_seed"}),
+          "test_fraction": "test_fraction", "seed": "split_seed"}, {"test_split": True}),
     Step("train", "6. train embeddings", ("images", "completion", "labels", "splits"),
          {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}),
     Step("evaluate", "7. threshold evaluation", ("model", "images", "splits"),
@@ -104,21 +111,46 @@ STEPS = (
 )
 
 
+# With a separate evaluation archive: its download and extract, splits without a test split, and
+# evaluation on it (config data.eval_source_uri decides at compile time).
+EVAL_PARAMETERS = ("eval_source_uri", "eval_sha256")
+EVAL_BRANCH = (
+    Step("download", "1. download evaluation archive", (),
+         {"source_uri": "eval_source_uri", "sha256": "eval_sha256", "max_download_gb": "max_download_gb"},
+         renamed={"archive": "eval_archive"}),
+    Step("extract", "2. extract evaluation images", ("archive",), STEPS[1].parameters,
+         renamed={"archive": "eval_archive", "images": "eval_images"}),
+)
+
+
+def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
+    """The DAG's steps in order: `STEPS`, or with an evaluation archive its branch and evaluation on it."""
+    if not config.data.eval_source_uri:
+        return STEPS
+    by_name = {step.name: step for step in STEPS}
+    splits = dataclasses.replace(by_name["splits"], constants={"test_split": False})
+    evaluate = dataclasses.replace(by_name["evaluate"], name="evaluate_on_archive",
+                                   display_name="7. evaluation on the evaluation archive",
+                                   inputs=("model", "images", "splits", "eval_images"))
+    return (*STEPS[:2], *EVAL_BRANCH, *STEPS[2:4], splits, STEPS[5], evaluate)
+
+
 def add_tasks(components: dict[str, Any], steps: tuple[Step, ...] | list[Step], values: dict[str, Any],
-              artifacts: dict[str, Any]) -> dict[str, dsl.PipelineTask]:
-    """Add `steps` to the pipeline being defined, in order; {step name: task}.
+              artifacts: dict[str, Any]) -> list[tuple[Step, dsl.PipelineTask]]:
+    """Add `steps` to the pipeline being defined, in order; [(step, task)].
 
     `values` maps pipeline parameter names to parameter channels or constants;
     `artifacts` holds artifacts available before the first step (a rerun's
     importers) and gains every output of each added task.
     """
-    tasks = {}
+    tasks = []
     for step in steps:
-        task = components[step.name](**{name: artifacts[name] for name in step.inputs},
-                                     **{arg: values[param] for arg, param in step.parameters.items()})
+        task = components[step.name](**{name: artifacts[step.renamed.get(name, name)] for name in step.inputs},
+                                     **{arg: values[param] for arg, param in step.parameters.items()},
+                                     **step.constants)
         task.set_display_name(step.display_name)
-        artifacts.update(task.outputs)
-        tasks[step.name] = task
+        artifacts.update({step.renamed.get(name, name): channel for name, channel in task.outputs.items()})
+        tasks.append((step, task))
     return tasks
 
 
@@ -133,7 +165,7 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
     names = [name for name, *_ in params]
 
     def dag(*args: Any) -> None:
-        tasks = add_tasks(components, STEPS, dict(zip(names, args)), {})
+        tasks = add_tasks(components, steps_for(config), dict(zip(names, args)), {})
         if cluster:
             apply_cluster_settings(config, tasks)
 
@@ -147,33 +179,36 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(dag)
 
 
-def apply_cluster_settings(config: PipelineConfig, tasks: dict[str, dsl.PipelineTask]) -> None:
+def apply_cluster_settings(config: PipelineConfig, tasks: list[tuple[Step, dsl.PipelineTask]]) -> None:
     """Resources, GPUs, node placement, shared memory, credentials and retries per task."""
     cluster = config.cluster
-    for name in ("download", "extract", "labels", "complete", "splits"):
-        _resources(tasks[name], cluster.data_cpu, cluster.data_memory)
-    train, evaluate, download = tasks["train"], tasks["evaluate"], tasks["download"]
-    _resources(train, cluster.train_cpu, cluster.train_memory)
-    _resources(evaluate, cluster.evaluate_cpu, cluster.evaluate_memory)
-    for task, gpus in ((train, cluster.train_gpus), (evaluate, cluster.evaluate_gpus)):
+    for step, task in tasks:
+        trainer = step.name in ("train", "evaluate", "evaluate_on_archive")
+        if not trainer:
+            _resources(task, cluster.data_cpu, cluster.data_memory)
+            if step.name == "download":
+                if cluster.download_retries:
+                    task.set_retry(num_retries=cluster.download_retries, backoff_duration="30s")
+            continue
+        cpu, memory, gpus = ((cluster.train_cpu, cluster.train_memory, cluster.train_gpus) if step.name == "train"
+                             else (cluster.evaluate_cpu, cluster.evaluate_memory, cluster.evaluate_gpus))
+        _resources(task, cpu, memory)
         if gpus > 0:
             task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
             for key, value in cluster.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             if cluster.gpu_toleration:
                 kubernetes.add_toleration(task, **cluster.toleration())
-    for task in (train, evaluate):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=SHM_PATH,
                                    medium="Memory", size_limit=cluster.shm_size)
+        if step.name == "train" and cluster.train_retries:
+            task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
     if cluster.gcs_secret:
-        # Steps that read gs:// URIs given as parameters (the archive, pairs.txt, checkpoints).
-        for task in (download, train, evaluate):
-            kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
-            task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
-    if cluster.download_retries:
-        download.set_retry(num_retries=cluster.download_retries, backoff_duration="30s")
-    if cluster.train_retries:
-        train.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
+        # Steps that read gs:// URIs given as parameters (the archives, pairs.txt, checkpoints).
+        for step, task in tasks:
+            if step.name in ("download", "train", "evaluate", "evaluate_on_archive"):
+                kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
+                task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> None:

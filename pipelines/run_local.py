@@ -35,8 +35,8 @@ from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.runs import (RERUN_SUMMARY, SUMMARY, TaskRecord, artifact_summary,
                               check_inputs, dag_order, data_sources, report_summary, resolve_source,
                               summarise, task_error)
-from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline,
-                                        parameter_keys, pipeline_parameters)
+from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline, parameter_keys,
+                                        pipeline_parameters, steps_for)
 from pipelines.kfp_internals import observe_local_tasks
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: Pipel
             task = dsl.importer(artifact_uri=uri, artifact_class=producers()[name].cls, reimport=False)
             task.set_display_name(f"import {name}")
             imported[name] = task.output
-        add_tasks(components, [s for s in STEPS if s.name in names], values, imported)
+        add_tasks(components, [s for s in steps_for(config) if s.name in names], values, imported)
 
     dag.__name__ = f"facenet_rerun_{names[0]}"
     return dsl.pipeline(name=f"{PIPELINE_NAME}-rerun-{names[0]}",
@@ -209,6 +209,9 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
         raise InputError("--from is required: a pipeline root, summary, run folder or name=path pairs")
     names = [step, "evaluate"] if with_evaluate else [step]
     config = load_config(config_path, rerun_overrides(sets or [], names))
+    if config.data.eval_source_uri and "evaluate" in names:
+        raise InputError(f"{config_path}: data.eval_source_uri is set, and a rerun does not import the evaluation "
+                         f"archive's images; run the whole pipeline (make run): its cached steps are not rerun")
     found, described = resolve_sources(sources)
     produced = {name for name, p in producers().items() if p.step in names}
     needed = tuple(dict.fromkeys(name for s in STEPS if s.name in names for name in s.inputs
@@ -233,6 +236,15 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
                      parameters={name: values[name] for name in used}, artifacts=artifacts)
 
 
+def _with_eval_source(overrides: dict[str, dict[str, Any]], source: str, sha256: str) -> dict[str, dict[str, Any]]:
+    """`--eval-source` / `--eval-sha256` as overrides of data.eval_source_uri and data.eval_sha256."""
+    if sha256 and not source:
+        raise InputError("--eval-sha256 needs --eval-source")
+    if source:
+        overrides.setdefault("data", {}).update(eval_source_uri=source, eval_sha256=sha256)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: configs/demo.yaml)")
@@ -247,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--source", default="", help="archive URI or path; default: the config's data.source_uri, "
                                                     "else the demo archive")
     whole.add_argument("--sha256", default="", help="expected sha256 of the archive")
+    whole.add_argument("--eval-source", default="", help="archive of a separate evaluation dataset (LFW, say); "
+                                                         "default: the config's data.eval_source_uri")
+    whole.add_argument("--eval-sha256", default="", help="expected sha256 of the evaluation archive")
     whole.add_argument("--pairs", default="", help="pairs.txt URI or path for the LFW protocol; 'demo' for the demo archive's")
     whole.add_argument("--pairs-sha256", default="", help="expected sha256 of the pairs file")
     whole.add_argument("--demo-dir", default="data/demo", help="where the demo archive is kept")
@@ -269,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
                                    args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
                                    demo_identities=args.demo_identities, enable_caching=not args.no_cache,
-                                   overrides=parse_assignments(args.sets, parameter_keys()),
+                                   overrides=_with_eval_source(parse_assignments(args.sets, parameter_keys()),
+                                                               args.eval_source, args.eval_sha256),
                                    pairs_sha256=args.pairs_sha256 or None, images=images)
             path = Path(args.pipeline_root) / SUMMARY
     except (FacenetError, ValueError) as exc:

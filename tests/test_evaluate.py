@@ -829,3 +829,11 @@ def test_flip_embeddings_of_a_real_model_against_a_loop(data, real_model_dir):
         m = model.predict_on_batch(np.ascontiguousarray(x[:, ::-1])[None])[0].astype(np.float64)
         np.testing.assert_allclose(p, e, atol=1e-5)
         np.testing.assert_allclose(f, (e + m) / np.linalg.norm(e + m), atol=1e-5)
+
+
+def test_archive_overlap_counts_names_in_both_archives():
+    train_rows = {f"{n}/{n}_0001.jpg": {"identity": n} for n in ("Ann", "Bob", "Cy", "Dee")}
+    eval_rows = {f"{n}/{n}_000{i}.jpg": {"identity": n} for n in ("Bob", "Cy", "Eve") for i in (1, 2)}
+    assert ev.archive_overlap(train_rows, eval_rows, train_names={"Ann", "Bob"}) == {
+        "eval_identities": 3, "eval_images": 6, "eval_identities_in_training_archive": 2,
+        "eval_identities_in_train_split": 1}

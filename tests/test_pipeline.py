@@ -190,3 +190,30 @@ def test_parameter_descriptions_are_the_config_help(tmp_path):
 
     params = _docs(tmp_path)[0]["root"]["inputDefinitions"]["parameters"]
     assert params["train_loss"]["description"] == f"{field_help(TrainConfig)['loss']} (config: train.loss)"
+
+
+def test_an_evaluation_archive_adds_its_branch_and_parameters(tmp_path):
+    config = tmp_path / "casia.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source_uri": "gs://b/casia.zip", "sha256": "",
+                                               "eval_source_uri": "gs://b/lfw.tgz", "eval_sha256": "a" * 64},
+                                      "cluster": {"gcs_secret": "gcs-key"}}))
+    spec, platform = _docs(tmp_path, config)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"download-archive-2", "extract-images-2", "evaluate-on-archive"} <= set(tasks)
+    assert "evaluate-model" not in tasks
+    assert tasks["download-archive-2"]["inputs"]["parameters"]["source_uri"]["componentInputParameter"] == \
+        "eval_source_uri"
+    evaluate = tasks["evaluate-on-archive"]["inputs"]["artifacts"]
+    assert evaluate["eval_images"]["taskOutputArtifact"]["producerTask"] == "extract-images-2"
+    assert evaluate["images"]["taskOutputArtifact"]["producerTask"] == "extract-images"
+    assert tasks["split-identities"]["inputs"]["parameters"]["test_split"]["runtimeValue"]["constant"] is False
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["eval_sha256"]["defaultValue"] == "a" * 64
+    # Both downloads retry and get the credentials.
+    assert tasks["download-archive-2"]["retryPolicy"]["maxRetryCount"] == 3
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-download-archive-2"]["secretAsVolume"][0]["secretName"] == "gcs-key"
+    # Without one the DAG has no such branch and no such parameters.
+    plain, _ = _docs(tmp_path, name="plain.yaml")
+    assert "eval_source_uri" not in plain["root"]["inputDefinitions"]["parameters"]
+    assert "download-archive-2" not in plain["root"]["dag"]["tasks"]

@@ -68,7 +68,8 @@ def test_rerun_step_is_wired_as_in_the_full_pipeline(full_pipeline_spec, tmp_pat
     task, full = spec["root"]["dag"]["tasks"][name], full_tasks[name]
     assert set(task["inputs"]["artifacts"]) == set(full["inputs"]["artifacts"])
     defaults = {p: d.get("defaultValue") for p, d in full_root["inputDefinitions"]["parameters"].items()}
-    expected = {arg: defaults[p["componentInputParameter"]] for arg, p in full["inputs"].get("parameters", {}).items()}
+    expected = {arg: defaults[p["componentInputParameter"]] if "componentInputParameter" in p
+                else p["runtimeValue"]["constant"] for arg, p in full["inputs"].get("parameters", {}).items()}
     assert {arg: p["runtimeValue"]["constant"] for arg, p in task["inputs"].get("parameters", {}).items()} == expected
 
 

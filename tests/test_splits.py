@@ -198,7 +198,7 @@ def test_records_the_labels_and_their_dataset(tmp_path):
     make_splits(labels, tmp_path / "splits", (0.6, 0.2, 0.2), seed=4)
     assert json.loads((tmp_path / "splits" / PROVENANCE_JSON).read_text()) == {
         "artifact": "splits", "images": read_provenance(labels, "labels")["images"],
-        "labels": fingerprint("labels", labels), "fractions": [0.6, 0.2, 0.2], "seed": 4}
+        "labels": fingerprint("labels", labels), "fractions": [0.6, 0.2, 0.2], "seed": 4, "test_split": True}
     assert set(check_inputs(labels=labels, splits=tmp_path / "splits")) == {"labels", "splits"}
     other = write_labels(tmp_path / "other", mixed_counts(5, 11))
     with pytest.raises(InputError, match=r"splits .*/splits was made from other labels"):
@@ -211,3 +211,19 @@ def test_labels_without_provenance_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"labels/provenance.json: not found.* rerun the labels step"):
         make_splits(labels, tmp_path / "splits")
     assert not (tmp_path / "splits").exists()
+
+
+def test_without_a_test_split_its_identities_are_trained_on(tmp_path):
+    """A separate evaluation archive is the test set: test.txt is empty, val is as with one."""
+    counts = mixed_counts(30, 40)
+    labels = write_labels(tmp_path / "labels", counts)
+    with_test = make_splits(labels, tmp_path / "with", seed=3)
+    without = make_splits(labels, tmp_path / "without", seed=3, test_split=False)
+    assert (tmp_path / "without/test.txt").read_text() == ""
+    assert without["test"]["identities"] == 0 and without["test_split"] is False
+    assert without["val"] == with_test["val"]
+    assert without["train"]["identities"] == with_test["train"]["identities"] + with_test["test"]["identities"]
+    assert (without["train"]["identities"] + without["val"]["identities"]) == len(counts)
+    assert split_sizes(10, 1, (0.7, 0.15, 0.15), test_split=False) == (9, 1, 0)
+    with pytest.raises(InputError, match="split 'val' would be empty"):
+        split_sizes(10, 0, (0.7, 0.15, 0.15), test_split=False)
