@@ -396,6 +396,49 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+# --- the pipeline parameters: one per config key of data, train and evaluate ---------------------
+
+EVAL_PARAMETERS = ("eval_source_uri", "eval_sha256")
+SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_"}
+# Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
+CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
+# Config field type -> pipeline parameter type; any other field type cannot be a parameter.
+PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ...]: list}
+
+
+def parameter_keys() -> dict[str, tuple[str, str]]:
+    """{pipeline parameter name: (config section, key)}, in signature order (`pipeline_parameters`
+    leaves out the evaluation archive's two when the config names none).
+
+    Data keys keep their names (``source_uri``), train and evaluate keys are
+    prefixed ``train_`` and ``eval_`` (``train_learning_rate``, ``eval_folds``),
+    and two cluster keys, where the train task writes, are parameters too.
+    """
+    keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
+            for section in SECTION_PREFIX for f in dataclasses.fields(SECTIONS[section])}
+    keys.update({key: ("cluster", key) for key in CLUSTER_PARAMETERS})
+    return keys
+
+
+def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, description) of every pipeline parameter, in signature order.
+
+    A config field whose type has no pipeline parameter type fails here, at compile time.
+    """
+    params = []
+    for name, (section, key) in parameter_keys().items():
+        if name in EVAL_PARAMETERS and not config.data.eval_source_uri:
+            continue
+        kind = typing.get_type_hints(SECTIONS[section])[key]
+        if kind not in PARAMETER_TYPES:
+            raise InputError(f"config {section}.{key} has type {kind}, which has no pipeline parameter "
+                               f"type; known: {', '.join(map(str, PARAMETER_TYPES))}")
+        value = getattr(getattr(config, section), key)
+        params.append((name, PARAMETER_TYPES[kind], list(value) if isinstance(value, tuple) else value,
+                       f"{field_help(SECTIONS[section])[key]} (config: {section}.{key})"))
+    return params
+
+
 def markdown_table() -> str:
     """Every config key with its default and help: the configuration table in README.md."""
     lines = ["| key | default | meaning |", "|---|---|---|"]

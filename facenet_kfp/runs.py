@@ -9,7 +9,9 @@ pipelines/run_local.py only connects it to kfp.local.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any, Mapping, NamedTuple
 
 import yaml
 
-from facenet_kfp.config import load_config
+from facenet_kfp.config import load_config, parameter_keys, parse_assignments
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import file_sha256, local_path, read_json, write_json
 
@@ -41,6 +43,7 @@ KEY_FIGURES = {
 # A file every folder of each importable artifact holds.
 MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
            "splits": "train.txt", "model": "model.json"}
+log = logging.getLogger(__name__)
 _STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
 _EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
 _STEP_NUMBER = re.compile(r"(\d+)\.\s")
@@ -62,6 +65,22 @@ class TaskRecord:
     seconds: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+
+
+class Tee(io.TextIOBase):
+    """Copies writes to the real stream and keeps the last lines (a task's log, for its error line)."""
+
+    def __init__(self, stream: Any, keep: int = 200):
+        self.stream, self.keep, self.lines = stream, keep, []
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.lines.extend(text.splitlines())
+        del self.lines[:-self.keep]
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def artifact_summary(value: Any) -> Any:
@@ -333,3 +352,47 @@ def data_sources(config_path: str | None, source: str | None, sha256: str | None
                          f"in {config_path or 'the config'}")
     return {"source_uri": source_uri, "sha256": sha256 or source_sha,
             "pairs_uri": pairs_uri, "pairs_sha256": pairs_sha256 or pairs_sha}
+
+
+def with_eval_source(overrides: dict[str, dict[str, Any]], source: str, sha256: str) -> dict[str, dict[str, Any]]:
+    """`--eval-source` / `--eval-sha256` as overrides of data.eval_source_uri and data.eval_sha256."""
+    if sha256 and not source:
+        raise InputError("--eval-sha256 needs --eval-source")
+    if source:
+        overrides.setdefault("data", {}).update(eval_source_uri=source, eval_sha256=sha256)
+    return overrides
+
+
+def resolve_sources(specs: list[str], producers: Mapping[str, Producer]) -> tuple[dict[str, str], list[str]]:
+    """Artifact URIs from every --from value (later ones win) and where each value pointed."""
+    found: dict[str, str] = {}
+    described = []
+    for spec in specs:
+        artifacts, where = resolve_source(spec, producers)
+        log.info("--from %s: %s (%s)", spec, ", ".join(sorted(artifacts)) or "no artifacts", where)
+        found.update(artifacts)
+        described.append(where)
+    return found, described
+
+
+def step_overrides(items: list[str], steps: list[str], reads: Mapping[str, set[str]],
+                   section: str) -> dict[str, dict[str, Any]]:
+    """`--set` items of a rerun as config overrides; each must be a parameter one of `steps` reads.
+
+    `reads` gives each step's pipeline parameters; a name is a config key, a
+    pipeline parameter or a plain key of `section` (``learning_rate`` for train).
+    """
+    keys = parameter_keys()
+    aliases = {**{key: (s, key) for name, (s, key) in keys.items() if s == section}, **keys}
+    parameter_of = {key: name for name, key in keys.items()}
+    used = set().union(*(reads[step] for step in steps))
+    overrides = parse_assignments(items, aliases)
+    for cfg_section, values in overrides.items():
+        for key in values:
+            param = parameter_of.get((cfg_section, key), f"{cfg_section}.{key}")
+            if param not in used:
+                hint = (" (add --with-evaluate to evaluate the new model too)"
+                        if steps == ["train"] and param in reads["evaluate"] else "")
+                raise InputError(f"--set {cfg_section}.{key}: step {' + '.join(steps)} does not read {param}"
+                                 f"{hint}; it reads: {', '.join(sorted(used)) or 'no parameters'}")
+    return overrides

@@ -1,9 +1,5 @@
-"""The seven-step DAG. Pipeline parameters mirror the config keys; defaults come from a config.
-
-Parameter names: data keys as they are (``source_uri``, ``multiple``, ...),
-training keys prefixed ``train_`` and evaluation keys prefixed ``eval_``
-(``train_learning_rate``, ``eval_folds``), plus ``checkpoint_root`` and
-``tensorboard_root`` (destinations of the train task). Each task receives only
+"""The seven-step DAG. Pipeline parameters mirror the config keys (`facenet_kfp.config.parameter_keys`);
+defaults come from a config. Each task receives only
 the parameters that concern it, so the cache key of a step changes only when
 its own inputs do (see README, "Caching"). `STEPS` is the one description of
 the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`)
@@ -14,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kfp import dsl, kubernetes
 
 from components import Images, build_components
-from facenet_kfp.config import SECTIONS, PipelineConfig, field_help
-from facenet_kfp.errors import FacenetError
+from facenet_kfp.config import (CLUSTER_PARAMETERS, EVAL_PARAMETERS, PipelineConfig, parameter_keys,
+                                pipeline_parameters)
 
 PIPELINE_NAME = "facenet-kfp"
 PIPELINE_DESCRIPTION = (
@@ -32,41 +27,8 @@ PIPELINE_DESCRIPTION = (
     "triplet mining, then choose the verification threshold and report accuracy, ROC AUC, "
     "EER and VAL@FAR.")
 
-SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_"}
-# Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
-CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
-# Config field type -> pipeline parameter type; any other field type cannot be a parameter.
-PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ...]: list}
 SHM_PATH = "/dev/shm"
 GCS_KEY_DIR = "/var/secrets/google"
-
-
-def parameter_keys() -> dict[str, tuple[str, str]]:
-    """{pipeline parameter name: (config section, key)}, in signature order (`pipeline_parameters`
-    leaves out the evaluation archive's two when the config names none)."""
-    keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
-            for section, prefix in SECTION_PREFIX.items() for f in dataclasses.fields(SECTIONS[section])}
-    keys.update({key: ("cluster", key) for key in CLUSTER_PARAMETERS})
-    return keys
-
-
-def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str]]:
-    """(name, type, default, description) of every pipeline parameter, in signature order.
-
-    A config field whose type has no pipeline parameter type fails here, at compile time.
-    """
-    params = []
-    for name, (section, key) in parameter_keys().items():
-        if name in EVAL_PARAMETERS and not config.data.eval_source_uri:
-            continue
-        kind = typing.get_type_hints(SECTIONS[section])[key]
-        if kind not in PARAMETER_TYPES:
-            raise FacenetError(f"config {section}.{key} has type {kind}, which has no pipeline parameter "
-                               f"type; known: {', '.join(map(str, PARAMETER_TYPES))}")
-        value = getattr(getattr(config, section), key)
-        params.append((name, PARAMETER_TYPES[kind], list(value) if isinstance(value, tuple) else value,
-                       f"{field_help(SECTIONS[section])[key]} (config: {section}.{key})"))
-    return params
 
 
 @dataclass(frozen=True)
@@ -86,9 +48,9 @@ class Step:
     renamed: dict[str, str] = field(default_factory=dict)   # {argument or output: artifact name}
 
 
-def _section(section: str, **renamed: str) -> dict[str, str]:
-    prefix = SECTION_PREFIX[section]
-    return {f.name: renamed.get(f.name, prefix + f.name) for f in dataclasses.fields(SECTIONS[section])}
+def _section(section: str) -> dict[str, str]:
+    """{key: pipeline parameter} of every key of a config section."""
+    return {key: name for name, (s, key) in parameter_keys().items() if s == section}
 
 
 STEPS = (
@@ -113,7 +75,6 @@ STEPS = (
 
 # With a separate evaluation archive: its download and extract, splits without a test split, and
 # evaluation on it (config data.eval_source_uri decides at compile time).
-EVAL_PARAMETERS = ("eval_source_uri", "eval_sha256")
 EVAL_BRANCH = (
     Step("download", "1. download evaluation archive", (),
          {"source_uri": "eval_source_uri", "sha256": "eval_sha256", "max_download_gb": "max_download_gb"},

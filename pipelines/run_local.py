@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import sys
 import time
@@ -32,9 +31,9 @@ from kfp import dsl, local
 from components import DEFAULT_IMAGES, Images, build_components, producers
 from facenet_kfp.config import PipelineConfig, load_config, parse_assignments
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.runs import (RERUN_SUMMARY, SUMMARY, TaskRecord, artifact_summary,
-                              check_inputs, dag_order, data_sources, report_summary, resolve_source,
-                              summarise, task_error)
+from facenet_kfp.runs import (RERUN_SUMMARY, SUMMARY, TaskRecord, Tee, artifact_summary, check_inputs, dag_order,
+                              data_sources, report_summary, resolve_sources, step_overrides, summarise,
+                              task_error, with_eval_source)
 from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, add_tasks, build_pipeline, parameter_keys,
                                         pipeline_parameters, steps_for)
 from pipelines.kfp_internals import observe_local_tasks
@@ -45,22 +44,6 @@ DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE = DEFAULT_IMAGES.light, DEFAULT_IMAGE
 RERUNNABLE = ("labels", "complete", "splits", "train", "evaluate")
 
 
-class _Tee(io.TextIOBase):
-    """Copies writes to the real stream and keeps the last lines (the task's log)."""
-
-    def __init__(self, stream: Any, keep: int = 200):
-        self.stream, self.keep, self.lines = stream, keep, []
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.lines.extend(text.splitlines())
-        del self.lines[:-self.keep]
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def execute(pipeline: Callable, root: Path, runner: Any, enable_caching: bool,
             containers: Any = None) -> tuple[list[TaskRecord], str, float]:
     """Run `pipeline` with kfp.local; (task records in DAG order, "" or why the run failed, seconds)."""
@@ -69,7 +52,7 @@ def execute(pipeline: Callable, root: Path, runner: Any, enable_caching: bool,
 
     def record(task_name: str, display_name: str, run: Callable[[], tuple[Any, bool, bool]]) -> None:
         records.append(entry := TaskRecord(task_name, display_name))
-        tee, start = _Tee(sys.stdout), time.monotonic()
+        tee, start = Tee(sys.stdout), time.monotonic()
         with contextlib.redirect_stdout(tee):
             outputs, failed, cached = run()
         entry.seconds = time.monotonic() - start
@@ -144,34 +127,8 @@ def run_pipeline(config_path: str | None, source: str | None, sha256: str | None
 
 def rerun_overrides(items: list[str], steps: list[str]) -> dict[str, dict[str, Any]]:
     """`--set` items of a rerun as config overrides; each must be a parameter one of `steps` reads."""
-    by_name = {step.name: step for step in STEPS}
-    section = {"train": "train", "evaluate": "evaluate"}.get(steps[0], "data")
-    keys = parameter_keys()
-    aliases = {**{key: (s, key) for name, (s, key) in keys.items() if s == section}, **keys}
-    parameter_of = {key: name for name, key in keys.items()}
-    used = {param for step in steps for param in by_name[step].parameters.values()}
-    overrides = parse_assignments(items, aliases)
-    for cfg_section, values in overrides.items():
-        for key in values:
-            param = parameter_of.get((cfg_section, key), f"{cfg_section}.{key}")
-            if param not in used:
-                hint = (" (add --with-evaluate to evaluate the new model too)" if steps == ["train"]
-                        and param in by_name["evaluate"].parameters.values() else "")
-                raise InputError(f"--set {cfg_section}.{key}: step {' + '.join(steps)} does not read {param}"
-                                 f"{hint}; it reads: {', '.join(sorted(used)) or 'no parameters'}")
-    return overrides
-
-
-def resolve_sources(specs: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Artifact URIs from every --from value (later ones win) and where each value pointed."""
-    found: dict[str, str] = {}
-    described = []
-    for spec in specs:
-        artifacts, where = resolve_source(spec, producers())
-        log.info("--from %s: %s (%s)", spec, ", ".join(sorted(artifacts)) or "no artifacts", where)
-        found.update(artifacts)
-        described.append(where)
-    return found, described
+    reads = {step.name: set(step.parameters.values()) for step in STEPS}
+    return step_overrides(items, steps, reads, {"train": "train", "evaluate": "evaluate"}.get(steps[0], "data"))
 
 
 def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: PipelineConfig,
@@ -212,7 +169,7 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
     if config.data.eval_source_uri and "evaluate" in names:
         raise InputError(f"{config_path}: data.eval_source_uri is set, and a rerun does not import the evaluation "
                          f"archive's images; run the whole pipeline (make run): its cached steps are not rerun")
-    found, described = resolve_sources(sources)
+    found, described = resolve_sources(sources, producers())
     produced = {name for name, p in producers().items() if p.step in names}
     needed = tuple(dict.fromkeys(name for s in STEPS if s.name in names for name in s.inputs
                                  if name not in produced))
@@ -234,15 +191,6 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
     return summarise(f"{PIPELINE_NAME}-rerun-{step}", records, failure, seconds, root / RERUN_SUMMARY,
                      step=step, with_evaluate=with_evaluate, **{"from": described}, inputs=inputs,
                      parameters={name: values[name] for name in used}, artifacts=artifacts)
-
-
-def _with_eval_source(overrides: dict[str, dict[str, Any]], source: str, sha256: str) -> dict[str, dict[str, Any]]:
-    """`--eval-source` / `--eval-sha256` as overrides of data.eval_source_uri and data.eval_sha256."""
-    if sha256 and not source:
-        raise InputError("--eval-sha256 needs --eval-source")
-    if source:
-        overrides.setdefault("data", {}).update(eval_source_uri=source, eval_sha256=sha256)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_pipeline(args.config, args.source or None, args.sha256 or None, args.pairs or None,
                                    args.pipeline_root, runner=args.runner, demo_dir=args.demo_dir,
                                    demo_identities=args.demo_identities, enable_caching=not args.no_cache,
-                                   overrides=_with_eval_source(parse_assignments(args.sets, parameter_keys()),
+                                   overrides=with_eval_source(parse_assignments(args.sets, parameter_keys()),
                                                                args.eval_source, args.eval_sha256),
                                    pairs_sha256=args.pairs_sha256 or None, images=images)
             path = Path(args.pipeline_root) / SUMMARY

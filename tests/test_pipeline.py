@@ -176,10 +176,10 @@ def test_parameters_reach_only_the_steps_they_change(tmp_path, param, readers):
 
 
 def test_a_field_type_without_a_pipeline_type_fails_at_compile_time(tmp_path, monkeypatch):
+    from facenet_kfp import config
     from facenet_kfp.errors import FacenetError
-    from pipelines import facenet_pipeline
 
-    monkeypatch.setattr(facenet_pipeline, "PARAMETER_TYPES", {str: str, int: int, float: float, bool: bool})
+    monkeypatch.setattr(config, "PARAMETER_TYPES", {str: str, int: int, float: float, bool: bool})
     with pytest.raises(FacenetError, match=r"config evaluate\.far_targets has type tuple\[float, \.\.\.\], "
                                            r"which has no pipeline parameter type"):
         _compile(tmp_path)

@@ -108,13 +108,13 @@ def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
 def test_sources_run_folder_summary_root_and_pairs(tmp_path):
     run = tmp_path / "local_outputs" / "facenet-kfp-2026-01-01-00-00-00-000000"
     paths = _fake_artifacts(run)
-    assert rerun.resolve_source(str(run), rerun.producers())[0] == paths
+    assert runs.resolve_source(str(run), rerun.producers())[0] == paths
 
     root = tmp_path / "local_outputs"
     (root / "summary.json").write_text(json.dumps(_summary(paths)))
-    found, where = rerun.resolve_source(str(root), rerun.producers())
+    found, where = runs.resolve_source(str(root), rerun.producers())
     assert found == paths and where.endswith("summary.json")
-    assert rerun.resolve_source(str(root / "summary.json"), rerun.producers())[0] == paths
+    assert runs.resolve_source(str(root / "summary.json"), rerun.producers())[0] == paths
 
     # A newer rerun summary wins for the pipeline root; its `artifacts` are read too.
     new_model = _fake_artifacts(tmp_path / "rerun", ["model"])["model"]
@@ -123,15 +123,15 @@ def test_sources_run_folder_summary_root_and_pairs(tmp_path):
                      "artifacts": {name: paths[name] for name in UPSTREAM}}
     (root / "rerun-summary.json").write_text(json.dumps(rerun_summary))
     os.utime(root / "summary.json", ns=(1_000_000_000, 1_000_000_000))
-    found, where = rerun.resolve_source(str(root), rerun.producers())
+    found, where = runs.resolve_source(str(root), rerun.producers())
     assert where.endswith("rerun-summary.json")
     assert found == {**{name: paths[name] for name in UPSTREAM}, "model": new_model}
 
-    pairs = rerun.resolve_source(f"images={paths['images']},model={new_model}", rerun.producers())[0]
+    pairs = runs.resolve_source(f"images={paths['images']},model={new_model}", rerun.producers())[0]
     assert pairs == {"images": paths["images"], "model": new_model}
 
     # Later sources win, per artifact.
-    found, described = rerun.resolve_sources([str(run), f"model={new_model}"])
+    found, described = runs.resolve_sources([str(run), f"model={new_model}"], rerun.producers())
     assert found == {**paths, "model": new_model} and len(described) == 2
 
 
@@ -141,7 +141,7 @@ def test_failed_run_summary_still_gives_the_data_artifacts(tmp_path):
     summary["tasks"].append({"name": "train-model", "display_name": "6. train", "status": "FAILED",
                              "seconds": 3.0, "outputs": {}, "error": "InputError: bad"})
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    found = rerun.resolve_source(str(tmp_path / "summary.json"), rerun.producers())[0]
+    found = runs.resolve_source(str(tmp_path / "summary.json"), rerun.producers())[0]
     assert found == paths
     assert runs.check_inputs(TRAIN_INPUTS, found, ["x"], rerun.producers()) == paths
 
@@ -166,16 +166,16 @@ def test_check_inputs_names_what_is_missing(tmp_path):
 ])
 def test_bad_sources(tmp_path, spec, message):
     with pytest.raises(InputError, match=message):
-        rerun.resolve_source(spec, rerun.producers())
+        runs.resolve_source(spec, rerun.producers())
 
 
 def test_folder_that_is_neither_root_nor_run(tmp_path):
     (tmp_path / "something").mkdir()
     with pytest.raises(InputError, match="neither a pipeline root .* nor a run folder"):
-        rerun.resolve_source(str(tmp_path), rerun.producers())
+        runs.resolve_source(str(tmp_path), rerun.producers())
     (tmp_path / "summary.json").write_text(json.dumps({"status": "SUCCEEDED"}))
     with pytest.raises(InputError, match="not a pipeline summary"):
-        rerun.resolve_source(str(tmp_path), rerun.producers())
+        runs.resolve_source(str(tmp_path), rerun.producers())
 
 
 # --- --set ----------------------------------------------------------------------------------
