@@ -4,8 +4,12 @@ Everything that feeds images to a model goes through `preprocess_image`, so
 training, validation, evaluation and serving see the same pixels:
 
 1. decode the JPEG/PNG bytes to RGB uint8 (any size; LFW is 250 x 250);
-2. keep the centre square-ish box of `crop_fraction` of the height and width
-   (LFW faces are centred, so 0.6 keeps the face and drops most background);
+2. keep the centre box of `crop_fraction` of the height and `crop_fraction` of
+   the width: an H x W image of any size gives a round(f*H) x round(f*W) box,
+   at least 1 pixel (LFW faces are centred, so 0.6 keeps the face and drops
+   most background). The box has the image's aspect, and step 4 makes it
+   square: a non-square image is stretched. Face crops that are square to
+   begin with avoid that (VGGFace2's box cuts, made by extract);
 3. training only: shift that box by up to +-6% of its size and scale it by
    up to +-6% (crop jitter), kept inside the image;
 4. resize the box to `image_size` x `image_size` (area averaging);
@@ -19,7 +23,8 @@ and crop so a loader can refuse a model preprocessed differently.
 Training batches are P x K: P distinct identities, K images each, laid out
 identity by identity (rows i*K .. i*K+K-1 share a label). Online triplet
 mining needs that structure: a batch of consecutive images of one large
-identity (how the original TF1 implementation fed its input) has no negatives and gives zero loss.
+identity (how the original TF1 implementation fed its input) has no negatives
+and gives zero loss.
 
 The constants of this definition, the split index and `PKSampler` live in
 `facenet_kfp.input`, the TensorFlow-free pipeline that implements the same

@@ -36,9 +36,10 @@ KEY_FIGURES = {
     "complete-identities": ["generated", "identities_completed"],
     "split-identities": ["train_identities", "val_identities", "test_identities"],
     "train-model": ["steps"],
-    "evaluate-model": ["test_accuracy", "test_auc", "threshold"],
+    "evaluate-model": ["test_accuracy", "test_auc", "threshold", "lfw_pairs_train_identities",
+                       "lfw_pairs_overlapping_pairs"],
     "evaluate-on-archive": ["test_accuracy", "test_auc", "threshold", "eval_identities",
-                            "eval_identities_in_training_archive"],
+                            "eval_identities_in_training_archive", "lfw_pairs_overlapping_pairs"],
 }
 # A file every folder of each importable artifact holds.
 MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
@@ -204,6 +205,13 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
               f"in its train split):", end="")
     if shown:
         print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown))
+    if metrics.get("lfw_pairs_overlapping_pairs"):
+        held = (f"; on its held-out pairs: {int(metrics.get('lfw_pairs_heldout_folds', 10))}-fold accuracy "
+                f"{metrics['lfw_pairs_heldout_kfold_accuracy_mean']:.4f}"
+                if "lfw_pairs_heldout_kfold_accuracy_mean" in metrics else
+                "; too few held-out pairs remain: the pairs.txt figures are not a held-out benchmark")
+        print(f"pairs.txt: {int(metrics['lfw_pairs_overlapping_pairs']):,} of {int(metrics['lfw_pairs_pairs']):,} "
+              f"pairs name {int(metrics['lfw_pairs_train_identities']):,} training identities{held}")
     for key, label in (("model_uri", "trained model"), ("report_uri", "report"), ("threshold_uri", "threshold.json")):
         if metrics.get(key):
             print(f"{label}: {metrics[key]}")

@@ -34,3 +34,18 @@ def test_failed_task_line_quotes_the_step_error_not_a_warning():
     assert task_error(["ValueError: first", "  File x", "facenet_kfp.errors.InputError: last"]
                                 ) == "facenet_kfp.errors.InputError: last"
     assert task_error(["nothing useful"]) == "see the task log above"
+
+
+def test_the_headline_says_when_pairs_name_training_identities(capsys, tmp_path):
+    from facenet_kfp.runs import report_summary
+
+    metrics = {"test_accuracy": 0.9, "lfw_pairs_pairs": 6000, "lfw_pairs_overlapping_pairs": 5100,
+               "lfw_pairs_train_identities": 3799, "lfw_pairs_heldout_kfold_accuracy_mean": 0.81}
+    summary = {"pipeline": "facenet-kfp", "status": "SUCCEEDED", "tasks": [], "metrics": metrics}
+    assert report_summary(summary, tmp_path / "summary.json") == 0
+    out = capsys.readouterr().out
+    assert "pairs.txt: 5,100 of 6,000 pairs name 3,799 training identities; on its held-out pairs: " \
+           "10-fold accuracy 0.8100" in out
+    del metrics["lfw_pairs_heldout_kfold_accuracy_mean"]
+    report_summary(summary, tmp_path / "summary.json")
+    assert "not a held-out benchmark" in capsys.readouterr().out
