@@ -144,7 +144,8 @@ class DataConfig(Section):
     pairs_uri: str = setting("", "optional LFW View 2 pairs.txt for the standard protocol (of the "
                                  "evaluation archive when there is one)")
     pairs_sha256: str = setting("", "expected pairs.txt sha256; empty skips the check")
-    shard_size_mb: int = setting(64, "target size of each packed image shard (MB)", minimum=1)
+    shard_size_mb: int = setting(256, "target size of each packed image shard (MB): artifact files grow with bytes, "
+                                      "not with images", minimum=1)
     max_skipped_fraction: float = setting(0.01, "extract fails when more of the images are unusable "
                                                 "(junk files do not count)", minimum=0, maximum=1)
     max_expansion: float = setting(20.0, "extract may write this many times the archive's size "

@@ -277,22 +277,21 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
                           "outside_image" if cand.box is not None else "without_box"] += 1
                     writer.add(cand.identity, cand.file, data, synthetic=False,
                                width=check.width, height=check.height, **extra)
-            rows = writer.records
-            if not rows:
+            if not writer.images:
                 raise InputError(f"{archive}: no identity has a valid image "
                                  f"({len(skipped)} files skipped, e.g. {skipped[0]['member']}: "
                                  f"{skipped[0]['reason']})")
-            _check_unusable(archive, unusable, len(rows), max_skipped_fraction)
+            _check_unusable(archive, unusable, writer.images, max_skipped_fraction)
             summary = {
-                "images": len(rows),
-                "identities": len({row["identity"] for row in rows}),
+                "images": writer.images,
+                "identities": len(writer.identities),
                 "image_root": layout.root_name,
                 "shards": len(shard_files(tmp)),
                 "skipped": sorted(skipped, key=lambda item: item["member"]),
                 "unusable": len(unusable),
                 "converted": converted,
                 "format": fmt,
-                "layout": _layout_summary(layout, rows, candidates, box_files, boxes),
+                "layout": _layout_summary(layout, writer.identities, candidates, box_files, boxes),
             }
             write_json(tmp / DATASET_JSON, summary)
     log.info("%s: %d images of %d identities in %d shards, %d files skipped (%d unusable images), "
@@ -1010,7 +1009,7 @@ def _attach_boxes(source: "_Source", archive: Path, box_files: dict[str, _Member
     return [cand._replace(box=boxes[i]) if i in boxes else cand for i, cand in enumerate(candidates)], rows
 
 
-def _layout_summary(layout: Layout, rows: list[dict], candidates: list[_Candidate],
+def _layout_summary(layout: Layout, stored: collections.Counter, candidates: list[_Candidate],
                     box_files: dict[str, _Member], boxes: collections.Counter) -> dict:
     """dataset.json's ``layout``: ``{"name", "root", "evidence"}``; vggface2 adds
 
@@ -1019,13 +1018,16 @@ def _layout_summary(layout: Layout, rows: list[dict], candidates: list[_Candidat
     "applied", "without_box", "outside_image"}`` (member names, csv rows,
     `BOX_SCALE`, and stored images cut to their box, without a box, and
     with a box that misses the image; the last two are stored uncut).
+    `stored` counts the stored images per identity.
     """
     out = {"name": layout.name, "root": layout.root_name, "evidence": layout.evidence}
     if layout.name != "vggface2":
         return out
     split_of = {cand.identity: cand.split for cand in candidates}
-    images = collections.Counter(split_of[row["identity"]] for row in rows)
-    identities = collections.Counter(split_of[name] for name in {row["identity"] for row in rows})
+    images, identities = collections.Counter(), collections.Counter()
+    for name, count in stored.items():
+        images[split_of[name]] += count
+        identities[split_of[name]] += 1
     out["splits"] = {split: {"identities": identities[split], "images": images[split]}
                      for split in layout.splits}
     out["boxes"] = None if not box_files else {

@@ -2,11 +2,12 @@
 
 It imports no TensorFlow, so any Keras backend can train with it;
 `data.py` builds the tf.data pipeline on the same sampler, split index and
-constants. A split's images are read lazily (`open_split`): the index of the
-split (folder, shard, offset and size per image, about 150 bytes each) stays
-in memory, the encoded bytes are read from the shards when a batch needs
-them, through a small LRU cache (`ByteCache`), so memory does not grow with
-the split. Batches are decoded by worker processes (`TrainBatches`,
+constants. A split's images are read lazily (`open_split`): the manifests
+are streamed and only the split's index stays in memory (shard, offset,
+size and key per image, about 100 bytes each), the encoded bytes are read
+from the shards when a batch needs them, through a small LRU cache
+(`ByteCache`), so memory does not grow with the dataset beyond that index.
+Batches are decoded by worker processes (`TrainBatches`,
 `embedding_batches`) straight into shared memory, a few batches ahead.
 
 Preprocessing (`preprocess_array`) is the definition `data.preprocess_image`
@@ -37,6 +38,7 @@ without a break or resumed at n.
 
 from __future__ import annotations
 
+import array
 import collections
 import functools
 import io
@@ -53,7 +55,7 @@ from PIL import Image
 
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.labels import LABELS_JSON, load_labels
-from facenet_kfp.shards import MANIFEST, ShardReader, read_manifest
+from facenet_kfp.shards import MANIFEST, ShardReader, iter_manifest
 from facenet_kfp.splits import SPLITS, read_split
 from facenet_kfp.workers import available_cpus, become_child, mp_context
 
@@ -111,22 +113,24 @@ class SplitImages(Sequence):
 
     Attributes: `labels` int32 [N] (ids from labels.json), `keys` (the manifest
     `file` of each image), `synthetic` bool [N], `cache` (a `ByteCache`);
-    images are grouped by identity in split order. Close it (or use `with`) to
-    release the shard handles.
+    images are grouped by identity in split order. `shards` lists the
+    (folder number in `folders`, shard path) pairs, `index` is int64 [N, 3]:
+    (shard number in `shards`, offset, size) of each image. Close it (or use
+    `with`) to release the shard handles.
     """
 
-    def __init__(self, folders: Sequence[Path], rows: list[tuple[int, dict]], labels: np.ndarray,
+    def __init__(self, folders: Sequence[Path], shards: Sequence[tuple[int, str]], index: np.ndarray,
+                 keys: list[str], synthetic: np.ndarray, labels: np.ndarray,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.folders = [Path(folder) for folder in folders]
         self.labels = np.asarray(labels, dtype=np.int32)
-        self.keys = [row["file"] for _, row in rows]
-        self.synthetic = np.array([bool(row["synthetic"]) for _, row in rows], dtype=bool)
-        shards = sorted({(source, row["shard"]) for source, row in rows})
-        shard_ids = {shard: i for i, shard in enumerate(shards)}
-        self._shards = shards
-        self._shard = np.array([shard_ids[(source, row["shard"])] for source, row in rows], dtype=np.int32)
-        self._offset = np.array([row["offset"] for _, row in rows], dtype=np.int64)
-        self._size = np.array([row["size"] for _, row in rows], dtype=np.int64)
+        self.keys = keys
+        self.synthetic = np.asarray(synthetic, dtype=bool)
+        self._shards = list(shards)
+        self._index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
+        if not len(self.keys) == len(self.synthetic) == len(self.labels) == len(self._index):
+            raise InputError(f"split index of {len(self._index)} images has {len(self.keys)} keys, "
+                             f"{len(self.synthetic)} synthetic flags and {len(self.labels)} labels")
         self.cache = ByteCache(cache_bytes)
         self._readers = [ShardReader(folder) for folder in self.folders]
 
@@ -142,10 +146,10 @@ class SplitImages(Sequence):
         return self.cache.get(index, self._read)
 
     def _read(self, index: int) -> bytes:
-        source, shard = self._shards[self._shard[index]]
-        row = {"shard": shard, "offset": int(self._offset[index]), "size": int(self._size[index]),
-               "file": self.keys[index]}
-        return self._readers[source].read(row)
+        shard, offset, size = (int(value) for value in self._index[index])
+        source, path = self._shards[shard]
+        return self._readers[source].read({"shard": path, "offset": offset, "size": size,
+                                           "file": self.keys[index]})
 
     def close(self) -> None:
         for reader in self._readers:
@@ -167,7 +171,10 @@ def open_split(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike
     ones from `completion_dir` when `include_synthetic` (None: no completion).
     Every identity of the split (``<splits_dir>/<split>.txt``) must be in
     `labels.json` and have exactly the number of real images the split file
-    records; errors name the file at fault.
+    records; errors name the file at fault. The manifests are streamed and
+    only the split's rows are kept, as compact columns (about 100 bytes per
+    image with its key), so opening a split costs memory in proportion to
+    the split, not to the dataset.
     """
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -186,30 +193,42 @@ def open_split(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike
     sources = [(Path(dataset_dir), False)]
     if include_synthetic and completion_dir is not None:
         sources.append((Path(completion_dir), True))
-    rows_by_identity: dict[str, list[tuple[int, dict]]] = {name: [] for name, _ in entries}
+    position = {name: i for i, (name, _) in enumerate(entries)}     # identity -> its place in the split
+    shard_ids: dict[tuple[int, str], int] = {}
+    found = array.array("q")          # per image, in manifest order: identity position, shard number,
+    keys: list[str] = []              # offset, size (flattened); its key and whether it is synthetic
+    synthetic = array.array("b")
     for source, (folder, expect_synthetic) in enumerate(sources):
-        for row in read_manifest(folder):
-            if row["identity"] not in rows_by_identity:
+        for row in iter_manifest(folder):
+            where = position.get(row["identity"])
+            if where is None:
                 continue
             if bool(row["synthetic"]) != expect_synthetic:
                 kind = "generated" if row["synthetic"] else "real"
                 raise InputError(f"{folder}: manifest row {row['file']} is a {kind} image; "
                                  f"expected only {'generated' if expect_synthetic else 'real'} images here")
-            rows_by_identity[row["identity"]].append((source, row))
-    for name, real_count in entries:
-        found = sum(1 for _, row in rows_by_identity[name] if not row["synthetic"])
-        if found != real_count:
-            raise InputError(f"{dataset_dir}: identity {name} of split {split!r} has {found} real images "
+            shard = shard_ids.setdefault((source, row["shard"]), len(shard_ids))
+            found.extend((where, shard, row["offset"], row["size"]))
+            keys.append(row["file"])
+            synthetic.append(expect_synthetic)
+    columns = np.frombuffer(found, dtype=np.int64).reshape(-1, 4)
+    flags = np.frombuffer(synthetic, dtype=np.int8).astype(bool)
+    real_counts = np.bincount(columns[~flags, 0], minlength=len(entries))
+    for (name, real_count), count in zip(entries, real_counts):
+        if count != real_count:
+            raise InputError(f"{dataset_dir}: identity {name} of split {split!r} has {count} real images "
                              f"in the dataset but {real_count} in the split file")
-    rows = [item for name, _ in entries for item in rows_by_identity[name]]
-    labels = [label_ids[name] for name, _ in entries for _ in rows_by_identity[name]]
-    for source, shard in sorted({(source, row["shard"]) for source, row in rows}):
+    for source, shard in shard_ids:
         folder = sources[source][0]    # a missing shard fails here, not in the middle of training
         if not (folder / shard).is_file():
             raise InputError(f"{folder / shard}: shard named in {folder / MANIFEST} is missing; "
                              f"re-run the step that wrote {folder}")
-    images = SplitImages([folder for folder, _ in sources], rows, np.asarray(labels, dtype=np.int32),
-                         cache_bytes)
+    # Grouped by identity in split order; within one, real images then generated ones, each in
+    # manifest order (a stable sort keeps the streaming order).
+    order = np.argsort(columns[:, 0], kind="stable")
+    identity_labels = np.array([label_ids[name] for name, _ in entries], dtype=np.int32)
+    images = SplitImages([folder for folder, _ in sources], list(shard_ids), columns[order, 1:],
+                         [keys[i] for i in order], flags[order], identity_labels[columns[order, 0]], cache_bytes)
     log.info("split %s: %d identities, %d images (%d generated)", split, len(entries), len(images),
              int(images.synthetic.sum()))
     return images

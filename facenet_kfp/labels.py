@@ -10,7 +10,7 @@ from pathlib import Path
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, read_json, write_json
 from facenet_kfp.provenance import dataset_fingerprint, write_provenance
-from facenet_kfp.shards import read_manifest
+from facenet_kfp.shards import iter_manifest
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,11 @@ def count_real_images(dataset_dir: str | os.PathLike) -> dict[str, int]:
     Raises InputError when the manifest is empty, a row's identity or synthetic
     flag has the wrong type, or an identity has only synthetic images.
     """
-    rows = read_manifest(dataset_dir)
     manifest = Path(dataset_dir) / "manifest.jsonl"
-    if not rows:
-        raise InputError(f"{manifest}: no images")
     real: Counter[str] = Counter()
     identities = set()
-    for number, row in enumerate(rows, start=1):
+    number = 0
+    for number, row in enumerate(iter_manifest(dataset_dir), start=1):   # streamed: memory ~ identities
         identity, synthetic = row["identity"], row["synthetic"]
         if not isinstance(identity, str) or not identity:
             raise InputError(f"{manifest}: row {number}: identity must be a non-empty string, got {identity!r}")
@@ -39,6 +37,8 @@ def count_real_images(dataset_dir: str | os.PathLike) -> dict[str, int]:
         identities.add(identity)
         if not synthetic:
             real[identity] += 1
+    if not number:
+        raise InputError(f"{manifest}: no images")
     only_synthetic = sorted(identities - set(real))
     if only_synthetic:
         raise InputError(f"{manifest}: identity {only_synthetic[0]!r} has only synthetic images "

@@ -17,6 +17,7 @@ Steps may add fields (``source`` for generated images, ``width``, ``height``).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tarfile
@@ -31,9 +32,11 @@ REQUIRED_FIELDS = ("identity", "file", "synthetic", "shard", "offset", "size")
 
 
 class ShardWriter:
-    """Appends images to tar shards of about `max_shard_bytes` each and records the manifest.
+    """Appends images to tar shards of about `max_shard_bytes` each and writes the manifest as it goes.
 
-    Use inside an `atomic_dir` so a failed step leaves nothing behind::
+    Rows go to ``manifest.jsonl`` as they are added, so memory does not grow
+    with the images; `images` counts them and `identities` counts them per
+    identity. Use inside an `atomic_dir` so a failed step leaves nothing behind::
 
         with atomic_dir(out) as tmp, ShardWriter(tmp) as writer:
             writer.add("Ann", "Ann/Ann_0001.jpg", jpeg_bytes)
@@ -47,7 +50,9 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.prefix = prefix
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        self.records: list[dict[str, Any]] = []
+        self.images = 0
+        self.identities: collections.Counter[str] = collections.Counter()
+        self._manifest = open(self.out_dir / MANIFEST, "w", encoding="utf-8")
         self._tar: Any = None
         self._shard_name = ""
         self._shard_bytes = 0
@@ -59,7 +64,9 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:
+            return
+        self._manifest.close()
+        if self._tar is not None:
             self._tar.close()
             self._tar = None
 
@@ -105,17 +112,17 @@ class ShardWriter:
         row = {"identity": identity, "file": file, "synthetic": bool(synthetic),
                "shard": self._shard_name, "offset": offset, "size": len(data)}
         row.update(fields)
-        self.records.append(row)
+        self._manifest.write(json.dumps(row, sort_keys=True) + "\n")
+        self.images += 1
+        self.identities[identity] += 1
         self._shard_bytes += len(data) + len(header)
         return row
 
-    def close(self) -> list[dict[str, Any]]:
-        """Finish the last shard and write `manifest.jsonl`; returns all rows."""
+    def close(self) -> int:
+        """Finish the last shard and `manifest.jsonl`; returns the number of images."""
         self._finish_shard()
-        with open(self.out_dir / MANIFEST, "w") as handle:
-            for row in self.records:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-        return self.records
+        self._manifest.close()
+        return self.images
 
 
 def _member_header(name: str, size: int) -> bytes:
@@ -145,13 +152,25 @@ def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     Each row's shard must be a file path inside `dataset_dir` (no absolute
     path, no ``..``, no symbolic link leading out) and its offset and size
     non-negative integers, so a manifest never makes a step read elsewhere.
+    A row costs about 1 KB as a dict: where the manifest can be large, use
+    `iter_manifest` and keep only what is needed.
+    """
+    return list(iter_manifest(dataset_dir))
+
+
+def iter_manifest(dataset_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The rows of a packed dataset's manifest one at a time, validated as `read_manifest` does.
+
+    The manifest's absence is reported when the iteration starts; a bad row
+    when it is reached, after the rows before it were yielded. Shard paths
+    come out as one shared string per shard.
     """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST
     if not path.is_file():
         raise InputError(f"{path}: manifest not found; is {dataset_dir} a packed image dataset?")
-    rows = []
     checked: dict[str, str] = {}   # shard -> why it is refused ("" if it is fine)
+    shards: dict[str, str] = {}    # one string object per shard path, however many rows name it
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -177,8 +196,8 @@ def read_manifest(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
             if checked[shard]:
                 raise InputError(f"{path}:{number}: refusing shard {shard!r}: {checked[shard]}; a "
                                  f"manifest may only name shard files inside {dataset_dir}")
-            rows.append(row)
-    return rows
+            row["shard"] = shards.setdefault(shard, shard)
+            yield row
 
 
 def _outside(dataset_dir: Path, shard: str) -> str:

@@ -481,21 +481,24 @@ def _train_and_validation_batches(dataset_dir, completion_dir, labels_dir, split
 
 def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                 start_step: int):
-    """tensorflow: tf.data P x K batches (`data.make_train_dataset`) over the train split's bytes in memory."""
-    from facenet_kfp.data import load_split_images, make_train_dataset
+    """tensorflow: tf.data P x K batches (`data.make_train_dataset`) over the train split, read from the
+    shards by offset as batches are drawn (`input.open_split`), so memory does not grow with the dataset."""
+    from facenet_kfp.data import make_train_dataset
+    from facenet_kfp.input import open_split
 
-    images, labels, _, synthetic = load_split_images(dataset_dir, completion_dir or None, labels_dir,
-                                                     splits_dir, "train", include_synthetic=True)
-    _check_train_split(labels, synthetic, splits_dir, config, replicas)
-    val = _validation_images(dataset_dir, labels_dir, splits_dir, config)
-    train = make_train_dataset(images, labels, config.p, config.k, config.image_size, config.crop_fraction,
+    split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
+    try:
+        _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
+        val_batches = _validation_batches(dataset_dir, labels_dir, splits_dir, config, lambda images, labels, p: [
+            (x.numpy(), y.numpy()) for x, y in make_train_dataset(
+                images, labels, p, config.k, config.image_size, config.crop_fraction, False,
+                config.seed).take(config.validation_batches)])
+    except BaseException:
+        split.close()
+        raise
+    train = make_train_dataset(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
                                config.augment, config.seed, start_batch=start_step)
-    val_batches = None
-    if val is not None:
-        val_ds = make_train_dataset(val[0], val[1], val[2], config.k, config.image_size, config.crop_fraction,
-                                    False, config.seed).take(config.validation_batches)
-        val_batches = [(x.numpy(), y.numpy()) for x, y in val_ds]
-    return train, val_batches, lambda: None
+    return train, val_batches, split.close
 
 
 def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
@@ -503,18 +506,18 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     """jax: `input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
     from facenet_kfp.input import TrainBatches, open_split
 
+    def validation(images, labels, p):
+        with TrainBatches(images, labels, p, config.k, config.image_size, config.crop_fraction, False,
+                          config.seed, workers=0) as batches:
+            return [next(batches) for _ in range(config.validation_batches)]
+
     split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
     try:
         _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
-        val = _validation_images(dataset_dir, labels_dir, splits_dir, config)
+        val_batches = _validation_batches(dataset_dir, labels_dir, splits_dir, config, validation)
     except BaseException:
         split.close()
         raise
-    val_batches = None
-    if val is not None:
-        with TrainBatches(val[0], val[1], val[2], config.k, config.image_size, config.crop_fraction, False,
-                          config.seed, workers=0) as batches:
-            val_batches = [next(batches) for _ in range(config.validation_batches)]
     stream = TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
                           config.augment, config.seed, start_batch=start_step)
 
@@ -538,8 +541,25 @@ def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, repli
                          f"(each replica mines triplets among whole identities)")
 
 
-def _validation_images(dataset_dir, labels_dir, splits_dir, config: TrainConfig):
-    """(image bytes, labels, P of a validation batch) of the val identities with >= 2 real images, or None."""
+class _Subset(Sequence):
+    """Items `indices` of a lazy split, read when asked for."""
+
+    def __init__(self, split: Sequence, indices: np.ndarray):
+        self.split, self.indices = split, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.split[int(self.indices[i])]
+
+
+def _validation_batches(dataset_dir, labels_dir, splits_dir, config: TrainConfig, make_batches):
+    """`make_batches(images, labels, p)` over the val identities with >= 2 real images, or None.
+
+    The images are read from the shards only as the batches draw them, so
+    memory holds the validation batches, not the validation split.
+    """
     if config.validate_every <= 0:
         return None
     from facenet_kfp.input import open_split
@@ -551,8 +571,7 @@ def _validation_images(dataset_dir, labels_dir, splits_dir, config: TrainConfig)
         if n_val < 2:
             raise InputError(f"{Path(splits_dir) / 'val.txt'}: validation needs 2 identities with at least "
                              f"2 real images, found {n_val} (set validate_every: 0 to train without it)")
-        images = [split[i] for i in np.flatnonzero(keep)]
-    return images, val_labels[keep], min(config.p, n_val)
+        return make_batches(_Subset(split, np.flatnonzero(keep)), val_labels[keep], min(config.p, n_val))
 
 
 # ----------------------------------------------------------------------------- monitor

@@ -102,3 +102,72 @@ def test_gpu_sh_refuses_wheels_for_another_python(tmp_path):
                             env={**os.environ, "GPU_WHEELS": str(wheels), "PYTHON": sys.executable})
     assert result.returncode == 2
     assert "are for Python 3.99" in result.stderr and "make gpu-wheels GPU_PYTHON=" in result.stderr
+
+
+# ----------------------------------------------------------------------------- benchmarks/scale.py
+
+# A child that touches `MB` MiB, optionally in a forked worker of its own, then spins for `CPU` s.
+_ALLOCATE = textwrap.dedent("""
+    import os, sys, time
+    mb, in_worker, cpu = int(sys.argv[1]), sys.argv[2] == "worker", float(sys.argv[3])
+    def touch():
+        block = bytearray(mb << 20)
+        block[::4096] = b"x" * len(block[::4096])
+    if in_worker:
+        pid = os.fork()
+        if pid == 0:
+            touch()
+            os._exit(0)
+        os.waitpid(pid, 0)
+    else:
+        touch()
+    start = time.process_time()
+    while time.process_time() - start < cpu:
+        pass
+""")
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_measure_reports_the_largest_process_and_the_cpu_time(where):
+    from benchmarks.preprocess import measure
+
+    run = measure([sys.executable, "-c", _ALLOCATE, "300", where, "0.5"])
+    assert 300 <= run.peak_mb < 400          # the worker's 300 MiB counts even though it was not the command
+    assert run.cpu_seconds >= 0.5 and run.seconds >= 0.5
+    with pytest.raises(SystemExit, match="failed with exit status 3"):
+        measure([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_scale_benchmark_tiny_run_prints_every_figure(tmp_path):
+    import importlib.util
+    import re
+
+    work = tmp_path / "work"
+    argv = [sys.executable, "-m", "benchmarks.scale", "--fraction", "0.005", "--compare-fraction", "0.004",
+            "--work", str(work), "--batches", "3", "--sample", "300", "--shard-size-mb", "1"]
+    tensorflow = importlib.util.find_spec("tensorflow") is not None
+    result = subprocess.run(argv + ([] if tensorflow else ["--no-tensorflow"]), capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+
+    for fraction, identities in (("0.005", 53), ("0.004", 42)):      # round(fraction x 10,575)
+        steps = work / f"casia-{fraction}-steps"
+        heading = re.search(rf"^CASIA x {fraction} \(.* GB \.tgz\): {identities} identities, .*$", out, re.M)
+        assert heading, out
+        rows = {line.split()[0]: line.split() for line in out[heading.end():].splitlines()[2:7]}
+        assert list(rows) == ["download", "extract", "labels", "complete", "splits"]
+        # files, MB, shards as they are on disk (the shard size passed explicitly: 1 MB)
+        shards = sorted((steps / "images" / "shards").iterdir())
+        files = [p for p in (steps / "images").rglob("*") if p.is_file()]
+        assert rows["extract"][6:9] == [str(len(files)), f"{sum(p.stat().st_size for p in files) / 1e6:.2f}",
+                                        str(len(shards))] and len(shards) > 1
+        assert all(p.stat().st_size < 1.1 * 2**20 for p in shards[:-1])
+        for row in rows.values():
+            assert float(row[1]) > 0 and float(row[3]) > 0 and 0 < float(row[4]) < 1024   # wall s, images/s, RSS
+    for text in ("Pillow raw decode:", "extract throughput:", "completion throughput:", "CPU ratio",
+                 "open_split + TrainBatches", "validation images train keeps"):
+        assert text in out, text
+    assert ("data.load_split_images (TF path)" in out) == tensorflow
+    ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+) \(target", out)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)

@@ -180,6 +180,54 @@ def test_open_split_reads_bytes_by_offset(tiny):
     assert len(real) == sum(TRAIN.values()) and not real.synthetic.any()
 
 
+def _reference_split(tiny, split: str, sources: tuple[str, ...]) -> list[tuple[str, int, bool, bytes]]:
+    """Slow, obvious reading of a split: (key, label, synthetic, bytes) of each image, identity by identity."""
+    from facenet_kfp.shards import ShardReader, read_manifest
+    from facenet_kfp.splits import read_split
+
+    out = []
+    for name, _ in read_split(tiny["splits"], split):
+        for source in sources:
+            with ShardReader(tiny[source]) as reader:
+                out += [(row["file"], tiny["ids"][name], row["synthetic"], reader.read(row))
+                        for row in read_manifest(tiny[source]) if row["identity"] == name]
+    return out
+
+
+@pytest.mark.parametrize("split, include_synthetic", [("train", True), ("train", False), ("val", True)])
+def test_open_split_matches_a_slow_reference(tiny, split, include_synthetic):
+    sources = ("dataset", "completion") if include_synthetic else ("dataset",)
+    with fin.open_split(tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], split,
+                        include_synthetic=include_synthetic) as images:
+        got = [(images.keys[i], int(images.labels[i]), bool(images.synthetic[i]), images[i])
+               for i in range(len(images))]
+    assert got == _reference_split(tiny, split, sources)
+
+
+def test_open_split_memory_follows_the_split_not_the_dataset(tiny, tmp_path):
+    """Rows of identities outside the split are streamed past: opening costs the same with 20,000 more."""
+    import shutil
+    import tracemalloc
+
+    big = tmp_path / "dataset"
+    shutil.copytree(tiny["dataset"], big)
+    row = json.loads((big / "manifest.jsonl").read_text().splitlines()[0])
+    with open(big / "manifest.jsonl", "a") as handle:
+        for i in range(20_000):
+            handle.write(json.dumps(row | {"identity": "Zed_Z", "file": f"Zed_Z/Zed_Z_{i:05d}.jpg"}) + "\n")
+
+    def peak(dataset) -> int:
+        tracemalloc.start()
+        with fin.open_split(dataset, None, tiny["labels"], tiny["splits"], "train", include_synthetic=False):
+            pass
+        result = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return result
+
+    small, large = peak(tiny["dataset"]), peak(big)
+    assert large < small + 1_000_000            # holding the 20,000 rows as dicts would take ~20 MB
+
+
 def test_byte_cache_is_lru_and_bounded():
     loads = []
 

@@ -103,8 +103,9 @@ def test_bad_manifests(tmp_path):
         build_labels(empty, tmp_path / "labels")
     bad = tmp_path / "bad"
     with ShardWriter(bad) as writer:
-        writer.add("Ann", "Ann/Ann_0001.jpg", b"x")
-        writer.records.append(dict(writer.records[0], synthetic="no"))
+        row = writer.add("Ann", "Ann/Ann_0001.jpg", b"x")
+    with open(bad / "manifest.jsonl", "a") as handle:
+        handle.write(json.dumps(dict(row, synthetic="no")) + "\n")
     with pytest.raises(InputError, match="row 2: synthetic must be true or false"):
         count_real_images(bad)
 

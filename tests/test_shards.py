@@ -6,7 +6,7 @@ import pytest
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir
-from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
+from facenet_kfp.shards import ShardReader, ShardWriter, iter_manifest, read_manifest, shard_files
 
 
 def _write(tmp_path, items, max_bytes):
@@ -67,6 +67,34 @@ def test_fast_header_matches_tarfile_ustar(name):
     reference = tarfile.TarInfo(name)
     reference.size, reference.mode = 123456, 0o644
     assert _member_header(name, 123456) == reference.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_writer_counts_and_streams_the_manifest(tmp_path):
+    items = [(f"P{i % 3}", f"P{i % 3}/P{i % 3}_{i:04d}.jpg", bytes([i]) * 700) for i in range(10)]
+    out = tmp_path / "ds"
+    with ShardWriter(out, max_shard_bytes=2000) as writer:
+        for identity, file, data in items:
+            writer.add(identity, file, data)
+        assert (out / "manifest.jsonl").is_file()          # open from the start: rows go out as they come
+    assert writer.images == 10 and writer.identities == {"P0": 4, "P1": 3, "P2": 3}
+    rows = read_manifest(out)
+    # The slow, obvious reading: every line parsed on its own.
+    assert rows == [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert rows == list(iter_manifest(out)) and len({r["shard"] for r in rows}) == len(shard_files(out)) > 1
+    # One string object per shard path, however many rows name it.
+    first = [row["shard"] for row in iter_manifest(out) if row["shard"].endswith("00000.tar")]
+    assert len(first) > 1 and all(shard is first[0] for shard in first)
+
+
+def test_iter_manifest_yields_the_rows_before_a_bad_one(tmp_path):
+    out = _write(tmp_path, [("A", f"A/A_{i:04d}.jpg", b"x") for i in range(3)], max_bytes=1 << 20)
+    line = _append_row(out, offset=-1)
+    rows = iter_manifest(out)
+    assert [next(rows)["file"] for _ in range(3)] == [f"A/A_{i:04d}.jpg" for i in range(3)]
+    with pytest.raises(InputError, match=f"manifest.jsonl:{line}: offset must be an integer >= 0"):
+        next(rows)
+    with pytest.raises(InputError, match="manifest not found"):
+        next(iter_manifest(tmp_path / "nowhere"))
 
 
 def _append_row(out, **changes) -> int:
