@@ -14,8 +14,8 @@ writes. Then, measured side by side:
   which other load on a shared machine does not move;
 - the training input pipeline alone, no model: `input.open_split` and
   `input.TrainBatches` iterating --batches P x K batches of the train split
-  (the TensorFlow-free path), and `data.load_split_images` (the TensorFlow
-  path), each in its own process, at this size and at --compare-fraction of
+  (the TensorFlow-free path), and `data.make_train_dataset` over the same
+  lazy split (what the TensorFlow trainer feeds tf.data), each in its own process, at this size and at --compare-fraction of
   CASIA, to show whether their peak RSS grows with the dataset.
 
 Targets: each step's peak RSS < 1 GB; both ratios >= 0.7; about one shard per
@@ -138,13 +138,21 @@ def iterate_train_batches(out: str, batches: str, report: str) -> None:
                             "cache_mb": split.cache.nbytes / 2**20})
 
 
-def load_tf_split(out: str, report: str) -> None:
-    """Child process: `data.load_split_images` of the train split (the TensorFlow path's loading)."""
-    from facenet_kfp.data import load_split_images
+def iterate_tf_batches(out: str, batches: str, report: str) -> None:
+    """Child process: the TensorFlow trainer's input, `data.make_train_dataset` over the lazy train split."""
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.data import make_train_dataset
+    from facenet_kfp.input import open_split
 
-    out = Path(out)
-    images, _, _, _ = load_split_images(out / "images", out / "completion", out / "labels", out / "splits", "train")
-    write_json(report, {"images": len(images), "bytes_mb": sum(map(len, images)) / 2**20})
+    config, out = TrainConfig(), Path(out)
+    with open_split(out / "images", out / "completion", out / "labels", out / "splits", "train") as split:
+        start = time.perf_counter()
+        dataset = make_train_dataset(split, split.labels, config.p, config.k, config.image_size,
+                                     config.crop_fraction, config.augment, config.seed)
+        for _ in dataset.take(int(batches)):
+            pass
+        write_json(report, {"images": len(split), "images_per_second":
+                            int(batches) * config.p * config.k / (time.perf_counter() - start)})
 
 
 def _child(function: str, *args: str) -> list[str]:
@@ -153,7 +161,7 @@ def _child(function: str, *args: str) -> list[str]:
 
 
 def validation_bytes_mb(out: Path) -> float:
-    """Encoded MB of the val identities with >= 2 real images: what train keeps in memory for validation."""
+    """Encoded MB of the val identities with >= 2 real images (train reads only the batches it draws)."""
     val = {name for name, count in read_split(out / "splits", "val") if count >= 2}
     return sum(row["size"] for row in iter_manifest(out / "images") if row["identity"] in val) / 2**20
 
@@ -165,7 +173,7 @@ def measure_input(out: Path, batches: int, tensorflow: bool) -> dict:
     result["lazy"] = measure(_child("iterate_train_batches", str(out), str(batches), str(report)))
     result["lazy_report"] = json.loads(report.read_text())
     if tensorflow:
-        result["tf"] = measure(_child("load_tf_split", str(out), str(report)))
+        result["tf"] = measure(_child("iterate_tf_batches", str(out), str(batches), str(report)))
         result["tf_report"] = json.loads(report.read_text())
     result["val_mb"] = validation_bytes_mb(out)
     return result
@@ -206,11 +214,11 @@ def print_input(sizes: list[tuple[str, dict]]) -> None:
               f"{lazy.total_mb:13.0f} {report['images_per_second']:.0f} images/s, cache "
               f"{report['cache_mb']:.0f} MB, open {report['open_seconds']:.1f} s")
         if "tf" in run:
-            print(f"{'':<30} {'data.load_split_images (TF path)':<36} {run['tf_report']['images']:8,d} "
-                  f"{run['tf'].peak_mb:12.0f} {run['tf'].total_mb:13.0f} holds {run['tf_report']['bytes_mb']:.0f} "
-                  f"MB of image bytes")
-        print(f"{'':<30} {'validation images train keeps':<36} {'':>8} {'':>12} {'':>13} "
-              f"{run['val_mb']:.0f} MB of image bytes")
+            print(f"{'':<30} {'make_train_dataset (TF trainer)':<36} {run['tf_report']['images']:8,d} "
+                  f"{run['tf'].peak_mb:12.0f} {run['tf'].total_mb:13.0f} "
+                  f"{run['tf_report']['images_per_second']:.0f} images/s")
+        print(f"{'':<30} {'validation split (read as drawn)':<36} {'':>8} {'':>12} {'':>13} "
+              f"{run['val_mb']:.0f} MB of image bytes on disk")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size-mb", type=int, default=256, help="extract's and complete's shard size (default 256)")
     parser.add_argument("--batches", type=int, default=200, help="P x K batches the input pipeline iterates (default 200)")
     parser.add_argument("--sample", type=int, default=20_000, help="images timed for the raw codec rates (default 20,000)")
-    parser.add_argument("--no-tensorflow", action="store_true", help="leave out the TensorFlow path's loading")
+    parser.add_argument("--no-tensorflow", action="store_true", help="leave out the TensorFlow trainer's input")
     args = parser.parse_args(argv)
     compare = args.fraction / 10 if args.compare_fraction is None else args.compare_fraction
     if not 0 < args.fraction <= 1 or not 0 < compare < args.fraction:

@@ -166,8 +166,8 @@ def test_scale_benchmark_tiny_run_prints_every_figure(tmp_path):
         for row in rows.values():
             assert float(row[1]) > 0 and float(row[3]) > 0 and 0 < float(row[4]) < 1024   # wall s, images/s, RSS
     for text in ("Pillow raw decode:", "extract throughput:", "completion throughput:", "CPU ratio",
-                 "open_split + TrainBatches", "validation images train keeps"):
+                 "open_split + TrainBatches", "validation split (read as drawn)"):
         assert text in out, text
-    assert ("data.load_split_images (TF path)" in out) == tensorflow
+    assert ("make_train_dataset (TF trainer)" in out) == tensorflow
     ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+) \(target", out)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
