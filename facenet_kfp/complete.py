@@ -28,7 +28,8 @@ from PIL import Image
 
 from facenet_kfp import augment
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import atomic_dir, write_json
+from facenet_kfp.fsutil import atomic_dir, no_space_named, remove_stale_temps, write_json
+from facenet_kfp.image_limits import size_problem
 from facenet_kfp.labels import COUNTS_JSON, LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
 from facenet_kfp.provenance import check_inputs, write_provenance
@@ -131,12 +132,23 @@ def augmentation_rng(seed: int, label: int, index: int) -> np.random.Generator:
 
 
 def generate_image(data: bytes, params: dict[str, Any], where: str = "image") -> tuple[bytes, int, int]:
-    """Decode JPEG/PNG `data`, apply `params`, encode as JPEG (quality 92); returns (bytes, width, height)."""
+    """Decode JPEG/PNG `data`, apply `params`, encode as JPEG (quality 92); returns (bytes, width, height).
+
+    An image outside `image_limits.size_problem`'s limits (extract skips those;
+    an older or hand-made dataset may hold one) raises InputError naming `where`.
+    """
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except OSError as exc:   # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+        problem = size_problem(*image.size)   # from the header, before decoding
+        if not problem:
+            image.load()
+    except (OSError, Image.DecompressionBombError) as exc:
+        # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
         raise InputError(f"{where}: not a readable image ({exc})") from exc
+    if problem:
+        image.close()
+        raise InputError(f"{where}: cannot generate images from it: {problem}; re-run extract on "
+                         f"the archive, which skips such images")
     out = augment.apply_augmentation(image, params)
     buffer = io.BytesIO()
     out.save(buffer, "JPEG", quality=JPEG_QUALITY)
@@ -236,7 +248,9 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
     summary = {"generated": len(jobs), "identities_completed": completed,
                "identities_excluded": len(excluded), "excluded": excluded,
                "multiple": multiple, "seed": seed, "min_images": min_images}
-    with atomic_dir(out_dir, step="complete") as tmp:
+    remove_stale_temps(out_dir)
+    with no_space_named(Path(out_dir).absolute().parent, f"the completion images {out_dir}"), \
+            atomic_dir(out_dir, step="complete") as tmp:
         with ShardWriter(tmp, shard_size_mb << 20, prefix=SHARD_PREFIX) as writer, \
                 Progress("completion", total=len(jobs), unit="images", logger=log) as progress:
             for job, (jpeg, params, width, height) in _run_jobs(dataset_dir, jobs, seed, workers):

@@ -40,20 +40,33 @@ content, not by name) is never unpacked onto the file system:
    An image cut to its box is re-encoded by the worker: a JPEG as JPEG
    (quality `BOX_JPEG_QUALITY`), anything else as PNG.
 
-Only errors that say "this file is not a valid image" skip an image; any other
-error (a failed read of the archive, no memory, a bug) fails the step. When
-more than `max_skipped_fraction` of the images are unusable the step fails too:
-a mostly broken archive is not a dataset. Junk (OS metadata, hidden files,
-files without an image suffix that are not images, files outside
-``<root>/<identity>/``) is skipped and reported but is not an unusable image.
+Only errors that say "this file is not a valid image" skip an image; so does
+a size outside `facenet_kfp.image_limits` (a side under ``MIN_IMAGE_SIDE``,
+more than ``MAX_IMAGE_PIXELS``; read from the header, before decoding), the
+limits every later step shares. Any other error (a failed read of the
+archive, no memory, a bug) fails the step. When more than
+`max_skipped_fraction` of the images are unusable the step fails too: a mostly
+broken archive is not a dataset. Images the layout leaves out (outside the
+image root, e.g. ``CASIA-WebFace/`` next to ``lfw/``, or outside the identity
+folders, e.g. VGGFace2's ``val/``) count as unusable; when they alone pass the
+limit the archive is refused before decoding, naming their folders. Junk (OS
+metadata, hidden files, files without an image suffix that are not images) is
+skipped and reported but is not an unusable image. Identity and file names are
+normalised to Unicode NFC (macOS writes "José" decomposed); two identity
+folders equal after that refuse the archive.
 
 Resources stay bounded: at most ``2 * workers`` chunks of at most
-`_CHUNK_BYTES` each are in flight, no member is larger than `MAX_IMAGE_BYTES`,
-and an extraction writes (scratch plus shards) at most `max_expansion` times
-the archive's size, at least `MIN_EXPANSION_BYTES`. Scratch lives in a
-locked folder of the temporary folder, removed on any exception (SIGTERM
-included, where the entry point turns it into one); child processes die with
-this process, and a later run removes the scratch of a killed one.
+`_CHUNK_BYTES` each are in flight, no image member is larger than
+`MAX_IMAGE_BYTES` and no face-box file larger than `MAX_BOX_FILE_BYTES` (it
+is streamed line by line), and an extraction writes (scratch plus shards, and
+the inflated face-box files of a zip) at most `max_expansion` times the
+archive's size, at least `MIN_EXPANSION_BYTES`. Scratch lives in a locked
+folder of the temporary folder, removed on any exception (SIGTERM included,
+where the entry point turns it into one); child processes die with this
+process, and a later run removes the scratch of a killed one, and the
+temporary output folders (``.<out>.tmp-<pid>-*``) of a killed run
+(`fsutil.remove_stale_temps`). A full disk fails the step with "no space
+left on <folder>", naming the temporary or the output folder.
 """
 
 from __future__ import annotations
@@ -75,17 +88,20 @@ import stat
 import struct
 import tarfile
 import tempfile
+import unicodedata
+import warnings
 import zipfile
 import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from PIL import Image
 
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import atomic_dir, write_json
+from facenet_kfp.fsutil import atomic_dir, no_space_named, remove_stale_temps, write_json
+from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, TOO_LARGE, TOO_SMALL, size_problem
 from facenet_kfp.progress import Progress
 from facenet_kfp.shards import ShardWriter, shard_files
 from facenet_kfp.workers import available_cpus, become_child, mp_context
@@ -107,6 +123,12 @@ BOX_COLUMNS = ("NAME_ID", "X", "Y", "W", "H")
 # extension VGGFace2's authors apply to face boxes "to include the whole head".
 BOX_SCALE = 1.3
 BOX_JPEG_QUALITY = 95
+# A face-box file is streamed line by line; these bound it. VGGFace2's loose_bb_train.csv is
+# ~100 MB in lines of ~40 characters.
+MAX_BOX_FILE_BYTES = 256 << 20
+_MAX_BOX_LINE = 4096
+# No accepted image has a side longer than this (image_limits.MAX_IMAGE_PIXELS over the shortest side).
+MAX_BOX_COORDINATE = MAX_IMAGE_PIXELS // MIN_IMAGE_SIDE
 # Formats Pillow may decode here; all but grey/RGB JPEG and PNG are stored re-encoded as PNG.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Stored as they are: tf.io.decode_image reads these (modes as Pillow names them) correctly.
@@ -122,10 +144,12 @@ JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 MIN_EXPANSION_BYTES = 64 << 20
 SCRATCH_PREFIX = "facenet-extract-"
 # How check_image's reasons start for a file whose format Pillow recognised (an image, if broken).
-_DAMAGED = ("undecodable or truncated image", "too many pixels")
+_DAMAGED = ("undecodable or truncated image", TOO_LARGE, TOO_SMALL)
 
 _CHUNK_IMAGES = 32          # images per task sent to a worker
 _CHUNK_BYTES = 8 << 20      # ... or fewer, so a chunk holds at most ~8 MB
+_EARLY_WINDOW = 4            # chunks per worker in flight while a compressed tar is scanned
+_EARLY_LIMIT = 200_000        # at most this many early results are kept (about 100 bytes each)
 _DECOMPRESS_CHUNK = 1 << 20   # bytes per progress message from the decompressing child
 _CODECS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
@@ -181,10 +205,10 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
             images is unusable: unusable / (stored + unusable). An unusable image
             is a file in an identity folder that has an image suffix
             (`IMAGE_SUFFIXES`) or that Pillow recognises as an image, and that
-            cannot be stored (undecodable, truncated, empty, too large, ...).
-            Junk is skipped without counting: OS metadata, hidden files, files
-            outside ``<root>/<identity>/``, and other files that are not images
-            (``notes.txt``).
+            cannot be stored (undecodable, truncated, empty, too large, too
+            small, ...), and so is an image file the layout leaves out (outside
+            ``<root>/<identity>/``). Junk is skipped without counting: OS
+            metadata, hidden files, and other files that are not images (``notes.txt``).
         max_expansion: an extraction may write (decompressed tar in TMPDIR plus
             shards) at most this many times the archive's size, and always
             `MIN_EXPANSION_BYTES`; more is refused as a likely decompression bomb.
@@ -210,8 +234,10 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
     Raises:
         InputError: the archive is missing, not a tar/zip, corrupt, empty, has
             an unsafe member (named in the message), no valid image, too many
-            unusable images, two identity folders with the same name, a
-            malformed face-box file, or would write more than `max_expansion` allows.
+            unusable images (or images in folders the layout leaves out), two
+            identity folders with the same name (after NFC), a malformed or
+            too large face-box file, or would write more than `max_expansion` allows.
+        FacenetError: no space left on the temporary or the output folder.
     """
     archive = Path(archive)
     out_dir = Path(out_dir)
@@ -230,32 +256,39 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     fmt, codec = _detect_format(archive)
     budget = _Budget(archive, max_expansion)
-    with _scratch_dir() as scratch:
+    remove_stale_temps(out_dir)
+    temp_dir = tempfile.gettempdir()
+    with no_space_named(temp_dir, "the scratch copy of the decompressed archive (set TMPDIR to "
+                                  "a folder with room for its uncompressed size)"), \
+            _scratch_dir() as scratch, _Decoder(workers) as decoder:
         source = archive
         if fmt == "zip":
             members = _scan_zip(archive)
         elif codec:
             source = scratch / "archive.tar"
             with _GrowingTar(archive, codec, source, budget) as growing:
-                members = _scan_tar(growing, archive)
+                decoder.start(fmt, source)
+                members = _scan_tar(growing, archive, on_member=decoder.offer)
                 budget.spend(growing.finish(), "the decompressed tar")
         else:
             with open(archive, "rb") as handle:
                 members = _scan_tar(handle, archive)
         skipped: list[dict] = []
         unusable: list[dict] = []
-        layout, candidates, box_files = _plan(members, skipped, unusable, archive)
+        layout, candidates, box_files = _plan(members, skipped, unusable, archive,
+                                              max_skipped_fraction)
         log.info("%s: layout %s (%s), image root %r, %d candidate images in %d identity folders",
                  archive, layout.name, layout.evidence, layout.root_name, len(candidates),
                  len({c.identity for c in candidates}))
 
         converted = 0
         boxes = collections.Counter()
-        with atomic_dir(out_dir, step="extract") as tmp, _Source(fmt, str(source)) as reader:
+        with no_space_named(out_dir.absolute().parent, f"the extracted dataset {out_dir}"), \
+                atomic_dir(out_dir, step="extract") as tmp, _Source(fmt, str(source)) as reader:
             if box_files:
-                candidates, boxes["rows"] = _attach_boxes(reader, archive, box_files, candidates)
+                candidates, boxes["rows"] = _attach_boxes(reader, archive, box_files, candidates, budget)
             with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer, \
-                    contextlib.closing(_decode_all(fmt, source, candidates, workers)) as results:
+                    contextlib.closing(decoder.decode(fmt, source, candidates)) as results:
                 for cand, (data, check) in results:
                     if check.reason:
                         _skip(skipped, cand.member.name, check.reason)
@@ -632,7 +665,7 @@ def _fast_header_fields(buf: bytes):
             numbers[6], numbers[7], prefix.split(b"\0", 1)[0])
 
 
-def _scan_tar(fileobj, archive: Path) -> list[_Member]:
+def _scan_tar(fileobj, archive: Path, on_member: Callable[[_Member], None] | None = None) -> list[_Member]:
     """Check every member header of an uncompressed tar; refuse the archive on the first unsafe one.
 
     Headers are read one at a time (data is seeked over, never read). The end of
@@ -664,6 +697,8 @@ def _scan_tar(fileobj, archive: Path) -> list[_Member]:
             if info.isreg():
                 problem = "sparse tar member (not supported)" if info.issparse() else ""
                 members.append(_Member(name, _parts(name), info.offset_data, info.size, problem))
+                if on_member is not None:
+                    on_member(members[-1])
         fileobj.seek(tar.offset)
         end = fileobj.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as exc:
@@ -850,12 +885,18 @@ def _skip(skipped: list[dict], member: str, reason: str) -> None:
     skipped.append({"member": member, "reason": reason})
 
 
-def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
-          archive: Path) -> tuple[Layout, list[_Candidate], dict[str, _Member]]:
+def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict], archive: Path,
+          max_skipped_fraction: float) -> tuple[Layout, list[_Candidate], dict[str, _Member]]:
     """Detect the layout and choose the candidate images, sorted by identity then file name.
 
     Returns (layout, candidates, vggface2 face-box files by split). Skipped
-    members go to `skipped`; those that are images in an identity folder also to `unusable`.
+    members go to `skipped`; those that are images in an identity folder also to `unusable`,
+    and so do images the layout leaves out (outside the image root or outside
+    any identity folder: a second dataset, VGGFace2's ``val/``). When those are
+    more than `max_skipped_fraction` of the images, the archive is refused
+    naming their folders (`_refuse_left_out`). Identity and file names are
+    normalised to Unicode NFC; two identity folders whose names are equal
+    after that refuse the archive.
     """
     if not members:
         raise InputError(f"{archive}: archive holds no files (only folders)")
@@ -881,6 +922,7 @@ def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
 
     by_file: dict[str, _Candidate] = {}
     folder_of: dict[str, tuple] = {}    # identity -> its folder: two folders may not share a name
+    left_out: list[tuple[_Member, str]] = []   # images outside the layout's identity folders
     box_parts = {member.parts for member in box_files.values()}
     for member in kept:
         parts = member.parts
@@ -889,36 +931,92 @@ def _plan(members: list[_Member], skipped: list[dict], unusable: list[dict],
                 _skip(skipped, member.name, "replaced by a later member with the same name")
             continue
         if parts[:len(root)] != root:
-            _skip(skipped, member.name, f"outside the image root {root_text!r}")
-            continue
-        folder = layout.identity_folder(parts, image_folders)
+            folder = f"outside the image root {root_text!r}"
+        else:
+            folder = layout.identity_folder(parts, image_folders)
         if isinstance(folder, str):
-            _skip(skipped, member.name, folder)
+            if parts[-1].lower().endswith(IMAGE_SUFFIXES) and not folder.startswith("junk"):
+                left_out.append((member, folder))
+            else:
+                _skip(skipped, member.name, folder)
             continue
-        identity = folder[-1]
+        identity = _nfc(folder[-1])
         other = folder_of.setdefault(identity, folder)
         if other != folder:
-            first, second = sorted(("/".join(other), "/".join(folder)))
-            raise InputError(f"{archive}: two identity folders are both named {identity!r}: "
-                             f"{first}/ and {second}/; identities are folder names, so these would "
-                             f"merge into one person; rename one of them and repack the archive")
+            _refuse_same_identity(archive, identity, other, folder)
         if reason := _unstorable(member, parts):
             _skip(skipped, member.name, reason)
             if parts[-1].lower().endswith(IMAGE_SUFFIXES):
                 unusable.append(skipped[-1])
             continue
-        file = f"{identity}/{parts[-1]}"
+        file = f"{identity}/{_nfc(parts[-1])}"
         earlier = by_file.get(file)
         if earlier is not None:
             # Extracting would let the later member overwrite the earlier one: do the same.
             _skip(skipped, earlier.member.name, "replaced by a later member with the same name")
         by_file[file] = _Candidate(member, identity, file, folder[len(root)] if layout.splits else "")
     candidates = sorted(by_file.values(), key=lambda cand: (cand.identity, cand.file))
+    images = len(candidates) + len(unusable) + len(left_out)
+    if left_out and len(left_out) > max_skipped_fraction * images:
+        _refuse_left_out(archive, layout, left_out, images, len(candidates), max_skipped_fraction)
+    for member, reason in left_out:
+        _skip(skipped, member.name, f"image left out: {reason}")
+        unusable.append(skipped[-1])
     if not candidates:
         raise InputError(f"{archive}: no identity has a valid image: no file is inside an identity "
                          f"folder of the {layout.name} layout below {root_text or 'the top'!r} "
                          f"({len(skipped)} files skipped)")
     return layout, candidates, box_files
+
+
+def _nfc(name: str) -> str:
+    """`name` in Unicode NFC, the form names are compared and stored in (macOS writes "José" as NFD)."""
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
+
+
+def _refuse_same_identity(archive: Path, identity: str, one: tuple, other: tuple) -> None:
+    """InputError: two identity folders `one` and `other` (path components) both name `identity`."""
+    first, second = sorted(("/".join(one), "/".join(other)))
+    if one[-1] == other[-1]:
+        raise InputError(f"{archive}: two identity folders are both named {identity!r}: "
+                         f"{first}/ and {second}/; identities are folder names, so these would "
+                         f"merge into one person; rename one of them and repack the archive")
+    raise InputError(f"{archive}: two identity folders are both named {identity!r} once their names "
+                     f"are in Unicode NFC: {ascii(first + '/')} and {ascii(second + '/')} (the same letters, "
+                     f"encoded differently); identities are folder names, so these would be one "
+                     f"person under two labels; merge or rename them and repack the archive")
+
+
+def _left_out_folder(parts: tuple, root: tuple) -> str:
+    """The folder to name for an image the layout leaves out: the first folder below where its
+    path leaves the image root (``CASIA-WebFace/`` next to ``lfw/``, ``vggface2/val/``)."""
+    common = len(os.path.commonprefix([parts[:-1], root]))
+    folder = parts[:min(common + 1, len(parts) - 1)]
+    return "/".join(folder) + "/" if folder else "the archive's top"
+
+
+def _refuse_left_out(archive: Path, layout: Layout, left_out: list[tuple[_Member, str]], images: int,
+                     used: int, max_fraction: float) -> None:
+    """InputError naming the folders whose images the layout would leave out, and the folders it uses."""
+    counts = collections.Counter(_left_out_folder(member.parts, layout.root) for member, _ in left_out)
+    examples = {}
+    for member, _ in left_out:
+        examples.setdefault(_left_out_folder(member.parts, layout.root), member.name)
+    folders = ", ".join(f"{folder} ({count:,} image{'s' * (count != 1)}, e.g. {examples[folder]})"
+                        for folder, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:5])
+    if len(counts) > 5:
+        folders += f" and {len(counts) - 5} more folders"
+    root_text = "/".join(layout.root) + "/" if layout.root else ""
+    below = "[<folder>/...]" if layout.nested else ""
+    places = " and ".join(f"{root_text}{split}/<identity>/" for split in layout.splits) if layout.splits \
+        else f"{root_text}{below}<identity>/"
+    raise InputError(
+        f"{archive}: {len(left_out):,} of {images:,} images lie outside the identity folders of the "
+        f"{layout.name} layout ({places}, {used:,} files) and would be left out, more than "
+        f"max_skipped_fraction {max_fraction:g}: {folders}; repack the archive with one dataset in "
+        f"one image root, or raise max_skipped_fraction (config "
+        f"data.max_skipped_fraction, pipeline parameter max_skipped_fraction, facenet-kfp extract "
+        f"--max-skipped-fraction) to leave them out")
 
 
 # --------------------------------------------------------------------------- face boxes (VGGFace2)
@@ -955,54 +1053,106 @@ def square_box(box: tuple[int, int, int, int], width: int, height: int,
     return cut if cut[0] < cut[2] and cut[1] < cut[3] else None
 
 
-def _read_boxes(data: bytes, where: str) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
-    """(NAME_ID, (x, y, w, h)) of each row of a loose-box csv; InputError naming the line when malformed."""
-    rows = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline=""))
+def _read_boxes(stream, where: str) -> Iterator[tuple[str, tuple[int, int, int, int]]]:
+    """(NAME_ID, (x, y, w, h)) of each row of a loose-box csv read from the binary `stream`.
+
+    The file is read a block of lines at a time (`_line_blocks`): memory does not
+    grow with it. A line longer than `_MAX_BOX_LINE` characters, a coordinate
+    beyond ``±MAX_BOX_COORDINATE`` or any other malformed row raises InputError
+    naming the line. NAME_IDs come back in Unicode NFC, as extract names images.
+    """
+    before = 0          # lines in the blocks already read
+    header = None
     try:
-        header = next(rows, [])
-        if tuple(field.strip() for field in header) != BOX_COLUMNS:
-            raise InputError(f"{where}: header {','.join(header)!r}, expected {','.join(BOX_COLUMNS)!r}")
-        for row in rows:
-            if not row or row == [""]:
-                continue
-            line = rows.line_num
-            try:
-                name_id, x, y, w, h = (field.strip() for field in row)
-                box = (int(x), int(y), int(w), int(h))
-            except ValueError:
-                raise InputError(f"{where}, line {line}: expected NAME_ID and four integers "
-                                 f"X,Y,W,H, got {','.join(row)!r}") from None
-            if box[2] < 1 or box[3] < 1 or not name_id:
-                raise InputError(f"{where}, line {line}: a box needs a NAME_ID and W, H >= 1, "
-                                 f"got {','.join(row)!r}")
-            yield name_id, box
+        for lines in _line_blocks(stream, where):
+            rows = csv.reader(lines)
+            if header is None:
+                header = next(rows, [])
+                if tuple(field.strip() for field in header) != BOX_COLUMNS:
+                    raise InputError(f"{where}: header {','.join(header)[:200]!r}, "
+                                     f"expected {','.join(BOX_COLUMNS)!r}")
+            for row in rows:
+                if not row or row == [""]:
+                    continue
+                try:
+                    name_id, x, y, w, h = row
+                    box = (int(x), int(y), int(w), int(h))   # int() ignores surrounding blanks
+                except ValueError:
+                    raise InputError(f"{where}, line {before + rows.line_num}: expected NAME_ID and four "
+                                     f"integers X,Y,W,H, got {','.join(row)[:200]!r}") from None
+                if min(box) < -MAX_BOX_COORDINATE or max(box) > MAX_BOX_COORDINATE:
+                    raise InputError(f"{where}, line {before + rows.line_num}: a box coordinate is out of "
+                                     f"range (X, Y, W and H must lie within ±{MAX_BOX_COORDINATE:,}, the "
+                                     f"most pixels an accepted image has), got {','.join(row)[:200]!r}")
+                name_id = name_id.strip()
+                if box[2] < 1 or box[3] < 1 or not name_id:
+                    raise InputError(f"{where}, line {before + rows.line_num}: a box needs a NAME_ID and "
+                                     f"W, H >= 1, got {','.join(row)!r}")
+                yield _nfc(name_id), box
+            before += rows.line_num
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{where}: not a readable csv file ({exc})") from None
+    if header is None:
+        raise InputError(f"{where}: header '', expected {','.join(BOX_COLUMNS)!r}")
+
+
+def _line_blocks(stream, where: str, block_bytes: int = 1 << 20) -> Iterator[list[str]]:
+    """The UTF-8 text of `stream` (a leading BOM dropped) as lists of whole lines without their
+    newline, about `block_bytes` at a time. A line longer than `_MAX_BOX_LINE` raises InputError:
+    a file that is one long line would otherwise be held in memory whole."""
+    rest = b""
+    number = 0          # lines in the blocks already yielded
+    encoding = "utf-8-sig"
+    while block := stream.read(block_bytes):
+        data = rest + block
+        cut = data.rfind(b"\n") + 1          # a newline byte is never part of a UTF-8 character
+        rest = data[cut:]
+        lines = data[:cut].decode(encoding).split("\n")[:-1] if cut else []
+        if cut:
+            encoding = "utf-8"
+        long = len(lines) if len(rest) > _MAX_BOX_LINE else None
+        if lines and max(map(len, lines)) > _MAX_BOX_LINE:
+            long = next(i for i, line in enumerate(lines) if len(line) > _MAX_BOX_LINE)
+        if long is not None:
+            raise InputError(f"{where}, line {number + long + 1}: longer than {_MAX_BOX_LINE:,} "
+                             f"characters; not a face-box file")
+        number += len(lines)
+        if lines:
+            yield lines
+    if rest:
+        yield [rest.decode(encoding)]
 
 
 def _attach_boxes(source: "_Source", archive: Path, box_files: dict[str, _Member],
-                  candidates: list[_Candidate]) -> tuple[list[_Candidate], int]:
+                  candidates: list[_Candidate], budget: "_Budget") -> tuple[list[_Candidate], int]:
     """`candidates` with the box of each image its split's csv has; also the number of csv rows.
 
     A row names an image as ``<identity>/<file name without suffix>``; rows of
-    images the archive does not hold are ignored, a name given twice refuses the file.
+    images the archive does not hold are ignored, an image given two boxes
+    refuses the file. Each file is streamed (`_Source.open`), under the same
+    caps as every member: at most `MAX_BOX_FILE_BYTES`, and a zip member's
+    inflated size counts against the expansion `budget`.
     """
     index = {(cand.split, cand.file.rsplit(".", 1)[0]): i for i, cand in enumerate(candidates)}
     boxes: dict[int, tuple] = {}
     rows = 0
     for split, member in sorted(box_files.items()):
-        data, reason = source.read(member)
         where = f"{archive}: {member.name}"
-        if data is None:
-            raise InputError(f"{where}: cannot read the face-box file ({reason})")
-        seen: set[str] = set()
-        for name_id, box in _read_boxes(data, where):
-            if name_id in seen:
-                raise InputError(f"{where}: {name_id!r} has two boxes; keep one")
-            seen.add(name_id)
-            rows += 1
-            i = index.get((split, name_id))
-            if i is not None:
+        if member.problem:
+            raise InputError(f"{where}: cannot read the face-box file ({member.problem})")
+        if member.size > MAX_BOX_FILE_BYTES:
+            raise InputError(f"{where}: face-box file of {member.size:,} bytes, more than the limit "
+                             f"of {MAX_BOX_FILE_BYTES:,} (VGGFace2's largest is about 100 MB)")
+        if source.fmt == "zip":
+            budget.spend(member.size, f"the face-box file {member.name}")
+        with source.open(member) as stream:
+            for name_id, box in _read_boxes(stream, where):
+                rows += 1
+                i = index.get((split, name_id))
+                if i is None:
+                    continue
+                if i in boxes:
+                    raise InputError(f"{where}: {name_id!r} has two boxes; keep one")
                 boxes[i] = box
     log.info("%s: %d face boxes in %s, %d of them for images in the archive", archive, rows,
              ", ".join(m.name for m in box_files.values()), len(boxes))
@@ -1078,6 +1228,36 @@ class _Source:
         raise InputError(f"{self.path}: corrupt zip member {member.name!r} "
                          f"({type(bad).__name__}: {bad})") from bad
 
+    @contextlib.contextmanager
+    def open(self, member: _Member) -> Iterator[io.BufferedIOBase]:
+        """A binary stream over the member's bytes, read a block at a time (memory stays bounded).
+
+        A corrupt zip member raises InputError naming it, whenever the damage is found.
+        """
+        if self.fmt == "tar":
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            with io.BufferedReader(_TarMemberReader(self._fd, member, self.path), 1 << 20) as stream:
+                yield stream
+            return
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+            self._infos = self._zip.infolist()
+        try:
+            with self._zip.open(self._infos[member.locator]) as stream:
+                yield stream
+        except NotImplementedError as exc:
+            raise InputError(f"{self.path}: cannot read zip member {member.name!r} ({exc})") from None
+        except OSError as exc:
+            if exc.errno is not None:
+                raise  # reading the archive failed: not the member's fault
+            raise self._corrupt(member, exc) from exc
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as exc:
+            raise self._corrupt(member, exc) from exc
+
+    def _corrupt(self, member: _Member, exc: BaseException) -> InputError:
+        return InputError(f"{self.path}: corrupt zip member {member.name!r} ({type(exc).__name__}: {exc})")
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -1085,6 +1265,28 @@ class _Source:
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+
+
+class _TarMemberReader(io.RawIOBase):
+    """Raw reads of one member's bytes from an uncompressed tar, by offset (no shared file position)."""
+
+    def __init__(self, fd: int, member: _Member, path: str):
+        self._fd, self._member, self._path = fd, member, path
+        self._pos, self._end = member.locator, member.locator + member.size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self._end - self._pos)
+        if count <= 0:
+            return 0
+        data = os.pread(self._fd, count, self._pos)
+        if not data:
+            raise InputError(f"{self._path}: truncated archive at member {self._member.name!r}")
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class ImageCheck(NamedTuple):
@@ -1106,18 +1308,23 @@ def check_image(data: bytes, box: tuple[int, int, int, int] | None = None) -> Im
     loose face `box` (x, y, w, h) the image is cut to `square_box` (unless that
     misses the image) and re-encoded: a JPEG as grey or RGB JPEG of quality
     `BOX_JPEG_QUALITY`, any other format as PNG as above. A file that is not a
-    valid image gets a `reason`; any other error (no memory, an I/O error, a bug)
-    propagates.
+    valid image, or whose size (or the cut's) is outside `image_limits.size_problem`'s
+    limits, gets a `reason`; any other error (no memory, an I/O error, a bug)
+    propagates. The size is checked from the header, before decoding.
     """
     if not data:
         return ImageCheck("empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        img.load()  # open() only parses the header; load() finds truncated/corrupt data
+        # open() only parses the header, which gives the size: an image of the wrong size is
+        # refused before its pixels are decoded; load() finds truncated/corrupt data.
+        problem = size_problem(*img.size)
+        if not problem:
+            img.load()
     except Image.UnidentifiedImageError:
         return ImageCheck(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})")
     except Image.DecompressionBombError as exc:
-        return ImageCheck(f"too many pixels ({exc})")
+        return ImageCheck(f"{TOO_LARGE} ({exc})")
     except OSError as exc:
         if exc.errno is not None:
             raise
@@ -1125,8 +1332,13 @@ def check_image(data: bytes, box: tuple[int, int, int, int] | None = None) -> Im
     except _BAD_IMAGE_ERRORS as exc:
         return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
     with img:
+        if problem:
+            return ImageCheck(problem)
         crop = None if box is None else square_box(box, *img.size)
         if crop is not None:
+            if problem := size_problem(crop[2] - crop[0], crop[3] - crop[1]):
+                return ImageCheck(f"{problem} once cut to its face box "
+                                  f"(X,Y,W,H = {','.join(map(str, box))})")
             return _cut(img, crop)
         kept = _KEPT.get(img.format, ())
         if kept is None or img.mode in kept:
@@ -1159,15 +1371,18 @@ def _decode_members(source: _Source, items: list[tuple[_Member, tuple | None]]
     would be inflated twice. An unexpected error names the member.
     """
     results = []
-    for member, box in items:
-        try:
-            data, reason = source.read(member)
-            check = ImageCheck(reason) if reason else check_image(data, box)
-        except Exception as exc:
-            exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
-            raise
-        keep = not check.reason and check.encoded is None and source.fmt == "zip"
-        results.append((data if keep else None, check))
+    with warnings.catch_warnings():
+        # Pillow warns on opening an image over its own limit; check_image refuses it anyway.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for member, box in items:
+            try:
+                data, reason = source.read(member)
+                check = ImageCheck(reason) if reason else check_image(data, box)
+            except Exception as exc:
+                exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
+                raise
+            keep = not check.reason and check.encoded is None and source.fmt == "zip"
+            results.append((data if keep else None, check))
     return results
 
 
@@ -1196,42 +1411,114 @@ def _chunks(candidates: list[_Candidate]) -> Iterator[list[_Candidate]]:
         yield chunk
 
 
-def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
-                workers: int) -> Iterator[tuple[_Candidate, tuple[bytes | None, ImageCheck]]]:
-    """Yield (candidate, (original bytes or None, ImageCheck)) in candidate order.
+class _Decoder:
+    """Decodes candidate images in worker processes, starting while a compressed tar is scanned.
 
-    Uses min(workers, number of chunks) processes; one decodes in this process.
-    Closing the generator early (an error, a signal) cancels the queued chunks.
+    A compressed tar is decompressed by a child process while this process scans
+    its headers; until the scan ends the layout, and so the candidates, are
+    unknown, and a core would sit idle. `offer` (the scan's callback) sends the
+    members that look like images (image suffix, not hidden, not too large) to
+    the workers as soon as their bytes are on disk, as long as fewer than
+    `_EARLY_WINDOW` chunks per worker are in flight and fewer than `_EARLY_LIMIT`
+    results are kept. `decode` then takes the early result of a candidate without
+    a face box whose image is stored as it is (an early re-encoded image is not
+    kept, to bound memory) and decodes every other candidate.
     """
-    chunks = list(_chunks(candidates))
-    workers = min(workers, len(chunks))
-    with Progress("decode images", total=len(candidates), unit="images") as progress:
-        if workers == 1:
-            with _Source(fmt, str(source_path)) as source:
-                for chunk in chunks:
-                    results = _decode_members(source, [(cand.member, cand.box) for cand in chunk])
-                    progress.update(len(chunk))
-                    yield from zip(chunk, results)
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._early: dict[int, ImageCheck] = {}      # tar offset -> check of its member
+        self._in_flight: collections.deque[Future] = collections.deque()
+        self._chunk: list[_Member] = []
+        self._chunk_bytes = 0
+
+    def __enter__(self) -> "_Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start_pool(self, fmt: str, path: Path) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp_context(), initializer=_init_worker,
+                                             initargs=(fmt, str(path), os.getpid()))
+        return self._pool
+
+    def start(self, fmt: str, path: Path) -> None:
+        """Decode offered members of the tar at `path` (being written) early, when there are workers."""
+        if self.workers > 1:
+            self._start_pool(fmt, path)
+
+    def offer(self, member: _Member) -> None:
+        if self._pool is None or member.problem or member.size > MAX_IMAGE_BYTES \
+                or not member.parts or not member.parts[-1].lower().endswith(IMAGE_SUFFIXES) \
+                or _junk(member.parts):
             return
-        todo = iter(chunks)
-        pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
-                                   initargs=(fmt, str(source_path), os.getpid()))
-        try:
-            # A fixed window of tasks in flight keeps memory bounded and order intact.
-            pending: collections.deque[tuple[list[_Candidate], Future]] = collections.deque()
+        self._chunk.append(member)
+        self._chunk_bytes += member.size
+        if len(self._chunk) >= _CHUNK_IMAGES or self._chunk_bytes >= _CHUNK_BYTES:
+            self._send_early()
+
+    def _send_early(self) -> None:
+        chunk, self._chunk, self._chunk_bytes = self._chunk, [], 0
+        while self._in_flight and self._in_flight[0].done():
+            self._keep(self._in_flight.popleft())
+        if len(self._in_flight) < _EARLY_WINDOW * self.workers and len(self._early) < _EARLY_LIMIT:
+            future = self._pool.submit(_decode_chunk, [(member, None) for member in chunk])
+            future.members = chunk
+            self._in_flight.append(future)
+
+    def _keep(self, future: Future) -> None:
+        for member, (_, check) in zip(future.members, future.result()):
+            if check.encoded is None:
+                self._early[member.locator] = check
+
+    def _finish_early(self) -> None:
+        self._chunk, self._chunk_bytes = [], 0   # the scan is over: the rest is decoded as candidates
+        while self._in_flight:
+            self._keep(self._in_flight.popleft())
+
+    def decode(self, fmt: str, source_path: Path, candidates: list[_Candidate]
+               ) -> Iterator[tuple[_Candidate, tuple[bytes | None, ImageCheck]]]:
+        """Yield (candidate, (original bytes or None, ImageCheck)) in candidate order.
+
+        Uses min(workers, number of chunks) processes, or this one for a single
+        worker. Closing the generator early (an error, a signal) cancels the queued chunks.
+        """
+        self._finish_early()
+        early = self._early
+        chunks = list(_chunks(candidates))
+        workers = min(self.workers, len(chunks))
+        with Progress("decode images", total=len(candidates), unit="images") as progress:
+            if workers == 1 and self._pool is None:
+                with _Source(fmt, str(source_path)) as source:
+                    for chunk in chunks:
+                        results = _decode_members(source, [(cand.member, cand.box) for cand in chunk])
+                        progress.update(len(chunk))
+                        yield from zip(chunk, results)
+                return
+            pool = self._start_pool(fmt, source_path)
+            todo = iter(chunks)
+            pending: collections.deque[tuple[list[_Candidate], Future | None]] = collections.deque()
+
+            def reused(cand: _Candidate) -> bool:
+                return cand.box is None and cand.member.locator in early
 
             def submit() -> None:
+                # A fixed window of tasks in flight keeps memory bounded and order intact.
                 chunk = next(todo, None)
                 if chunk is not None:
-                    pending.append((chunk, pool.submit(_decode_chunk, [(c.member, c.box) for c in chunk])))
+                    rest = [(c.member, c.box) for c in chunk if not reused(c)]
+                    pending.append((chunk, pool.submit(_decode_chunk, rest) if rest else None))
 
             for _ in range(2 * workers):
                 submit()
             while pending:
                 chunk, future = pending.popleft()
-                results = future.result()
+                decoded = iter(future.result() if future is not None else ())
                 submit()
                 progress.update(len(chunk))
-                yield from zip(chunk, results)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                for cand in chunk:
+                    yield cand, ((None, early.pop(cand.member.locator)) if reused(cand) else next(decoded))

@@ -120,6 +120,90 @@ def atomic_dir(target: str | os.PathLike, step: str | None = None) -> Iterator[P
         raise
 
 
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left next to `target`; returns the removed paths.
+
+    `atomic_file` and `atomic_dir` write ``.<name>.tmp-<pid>-<hex>`` beside
+    their target; a process killed with SIGKILL (or out of memory) cannot
+    remove its own. Here those whose process id no longer runs on this machine
+    are removed (files and folders alike); those of a running process, this
+    one included, are kept. An output path is written from one machine at a
+    time (a pipeline task, a command), so a process id is enough to tell.
+    """
+    import logging
+
+    target = Path(target)
+    prefix = f".{target.name}.tmp-"
+    try:
+        siblings = [path for path in target.parent.iterdir() if path.name.startswith(prefix)]
+    except OSError:
+        return []  # no folder to clean (missing, a file, unreadable): writing there fails by itself
+    removed = []
+    for path in siblings:
+        pid_text, _, tag = path.name[len(prefix):].partition("-")
+        if not pid_text.isdigit() or len(tag) != 8 or _process_runs(int(pid_text)):
+            continue
+        logging.getLogger(__name__).warning("removing %s, left by process %s, which was killed while "
+                                            "writing %s", path, pid_text, target)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (any user's)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OverflowError:
+        return False  # not a process id at all
+    return True
+
+
+def no_space_error(exc: BaseException) -> OSError | None:
+    """The "no space left on device" (or disk quota) OSError that `exc` is, or was raised from or
+    while handling (cleanup after a full disk often fails the same way); None when there is none."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def no_space_named(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Within the block, a full disk raises FacenetError "no space left on <folder>" saying `what`
+    needed the space, instead of the OSError (often several nested ones) that reported it."""
+    try:
+        yield
+    except Exception as exc:
+        full = no_space_error(exc)
+        if full is None:
+            raise
+        from facenet_kfp.errors import FacenetError
+
+        try:
+            free = f", {shutil.disk_usage(folder).free:,} bytes free now"
+        except OSError:
+            free = ""
+        where = f" (writing {full.filename})" if full.filename else ""
+        raise FacenetError(f"no space left on {folder}{free}: {what} did not fit{where} "
+                           f"[{full.strerror or full}]; free space there or choose another "
+                           f"location") from None
+
+
 def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
                         inputs: dict[str, str | os.PathLike | None]) -> None:
     """InputError when an output path is an input, a folder holding one, or inside one.

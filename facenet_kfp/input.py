@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from facenet_kfp.errors import FacenetError, InputError
+from facenet_kfp.image_limits import size_problem
 from facenet_kfp.labels import LABELS_JSON, load_labels
 from facenet_kfp.shards import MANIFEST, ShardReader, iter_manifest
 from facenet_kfp.splits import SPLITS, read_split
@@ -359,8 +360,12 @@ def decode_rgb(data: bytes) -> Image.Image:
 
     Grey and palette images are expanded to RGB, alpha is dropped and 16-bit
     grey samples keep their high byte (TensorFlow's uint16 -> uint8 conversion).
+    ValueError, before decoding, for a size outside `image_limits.size_problem`'s limits.
     """
     image = Image.open(io.BytesIO(data))
+    if problem := size_problem(*image.size):
+        image.close()
+        raise ValueError(problem)
     if image.mode == "RGB":
         image.load()
         return image

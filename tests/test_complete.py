@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,30 @@ def test_plan_is_independent_of_files():
         ("Bob_Two", 0, "0001"), ("Bob_Two", 1, "0002"), ("Cat_Three", 0, "0001"),
         ("Eve_Five", 0, "0001"), ("Eve_Five", 1, "0002"), ("Eve_Five", 2, "0003")]
     assert all(j.label == labels[j.identity] for j in jobs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_image_too_small_to_augment_fails_naming_it(tmp_path, workers):
+    # Extract skips such images; a dataset made otherwise (or before that) may still hold one.
+    dataset, labels_dir = tmp_path / "dataset", tmp_path / "labels"
+    dot = io.BytesIO()
+    Image.new("RGB", (1, 5000)).save(dot, "PNG")
+    with ShardWriter(dataset) as writer:
+        writer.add("Ann", "Ann/Ann_0001.jpg", jpeg(0, 1), width=250, height=250)
+        writer.add("Bob", "Bob/Bob_0001.png", dot.getvalue(), width=1, height=5000)
+    build_labels(dataset, labels_dir)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"images-00000\.tar: Bob/Bob_0001\.png: cannot generate images "
+                                         r"from it: too small \(1x5000 pixels; every side needs at least 2"):
+        complete_dataset(dataset, labels_dir, out, workers=workers)
+    assert not out.exists()
+
+
+def test_leftovers_of_a_killed_completion_are_removed(tmp_path):
+    dataset, labels = make_inputs(tmp_path)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / f".out.tmp-{proc.pid}-0123abcd"
+    (dead / "shards").mkdir(parents=True)
+    complete_dataset(dataset, labels, tmp_path / "out", workers=1)
+    assert not dead.exists() and (tmp_path / "out" / "completion.json").is_file()

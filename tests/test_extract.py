@@ -9,8 +9,11 @@ import os
 import random
 import stat
 import struct
+import subprocess
 import tarfile
 import tempfile
+import unicodedata
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,11 +22,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from facenet_kfp.errors import InputError
+from facenet_kfp import extract
+from facenet_kfp.augment import sample_params
+from facenet_kfp.complete import generate_image
+from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.extract import (DATASET_JSON, MIN_EXPANSION_BYTES, ImageCheck, check_image,
                                  extract_dataset)
 from facenet_kfp.fsutil import STEP_MARKER
-from facenet_kfp.shards import ShardReader, read_manifest, shard_files
+from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, size_problem
+from facenet_kfp.input import decode_rgb
+from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
+from facenet_kfp.verify import read_image_file
 
 
 def jpeg(seed: int, size: int = 24, noise: bool = False) -> bytes:
@@ -157,6 +166,29 @@ def test_pool_matches_inline_and_stores_original_bytes(tmp_path):
         with Image.open(io.BytesIO(blob)) as img:
             img.load()
             assert img.size == (40, 40)
+
+
+def test_images_decoded_while_a_compressed_tar_is_scanned_match_inline_decoding(tmp_path, monkeypatch):
+    # Kept JPEGs, a BMP stored re-encoded, a broken image and junk, in a gzip tar: what the
+    # workers decode during the scan is reused, and the output equals a single-process run's.
+    files = {f"lfw/P{i % 9}/P{i % 9}_{i:04d}.jpg": jpeg(i, size=30) for i in range(150)}
+    bmp = io.BytesIO()
+    Image.new("RGB", (20, 20), (9, 80, 200)).save(bmp, "BMP")
+    files.update({"lfw/P1/P1_0900.bmp": bmp.getvalue(), "lfw/P2/P2_0901.jpg": b"\xff\xd8 not a jpeg",
+                  "lfw/.DS_Store": b"junk", "lfw/P3/notes.txt": b"not an image"})
+    archive = write_tar(tmp_path / "lfw.tgz", files)
+    reused = []
+    keep = extract._Decoder._keep
+    monkeypatch.setattr(extract._Decoder, "_keep", lambda self, future: (keep(self, future),
+                                                                          reused.append(len(self._early))))
+    inline = extract_dataset(archive, tmp_path / "one", workers=1, max_skipped_fraction=0.5)
+    assert not reused  # one worker decodes in this process, after the scan
+    pooled = extract_dataset(archive, tmp_path / "two", workers=2, max_skipped_fraction=0.5)
+    assert reused and max(reused) >= extract._CHUNK_IMAGES   # at least the first chunk was decoded early
+    assert inline == pooled
+    assert (tmp_path / "one/manifest.jsonl").read_bytes() == (tmp_path / "two/manifest.jsonl").read_bytes()
+    assert stored(tmp_path / "one") == stored(tmp_path / "two")
+    assert pooled["converted"] == 1 and pooled["unusable"] == 1
 
 
 def test_output_does_not_depend_on_member_order(tmp_path):
@@ -319,10 +351,13 @@ def test_bad_and_junk_files_are_skipped_with_reasons(tmp_path, kind):
     assert "__MACOSX" in reasons["__MACOSX/lfw/Carl_Cox/._Carl_Cox_0001.jpg"]
     assert "hidden" in reasons["lfw/Carl_Cox/._Carl_Cox_0001.jpg"]
     assert "identity folder" in reasons["lfw/README.txt"]
-    assert "identity folder" in reasons["lfw/Carl_Cox/extra/Carl_Cox_0009.jpg"]
+    assert reasons["lfw/Carl_Cox/extra/Carl_Cox_0009.jpg"].startswith(
+        "image left out: not directly inside an identity folder")
     assert "outside the image root 'lfw/'" == reasons["lfw-names.txt"]
     assert summary["images"] == 6 and summary["identities"] == 3
-    assert summary["unusable"] == 3  # the truncated, empty and text .jpg files; the rest is junk
+    # The truncated, empty and text .jpg files, and the image outside the identity folders; the
+    # rest is junk.
+    assert summary["unusable"] == 4
     assert json.loads((out / DATASET_JSON).read_text())["skipped"] == summary["skipped"]
     assert stored(out) == {name[len("lfw/"):]: data for name, data in lfw_files().items()}
 
@@ -896,3 +931,202 @@ def test_stopped_extraction_leaves_no_child_and_no_scratch(tmp_path, temp_dir, h
         assert (stale / "archive.tar").is_file()
         extract_dataset(archive, tmp_path / "out", workers=1)  # ... so the next run does
         assert list(temp_dir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- image sizes every step can use
+
+def _png_of(width: int, height: int, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), 1).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_size_problem_bounds():
+    assert size_problem(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE) == ""
+    assert size_problem(MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS // MIN_IMAGE_SIDE) == ""   # exactly the limit
+    assert size_problem(MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS // MIN_IMAGE_SIDE + 1).startswith("too many pixels")
+    for width, height in ((1, 1), (1, 5000), (5000, 1), (0, 10)):
+        assert size_problem(width, height).startswith(f"too small ({width}x{height} pixels")
+    assert size_problem(12_000, 12_000) == ("too many pixels (12000x12000 = 144,000,000 pixels, more than "
+                                            f"the limit of {MAX_IMAGE_PIXELS:,}; resize the image)")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_images_too_small_for_a_later_step_are_skipped_and_counted(tmp_path, workers):
+    files = _many(300)
+    files.update({"lfw/P1/P1_9001.png": _png_of(1, 1), "lfw/P2/P2_9002.png": _png_of(1, 5000),
+                  "lfw/P3/P3_9003.gif": _png_of(5000, 1),     # a PNG named .gif: decided by content
+                  "lfw/P4/P4_9004.png": _png_of(2, 2)})       # the smallest usable image
+    summary = extract_dataset(write_tar(tmp_path / "a.tgz", files), tmp_path / "out", workers=workers)
+    reasons = {item["member"]: item["reason"] for item in summary["skipped"]}
+    assert reasons == {"lfw/P1/P1_9001.png": "too small (1x1 pixels; every side needs at least 2 pixels)",
+                       "lfw/P2/P2_9002.png": "too small (1x5000 pixels; every side needs at least 2 pixels)",
+                       "lfw/P3/P3_9003.gif": "too small (5000x1 pixels; every side needs at least 2 pixels)"}
+    assert summary["unusable"] == 3 and summary["images"] == 301
+    # Every stored image is one completion can augment.
+    params = sample_params(np.random.default_rng(0))
+    for file, data in stored(tmp_path / "out").items():
+        generate_image(data, params, file)
+    # Counted against max_skipped_fraction like any unusable image.
+    with pytest.raises(InputError, match=r"3 of 304 images are unusable .*lfw/P1/P1_9001\.png: too small"):
+        extract_dataset(write_tar(tmp_path / "a.tgz", files), tmp_path / "out2", workers=workers,
+                        max_skipped_fraction=0.005)
+
+
+def test_image_over_the_pixel_limit_is_refused_by_every_step_without_decoding(tmp_path, monkeypatch):
+    big = _png_of(12_000, 12_000, "1")        # 144 megapixels in a few kilobytes
+    assert len(big) < 100_000
+    files = {**_many(300), "lfw/P1/P1_9001.png": big}
+    archive = write_tar(tmp_path / "a.tgz", files)
+    assert archive.stat().st_size < 200_000
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: loads.append(self.size) or real_load(self))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # no Pillow DecompressionBombWarning either
+        summary = extract_dataset(archive, tmp_path / "out", workers=1)
+    assert (12_000, 12_000) not in loads       # refused from its header
+    reason = {item["member"]: item["reason"] for item in summary["skipped"]}["lfw/P1/P1_9001.png"]
+    assert reason.startswith("too many pixels (12000x12000 = 144,000,000 pixels, more than the limit")
+    assert summary["unusable"] == 1 and summary["images"] == 300
+    # The same limit in verify/embed, in the input pipeline and in completion.
+    path = tmp_path / "big.png"
+    path.write_bytes(big)
+    with pytest.raises(InputError, match=r"big\.png: image too large to decode safely \(too many pixels"):
+        read_image_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # Pillow's, on opening
+        with pytest.raises(ValueError, match="too many pixels"):
+            decode_rgb(big)
+        with pytest.raises(InputError, match=r"shard-x: P1/P1_9001\.png: cannot generate images from it: "
+                                             r"too many"):
+            generate_image(big, sample_params(np.random.default_rng(0)), "shard-x: P1/P1_9001.png")
+    assert (12_000, 12_000) not in loads
+    # ... and the smallest accepted size passes them all.
+    small = tmp_path / "small.png"
+    small.write_bytes(_png_of(2, 2))
+    assert read_image_file(small) == small.read_bytes()
+    assert decode_rgb(small.read_bytes()).size == (2, 2)
+
+
+def test_verify_refuses_a_too_small_image(tmp_path):
+    path = tmp_path / "dot.png"
+    path.write_bytes(_png_of(1, 1))
+    with pytest.raises(InputError, match=r"dot\.png: image too small to use \(too small \(1x1 pixels"):
+        read_image_file(path)
+
+
+# --------------------------------------------------------------------------- nothing left out silently
+
+def test_second_dataset_next_to_the_image_root_is_refused_naming_both(tmp_path):
+    files = {**lfw_files(), **{f"CASIA-WebFace/{i:07d}/001.jpg": jpeg(i) for i in range(45, 54)}}
+    archive = write_tar(tmp_path / "a.tgz", files)
+    with pytest.raises(InputError) as err:
+        extract_dataset(archive, tmp_path / "out", workers=1)
+    message = str(err.value)
+    assert ("9 of 15 images lie outside the identity folders of the lfw layout (lfw/<identity>/, "
+            "6 files) and would be left out, more than max_skipped_fraction 0.01: CASIA-WebFace/ "
+            "(9 images, e.g. CASIA-WebFace/0000045/001.jpg)") in message
+    assert_nothing_written(tmp_path / "out")
+    # Allowed explicitly, they are reported as unusable images, never dropped as junk.
+    summary = extract_dataset(archive, tmp_path / "out", workers=1, max_skipped_fraction=0.7)
+    assert summary["images"] == 6 and summary["unusable"] == 9
+    reasons = {item["member"]: item["reason"] for item in summary["skipped"]}
+    assert reasons["CASIA-WebFace/0000045/001.jpg"] == "image left out: outside the image root 'lfw/'"
+
+
+def test_a_stray_image_outside_the_root_counts_against_the_limit(tmp_path):
+    files = {**_many(300), "cover.jpg": jpeg(1)}
+    summary = extract_dataset(write_tar(tmp_path / "a.tgz", files), tmp_path / "out", workers=1)
+    assert summary["images"] == 300 and summary["unusable"] == 1
+    with pytest.raises(InputError, match=r"1 of 301 images lie outside .* the archive's top \(1 image, "
+                                         r"e\.g\. cover\.jpg\)"):
+        extract_dataset(write_tar(tmp_path / "a.tgz", files), tmp_path / "out2", workers=1,
+                        max_skipped_fraction=0.001)
+
+
+# --------------------------------------------------------------------------- one person, one name
+
+def test_identity_names_are_nfc_and_nfc_collisions_are_refused(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "José"), unicodedata.normalize("NFD", "José")
+    assert nfc != nfd
+    files = {f"faces/{nfd}/1.jpg": jpeg(1), f"faces/{nfd}/{nfd}.jpg": jpeg(2), "faces/Ann/1.jpg": jpeg(3)}
+    summary = extract_dataset(write_tar(tmp_path / "a.tar", files, "w"), tmp_path / "out", workers=1)
+    assert summary["identities"] == 2
+    rows = read_manifest(tmp_path / "out")
+    assert sorted((row["identity"], row["file"]) for row in rows) == [
+        ("Ann", "Ann/1.jpg"), (nfc, f"{nfc}/1.jpg"), (nfc, f"{nfc}/{nfc}.jpg")]
+
+    files[f"faces/{nfc}/2.jpg"] = jpeg(4)
+    for kind in ("tar", "zip"):
+        archive = write_zip(tmp_path / "b.zip", files) if kind == "zip" else \
+            write_tar(tmp_path / "b.tar", files, "w")
+        with pytest.raises(InputError) as err:
+            extract_dataset(archive, tmp_path / "out2", workers=1)
+        assert (f"two identity folders are both named {nfc!r} once their names are in Unicode NFC: "
+                f"'faces/Jose\\u0301/' and 'faces/Jos\\xe9/'") in str(err.value)
+        assert_nothing_written(tmp_path / "out2")
+
+
+# --------------------------------------------------------------------------- a full disk, and leftovers
+
+class _FullDiskWriter(ShardWriter):
+    """A shard writer on a full disk: adding fails, and so does closing its files while cleaning up."""
+
+    def add(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.out_dir / "manifest.jsonl"))
+
+
+def test_full_output_disk_names_the_folder(tmp_path, monkeypatch, temp_dir):
+    monkeypatch.setattr(extract, "ShardWriter", _FullDiskWriter)
+    out = tmp_path / "data" / "out"
+    with pytest.raises(FacenetError) as err:
+        extract_dataset(write_tar(tmp_path / "a.tgz", lfw_files()), out, workers=1)
+    message = str(err.value)
+    assert message.startswith(f"no space left on {out.parent}, ")
+    assert f"the extracted dataset {out} did not fit" in message and "No space left on device" in message
+    assert err.value.__suppress_context__              # one error, not a chain of OSErrors
+    assert_nothing_written(out)
+    assert list(temp_dir.iterdir()) == []
+
+
+def _decompress_onto_full_disk(archive, codec, target, limit, parent, conn):
+    conn.send(("io", (errno.ENOSPC, f"No space left on device ({target})")))
+    conn.close()
+
+
+def test_full_scratch_disk_names_the_temporary_folder(tmp_path, monkeypatch, temp_dir):
+    monkeypatch.setattr(extract, "_decompress_into", _decompress_onto_full_disk)
+    with pytest.raises(FacenetError) as err:
+        extract_dataset(write_tar(tmp_path / "a.tgz", lfw_files()), tmp_path / "out", workers=1)
+    message = str(err.value)
+    assert message.startswith(f"no space left on {temp_dir}, ")
+    assert "the scratch copy of the decompressed archive (set TMPDIR" in message
+    assert_nothing_written(tmp_path / "out")
+    assert list(temp_dir.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_a_killed_extraction_are_removed(tmp_path):
+    out = tmp_path / "out"
+    dead = tmp_path / f".out.tmp-{_dead_pid()}-0123abcd"
+    (dead / "shards").mkdir(parents=True)
+    (dead / "shards" / "images-00000.tar").write_bytes(bytes(1000))
+    dead_file = tmp_path / f".out.tmp-{_dead_pid()}-89abcdef"
+    dead_file.write_bytes(b"partial")
+    live = tmp_path / f".out.tmp-{os.getpid()}-00000000"      # a running process's: kept
+    live.mkdir()
+    other = tmp_path / ".other.tmp-1-00000000"                  # another output's: not ours to judge
+    other.mkdir()
+    extract_dataset(write_tar(tmp_path / "a.tgz", lfw_files()), out, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.tgz", "out", live.name, other.name])

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facenet_kfp import extract
 from facenet_kfp import input as pipeline_input
 from facenet_kfp import synth
 from facenet_kfp.errors import InputError
@@ -228,18 +230,23 @@ def test_nested_tree_identities_are_the_folders_holding_images(tmp_path):
         "faces/cover.jpg": photo(5, 40, 40),
         "faces/docs/LICENSE": b"license",
     }
-    summary = extract_dataset(write_tar(tmp_path / "f.tgz", files), tmp_path / "out", workers=1)
+    with pytest.raises(InputError, match=r"1 of 6 images lie outside the identity folders of the "
+                                         r"folders layout \(faces/\[<folder>/\.\.\.\]<identity>/, 5 files\) "
+                                         r".*faces/ \(1 image, e\.g\. faces/cover\.jpg\)"):
+        extract_dataset(write_tar(tmp_path / "f.tgz", files), tmp_path / "refused", workers=1)
+    summary = extract_dataset(write_tar(tmp_path / "f.tgz", files), tmp_path / "out", workers=1,
+                              max_skipped_fraction=0.2)
     assert summary["layout"] == {
         "name": "folders", "root": "faces",
         "evidence": "identity folders (folders holding images) 2 to 3 levels below top folder faces "
                     "(e.g. faces/set1/more/bob)"}
     assert list(stored(tmp_path / "out")) == ["alice/1.jpg", "alice/2.jpg", "bob/1.png", "carol/x.jpg"]
     reasons = {item["member"]: item["reason"] for item in summary["skipped"]}
-    assert reasons["faces/cover.jpg"].startswith("not inside an identity folder")
+    assert reasons["faces/cover.jpg"].startswith("image left out: not inside an identity folder")
     assert reasons["faces/set2/README.txt"].startswith("junk: no file with an image suffix")
     assert reasons["faces/docs/LICENSE"].startswith("junk: no file with an image suffix")
     assert reasons["faces/set2/carol/notes.txt"].startswith("not an image")
-    assert summary["unusable"] == 0
+    assert summary["unusable"] == 1   # the cover image: an image outside the identity folders
 
 
 @pytest.mark.parametrize("kind", ["tar", "zip"])
@@ -381,3 +388,118 @@ def test_tensorflow_preprocessing_matches_on_non_square_images():
         data = photo(seed, w, h, "PNG")
         got = preprocess_image(tf.constant(data), 20, 0.6).numpy()
         np.testing.assert_allclose(got, pipeline_input.preprocess_array(data, 20, 0.6), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- hostile face-box files and folders
+
+def test_box_of_one_pixel_skips_the_image_as_unusable(tmp_path):
+    files = {f"train/n000002/{i:04d}_01.jpg": photo(i, 60, 80) for i in range(1, 200)}
+    files["train/n000002/0500_01.jpg"] = photo(500, 60, 80)
+    files["bb_landmark/loose_bb_train.csv"] = b'NAME_ID,X,Y,W,H\n"n000002/0500_01",10,10,1,1\n'
+    summary = extract_dataset(write_tar(tmp_path / "v.tar", files), tmp_path / "out", workers=1)
+    reasons = {item["member"]: item["reason"] for item in summary["skipped"]}
+    assert reasons == {"train/n000002/0500_01.jpg": "too small (1x1 pixels; every side needs at least 2 "
+                                                    "pixels) once cut to its face box (X,Y,W,H = 10,10,1,1)"}
+    assert summary["unusable"] == 1 and summary["images"] == 199
+
+
+@pytest.mark.parametrize("row, match", [
+    ('"n000002/0001_01",' + "9" * 400 + ",2,3,4", r"line 3: a box coordinate is out of range"),
+    ('"n000002/0001_01",1,2,' + "9" * 400 + ",4", r"line 3: a box coordinate is out of range"),
+    ('"n000002/0001_01",-' + "9" * 400 + ",2,3,4", r"line 3: a box coordinate is out of range"),
+    ('"n000002/0001_01",1,2,3,4e400', r"line 3: expected NAME_ID and four integers"),
+    ('"n000002/0001_01",1,2,3,4' + " " * 5000, r"line 3: longer than 4,096 characters"),
+])
+def test_absurd_box_values_fail_naming_file_and_line(tmp_path, row, match):
+    text = f'NAME_ID,X,Y,W,H\n"n000002/0002_01",1,2,3,4\n{row}\n'.encode()
+    files = {"train/n000002/0001_01.jpg": photo(1, 60, 80), "bb_landmark/loose_bb_train.csv": text}
+    with pytest.raises(InputError, match=match) as err:
+        extract_dataset(write_tar(tmp_path / "v.tar", files), tmp_path / "out", workers=1)
+    assert "v.tar: bb_landmark/loose_bb_train.csv, line 3" in str(err.value)
+    assert len(str(err.value)) < 1000
+    assert not (tmp_path / "out").exists()
+
+
+SHORT_ROW = b'"n999999/0001_01",161,140,224,324\n'
+# A row of a long name (under the line limit): a few rows per megabyte keep tracemalloc fast.
+LONG_ROW = b'"n999999/' + b"x" * 4000 + b'",161,140,224,324\n'
+
+
+def _zip_with_large_box_file(path: Path, csv_bytes: int, row: bytes = SHORT_ROW) -> Path:
+    """A VGGFace2 zip whose loose_bb_train.csv holds `csv_bytes` of rows for absent images, streamed."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/n000002/0001_01.jpg", photo(1, 60, 80))
+        with zf.open("bb_landmark/loose_bb_train.csv", "w", force_zip64=True) as out:
+            out.write(b"NAME_ID,X,Y,W,H\n")
+            block = row * ((1 << 20) // len(row))
+            for _ in range(csv_bytes // len(block)):
+                out.write(block)
+    return path
+
+
+def test_box_file_bomb_in_a_zip_is_refused_by_the_expansion_budget(tmp_path):
+    archive = _zip_with_large_box_file(tmp_path / "bomb.zip", 96 << 20)
+    assert archive.stat().st_size < 1 << 20                   # ~100x compressed
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as err:
+            extract_dataset(archive, tmp_path / "out", workers=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "the face-box file bb_landmark/loose_bb_train.csv would take the extraction past" in str(err.value)
+    assert peak < 8 << 20
+    assert not (tmp_path / "out").exists()
+
+
+def test_box_file_over_its_size_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(extract, "MAX_BOX_FILE_BYTES", 1 << 20)
+    archive = _zip_with_large_box_file(tmp_path / "v.zip", 3 << 20)
+    with pytest.raises(InputError, match=r"bb_landmark/loose_bb_train\.csv: face-box file of \d,\d{3},\d{3} "
+                                         r"bytes, more than the limit of 1,048,576"):
+        extract_dataset(archive, tmp_path / "out", workers=1, max_expansion=10_000)
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_box_file_is_streamed_in_bounded_memory(tmp_path, kind):
+    size = 24 << 20
+    if kind == "zip":
+        archive = _zip_with_large_box_file(tmp_path / "v.zip", size, LONG_ROW)
+    else:
+        text = b'NAME_ID,X,Y,W,H\n"n000002/0001_01",10,20,30,40\n' + LONG_ROW * (size // len(LONG_ROW))
+        archive = write_tar(tmp_path / "v.tar", {"train/n000002/0001_01.jpg": photo(1, 60, 80),
+                                                 "bb_landmark/loose_bb_train.csv": text})
+    tracemalloc.start()
+    try:
+        summary = extract_dataset(archive, tmp_path / "out", workers=1, max_expansion=10_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["layout"]["boxes"]["rows"] > 6000
+    assert peak < 8 << 20                                    # a third of the file, or less
+    assert summary["layout"]["boxes"]["applied"] == (kind == "tar")
+
+
+def test_vggface2_val_folder_is_refused_naming_it(tmp_path):
+    files = {f"vggface2/train/n00000{i}/0001_01.jpg": photo(i, 60, 80) for i in range(1, 3)}
+    files.update({f"vggface2/val/n00001{i}/0001_01.jpg": photo(10 + i, 60, 80) for i in range(8)})
+    with pytest.raises(InputError) as err:
+        extract_dataset(write_tar(tmp_path / "v.tar", files), tmp_path / "out", workers=1)
+    assert ("8 of 10 images lie outside the identity folders of the vggface2 layout "
+            "(vggface2/train/<identity>/ and vggface2/test/<identity>/, 2 files) and would be left out, "
+            "more than max_skipped_fraction 0.01: vggface2/val/ (8 images, e.g. "
+            "vggface2/val/n000010/0001_01.jpg)") in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_box_rows_are_read_across_blocks_with_their_line_numbers():
+    rows = b"".join(b'"n%06d/0001_01",%d,2,3,4\r\n' % (i, i) for i in range(90_000))
+    text = b"\xef\xbb\xbfNAME_ID,X,Y,W,H\r\n" + rows             # a BOM, Windows line ends, ~3 MB
+    read = list(extract._read_boxes(io.BufferedReader(io.BytesIO(text)), "f.csv"))
+    assert read == [(f"n{i:06d}/0001_01", (i, 2, 3, 4)) for i in range(90_000)]
+    with pytest.raises(InputError, match=r"^f\.csv, line 90002: expected NAME_ID and four integers"):
+        list(extract._read_boxes(io.BufferedReader(io.BytesIO(text + b'"n1/1",x,2,3,4\r\n')), "f.csv"))
+    with pytest.raises(InputError, match=r"^f\.csv, line 90002: longer than 4,096 characters"):
+        list(extract._read_boxes(io.BufferedReader(io.BytesIO(text + b"9" * (3 << 20))), "f.csv"))
+    with pytest.raises(InputError, match=r"^f\.csv: header '', expected 'NAME_ID,X,Y,W,H'"):
+        list(extract._read_boxes(io.BufferedReader(io.BytesIO(b"")), "f.csv"))
