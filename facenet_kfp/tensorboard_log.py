@@ -196,6 +196,9 @@ def claim_tensorboard_dir(folder: str, run_key: str) -> dict[str, int]:
     facenet-kfp-run.json names this run is continued; anything else is refused, so that
     `tensorboard --logdir` never shows two runs' events mixed in one curve.
     """
+    if not is_uri(folder) and (Path(folder).exists() or Path(folder).is_symlink()) and not Path(folder).is_dir():
+        raise InputError(f"{folder}: the TensorBoard folder is a file, not a folder; give the path of a new "
+                         f"or empty folder for the events, or move the file away")
     marker = join(folder, TENSORBOARD_RUN_JSON)
     names = list_names(folder)
     if not is_uri(folder) and Path(folder).is_dir() and not names:

@@ -35,15 +35,20 @@ triplets, mean positive / negative distance, learning rate, images/s and ETA
 (means over the steps since the previous line). Every `validate_every` steps
 (and after the last step) the same metrics are computed on
 `validation_batches` fixed P x K batches of real validation images, without
-augmentation. Both are also TensorBoard scalars (`tensorboard_log.TensorBoardLog`:
+augmentation, by the model as it is exported (`evaluation_model`): a float32
+copy whose batch-norm moving statistics are recalibrated on
+BN_CALIBRATION_BATCHES fixed unaugmented train batches, since training's own
+moving averages (momentum 0.99) lag the weights by hundreds of steps. Both are also TensorBoard scalars (`tensorboard_log.TensorBoardLog`:
 train/<metric> with train/learning_rate and train/images_per_second, and
 val/<metric>) in each folder of `tensorboard_dir`.
 
 Fail fast (`TrainingMonitor`, on every step's values whatever `log_every`
 is): a non-finite loss,
-embedding collapse or divergence raises FacenetError naming the step and the
-setting to change; the step then fails and no model is exported (unlike
-keras.callbacks.TerminateOnNaN, which ends `fit` as if it had succeeded).
+embedding collapse (negatives closer than half the margin for a window of
+steps, or at the end of a run) or divergence raises FacenetError naming the
+step and the setting to change; the step then fails and no model is exported
+(unlike keras.callbacks.TerminateOnNaN, which ends `fit` as if it had succeeded).
+A local checkpoint folder is locked (`training_lock`) while a training uses it.
 
 Checkpoints go to `checkpoint_dir` every `checkpoint_every` steps as
 `ckpt-<step>.npz` (`save_checkpoint`: the model's variables, the optimizer's
@@ -89,8 +94,9 @@ import numpy as np
 from facenet_kfp import __version__
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import FacenetError, InputError
-from facenet_kfp.fsutil import (check_replaceable, delete, join, list_names, read_bytes, read_json_any,
-                                write_bytes, write_json_any)
+from facenet_kfp.fsutil import (check_replaceable, delete, is_uri, join, list_names, no_space_error,
+                                no_space_named, read_bytes, read_json_any, remove_stale_temps, write_bytes,
+                                write_json_any)
 from facenet_kfp.progress import Progress, _fmt_seconds
 from facenet_kfp.tensorboard_log import TensorBoardLog
 
@@ -99,6 +105,13 @@ log = logging.getLogger(__name__)
 COLLAPSE_MEAN_DISTANCE = 1e-3    # plain L2; random unit vectors in 128-D are ~1.41 apart
 COLLAPSE_MAX_DISTANCE = 1e-6
 COLLAPSE_STEPS = 20              # consecutive steps below COLLAPSE_MEAN_DISTANCE that count as collapse
+# Negatives closer (plain L2) than this fraction of the margin's plain-L2 length, sqrt(margin) for squared
+# distances: collapse (`collapse_negative_limit`). Seen: a collapsed demo run at 0.05 plain L2 in both units,
+# healthy batch-hard runs no lower than 0.34 (squared) and 0.49 (plain) on their way down and up.
+COLLAPSE_MARGIN_FRACTION = 0.5
+COLLAPSE_END_STEPS = 5           # a run that ends with this many collapsed steps fails, however short it is
+BN_CALIBRATION_BATCHES = 10      # unaugmented train batches that set the batch-norm statistics (validation, export)
+TRAIN_LOCK = ".train.lock"       # in a local checkpoint folder: held (flock) by the training that uses it
 DIVERGENCE_STEPS = 50            # steps per mean loss of the divergence check
 HISTORY_JSON = "history.json"
 PROVENANCE_JSON = "provenance.json"
@@ -474,7 +487,9 @@ def _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, k: int) -
 def _train_and_validation_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig,
                                   replicas: int, start_step: int):
     """(the training batches from batch start_step on, for `fit`; the validation batches, a list of
-    (images, labels), or None; a function that releases the inputs)."""
+    (images, labels), or None; the batch-norm calibration images, a list of BN_CALIBRATION_BATCHES
+    unaugmented P x K batches of the train split (the same whatever start_step); a function that
+    releases the inputs)."""
     make = _tf_batches if backend() == "tensorflow" else _jax_batches
     return make(dataset_dir, completion_dir, labels_dir, splits_dir, config, replicas, start_step)
 
@@ -493,12 +508,15 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
             (x.numpy(), y.numpy()) for x, y in make_train_dataset(
                 images, labels, p, config.k, config.image_size, config.crop_fraction, False,
                 config.seed).take(config.validation_batches)])
+        calibration = [x.numpy() for x, _ in make_train_dataset(
+            split, split.labels, config.p, config.k, config.image_size, config.crop_fraction, False,
+            config.seed).take(BN_CALIBRATION_BATCHES)]
     except BaseException:
         split.close()
         raise
     train = make_train_dataset(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
                                config.augment, config.seed, start_batch=start_step)
-    return train, val_batches, split.close
+    return train, val_batches, calibration, split.close
 
 
 def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
@@ -515,6 +533,9 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     try:
         _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
         val_batches = _validation_batches(dataset_dir, labels_dir, splits_dir, config, validation)
+        with TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
+                          False, config.seed, workers=0) as batches:
+            calibration = [next(batches)[0] for _ in range(BN_CALIBRATION_BATCHES)]
     except BaseException:
         split.close()
         raise
@@ -524,7 +545,7 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     def close() -> None:
         stream.close()
         split.close()
-    return (batch for batch in stream), val_batches, close      # fit takes a generator, not an iterator
+    return (batch for batch in stream), val_batches, calibration, close      # fit takes a generator, not an iterator
 
 
 def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, replicas: int) -> None:
@@ -576,21 +597,38 @@ def _validation_batches(dataset_dir, labels_dir, splits_dir, config: TrainConfig
 
 # ----------------------------------------------------------------------------- monitor
 
+def collapse_negative_limit(config: TrainConfig) -> float:
+    """Mean negative distance, in the configured distance's units, below which the embeddings count as collapsed.
+
+    The limit is a plain-L2 length, COLLAPSE_MARGIN_FRACTION times the margin's
+    plain-L2 length (sqrt(margin) when train.squared, else margin), written in
+    the units of `mean_negative_distance`: f * margin for plain L2 and
+    f^2 * margin for squared L2 (margin 0.2: 0.1 plain, 0.05 squared).
+    """
+    f = COLLAPSE_MARGIN_FRACTION
+    return f * f * config.margin if config.squared else f * config.margin
+
+
 class TrainingMonitor:
     """Fail-fast checks on the values of each training step, as plain floats (no backend needed).
 
-    `update(step, values)` takes step `step`'s (1-based) "loss", "mean_pairwise_l2" and
-    "max_pairwise_l2" (plain L2 between the batch's embeddings, `batch_loss`) and raises
-    FacenetError naming the step and the setting to change when
+    `update(step, values)` takes step `step`'s (1-based) "loss", "mean_negative_distance" (in the
+    configured distance), "mean_pairwise_l2" and "max_pairwise_l2" (plain L2 between the batch's
+    embeddings, `batch_loss`) and raises FacenetError naming the step and the setting to change when
 
     - the loss is not finite (NaN or infinite weights or activations);
     - the embeddings collapse: the largest distance is below COLLAPSE_MAX_DISTANCE (all at one
       point), or the mean distance stays below COLLAPSE_MEAN_DISTANCE for COLLAPSE_STEPS
-      consecutive steps;
+      consecutive steps, or the mean negative distance stays below `collapse_negative_limit`
+      (half the margin, as a plain-L2 length) for COLLAPSE_STEPS consecutive steps: different
+      people's embeddings closer than the margin asks, the loss pinned at the margin, nothing learnt;
     - training diverges: the mean loss over the last DIVERGENCE_STEPS steps is more than one
       `margin` above the lowest such mean so far. The triplet loss of unit vectors is bounded
       (at most 4 + margin), so divergence shows as a lasting rise, not a blow-up; a healthy
       run's windowed loss falls from about the margin towards 0 with ripples far below a margin.
+
+    `finish(step)` after the last step of a call: a run that ends with at least COLLAPSE_END_STEPS
+    collapsed steps fails too, so a short run (shorter than the window) is not exported collapsed.
 
     The windows count steps, whatever `log_every` is; a resumed call starts them afresh.
     """
@@ -598,6 +636,8 @@ class TrainingMonitor:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.low_distance_run = 0
+        self.low_negative_run = 0
+        self.last_negative = math.nan
         self.losses: deque[float] = deque(maxlen=DIVERGENCE_STEPS)
         self.best: tuple[float, int] | None = None        # lowest windowed mean loss, its last step
 
@@ -605,6 +645,16 @@ class TrainingMonitor:
         """The learning rate step `step` (1-based) trained with."""
         c = self.config
         return learning_rate_at(step - 1, c.learning_rate, c.warmup_steps, c.max_steps, c.lr_schedule)
+
+    def _negative_collapse(self, step: int, steps: int, ended: bool) -> FacenetError:
+        limit, unit = collapse_negative_limit(self.config), "squared L2" if self.config.squared else "L2"
+        when = "the run ended with it" if ended else "it stayed there"
+        return FacenetError(
+            f"embedding collapse at step {step}: the mean distance between different people's embeddings "
+            f"({unit}) was below {limit:.3g} (half of train.margin={self.config.margin:g} as an L2 length) for "
+            f"the last {steps} steps, {self.last_negative:.3g} at the last, and {when}: the loss stays at "
+            f"the margin and nothing is learnt; lower train.learning_rate (now "
+            f"{self.learning_rate(step):.3g}) or raise train.warmup_steps")
 
     def update(self, step: int, values: dict[str, float]) -> None:
         loss, lr = values["loss"], self.learning_rate(step)
@@ -621,6 +671,11 @@ class TrainingMonitor:
             raise FacenetError(f"embedding collapse at step {step}: mean distance between embeddings below "
                                f"{COLLAPSE_MEAN_DISTANCE} for {self.low_distance_run} steps; lower "
                                f"train.learning_rate (now {lr:.3g})")
+        self.last_negative = values["mean_negative_distance"]
+        near = self.last_negative < collapse_negative_limit(self.config)
+        self.low_negative_run = self.low_negative_run + 1 if near else 0
+        if self.low_negative_run >= COLLAPSE_STEPS:
+            raise self._negative_collapse(step, self.low_negative_run, ended=False)
         self.losses.append(loss)
         if len(self.losses) < DIVERGENCE_STEPS:
             return
@@ -635,6 +690,11 @@ class TrainingMonitor:
                                f"{self.config.margin:g} higher; lower train.learning_rate (now {lr:.3g}) "
                                f"or raise train.warmup_steps")
 
+    def finish(self, step: int) -> None:
+        """After the last step of a call: FacenetError when the run ends collapsed (see the class)."""
+        if self.low_negative_run >= COLLAPSE_END_STEPS:
+            raise self._negative_collapse(step, self.low_negative_run, ended=True)
+
 
 # ----------------------------------------------------------------------------- one callback per run
 
@@ -647,18 +707,42 @@ class RunState:
     tensorboard: TensorBoardLog
     history: dict[str, list[dict[str, float]]]
     val_batches: list | None = None
+    calibration_images: list = dataclasses.field(default_factory=list)   # `evaluation_model`'s batches
     step: int = 0
     first_done_time: float | None = None      # after the first (traced) step
     first_done_step: int = 0
     paused: float = 0.0                       # seconds in validation and checkpoints since then
+    evaluation: keras.Model | None = None     # `evaluation_model`'s copy, built once
+
+
+def evaluation_model(trainer: keras.Model, state: RunState) -> keras.Model:
+    """The model as it will be exported: a float32 copy of the trained embedding model whose batch-norm
+    moving statistics are recalibrated (`model.calibrate_batch_norm`) on `state.calibration_images`.
+
+    Training's own moving statistics (an exponential average with momentum
+    0.99) lag far behind the weights in the first few hundred steps, so
+    inference-mode embeddings of a short run would sit at a fraction of the
+    distances training sees. The trainer's variables are not touched: the
+    checkpoints, and a resumed run, hold training's state as it is.
+    """
+    from facenet_kfp.model import calibrate_batch_norm
+
+    if state.evaluation is None:
+        state.evaluation = float32_model(trainer, state.config)
+    else:
+        _sync(trainer)
+        state.evaluation.set_weights([keras.ops.convert_to_numpy(v) for v in trainer.embedding.weights])
+    calibrate_batch_norm(state.evaluation, state.calibration_images)
+    return state.evaluation
 
 
 def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
-    """The mean statistics of the fixed validation batches at the current step; in history and TensorBoard."""
-    _sync(trainer)
+    """The mean statistics of the fixed validation batches at the current step, computed with the model as it
+    would be exported (`evaluation_model`); in history and TensorBoard."""
+    model = evaluation_model(trainer, state)
     sums = {k: 0.0 for k in STAT_KEYS}
     for images, labels in state.val_batches:
-        out = batch_loss(state.config, labels, trainer.predict(images, batch_size=len(images), verbose=0))
+        out = batch_loss(state.config, labels, model.predict(images, batch_size=len(images), verbose=0))
         for k in STAT_KEYS:
             sums[k] += float(out[k])
     step, batches = state.step, len(state.val_batches)
@@ -696,6 +780,9 @@ class TrainingProgress(keras.callbacks.Callback):
         state.step = state.start_step + batch + 1
         values = {k: float(v) for k, v in logs.items()}
         self.monitor.update(state.step, values)
+        last = state.step == config.max_steps
+        if last:
+            self.monitor.finish(state.step)          # before its checkpoint: nothing collapsed is kept
         for k in STAT_KEYS:
             self.window[k].append(values[k])
         self.window_steps += 1
@@ -703,7 +790,6 @@ class TrainingProgress(keras.callbacks.Callback):
         if state.first_done_time is None:          # the first step traced the step function: not in the rate
             state.first_done_time, state.first_done_step = time.monotonic(), state.step
             self.window_start, self.window_steps = state.first_done_time, 0
-        last = state.step == config.max_steps
         if state.step % config.log_every == 0 or last:
             self.log_line()
         paused = time.monotonic()
@@ -736,9 +822,27 @@ class TrainingProgress(keras.callbacks.Callback):
 
     def checkpoint(self) -> None:
         state = self.state
-        path = save_checkpoint(state.checkpoint_dir, self.model, state.step)
-        write_json_any(join(state.checkpoint_dir, HISTORY_JSON), {"step": state.step, **state.history})
+        with _checkpoint_errors(state.checkpoint_dir, f"the checkpoint of step {state.step}"):
+            path = save_checkpoint(state.checkpoint_dir, self.model, state.step)
+            write_json_any(join(state.checkpoint_dir, HISTORY_JSON), {"step": state.step, **state.history})
         log.info("checkpoint %s", path)
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(checkpoint_dir: str, what: str):
+    """A full disk or another OS error while writing `what` to the checkpoint folder -> FacenetError naming
+    the folder ("no space left on <folder>" for a full disk, however deeply the OSError is nested)."""
+    guard = contextlib.nullcontext() if is_uri(checkpoint_dir) else no_space_named(checkpoint_dir, what)
+    with guard:
+        try:
+            yield
+        except OSError as exc:
+            if no_space_error(exc) is not None:
+                raise
+            where = exc.filename or checkpoint_dir
+            raise FacenetError(f"{checkpoint_dir}: cannot write {what} "
+                               f"({where}: {exc.strerror or exc}); choose another checkpoint folder "
+                               f"(train --checkpoint-dir, or cluster.checkpoint_root)") from exc
 
 
 # ----------------------------------------------------------------------------- summary and export
@@ -790,6 +894,32 @@ def float32_model(trainer: EmbeddingTrainer, config: TrainConfig) -> keras.Model
 
 # ----------------------------------------------------------------------------- training
 
+def _read_history(path: str, checkpoint_dir: str) -> dict[str, Any]:
+    """history.json of a checkpoint folder ({} when there is none): {"step": int, "train": [records],
+    "val": [records]}, each record an object with an integer "step" and numbers; InputError naming the
+    file when it is anything else."""
+    saved = read_json_any(path)
+    if saved is None:
+        return {}
+    todo = f"delete {checkpoint_dir} to train from step 0, or restore the file"
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: the training history is a JSON {type(saved).__name__}, not an object with "
+                         f"step, train and val; {todo}")
+    if isinstance(saved.get("step"), bool) or not isinstance(saved.get("step"), int):
+        raise InputError(f"{path}: the training history has no integer step (got {saved.get('step')!r}); "
+                         f"{todo}")
+    for split in ("train", "val"):
+        records = saved.get(split, [])
+        if not isinstance(records, list):
+            raise InputError(f"{path}: {split} is a JSON {type(records).__name__}, not a list of records; {todo}")
+        for i, record in enumerate(records):
+            if (not isinstance(record, dict) or isinstance(record.get("step"), bool)
+                    or not isinstance(record.get("step"), int)):
+                raise InputError(f"{path}: {split}[{i}] is not a record with an integer step ({record!r:.80}); "
+                                 f"{todo}")
+    return saved
+
+
 def _restore(trainer, checkpoint_dir: str, provenance: dict[str, Any], config: TrainConfig):
     """(path restored or None, start step, history up to it) from the checkpoint folder."""
     history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
@@ -803,7 +933,7 @@ def _restore(trainer, checkpoint_dir: str, provenance: dict[str, Any], config: T
         return None, 0, history
     _check_resume(checkpoint_dir, provenance)
     restored, start_step = restore_latest(checkpoint_dir, trainer)
-    saved = read_json_any(join(checkpoint_dir, HISTORY_JSON)) or {}
+    saved = _read_history(join(checkpoint_dir, HISTORY_JSON), checkpoint_dir)
     for split in ("train", "val"):
         history[split] = [r for r in saved.get(split, []) if r["step"] <= start_step]
     log.info("resuming from checkpoint %s at step %d of %d", restored, start_step, config.max_steps)
@@ -812,6 +942,84 @@ def _restore(trainer, checkpoint_dir: str, provenance: dict[str, Any], config: T
                     "training; delete %s to train again", checkpoint_dir, start_step, config.max_steps,
                     checkpoint_dir)
     return restored, start_step, history
+
+
+def _check_folder(folder: str, what: str, option: str) -> None:
+    """InputError when a local output folder's path is a file (or a link to one)."""
+    if not is_uri(folder) and (Path(folder).exists() or Path(folder).is_symlink()) and not Path(folder).is_dir():
+        raise InputError(f"{folder}: the {what} is a file, not a folder; give the path of a new or existing "
+                         f"folder ({option}), or move the file away")
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.tmp-\d+-[0-9a-f]{8}")      # what fsutil.atomic_file / atomic_dir write
+
+
+def _remove_stale_temps_in(folder: str) -> None:
+    """Remove the temporary files that killed writers left in a local folder (`fsutil.remove_stale_temps`:
+    only those of processes that no longer run)."""
+    if is_uri(folder) or not Path(folder).is_dir():
+        return
+    targets = {m.group(1) for path in Path(folder).iterdir() if (m := _TEMP_NAME.fullmatch(path.name))}
+    for name in sorted(targets):
+        remove_stale_temps(Path(folder) / name)
+
+
+@contextlib.contextmanager
+def training_lock(checkpoint_dir: str):
+    """Hold an exclusive lock on a local checkpoint folder while training: a second training on the same
+    folder (the same --out, a task and its stray twin) is refused, naming the holder.
+
+    The lock is `flock` on `<checkpoint_dir>/.train.lock`, which holds the holder's pid, host and start
+    time; the system releases it when the holder ends, killed or not, so a stale lock never blocks a
+    retry. A gs:// checkpoint folder is not locked: the pipeline runs one train task per model output,
+    and its retries run one after another.
+    """
+    if is_uri(checkpoint_dir):
+        log.info("%s: a gs:// checkpoint folder is not locked; run one training at a time on it", checkpoint_dir)
+        yield
+        return
+    import errno
+    import fcntl
+    import socket
+
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / TRAIN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise InputError(f"{checkpoint_dir}: another training is using this checkpoint folder "
+                             f"({_lock_holder(path)}); wait for it to end, or give this training another "
+                             f"output (--out) or checkpoint folder (--checkpoint-dir)") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("%s: this file system cannot lock %s (%s): a second training on this folder at the "
+                        "same time would not be refused", checkpoint_dir, path, exc.strerror)
+            locked = False
+        if locked:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)          # releases the lock
+
+
+def _lock_holder(path: Path) -> str:
+    """'pid 123 on host h since <time>' from a lock file, or what is known."""
+    try:
+        holder = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict):
+        return f"its holder has not written {path} yet"
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}; "
+            f"lock file {path}")
 
 
 def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | None,
@@ -838,8 +1046,6 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     this run's TensorBoard events, the restored history included
     (`TensorBoardLog`); a folder of another run key is refused.
     """
-    from facenet_kfp import export
-
     check_replaceable(model_dir, "train")       # before training, not after it
     fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)
     placement = Placement()
@@ -848,7 +1054,25 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     provenance = checkpoint_provenance(run_key, fingerprints, config)
     if isinstance(tensorboard_dir, (str, os.PathLike)):
         tensorboard_dir = [tensorboard_dir]
-    tensorboard = TensorBoardLog([str(f) for f in tensorboard_dir or ()], run_key)
+    tensorboard_dirs = [str(f) for f in tensorboard_dir or ()]
+    _check_folder(checkpoint_dir, "checkpoint folder", "train --checkpoint-dir, or cluster.checkpoint_root")
+    for folder in tensorboard_dirs:
+        _check_folder(folder, "TensorBoard folder", "train --tensorboard-dir, or cluster.tensorboard_root")
+    with training_lock(checkpoint_dir):
+        for folder in (checkpoint_dir, *tensorboard_dirs):
+            _remove_stale_temps_in(folder)
+        remove_stale_temps(model_dir)
+        return _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir, config,
+                             checkpoint_dir, tensorboard_dirs, run_key, fingerprints, placement, provenance)
+
+
+def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir, config: TrainConfig,
+                  checkpoint_dir: str, tensorboard_dirs: list[str], run_key: str, fingerprints: dict[str, str],
+                  placement: Placement, provenance: dict[str, Any]) -> dict[str, float]:
+    """`train` from the TensorBoard folders on, with the checkpoint folder's lock held."""
+    from facenet_kfp import export
+
+    tensorboard = TensorBoardLog(tensorboard_dirs, run_key)
 
     policy = resolve_precision(config.precision)
     trainer = build_trainer(config, policy, placement)
@@ -856,13 +1080,15 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
              trainer.embedding.name, trainer.embedding.count_params(), backend(), policy, placement.replicas,
              config.p * config.k, config.p, config.k)
     restored, start_step, history = _restore(trainer, checkpoint_dir, provenance, config)
-    train_batches, val_batches, close = _train_and_validation_batches(
+    train_batches, val_batches, calibration, close = _train_and_validation_batches(
         dataset_dir, completion_dir, labels_dir, splits_dir, config, placement.replicas, start_step)
-    write_json_any(join(checkpoint_dir, PROVENANCE_JSON), provenance)
+    with _checkpoint_errors(checkpoint_dir, PROVENANCE_JSON):
+        write_json_any(join(checkpoint_dir, PROVENANCE_JSON), provenance)
     for split in ("train", "val"):
         for record in history[split]:
             tensorboard.write(split, record)     # what an earlier attempt's folders may lack
-    state = RunState(config, start_step, checkpoint_dir, tensorboard, history, val_batches, step=start_step,
+    state = RunState(config, start_step, checkpoint_dir, tensorboard, history, val_batches, calibration,
+                     step=start_step,
                      first_done_step=start_step)
     remaining = max(config.max_steps - start_step, 0)
     try:
@@ -883,12 +1109,16 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
         tensorboard.close()
     metrics = summary_metrics(state, train_end, train_end - train_start)
 
-    final = float32_model(trainer, config)
+    final = evaluation_model(trainer, state)
     metadata = export.artifact_metadata(config, state.step, start_step=start_step, inputs=fingerprints,
                                         resumed_from=restored, precision=policy, replicas=placement.replicas,
                                         train_config=to_dict(config), metrics=metrics,
-                                        backend=backend())
-    export.save_model_artifact(final, model_dir, metadata, {"train": history["train"], "val": history["val"]})
+                                        backend=backend(), batch_norm_statistics={
+                                            "source": "recalibrated on unaugmented training batches",
+                                            "batches": len(state.calibration_images),
+                                            "images": sum(len(x) for x in state.calibration_images)})
+    with no_space_named(Path(model_dir).parent, "the model artifact"):
+        export.save_model_artifact(final, model_dir, metadata, {"train": history["train"], "val": history["val"]})
     log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", state.step,
              state.step - start_step, metrics["images_per_second"], model_dir)
     return metrics

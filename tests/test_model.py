@@ -156,3 +156,55 @@ def test_normalisation_is_per_embedding():
 def test_invalid_arguments_raise_input_error(kwargs, match):
     with pytest.raises(InputError, match=match):
         build_embedding_model(**kwargs)
+
+
+def test_calibrate_batch_norm_sets_the_mean_of_batch_statistics():
+    """Two batch norms in a chain, against a NumPy forward pass in training mode (each batch normalised by its
+    own statistics): the moving statistics become the mean over batches of each layer's batch mean and
+    (biased) variance; the weights stay as they were."""
+    from facenet_kfp.model import batch_norm_layers, calibrate_batch_norm
+
+    inputs = keras.Input((3,))
+    x = keras.layers.Dense(4, name="d1")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dense(2, name="d2")(x)
+    outputs = keras.layers.BatchNormalization(epsilon=1e-5, name="bn2")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    for layer in batch_norm_layers(model):          # non-trivial gamma and beta
+        layer.gamma.assign(rng.uniform(0.5, 2, layer.gamma.shape).astype(np.float32))
+        layer.beta.assign(rng.normal(size=layer.beta.shape).astype(np.float32))
+    kept = {name: [w.copy() for w in model.get_layer(name).get_weights()[:2]]
+            for name in ("d1", "d2", "bn1", "bn2")}
+    batches = [(rng.normal(size=(8, 3)) * (i + 1) + i).astype(np.float32) for i in range(3)]
+
+    w1, b1 = (np.float64(v) for v in model.get_layer("d1").get_weights())
+    w2, b2 = (np.float64(v) for v in model.get_layer("d2").get_weights())
+    g1, be1 = (np.float64(v) for v in model.get_layer("bn1").get_weights()[:2])
+    stats1, stats2 = [], []
+    for batch in batches:
+        h = batch @ w1 + b1
+        stats1.append((h.mean(0), h.var(0)))
+        h = np.maximum(g1 * (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) + be1, 0) @ w2 + b2
+        stats2.append((h.mean(0), h.var(0)))
+
+    assert calibrate_batch_norm(model, batches) == 3
+    for name, stats in (("bn1", stats1), ("bn2", stats2)):
+        layer = model.get_layer(name)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_mean),
+                                   np.mean([m for m, _ in stats], axis=0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_variance),
+                                   np.mean([v for _, v in stats], axis=0), rtol=1e-4, atol=1e-5)
+    trained = {name: model.get_layer(name).get_weights()[:2] for name in ("d1", "d2", "bn1", "bn2")}
+    for name, (a, b) in trained.items():        # kernels and biases, gammas and betas: as before
+        before_a, before_b = kept[name]
+        np.testing.assert_array_equal(a, before_a)
+        np.testing.assert_array_equal(b, before_b)
+    # No batches, or no batch norm: nothing changes.
+    before = [w.copy() for w in model.get_weights()]
+    assert calibrate_batch_norm(model, []) == 0
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert calibrate_batch_norm(plain, batches) == 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,8 +274,8 @@ def test_checkpoint_folder_of_the_tensorflow_format_is_refused(tiny, tmp_path):
     with pytest.raises(InputError, match=r"model.ckpt: holds ckpt-10.index, a TensorFlow checkpoint of an earlier "
                                          r"version.*delete .*model.ckpt to train from step 0"):
         run_train(tiny, tmp_path / "model", FAST)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint", "ckpt-10.data-00000-of-00001",
-                                                       "ckpt-10.index"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != train_mod.TRAIN_LOCK) == [
+        "checkpoint", "ckpt-10.data-00000-of-00001", "ckpt-10.index"]
     assert not (tmp_path / "model").exists()
 
 
@@ -522,16 +525,20 @@ def test_tensorboard_folder_belongs_to_one_run(tiny, tmp_path):
     # train() refuses such a folder before it trains.
     with pytest.raises(InputError, match="holds the events of run 'run-a'"):
         run_train(tiny, tmp_path / "model", FAST, tensorboard_dir=folder)
-    assert not (tmp_path / "model").exists() and not (tmp_path / "model.ckpt").exists()
+    assert not (tmp_path / "model").exists()
+    assert [p.name for p in (tmp_path / "model.ckpt").iterdir()] == [train_mod.TRAIN_LOCK]   # nothing else
 
 
 # ----------------------------------------------------------------------------- the monitor on set values
 
-def monitor_steps(monitor, losses, mean_l2=0.5, max_l2=1.0, first=1):
-    """Feed `losses` as steps first, first + 1, ...; the step the monitor fails at, or None."""
+def monitor_steps(monitor, losses, mean_l2=0.5, max_l2=1.0, first=1, negative=1.0):
+    """Feed `losses` as steps first, first + 1, ...; the step the monitor fails at, or None.
+    `negative`: the mean negative distance of every step, or a list of one per step."""
+    negatives = negative if isinstance(negative, list) else [negative] * len(losses)
     for i, loss in enumerate(losses):
         try:
-            monitor.update(first + i, {"loss": loss, "mean_pairwise_l2": mean_l2, "max_pairwise_l2": max_l2})
+            monitor.update(first + i, {"loss": loss, "mean_pairwise_l2": mean_l2, "max_pairwise_l2": max_l2,
+                                       "mean_negative_distance": negatives[i]})
         except FacenetError:
             return first + i
     return None
@@ -543,7 +550,8 @@ def test_monitor_fails_on_a_non_finite_loss(bad):
     assert monitor_steps(monitor, [0.3] * 9) is None
     with pytest.raises(FacenetError, match=rf"loss is {bad} at step 10 \(learning rate 0.002\): training "
                                            r"diverged; lower train.learning_rate"):
-        monitor.update(10, {"loss": bad, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0})
+        monitor.update(10, {"loss": bad, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
+                            "mean_negative_distance": 1.0})
 
 
 @pytest.mark.parametrize("log_every", [1, 7, 1000])
@@ -556,10 +564,12 @@ def test_monitor_collapse_window_counts_steps_not_log_lines(log_every):
     assert monitor_steps(monitor, [0.5] * (n - 1), mean_l2=low, first=n + 1) is None
     with pytest.raises(FacenetError, match=rf"embedding collapse at step {2 * n}: mean distance between "
                                            rf"embeddings below 0.001 for {n} steps; lower train.learning_rate"):
-        monitor.update(2 * n, {"loss": 0.5, "mean_pairwise_l2": low, "max_pairwise_l2": 1.0})
+        monitor.update(2 * n, {"loss": 0.5, "mean_pairwise_l2": low, "max_pairwise_l2": 1.0,
+                               "mean_negative_distance": 1.0})
     with pytest.raises(FacenetError, match=r"embedding collapse at step 3: all embeddings of the batch are at "
                                            r"one point \(largest distance 0.00e\+00\); lower train.learning_rate"):
-        train_mod.TrainingMonitor(TINY).update(3, {"loss": 0.5, "mean_pairwise_l2": 0.0, "max_pairwise_l2": 0.0})
+        train_mod.TrainingMonitor(TINY).update(3, {"loss": 0.5, "mean_pairwise_l2": 0.0, "max_pairwise_l2": 0.0,
+                                                   "mean_negative_distance": 0.0})
 
 
 def test_monitor_fails_on_a_lasting_rise_of_more_than_a_margin():
@@ -580,7 +590,8 @@ def test_monitor_fails_on_a_lasting_rise_of_more_than_a_margin():
                                            r"0.554, up from 0.05 \(steps 1-50\), more than train.margin=0.5 "
                                            r"higher; lower train.learning_rate \(now 0.002\) or raise "
                                            r"train.warmup_steps"):
-        monitor.update(100 + j, {"loss": 0.05 + margin + 0.1, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0})
+        monitor.update(100 + j, {"loss": 0.05 + margin + 0.1, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
+                                 "mean_negative_distance": 1.0})
 
 
 def test_training_checks_every_step_and_exports_nothing(tiny, tmp_path, monkeypatch):
@@ -629,3 +640,228 @@ def test_checkpoints_and_events_on_gcs_are_written_and_resumed(tiny, tmp_path, g
     assert second["start_step"] == 20 and second["steps"] == 30
     steps = tensorboard_log.written_steps(events, fsutil.list_names(events))
     assert steps and max(steps.values()) == 30
+
+
+# ----------------------------------------------------------------------------- training that did not learn
+
+@pytest.mark.parametrize("squared,limit", [(True, 0.05), (False, 0.1)])
+def test_monitor_negative_collapse_is_half_the_margin_as_an_l2_length(squared, limit):
+    """margin 0.2: the limit is 0.5 * 0.2 = 0.1 in plain L2, (0.5 * sqrt(0.2))^2 = 0.05 in squared L2."""
+    config = dataclasses.replace(TINY, margin=0.2, squared=squared)
+    assert train_mod.collapse_negative_limit(config) == pytest.approx(limit)
+    n = train_mod.COLLAPSE_STEPS
+    # Healthy batch-hard runs dip to about 0.115 (squared) and 0.49 (plain) on the demo data: never fail.
+    healthy = 0.115 if squared else 0.49
+    assert monitor_steps(train_mod.TrainingMonitor(config), [0.2] * 200, negative=healthy) is None
+    # A run one step short of the window that then recovers, twice: no failure (the window counts
+    # consecutive steps).
+    monitor = train_mod.TrainingMonitor(config)
+    collapsed = limit * 0.9
+    assert monitor_steps(monitor, [0.2] * n, negative=[collapsed] * (n - 1) + [limit * 1.1]) is None
+    assert monitor_steps(monitor, [0.2] * (n - 1), negative=collapsed, first=n + 1) is None
+    unit = "squared L2" if squared else "L2"
+    with pytest.raises(FacenetError, match=rf"embedding collapse at step {2 * n}: the mean distance between "
+                                           rf"different people's embeddings \({unit}\) was below {limit:g} "
+                                           rf"\(half of train.margin=0.2 as an L2 length\) for the last {n} "
+                                           r"steps, .* and it stayed there.*lower train.learning_rate \(now "
+                                           r"0.002\) or raise train.warmup_steps"):
+        monitor.update(2 * n, {"loss": 0.2, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
+                               "mean_negative_distance": collapsed})
+
+
+def test_monitor_fails_a_short_run_that_ends_collapsed():
+    config = dataclasses.replace(TINY, margin=0.2, squared=True)
+    ends = train_mod.COLLAPSE_END_STEPS
+    monitor = train_mod.TrainingMonitor(config)
+    assert monitor_steps(monitor, [0.2] * 19, negative=[0.6] + [0.0025] * 18) is None   # 18 < COLLAPSE_STEPS
+    with pytest.raises(FacenetError, match=r"embedding collapse at step 19: .* for the last 18 steps, 0.0025 "
+                                           r"at the last, and the run ended with it"):
+        monitor.finish(19)
+    # Fewer collapsed steps than COLLAPSE_END_STEPS at the end, or none: the run may end.
+    monitor = train_mod.TrainingMonitor(config)
+    assert monitor_steps(monitor, [0.2] * 10, negative=[0.6] * (11 - ends) + [0.0025] * (ends - 1)) is None
+    monitor.finish(10)
+    monitor = train_mod.TrainingMonitor(config)
+    assert monitor_steps(monitor, [0.2] * 10, negative=[0.0025] * 9 + [0.6]) is None
+    monitor.finish(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("squared", [True, False])
+def test_training_at_a_huge_learning_rate_fails_and_exports_nothing(tiny, tmp_path, squared):
+    """learning_rate 1e6 pins the loss at the margin with the negatives near 0 (squared 0.007, plain 0.09 on
+    the tiny data; limits 0.125 and 0.25 for margin 0.5): a 20-step run, shorter than the collapse window,
+    fails at its last step, before its checkpoint; no model is exported."""
+    config = dataclasses.replace(TINY, learning_rate=1e6, squared=squared, max_steps=20, validate_every=10,
+                                 checkpoint_every=10)
+    with pytest.raises(FacenetError, match=r"embedding collapse at step 20: .*and the run ended with it.*lower "
+                                           r"train.learning_rate \(now 1e\+06\)"):
+        run_train(tiny, tmp_path / "model", config)
+    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model.ckpt" / "ckpt-20.npz").exists()
+    # A longer run fails inside the window, at step 1 + COLLAPSE_STEPS at the latest.
+    with pytest.raises(FacenetError, match=r"embedding collapse at step (\d+): .*and it stayed there") as caught:
+        run_train(tiny, tmp_path / "long", dataclasses.replace(config, max_steps=120, checkpoint_every=100))
+    assert int(re.search(r"at step (\d+)", str(caught.value)).group(1)) <= 1 + train_mod.COLLAPSE_STEPS
+    assert not (tmp_path / "long").exists()
+
+
+# ----------------------------------------------------------------------------- validation in short runs
+
+@pytest.mark.slow
+def test_validation_distances_are_on_the_training_scale_after_a_short_run(tiny, tmp_path):
+    """Validation runs the model as exported: batch-norm statistics recalibrated on training batches, not
+    training's moving averages (momentum 0.99: 82% of their starting point after 20 steps). Step 0's
+    validation and step 1's training statistics come from the same weights; after 20 steps the validation
+    negatives are on the scale of training's."""
+    import keras
+
+    config = dataclasses.replace(TINY, max_steps=20, log_every=1, validate_every=20, checkpoint_every=20,
+                                 margin=0.2, learning_rate=1e-3)
+    run_train(tiny, tmp_path / "model", config)
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    train_hist = {r["step"]: r for r in history["train"]}
+    val = {r["step"]: r for r in history["val"]}
+    for val_step, train_steps in ((0, [1]), (20, range(16, 21))):
+        train_negative = np.mean([train_hist[s]["mean_negative_distance"] for s in train_steps])
+        ratio = val[val_step]["mean_negative_distance"] / train_negative
+        assert 0.5 < ratio < 2.0, (val_step, val[val_step], train_negative)
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["batch_norm_statistics"]["batches"] == train_mod.BN_CALIBRATION_BATCHES
+
+    # The exported model's first batch norm holds the mean over the calibration batches of its input's batch
+    # mean and variance (its input is the first convolution's output: no batch norm before it).
+    model = keras.saving.load_model(tmp_path / "model" / "model.keras")
+    _, _, calibration, close = train_mod._train_and_validation_batches(
+        tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], config, 1, 0)
+    close()
+    assert len(calibration) == train_mod.BN_CALIBRATION_BATCHES
+    conv = keras.Model(model.input, model.get_layer("block1_conv").output)
+    outputs = [np.float64(keras.ops.convert_to_numpy(conv(images))) for images in calibration]
+    bn = model.get_layer("block1_bn")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
+                               np.mean([x.mean(axis=(0, 1, 2)) for x in outputs], axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance),
+                               np.mean([x.var(axis=(0, 1, 2)) for x in outputs], axis=0), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- named errors
+
+@pytest.mark.slow
+def test_damaged_history_json_is_refused_naming_the_file(trained, tiny, tmp_path):
+    for n, (content, match) in enumerate([
+            ([], r"history.json: the training history is a JSON list, not an object"),
+            ({"train": [], "val": []}, r"history.json: the training history has no integer step \(got None\)"),
+            ({"step": 30, "train": [{"loss": 0.1}], "val": []}, r"history.json: train\[0\] is not a record with "
+                                                                 r"an integer step"),
+            ({"step": 30, "train": {}, "val": []}, r"history.json: train is a JSON dict, not a list")]):
+        ckpt = copy_checkpoint(trained, tmp_path / f"ckpt{n}")
+        (ckpt / "history.json").write_text(json.dumps(content))
+        with pytest.raises(InputError, match=rf"^{re.escape(str(ckpt))}/{match}.*delete {re.escape(str(ckpt))} "
+                                             r"to train from step 0"):
+            run_train(tiny, tmp_path / f"model{n}", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
+        assert not (tmp_path / f"model{n}").exists()
+
+
+def test_checkpoint_or_tensorboard_folder_that_is_a_file_is_refused(tiny, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("a user's file\n")
+    with pytest.raises(InputError, match=rf"^{a_file}: the checkpoint folder is a file, not a folder"):
+        run_train(tiny, tmp_path / "model", FAST, checkpoint_dir=str(a_file))
+    with pytest.raises(InputError, match=rf"^{a_file}: the TensorBoard folder is a file, not a folder"):
+        run_train(tiny, tmp_path / "model", FAST, tensorboard_dir=str(a_file))
+    with pytest.raises(InputError, match=rf"^{a_file}: the TensorBoard folder is a file"):
+        tensorboard_log.TensorBoardLog([str(a_file)], "run")
+    assert a_file.read_text() == "a user's file\n"
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_disk_full_during_a_checkpoint_names_the_folder(tiny, tmp_path, monkeypatch, nested):
+    """The checkpoint write raises ENOSPC (nested: its cleanup fails the same way): a FacenetError
+    'no space left on <checkpoint folder>', no model exported."""
+    def full(path, data):
+        if not nested:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        except OSError:
+            raise OSError(errno.EIO, "Input/output error", path)   # noqa: B904 (the context is the point)
+
+    monkeypatch.setattr(train_mod, "write_bytes", full)
+    ckpt = tmp_path / "model.ckpt"
+    config = dataclasses.replace(FAST, checkpoint_every=3)
+    with pytest.raises(FacenetError, match=rf"^no space left on {ckpt}.*the checkpoint of step 3 did not fit "
+                                           rf"\(writing {ckpt}/ckpt-3.npz\)"):
+        run_train(tiny, tmp_path / "model", config)
+    assert not (tmp_path / "model").exists()
+
+    def denied(path, data):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(train_mod, "write_bytes", denied)
+    with pytest.raises(FacenetError, match=rf"^{ckpt}: cannot write the checkpoint of step 3 \({ckpt}/ckpt-3.npz: "
+                                           r"Permission denied\)"):
+        run_train(tiny, tmp_path / "model", config)
+
+
+# ----------------------------------------------------------------------------- leftovers and races
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporary_files_of_killed_writers_are_removed_at_the_start(tiny, tmp_path):
+    ckpt, tb = tmp_path / "model.ckpt", tmp_path / "tb"
+    ckpt.mkdir()
+    tb.mkdir()
+    pid = dead_pid()
+    stale = [ckpt / f".history.json.tmp-{pid}-0123abcd", ckpt / f".ckpt-10.npz.tmp-{pid}-89abcdef",
+             tb / f".facenet-kfp-run.json.tmp-{pid}-00000000", tmp_path / f".model.tmp-{pid}-fedcba98"]
+    for path in stale[:3]:
+        path.write_bytes(b"partial")
+    stale[3].mkdir()
+    (stale[3] / "model.keras").write_bytes(b"partial")
+    kept = [ckpt / f".history.json.tmp-{os.getpid()}-0123abcd",      # a running process's (this one)
+            ckpt / ".history.json.tmp-notapid", ckpt / "notes.txt", tmp_path / f".other.tmp-{pid}-0123abcd"]
+    for path in kept:
+        path.write_bytes(b"keep")
+    run_train(tiny, tmp_path / "model", FAST, tensorboard_dir=str(tb))
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"keep" for path in kept)
+    assert (tmp_path / "model" / "model.json").is_file()
+
+
+HOLD_LOCK = """
+import sys, time
+from facenet_kfp import train as train_mod
+with train_mod.training_lock(sys.argv[1]):
+    print("LOCKED", flush=True)
+    sys.stdin.read()          # until the test closes stdin
+"""
+
+
+def test_a_second_training_on_the_same_checkpoint_folder_is_refused(tiny, tmp_path):
+    """Another process holds the checkpoint folder: the second training fails at once, naming its pid and
+    host, and exports nothing; once the holder ends (killed or not) the folder is free again."""
+    import socket
+
+    ckpt = tmp_path / "model.ckpt"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ckpt)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(InputError, match=rf"^{ckpt}: another training is using this checkpoint folder \(pid "
+                                             rf"{holder.pid} on host {re.escape(socket.gethostname())} since "
+                                             rf"\d{{4}}-\d\d-\d\d .*wait for it to end"):
+            run_train(tiny, tmp_path / "model", FAST)
+        assert not (tmp_path / "model").exists()
+        assert not list(ckpt.glob("ckpt-*")) and not (ckpt / "provenance.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    metrics = run_train(tiny, tmp_path / "model", FAST)      # the killed holder's lock went with it
+    assert metrics["steps"] == FAST.max_steps
