@@ -2,7 +2,7 @@
 
 The functions here are plain Python; `build_components` turns them into KFP
 lightweight components bound to the project's images (the light image for the
-five data steps, the trainer image for train and evaluate). The packages are
+data steps and the pairs check, the trainer image for train and evaluate). The packages are
 preinstalled in those images, so no pip install runs when a step starts.
 """
 
@@ -19,6 +19,7 @@ from components.download import download_archive
 from components.evaluate import evaluate_model, evaluate_on_archive
 from components.extract import extract_images
 from components.labels import make_labels
+from components.pairs import check_pairs
 from components.splits import split_identities
 from components.train import train_model
 
@@ -28,6 +29,7 @@ DATA_STEPS = {
     "labels": make_labels,
     "complete": complete_identities,
     "splits": split_identities,
+    "check_pairs": check_pairs,
 }
 TRAINER_STEPS = {
     "train": train_model,
@@ -56,7 +58,7 @@ DEFAULT_IMAGES = Images(light="ghcr.io/facenet-kfp/facenet-kfp:0.1.0",
 
 
 def build_components(images: Images) -> dict[str, Any]:
-    """All seven steps as KFP components, keyed by step name."""
+    """Every step as a KFP component, keyed by step name."""
     built = {}
     for steps, image in ((DATA_STEPS, images.light), (TRAINER_STEPS, images.trainer)):
         for name, func in steps.items():
@@ -69,11 +71,21 @@ def producers() -> dict[str, Any]:
     """{artifact: `facenet_kfp.runs.Producer`} of the artifacts a local rerun can import (runs.MARKERS)."""
     from facenet_kfp.runs import MARKERS, Producer
 
+    from pipelines.facenet_pipeline import dag_steps, task_names
+
     classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
+    components = build_components(DEFAULT_IMAGES)
     found = {}
-    for step, component in build_components(DEFAULT_IMAGES).items():
+    for step, component in components.items():
         spec = component.component_spec
         for output, definition in spec.outputs.items():
             if output in MARKERS:
                 found[output] = Producer(step, spec.name, output, classes[definition.type.split("@")[0]])
+    # Outputs the DAG with an evaluation archive names otherwise (eval_images: its second extract task).
+    steps = dag_steps(evaluation_archive=True)
+    for step, task in zip(steps, task_names(steps, components)):
+        for output, name in step.renamed.items():
+            spec = components[step.name].component_spec
+            if name in MARKERS and output in spec.outputs:
+                found[name] = Producer(step.name, task, output, classes[spec.outputs[output].type.split("@")[0]])
     return found

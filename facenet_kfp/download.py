@@ -59,8 +59,9 @@ class _Sink:
     """
 
     def __init__(self, handle, progress: Progress, source_uri: str, folder: Path, *,
-                 max_download_gb: float, min_free_bytes: int):
+                 max_download_gb: float, min_free_bytes: int, size_hint: str = _RAISE_CAP):
         self.handle, self.progress, self.source_uri, self.folder = handle, progress, source_uri, folder
+        self.size_hint = size_hint
         self.max_download_gb, self.min_free_bytes = max_download_gb, min_free_bytes
         self.max_bytes = int(max_download_gb * GB)
         self.limit, self.declared = self.max_bytes, None
@@ -72,7 +73,7 @@ class _Sink:
         """The source says it is `total` bytes: refuse it now if it cannot fit, else cap at it."""
         if total > self.max_bytes:
             raise DownloadError(f"{self.source_uri}: the source is {total:,} bytes, more than "
-                                f"max_download_gb = {self.max_download_gb:g} GB; {_RAISE_CAP}")
+                                f"max_download_gb = {self.max_download_gb:g} GB; {self.size_hint}")
         self.limit, self.declared = total, total
         self._check_free(total - self.size)
 
@@ -83,7 +84,7 @@ class _Sink:
                                     f"bytes the source declared; stopped")
             raise DownloadError(f"{self.source_uri}: more than max_download_gb = "
                                 f"{self.max_download_gb:g} GB received and the source declared no "
-                                f"size; stopped; {_RAISE_CAP}")
+                                f"size; stopped; {self.size_hint}")
         if self.size + len(data) >= self._next_free_check:
             self._check_free(len(data))
             self._next_free_check = self.size + len(data) + _FREE_CHECK_BYTES
@@ -119,7 +120,7 @@ class _Transient(Exception):
 def download(source_uri: str | os.PathLike, dest: str | os.PathLike, sha256: str = "", *, retries: int = 5,
              timeout: float = 30.0, backoff: float = 1.0, give_up_after: float = 45.0,
              min_rate: float = 1024.0, rate_window: float = 60.0, max_download_gb: float = 20.0,
-             min_free_bytes: int = 256 * MB, chunk_size: int = 1 << 20) -> DownloadResult:
+             min_free_bytes: int = 256 * MB, chunk_size: int = 1 << 20, size_hint: str = _RAISE_CAP) -> DownloadResult:
     """Copy `source_uri` to `dest` and return its size and sha256.
 
     `source_uri` is `https://...`, `http://...`, `gs://bucket/object`,
@@ -142,7 +143,8 @@ def download(source_uri: str | os.PathLike, dest: str | os.PathLike, sha256: str
     Bounded disk: a source that declares its size (Content-Length, object
     size) may not send more; no source may exceed `max_download_gb` (GB,
     10**9 bytes); and the download stops before less than `min_free_bytes`
-    would stay free next to `dest`.
+    would stay free next to `dest`. `size_hint` ends the message of a source
+    over `max_download_gb` (by default: how to raise the archive's cap).
 
     gs://: credentials are the
     application default ones, or anonymous when none are found (public
@@ -202,7 +204,7 @@ def download(source_uri: str | os.PathLike, dest: str | os.PathLike, sha256: str
     with atomic_file(dest, "wb") as handle:
         progress = Progress(f"download {dest.name}", unit="MB", scale=MB, logger=log)
         sink = _Sink(handle, progress, source_uri, dest.parent, max_download_gb=max_download_gb,
-                     min_free_bytes=min_free_bytes)
+                     min_free_bytes=min_free_bytes, size_hint=size_hint)
         fetch(sink)
         # Closed only on success, so a failed download does not log a "done" line.
         progress.close()

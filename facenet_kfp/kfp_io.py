@@ -145,15 +145,15 @@ def log_classification(artifact: Any, roc: dict[str, list[float]], confusion: li
 
 
 def evaluate_task(model: Any, images: Any, splits: Any, eval_images: Any, settings: dict[str, Any],
-                  pairs_uri: str, pairs_sha256: str, metrics: Any, roc: Any, report: Any, threshold: Any) -> None:
+                  pairs: Any, metrics: Any, roc: Any, report: Any, threshold: Any) -> None:
     """The body of both evaluate components: `settings` are EvaluateConfig's keys; `eval_images`
-    is the packed dataset of a separate evaluation archive, or None."""
+    is the packed dataset of a separate evaluation archive, or None; `pairs` the check pairs step's output."""
     from facenet_kfp.config import EvaluateConfig
     from facenet_kfp.evaluate import evaluate
 
     result = run_step("evaluate", evaluate, model.path, images.path, splits.path, EvaluateConfig(**settings),
-                      report_path=report.path, threshold_path=threshold.path, pairs_uri=pairs_uri,
-                      pairs_sha256=pairs_sha256, model_uri=model.uri,
+                      report_path=report.path, threshold_path=threshold.path, pairs_dir=pairs.path,
+                      model_uri=model.uri,
                       eval_dataset_dir=eval_images.path if eval_images is not None else None)
     log_metrics(metrics, result["metrics"])
     log_classification(roc, result["roc"], result["confusion_matrix"])

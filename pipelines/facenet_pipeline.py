@@ -1,9 +1,14 @@
-"""The seven-step DAG. Pipeline parameters mirror the config keys (`facenet_kfp.config.parameter_keys`);
+"""The eight-step DAG. Pipeline parameters mirror the config keys (`facenet_kfp.config.parameter_keys`);
 defaults come from a config. Each task receives only
 the parameters that concern it, so the cache key of a step changes only when
 its own inputs do (see README, "Caching"). `STEPS` is the one description of
 the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`)
 both add tasks through `add_tasks`.
+
+pairs.txt is fetched and checked against the images it names by its own
+task ("check pairs"), right after the extract of the archive it refers to;
+training waits for it, so a bad pairs file fails the run before training.
+Evaluation reads the checked copy.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ class Step:
     An input artifact has the name of the output that produces it (``images``
     is extract's output ``images``), so `inputs` is also the wiring; `renamed`
     gives other names where a component runs twice (the evaluation archive's
-    ``eval_images``).
+    ``eval_images``). `after` names artifacts whose producing tasks must finish
+    before this one starts though it does not read them (train waits for the
+    pairs check, so a bad pairs file fails before training); it does not enter
+    the cache key.
     """
     name: str                    # key of components.build_components
     display_name: str            # starts with its position in the DAG (the run table sorts by it)
@@ -46,6 +54,7 @@ class Step:
     parameters: dict[str, str]
     constants: dict[str, Any] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)   # {argument or output: artifact name}
+    after: tuple[str, ...] = ()
 
 
 def _section(section: str) -> dict[str, str]:
@@ -66,15 +75,16 @@ STEPS = (
     Step("splits", "5. identity splits", ("labels",),
          {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
           "test_fraction": "test_fraction", "seed": "split_seed"}, {"test_split": True}),
-    Step("train", "6. train embeddings", ("images", "completion", "labels", "splits"),
-         {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}),
-    Step("evaluate", "7. threshold evaluation", ("model", "images", "splits"),
-         {**_section("evaluate"), "pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}),
+    Step("check_pairs", "6. check pairs.txt", ("images",),
+         {"pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}),
+    Step("train", "7. train embeddings", ("images", "completion", "labels", "splits"),
+         {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}, after=("pairs",)),
+    Step("evaluate", "8. threshold evaluation", ("model", "images", "splits", "pairs"), _section("evaluate")),
 )
 
 
-# With a separate evaluation archive: its download and extract, splits without a test split, and
-# evaluation on it (config data.eval_source_uri decides at compile time).
+# With a separate evaluation archive: its download and extract, splits without a test split, the pairs
+# check on its images, and evaluation on it (config data.eval_source_uri decides at compile time).
 EVAL_BRANCH = (
     Step("download", "1. download evaluation archive", (),
          {"source_uri": "eval_source_uri", "sha256": "eval_sha256", "max_download_gb": "max_download_gb"},
@@ -86,14 +96,34 @@ EVAL_BRANCH = (
 
 def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
     """The DAG's steps in order: `STEPS`, or with an evaluation archive its branch and evaluation on it."""
-    if not config.data.eval_source_uri:
+    return dag_steps(bool(config.data.eval_source_uri))
+
+
+def dag_steps(evaluation_archive: bool) -> tuple[Step, ...]:
+    """`STEPS`, or with `evaluation_archive` the steps of the DAG with the evaluation archive's branch."""
+    if not evaluation_archive:
         return STEPS
     by_name = {step.name: step for step in STEPS}
     splits = dataclasses.replace(by_name["splits"], constants={"test_split": False})
+    check = dataclasses.replace(by_name["check_pairs"], display_name="6. check pairs.txt on the evaluation archive",
+                                renamed={"images": "eval_images"})
     evaluate = dataclasses.replace(by_name["evaluate"], name="evaluate_on_archive",
-                                   display_name="7. evaluation on the evaluation archive",
-                                   inputs=("model", "images", "splits", "eval_images"))
-    return (*STEPS[:2], *EVAL_BRANCH, *STEPS[2:4], splits, STEPS[5], evaluate)
+                                   display_name="8. evaluation on the evaluation archive",
+                                   inputs=("model", "images", "splits", "eval_images", "pairs"))
+    return (*STEPS[:2], *EVAL_BRANCH, *STEPS[2:4], splits, check, by_name["train"], evaluate)
+
+
+def task_names(steps: tuple[Step, ...] | list[Step], components: dict[str, Any]) -> list[str]:
+    """The kfp task name of each of `steps` added in order: its component's name, and for the second and
+    later uses of one component ``-2``, ``-3``... (as kfp names them: the evaluation archive's
+    ``extract-images-2``)."""
+    used: dict[str, int] = {}
+    names = []
+    for step in steps:
+        base = components[step.name].component_spec.name
+        used[base] = used.get(base, 0) + 1
+        names.append(base if used[base] == 1 else f"{base}-{used[base]}")
+    return names
 
 
 def add_tasks(components: dict[str, Any], steps: tuple[Step, ...] | list[Step], values: dict[str, Any],
@@ -102,15 +132,23 @@ def add_tasks(components: dict[str, Any], steps: tuple[Step, ...] | list[Step], 
 
     `values` maps pipeline parameter names to parameter channels or constants;
     `artifacts` holds artifacts available before the first step (a rerun's
-    importers) and gains every output of each added task.
+    importers) and gains every output of each added task. A step's `after`
+    applies to artifacts made by the tasks added here (an imported one is
+    already there).
     """
     tasks = []
+    made: dict[str, dsl.PipelineTask] = {}
     for step in steps:
         task = components[step.name](**{name: artifacts[step.renamed.get(name, name)] for name in step.inputs},
                                      **{arg: values[param] for arg, param in step.parameters.items()},
                                      **step.constants)
         task.set_display_name(step.display_name)
-        artifacts.update({step.renamed.get(name, name): channel for name, channel in task.outputs.items()})
+        for name in step.after:
+            if name in made:
+                task.after(made[name])
+        for name, channel in task.outputs.items():
+            artifacts[step.renamed.get(name, name)] = channel
+            made[step.renamed.get(name, name)] = task
         tasks.append((step, task))
     return tasks
 
@@ -167,7 +205,7 @@ def apply_cluster_settings(config: PipelineConfig, tasks: list[tuple[Step, dsl.P
     if cluster.gcs_secret:
         # Steps that read gs:// URIs given as parameters (the archives, pairs.txt, checkpoints).
         for step, task in tasks:
-            if step.name in ("download", "train", "evaluate", "evaluate_on_archive"):
+            if step.name in ("download", "check_pairs", "train", "evaluate", "evaluate_on_archive"):
                 kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
                 task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
+import json
+import logging
 import math
 import re
 
 import numpy as np
 import pytest
 
-from facenet_kfp.errors import InputError
-from facenet_kfp.pairs import (Pair, check_pairs_exist, draw_negatives, lfw_file_name, make_pairs, parse_pairs_file,
-                               positive_quotas)
+from facenet_kfp import pairs as pairs_module
+from facenet_kfp.errors import DownloadError, InputError
+from facenet_kfp.pairs import (PAIRS_JSON, PAIRS_TXT, Pair, check_pairs_exist, check_pairs_source, declared_folds,
+                               draw_negatives, duplicate_pairs, lfw_file_name, make_pairs, parse_pairs_file,
+                               positive_quotas, read_checked_pairs)
+from facenet_kfp.shards import ShardWriter
 
 # 2 folds x 3 pairs per class; fields separated by tabs, one line by spaces.
 GOOD = """2\t3
@@ -91,7 +97,7 @@ def test_parse_malformed_line(tmp_path, lineno, new, problem):
     with pytest.raises(InputError) as info:
         parse_pairs_file(path)
     message = str(info.value)
-    assert message.startswith(f"{path}:{lineno}: ")
+    assert message.startswith(f"{path} line {lineno}: ")
     assert problem in message
     assert repr(new) in message
 
@@ -100,25 +106,25 @@ def test_parse_missing_lines(tmp_path):
     # fold 2 lacks its last mismatched pair (wrong count per fold)
     text = "\n".join(GOOD.splitlines()[:-1]) + "\n"
     path = write(tmp_path, text)
-    with pytest.raises(InputError, match=re.escape(f"{path}:13: file ends early") + ".*fold 2 of 2, mismatched pair 3 of 3"):
+    with pytest.raises(InputError, match=re.escape(f"{path} line 13: file ends early") + ".*fold 2 of 2, mismatched pair 3 of 3"):
         parse_pairs_file(path)
     # a fold with only 2 matched pairs: the first mismatched line shows up where a matched one belongs
     lines = GOOD.splitlines()
     del lines[3]
     path = write(tmp_path, "\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=re.escape(f"{path}:4: expected a matched pair")):
+    with pytest.raises(InputError, match=re.escape(f"{path} line 4: expected a matched pair")):
         parse_pairs_file(path)
 
 
 def test_parse_extra_lines(tmp_path):
     path = write(tmp_path, GOOD + "Ann\t1\tBob\t1\n")
-    with pytest.raises(InputError, match=re.escape(f"{path}:14: extra line") + ".*'Ann\\\\t1\\\\tBob\\\\t1'"):
+    with pytest.raises(InputError, match=re.escape(f"{path} line 14: extra line") + ".*'Ann\\\\t1\\\\tBob\\\\t1'"):
         parse_pairs_file(path)
     # 4 matched pairs in fold 1 where the header says 3
     lines = GOOD.splitlines()
     lines.insert(4, "Dee\t1\t2")
     path = write(tmp_path, "\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=re.escape(f"{path}:5: expected a mismatched pair")):
+    with pytest.raises(InputError, match=re.escape(f"{path} line 5: expected a mismatched pair")):
         parse_pairs_file(path)
 
 
@@ -150,10 +156,19 @@ def test_check_pairs_exist(tmp_path):
     message = str(info.value)
     # Cy_0001 is in the pairs on lines 6 and 12; Dee_0002 on lines 8, 11 and 13
     assert message.startswith("5 of 12 pairs name 2 images that are not in the dataset")
-    for expected in ("line 6: Cy/Cy_0001.jpg", "line 8: Dee/Dee_0002.jpg", "line 11: Dee/Dee_0002.jpg",
-                     "line 12: Cy/Cy_0001.jpg", "line 13: Dee/Dee_0002.jpg"):
+    # Cy keeps images 2 and 4 (index 1 is a gap); Dee keeps image 1 (index 2 is past its images).
+    for expected in ("line 6 'Bob  3   Cy 1': Cy/Cy_0001.jpg is not in the dataset (2 image(s) of 'Cy')",
+                     "line 8 'Dee\\t1\\t2': Dee/Dee_0002.jpg: index 2 is out of range: the dataset has 1 image(s) "
+                     "of 'Dee', highest index 1",
+                     "line 11 'Dee\\t2\\tAnn\\t3': Dee/Dee_0002.jpg: index 2 is out of range",
+                     "line 12 'Ann\\t1\\tCy\\t1': Cy/Cy_0001.jpg is not in the dataset",
+                     "line 13 'Bob\\t1\\tDee\\t2': Dee/Dee_0002.jpg: index 2 is out of range"):
         assert expected in message
     assert "line 2:" not in message
+    with pytest.raises(InputError, match=r"^gs://b/pairs\.txt: 5 of 12 pairs .*\(9 images\)"):
+        check_pairs_exist(pairs, available - gone, source="gs://b/pairs.txt", dataset_images=9)
+    with pytest.raises(InputError, match=re.escape("line 2 'Ann\\t1\\t2': 'Ann' is not in the dataset")):
+        check_pairs_exist(pairs, {k for k in available if not k.startswith("Ann/")})
 
 
 def test_check_pairs_exist_lists_at_most_ten():
@@ -163,6 +178,184 @@ def test_check_pairs_exist_lists_at_most_ten():
     message = str(info.value)
     assert message.startswith("25 of 25 pairs name 50 images")
     assert message.count("line ") == 10 and "line 11:" in message and "line 12:" not in message
+
+
+# --------------------------------------------------------------------------- the check pairs step
+
+# Images of the packed dataset GOOD is checked against: every image GOOD names, and Eve whom it does not.
+IMAGES = {"Ann": 3, "Bob": 3, "Cy": 4, "Dee": 2, "Eve": 2}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A packed dataset (manifest + shard) of IMAGES, plus one synthetic (completion-style) image of Dee."""
+    with ShardWriter(tmp_path / "images") as writer:
+        for name, count in IMAGES.items():
+            for n in range(1, count + 1):
+                writer.add(name, f"{name}/{name}_{n:04d}.jpg", b"\xff\xd8 not decoded")
+        writer.add("Dee", "Dee/Dee_0003.jpg", b"\xff\xd8 copy", synthetic=True)
+    return tmp_path / "images"
+
+
+def check(tmp_path, dataset, text, *, name="user-pairs.txt", sha256="", encoding="utf-8"):
+    """Run the step on `text` written to a file of the user's; returns (its path as given, summary, out folder)."""
+    source = tmp_path / name
+    source.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    out = tmp_path / "out" / "pairs"
+    return str(source), check_pairs_source(str(source), sha256, dataset, out), out
+
+
+def step_error(tmp_path, dataset, text, error=InputError, **kwargs):
+    """The error of the step on `text`; nothing is left at its output path."""
+    with pytest.raises(error) as info:
+        check(tmp_path, dataset, text, **kwargs)
+    assert not (tmp_path / "out" / "pairs").exists()
+    leftovers = [p.name for p in (tmp_path / "out").iterdir()] if (tmp_path / "out").exists() else []
+    assert leftovers == []
+    return str(info.value)
+
+
+def test_check_pairs_writes_the_checked_copy_and_its_counts(tmp_path, dataset):
+    source, summary, out = check(tmp_path, dataset, GOOD, sha256=hashlib.sha256(GOOD.encode()).hexdigest())
+    assert (out / PAIRS_TXT).read_bytes() == GOOD.encode()
+    assert json.loads((out / PAIRS_JSON).read_text()) == summary
+    assert {k: summary[k] for k in ("pairs_uri", "pairs", "same_pairs", "different_pairs", "folds",
+                                    "pairs_per_fold", "duplicates", "identities", "images", "dataset_images",
+                                    "sha256_checked")} == {
+        "pairs_uri": source, "pairs": 12, "same_pairs": 6, "different_pairs": 6, "folds": 2, "pairs_per_fold": 3,
+        "duplicates": 0, "identities": 4, "images": 11, "dataset_images": 14, "sha256_checked": True}
+    assert summary["sha256"] == hashlib.sha256(GOOD.encode()).hexdigest()
+    uri, pairs = read_checked_pairs(out)
+    assert uri == source and pairs == parse_pairs_file(tmp_path / "user-pairs.txt")
+    assert declared_folds(pairs) == 2
+
+
+def test_check_pairs_without_a_pairs_file_says_so(tmp_path, dataset):
+    out = tmp_path / "out" / "pairs"
+    summary = check_pairs_source("", "", dataset, out)
+    assert summary["pairs_uri"] == "" and summary["pairs"] == 0 and "no pairs file" in summary["note"]
+    assert not (out / PAIRS_TXT).exists() and read_checked_pairs(out) == ("", [])
+    with pytest.raises(InputError, match="pairs_sha256 is set .* but pairs_uri is empty"):
+        check_pairs_source("", "a" * 64, dataset, tmp_path / "other")
+
+
+def test_missing_pairs_file_names_the_users_path(tmp_path, dataset):
+    missing = str(tmp_path / "nowhere" / "pairs.txt")
+    with pytest.raises(InputError) as info:
+        check_pairs_source(missing, "", dataset, tmp_path / "out" / "pairs")
+    assert missing in str(info.value) and "not found" in str(info.value)
+    assert not (tmp_path / "out" / "pairs").exists()
+
+
+@pytest.mark.parametrize("lineno, new, problem", [
+    (5, "Ann\t1\tBob", "expected a mismatched pair"),
+    (9, "Ann\tone\t3", "integers >= 1"),
+    (3, "Bob/x\t1\t3", "may not contain '/'"),
+])
+def test_malformed_line_names_the_users_uri_and_line(tmp_path, dataset, lineno, new, problem):
+    message = step_error(tmp_path, dataset, replace_line(GOOD, lineno, new))
+    source = str(tmp_path / "user-pairs.txt")
+    assert message.startswith(f"{source} line {lineno}: ") and problem in message and repr(new) in message
+    # Not the temporary copy the step downloaded it to.
+    assert ".tmp-" not in message and str(tmp_path / "out") not in message
+
+
+def test_name_not_in_the_archive(tmp_path, dataset):
+    message = step_error(tmp_path, dataset, replace_line(GOOD, 11, "Zed\t2\tAnn\t3"))
+    source = str(tmp_path / "user-pairs.txt")
+    assert message.startswith(f"{source}: 1 of 12 pairs name 1 images that are not in the dataset (14 images)")
+    assert "line 11 'Zed\\t2\\tAnn\\t3': 'Zed' is not in the dataset" in message
+
+
+def test_index_out_of_range(tmp_path, dataset):
+    message = step_error(tmp_path, dataset, replace_line(GOOD, 2, "Ann\t1\t7"))
+    assert "line 2 'Ann\\t1\\t7': Ann/Ann_0007.jpg: index 7 is out of range: the dataset has 3 image(s) of 'Ann', " \
+           "highest index 3" in message
+    # A completion copy is not a real image: Dee_0003 exists only as a synthetic row.
+    message = step_error(tmp_path, dataset, replace_line(GOOD, 8, "Dee\t1\t3"))
+    assert "Dee/Dee_0003.jpg: index 3 is out of range: the dataset has 2 image(s) of 'Dee'" in message
+
+
+def test_old_mac_line_ends_and_a_blank_uri(tmp_path, dataset):
+    source, summary, _ = check(tmp_path, dataset, GOOD.replace("\n", "\r"))
+    assert summary["pairs"] == 12
+    with pytest.raises(InputError, match="pairs_uri '   ' is blank"):
+        check_pairs_source("   ", "", dataset, tmp_path / "blank")
+
+
+def test_byte_order_mark_and_crlf_are_accepted(tmp_path, dataset):
+    text = "\ufeff" + GOOD.replace("\n", "\r\n")
+    source, summary, out = check(tmp_path, dataset, text)
+    assert summary["pairs"] == 12 and summary["folds"] == 2
+    assert (out / PAIRS_TXT).read_bytes() == text.encode()           # kept as fetched
+    assert read_checked_pairs(out)[1] == parse_pairs_file(write(tmp_path, GOOD, "plain.txt"))
+    # A byte order mark anywhere else is part of a name, and that name is not in the dataset.
+    (tmp_path / "mid").mkdir()
+    message = step_error(tmp_path / "mid", dataset, replace_line(GOOD, 3, "\ufeffBob\t1\t3"))
+    assert "'\\ufeffBob' is not in the dataset" in message and "line 3 " in message
+
+
+def test_names_are_matched_in_nfc(tmp_path):
+    """A name typed decomposed (macOS) is the person extract stored composed."""
+    with ShardWriter(tmp_path / "images") as writer:
+        for name in ("Jos\u00e9", "Ann"):
+            for n in (1, 2):
+                writer.add(name, f"{name}/{name}_{n:04d}.jpg", b"x")
+    text = "1\nJose\u0301\t1\t2\nJose\u0301\t1\tAnn\t2\n"
+    source = write(tmp_path, text)
+    summary = check_pairs_source(str(source), "", tmp_path / "images", tmp_path / "out")
+    assert summary["pairs"] == 2 and summary["identities"] == 2
+    assert read_checked_pairs(tmp_path / "out")[1][0].file1 == "Jos\u00e9/Jos\u00e9_0001.jpg"
+
+
+def test_duplicate_pairs_are_warned_with_their_count(tmp_path, dataset, caplog):
+    text = replace_line(replace_line(GOOD, 3, "Ann\t2\t1"), 12, "Dee\t2\tBob\t1")   # lines 3 and 13 repeat 2 and 12
+    with caplog.at_level(logging.WARNING, logger="facenet_kfp.pairs"):
+        source, summary, _ = check(tmp_path, dataset, text)
+    assert summary["duplicates"] == 2 and summary["duplicate_lines"] == [3, 13] and summary["pairs"] == 12
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and warning[0].startswith(f"{source}: 2 duplicate pair(s)") and "line 3" in warning[0]
+    assert [p.line for p in duplicate_pairs(parse_pairs_file(write(tmp_path, text, "d.txt")))] == [3, 13]
+
+
+def test_wrong_checksum_non_utf8_and_oversized_files(tmp_path, dataset, monkeypatch):
+    message = step_error(tmp_path, dataset, GOOD, error=DownloadError, sha256="0" * 64)
+    assert message.startswith(f"{tmp_path / 'user-pairs.txt'}: sha256 mismatch")
+    message = step_error(tmp_path, dataset, GOOD.replace("Cy\t2\t4", "C\xe9\t2\t4"), encoding="latin-1")
+    assert message.startswith(f"{tmp_path / 'user-pairs.txt'} line 4: not UTF-8 text")
+    monkeypatch.setattr(pairs_module, "MAX_PAIRS_MB", 0.0001)        # 100 bytes
+    message = step_error(tmp_path, dataset, GOOD, error=DownloadError)
+    assert "a pairs file is at most 0.0001 MB" in message and "max_download_gb (config" not in message
+
+
+def test_a_gs_uri_is_named_in_errors(tmp_path, dataset, gcs):
+    gcs.blob("lfw/pairs.txt").upload_from_string(replace_line(GOOD, 9, "Ann\t3\t3").encode())
+    with pytest.raises(InputError) as info:
+        check_pairs_source("gs://test-bucket/lfw/pairs.txt", "", dataset, tmp_path / "out" / "pairs")
+    assert str(info.value).startswith("gs://test-bucket/lfw/pairs.txt line 9: "
+                                      "a matched pair names the same image twice")
+    gcs.blob("lfw/good.txt").upload_from_string(GOOD.encode())
+    summary = check_pairs_source("gs://test-bucket/lfw/good.txt", "", dataset, tmp_path / "out" / "pairs")
+    assert summary["pairs_uri"] == "gs://test-bucket/lfw/good.txt" and summary["pairs"] == 12
+
+
+def test_checked_copy_that_changed_or_is_not_a_record_is_refused(tmp_path, dataset):
+    _, _, out = check(tmp_path, dataset, GOOD)
+    (out / PAIRS_TXT).write_text(GOOD.replace("Ann\t1\t2", "Ann\t1\t3"))
+    with pytest.raises(InputError, match=r"pairs\.txt: changed since .*user-pairs\.txt was checked"):
+        read_checked_pairs(out)
+    (out / PAIRS_JSON).write_text("[]")
+    with pytest.raises(InputError, match="not a checked-pairs record"):
+        read_checked_pairs(out)
+
+
+def test_check_refuses_to_replace_a_folder_it_did_not_write(tmp_path, dataset):
+    out = tmp_path / "out" / "pairs"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="refusing to replace it"):
+        check_pairs_source(str(write(tmp_path, GOOD)), "", dataset, out)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- make_pairs

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/golden/facenet_pipeline.yaml"
 LIGHT, TRAINER = "registry.example/facenet-kfp:golden", "registry.example/facenet-kfp-trainer:golden"
 DATA_TASKS = ["download-archive", "extract-images", "make-labels", "complete-identities",
-              "split-identities"]
+              "split-identities", "check-pairs"]
 
 
 def _compile(tmp_path, config=ROOT / "configs/lfw.yaml", name="p.yaml", light=LIGHT, trainer=TRAINER):
@@ -53,7 +53,7 @@ def test_golden_comparison_ignores_only_the_sdk_version():
 
 
 def test_step_numbers_follow_the_dag(tmp_path):
-    """Display names number the steps 1..7 so that every task's upstream tasks have lower numbers:
+    """Display names number the steps 1..8 so that every task's upstream tasks have lower numbers:
     the run table sorts by them (pipelines/run_local.py, dag_order)."""
     spec, _ = _docs(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
@@ -71,7 +71,7 @@ def test_images_are_the_given_references(tmp_path):
     images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
     assert images == {
         "exec-download-archive": LIGHT, "exec-extract-images": LIGHT, "exec-make-labels": LIGHT,
-        "exec-complete-identities": LIGHT, "exec-split-identities": LIGHT,
+        "exec-complete-identities": LIGHT, "exec-split-identities": LIGHT, "exec-check-pairs": LIGHT,
         "exec-train-model": TRAINER, "exec-evaluate-model": TRAINER}
     # Packages are preinstalled in the images: no pip install when a step starts.
     for ex in spec["deploymentSpec"]["executors"].values():
@@ -163,7 +163,8 @@ def test_training_parameter_leaves_data_tasks_unchanged(tmp_path):
     ("shard_size_mb", {"extract-images", "complete-identities"}),
     ("split_seed", {"split-identities"}),
     ("eval_folds", {"evaluate-model"}),
-    ("pairs_uri", {"evaluate-model"}),
+    ("pairs_uri", {"check-pairs"}),
+    ("pairs_sha256", {"check-pairs"}),
     ("checkpoint_root", {"train-model"}),
     ("tensorboard_root", {"train-model"}),
 ])
@@ -217,3 +218,104 @@ def test_an_evaluation_archive_adds_its_branch_and_parameters(tmp_path):
     plain, _ = _docs(tmp_path, name="plain.yaml")
     assert "eval_source_uri" not in plain["root"]["inputDefinitions"]["parameters"]
     assert "download-archive-2" not in plain["root"]["dag"]["tasks"]
+
+
+def test_pairs_are_checked_before_training_and_evaluate_reads_the_checked_copy(tmp_path):
+    """The pairs check follows extract and precedes train (train waits without reading it, so the
+    pairs file is not in train's cache key); evaluate reads its output, not the pairs URI."""
+    spec, platform = _docs(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    check = tasks["check-pairs"]
+    assert check["inputs"]["artifacts"]["images"]["taskOutputArtifact"]["producerTask"] == "extract-images"
+    assert check["cachingOptions"]["enableCache"] is True
+    assert "check-pairs" in tasks["train-model"]["dependentTasks"]
+    assert "pairs" not in tasks["train-model"]["inputs"].get("artifacts", {})
+    assert tasks["evaluate-model"]["inputs"]["artifacts"]["pairs"]["taskOutputArtifact"] == {
+        "producerTask": "check-pairs", "outputArtifactKey": "pairs"}
+    assert not {"pairs_uri", "pairs_sha256"} & set(tasks["evaluate-model"]["inputs"]["parameters"])
+    # A light step: the data steps' resources, no accelerator, no shared-memory volume.
+    resources = spec["deploymentSpec"]["executors"]["exec-check-pairs"]["container"]["resources"]
+    assert resources == spec["deploymentSpec"]["executors"]["exec-make-labels"]["container"]["resources"]
+    assert "exec-check-pairs" not in platform.get("platforms", {}).get("kubernetes", {}).get(
+        "deploymentSpec", {}).get("executors", {})
+
+
+def test_pairs_settings_leave_training_cached(tmp_path):
+    """Another pairs file changes the pairs check and (through its output) evaluate, never train's cache key."""
+    other = tmp_path / "other.yaml"
+    base = yaml.safe_load((ROOT / "configs/lfw.yaml").read_text())
+    base["data"]["pairs_uri"] = "gs://bucket/other-pairs.txt"
+    base["data"]["pairs_sha256"] = ""
+    other.write_text(yaml.safe_dump(base))
+    a, _ = _docs(tmp_path, ROOT / "configs/lfw.yaml", "a.yaml")
+    b, _ = _docs(tmp_path, other, "b.yaml")
+    for task in DATA_TASKS + ["train-model", "evaluate-model"]:
+        assert _task_view(a, task) == _task_view(b, task)
+    params_a = a["root"]["inputDefinitions"]["parameters"]
+    params_b = b["root"]["inputDefinitions"]["parameters"]
+    assert {k for k in params_a if params_a[k] != params_b[k]} == {"pairs_uri", "pairs_sha256"}
+
+
+def test_evaluation_archive_pairs_are_checked_on_its_images_before_training(tmp_path):
+    config = tmp_path / "casia.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source_uri": "gs://b/casia.zip", "sha256": "",
+                                               "eval_source_uri": "gs://b/lfw.tgz", "eval_sha256": "a" * 64,
+                                               "pairs_uri": "gs://b/pairs.txt"},
+                                      "cluster": {"gcs_secret": "gcs-key"}}))
+    spec, platform = _docs(tmp_path, config)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["check-pairs"]["inputs"]["artifacts"]["images"]["taskOutputArtifact"]["producerTask"] == \
+        "extract-images-2"
+    assert tasks["check-pairs"]["taskInfo"]["name"].startswith("6. ")
+    assert "check-pairs" in tasks["train-model"]["dependentTasks"]
+    assert tasks["evaluate-on-archive"]["inputs"]["artifacts"]["pairs"]["taskOutputArtifact"]["producerTask"] == \
+        "check-pairs"
+    # The pairs check reads gs:// URIs: it gets the credentials.
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-check-pairs"]["secretAsVolume"][0]["secretName"] == "gcs-key"
+    # Step numbers follow this DAG too: each task's upstream tasks have lower numbers.
+    number = {name: int(re.match(r"(\d+)\. ", t["taskInfo"]["name"]).group(1)) for name, t in tasks.items()}
+    for name, task in tasks.items():
+        upstream = set(task.get("dependentTasks", []))
+        assert all(number[u] < number[name] for u in upstream), (name, upstream)
+
+
+def test_compile_warns_about_the_project_default_images(tmp_path, capsys):
+    """`make compile` without IMAGE_REGISTRY: one warning line naming the images and the settings."""
+    from components import DEFAULT_IMAGES
+    from pipelines import compile as compile_module
+
+    def compile_with(*images):
+        out = tmp_path / "p.yaml"
+        out.unlink(missing_ok=True)
+        code = compile_module.main(["--config", str(ROOT / "configs/demo.yaml"), "--out", str(out), *images])
+        assert code == 0 and out.is_file()
+        return capsys.readouterr().err.strip().splitlines()
+
+    warning = compile_with("--light-image", DEFAULT_IMAGES.light, "--trainer-image", DEFAULT_IMAGES.trainer)
+    assert len(warning) == 1 and warning[0].startswith("warning: "), warning
+    assert DEFAULT_IMAGES.light in warning[0] and DEFAULT_IMAGES.trainer in warning[0]
+    assert "default image references" in warning[0] and "IMAGE_REGISTRY" in warning[0] and "IMAGE_TAG" in warning[0]
+    assert compile_with("--light-image", LIGHT, "--trainer-image", TRAINER) == []
+    assert compile_with("--light-image", DEFAULT_IMAGES.light, "--trainer-image", DEFAULT_IMAGES.trainer,
+                        "--images-exist") == []
+    # A registry that merely starts like the default one is another registry.
+    assert compile_with("--light-image", "ghcr.io/facenet-kfp-fork/facenet-kfp:1",
+                        "--trainer-image", "ghcr.io/facenet-kfp-fork/facenet-kfp-trainer:1") == []
+
+
+def test_task_names_are_the_compiled_ones(tmp_path):
+    """The local rerun finds the evaluation archive's images by kfp's task name (`task_names`)."""
+    from components import Images, build_components
+    from pipelines.facenet_pipeline import dag_steps, task_names
+
+    config = tmp_path / "casia.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source_uri": "gs://b/casia.zip", "sha256": "",
+                                               "eval_source_uri": "gs://b/lfw.tgz"}}))
+    spec, _ = _docs(tmp_path, config)
+    steps = dag_steps(evaluation_archive=True)
+    names = task_names(steps, build_components(Images(light=LIGHT, trainer=TRAINER)))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(names) == sorted(tasks)
+    assert {name: tasks[name]["taskInfo"]["name"] for name in names} == {
+        name: step.display_name for name, step in zip(names, steps)}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,15 @@ UPSTREAM = ["images", "completion", "labels", "splits"]
 TRAIN_INPUTS = next(s.inputs for s in STEPS if s.name == "train")
 
 
-def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "model")) -> dict:
-    """Artifact folders laid out as in a kfp.local run folder, holding only each kind's marker file."""
+def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "pairs", "model")) -> dict:
+    """Artifact folders laid out as in a kfp.local run folder, holding only each kind's marker file
+    (checked pairs: a record that no pairs file was given)."""
     paths = {}
     for name in names:
         producer = rerun.producers()[name]
         path = folder / producer.task / producer.output
         path.mkdir(parents=True)
-        (path / runs.MARKERS[name]).write_text("")
+        (path / runs.MARKERS[name]).write_text('{"pairs_uri": ""}' if name == "pairs" else "")
         paths[name] = str(path)
     return paths
 
@@ -74,7 +76,7 @@ def test_rerun_step_is_wired_as_in_the_full_pipeline(full_pipeline_spec, tmp_pat
 
 
 def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
-    paths = _fake_artifacts(tmp_path / "run", UPSTREAM)
+    paths = _fake_artifacts(tmp_path / "run", [*UPSTREAM, "pairs"])
     config = load_config(ROOT / "configs/demo.yaml")
     pipeline = rerun.build_rerun_pipeline(["train", "evaluate"], paths, config, IMAGES)
     out = tmp_path / "rerun.yaml"
@@ -83,7 +85,7 @@ def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
     assert spec["pipelineInfo"]["name"] == "facenet-kfp-rerun-train"
     tasks = spec["root"]["dag"]["tasks"]
     importers = {name: t for name, t in tasks.items() if name.startswith("importer")}
-    assert len(importers) == 4 and set(tasks) == set(importers) | {"train-model", "evaluate-model"}
+    assert len(importers) == 5 and set(tasks) == set(importers) | {"train-model", "evaluate-model"}
     executors = spec["deploymentSpec"]["executors"]
     uris = {}
     for name, task in importers.items():
@@ -93,7 +95,8 @@ def test_rerun_pipeline_imports_inputs_and_chains_evaluate(tmp_path):
     assert uris == {"import images": (paths["images"], "system.Dataset", False),
                     "import completion": (paths["completion"], "system.Dataset", False),
                     "import labels": (paths["labels"], "system.Artifact", False),
-                    "import splits": (paths["splits"], "system.Artifact", False)}
+                    "import splits": (paths["splits"], "system.Artifact", False),
+                    "import pairs": (paths["pairs"], "system.Artifact", False)}
     evaluate = tasks["evaluate-model"]["inputs"]["artifacts"]
     assert evaluate["model"]["taskOutputArtifact"] == {"producerTask": "train-model", "outputArtifactKey": "model"}
     # Evaluate shares the imported images and splits with train.
@@ -233,13 +236,86 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, argv, message):
 
 
 def test_cli_missing_artifact_exits_2(tmp_path, capsys):
-    _fake_artifacts(tmp_path / "run", ["images", "splits"])
+    _fake_artifacts(tmp_path / "run", ["images", "splits", "pairs"])
     code = rerun.main(["--rerun", "evaluate", "--from", str(tmp_path / "run"),
                        "--pipeline-root", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
-    # Only the model: the run folder has the images and splits evaluate also reads.
+    # Only the model: the run folder has the images, splits and checked pairs evaluate also reads.
     assert f"missing input artifact(s) model (from train-model) in run folder {tmp_path / 'run'};" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_without_checked_pairs_is_refused_unless_a_pairs_file_is_set(tmp_path):
+    """A run made before the check pairs step has no checked pairs: refused before anything runs, with
+    the way out; `--set pairs_uri=...` makes the rerun check that file itself (only the model is missing)."""
+    _fake_artifacts(tmp_path / "run", ["images", "splits"])
+    config = str(ROOT / "configs/demo.yaml")
+    with pytest.raises(InputError, match=r"model \(from train-model\), pairs \(from check-pairs\).*"
+                                         r"--set pairs_uri=URI \(--set pairs_uri= for none\)"):
+        rerun.rerun("evaluate", [str(tmp_path / "run")], config, str(tmp_path / "out"))
+    with pytest.raises(InputError, match=r"missing input artifact\(s\) model \(from train-model\) in run"):
+        rerun.rerun("evaluate", [str(tmp_path / "run")], config, str(tmp_path / "out"),
+                    sets=["pairs_uri=/data/pairs.txt"])
+    assert not (tmp_path / "out").exists()
+    # A checked-pairs folder that is no such record is refused before anything runs too.
+    paths = _fake_artifacts(tmp_path / "other", ["images", "splits", "pairs", "model"])
+    (Path(paths["pairs"]) / "pairs.json").write_text('{"pairs_uri": "gs://b/pairs.txt", "sha256": "x"}')
+    with pytest.raises(InputError, match=r"pairs\.txt: not found, though .*records the pairs file gs://b/pairs\.txt"):
+        rerun.rerun("evaluate", [str(tmp_path / "other")], config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def _eval_archive_run(folder: Path, names=("images", "completion", "labels", "splits", "pairs", "model",
+                                          "eval_images")) -> dict:
+    """A run folder of the DAG with an evaluation archive: its images in extract-images-2, splits without test."""
+    paths = _fake_artifacts(folder, names)
+    if "splits" in paths:
+        (Path(paths["splits"]) / "provenance.json").write_text(json.dumps({"artifact": "splits", "test_split": False}))
+    return paths
+
+
+def test_a_run_with_an_evaluation_archive_is_rerun_in_its_branch(tmp_path):
+    """Its images are found (extract-images-2), and evaluate is evaluation on that archive with the run's
+    checked pairs; splits are remade without a test split, as in that run."""
+    paths = _eval_archive_run(tmp_path / "run")
+    found, _ = runs.resolve_source(str(tmp_path / "run"), rerun.producers())
+    assert found == paths and found["eval_images"].endswith("extract-images-2/images")
+    assert runs.used_evaluation_archive(found)
+    (tmp_path / "summary.json").write_text(json.dumps(_summary(paths)))
+    assert runs.resolve_source(str(tmp_path / "summary.json"), rerun.producers())[0] == paths
+
+    config = load_config(ROOT / "configs/demo.yaml")
+    needed = ("model", "images", "splits", "eval_images", "pairs")
+    out = tmp_path / "rerun.yaml"
+    compiler.Compiler().compile(rerun.build_rerun_pipeline(["evaluate"], {n: paths[n] for n in needed}, config,
+                                                           IMAGES, evaluation_archive=True), package_path=str(out))
+    tasks = yaml.safe_load(out.read_text())["root"]["dag"]["tasks"]
+    assert set(tasks) - {n for n in tasks if n.startswith("importer")} == {"evaluate-on-archive"}
+    assert set(tasks["evaluate-on-archive"]["inputs"]["artifacts"]) == set(needed)
+    assert tasks["evaluate-on-archive"]["taskInfo"]["name"] == "8. evaluation on the evaluation archive"
+
+    compiler.Compiler().compile(rerun.build_rerun_pipeline(["splits"], {"labels": paths["labels"]}, config, IMAGES,
+                                                           evaluation_archive=True), package_path=str(out))
+    splits = yaml.safe_load(out.read_text())["root"]["dag"]["tasks"]["split-identities"]
+    assert splits["inputs"]["parameters"]["test_split"]["runtimeValue"]["constant"] is False
+
+
+@pytest.mark.parametrize("with_evaluate", [False, True])
+def test_evaluation_archive_images_missing_is_refused_before_anything_runs(tmp_path, with_evaluate):
+    """Splits without a test split say the run evaluated on another archive; without that archive's
+    images a rerun of evaluate (or train + evaluate) stops before any task, naming what to give."""
+    _eval_archive_run(tmp_path / "run", ("images", "completion", "labels", "splits", "pairs", "model"))
+    assert runs.used_evaluation_archive(runs.resolve_source(str(tmp_path / "run"), rerun.producers())[0])
+    step = "train" if with_evaluate else "evaluate"
+    with pytest.raises(InputError, match=r"missing input artifact\(s\) eval_images \(from extract-images-2\)"
+                                         r".*--from eval_images=PATH"):
+        rerun.rerun(step, [str(tmp_path / "run")], str(ROOT / "configs/demo.yaml"), str(tmp_path / "out"),
+                    with_evaluate=with_evaluate)
+    assert not (tmp_path / "out").exists()
+    # A train rerun alone does not need them.
+    assert "eval_images" not in runs.check_inputs(TRAIN_INPUTS, runs.resolve_source(
+        str(tmp_path / "run"), rerun.producers())[0], ["x"], rerun.producers())
 
 
 # --- real reruns on kfp.local -----------------------------------------------------------------
@@ -292,6 +368,7 @@ def upstream(tmp_path_factory) -> Path:
     from facenet_kfp.complete import complete_dataset
     from facenet_kfp.extract import extract_dataset
     from facenet_kfp.labels import build_labels
+    from facenet_kfp.pairs import check_pairs_source
     from facenet_kfp.splits import make_splits
     from facenet_kfp.synth import generate_demo_archive
 
@@ -303,6 +380,7 @@ def upstream(tmp_path_factory) -> Path:
     complete_dataset(run / "extract-images" / "images", run / "make-labels" / "labels",
                      run / "complete-identities" / "completion", multiple=4, workers=1)
     make_splits(run / "make-labels" / "labels", run / "split-identities" / "splits")
+    check_pairs_source("", "", run / "extract-images" / "images", run / "check-pairs" / "pairs")
     return run
 
 
@@ -332,14 +410,14 @@ def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_p
     # DAG order: the importers (by name), then the step.
     assert [(t["display_name"], t["status"]) for t in summary["tasks"]] == [
         (name, "SUCCEEDED") for name in ("import completion", "import images", "import labels",
-                                         "import splits", "6. train embeddings")]
+                                         "import splits", "7. train embeddings")]
     model = Path(summary["metrics"]["model_uri"])
     assert (model / "model.keras").is_file() and json.loads((model / "model.json").read_text())["embedding_dim"] == 16
     assert model.parent.parent.parent == root and model.parent.name == "train-model"
     assert summary["metrics"]["train_steps"] == 10
     assert summary["parameters"]["train_learning_rate"] == 0.0005 and summary["parameters"]["train_seed"] == 1
     assert summary["artifacts"]["model"] == str(model)
-    assert "6. train embeddings" in out and "trained model: " + str(model) in out
+    assert "7. train embeddings" in out and re.search(r"trained model:\s+" + re.escape(str(model)), out)
 
     # Same inputs and parameters: the train task is a cache hit and points at the same model.
     assert rerun.main(["--rerun", "train", "--from", str(upstream), "--config", str(tiny_config),
@@ -355,8 +433,19 @@ def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_p
     evaluated = json.loads((root / "rerun-summary.json").read_text())
     assert evaluated["status"] == "SUCCEEDED" and evaluated["inputs"]["model"] == str(model)
     metrics = evaluated["metrics"]
-    assert [t["display_name"] for t in evaluated["tasks"]] == ["import images", "import model", "import splits",
-                                                              "7. threshold evaluation"]
+    assert [t["display_name"] for t in evaluated["tasks"]] == ["import images", "import model", "import pairs",
+                                                              "import splits", "8. threshold evaluation"]
+    assert evaluated["inputs"]["pairs"] == str(upstream / "check-pairs" / "pairs")
     threshold = json.loads(Path(metrics["threshold_uri"]).read_text())
     assert threshold["model"] == str(model) and threshold["threshold"] > 0
-    assert "test accuracy:" in capsys.readouterr().out
+    assert f"threshold: {threshold['threshold']:.4f}" in capsys.readouterr().out
+
+    # Another pairs file: the rerun checks it first, and a bad one stops it before evaluation, naming it.
+    bad = tmp_path / "my-pairs.txt"
+    bad.write_text("1\nNobody\t1\t2\nNobody\t1\tSomeone\t2\n")
+    assert rerun.main(["--rerun", "evaluate", "--from", str(root), "--config", str(tiny_config),
+                       "--pipeline-root", str(root), "--set", f"pairs_uri={bad}"]) == 1
+    failed = json.loads((root / "rerun-summary.json").read_text())
+    assert [(t["display_name"], t["status"]) for t in failed["tasks"]][-1] == ("6. check pairs.txt", "FAILED")
+    assert "evaluate-model" not in {t["name"] for t in failed["tasks"]}
+    assert f"{bad}: 2 of 2 pairs name" in failed["error"] and "'Nobody' is not in the dataset" in failed["error"]

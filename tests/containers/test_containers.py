@@ -25,8 +25,8 @@ from pipelines.run_local import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["download-archive", "extract-images", "make-labels", "complete-identities",
-         "split-identities", "train-model", "evaluate-model"]
-DATA_TASKS = TASKS[:5]
+         "split-identities", "check-pairs", "train-model", "evaluate-model"]
+DATA_TASKS = TASKS[:6]
 # Verification figures in [0, 1] compared between the two runners. Same TensorFlow
 # (2.21.0 from PyPI in the venv and in the stand-in trainer base), seeds and data give
 # identical numbers on one machine; the tolerance leaves room for another TensorFlow
@@ -92,7 +92,7 @@ def test_failing_component_fails_and_a_passing_one_passes(tmp_path, engine, imag
 # ---- the whole pipeline -----------------------------------------------------------------------
 
 def data_files(summary: dict) -> dict[str, bytes]:
-    """Every file the five data steps wrote, by task and relative path (kfp's own files left out)."""
+    """Every file the six data steps wrote, by task and relative path (kfp's own files left out)."""
     files = {}
     for task in summary["tasks"]:
         if task["name"] not in DATA_TASKS:
