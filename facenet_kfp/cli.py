@@ -4,7 +4,9 @@ Each subcommand calls the same library function as the step's KFP component.
 Errors in the input (a bad archive, a missing file, a wrong value) print one
 line naming the file, key or value and exit with status 2. An output path is
 never an input, a folder holding one or inside one; SIGTERM stops a step with
-its temporary files removed (exit status 143).
+its temporary files removed (exit status 143). The data steps' options take
+their defaults, types and limits from the config (facenet_kfp.config: one
+source); numbers may be written as ``1e-3``; sizes are in MiB (2**20 bytes).
 """
 
 from __future__ import annotations
@@ -94,30 +96,30 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return values
 
 
-def _overrides(items: list[str], section: str) -> dict[str, dict[str, Any]]:
-    """`--set key=value` options as config overrides, typed by the config field (`key` or `section.key`)."""
+def _load_config(path: str | None, items: list[str], section: str) -> Any:
+    """The config of `--config` and the `--set key=value` options (`key` or `section.key`), typed and
+    checked by the config fields; an error in a --set value names the --set value."""
     from dataclasses import fields
 
-    from facenet_kfp.config import SECTIONS, parse_assignments
+    from facenet_kfp.config import SECTIONS, assignments_label, load_config, parse_assignments
 
-    return parse_assignments(items, {f.name: (section, f.name) for f in fields(SECTIONS[section])})
+    overrides = parse_assignments(items, {f.name: (section, f.name) for f in fields(SECTIONS[section])})
+    return load_config(path, overrides, overrides_from=assignments_label(items))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from facenet_kfp.config import load_config
+    config = _load_config(args.config, args.set, "train")   # checked before TensorFlow is imported
     from facenet_kfp.train import train
 
-    config = load_config(args.config, _overrides(args.set, "train"))
     _print_json(train(args.images, args.completion, args.labels, args.splits, args.out,
                       config.train, checkpoint_dir=args.checkpoint_dir,
                       tensorboard_dir=args.tensorboard_dir))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from facenet_kfp.config import load_config
+    config = _load_config(args.config, args.set, "evaluate")
     from facenet_kfp.evaluate import evaluate
 
-    config = load_config(args.config, _overrides(args.set, "evaluate"))
     out = Path(args.out)
     # The three files are written as one folder: an earlier evaluate output may be replaced,
     # a user's folder never.
@@ -131,21 +133,52 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.html'}\nthreshold: {out / 'threshold.json'}")
 
 
+def _model_of(args: argparse.Namespace, threshold_needed: bool) -> tuple[str, str | None, str]:
+    """(model folder, threshold file or None, where they came from: "" or the run) of `--model` /
+    `--threshold-file`, or of `--run`."""
+    from facenet_kfp.errors import InputError
+    from facenet_kfp.verify import run_artifacts
+
+    if not args.run:
+        return args.model, getattr(args, "threshold_file", None), ""
+    if getattr(args, "threshold_file", None):
+        raise InputError("--threshold-file and --run both name a threshold: give one (--threshold VALUE "
+                         "overrides the run's)")
+    model_dir, threshold_file, where = run_artifacts(args.run)
+    explicit = getattr(args, "threshold", None) is not None
+    if threshold_needed and threshold_file is None and not explicit:
+        raise InputError(f"--run {args.run}: the run's model {model_dir} has no evaluated threshold in "
+                         f"{where}; pass --threshold VALUE, or evaluate the model (make rerun STEP=evaluate "
+                         f"FROM={args.run})")
+    return str(model_dir), None if explicit or threshold_file is None else str(threshold_file), where
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
+    from facenet_kfp.evaluate import DISTANCE_LABELS
     from facenet_kfp.verify import verify_pair
 
-    result = verify_pair(args.model, args.image_a, args.image_b, threshold=args.threshold,
-                         threshold_file=args.threshold_file)
-    unit = "squared L2" if result["squared"] else "plain L2"
+    model_dir, threshold_file, where = _model_of(args, threshold_needed=True)
+    result = verify_pair(model_dir, args.image_a, args.image_b, threshold=args.threshold,
+                         threshold_file=threshold_file)
+    if where:
+        print(f"model:     {model_dir} (from {where})")
+    unit = DISTANCE_LABELS[result["distance_definition"]]
+    source = "" if result["threshold_source"] == "argument" else f"; from {result['threshold_source']}"
     print(f"distance:  {result['distance']:.4f} ({unit})")
-    print(f"threshold: {result['threshold']:.4f} ({unit}; same person when distance < threshold)")
+    print(f"threshold: {result['threshold']:.4f} ({unit}; same person when distance < threshold{source})")
     print(result["verdict"])
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
     from facenet_kfp.verify import embed_files
 
-    _print_json(embed_files(args.model, args.images, args.out, batch_size=args.batch_size))
+    from facenet_kfp.fsutil import check_outputs_apart
+
+    model_dir, _, where = _model_of(args, threshold_needed=False)
+    if where:
+        logging.getLogger(__name__).info("model %s (from %s)", model_dir, where)
+    check_outputs_apart({"--out": args.out}, {"the model": model_dir})
+    _print_json(embed_files(model_dir, args.images, args.out, batch_size=args.batch_size))
 
 
 def _add_set(parser: argparse.ArgumentParser, section: str, example: str) -> None:
@@ -154,11 +187,54 @@ def _add_set(parser: argparse.ArgumentParser, section: str, example: str) -> Non
 
     from facenet_kfp.config import SECTIONS
 
+    from facenet_kfp.config import describe_limits
+
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a {section} key ({example}); the keys are listed below")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    cls = SECTIONS[section]
     parser.epilog = f"{section} keys (--set KEY=VALUE, or in --config under {section}:):\n" + "\n".join(
-        f"  {f.name:<20} {f.metadata['help']} (default {f.default!r})" for f in fields(SECTIONS[section]))
+        f"  {f.name:<20} {f.metadata['help']} (default {f.default!r}"
+        + (f"; {limits})" if (limits := describe_limits(cls, f.name)) else ")") for f in fields(cls))
+
+
+def _number(kind: type, option: str, minimum: int | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` as the config reads one (``1e-3``, ``2e4`` for an int),
+    finite, at least `minimum`."""
+    def parse(text: str) -> Any:
+        from facenet_kfp.config import parse_value
+
+        try:
+            value = parse_value(option, text, kind)
+        except FacenetError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be at least {minimum}, got {text}")
+        return value
+    return parse
+
+
+def _from_config(parser: argparse.ArgumentParser, option: str, section: str, key: str, help_text: str) -> None:
+    """An option whose type, limits and default are the config field `section.key`'s (one source)."""
+    import typing
+    from dataclasses import fields
+
+    from facenet_kfp.config import SECTIONS, describe_limits, parse_assignments
+
+    cls = SECTIONS[section]
+    default = {f.name: f.default for f in fields(cls)}[key]
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_assignments([f"{section}.{key}={text}"], option=option)[section][key]
+        except FacenetError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace(f"{option} {section}.{key} ", f"{option} ", 1)) from None
+
+    parse.__name__ = typing.get_type_hints(cls)[key].__name__
+    limits = describe_limits(cls, key)
+    parser.add_argument(option, type=parse, default=default,
+                        help=f"{help_text} (default {default:g}{'; ' + limits if limits else ''}; config "
+                             f"{section}.{key})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synth", cmd_synth, "write a demo archive of procedurally drawn faces (default lfw.tgz, "
                                 "pairs.txt, sha256; also CASIA-WebFace, VGGFace2 and nested layouts)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--identities", type=int, default=120, help="number of identities (default 120)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--identities", type=_number(int, "--identities", 1), default=120,
+                   help="number of identities (default 120)")
+    p.add_argument("--seed", type=_number(int, "--seed", 0), default=0, help="random seed (default 0)")
     p.add_argument("--lfw-scale", action="store_true", help="LFW's full size: 5,749 identities, 13,233 images")
     p.add_argument("--layout", default="lfw", choices=("lfw", "casia", "vggface2", "nested"),
                    help="archive layout (default lfw; only lfw writes pairs.txt)")
@@ -188,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape of the images-per-identity counts (default casia with --casia-scale, else lfw)")
     p.add_argument("--casia-scale", action="store_true",
                    help="CASIA-WebFace's size: 10,575 identities, 494,414 images (use with --pool)")
-    p.add_argument("--pool", type=int, default=None,
+    p.add_argument("--pool", type=_number(int, "--pool", 1), default=None,
                    help="render N faces per identity and derive every image from one of them (much faster)")
-    p.add_argument("--image-size", type=int, default=250, help="image side in px (default 250)")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
+    p.add_argument("--image-size", type=_number(int, "--image-size", 1), default=250,
+                   help="image side in px (default 250)")
+    p.add_argument("--workers", type=_number(int, "--workers", 1), default=None,
+                   help="rendering processes (default: all CPUs)")
     p.add_argument("--no-boxes", action="store_true", help="vggface2: leave out bb_landmark/loose_bb_*.csv")
 
     p = add("download", cmd_download, "step 1: fetch an archive (https://, gs://, file:// or path), verify sha256",
@@ -199,18 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="archive URI or path")
     p.add_argument("--out", required=True, help="destination file")
     p.add_argument("--sha256", default="", help="expected sha256 (64 hex digits)")
-    p.add_argument("--max-download-gb", type=float, default=20.0,
-                   help="fail past this many GB (10**9 bytes) received (default 20)")
+    _from_config(p, "--max-download-gb", "data", "max_download_gb", "fail past this many GB (10**9 bytes) received")
 
     p = add("extract", cmd_extract, "step 2: safely extract an archive into a packed image dataset",
             inputs=("archive",))
     p.add_argument("archive", help="archive file (.tgz, .tar.gz, .tar, .zip)")
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
-    p.add_argument("--max-skipped-fraction", type=float, default=0.01,
-                   help="fail when a larger fraction of the images is unusable (default 0.01)")
-    p.add_argument("--max-expansion", type=float, default=20.0,
-                   help="fail when extraction writes more than this many times the archive's size (default 20)")
+    _from_config(p, "--shard-size-mb", "data", "shard_size_mb", "target shard size in MiB (2**20 bytes)")
+    _from_config(p, "--max-skipped-fraction", "data", "max_skipped_fraction",
+                 "fail when a larger fraction of the images is unusable")
+    _from_config(p, "--max-expansion", "data", "max_expansion",
+                 "fail when extraction writes more than this many times the archive's size (at least 64 MiB)")
 
     p = add("labels", cmd_labels, "step 3: write labels.json (name -> id, sorted) and image_counts.json",
             inputs=("images",))
@@ -222,16 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", help="packed image dataset folder")
     p.add_argument("labels", help="labels folder")
     p.add_argument("--out", required=True, help="output completion folder")
-    p.add_argument("--multiple", type=int, default=4, help="K (default 4)")
-    p.add_argument("--min-images", type=int, default=1, help="skip identities with fewer real images (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
-    p.add_argument("--shard-size-mb", type=int, default=64, help="target shard size in MB (default 64)")
+    _from_config(p, "--multiple", "data", "multiple", "K: complete every identity up to a multiple of K images")
+    _from_config(p, "--min-images", "data", "min_images", "skip identities with fewer real images")
+    _from_config(p, "--seed", "data", "completion_seed", "augmentation seed")
+    _from_config(p, "--shard-size-mb", "data", "shard_size_mb", "target shard size in MiB (2**20 bytes)")
 
+    from facenet_kfp.config import DataConfig
+
+    data_fractions = (DataConfig().train_fraction, DataConfig().val_fraction, DataConfig().test_fraction)
     p = add("splits", cmd_splits, "step 5: identity-disjoint train/val/test splits", inputs=("labels",))
     p.add_argument("labels", help="labels folder")
     p.add_argument("--out", required=True, help="output splits folder")
-    p.add_argument("--fractions", type=_fractions, default="0.70,0.15,0.15", help="train,val,test fractions (default 0.70,0.15,0.15)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--fractions", type=_fractions, default=data_fractions,
+                   help=f"train,val,test fractions (default {','.join(f'{v:g}' for v in data_fractions)}; "
+                        f"config data.train_fraction, val_fraction, test_fraction)")
+    _from_config(p, "--seed", "data", "split_seed", "shuffle seed")
 
     p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining (Keras backend: "
             "KERAS_BACKEND=tensorflow, the default, or jax)",
@@ -259,19 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "are two face images the same person? prints the distance and the verdict",
             outputs=())
-    p.add_argument("--model", required=True, help="model folder from train")
+    _model_options(p, "trained model and evaluated threshold")
     p.add_argument("image_a")
     p.add_argument("image_b")
-    p.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the evaluated one)")
-    p.add_argument("--threshold-file", default=None, help="threshold.json from the evaluate step")
+    p.add_argument("--threshold", type=_number(float, "--threshold"), default=None,
+                   help="distance threshold, in the model's own distance (default: the evaluated one)")
+    p.add_argument("--threshold-file", default=None, help="threshold.json from the evaluate step, evaluated "
+                                                          "for this model")
 
     p = add("embed", cmd_embed, "write embeddings of face images (one row per image, with its path)",
             inputs=("model", "images"))
-    p.add_argument("--model", required=True, help="model folder from train")
+    _model_options(p, "trained model")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .npz, .csv or .tsv")
-    p.add_argument("--batch-size", type=int, default=64)
+    _from_config(p, "--batch-size", "evaluate", "batch_size", "images per embedding batch")
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--model FOLDER` or `--run RUN` (a run's model and threshold), one of them required."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="model folder from train")
+    group.add_argument("--run", help=f"a local pipeline run: its pipeline root (summary.json), a summary file "
+                                     f"or a run folder; takes the run's {what}")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

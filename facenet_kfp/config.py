@@ -10,8 +10,14 @@ A config file has up to four sections, each optional::
 Each field's metadata holds its help text (read by the pipeline's parameter
 descriptions, the command line's ``--help`` and the README's config table) and
 its limits. A section checks itself when it is built (``__post_init__``), so an
-invalid config cannot exist; `load_config` adds the file name to the message.
+invalid config cannot exist; `load_config` adds the file name to the message, or
+the override (``--set``, ``SET``, ``--param``) when the file alone is valid.
 Unknown keys and wrong types are errors that name the key.
+
+Numbers are read as people write them: YAML 1.1 (PyYAML) reads ``1e-3`` as a
+string, so config files and ``key=value`` texts are read with YAML 1.2's
+floats (`yaml_load`), and an int field takes a float with no fractional part
+(``2e4``). Sizes are in MiB (2**20 bytes), download limits in GB (10**9 bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +49,42 @@ LR_SCHEDULES = ("constant", "cosine")
 # Toleration keys as a Kubernetes manifest spells them -> kfp.kubernetes.add_toleration's arguments.
 TOLERATION_KEYS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
                    "tolerationSeconds": "toleration_seconds"}
+# The smallest input side either architecture accepts (model.MIN_INPUT_SIZE; three stride-2 stages).
+MIN_IMAGE_SIZE = 32
+MAX_SEED = 2**32 - 1          # numpy's legacy seeding, which Keras uses, takes seeds below 2**32
+MAX_INT = 2**31 - 1           # a KFP int parameter is an int64; steps and counts stay far below
+MAX_BATCH = 4096              # train.p x train.k: FaceNet's own batches were 1,800 images
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-3``, ``2E+4`` and ``.5`` are numbers (PyYAML's YAML 1.1 reads
+    an exponent without a dot as a string)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+                  |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """`text` as YAML, numbers read as YAML 1.2 reads them (`ConfigLoader`); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
             maximum: float | None = None, above: float | None = None, below: float | None = None) -> Any:
     """A config field: its default, one line of help and its limits (checked when a section is built).
 
-    `minimum` and `maximum` are inclusive, `above` and `below` exclusive; every int is also >= 0.
+    `minimum` and `maximum` are inclusive, `above` and `below` exclusive; every int is also >= 0
+    and at most MAX_INT unless `maximum` says otherwise. `describe_limits` prints them.
     """
     metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
                 "above": above, "below": below}
@@ -82,9 +118,12 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if not math.isfinite(value):
             raise InputError(f"{where} must be a finite number, got {value!r}")
         return float(value)
+    if kind is int and type(value) is float and math.isfinite(value) and value.is_integer():
+        return int(value)   # 2e4, 1e3: exponent notation of a whole number
     if kind in (int, str, bool):
         if type(value) is not kind:
-            raise InputError(f"{where} must be {kind.__name__}, got {value!r}")
+            hint = "; quote it in YAML" if kind is str and isinstance(value, (int, float)) else ""
+            raise InputError(f"{where} must be {kind.__name__}, got {value!r}{hint}")
         if kind is str and value != value.strip():
             raise InputError(f"{where} must not start or end with spaces, got {value!r}")
         return value
@@ -102,26 +141,55 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     raise InputError(f"{where}: config fields of type {kind} are not supported")
 
 
+def _bounds(meta: typing.Mapping[str, Any], is_int: bool) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """(("[" or "(", low or None), ("]" or ")", high or None)) of a field; ints are in [0, MAX_INT]
+    unless the field says otherwise."""
+    low = ("(", meta["above"]) if meta["above"] is not None else ("[", meta["minimum"])
+    high = (")", meta["below"]) if meta["below"] is not None else ("]", meta["maximum"])
+    if is_int:
+        low = low if low[1] is not None else ("[", 0)
+        high = high if high[1] is not None else ("]", MAX_INT)
+    return low, high
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10**5 else f"{value:g}"
+
+
+def _allowed(low: tuple[str, Any], high: tuple[str, Any]) -> str:
+    """How `_check_limits` says a range: "in [32, 512]", "> 0", "at least 1"."""
+    if low[1] is not None and high[1] is not None:
+        return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+    if low[1] is not None:
+        return f"> {_number(low[1])}" if low[0] == "(" else f"at least {_number(low[1])}"
+    if high[1] is not None:
+        return f"< {_number(high[1])}" if high[0] == ")" else f"at most {_number(high[1])}"
+    return ""
+
+
+def describe_limits(cls: type, key: str) -> str:
+    """The values a config field accepts, in words ("in [32, 512]", "one of a, b"; "" for any text)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    kind = typing.get_type_hints(cls)[key]
+    kind = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+    if kind not in (int, float):
+        return ""
+    return _allowed(*_bounds(meta, kind is int))
+
+
 def _check_limits(where: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     for item in (value if isinstance(value, tuple) else (value,)):
         if meta["choices"] and item not in meta["choices"]:
             raise InputError(f"{where} must be one of {', '.join(meta['choices'])}; got {item!r}")
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             continue
-        if isinstance(item, int) and item < 0:
-            raise InputError(f"{where} must be >= 0, got {item}")
-        low = ("(", meta["above"]) if meta["above"] is not None else ("[", meta["minimum"])
-        high = (")", meta["below"]) if meta["below"] is not None else ("]", meta["maximum"])
-        if ((low[1] is None or (item > low[1] if low[0] == "(" else item >= low[1]))
-                and (high[1] is None or (item < high[1] if high[0] == ")" else item <= high[1]))):
-            continue
-        if low[1] is not None and high[1] is not None:
-            allowed = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-        elif low[1] is not None:
-            allowed = f"> {low[1]:g}" if low[0] == "(" else f"at least {low[1]:g}"
-        else:
-            allowed = f"< {high[1]:g}" if high[0] == ")" else f"at most {high[1]:g}"
-        raise InputError(f"{where} must be {allowed}, got {item}")
+        low, high = _bounds(meta, isinstance(item, int))
+        if low[1] is not None and not (item > low[1] if low[0] == "(" else item >= low[1]):
+            raise InputError(f"{where} must be {_allowed(low, (None, None))}, got {_number(item)}")
+        if high[1] is not None and not (item < high[1] if high[0] == ")" else item <= high[1]):
+            raise InputError(f"{where} must be {_allowed((None, None), high)}, got {_number(item)}")
 
 
 def _check_sha256(key: str, value: str) -> None:
@@ -136,7 +204,7 @@ class DataConfig(Section):
     source_uri: str = setting(LFW_URL, "https://, gs://, file:// or a local path to the archive")
     sha256: str = setting(LFW_SHA256, "expected archive sha256; empty skips the check")
     max_download_gb: float = setting(20.0, "download fails past this many GB (10**9 bytes); raise it for "
-                                           "larger archives", above=0)
+                                           "larger archives", above=0, maximum=10_000)
     eval_source_uri: str = setting("", "archive of a separate evaluation dataset (LFW, say): when set, the "
                                        "pipeline gets a second download and extract branch, the test pairs "
                                        "come from it, and data.test_fraction's identities are trained on")
@@ -144,22 +212,26 @@ class DataConfig(Section):
     pairs_uri: str = setting("", "optional LFW View 2 pairs.txt for the standard protocol (of the "
                                  "evaluation archive when there is one)")
     pairs_sha256: str = setting("", "expected pairs.txt sha256; empty skips the check")
-    shard_size_mb: int = setting(256, "target size of each packed image shard (MB): artifact files grow with bytes, "
-                                      "not with images", minimum=1)
+    shard_size_mb: int = setting(256, "target size of each packed image shard in MiB (2**20 bytes), as the "
+                                      "extract and complete steps write them: artifact files grow with bytes, "
+                                      "not with images", minimum=1, maximum=4096)
     max_skipped_fraction: float = setting(0.01, "extract fails when more of the images are unusable "
                                                 "(junk files do not count)", minimum=0, maximum=1)
     max_expansion: float = setting(20.0, "extract may write this many times the archive's size "
-                                         "(at least 64 MiB)", minimum=1)
-    multiple: int = setting(4, "complete every identity up to a multiple of this many images (K)", minimum=1)
-    min_images: int = setting(1, "identities with fewer real images are not completed", minimum=1)
-    completion_seed: int = setting(0, "seed of the completion augmentations")
+                                         "(at least 64 MiB); a compressed image archive expands little, "
+                                         "a far larger output is a decompression bomb", minimum=1, maximum=1000)
+    multiple: int = setting(4, "complete every identity up to a multiple of this many images (K; equals "
+                               "train.k)", minimum=2, maximum=128)
+    min_images: int = setting(1, "identities with fewer real images are not completed", minimum=1,
+                              maximum=10_000)
+    completion_seed: int = setting(0, "seed of the completion augmentations", maximum=MAX_SEED)
     train_fraction: float = setting(0.70, "fraction of identities for training (the three fractions sum "
                                           "to 1)", above=0, below=1)
     val_fraction: float = setting(0.15, "fraction of identities for validation (threshold selection), "
                                         "2+ images each", above=0, below=1)
     test_fraction: float = setting(0.15, "fraction of held-out test identities, 2+ images each",
                                    above=0, below=1)
-    split_seed: int = setting(0, "seed of the identity shuffle")
+    split_seed: int = setting(0, "seed of the identity shuffle", maximum=MAX_SEED)
 
     def check(self) -> None:
         total = self.train_fraction + self.val_fraction + self.test_fraction
@@ -179,27 +251,43 @@ class TrainConfig(Section):
     NAME: ClassVar[str] = "train"
     architecture: str = setting("nn4_small2", "nn4_small2 (OpenFace, 96x96) or small_cnn (demo and tests)",
                                 choices=ARCHITECTURES)
-    image_size: int = setting(96, "model input is image_size x image_size RGB", minimum=1)
+    image_size: int = setting(96, f"model input is image_size x image_size RGB: at least {MIN_IMAGE_SIZE} "
+                                  "(the networks' stride-2 stages), at most 512 (training memory grows with "
+                                  "its square)", minimum=MIN_IMAGE_SIZE, maximum=512)
     crop_fraction: float = setting(0.6, "centre crop kept around the face: this fraction of the image's "
-                                        "height and of its width", above=0, maximum=1)
-    embedding_dim: int = setting(128, "size of the L2-normalised embedding", minimum=1)
-    p: int = setting(16, "identities per batch (at least 2: negatives need two identities)", minimum=2)
-    k: int = setting(4, "images per identity per batch; equals data.multiple", minimum=2)
+                                        "height and of its width (a crop under a quarter is mostly "
+                                        "upscaled pixels)", minimum=0.25, maximum=1)
+    embedding_dim: int = setting(128, "size of the L2-normalised embedding: at least 8 (unit vectors of a "
+                                      "few dimensions cannot keep many identities apart; in 1-D there are "
+                                      "only +1 and -1)", minimum=8, maximum=4096)
+    p: int = setting(16, "identities per batch (at least 2: negatives need two identities); p x k is at "
+                         f"most {MAX_BATCH}", minimum=2, maximum=1024)
+    k: int = setting(4, "images per identity per batch; equals data.multiple", minimum=2, maximum=128)
     loss: str = setting("batch_hard", "triplet mining: batch_all, batch_hard or semi_hard", choices=LOSSES)
-    margin: float = setting(0.2, "triplet margin, in the units of the distance (see train.squared)", above=0)
+    margin: float = setting(0.2, "triplet margin, in the units of the distance (see train.squared): unit "
+                                 "vectors are at most 4 apart in squared L2, 2 in plain L2", above=0, maximum=4)
     squared: bool = setting(True, "squared L2 distances (FaceNet) when true, plain L2 when false")
     learning_rate: float = setting(1e-3, "Adam learning rate (peak, after warm-up)", above=0)
     lr_schedule: str = setting("cosine", "constant, or cosine (decays to 1% of the peak)", choices=LR_SCHEDULES)
-    warmup_steps: int = setting(0, "linear warm-up steps")
-    max_steps: int = setting(20000, "optimizer steps", minimum=1)
+    warmup_steps: int = setting(0, "linear warm-up steps", maximum=100_000_000)
+    max_steps: int = setting(20000, "optimizer steps", minimum=1, maximum=100_000_000)
     augment: bool = setting(True, "random mirror, crop jitter and brightness (training only)")
-    validate_every: int = setting(500, "steps between validation passes (0: never)")
-    validation_batches: int = setting(10, "P x K batches per validation pass", minimum=1)
-    checkpoint_every: int = setting(500, "steps between checkpoints", minimum=1)
-    log_every: int = setting(20, "steps between log lines and TensorBoard points", minimum=1)
+    validate_every: int = setting(500, "steps between validation passes (0: never)", maximum=100_000_000)
+    validation_batches: int = setting(10, "P x K batches per validation pass", minimum=1, maximum=10_000)
+    checkpoint_every: int = setting(500, "steps between checkpoints", minimum=1, maximum=100_000_000)
+    log_every: int = setting(20, "steps between log lines and TensorBoard points", minimum=1,
+                             maximum=100_000_000)
     precision: str = setting("auto", "auto (mixed_float16 on a GPU, else float32), float32, mixed_float16 "
                                      "or mixed_bfloat16", choices=PRECISIONS)
-    seed: int = setting(0, "seed of batch sampling, augmentation and weight initialisation")
+    seed: int = setting(0, "seed of batch sampling, augmentation and weight initialisation", maximum=MAX_SEED)
+
+    def check(self) -> None:
+        if self.p * self.k > MAX_BATCH:
+            raise InputError(f"train.p x train.k must be at most {MAX_BATCH} images per batch, got "
+                             f"{self.p} x {self.k} = {self.p * self.k}")
+        if not self.squared and self.margin > 2:
+            raise InputError(f"train.margin must be at most 2 with plain L2 distances (train.squared false: "
+                             f"unit vectors are at most 2 apart), got {self.margin:g}")
 
 
 @dataclass(frozen=True)
@@ -207,21 +295,29 @@ class EvaluateConfig(Section):
     """Step 7: threshold selection and verification metrics."""
     NAME: ClassVar[str] = "evaluate"
     max_positive_pairs: int = setting(3000, "cap on same-person pairs per split (as many different-person "
-                                            "pairs are drawn)", minimum=1)
+                                            "pairs are drawn)", minimum=1, maximum=1_000_000)
     max_pairs_per_identity: int = setting(10, "cap on same-person pairs per identity, so that no identity "
-                                              "dominates a split's pairs (as in LFW's pairs.txt)", minimum=1)
+                                              "dominates a split's pairs (as in LFW's pairs.txt)", minimum=1,
+                                          maximum=1_000_000)
     flip: bool = setting(True, "also report every figure for each image's embedding plus its mirror "
                                "image's, re-normalised (flip_ metrics)")
     distance: str = setting("model", "pair distance: model (as trained: squared_l2 or l2), squared_l2, l2 "
                                      "or cosine", choices=("model", "squared_l2", "l2", "cosine"))
-    folds: int = setting(10, "k-fold cross-validation of the accuracy", minimum=2)
+    folds: int = setting(10, "k-fold cross-validation of the accuracy", minimum=2, maximum=100)
     far_targets: tuple[float, ...] = setting((1e-3, 1e-2), "report VAL at these false accept rates",
                                              above=0, below=1)
     seed_threshold: float = setting(1.242, "a fixed plain-L2 threshold reported for comparison (1.242: "
-                                           "the original TF1 FaceNet's LFW threshold)", above=0)
-    batch_size: int = setting(128, "images per embedding batch", minimum=1)
-    report_examples: int = setting(16, "example pairs shown in the HTML report")
-    seed: int = setting(0, "seed of the pair draws (which same-person and different-person pairs)")
+                                           "the original TF1 FaceNet's LFW threshold; unit vectors are at "
+                                           "most 2 apart)", above=0, maximum=2)
+    batch_size: int = setting(128, "images per embedding batch", minimum=1, maximum=4096)
+    report_examples: int = setting(16, "example pairs shown in the HTML report", maximum=200)
+    seed: int = setting(0, "seed of the pair draws (which same-person and different-person pairs)",
+                        maximum=MAX_SEED)
+
+    def check(self) -> None:
+        repeated = sorted({f"{v:g}" for v in self.far_targets if self.far_targets.count(v) > 1})
+        if repeated:
+            raise InputError(f"evaluate.far_targets lists {', '.join(repeated)} more than once")
 
 
 @dataclass(frozen=True)
@@ -232,10 +328,10 @@ class ClusterConfig(Section):
     data_memory: str = setting("2Gi", "memory request and limit of the five data steps")
     train_cpu: str = setting("8", "CPU request and limit of training (input pipeline workers)")
     train_memory: str = setting("32Gi", "memory request and limit of training")
-    train_gpus: int = setting(1, "GPUs for training (0: CPU only)")
+    train_gpus: int = setting(1, "GPUs for training (0: CPU only; several: one replica each)", maximum=16)
     evaluate_cpu: str = setting("4", "CPU request and limit of evaluation")
     evaluate_memory: str = setting("16Gi", "memory request and limit of evaluation")
-    evaluate_gpus: int = setting(0, "GPUs for evaluation (0: CPU only)")
+    evaluate_gpus: int = setting(0, "GPUs for evaluation (0: CPU only)", maximum=16)
     accelerator_type: str = setting("nvidia.com/gpu", "GPU resource name (nvidia.com/gpu on open-source KFP)")
     gpu_node_selector: dict[str, str] = setting({}, "node labels the GPU tasks require, e.g. "
                                                     "{cloud.google.com/gke-accelerator: nvidia-l4}")
@@ -243,8 +339,9 @@ class ClusterConfig(Section):
                                                  "nvidia.com/gpu, operator: Exists, effect: NoSchedule}")
     shm_size: str = setting("4Gi", "/dev/shm (memory-backed emptyDir) of train and evaluate")
     gcs_secret: str = setting("", "Secret with key.json for gs:// sources; empty: Workload Identity")
-    download_retries: int = setting(3, "task-level retries of the download step")
-    train_retries: int = setting(2, "task-level retries of training (a retry resumes from its checkpoint)")
+    download_retries: int = setting(3, "task-level retries of the download step", maximum=20)
+    train_retries: int = setting(2, "task-level retries of training (a retry resumes from its checkpoint)",
+                                 maximum=20)
     checkpoint_root: str = setting("", "persistent folder (gs:// or path) for resumable checkpoints; "
                                        "empty: next to the model output")
     tensorboard_root: str = setting("", "folder (gs:// or path) for live TensorBoard events, one subfolder "
@@ -296,7 +393,7 @@ def section_from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any
             raise InputError(f"section {cls.NAME!r} must be a mapping of keys, got "
                              f"{type(values).__name__} {values!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(str(key) for key in values if key not in names)
         if unknown:
             raise InputError(f"{cls.NAME}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**values)
@@ -304,35 +401,59 @@ def section_from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any
         raise InputError(f"{where}: {exc}" if where else str(exc)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None
-                ) -> PipelineConfig:
-    """Load a YAML config (defaults when `path` is None), then apply overrides {section: {key: value}}."""
-    raw: dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: top level must be a mapping of sections")
+def _read_config_file(path: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
+    """(the file's sections, how messages name it) of a YAML config; ({}, "defaults") for None."""
+    if path is None:
+        return {}, "defaults"
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a config file")
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        raw = yaml_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: top level must be a mapping of sections")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise InputError(f"{where}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        raise InputError(f"{path}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(SECTIONS)}")
+    return raw, str(path)
+
+
+def _build_config(raw: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
+    """The config of a file's sections and overrides {section: {key: value}}; InputError naming the key."""
     sections = {}
     for name, cls in SECTIONS.items():
         section = raw.get(name)
         if section is not None and not isinstance(section, dict):
-            section_from_dict(cls, section, where)   # raises: not a mapping
-        sections[name] = section_from_dict(cls, {**(section or {}), **(overrides or {}).get(name, {})}, where)
+            section_from_dict(cls, section)   # raises: not a mapping
+        sections[name] = section_from_dict(cls, {**(section or {}), **overrides.get(name, {})})
+    return PipelineConfig(**sections)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                overrides_from: str = "overrides") -> PipelineConfig:
+    """Load a YAML config (defaults when `path` is None), then apply overrides {section: {key: value}}.
+
+    An error names the file when the file alone is invalid, else `overrides_from`
+    (how the user gave the overrides: ``SET train.k=8``, ``--set ...``), with
+    the file they were applied to.
+    """
+    raw, where = _read_config_file(path)
+    overrides = overrides or {}
     try:
-        return PipelineConfig(**sections)
+        return _build_config(raw, overrides)
+    except InputError as exc:
+        if not any(overrides.values()):
+            raise InputError(f"{where}: {exc}") from None
+        error = exc
+    try:
+        _build_config(raw, {})
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
+    raise InputError(f"{overrides_from} (applied to {where}): {error}") from None
 
 
 def config_key(name: str, aliases: typing.Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str]:
@@ -352,13 +473,14 @@ def parse_value(name: str, raw: str, kind: Any) -> Any:
     """The text of a `key=value` assignment as a value of the config field type `kind`.
 
     A str field takes the text as it is (so a sha256 of digits stays a string);
-    other types are read as YAML (``800``, ``true``, ``[0.001, 0.01]``,
-    ``{key: nvidia.com/gpu}``) and then checked against the field's type.
+    other types are read as YAML with YAML 1.2's numbers (``800``, ``1e-3``,
+    ``true``, ``[1e-3, 0.01]``, ``{key: nvidia.com/gpu}``) and then checked
+    against the field's type.
     """
     if kind is str:
         return raw
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError as exc:
         raise InputError(f"{name}={raw!r}: not a YAML value ({exc})") from exc
     return _coerce(name, value, kind)
@@ -369,7 +491,10 @@ def parse_assignments(items: typing.Iterable[str], aliases: typing.Mapping[str, 
     """`key=value` texts as load_config overrides {section: {key: value}}, typed by the config fields.
 
     A key is `section.key` (``train.max_steps=800``) or a name in `aliases`
-    (``train_max_steps=800`` for a pipeline parameter).
+    (``train_max_steps=800`` for a pipeline parameter). Each value is checked
+    against its field's type and limits; an error names `option` (``--set``,
+    ``SET``, ``--param``) and the key. Rules between keys are checked by
+    `load_config`.
     """
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -380,10 +505,21 @@ def parse_assignments(items: typing.Iterable[str], aliases: typing.Mapping[str, 
         try:
             section, key = config_key(name, aliases)
             kind = typing.get_type_hints(SECTIONS[section])[key]
-            overrides.setdefault(section, {})[key] = parse_value(name, raw, kind)
+            value = parse_value(name, raw, kind)
+            _check_limits(name, value, {f.name: f for f in dataclasses.fields(SECTIONS[section])}[key].metadata)
+            overrides.setdefault(section, {})[key] = value
         except InputError as exc:
             raise InputError(f"{option} {exc}") from None
     return overrides
+
+
+def assignments_label(items: typing.Iterable[str], option: str = "--set") -> str:
+    """How messages name `key=value` texts given with `option`: ``SET a=1 b=2`` (make's one variable),
+    ``--set a=1 --set b=2`` (a repeated option)."""
+    items = list(items)
+    if option == "SET":
+        return "SET " + " ".join(items)
+    return " ".join(f"{option} {item}" for item in items)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -441,13 +577,14 @@ def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str
 
 
 def markdown_table() -> str:
-    """Every config key with its default and help: the configuration table in README.md."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
+    """Every config key with its default, allowed values and help: the configuration table in README.md."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for name, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             default = to_dict(cls())[f.name]
             shown = default if isinstance(default, str) and default else json.dumps(default)
-            lines.append(f"| `{name}.{f.name}` | `{shown}` | {f.metadata['help']} |")
+            lines.append(f"| `{name}.{f.name}` | `{shown}` | {describe_limits(cls, f.name)} | "
+                         f"{f.metadata['help']} |")
     return "\n".join(lines) + "\n"
 
 

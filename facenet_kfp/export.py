@@ -238,6 +238,23 @@ def plot_curves(history: dict[str, Any], path: str | os.PathLike) -> None:
         figure.savefig(handle, format="png")
 
 
+def _check_keras_archive(model_path: Path) -> None:
+    """InputError naming `model_path` unless it is a complete zip archive whose members pass their CRC
+    check (a .keras file is a zip; Keras reports a truncated one as "File not found")."""
+    import zlib
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+        raise InputError(f"{model_path}: the model file is damaged or truncated ({model_path.stat().st_size:,} "
+                         f"bytes, not a complete .keras zip archive: {exc}); copy it again from the train "
+                         f"step's output") from exc
+    if bad is not None:
+        raise InputError(f"{model_path}: the model file is damaged: its member {bad} fails its CRC check; copy "
+                         f"it again from the train step's output")
+
+
 def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(Keras model, model.json metadata) of a model folder; InputError names what is missing or wrong."""
     import keras
@@ -267,6 +284,8 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
     model_path = model_dir / str(metadata["file"])
     if not model_path.is_file():
         raise InputError(f"{model_path}: model file named in {MODEL_JSON} not found")
+    if model_path.suffix == ".keras":
+        _check_keras_archive(model_path)
     try:
         model = keras.saving.load_model(model_path, compile=False)
     except (ValueError, TypeError, OSError, KeyError, zipfile.BadZipFile) as exc:

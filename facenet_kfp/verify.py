@@ -1,4 +1,10 @@
-"""Use a trained model on image files: verify one pair of faces, or write embeddings of many."""
+"""Use a trained model on image files: verify one pair of faces, or write embeddings of many.
+
+The model and its evaluated threshold come from a model folder and a
+threshold.json, or from a pipeline run (`run_artifacts`: the pipeline root's
+summary.json, or a run folder). A threshold.json is used only with the model it
+was evaluated for (`check_threshold_for_model`).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +20,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.evaluate import (DISTANCE_LABELS, DISTANCES, MODEL_JSON, THRESHOLD_JSON, distance_name,
-                                  model_distance_squared, pair_distances)
-from facenet_kfp.fsutil import atomic_file, read_json
+from facenet_kfp.evaluate import (DISTANCE_LABELS, DISTANCE_NAMES, DISTANCES, MODEL_JSON, THRESHOLD_JSON,
+                                  distance_name, model_distance_squared, pair_distances)
+from facenet_kfp.fsutil import atomic_file, file_sha256, local_path, read_json
 from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
+DISTANCE_NAMES_OF_MODELS = tuple(DISTANCE_NAMES.values())   # a model's own distance: squared_l2 or l2
 
 EMBEDDING_FORMATS = (".npz", ".csv", ".tsv")
+# The largest distance between unit vectors, per distance: a threshold lies in [0, this].
+MAX_DISTANCE = {"squared_l2": 4.0, "l2": 2.0, "cosine": 2.0}
+# Where a local pipeline run keeps the model and the threshold (task folder, output name).
+RUN_MODEL = ("train-model", "model")
+RUN_THRESHOLDS = (("evaluate-model", "threshold"), ("evaluate-on-archive", "threshold"))
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
@@ -30,33 +42,48 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     The same check as the extract step (`extract.check_image`): the file is
     fully decoded with Pillow, and a format TensorFlow's decoder cannot read
     as it is (a 1-bit BMP, a CMYK JPEG, TIFF, WebP) comes back as lossless PNG.
-    Images over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``, about 89
-    megapixels) are refused before their pixels are decoded: a small file can
-    declare a huge image (a decompression bomb).
+    The size limits are extract's and training's (`image_limits.size_problem`):
+    an image over ``MAX_IMAGE_PIXELS`` is refused before its pixels are decoded
+    (a small file can declare a huge image, a decompression bomb), and so is
+    one with a side under ``MIN_IMAGE_SIDE``.
     """
     from PIL import Image
 
     from facenet_kfp.extract import check_image
+    from facenet_kfp.image_limits import TOO_LARGE, TOO_SMALL
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     data = path.read_bytes()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            check = check_image(data)
-    except Image.DecompressionBombWarning as exc:
-        raise InputError(f"{path}: image too large to decode safely ({exc}); resize it") from exc
-    if check.reason.startswith("too many pixels"):
-        raise InputError(f"{path}: image too large to decode safely ({check.reason}); resize it")
+    with warnings.catch_warnings():
+        # Pillow warns on opening an image over its own limit; check_image refuses it anyway.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        check = check_image(data)
+    if check.reason.startswith(TOO_LARGE):
+        raise InputError(f"{path}: image too large to decode safely ({check.reason})")
+    if check.reason.startswith(TOO_SMALL):
+        raise InputError(f"{path}: image too small to use ({check.reason})")
     if check.reason:
         raise InputError(f"{path}: not a readable image ({check.reason})")
     return check.encoded or data
 
 
+def check_image_path(path: str | os.PathLike) -> None:
+    """InputError unless `path` is an image file (a folder or a missing path is named as such)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file; give the image files in it "
+                         f"(e.g. {path}/*.jpg)")
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+
+
 def _check_model_dir(model_dir: str | os.PathLike) -> Path:
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise InputError(f"{model_dir}: is a file, not a model folder (give the folder train wrote, which "
+                         f"holds {MODEL_JSON})")
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: model folder not found")
     if not (model_dir / MODEL_JSON).is_file():
@@ -79,6 +106,8 @@ def find_threshold_file(model_dir: str | os.PathLike, threshold_file: str | os.P
     ``<model_dir>/threshold.json``, else a ``threshold.json`` next to the model folder; None if none."""
     if threshold_file is not None:
         path = Path(threshold_file)
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a threshold file (give the threshold.json in it)")
         if not path.is_file():
             raise InputError(f"{path}: threshold file not found")
         return path
@@ -89,18 +118,74 @@ def find_threshold_file(model_dir: str | os.PathLike, threshold_file: str | os.P
     return None
 
 
-def read_threshold_file(path: str | os.PathLike) -> tuple[float, str]:
-    """(threshold, distance name) of a threshold.json from evaluate; the distance is one of DISTANCES."""
+def check_threshold_value(threshold: Any, distance: str, where: str) -> float:
+    """`threshold` as a float; InputError naming `where` unless it is a number in [0, MAX_DISTANCE]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise InputError(f"{where} must be a finite number, got {threshold!r}")
+    if not 0 <= threshold <= MAX_DISTANCE[distance]:
+        raise InputError(f"{where} must be in [0, {MAX_DISTANCE[distance]:g}] ({DISTANCE_LABELS[distance]} "
+                         f"distances of unit vectors lie there), got {threshold:g}")
+    return float(threshold)
+
+
+def read_threshold_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The content of a threshold.json from evaluate, its threshold and distance checked."""
     path = Path(path)
     info = read_json(path)
     if not isinstance(info, dict) or "threshold" not in info or "distance" not in info:
         raise InputError(f"{path}: expected a threshold.json from evaluate with keys 'threshold' and 'distance'")
-    threshold = info["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise InputError(f"{path}: 'threshold' must be a finite number, got {threshold!r}")
     if info["distance"] not in DISTANCES:
         raise InputError(f"{path}: 'distance' must be one of {', '.join(DISTANCES)}, got {info['distance']!r}")
-    return float(threshold), info["distance"]
+    check_threshold_value(info["threshold"], info["distance"], f"{path}: 'threshold'")
+    return info
+
+
+def read_threshold_file(path: str | os.PathLike) -> tuple[float, str]:
+    """(threshold, distance name) of a threshold.json from evaluate; the distance is one of DISTANCES."""
+    info = read_threshold_info(path)
+    return float(info["threshold"]), info["distance"]
+
+
+def check_threshold_for_model(info: dict[str, Any], path: str | os.PathLike, model_dir: str | os.PathLike,
+                              metadata: dict[str, Any]) -> None:
+    """InputError, naming both, unless threshold.json `info` (at `path`) was evaluated for this model.
+
+    Compared with model.json `metadata`: the embedding size, the model's own
+    distance (squared or plain L2; threshold.json's ``model_distance``), the
+    preprocessing and the model file's sha256 (``model_sha256``), as far as
+    threshold.json records them. A file that names no model (no
+    ``embedding_dim``) cannot be checked and is refused. Without
+    ``model_distance`` (written by earlier versions), a squared or plain L2
+    `distance` must be the model's own.
+    """
+    model_dir = Path(model_dir)
+    fix = (f"use the threshold.json evaluate wrote for {model_dir} (facenet-kfp verify --run "
+           f"PIPELINE_ROOT takes a run's model and threshold together), or pass --threshold VALUE")
+    owner = f"model {info['model']}" if isinstance(info.get("model"), str) else "another model"
+    json_path = model_dir / MODEL_JSON
+    if "embedding_dim" not in info:
+        raise InputError(f"{path}: names no model (no 'embedding_dim'), so it cannot be checked against "
+                         f"{model_dir}; {fix}")
+    if info["embedding_dim"] != metadata.get("embedding_dim"):
+        raise InputError(f"{path} was evaluated for {owner} with {info['embedding_dim']}-D embeddings, but "
+                         f"{model_dir} gives {metadata.get('embedding_dim')}-D embeddings ({json_path}); {fix}")
+    own = distance_name(model_distance_squared(metadata, model_dir))
+    recorded = info.get("model_distance")
+    if recorded is None and info["distance"] in DISTANCE_NAMES_OF_MODELS and info["distance"] != own:
+        recorded = info["distance"]
+    if recorded is not None and recorded != own:
+        raise InputError(f"{path} was evaluated for {owner} trained with {DISTANCE_LABELS.get(recorded, recorded)} "
+                         f"distances ({recorded}), but {model_dir} was trained with {DISTANCE_LABELS[own]} "
+                         f"distances ({json_path}: distance.squared {str(own == 'squared_l2').lower()}); {fix}")
+    if "preprocessing" in info and info["preprocessing"] != metadata.get("preprocessing"):
+        raise InputError(f"{path} was evaluated for {owner} with preprocessing {info['preprocessing']}, but "
+                         f"{json_path} says {metadata.get('preprocessing')}; {fix}")
+    if "model_sha256" in info:
+        model_file = model_dir / str(metadata.get("file", "model.keras"))
+        actual = file_sha256(model_file) if model_file.is_file() else "(missing)"
+        if actual != info["model_sha256"]:
+            raise InputError(f"{path} was evaluated for {owner} (model file sha256 {str(info['model_sha256'])[:16]}…), "
+                             f"not for {model_file} (sha256 {actual[:16]}…); {fix}")
 
 
 def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_b: str | os.PathLike,
@@ -113,7 +198,9 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     `threshold_file`, ``<model_dir>/threshold.json``, or ``threshold.json`` next
     to the model folder; a file's threshold comes with the distance evaluate used
     (squared_l2, l2 or cosine), and that distance is computed. Same person when
-    ``distance < threshold``.
+    ``distance < threshold``. A threshold lies in [0, the distance's largest
+    value between unit vectors] (`MAX_DISTANCE`); a file's must have been
+    evaluated for this model (`check_threshold_for_model`).
 
     Returns ``{"distance", "threshold", "threshold_source", "distance_definition":
     "squared_l2" | "l2" | "cosine", "squared", "same", "verdict": "same person" |
@@ -123,17 +210,24 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise InputError(f"threshold must be a finite number, got {threshold!r}")
     # Cheap checks first: the (slow) model load comes after the images, model.json and threshold.
+    for image in (image_a, image_b):
+        check_image_path(image)
     data_a, data_b = read_image_file(image_a), read_image_file(image_b)
     model_dir = _check_model_dir(model_dir)
-    squared = model_distance_squared(read_json(model_dir / MODEL_JSON), model_dir)
+    metadata = read_json(model_dir / MODEL_JSON)
+    name = distance_name(model_distance_squared(metadata, model_dir))
     source_path = None if threshold is not None else find_threshold_file(model_dir, threshold_file)
     if threshold is None and source_path is None:
         raise InputError(f"no threshold: neither {model_dir / THRESHOLD_JSON} nor "
-                         f"{model_dir.parent / THRESHOLD_JSON} exists; pass --threshold VALUE or "
-                         f"--threshold-file threshold.json (from the evaluate step)")
-    name = distance_name(squared)
+                         f"{model_dir.parent / THRESHOLD_JSON} exists; pass --threshold VALUE, "
+                         f"--threshold-file threshold.json (from the evaluate step) or --run PIPELINE_ROOT "
+                         f"(a run's model and threshold)")
     if source_path is not None:
-        threshold, name = read_threshold_file(source_path)
+        info = read_threshold_info(source_path)
+        check_threshold_for_model(info, source_path, model_dir, metadata)
+        threshold, name = float(info["threshold"]), info["distance"]
+    else:
+        threshold = check_threshold_value(threshold, name, "threshold")
 
     model, metadata, _ = _load_model(model_dir)
     from facenet_kfp import export
@@ -171,8 +265,7 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
     _check_embeddings_replaceable(out_file)
     # Check every file before the (slow) model load, so a typo fails at once.
     for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"{path}: image file not found")
+        check_image_path(path)
     model, metadata, _ = _load_model(model_dir)
     from facenet_kfp import export
 
@@ -229,3 +322,84 @@ def _check_embeddings_replaceable(out_file: Path) -> None:
             why = f"is not an embeddings file written by embed ({exc})"
     raise InputError(f"{out_file}: refusing to replace it: it {why}; remove it or choose "
                      f"another --out")
+
+
+# --- the model and threshold of a pipeline run ------------------------------------------------
+
+def run_artifacts(run: str | os.PathLike) -> tuple[Path, Path | None, str]:
+    """(model folder, threshold.json or None, where they were found) of a local pipeline run.
+
+    `run` is a pipeline root (its summary.json or rerun-summary.json: the
+    newest that lists a model, ``metrics.model_uri`` or ``artifacts.model``,
+    with ``metrics.threshold_uri`` of the same summary, else of an older one
+    listing the same model), a summary file, or a run folder
+    (``train-model/model`` and ``evaluate-model/threshold`` or
+    ``evaluate-on-archive/threshold``, else the folder's threshold.json).
+    The threshold is None when the run evaluated none for its model;
+    InputError names what is missing.
+    """
+    from facenet_kfp.runs import RERUN_SUMMARY, SUMMARY
+
+    path = Path(run).expanduser()
+    if not path.exists():
+        raise InputError(f"--run {run}: no such pipeline root, run folder or summary file")
+    summaries = [path] if path.is_file() else [p for p in (path / SUMMARY, path / RERUN_SUMMARY) if p.is_file()]
+    if summaries:
+        return _from_summaries(sorted(summaries, key=lambda p: p.stat().st_mtime_ns, reverse=True))
+    model_dir = path.joinpath(*RUN_MODEL)
+    if not model_dir.is_dir():
+        raise InputError(f"--run {path}: neither a pipeline root (no {SUMMARY} or {RERUN_SUMMARY}) nor a run "
+                         f"folder with {'/'.join(RUN_MODEL)}/ (a task that was a cache hit has no folder in "
+                         f"its run folder: pass the pipeline root instead)")
+    for task, output in RUN_THRESHOLDS:
+        if path.joinpath(task, output).is_file():
+            return model_dir, path / task / output, f"run folder {path}"
+    copy = path / THRESHOLD_JSON
+    return model_dir, copy if copy.is_file() else None, f"run folder {path}"
+
+
+def _listed_path(uri: Any, key: str, summary: Path) -> Path:
+    """The local path of a URI a summary lists under `key`; InputError naming the summary otherwise."""
+    path = local_path(uri) if isinstance(uri, str) else None
+    if path is None:
+        raise InputError(f"{summary}: {key} {uri!r} is not a local path (copy the artifact here and pass "
+                         f"--model / --threshold-file)")
+    return path.expanduser().resolve()
+
+
+def _from_summaries(summaries: list[Path]) -> tuple[Path, Path | None, str]:
+    """`run_artifacts` of summary files, newest first."""
+    listed, seen = [], []
+    for summary in summaries:
+        content = read_json(summary)
+        metrics = content.get("metrics") if isinstance(content, dict) else None
+        if not isinstance(metrics, dict):
+            raise InputError(f"{summary}: not a pipeline summary (no 'metrics')")
+        artifacts = content.get("artifacts") if isinstance(content.get("artifacts"), dict) else {}
+        model_uri = metrics.get("model_uri") or artifacts.get("model")
+        if model_uri:
+            listed.append((summary, content, model_uri, metrics.get("threshold_uri")))
+        error = f": {content['error']}" if content.get("error") else ""
+        seen.append(f"{summary} ({content.get('status', 'no status')}{error})")
+    if not listed:
+        raise InputError(f"--run: no trained model listed in {'; '.join(seen)}: the run did not get as far "
+                         f"as training")
+    def same(uri: Any) -> Any:   # a path and its file:// URI name the same model
+        path = local_path(uri) if isinstance(uri, str) else None
+        return path.expanduser().resolve() if path is not None else uri
+
+    summary, content, model_uri, threshold_uri = listed[0]
+    if not threshold_uri:   # an older summary may list this model with its threshold (a later rerun of splits)
+        threshold_uri = next((t for _, _, m, t in listed[1:] if same(m) == same(model_uri) and t), None)
+    model_dir = _listed_path(model_uri, "model_uri", summary)
+    if not (model_dir / MODEL_JSON).is_file():
+        raise InputError(f"{summary}: the run's model {model_dir} is gone ({model_dir / MODEL_JSON} not found)")
+    if not threshold_uri:
+        why = (f"the run failed: {content['error']}" if content.get("status") == "FAILED" and content.get("error")
+               else "evaluate did not run on this model")
+        log.info("%s lists model %s but no threshold (%s)", summary, model_dir, why)
+        return model_dir, None, f"{summary} (no threshold: {why})"
+    threshold_path = _listed_path(threshold_uri, "threshold_uri", summary)
+    if not threshold_path.is_file():
+        raise InputError(f"{summary}: the run's threshold {threshold_path} is gone (file not found)")
+    return model_dir, threshold_path, str(summary)

@@ -168,3 +168,180 @@ def test_splits_fractions_that_are_not_three_numbers_are_a_usage_error(fractions
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --fractions: expected three numbers" in err and repr(fractions) in err
+
+
+# --- one source for the data steps' defaults; numbers as people write them ---------------------
+
+@pytest.mark.parametrize("argv, option, section, key", [
+    (["extract", "a.tgz", "--out", "x"], "shard_size_mb", "data", "shard_size_mb"),
+    (["extract", "a.tgz", "--out", "x"], "max_skipped_fraction", "data", "max_skipped_fraction"),
+    (["extract", "a.tgz", "--out", "x"], "max_expansion", "data", "max_expansion"),
+    (["complete", "i", "l", "--out", "x"], "multiple", "data", "multiple"),
+    (["complete", "i", "l", "--out", "x"], "min_images", "data", "min_images"),
+    (["complete", "i", "l", "--out", "x"], "seed", "data", "completion_seed"),
+    (["complete", "i", "l", "--out", "x"], "shard_size_mb", "data", "shard_size_mb"),
+    (["splits", "l", "--out", "x"], "seed", "data", "split_seed"),
+    (["download", "a.tgz", "--out", "x"], "max_download_gb", "data", "max_download_gb"),
+    (["embed", "--model", "m", "a.jpg", "--out", "e.npz"], "batch_size", "evaluate", "batch_size"),
+])
+def test_data_step_defaults_are_the_configs(argv, option, section, key, capsys):
+    """The command line's defaults are the config's (one source), and --help says them with the config key."""
+    from facenet_kfp.config import SECTIONS
+
+    default = getattr(SECTIONS[section](), key)
+    assert getattr(build_parser().parse_args(argv), option) == default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([argv[0], "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {default:g}; in " in help_text and f"config {section}.{key})" in help_text
+
+
+def test_splits_fractions_default_to_the_configs():
+    from facenet_kfp.config import DataConfig
+
+    config = DataConfig()
+    assert build_parser().parse_args(["splits", "l", "--out", "x"]).fractions == (
+        config.train_fraction, config.val_fraction, config.test_fraction)
+
+
+def test_shard_sizes_are_mib_everywhere(capsys):
+    """extract --help said MB (default 64) while the config said 256 MB and the code used MiB."""
+    from facenet_kfp.config import DataConfig, field_help
+
+    for step in ("extract", "complete"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([step, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "target shard size in MiB (2**20 bytes) (default 256;" in text and " MB" not in text
+    assert "in MiB (2**20 bytes)" in field_help(DataConfig)["shard_size_mb"]
+
+
+@pytest.mark.parametrize("argv, option, expected", [
+    (["extract", "a.tgz", "--out", "x", "--shard-size-mb", "1e2"], "shard_size_mb", 100),
+    (["extract", "a.tgz", "--out", "x", "--max-skipped-fraction", "5e-2"], "max_skipped_fraction", 0.05),
+    (["download", "a.tgz", "--out", "x", "--max-download-gb", "1.5e1"], "max_download_gb", 15.0),
+    (["verify", "--model", "m", "a", "b", "--threshold", "1e-1"], "threshold", 0.1),
+    (["synth", "--out", "x", "--identities", "1e3"], "identities", 1000),
+    (["splits", "l", "--out", "x", "--fractions", "7e-1,1.5e-1,1.5e-1"], "fractions", (0.7, 0.15, 0.15)),
+])
+def test_options_take_exponent_notation(argv, option, expected):
+    assert getattr(build_parser().parse_args(argv), option) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "a.tgz", "--out", "x", "--shard-size-mb", "1e9"],
+     "argument --shard-size-mb: --shard-size-mb must be at most 4096, got 1,000,000,000"),
+    (["extract", "a.tgz", "--out", "x", "--shard-size-mb", "0"], "--shard-size-mb must be at least 1, got 0"),
+    (["extract", "a.tgz", "--out", "x", "--max-skipped-fraction", "2"], "--max-skipped-fraction must be at most 1"),
+    (["complete", "i", "l", "--out", "x", "--multiple", "four"], "--multiple must be int, got 'four'"),
+    (["verify", "--model", "m", "a", "b", "--threshold", "1e999"], "--threshold must be a finite number, got inf"),
+    (["embed", "--model", "m", "a.jpg", "--out", "e.npz", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["verify", "--model", "m", "--run", "r", "a", "b"], "argument --run: not allowed with argument --model"),
+    (["embed", "a.jpg", "--out", "e.npz"], "one of the arguments --model --run is required"),
+])
+def test_bad_option_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "i", "c", "l", "s", "--out", "m", "--set", "max_steps=0"], "--set max_steps must be at least 1, got 0"),
+    (["train", "i", "c", "l", "s", "--out", "m", "--set", "learning_rate=high"],
+     "--set learning_rate must be a number, got 'high'"),
+    (["train", "i", "c", "l", "s", "--out", "m", "--set", "k=8"],
+     "--set k=8 (applied to defaults): train.k (8) must equal data.multiple (4)"),
+    (["evaluate", "m", "i", "s", "--out", "e", "--set", "far_targets=[1e-3, 1e300]"],
+     "--set far_targets must be < 1, got 1e+300"),
+])
+def test_set_errors_name_the_set_value(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_set_takes_exponent_notation(tmp_path):
+    from facenet_kfp.cli import _load_config
+
+    config = _load_config(None, ["learning_rate=1e-3", "train.max_steps=2e3"], "train")
+    assert (config.train.learning_rate, config.train.max_steps) == (0.001, 2000)
+    config = _load_config(None, ["far_targets=[1e-3]"], "evaluate")
+    assert config.evaluate.far_targets == (0.001,)
+
+
+# --- verify and embed --run ---------------------------------------------------------------------
+
+@pytest.fixture
+def run_root(tmp_path):
+    """A pipeline root as make run leaves it: summary.json naming a small model and its threshold."""
+    from facenet_kfp import export
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.fsutil import file_sha256
+    from facenet_kfp.model import build_embedding_model
+
+    root = tmp_path / "root"
+    model_dir = root / "run-1" / "train-model" / "model"
+    config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=8)
+    metadata = export.artifact_metadata(config, trained_steps=0)
+    export.save_model_artifact(build_embedding_model((32, 32, 3), 8, "small_cnn"), model_dir, metadata,
+                               {"train": [], "val": []})
+    threshold = root / "run-1" / "evaluate-model" / "threshold"
+    threshold.parent.mkdir(parents=True)
+    threshold.write_text(json.dumps({"threshold": 0.75, "distance": "squared_l2", "model": str(model_dir),
+                                     "model_sha256": file_sha256(model_dir / "model.keras"),
+                                     "model_distance": "squared_l2", "embedding_dim": 8,
+                                     "preprocessing": metadata["preprocessing"]}))
+    (root / "summary.json").write_text(json.dumps({
+        "pipeline": "facenet-kfp", "status": "SUCCEEDED", "tasks": [],
+        "metrics": {"model_uri": str(model_dir), "threshold_uri": str(threshold)}}))
+    return root
+
+
+def _faces(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+        paths.append(tmp_path / f"face{i}.png")
+        Image.fromarray(np.full((48, 48, 3), colour, dtype=np.uint8)).save(paths[-1])
+    return [str(p) for p in paths]
+
+
+@pytest.mark.slow
+def test_verify_and_embed_take_a_runs_model_and_threshold(run_root, tmp_path, capsys):
+    a, b = _faces(tmp_path)
+    for run in (run_root, run_root / "summary.json"):
+        assert main(["-q", "verify", "--run", str(run), a, a]) == 0
+        out = capsys.readouterr().out
+        model_dir = run_root / "run-1" / "train-model" / "model"
+        assert f"model:     {model_dir} (from {run_root / 'summary.json'})" in out
+        assert ("threshold: 0.7500 (squared L2; same person when distance < threshold; from "
+                f"{run_root / 'run-1' / 'evaluate-model' / 'threshold'})") in out
+        assert out.strip().endswith("same person")
+    # The run folder (train-model/, evaluate-model/) gives the same model and threshold.
+    assert main(["-q", "verify", "--run", str(run_root / "run-1"), a, b, "--threshold", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith("different people")
+    assert main(["-q", "embed", "--run", str(run_root), a, b, "--out", str(tmp_path / "e.csv")]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 8
+
+
+def test_verify_run_errors_name_what_is_missing(run_root, tmp_path, capsys):
+    a, b = _faces(tmp_path)
+    summary = json.loads((run_root / "summary.json").read_text())
+    del summary["metrics"]["threshold_uri"]
+    (run_root / "summary.json").write_text(json.dumps(summary))
+    assert main(["-q", "verify", "--run", str(run_root), a, b]) == 2
+    err = capsys.readouterr().err
+    assert (f"--run {run_root}: the run's model {run_root / 'run-1' / 'train-model' / 'model'} has no evaluated "
+            f"threshold in {run_root / 'summary.json'} (no threshold: evaluate did not run on this model); pass "
+            f"--threshold VALUE, or evaluate the model (make rerun STEP=evaluate FROM={run_root})") in err
+    assert main(["-q", "verify", "--run", str(run_root), a, b, "--threshold-file", "t.json"]) == 2
+    assert "--threshold-file and --run both name a threshold" in capsys.readouterr().err
+    assert main(["-q", "verify", "--run", str(tmp_path / "no-run"), a, b]) == 2
+    assert "no-run: no such pipeline root, run folder or summary file" in capsys.readouterr().err
+    # embed needs no threshold.
+    model_dir = run_root / "run-1" / "train-model" / "model"
+    assert main(["-q", "embed", "--run", str(run_root), a, "--out", str(model_dir / "e.npz")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -231,7 +231,8 @@ def test_load_errors_name_the_file(saved, tmp_path):
         export.load_model_artifact(no_model)
     corrupt = copy("corrupt")
     (corrupt / "model.keras").write_bytes(b"not a zip file")
-    with pytest.raises(InputError, match=r"corrupt/model.keras: cannot load the Keras model"):
+    with pytest.raises(InputError, match=r"corrupt/model.keras: the model file is damaged or truncated \(14 bytes, "
+                                         r"not a complete .keras zip archive"):
         export.load_model_artifact(corrupt)
 
     def edit(name, change):
@@ -249,6 +250,39 @@ def test_load_errors_name_the_file(saved, tmp_path):
         export.load_model_artifact(edit("distance", lambda i: i.update(distance={})))
     with pytest.raises(InputError, match="missing key 'preprocessing'"):
         export.load_model_artifact(edit("nopre", lambda i: i.pop("preprocessing")))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.01])
+def test_a_truncated_model_file_is_named_damaged(saved, tmp_path, keep):
+    """Keras reports a truncated .keras file as "File not found"; the error says what it is."""
+    _, folder = saved
+    target = tmp_path / "truncated"
+    shutil.copytree(folder, target)
+    data = (target / "model.keras").read_bytes()
+    (target / "model.keras").write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(InputError, match=rf"^{target}/model\.keras: the model file is damaged or truncated "
+                                         rf"\({int(len(data) * keep):,} bytes, not a complete \.keras zip archive: "
+                                         r".*\); copy it again from the train step's output$"):
+        export.load_model_artifact(target)
+
+
+def test_a_model_file_with_a_corrupted_member_is_named_damaged(saved, tmp_path):
+    """Bytes flipped inside a member: the zip's directory is intact, the member's CRC is not."""
+    import zipfile
+
+    _, folder = saved
+    target = tmp_path / "flipped"
+    shutil.copytree(folder, target)
+    path = target / "model.keras"
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    middle = start + info.compress_size // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"^{path}: the model file is damaged"):
+        export.load_model_artifact(target)
 
 
 def test_save_is_checked_and_atomic(saved, tmp_path):

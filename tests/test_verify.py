@@ -37,6 +37,18 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+def threshold_json(model_dir, threshold, distance="squared_l2", **changes):
+    """The threshold.json evaluate writes for the model in `model_dir` (with `changes`)."""
+    from facenet_kfp.fsutil import file_sha256
+
+    metadata = json.loads((model_dir / "model.json").read_text())
+    info = {"threshold": threshold, "distance": distance, "model": str(model_dir),
+            "model_sha256": file_sha256(model_dir / "model.keras"),
+            "model_distance": "squared_l2" if metadata["distance"]["squared"] else "l2",
+            "embedding_dim": metadata["embedding_dim"], "preprocessing": metadata["preprocessing"]}
+    return json.dumps({**info, **changes})
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
@@ -47,7 +59,7 @@ def images(tmp_path_factory):
 
 def test_same_image_twice_is_the_same_person(model_dir, images, tmp_path):
     threshold_file = tmp_path / "threshold.json"
-    threshold_file.write_text(json.dumps({"threshold": 0.5, "distance": "squared_l2"}))
+    threshold_file.write_text(threshold_json(model_dir, 0.5))
     result = verify.verify_pair(model_dir, images["a"], images["a"], threshold_file=threshold_file)
     assert result["distance"] == pytest.approx(0.0, abs=1e-6)
     assert result["same"] is True and result["verdict"] == "same person"
@@ -68,7 +80,7 @@ def test_distance_matches_the_embeddings(model_dir, images, tmp_path):
 
 
 def test_explicit_threshold_wins_over_the_file(model_dir, images, tmp_path):
-    (model_dir / "threshold.json").write_text(json.dumps({"threshold": 3.9, "distance": "squared_l2"}))
+    (model_dir / "threshold.json").write_text(threshold_json(model_dir, 3.9))
     try:
         assert verify.verify_pair(model_dir, images["a"], images["b"])["threshold"] == 3.9
         # Identical images are at distance 0, and 0 < 0 is false: "different people" only if
@@ -85,7 +97,7 @@ def test_the_threshold_files_distance_is_the_one_computed(model_dir, images, tmp
     assert squared["distance_definition"] == "squared_l2"
     for name, expected in (("l2", np.sqrt(squared["distance"])), ("cosine", squared["distance"] / 2)):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"threshold": 0.5, "distance": name}))
+        path.write_text(threshold_json(model_dir, 0.5, name))
         result = verify.verify_pair(model_dir, images["a"], images["c"], threshold_file=path)
         assert result["distance_definition"] == name
         assert result["distance"] == pytest.approx(expected, rel=1e-4)   # unit-length embeddings
@@ -93,7 +105,7 @@ def test_the_threshold_files_distance_is_the_one_computed(model_dir, images, tmp
 
 def test_threshold_next_to_the_model_folder(model_dir, images):
     sibling = model_dir.parent / "threshold.json"
-    sibling.write_text(json.dumps({"threshold": 1.25, "distance": "squared_l2"}))
+    sibling.write_text(threshold_json(model_dir, 1.25))
     try:
         result = verify.verify_pair(model_dir, images["a"], images["c"])
         assert result["threshold"] == 1.25 and result["threshold_source"] == str(sibling)
@@ -248,3 +260,183 @@ def test_image_tensorflow_cannot_decode_is_read_as_extract_stores_it(model_dir, 
     embeddings = np.load(tmp_path / "e.npz")["embeddings"]
     np.testing.assert_allclose(embeddings[1], embeddings[2], atol=1e-5)
     assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
+
+
+# --- a threshold belongs to one model -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory, model_dir):
+    """Two models that are not `model_dir`'s: 16-D plain L2, and 8-D squared L2 like it (other weights)."""
+    import shutil
+
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.model import build_embedding_model
+
+    root = tmp_path_factory.mktemp("others")
+    history = {"train": [], "val": []}
+    plain = root / "plain16"
+    config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=16, squared=False)
+    export.save_model_artifact(build_embedding_model((32, 32, 3), 16, architecture="small_cnn"), plain,
+                               export.artifact_metadata(config, trained_steps=1), history)
+    twin = root / "twin"
+    config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=8, squared=True)
+    export.save_model_artifact(build_embedding_model((32, 32, 3), 8, architecture="small_cnn"), twin,
+                               export.artifact_metadata(config, trained_steps=1), history)
+    # model_dir's own model file under another name: the same model, copied elsewhere.
+    copy = root / "copy"
+    shutil.copytree(model_dir, copy)
+    return {"plain16": plain, "twin": twin, "copy": copy}
+
+
+def test_a_threshold_of_another_model_is_refused(model_dir, images, other_models, tmp_path, no_model_load):
+    """verify compares threshold.json's model fields with model.json and names both on a mismatch."""
+    path = tmp_path / "threshold.json"
+    path.write_text(threshold_json(other_models["plain16"], 1.1, "l2"))
+    with pytest.raises(InputError, match=rf"{path} was evaluated for model .*plain16 with 16-D embeddings, but "
+                                         rf"{model_dir} gives 8-D embeddings \({model_dir}/model\.json\); use the "
+                                         r"threshold\.json evaluate wrote for .* --run .* or pass --threshold VALUE"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    # Same size, but trained with plain L2 distances: the model's own distance differs.
+    path.write_text(threshold_json(model_dir, 1.1, "l2", model_distance="l2", model_sha256="0" * 64))
+    with pytest.raises(InputError, match=rf"{path} was evaluated for model {model_dir} trained with plain L2 "
+                                         rf"distances \(l2\), but {model_dir} was trained with squared L2 "
+                                         r"distances \(.*model\.json: distance\.squared true\)"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    # Same size and distance, other weights: the model file's sha256 differs.
+    path.write_text(threshold_json(other_models["twin"], 1.1))
+    with pytest.raises(InputError, match=rf"{path} was evaluated for model .*twin \(model file sha256 \w{{16}}…\), "
+                                         rf"not for {model_dir}/model\.keras \(sha256 \w{{16}}…\)"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    path.write_text(threshold_json(model_dir, 1.1, preprocessing={"version": "other", "image_size": 32,
+                                                                   "crop_fraction": 0.5}))
+    with pytest.raises(InputError, match=r"with preprocessing .*'other'.*, but .*model\.json says"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    # A file that names no model cannot be checked.
+    path.write_text(json.dumps({"threshold": 1.1, "distance": "squared_l2"}))
+    with pytest.raises(InputError, match=rf"{path}: names no model \(no 'embedding_dim'\)"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    # Written before threshold.json named the model's own distance: plain L2 for a squared model is refused.
+    path.write_text(json.dumps({"threshold": 1.1, "distance": "l2", "embedding_dim": 8}))
+    with pytest.raises(InputError, match=r"evaluated for another model trained with plain L2 distances \(l2\)"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+
+
+def test_a_threshold_of_this_model_is_used_wherever_the_model_lies(model_dir, images, other_models, tmp_path):
+    """The model file's sha256, not its path, says which model: a copy of the folder keeps its threshold, and
+    evaluate.distance l2 / cosine on a squared-L2 model is this model's threshold too."""
+    path = tmp_path / "threshold.json"
+    path.write_text(threshold_json(model_dir, 1.0))
+    result = verify.verify_pair(other_models["copy"], images["a"], images["a"], threshold_file=path)
+    assert result["verdict"] == "same person" and result["threshold_source"] == str(path)
+    path.write_text(threshold_json(model_dir, 1.0, "cosine"))
+    result = verify.verify_pair(model_dir, images["a"], images["a"], threshold_file=path)
+    assert result["distance_definition"] == "cosine"
+
+
+@pytest.mark.parametrize("threshold, message", [
+    (-0.5, r"threshold must be in \[0, 4\] \(squared L2 distances of unit vectors lie there\), got -0\.5"),
+    (1e300, r"threshold must be in \[0, 4\] .*got 1e\+300"),
+    (4.5, r"got 4\.5"),
+])
+def test_threshold_outside_the_distance_range_is_refused(model_dir, images, tmp_path, no_model_load,
+                                                         threshold, message):
+    with pytest.raises(InputError, match=message):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold=threshold)
+    path = tmp_path / "threshold.json"
+    path.write_text(threshold_json(model_dir, threshold))
+    with pytest.raises(InputError, match=rf"{path}: 'threshold' must be in \[0, 4\]"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+    path.write_text(threshold_json(model_dir, 2.5, "l2"))
+    with pytest.raises(InputError, match=r"'threshold' must be in \[0, 2\] \(plain L2 distances"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
+
+
+def test_a_folder_is_not_an_image(model_dir, images, tmp_path, no_model_load):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    with pytest.raises(InputError, match=rf"^{folder}: is a folder, not an image file; give the image files "
+                                         rf"in it \(e\.g\. {folder}/\*\.jpg\)$"):
+        verify.verify_pair(model_dir, folder, images["a"], threshold=1.0)
+    with pytest.raises(InputError, match=rf"^{folder}: is a folder, not an image file"):
+        verify.embed_files(model_dir, [images["a"], folder], tmp_path / "e.npz")
+    with pytest.raises(InputError, match=rf"^{folder}: is a folder, not a threshold file"):
+        verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=folder)
+    with pytest.raises(InputError, match=rf"^{images['a']}: is a file, not a model folder"):
+        verify.verify_pair(images["a"], images["a"], images["b"], threshold=1.0)
+
+
+# --- the model and threshold of a run -----------------------------------------------------------
+
+def write_summary(path, metrics, status="SUCCEEDED", **fields):
+    path.write_text(json.dumps({"pipeline": "facenet-kfp", "status": status, "tasks": [], "metrics": metrics,
+                                **fields}))
+    return path
+
+
+def test_run_artifacts_of_a_pipeline_root(model_dir, other_models, tmp_path):
+    import os
+
+    root = tmp_path / "root"
+    (root / "eval").mkdir(parents=True)
+    threshold = root / "eval" / "threshold"
+    threshold.write_text(threshold_json(model_dir, 1.0))
+    summary = write_summary(root / "summary.json", {"model_uri": str(model_dir), "threshold_uri": str(threshold),
+                                                    "test_accuracy": 0.9})
+    assert verify.run_artifacts(root) == (model_dir, threshold, str(summary))
+    assert verify.run_artifacts(summary) == (model_dir, threshold, str(summary))
+    # URIs as file:// work as paths do.
+    write_summary(summary, {"model_uri": f"file://{model_dir}", "threshold_uri": f"file://{threshold}"})
+    assert verify.run_artifacts(root) == (model_dir, threshold, str(summary))
+    # A later rerun of splits lists the same model (in `artifacts`) and no threshold: the run's threshold stays.
+    rerun = write_summary(root / "rerun-summary.json", {}, artifacts={"model": str(model_dir)})
+    os.utime(rerun, ns=(summary.stat().st_mtime_ns + 10**9,) * 2)
+    assert verify.run_artifacts(root) == (model_dir, threshold, str(rerun))
+    # A later rerun of train made a new model that nothing evaluated: no threshold, and why.
+    write_summary(rerun, {"model_uri": str(other_models["twin"])})
+    os.utime(rerun, ns=(summary.stat().st_mtime_ns + 10**9,) * 2)
+    model, found, where = verify.run_artifacts(root)
+    assert (model, found) == (other_models["twin"], None)
+    assert where == f"{rerun} (no threshold: evaluate did not run on this model)"
+
+
+def test_run_artifacts_of_a_run_folder(model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "facenet-kfp-2024-01-01-00-00-00-000000"
+    shutil.copytree(model_dir, run / "train-model" / "model")
+    assert verify.run_artifacts(run) == (run / "train-model" / "model", None, f"run folder {run}")
+    (run / "threshold.json").write_text("{}")
+    assert verify.run_artifacts(run)[1] == run / "threshold.json"
+    (run / "evaluate-on-archive").mkdir()
+    (run / "evaluate-on-archive" / "threshold").write_text("{}")
+    assert verify.run_artifacts(run)[1] == run / "evaluate-on-archive" / "threshold"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"--run .*nowhere: no such pipeline root, run folder or summary file"),
+    ("empty", r"--run .*empty: neither a pipeline root \(no summary\.json or rerun-summary\.json\) nor a run "
+              r"folder with train-model/model/ \(a task that was a cache hit"),
+    ("failed", r"--run: no trained model listed in .*summary\.json \(FAILED: task download-archive failed: "
+               r"HTTP 404\): the run did not get as far as training"),
+    ("gone", r"summary\.json: the run's model .*deleted is gone \(.*model\.json not found\)"),
+    ("remote", r"summary\.json: model_uri 'gs://bucket/model' is not a local path"),
+    ("threshold gone", r"summary\.json: the run's threshold .*threshold is gone \(file not found\)"),
+    ("not a summary", r"summary\.json: not a pipeline summary \(no 'metrics'\)"),
+])
+def test_run_artifacts_errors_name_what_is_missing(model_dir, tmp_path, case, message):
+    root = tmp_path / ("nowhere" if case == "missing" else "empty" if case == "empty" else "root")
+    if case != "missing":
+        root.mkdir()
+    summary = root / "summary.json"
+    if case == "failed":
+        write_summary(summary, {}, status="FAILED", error="task download-archive failed: HTTP 404")
+    elif case == "gone":
+        write_summary(summary, {"model_uri": str(tmp_path / "deleted")})
+    elif case == "remote":
+        write_summary(summary, {"model_uri": "gs://bucket/model"})
+    elif case == "threshold gone":
+        write_summary(summary, {"model_uri": str(model_dir), "threshold_uri": str(root / "eval" / "threshold")})
+    elif case == "not a summary":
+        summary.write_text("[]")
+    with pytest.raises(InputError, match=message):
+        verify.run_artifacts(root)
