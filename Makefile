@@ -22,6 +22,10 @@ IMAGE_REGISTRY ?= ghcr.io/facenet-kfp
 IMAGE_TAG      ?= 0.1.0
 LIGHT_IMAGE    := $(IMAGE_REGISTRY)/facenet-kfp:$(IMAGE_TAG)
 TRAINER_IMAGE  := $(IMAGE_REGISTRY)/facenet-kfp-trainer:$(IMAGE_TAG)
+# The default registry's images are references a cluster may not find: `make compile` warns and
+# `make submit` refuses them, unless IMAGES_EXIST=1 or IMAGE_REGISTRY is given explicitly.
+IMAGES_EXIST   ?=
+IMAGES_CONFIRMED = $(if $(or $(IMAGES_EXIST),$(filter command line environment,$(origin IMAGE_REGISTRY))),--images-exist)
 
 # `make run` settings. RUNNER=docker runs each step in its image (see images/README.md);
 # its runs get their own pipeline root, because kfp's cache key does not include the runner: in
@@ -60,12 +64,22 @@ CONTAINER_PACKAGES   := buildah podman runc debootstrap
 RUN_WITH      = $(if $(filter docker,$(RUNNER)),images/podman.sh exec)
 # What `make run` and `make rerun` both pass.
 RUN_ARGS      = --runner $(RUNNER) --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
-                $(foreach s,$(SET),--set '$(s)') $(if $(NO_CACHE),--no-cache)
+                $(foreach s,$(SET),--set '$(s)') $(if $(NO_CACHE),--no-cache) $(if $(VERBOSE),--verbose)
 # `make rerun` settings.
 STEP          ?= train
 FROM          ?= $(PIPELINE_ROOT)
 SET           ?=
 EVALUATE      ?=
+# VERBOSE=1: `make run` / `make rerun` print every task's whole output (the task logs in
+# $(PIPELINE_ROOT)/logs hold it either way).
+VERBOSE       ?=
+# The arguments of `make run` and `make rerun` (in variables, so that make echoes each command as one line).
+WHOLE_RUN_ARGS = --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) --demo-dir $(DEMO_DIR) $(RUN_ARGS) \
+                 $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
+                 $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)') \
+                 $(if $(EVAL_SOURCE),--eval-source '$(EVAL_SOURCE)') $(if $(EVAL_SHA256),--eval-sha256 '$(EVAL_SHA256)')
+RERUN_ARGS     = --rerun $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
+                 --pipeline-root $(PIPELINE_ROOT) $(RUN_ARGS) $(if $(EVALUATE),--with-evaluate)
 
 .PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-scale bench-train bench-quality bench-recipe gpu-wheels bench-gpu-dry-run container-tools test-containers
 
@@ -85,28 +99,23 @@ install: $(STAMP) ## create .venv with the pinned dependencies (Python 3.11+, PY
 test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
-run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, EVAL_SOURCE, EVAL_SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1)
-	$(RUN_WITH) $(PY) -m pipelines.run_local --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) \
-	  --demo-dir $(DEMO_DIR) $(RUN_ARGS) \
-	  $(if $(SOURCE),--source '$(SOURCE)') $(if $(SHA256),--sha256 '$(SHA256)') \
-	  $(if $(PAIRS),--pairs '$(PAIRS)') $(if $(PAIRS_SHA256),--pairs-sha256 '$(PAIRS_SHA256)') \
-	  $(if $(EVAL_SOURCE),--eval-source '$(EVAL_SOURCE)') $(if $(EVAL_SHA256),--eval-sha256 '$(EVAL_SHA256)')
+run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, EVAL_SOURCE, EVAL_SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1, VERBOSE=1)
+	$(RUN_WITH) $(PY) -m pipelines.run_local $(WHOLE_RUN_ARGS)
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
-	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE)
+	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) $(IMAGES_CONFIRMED)
 
-submit: install ## compile and start a run on Kubeflow Pipelines (HOST, EXPERIMENT, RUN_NAME, PARAMS, NAMESPACE, KFP_TOKEN, NO_CACHE=1)
+submit: install ## compile and start a run on Kubeflow Pipelines (IMAGE_REGISTRY/IMAGE_TAG or IMAGES_EXIST=1, HOST, EXPERIMENT, RUN_NAME, PARAMS, NAMESPACE, KFP_TOKEN, NO_CACHE=1)
 	$(PY) -m pipelines.submit $(if $(HOST),--host '$(HOST)') \
 	  --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
 	  --package build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
 	  $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)') $(if $(RUN_NAME),--run-name '$(RUN_NAME)') \
 	  $(if $(NAMESPACE),--namespace '$(NAMESPACE)') $(if $(KFP_TOKEN),--existing-token "$$KFP_TOKEN") \
-	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache)
+	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache) $(IMAGES_CONFIRMED)
 
-rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1)
-	$(RUN_WITH) $(PY) -m pipelines.run_local --rerun $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
-	  --pipeline-root $(PIPELINE_ROOT) $(RUN_ARGS) $(if $(EVALUATE),--with-evaluate)
+rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1, VERBOSE=1)
+	$(RUN_WITH) $(PY) -m pipelines.run_local $(RERUN_ARGS)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
 	$(PY) -m benchmarks.preprocess

@@ -1,4 +1,10 @@
-"""Compile the pipeline to YAML: `python -m pipelines.compile --config configs/lfw.yaml --out build/facenet_pipeline.yaml`."""
+"""Compile the pipeline to YAML: `python -m pipelines.compile --config configs/lfw.yaml --out build/facenet_pipeline.yaml`.
+
+The YAML names two container images. With the project's default references
+(`components.DEFAULT_IMAGES`, ``ghcr.io/facenet-kfp/...``) compiling warns, and `pipelines.submit`
+refuses them unless told they exist (``--images-exist``): a cluster can run the pipeline only if
+its images are in the registry it names.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,27 @@ from pathlib import Path
 
 from kfp import compiler
 
-from components import Images
+from components import DEFAULT_IMAGES, Images
 from facenet_kfp.config import load_config
 from facenet_kfp.errors import FacenetError
 from pipelines.facenet_pipeline import build_pipeline
+
+
+DEFAULT_REGISTRY = DEFAULT_IMAGES.light.rsplit("/", 1)[0]   # ghcr.io/facenet-kfp
+
+
+def default_images(*images: str) -> list[str]:
+    """The `images` that are the project's default references (under its registry, any tag)."""
+    return [image for image in images if image.startswith(f"{DEFAULT_REGISTRY}/")]
+
+
+def default_images_note(images: list[str]) -> str:
+    """One line: `images` are the project's default references, and how to name your own."""
+    many = len(images) > 1
+    return (f"{' and '.join(images)} {'are' if many else 'is'} the project's default image "
+            f"reference{'s' if many else ''}, which a cluster can pull only if {'they exist' if many else 'it exists'} "
+            f"in that registry: build and push your own (make images push IMAGE_REGISTRY=<registry> "
+            f"IMAGE_TAG=<tag>) and use the same IMAGE_REGISTRY and IMAGE_TAG here")
 
 
 def compile_pipeline(config_path: str | None, out: str | os.PathLike, light_image: str, trainer_image: str) -> Path:
@@ -35,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/facenet_pipeline.yaml", help="output YAML path")
     parser.add_argument("--light-image", required=True, help="image of the five data steps, e.g. REGISTRY/facenet-kfp:TAG")
     parser.add_argument("--trainer-image", required=True, help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
+    parser.add_argument("--images-exist", action="store_true",
+                        help=f"the images exist in their registry: no warning for {DEFAULT_REGISTRY}/ ones")
     args = parser.parse_args(argv)
     try:
         print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image)}")
+        if (defaults := default_images(args.light_image, args.trainer_image)) and not args.images_exist:
+            print(f"warning: {default_images_note(defaults)}", file=sys.stderr)
     except (FacenetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

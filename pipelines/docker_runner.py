@@ -8,6 +8,8 @@ What it adds to kfp 2.17's DockerRunner:
 2. **Inputs mounted, outputs writable** (`make_docker_runner`), at the same paths as on the host.
    The images run as 1000:1000: as root, the writable folders are chowned to it; otherwise the
    containers run as this process's uid:gid (a rootful engine; rootless ones map ids differently).
+3. **The local run's progress cadence**: ``$FACENET_PROGRESS_EVERY`` (set by pipelines/run_local.py
+   for its steps, `facenet_kfp.progress`) reaches the containers as it reaches subprocess steps.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kfp import local
 
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import local_path, write_json
+from facenet_kfp.progress import EVERY_ENV
 from pipelines.kfp_internals import image_with_tag, replace_docker_run
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,17 @@ class ContainerRun:
     exit_code: int         # from wait(); 0 = the step succeeded
     start_seconds: float   # create + start request until the API answered (s): per-step overhead
     seconds: float         # create request until the container was removed (s)
+
+
+def with_progress_every(environment: Any) -> Any:
+    """A container's `environment` (a mapping, a ``KEY=VALUE`` list or None) with this process's
+    ``$FACENET_PROGRESS_EVERY`` added when it is set; the step's own value wins."""
+    value = os.environ.get(EVERY_ENV)
+    if not value:
+        return environment
+    if environment is None or isinstance(environment, Mapping):
+        return {EVERY_ENV: value, **(environment or {})}
+    return [f"{EVERY_ENV}={value}", *environment]
 
 
 def step_function(command: list[str]) -> str:
@@ -73,6 +87,8 @@ class ContainerRecorder:
             raise FacenetError("auto_remove=True in the DockerRunner's arguments brings back the "
                                "race this runner avoids (see pipelines/docker_runner.py); drop it")
         image = image_with_tag(image)
+        if (environment := with_progress_every(run_args.pop("environment", None))) is not None:
+            run_args["environment"] = environment
         try:
             client.images.get(image)
         except docker.errors.ImageNotFound:

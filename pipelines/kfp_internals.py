@@ -1,8 +1,9 @@
 """Every use of kfp's private API in this project, checked against the kfp versions it was written for.
 
-- `observe_local_tasks` (the run table of `make run` / `make rerun`): kfp.local
-  reports a task's cache hit only as a log line, so `execute_single_task` and
-  `LocalCache.get` are wrapped during a run.
+- `observe_local_tasks` (the run table and task logs of `make run` / `make rerun`):
+  kfp.local reports a task's cache hit only as a log line and prints every
+  task's output through its own logging, so `execute_single_task` (each task's
+  output is captured around it) and `LocalCache.get` are wrapped during a run.
 - `replace_docker_run`, `image_with_tag` (pipelines/docker_runner.py): kfp's
   DockerRunner races with podman's Docker API and can report a failed step as
   SUCCESS (kubeflow/pipelines#13332, fix PRs #13402 and #13907); delete these
@@ -51,9 +52,12 @@ def _check(feature: str, owner: Any, attribute: str) -> Any:
 
 
 @contextlib.contextmanager
-def observe_local_tasks(wrap: Callable[[str, str, Callable[[], tuple[Any, bool, bool]]], tuple]) -> Iterator[None]:
+def observe_local_tasks(wrap: Callable[[str, str, Callable[[], tuple[Any, bool, bool]]], Any],
+                        cache_lookup: Callable[[bool], None] | None = None) -> Iterator[None]:
     """Inside the block kfp.local executes each task through `wrap(task_name, display_name, run)`;
-    `wrap` calls `run()` once, which executes the task and returns (outputs, failed, cached)."""
+    `wrap` calls `run()` once, which executes the task and returns (outputs, failed, cached).
+    `cache_lookup(hit)`, when given, is called inside `run()` as soon as kfp.local has looked the
+    task up in its cache (before it logs a hit or starts the task); not at all with caching off."""
     from kfp.local.cache import LocalCache
     from kfp.local.orchestrator import task_executor
 
@@ -64,6 +68,8 @@ def observe_local_tasks(wrap: Callable[[str, str, Callable[[], tuple[Any, bool, 
     def observed_get(self: Any, key: str) -> Any:
         found = original_get(self, key)
         hit.value = hit.value or found is not None
+        if cache_lookup is not None:
+            cache_lookup(found is not None)
         return found
 
     def execute(*args: Any, **kwargs: Any) -> Any:

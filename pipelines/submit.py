@@ -26,9 +26,9 @@ import urllib3
 import yaml
 from kfp.client import ServiceAccountTokenVolumeCredentials
 
-from facenet_kfp.config import load_config, parse_assignments
+from facenet_kfp.config import assignments_label, load_config, parse_assignments
 from facenet_kfp.errors import FacenetError, InputError
-from pipelines.compile import compile_pipeline
+from pipelines.compile import compile_pipeline, default_images, default_images_note
 from pipelines.facenet_pipeline import parameter_keys
 from pipelines.kfp_internals import ui_base
 
@@ -42,7 +42,7 @@ def run_arguments(items: list[str], package: str | os.PathLike, config_path: str
     """`--param` items as `package`'s run arguments, typed by the config fields and valid in `config_path`."""
     keys = parameter_keys()
     overrides = parse_assignments(items, keys, option="--param")
-    load_config(config_path, overrides)
+    load_config(config_path, overrides, overrides_from=assignments_label(items, "--param"))
     path = Path(package)
     if not path.is_file():
         raise InputError(f"{path}: pipeline package not found")
@@ -65,6 +65,28 @@ def run_arguments(items: list[str], package: str | os.PathLike, config_path: str
                 raise InputError(f"--param {name}: not a parameter of {package}; valid: {', '.join(sorted(valid))}")
             arguments[name] = list(value) if isinstance(value, tuple) else value
     return arguments
+
+
+def package_images(package: str | os.PathLike) -> list[str]:
+    """The container images a compiled pipeline names, in the order its executors list them."""
+    path = Path(package)
+    if not path.is_file():
+        raise InputError(f"{path}: pipeline package not found")
+    try:
+        spec = next(yaml.safe_load_all(path.read_text()), None)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+    executors = ((spec or {}).get("deploymentSpec") or {}).get("executors") or {} if isinstance(spec, dict) else {}
+    images = [e.get("container", {}).get("image") for e in executors.values() if isinstance(e, dict)]
+    return list(dict.fromkeys(image for image in images if isinstance(image, str)))
+
+
+def check_images(images: list[str], images_exist: bool, where: str) -> None:
+    """Refuse the project's default image references unless the user says they exist."""
+    defaults = default_images(*images)
+    if defaults and not images_exist:
+        raise InputError(f"{where}: {default_images_note(defaults)}; if these images do exist in that registry, "
+                         f"say so with --images-exist (make submit IMAGES_EXIST=1)")
 
 
 def describe_error(exc: BaseException, host: str, stage: str) -> str:
@@ -139,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     add("--cookies", help="Cookie header for the API, e.g. authservice_session=...")
     add("--ui-host", help="UI base URL for the printed link (default: $KF_PIPELINES_UI_ENDPOINT or the host)")
     add("--no-cache", action="store_true", help="run every task even when the cluster has a cached result")
+    add("--images-exist", action="store_true",
+        help="the images exist in their registry (needed to submit the project's default image references)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.skip_compile and not (args.light_image and args.trainer_image):
         parser.error("--light-image and --trainer-image are required unless --skip-compile")
     try:
-        if not args.skip_compile:
+        if args.skip_compile:
+            check_images(package_images(args.package), args.images_exist, args.package)
+        else:
+            check_images([args.light_image, args.trainer_image], args.images_exist, "--light-image/--trainer-image")
             compile_pipeline(args.config, args.package, args.light_image, args.trainer_image)
             print(f"compiled {args.package} (defaults from {args.config})")
         params = run_arguments(args.param, args.package, args.config)

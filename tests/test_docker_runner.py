@@ -541,3 +541,21 @@ def test_podman_sh_storage_driver(podman_env):
     # podman picks the driver itself unless STORAGE_DRIVER says otherwise.
     calls = Path(env["FAKE_PODMAN_LOG"]).read_text().splitlines()
     assert any(c.startswith("system service --time=0 unix://") for c in calls)
+
+
+def test_progress_cadence_of_the_local_run_reaches_the_container(monkeypatch):
+    """$FACENET_PROGRESS_EVERY (pipelines/run_local.py sets it for its steps) goes into the container's
+    environment as it reaches subprocess steps; a step's own environment keeps its values."""
+    from facenet_kfp.progress import EVERY_ENV
+
+    monkeypatch.delenv(EVERY_ENV, raising=False)
+    api = FakeApi()
+    ContainerRecorder().run(api, IMAGE, COMMAND, {})
+    assert "environment" not in api.run_kwargs[-1]
+    monkeypatch.setenv(EVERY_ENV, "30.0")
+    ContainerRecorder().run(api, IMAGE, COMMAND, {})
+    assert api.run_kwargs[-1]["environment"] == {EVERY_ENV: "30.0"}
+    ContainerRecorder().run(api, IMAGE, COMMAND, {}, environment={"A": "1", EVERY_ENV: "5"})
+    assert api.run_kwargs[-1]["environment"] == {EVERY_ENV: "5", "A": "1"}
+    ContainerRecorder().run(api, IMAGE, COMMAND, {}, environment=["A=1"])
+    assert api.run_kwargs[-1]["environment"] == [f"{EVERY_ENV}=30.0", "A=1"]

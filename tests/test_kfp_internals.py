@@ -55,3 +55,34 @@ def test_patches_are_undone_after_the_block_even_after_an_error():
 def test_image_with_tag_is_kfps_rule():
     assert kfp_internals.image_with_tag("registry.example/x") == "registry.example/x:latest"
     assert kfp_internals.image_with_tag("registry.example/x:1.0") == "registry.example/x:1.0"
+
+
+def test_observed_tasks_report_cache_lookups_before_they_run(tmp_path):
+    """A real two-task pipeline run twice: `run()` says cached or not, and `cache_lookup` hears the answer
+    inside `run()`, before the task executes (the local run prints a start line for a miss only)."""
+    from kfp import dsl, local
+
+    @dsl.component(base_image="python:3.11")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @dsl.pipeline(name="sums")
+    def sums():
+        add(a=add(a=1, b=2).output, b=3)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), enable_caching=True)
+    for expected in (False, True):
+        events = []
+
+        def wrap(task_name, display_name, run):
+            events.append(("start", task_name))
+            outputs, failed, cached = run()
+            events.append(("end", task_name, failed, cached))
+
+        with kfp_internals.observe_local_tasks(wrap, lambda hit: events.append(("lookup", hit))):
+            sums()
+        names = [e[1] for e in events if e[0] == "start"]
+        assert sorted(names) == ["add", "add-2"]
+        for name in names:
+            mine = events[events.index(("start", name)):]
+            assert mine[1] == ("lookup", expected) and mine[2] == ("end", name, False, expected)

@@ -145,7 +145,7 @@ def test_submit_compiles_and_creates_a_run_with_the_spec_inline(fake_kfp, tmp_pa
     spec = _spec(body)
     assert spec["pipelineInfo"]["name"] == "facenet-kfp"
     assert set(spec["root"]["dag"]["tasks"]) == {"download-archive", "extract-images", "make-labels",
-                                                 "complete-identities", "split-identities",
+                                                 "complete-identities", "split-identities", "check-pairs",
                                                  "train-model", "evaluate-model"}
     # The demo config's values are the compiled defaults; the overrides travel in the runtime config.
     assert spec["root"]["inputDefinitions"]["parameters"]["train_architecture"]["defaultValue"] == "small_cnn"
@@ -173,7 +173,7 @@ def test_existing_experiment_is_reused_and_no_cache_turns_caching_off(fake_kfp, 
     body = fake_kfp.calls("POST", "/apis/v2beta1/runs")[0]["body"]
     assert body["experiment_id"] == "exp-42"
     tasks = _spec(body)["root"]["dag"]["tasks"]
-    assert len(tasks) == 7 and all(t["cachingOptions"].get("enableCache", False) is False for t in tasks.values())
+    assert len(tasks) == 8 and all(t["cachingOptions"].get("enableCache", False) is False for t in tasks.values())
     assert body["runtime_config"].get("parameters", {}) == {}
 
 
@@ -290,3 +290,61 @@ def test_missing_images_are_a_usage_error(package, monkeypatch, capsys):
         submit.main(["--host", "http://127.0.0.1:1"])
     assert exc.value.code == 2 and "--light-image" in capsys.readouterr().err
 
+
+
+# --- the project's default image references -----------------------------------------------------
+
+def test_default_images_are_refused_unless_confirmed(fake_kfp, tmp_path, capsys):
+    from components import DEFAULT_IMAGES
+
+    defaults = ["--light-image", DEFAULT_IMAGES.light, "--trainer-image", DEFAULT_IMAGES.trainer]
+    package = tmp_path / "p.yaml"
+    argv = ["--host", fake_kfp.host, "--config", str(ROOT / "configs/demo.yaml"), "--package", str(package)]
+    assert submit.main([*argv, *defaults]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and DEFAULT_IMAGES.light in err[0] and DEFAULT_IMAGES.trainer in err[0]
+    assert "--images-exist" in err[0] and "IMAGES_EXIST=1" in err[0] and "IMAGE_REGISTRY" in err[0]
+    assert fake_kfp.requests == [] and not package.exists()     # refused before compiling or sending
+
+    # One default image (another tag) is refused too, and named alone.
+    assert submit.main([*argv, "--light-image", LIGHT, "--trainer-image",
+                        DEFAULT_IMAGES.trainer.replace(":0.1.0", ":9.9")]) == 2
+    err = capsys.readouterr().err
+    assert DEFAULT_IMAGES.trainer.replace(":0.1.0", ":9.9") in err and LIGHT not in err
+
+    assert submit.main([*argv, *defaults, "--images-exist"]) == 0
+    assert len(fake_kfp.calls("POST", "/apis/v2beta1/runs")) == 1
+    assert set(submit.package_images(package)) == {DEFAULT_IMAGES.light, DEFAULT_IMAGES.trainer}
+
+    # --skip-compile: the images the package names are checked.
+    assert submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile"]) == 2
+    assert "--images-exist" in capsys.readouterr().err
+    assert len(fake_kfp.calls("POST", "/apis/v2beta1/runs")) == 1
+    assert submit.main(["--host", fake_kfp.host, "--package", str(package), "--skip-compile", "--images-exist"]) == 0
+    assert len(fake_kfp.calls("POST", "/apis/v2beta1/runs")) == 2
+
+
+def test_package_images_of_own_registry_pass(package):
+    assert set(submit.package_images(package)) == {LIGHT, TRAINER}
+    submit.check_images(submit.package_images(package), False, str(package))    # no error
+
+
+@pytest.mark.parametrize("make_args, confirmed", [
+    ([], False),
+    (["IMAGE_TAG=0.2.0"], False),
+    (["IMAGES_EXIST=1"], True),
+    (["IMAGE_REGISTRY=ghcr.io/facenet-kfp"], True),       # named on the command line: the user's choice
+    (["IMAGE_REGISTRY=registry.example/team"], True),
+])
+def test_make_confirms_images_only_when_told(make_args, confirmed):
+    """`make compile` and `make submit` pass --images-exist for IMAGES_EXIST=1 or an explicit IMAGE_REGISTRY."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_REGISTRY", "IMAGES_EXIST", "MAKEFLAGS")}
+    for target in ("compile", "submit"):
+        out = subprocess.run(["make", "-n", "-o", "install", target, *make_args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        command = [line for line in out.replace("\\\n", " ").splitlines() if f"pipelines.{target}" in line]
+        assert len(command) == 1, out
+        assert ("--images-exist" in command[0]) == confirmed, command[0]
