@@ -26,20 +26,29 @@ Protocol (the verification protocol face-recognition papers report):
 5. Test metrics: accuracy at that threshold; 10-fold cross-validated accuracy
    (threshold from 9 folds, applied to the 10th; pairs are shuffled into
    folds with evaluate.seed, stratified so each fold holds same and different
-   pairs); ROC AUC and equal error rate; VAL at each target FAR, where the
+   pairs; a pairs file's pairs stay in the folds its header declares); ROC AUC
+   and equal error rate; VAL at each target FAR, where the
    threshold reaching that FAR is interpolated on the validation pairs and
    applied to test (``test_val_at_far_<far>``, with the FAR it actually gives
    on test in ``test_far_at_far_<far>``), and the k-fold variant on test alone
-   (``test_kfold_val_at_far_<far>_mean``); and the accuracy at the fixed
+   (``test_kfold_val_at_far_<far>_mean``), each only where the pairs can
+   measure that FAR (`val_at_far_scores`); and the accuracy at the fixed
    threshold 1.242 (plain L2) of the original TF1 implementation, converted to the distance used
    (omitted, with a note, for cosine distances of embeddings that are not unit
    length, where no conversion exists).
-6. Optionally the LFW View 2 pairs.txt (``pairs_uri``): 10-fold accuracy with
-   the folds of the file, k-fold VAL at each FAR, AUC. Pairs naming a training
+6. Optionally the LFW View 2 pairs.txt (``pairs_uri``): k-fold accuracy with
+   the folds of the file (`pairs_file_folds`: seeded stratified ones for a
+   1-fold file), k-fold VAL at each FAR, AUC. Pairs naming a training
    identity (splits folder's train.txt) are counted; the figures are reported
    again on the pairs of held-out identities only (``lfw_pairs_heldout_``),
    or, when fewer than `MIN_HELDOUT_PAIRS` remain, a warning says the
    pairs.txt figures are not a held-out benchmark.
+7. Every pair set's figures come with its counts (``<set>_same_pairs``,
+   ``<set>_different_pairs``). A set with fewer than `metrics.MIN_CLASS_PAIRS`
+   pairs of either class has ``<set>_accuracy_withheld`` 1: its accuracies are
+   still in the metrics, but the report's and the run's headlines show the
+   counts, AUC and EER and say why accuracy is withheld
+   (`metrics.accuracy_withheld`).
 """
 
 from __future__ import annotations
@@ -58,8 +67,8 @@ import numpy as np
 from facenet_kfp import metrics as vm
 from facenet_kfp.config import EvaluateConfig
 from facenet_kfp.errors import InputError
-from facenet_kfp.fsutil import read_json, write_json, write_text
-from facenet_kfp.pairs import check_pairs_exist, make_pairs, parse_pairs_file
+from facenet_kfp.fsutil import file_sha256, read_json, write_json, write_text
+from facenet_kfp.pairs import check_pairs_exist, check_pairs_source, make_pairs, read_checked_pairs
 from facenet_kfp.progress import Progress
 from facenet_kfp.provenance import check_inputs, check_recorded
 from facenet_kfp.report import flip_key
@@ -357,24 +366,22 @@ def draw_pairs(split: str, images: dict[str, list[str]], rows: dict[str, dict[st
     return SplitPairs(split, keys, index_a, index_b, same, identities, positive_identities)
 
 
-def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]],
-              dataset_dir: Path, folder: Path, train_names: set[str]) -> SplitPairs:
-    """Download, parse and check an LFW pairs.txt; every image it names must be a real dataset image.
+def lfw_pairs(pairs_dir: Path, rows: dict[str, dict[str, Any]], dataset_dir: Path,
+              train_names: set[str]) -> tuple[str, SplitPairs | None]:
+    """(pairs URI, pairs) of a checked-pairs folder (`pairs.check_pairs_source`); ("", None) when none was given.
 
-    `train_names` are the training identities: pairs naming one of them are
-    not held out (`SplitPairs.heldout` is False for them).
+    Every image the pairs name must be a real image of `dataset_dir` (checked
+    again: the folder may come from another run). `train_names` are the
+    training identities: pairs naming one of them are not held out
+    (`SplitPairs.heldout` is False for them). Errors name the pairs file's URI.
     """
-    from facenet_kfp.download import download
-
-    result = download(pairs_uri, folder / "pairs.txt", sha256=pairs_sha256)
-    pairs = parse_pairs_file(result.path)
+    pairs_uri, pairs = read_checked_pairs(pairs_dir)
+    if not pairs_uri:
+        return "", None
     try:
-        check_pairs_exist(pairs, set(rows))
+        check_pairs_exist(pairs, set(rows), source=pairs_uri)
     except InputError as exc:
-        first = next(p for p in pairs if p.file1 not in rows or p.file2 not in rows)
-        content = result.path.read_text(encoding="utf-8").splitlines()[first.line - 1]
-        raise InputError(f"{pairs_uri}: pairs name images missing from {dataset_dir}: {exc} "
-                         f"(first: line {first.line}: {content!r})") from exc
+        raise InputError(f"{exc} (dataset {dataset_dir})") from exc
     keys = sorted({f for p in pairs for f in (p.file1, p.file2)})
     index = {key: i for i, key in enumerate(keys)}
     names = {name for p in pairs for name in (p.name1, p.name2)}
@@ -391,7 +398,7 @@ def lfw_pairs(pairs_uri: str, pairs_sha256: str, rows: dict[str, dict[str, Any]]
     if split.train_identities:
         log.warning("%s: %d of %d pairs name %d training identities", pairs_uri, int((~split.heldout).sum()),
                     len(pairs), split.train_identities)
-    return split
+    return pairs_uri, split
 
 
 def embed_keys(model: Any, metadata: dict[str, Any], dataset_dir: Path, rows: dict[str, dict[str, Any]],
@@ -444,10 +451,14 @@ def verification_scores(val_distances: np.ndarray, val_same: np.ndarray, test_di
     threshold, val_accuracy = vm.select_threshold(vd, vs)
     m: dict[str, float] = {"threshold": threshold, "val_accuracy": val_accuracy,
                            "test_accuracy": vm.accuracy_at(td, ts, threshold)}
-    folds = vm.kfold_accuracy(td, ts, config.folds, fold_ids=test_folds)
+    # Given fold ids (a pairs file's own folds) set the fold count; evaluate.folds is for seeded folds.
+    if test_folds is None:
+        test_folds = vm.contiguous_folds(td.size, config.folds)
+    n_folds = int(np.unique(test_folds).size)
+    folds = vm.kfold_accuracy(td, ts, n_folds, fold_ids=test_folds)
     m["test_kfold_accuracy_mean"] = folds["mean"]
     m["test_kfold_accuracy_std"] = folds["std"]
-    m["test_folds"] = int(np.unique(test_folds).size) if test_folds is not None else config.folds
+    m["test_folds"] = n_folds
     m["test_auc"] = vm.roc_auc(td, ts)
     m["test_eer"], m["test_eer_threshold"] = vm.equal_error_rate(td, ts)
     m["val_auc"] = vm.roc_auc(vd, vs)
@@ -456,21 +467,52 @@ def verification_scores(val_distances: np.ndarray, val_same: np.ndarray, test_di
         key = far_key(far)
         far_threshold = vm.threshold_at_far(vd, vs, far)
         m[f"threshold_at_far_{key}"] = far_threshold
-        m[f"test_val_at_far_{key}"], m[f"test_far_at_far_{key}"] = vm.val_far(td, ts, far_threshold)
-        kfold = vm.kfold_val_at_far(td, ts, far, config.folds, fold_ids=test_folds)
-        m[f"test_kfold_val_at_far_{key}_mean"] = kfold["val_mean"]
-        m[f"test_kfold_val_at_far_{key}_std"] = kfold["val_std"]
-        m[f"test_kfold_far_at_far_{key}_mean"] = kfold["far_mean"]
         thresholds[f"far_{key}"] = far_threshold
+        m.update(val_at_far_scores("test_", td, ts, test_folds, far, far_threshold))
     if seed_threshold is not None:
         m["test_accuracy_at_seed_threshold"] = vm.accuracy_at(td, ts, seed_threshold)
     return m, thresholds
 
 
+def val_at_far_scores(prefix: str, distances: np.ndarray, same: np.ndarray, fold_ids: np.ndarray | None,
+                      far: float, threshold: float | None = None) -> dict[str, float]:
+    """VAL at one target FAR, with the FAR actually reached, where the pairs can measure that FAR.
+
+    Keys start with `prefix` and name the FAR by `far_key`:
+
+    * with `threshold` (chosen on validation for this FAR): ``val_at_far_<far>``
+      and ``far_at_far_<far>``, VAL and the FAR reached at that threshold on
+      these pairs, when they hold at least `metrics.min_different_pairs` (far)
+      different-person pairs; else only ``val_at_far_<far>_needs_different_pairs``;
+    * k-fold (threshold from the other folds, `metrics.kfold_val_at_far`), with
+      `fold_ids`: ``kfold_val_at_far_<far>_mean``/``_std`` and
+      ``kfold_far_at_far_<far>_mean`` when the test part of every fold holds that
+      many different-person pairs; else only ``kfold_val_at_far_<far>_needs_different_pairs``.
+    """
+    key, need = far_key(far), vm.min_different_pairs(far)
+    m: dict[str, float] = {}
+    if threshold is not None:
+        if int(np.sum(~same)) >= need:
+            m[f"{prefix}val_at_far_{key}"], m[f"{prefix}far_at_far_{key}"] = vm.val_far(distances, same, threshold)
+        else:
+            m[f"{prefix}val_at_far_{key}_needs_different_pairs"] = need
+    if fold_ids is not None:
+        if vm.fewest_in_a_fold(same, fold_ids)[1] >= need:
+            n_folds = int(np.unique(fold_ids).size)
+            kfold = vm.kfold_val_at_far(distances, same, far, n_folds, fold_ids=fold_ids)
+            m[f"{prefix}kfold_val_at_far_{key}_mean"] = kfold["val_mean"]
+            m[f"{prefix}kfold_val_at_far_{key}_std"] = kfold["val_std"]
+            m[f"{prefix}kfold_far_at_far_{key}_mean"] = kfold["far_mean"]
+        else:
+            m[f"{prefix}kfold_val_at_far_{key}_needs_different_pairs"] = need
+    return m
+
+
 def count_metrics(split: SplitPairs) -> dict[str, int]:
-    """What a split's figures rest on: pairs, same-person pairs, identities (in all and in same pairs), images."""
-    return {f"{split.name}_pairs": int(split.same.size),
-            f"{split.name}_positive_pairs": int(split.same.sum()),
+    """What a split's figures rest on: pairs (in all, same-person, different-person), identities (in all and
+    in same pairs), images; and ``<split>_accuracy_withheld`` (1 when either class has fewer than
+    `metrics.MIN_CLASS_PAIRS` pairs, so that no accuracy of the split is a headline figure)."""
+    return {**_class_counts(f"{split.name}_", split.same),
             f"{split.name}_identities": split.identities,
             f"{split.name}_positive_identities": split.positive_identities,
             f"{split.name}_images": len(split.used_keys)}
@@ -516,22 +558,42 @@ def pair_scores(distances: np.ndarray, same: np.ndarray, fold_ids: np.ndarray, c
     m = {"kfold_accuracy_mean": folds["mean"], "kfold_accuracy_std": folds["std"],
          "accuracy_at_threshold": vm.accuracy_at(d, s, threshold)}
     for far in config.far_targets:
-        key = far_key(far)
-        kfold = vm.kfold_val_at_far(d, s, far, n_folds, fold_ids=fold_ids)
-        m[f"val_at_far_{key}_mean"] = kfold["val_mean"]
-        m[f"val_at_far_{key}_std"] = kfold["val_std"]
-        m[f"far_at_far_{key}_mean"] = kfold["far_mean"]
+        m.update(val_at_far_scores("", d, s, fold_ids, far))
     m["auc"] = vm.roc_auc(d, s)
     m["eer"], _ = vm.equal_error_rate(d, s)
     return m
+
+
+def _class_counts(prefix: str, same: np.ndarray) -> dict[str, int]:
+    """``<prefix>pairs``, ``same_pairs``, ``different_pairs`` and ``accuracy_withheld`` (`count_metrics`)."""
+    n_same = int(np.sum(same))
+    n_different = int(np.size(same)) - n_same
+    return {f"{prefix}pairs": int(np.size(same)), f"{prefix}same_pairs": n_same,
+            f"{prefix}different_pairs": n_different,
+            f"{prefix}accuracy_withheld": int(bool(vm.accuracy_withheld(n_same, n_different)))}
+
+
+def pairs_file_folds(same: np.ndarray, fold_ids: np.ndarray, config: EvaluateConfig, where: str
+                     ) -> tuple[np.ndarray, bool]:
+    """(fold id per pair, whether they are the file's own) for the pairs of a pairs file.
+
+    The LFW protocol cross-validates over the folds the file's header declares
+    (10 in View 2's pairs.txt; any count from 2 on is used as is). A file of one
+    fold (View 1 style, a header of just the pair count) has nothing to
+    cross-validate over: its pairs are dealt into ``config.folds`` seeded
+    stratified folds (`stratified_folds`), and every output says so.
+    """
+    if np.unique(fold_ids).size >= 2:
+        return np.asarray(fold_ids, dtype=np.int64), True
+    return stratified_folds(same, config.folds, config.seed, f"{where} (one fold)"), False
 
 
 def _prefixed(prefix: str, scores: dict[str, float], flip: bool = False) -> dict[str, float]:
     return {(flip_key(prefix + key) if flip else prefix + key): value for key, value in scores.items()}
 
 
-def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float,
-                flip_threshold: float | None = None) -> tuple[dict[str, Any], list[str]]:
+def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float, flip_threshold: float | None = None,
+                source: str = "LFW pairs file") -> tuple[dict[str, Any], list[str]]:
     """LFW pairs.txt scalars and warnings: `pair_scores` with the file's folds, overlap with training, held-out figures.
 
     ``lfw_pairs_*``: every pair (flip variants when `flip_threshold` is given
@@ -542,27 +604,23 @@ def lfw_metrics(lfw: SplitPairs, config: EvaluateConfig, threshold: float,
     ``config.folds`` seeded stratified folds (removing pairs unbalances the
     file's folds); with fewer than `MIN_HELDOUT_PAIRS` such pairs (or too few of
     a label for the folds) they are left out and a warning says the pairs.txt
-    figures are not a held-out benchmark.
+    figures are not a held-out benchmark. `source` names the pairs file in errors.
     """
     s = lfw.same
-    fold_ids = lfw.fold_ids
-    if np.unique(fold_ids).size < 2:
-        # View 1 style files have one block: cross-validate on seeded stratified folds instead.
-        fold_ids = stratified_folds(s, config.folds, config.seed, "LFW pairs file (one fold)")
+    fold_ids, from_file = pairs_file_folds(s, lfw.fold_ids, config, source)
     m: dict[str, Any] = _prefixed("lfw_pairs_", pair_scores(lfw.distances, s, fold_ids, config, threshold))
     if flip_threshold is not None:
         m.update(_prefixed("lfw_pairs_", pair_scores(lfw.flip_distances, s, fold_ids, config, flip_threshold),
                            flip=True))
     heldout = lfw.heldout
-    m["lfw_pairs_pairs"] = int(s.size)
-    m["lfw_pairs_positive_pairs"] = int(s.sum())
+    m.update(_class_counts("lfw_pairs_", s))
     m["lfw_pairs_folds"] = int(np.unique(fold_ids).size)
+    m["lfw_pairs_folds_from_file"] = int(from_file)
     m["lfw_pairs_identities"] = lfw.identities
     m["lfw_pairs_images"] = len(lfw.keys)
     m["lfw_pairs_train_identities"] = lfw.train_identities
     m["lfw_pairs_overlapping_pairs"] = int((~heldout).sum())
-    m["lfw_pairs_heldout_pairs"] = int(heldout.sum())
-    m["lfw_pairs_heldout_positive_pairs"] = int(s[heldout].sum())
+    m.update(_class_counts("lfw_pairs_heldout_", s[heldout]))
     # pairs.txt keys are Name/Name_NNNN.jpg.
     m["lfw_pairs_heldout_identities"] = len({lfw.keys[i].split("/")[0]
                                               for i in np.concatenate((lfw.index_a[heldout], lfw.index_b[heldout]))})
@@ -634,7 +692,8 @@ def choose_examples(split: SplitPairs, threshold: float, count: int, seed: int) 
 def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, splits_dir: str | os.PathLike,
              config: EvaluateConfig, *, report_path: str | os.PathLike,
              threshold_path: str | os.PathLike, pairs_uri: str = "", pairs_sha256: str = "",
-             model_uri: str = "", metrics_path: str | os.PathLike | None = None,
+             pairs_dir: str | os.PathLike | None = None, model_uri: str = "",
+             metrics_path: str | os.PathLike | None = None,
              eval_dataset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Choose the threshold on validation pairs and measure it on test pairs (see the module docstring).
 
@@ -643,6 +702,11 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     (its folds are the k-fold folds: LFW View 2), else pairs drawn over all its
     identities; the training archive's test split is not used. Identities
     present in both archives (by name) are counted (``eval_*`` metrics).
+
+    The pairs file comes either checked by the pipeline's check pairs step
+    (`pairs_dir`, its output folder) or as `pairs_uri` (with `pairs_sha256`),
+    which is checked here the same way (`pairs.check_pairs_source`); errors
+    about it name `pairs_uri` and the line.
 
     Inputs: the model folder from train (model.json + the Keras model), the
     packed image dataset (real images are used), the splits folder (val.txt,
@@ -671,19 +735,32 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     train_names = {name for name, _ in read_split(splits_dir, "train")}
     val = split_pairs("val", splits_dir, dataset_dir, rows, config)
     lfw: SplitPairs | None = None
-    if pairs_uri:
+    if pairs_dir is not None:
+        if pairs_uri or pairs_sha256:
+            raise InputError(f"give either checked pairs ({pairs_dir}) or a pairs file to check ({pairs_uri}), "
+                             f"not both")
+        pairs_uri, lfw = lfw_pairs(Path(pairs_dir), test_rows, test_dir, train_names)
+    elif pairs_uri:
         with tempfile.TemporaryDirectory(prefix="facenet-pairs-") as tmp:
-            lfw = lfw_pairs(pairs_uri, pairs_sha256, test_rows, test_dir, Path(tmp), train_names)
+            check_pairs_source(pairs_uri, pairs_sha256, test_dir, Path(tmp) / "pairs")
+            _, lfw = lfw_pairs(Path(tmp) / "pairs", test_rows, test_dir, train_names)
+    elif pairs_sha256:
+        raise InputError("a pairs sha256 was given without a pairs file")
+    test_folds_from_file = False
     if eval_dir is None:
         test = split_pairs("test", splits_dir, dataset_dir, rows, config)
     elif lfw is not None:
-        test = dataclasses.replace(lfw, name="test")   # the evaluation archive's pairs.txt, in its own folds
+        # The evaluation archive's pairs.txt, in the folds its header declares (seeded ones for a 1-fold file).
+        test = dataclasses.replace(lfw, name="test")
+        test.fold_ids, test_folds_from_file = pairs_file_folds(test.same, lfw.fold_ids, config, pairs_uri)
     else:
         test = archive_pairs(eval_dir, test_rows, config)
     if test.fold_ids is None:
         # Folds shuffled with evaluate.seed (the pairs' own order comes from make_pairs).
         where = f"{splits_dir / 'test.txt'}" if eval_dir is None else f"pairs of the evaluation archive {eval_dir}"
         test.fold_ids = stratified_folds(test.same, config.folds, config.seed, where)
+    if lfw is not None:
+        pairs_file_folds(lfw.same, lfw.fold_ids, config, pairs_uri)   # a 1-fold file too small fails before embedding
 
     from facenet_kfp import export
 
@@ -713,6 +790,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
                 s.flip_distances = pair_distances(flipped, to_row[s.index_a], to_row[s.index_b], name)
 
     metrics, thresholds = split_metrics(val, test, config, name, unit)
+    metrics["test_folds_from_file"] = int(test_folds_from_file)
     threshold, flip_threshold = thresholds["accuracy"], None
     if config.flip:
         flip_scores, flip_threshold = flip_metrics(val, test, config, name, unit)
@@ -721,7 +799,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     if eval_dir is not None:
         metrics.update(archive_overlap(rows, test_rows, train_names))
     if lfw is not None:
-        lfw_scores, lfw_warnings = lfw_metrics(lfw, config, threshold, flip_threshold)
+        lfw_scores, lfw_warnings = lfw_metrics(lfw, config, threshold, flip_threshold, source=pairs_uri)
         metrics.update(lfw_scores)
         warnings += lfw_warnings
     metrics["embedding_dim"] = dim
@@ -737,6 +815,10 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "model": model_uri or str(model_dir),
+        # Which model the threshold belongs to (verify refuses it for any other): the model file's
+        # sha256 and the model's own distance (`distance` may differ: evaluate.distance).
+        "model_sha256": file_sha256(model_dir / str(metadata["file"])),
+        "model_distance": distance_name(squared),
         "embedding_dim": dim,
         "preprocessing": metadata["preprocessing"],
     }
@@ -757,12 +839,22 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     if metrics_path is not None:
         write_json(metrics_path, metrics)
     write_text(report_path, html)
-    log.info("threshold %.4f (%s) chosen on %d validation pairs (accuracy %.4f); test accuracy %.4f, "
-             "%d-fold %.4f ± %.4f, AUC %.4f (%.1f s)", threshold, DISTANCE_LABELS[name], val.same.size,
-             metrics["val_accuracy"], metrics["test_accuracy"], config.folds,
-             metrics["test_kfold_accuracy_mean"], metrics["test_kfold_accuracy_std"], metrics["test_auc"],
-             time.monotonic() - started)
+    withheld = vm.accuracy_withheld(metrics["test_same_pairs"], metrics["test_different_pairs"])
+    accuracy = withheld or (f"test accuracy {metrics['test_accuracy']:.4f}, {metrics['test_folds']}-fold "
+                            f"{metrics['test_kfold_accuracy_mean']:.4f} ± {metrics['test_kfold_accuracy_std']:.4f}")
+    log.info("threshold %.4f (%s) chosen on %d validation pairs; on %d same and %d different test pairs: %s; "
+             "AUC %.4f (%.1f s)", threshold, DISTANCE_LABELS[name], val.same.size, metrics["test_same_pairs"],
+             metrics["test_different_pairs"], accuracy, metrics["test_auc"], time.monotonic() - started)
     return result
+
+
+def _folds_text(folds: int, from_file: bool, evaluation_archive: bool = False) -> str:
+    """How a pairs file's pairs were dealt into folds, for the report's notes."""
+    file = "the evaluation archive's pairs.txt" if evaluation_archive else "the file"
+    if from_file:
+        return f"{folds} folds {file} declares (the LFW protocol)"
+    return (f"{folds} seeded stratified folds (evaluate.folds, evaluate.seed): {file} declares one fold "
+            f"(View 1 style), nothing to cross-validate over")
 
 
 def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, Any]],
@@ -784,6 +876,7 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
     rocs = {"test pairs": vm.roc_curve(test.distances, test.same)[:2]}
     if test.flip_distances is not None:
         rocs["test pairs, flip"] = vm.roc_curve(test.flip_distances, test.same)[:2]
+    pairs_file = separate and lfw is not None
     source = ("the model's own (model.json)" if config.distance == "model"
               else f"evaluate.distance; the model was trained with {DISTANCE_LABELS[distance_name(squared)]}")
     notes = [
@@ -804,13 +897,24 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
         f"pairs) and at most {config.max_positive_pairs:,} in all (the per-identity cap lowered evenly to "
         f"fit), and as many different-person pairs, each from two identities chosen uniformly and one image "
         f"of each, without repeats; seed {config.seed}.",
-        f"k-fold accuracy: the test pairs are shuffled (seed {config.seed}) into {config.folds} folds, "
-        f"stratified by label; each fold is scored with the threshold that maximises accuracy on the "
-        f"other folds; mean ± population std over folds.",
+        ("k-fold accuracy: the test pairs are in the " + _folds_text(metrics["test_folds"], True, pairs_file)
+         if metrics.get("test_folds_from_file") else
+         f"k-fold accuracy: the test pairs are shuffled (seed {config.seed}) into {metrics['test_folds']} folds, "
+         f"stratified by label" + (" (the evaluation archive's pairs.txt declares one fold)" if pairs_file
+                                   else ""))
+        + "; each fold is scored with the threshold that maximises accuracy on the other folds; "
+          "mean ± population std over folds.",
+        f"Accuracy is a headline figure only for pairs with at least {vm.MIN_CLASS_PAIRS} of each class "
+        f"(same person, different people); with fewer, answering the larger class for every pair can score "
+        f"as well, so the headline gives the pair counts, AUC and EER and says why accuracy is withheld "
+        f"(the accuracies stay in the table of all metrics, with <set>_accuracy_withheld = 1).",
         "VAL@FAR: VAL = accepted same pairs / same pairs, FAR = accepted different pairs / different "
         "pairs. 'test VAL at FAR' uses the threshold interpolated to that FAR on the validation pairs, "
-        "applied to test (the FAR it actually gives on test is listed too); the k-fold variant finds the "
-        "threshold on the other test folds.",
+        "applied to test; the FAR it actually reaches on test is shown beside it. The k-fold variant finds "
+        "the threshold on the other test folds. A FAR f can be measured only on at least ceil(1/f) "
+        "different-person pairs (1,000 for 1e-3): with fewer test pairs (for the k-fold variant, fewer in "
+        "the test part of any fold) VAL@FAR is n/a and no VAL is recorded, only "
+        "..._needs_different_pairs.",
     ]
     if "seed_threshold" in metrics:
         notes.append(f"Seed threshold: the original TF1 implementation's fixed plain-L2 threshold {config.seed_threshold:g}, "
@@ -826,8 +930,9 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
                      f"image and mirror.")
     if lfw is not None:
         rocs["LFW pairs.txt"] = vm.roc_curve(lfw.distances, lfw.same)[:2]
-        text = (f"LFW pairs.txt: {lfw.same.size:,} pairs in {metrics['lfw_pairs_folds']} folds "
-                f"(the file's own folds), {lfw.identities:,} identities. ")
+        text = (f"LFW pairs.txt: {metrics['lfw_pairs_pairs']:,} pairs ({metrics['lfw_pairs_same_pairs']:,} same, "
+                f"{metrics['lfw_pairs_different_pairs']:,} different), {lfw.identities:,} identities, in the "
+                f"{_folds_text(metrics['lfw_pairs_folds'], bool(metrics['lfw_pairs_folds_from_file']))}. ")
         if not metrics["lfw_pairs_train_identities"]:
             text += "None of them is a training identity, so these figures are held out."
         else:
@@ -835,7 +940,9 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
                      f"{metrics['lfw_pairs_overlapping_pairs']:,} pairs, so the full figures are optimistic. ")
             if "lfw_pairs_heldout_kfold_accuracy_mean" in metrics:
                 text += (f"The held-out figures (lfw_pairs_heldout_) use the "
-                         f"{metrics['lfw_pairs_heldout_pairs']:,} pairs of two non-training identities, "
+                         f"{metrics['lfw_pairs_heldout_pairs']:,} pairs of two non-training identities "
+                         f"({metrics['lfw_pairs_heldout_same_pairs']:,} same, "
+                         f"{metrics['lfw_pairs_heldout_different_pairs']:,} different), "
                          f"in {config.folds} seeded stratified folds.")
                 held = lfw.heldout
                 rocs["LFW pairs.txt, held-out identities"] = vm.roc_curve(lfw.distances[held], lfw.same[held])[:2]

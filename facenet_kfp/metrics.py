@@ -14,6 +14,16 @@ Conventions shared by every function here:
   accepted/rejected. VAL = TP / same pairs (true accept rate, TPR),
   FAR = FP / different pairs (false accept rate, FPR), FRR = 1 - VAL.
 
+What a figure rests on (`accuracy_withheld`, `min_different_pairs`):
+
+* an accuracy is a headline figure only when both classes have at least
+  `MIN_CLASS_PAIRS` pairs; below that, answering one class for every pair can
+  score as well, and the figure says more about the class balance than the model;
+* a false accept rate of ``f`` can be measured only on at least
+  ``ceil(1 / f)`` different-person pairs (below that, one accepted pair already
+  exceeds it), so VAL@FAR is "n/a" on fewer; for the k-fold variant each fold's
+  test part needs that many.
+
 Everything is vectorised (sorting, ``searchsorted``, cumulative sums): the
 LFW protocol's 6,000 pairs evaluate in a few milliseconds per call.
 """
@@ -29,6 +39,9 @@ import numpy as np
 from facenet_kfp.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+# Pairs of each class (same person, different people) a pair set needs before its accuracy is a headline figure.
+MIN_CLASS_PAIRS = 100
 
 
 # --------------------------------------------------------------------------- validation
@@ -94,12 +107,7 @@ def _fold_assignment(n: int, folds: Any, fold_ids: Any) -> tuple[np.ndarray, np.
     if folds < 2:
         raise InputError(f"folds must be at least 2, got {folds}")
     if fold_ids is None:
-        if folds > n:
-            raise InputError(f"folds={folds} is more than the {n} pairs")
-        ids = np.empty(n, dtype=np.int64)
-        for k, chunk in enumerate(np.array_split(np.arange(n), folds)):
-            ids[chunk] = k
-        return ids, np.arange(folds)
+        return contiguous_folds(n, folds), np.arange(folds)
     ids = np.asarray(fold_ids)
     if ids.ndim != 1 or ids.size != n:
         raise InputError(f"fold_ids must be a 1-D array with one entry per pair ({n}), got shape {ids.shape}")
@@ -110,6 +118,16 @@ def _fold_assignment(n: int, folds: Any, fold_ids: Any) -> tuple[np.ndarray, np.
         raise InputError(f"fold_ids has {distinct.size} distinct folds {distinct.tolist()[:20]} "
                          f"but folds={folds}")
     return ids.astype(np.int64), distinct
+
+
+def contiguous_folds(n: int, folds: int) -> np.ndarray:
+    """Fold id (int64 [n]) per pair for `folds` contiguous chunks of near-equal size (``np.array_split``)."""
+    if folds > n:
+        raise InputError(f"folds={folds} is more than the {n} pairs")
+    ids = np.empty(n, dtype=np.int64)
+    for k, chunk in enumerate(np.array_split(np.arange(n), folds)):
+        ids[chunk] = k
+    return ids
 
 
 # --------------------------------------------------------------------------- accuracy and thresholds
@@ -328,6 +346,56 @@ def kfold_val_at_far(distances, same, far_target, folds=10, fold_ids=None) -> di
     return {"val_mean": float(v.mean()), "val_std": float(v.std()),
             "far_mean": float(f.mean()), "far_std": float(f.std()),
             "vals": vals, "fars": fars, "thresholds": chosen}
+
+
+def min_different_pairs(far_target) -> int:
+    """Different-person pairs needed to measure a false accept rate of `far_target` (0 < FAR <= 1): ceil(1 / FAR).
+
+    With fewer, the smallest non-zero FAR that can be observed (1 / n) is
+    above the target. Rounded to 9 decimals before the ceiling, so a FAR of
+    1/49 needs 49 pairs (not 50 from 1 / (1/49) = 49.00000000000001 in binary
+    floating point); 1e-3 needs 1,000.
+    """
+    target = _check_threshold(far_target, "far_target")
+    if not 0.0 < target <= 1.0:
+        raise InputError(f"far_target must be in (0, 1] to be measured on a finite number of pairs, got {far_target}")
+    return int(math.ceil(round(1.0 / target, 9)))
+
+
+def fewest_in_a_fold(same, fold_ids) -> tuple[int, int]:
+    """(fewest same-person pairs, fewest different-person pairs) in the test part of any fold.
+
+    The test part of fold k is the pairs with ``fold_ids == k``, as in
+    `kfold_accuracy` and `kfold_val_at_far` with explicit fold ids.
+    """
+    s = np.asarray(same, dtype=bool)
+    ids = np.asarray(fold_ids)
+    if ids.shape != s.shape or s.size == 0:
+        raise InputError(f"fold_ids must have one entry per pair ({s.size}), got shape {ids.shape}")
+    folds = np.unique(ids)
+    n_same = [int(np.sum(s[ids == k])) for k in folds]
+    n_diff = [int(np.sum(~s[ids == k])) for k in folds]
+    return min(n_same), min(n_diff)
+
+
+def accuracy_withheld(n_same: int, n_different: int, minimum: int = MIN_CLASS_PAIRS) -> str:
+    """Why a pair set's accuracy is not a headline figure, in one sentence; "" when it is one.
+
+    Withheld when either class has fewer than `minimum` pairs. The sentence
+    names the short class(es) and the accuracy of answering the larger class
+    for every pair, e.g. ``accuracy withheld: 23 different-person pairs (< 100);
+    answering 'same' to every pair would score 0.975``.
+    """
+    n_same, n_different = int(n_same), int(n_different)
+    if n_same < 0 or n_different < 0 or n_same + n_different == 0:
+        raise InputError(f"pair counts must be >= 0 and not both 0, got {n_same} same and {n_different} different")
+    short = [f"{n:,} {kind}" for n, kind in ((n_same, "same-person"), (n_different, "different-person"))
+             if n < minimum]
+    if not short:
+        return ""
+    majority, count = ("same", n_same) if n_same >= n_different else ("different", n_different)
+    return (f"accuracy withheld: {' and '.join(short)} pairs (< {minimum:,}{' each' if len(short) == 2 else ''}); "
+            f"answering '{majority}' to every pair would score {count / (n_same + n_different):.3f}")
 
 
 def downsample_roc(fpr, tpr, thresholds, max_points=300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import read_json, write_text
+from facenet_kfp.metrics import MIN_CLASS_PAIRS, accuracy_withheld
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,6 @@ def describe_metric(key: str) -> str:
         "lfw_pairs_accuracy_at_threshold": "LFW pairs.txt: accuracy at the validation threshold",
         "lfw_pairs_auc": "LFW pairs.txt: area under the ROC curve",
         "lfw_pairs_eer": "LFW pairs.txt: equal error rate",
-        "lfw_pairs_folds": "LFW pairs.txt: number of folds",
         "lfw_pairs_train_identities": "LFW pairs.txt: identities that are training identities",
         "lfw_pairs_overlapping_pairs": "LFW pairs.txt: pairs naming a training identity",
     }
@@ -425,16 +425,30 @@ def describe_metric(key: str) -> str:
         return fixed[key]
     patterns = [
         (r"threshold_at_far_(.+)", "threshold reaching FAR {0} on validation pairs"),
+        (r"test_val_at_far_(.+)_needs_different_pairs",
+         "VAL on test at FAR {0} is n/a: it needs this many different-person test pairs"),
+        (r"test_kfold_val_at_far_(.+)_needs_different_pairs",
+         "k-fold VAL on test at FAR {0} is n/a: it needs this many different-person pairs in each fold's test part"),
         (r"test_val_at_far_(.+)", "VAL on test at the validation threshold for FAR {0}"),
         (r"test_far_at_far_(.+)", "FAR that threshold actually gives on test (target {0})"),
         (r"test_kfold_val_at_far_(.+)_mean", "k-fold VAL on test at FAR {0} (mean over folds)"),
         (r"test_kfold_val_at_far_(.+)_std", "k-fold VAL on test at FAR {0} (std over folds)"),
         (r"test_kfold_far_at_far_(.+)_mean", "k-fold FAR actually reached on test (target {0})"),
-        (r"lfw_pairs_val_at_far_(.+)_mean", "LFW pairs.txt: k-fold VAL at FAR {0} (mean)"),
-        (r"lfw_pairs_val_at_far_(.+)_std", "LFW pairs.txt: k-fold VAL at FAR {0} (std)"),
-        (r"lfw_pairs_far_at_far_(.+)_mean", "LFW pairs.txt: k-fold FAR actually reached (target {0})"),
+        (r"lfw_pairs_kfold_val_at_far_(.+)_needs_different_pairs",
+         "LFW pairs.txt: k-fold VAL at FAR {0} is n/a: it needs this many different-person pairs in each "
+         "fold's test part"),
+        (r"lfw_pairs_kfold_val_at_far_(.+)_mean", "LFW pairs.txt: k-fold VAL at FAR {0} (mean)"),
+        (r"lfw_pairs_kfold_val_at_far_(.+)_std", "LFW pairs.txt: k-fold VAL at FAR {0} (std)"),
+        (r"lfw_pairs_kfold_far_at_far_(.+)_mean", "LFW pairs.txt: k-fold FAR actually reached (target {0})"),
         (r"(val|test|lfw_pairs)_pairs", "{0}: pairs"),
-        (r"(val|test|lfw_pairs)_positive_pairs", "{0}: same-person pairs"),
+        (r"(val|test|lfw_pairs)_same_pairs", "{0}: same-person pairs"),
+        (r"(val|test|lfw_pairs)_different_pairs", "{0}: different-person pairs"),
+        (r"(val|test|lfw_pairs)_accuracy_withheld",
+         f"{{0}}: 1 when either class has fewer than {MIN_CLASS_PAIRS} pairs: its accuracies are not headline "
+         f"figures"),
+        (r"(test|lfw_pairs)_folds", "{0}: folds of the k-fold figures"),
+        (r"(test|lfw_pairs)_folds_from_file",
+         "{0}: 1 when the folds are those the pairs file declares, 0 for seeded stratified folds"),
         (r"(val|test|lfw_pairs)_identities", "{0}: identities"),
         (r"(val|test|lfw_pairs)_positive_identities", "{0}: identities in same-person pairs"),
         (r"(val|test|lfw_pairs)_images", "{0}: images embedded"),
@@ -454,54 +468,145 @@ def metric_rows(metrics: dict[str, Any], distance_label: str) -> list[tuple[str,
         text = format_value(value)
         if _is_threshold_key(key) and isinstance(value, (int, float)):
             text += f" ({distance_label})"
-        rows.append((key, describe_metric(key), text))
+        meaning = describe_metric(key)
+        prefix = next((p for p in SPLIT_PREFIXES if plain_key(key)[0].startswith(p)), "")
+        if "accuracy" in key and not key.endswith("_withheld") and withheld_text(metrics, prefix):
+            meaning += f" (not a headline figure: {withheld_text(metrics, prefix)})"
+        rows.append((key, meaning, text))
     return rows
 
 
+# Pair sets of the headline: metric prefix and label.
+PAIR_SETS = (("val_", "validation"), ("test_", "test"), ("lfw_pairs_", "LFW pairs.txt"),
+             (HELDOUT, "LFW pairs.txt, held-out identities"))
+
+
+def pair_counts_text(metrics: dict[str, Any], prefix: str) -> str:
+    """"S same, D different" for the pair set `prefix`; "" when the metrics do not count its classes."""
+    same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
+    if not isinstance(same, (int, float)) or not isinstance(different, (int, float)):
+        return ""
+    return f"{int(same):,} same, {int(different):,} different"
+
+
+def withheld_text(metrics: dict[str, Any], prefix: str) -> str:
+    """Why the accuracy of the pair set `prefix` is not a headline figure (`metrics.accuracy_withheld`);
+    "" when it is one or when the metrics do not count the set's classes."""
+    same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
+    if not isinstance(same, (int, float)) or not isinstance(different, (int, float)):
+        return ""
+    return accuracy_withheld(int(same), int(different))
+
+
+def far_targets_in(metrics: dict[str, Any], prefix: str) -> list[str]:
+    """The FAR keys ("0.001") of the VAL@FAR figures of pair set `prefix`, measured or n/a, smallest FAR first."""
+    found: list[str] = []
+    for key in metrics:
+        match = re.fullmatch(re.escape(prefix) + r"(?:kfold_)?val_at_far_(.+?)(?:_mean|_std|_needs_different_pairs)?",
+                             key)
+        if match and match.group(1) not in found:
+            found.append(match.group(1))
+
+    def order(far: str) -> tuple[float, str]:
+        try:
+            return float(far), far
+        except ValueError:
+            return float("inf"), far
+    return sorted(found, key=order)
+
+
+def val_at_far_text(metrics: dict[str, Any], prefix: str, far: str, kfold: bool) -> str:
+    """One VAL@FAR figure of pair set `prefix` with the FAR it reached, or why it is n/a; "" when absent.
+
+    ``0.9175 (FAR reached 0.0012)``, k-fold ``0.9000 ± 0.0100 (FAR reached 0.0011)``,
+    or ``n/a (needs >= 1,000 different pairs)`` (k-fold: ``... in each fold's test part``).
+    """
+    base = f"{prefix}{'kfold_' if kfold else ''}val_at_far_{far}"
+    need = metrics.get(f"{base}_needs_different_pairs")
+    if isinstance(need, (int, float)):
+        return f"n/a (needs >= {int(need):,} different pairs{' in each fold' + chr(39) + 's test part' if kfold else ''})"
+    if kfold:
+        keys = (f"{base}_mean", f"{base}_std", f"{prefix}kfold_far_at_far_{far}_mean")
+        if not all(k in metrics for k in keys[:2]):
+            return ""
+        text = f"{metrics[keys[0]]:.4f} ± {metrics[keys[1]]:.4f}"
+    else:
+        keys = (base, f"{prefix}far_at_far_{far}")
+        if base not in metrics:
+            return ""
+        text = f"{metrics[base]:.4f}"
+    reached = metrics.get(keys[-1])
+    return text + (f" (FAR reached {reached:.4f})" if isinstance(reached, (int, float)) else "")
+
+
 def _headline_rows(metrics: dict[str, Any], distance_label: str) -> list[list[str]]:
-    """Headline table rows: a label, the plain value and, when flip figures exist, the flip value."""
+    """Headline table rows: a label, the plain value and, when flip figures exist, the flip value.
+
+    Each pair set (validation, test, LFW pairs.txt and its held-out pairs) first
+    gets a row with its same and different pair counts; a set with too few of
+    either class (`metrics.accuracy_withheld`) shows why its accuracy is
+    withheld instead of any accuracy; VAL@FAR shows the FAR reached, or n/a.
+    """
     flip = flip_key("threshold") in metrics
+    names = [lambda k: k, flip_key] if flip else [lambda k: k]
 
     def row(label: str, text: Any, *keys: str) -> list[str]:
         cells = [label]
-        for names in ([keys, [flip_key(k) for k in keys]] if flip else [keys]):
-            cells.append(text(*(metrics[k] for k in names)) if all(k in metrics for k in names) else "")
+        for name in names:
+            variant = [name(k) for k in keys]
+            cells.append(text(*(metrics[k] for k in variant)) if all(k in metrics for k in variant) else "")
         return cells
+
+    def plain_row(label: str, text: str) -> list[str]:
+        return [label, text] + ([""] if flip else [])
 
     def mean_std(mean: float, std: float) -> str:
         return f"{mean:.4f} ± {std:.4f}"
 
     rows = [row("threshold", lambda t: f"{t:.4f} ({distance_label}); same person when distance < threshold",
-                "threshold"),
-            row("validation accuracy", format_value, "val_accuracy"),
-            row("test accuracy", format_value, "test_accuracy"),
-            row("test k-fold accuracy", mean_std, "test_kfold_accuracy_mean", "test_kfold_accuracy_std"),
-            row("test ROC AUC", format_value, "test_auc"),
-            row("test equal error rate", format_value, "test_eer")]
-    for key in metrics:
-        match = re.fullmatch(r"test_val_at_far_(.+)", key)
-        if match:
-            far = match.group(1)
-            kfold = (f"test_kfold_val_at_far_{far}_mean", f"test_kfold_val_at_far_{far}_std")
-            if all(k in metrics for k in kfold):
-                rows.append(row(f"test VAL @ FAR={far}", lambda v, m, s: f"{format_value(v)} (k-fold "
-                                                                         f"{mean_std(m, s)})", key, *kfold))
-            else:
-                rows.append(row(f"test VAL @ FAR={far}", format_value, key))
-    if "seed_threshold" in metrics:
-        rows.append(row(f"test accuracy at the seed threshold ({metrics['seed_threshold']:.4g} {distance_label})",
-                        format_value, "test_accuracy_at_seed_threshold"))
-    for prefix, label in (("lfw_pairs_", "LFW pairs.txt"), (HELDOUT, "LFW pairs.txt, held-out identities")):
-        if f"{prefix}kfold_accuracy_mean" in metrics:
+                "threshold")]
+    for prefix, label in PAIR_SETS:
+        counts = pair_counts_text(metrics, prefix)
+        folds = metrics.get(f"{prefix}folds")
+        if counts:
+            where = ""
+            if prefix != "val_" and isinstance(folds, (int, float)):
+                from_file = metrics.get(f"{prefix}folds_from_file")
+                where = (f" in the {int(folds)} folds of the file" if from_file else
+                         f" in {int(folds)} seeded stratified folds")
+            rows.append(plain_row(f"{label} pairs", counts + where))
+        withheld = withheld_text(metrics, prefix)
+        if withheld:
+            if any(key.startswith(prefix) and "accuracy" in key and not key.endswith("_withheld")
+                   for key in metrics):
+                rows.append(plain_row(f"{label} accuracy", withheld))
+        elif prefix in ("val_", "test_"):
+            rows.append(row(f"{label} accuracy", format_value, f"{prefix}accuracy"))
+        if not withheld:
             rows.append(row(f"{label} k-fold accuracy", mean_std, f"{prefix}kfold_accuracy_mean",
                             f"{prefix}kfold_accuracy_std"))
-            rows.append(row(f"{label} ROC AUC", format_value, f"{prefix}auc"))
-    counts = [("pairs (validation / test)", "pairs"),
-              ("identities in same-person pairs (validation / test)", "positive_identities")]
-    for label, name in counts:
-        if f"val_{name}" in metrics and f"test_{name}" in metrics:
-            rows.append([label, f"{metrics[f'val_{name}']:,} / {metrics[f'test_{name}']:,}"] + ([""] if flip else []))
+        if prefix == "val_":
+            continue
+        rows.append(row(f"{label} ROC AUC", format_value, f"{prefix}auc"))
+        rows.append(row(f"{label} equal error rate", format_value, f"{prefix}eer"))
+        for far in far_targets_in(metrics, prefix):
+            for kfold in (False, True):
+                rows.append([f"{label} {'k-fold ' if kfold else ''}VAL @ FAR={far}",
+                             val_at_far_text(metrics, prefix, far, kfold)]
+                            + ([val_at_far_text(_flip_view(metrics), prefix, far, kfold)] if flip else []))
+        if prefix == "test_" and "seed_threshold" in metrics and not withheld:
+            rows.append(row(f"test accuracy at the seed threshold ({metrics['seed_threshold']:.4g} {distance_label})",
+                            format_value, "test_accuracy_at_seed_threshold"))
+    rows = [r for r in rows if any(r[1:])]
+    if "val_positive_identities" in metrics and "test_positive_identities" in metrics:
+        rows.append(plain_row("identities in same-person pairs (validation / test)",
+                              f"{metrics['val_positive_identities']:,} / {metrics['test_positive_identities']:,}"))
     return rows
+
+
+def _flip_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics with each flip variant under its plain name (`plain_key`), for the 'with flip' column."""
+    return {plain_key(key)[0]: value for key, value in metrics.items() if plain_key(key)[1]}
 
 
 def _examples_section(examples: Sequence[ExamplePair], distance_label: str, threshold: float) -> list[str]:

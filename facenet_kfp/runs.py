@@ -13,10 +13,12 @@ import io
 import json
 import logging
 import re
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import yaml
 
@@ -25,25 +27,28 @@ from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import file_sha256, local_path, read_json, write_json
 
 SUMMARY, RERUN_SUMMARY = "summary.json", "rerun-summary.json"
-HEADLINE = [("test_accuracy", "test accuracy"), ("test_kfold_accuracy_mean", "10-fold accuracy"),
-            ("test_kfold_accuracy_std", "± std"), ("test_auc", "AUC"),
-            ("test_val_at_far_0.001", "VAL@FAR=1e-3"), ("test_kfold_val_at_far_0.001_mean", "k-fold VAL@FAR=1e-3"),
-            ("test_eer", "EER"), ("threshold", "threshold")]
+# Headline figures of each pair set (test_, lfw_pairs_, lfw_pairs_heldout_ metrics) that do not depend on a
+# class balance; its accuracies come first where both classes have enough pairs (`metrics.accuracy_withheld`),
+# its VAL@FAR figures after, with the FAR each reached or "n/a".
+HEADLINE = [("auc", "AUC"), ("eer", "EER")]
+WIDTH = 110   # headline figures side by side up to this many characters
 KEY_FIGURES = {
     "download-archive": ["size", "sha256"],
     "extract-images": ["identities", "images", "skipped_total", "shards"],
     "make-labels": ["identities", "singletons"],
     "complete-identities": ["generated", "identities_completed"],
     "split-identities": ["train_identities", "val_identities", "test_identities"],
+    "check-pairs": ["pairs", "same_pairs", "different_pairs", "folds", "duplicates"],
     "train-model": ["steps"],
-    "evaluate-model": ["test_accuracy", "test_auc", "threshold", "lfw_pairs_train_identities",
+    "evaluate-model": ["test_pairs", "test_accuracy", "test_auc", "threshold", "lfw_pairs_train_identities",
                        "lfw_pairs_overlapping_pairs"],
-    "evaluate-on-archive": ["test_accuracy", "test_auc", "threshold", "eval_identities",
+    "evaluate-on-archive": ["test_pairs", "test_accuracy", "test_auc", "threshold", "eval_identities",
                             "eval_identities_in_training_archive", "lfw_pairs_overlapping_pairs"],
 }
-# A file every folder of each importable artifact holds.
+# A file every folder of each importable artifact holds (eval_images: the evaluation archive's images;
+# pairs: the check pairs step's output).
 MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
-           "splits": "train.txt", "model": "model.json"}
+           "splits": "train.txt", "model": "model.json", "eval_images": "manifest.jsonl", "pairs": "pairs.json"}
 log = logging.getLogger(__name__)
 _STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
 _EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
@@ -66,22 +71,57 @@ class TaskRecord:
     seconds: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    log: str = ""          # the file holding the task's full log ('' when none was kept)
+
+
+# Colour and cursor codes (kfp.local colours its log lines): never written to files.
+ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_CODE.sub("", text)
 
 
 class Tee(io.TextIOBase):
-    """Copies writes to the real stream and keeps the last lines (a task's log, for its error line)."""
+    """A task's output as whole lines: appended to `log` (a text file) and kept (the last `keep`, for
+    the task's error line) without colour codes, and handed to `on_line` as written.
 
-    def __init__(self, stream: Any, keep: int = 200):
-        self.stream, self.keep, self.lines = stream, keep, []
+    `finish()` passes on a last line that has no newline yet.
+    """
+
+    def __init__(self, log: Any = None, on_line: Callable[[str], None] | None = None, keep: int = 200):
+        self.log, self.on_line, self.keep = log, on_line, keep
+        self.lines: list[str] = []
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.lines.extend(text.splitlines())
-        del self.lines[:-self.keep]
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._line(line)
         return len(text)
 
+    def _line(self, raw: str) -> None:
+        raw = raw.rstrip().rsplit("\r", 1)[-1]   # a progress bar redrawn in place: its last state
+        line = strip_ansi(raw)
+        if self.log is not None:
+            self.log.write(line + "\n")
+        self.lines.append(line)
+        del self.lines[:-self.keep]
+        if self.on_line is not None:
+            self.on_line(raw)
+
+    def finish(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, ""
+            self._line(pending)
+        self.flush()
+
     def flush(self) -> None:
-        self.stream.flush()
+        if self.log is not None:
+            self.log.flush()
 
 
 def artifact_summary(value: Any) -> Any:
@@ -97,7 +137,7 @@ def task_error(lines: list[str]) -> str:
         found = [m.group(1) for line in lines if (m := pattern.search(line.strip()))]
         if found:
             return found[0] if pattern is _STEP_FAILED else found[-1]
-    return "see the task log above"
+    return "see the task's log"
 
 
 def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:
@@ -124,7 +164,8 @@ def summarise(pipeline: str, records: list[TaskRecord], failure: str, seconds: f
         **fields,
         "tasks": [{"name": r.name, "display_name": r.display_name, "status": r.status,
                    "seconds": round(r.seconds, 2), "outputs": r.outputs,
-                   **({"error": r.error} if r.error else {})} for r in records],
+                   **({"error": r.error} if r.error else {}), **({"log": r.log} if r.log else {})}
+                  for r in records],
         "metrics": headline_metrics(records),
     }
     if failure:
@@ -156,11 +197,160 @@ def key_figures(record: TaskRecord) -> str:
             parts.append(f"{value / 1e6:.1f} MB")
         elif key == "sha256" and isinstance(value, str):
             parts.append(f"sha256 {value[:12]}…")
-        elif isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
+        elif key.endswith("_pairs") and _class_counts(values, key[:-len("pairs")]) and _is_number(value):
+            parts.append(f"{key}={format_figure(value)} ({_class_counts(values, key[:-len('pairs')])})")
+        elif "accuracy" in key and _is_number(value) and _withheld(values, key[:key.index("accuracy")]):
+            parts.append(f"{key} withheld")
         elif value is not None and not isinstance(value, dict):
-            parts.append(f"{key}={value}")
+            parts.append(f"{key}={format_figure(value)}")
     return ", ".join(parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_figure(value: Any) -> str:
+    """A figure for the run table and headline: counts with thousands separators ("11,053"), also the
+    integral floats KFP metadata turns every integer into; other numbers to 4 significant digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or value.is_integer():
+        return f"{int(value):,}"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.1f}"
+
+
+def _class_counts(metrics: Mapping[str, Any], prefix: str) -> str:
+    """"S same, D different" of the pair set `prefix` ("test_"); "" when its counts are not recorded."""
+    same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
+    if not (_is_number(same) and _is_number(different)):
+        return ""
+    return f"{int(same):,} same, {int(different):,} different"
+
+
+def _withheld(metrics: Mapping[str, Any], prefix: str) -> str:
+    """Why the accuracy of pair set `prefix` is not a headline figure (`metrics.accuracy_withheld`), or ""."""
+    from facenet_kfp.metrics import accuracy_withheld
+
+    same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
+    if not (_is_number(same) and _is_number(different)):
+        return ""
+    return accuracy_withheld(int(same), int(different))
+
+
+def _far_label(far: str) -> str:
+    """A FAR as metric names spell it ("0.001") the way people write it ("1e-3")."""
+    mantissa, exponent = f"{float(far):e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _far_order(far: str) -> tuple[float, str]:
+    try:
+        return float(far), far
+    except ValueError:
+        return float("inf"), far
+
+
+def _val_at_far(metrics: Mapping[str, Any], prefix: str, kfold: bool) -> list[str]:
+    """"VAL@FAR=1e-3: 0.9175 (FAR reached 0.0012)" or "...: n/a (needs >= 1,000 different pairs)" per
+    target FAR of pair set `prefix`, in metric order; k-fold figures with `kfold`."""
+    base = f"{prefix}{'kfold_' if kfold else ''}val_at_far_"
+    label = "k-fold VAL@FAR" if kfold else "VAL@FAR"
+    texts = []
+    # In order of the target FAR (KFP metadata does not keep the metrics' order).
+    found = [(m, key) for key in metrics if (m := re.fullmatch(re.escape(base) + r"(.+?)(_mean|_needs_different_pairs)?",
+                                                                key))]
+    for match, key in sorted(found, key=lambda item: _far_order(item[0].group(1))):
+        if (kfold and not match.group(2)) or (not kfold and match.group(2) == "_mean"):
+            continue
+        far = match.group(1)
+        if match.group(2) == "_needs_different_pairs":
+            part = " per fold" if kfold else ""
+            texts.append(f"{label}={_far_label(far)}: n/a (needs >= {int(metrics[key]):,} different pairs{part})")
+            continue
+        reached = metrics.get(f"{prefix}{'kfold_' if kfold else ''}far_at_far_{far}{'_mean' if kfold else ''}")
+        std = metrics.get(f"{base}{far}_std")
+        value = f"{metrics[key]:.4f}" + (f" ± {std:.4f}" if kfold and _is_number(std) else "")
+        texts.append(f"{label}={_far_label(far)}: {value}"
+                     + (f" (FAR reached {reached:.4f})" if _is_number(reached) else ""))
+    return texts
+
+
+def _folds_text(metrics: Mapping[str, Any], prefix: str, pairs_file: bool) -> str:
+    folds = metrics.get(f"{prefix}folds")
+    if not _is_number(folds):
+        return ""
+    if pairs_file and metrics.get(f"{prefix}folds_from_file"):
+        return f"the file's {int(folds)} folds"
+    return f"{int(folds)} seeded stratified folds" + ("; the file declares one fold" if pairs_file else "")
+
+
+def pair_set_lines(metrics: Mapping[str, Any], prefix: str, title: str, pairs_file: bool = False,
+                   indent: str = "") -> list[str]:
+    """The headline lines of one pair set: its counts (and folds), then its figures.
+
+    Accuracies only where both classes have `metrics.MIN_CLASS_PAIRS` pairs or
+    more, else the sentence saying why they are withheld; AUC, EER (and for
+    test the threshold); VAL@FAR beside the FAR reached, or n/a.
+    """
+    counts = _class_counts(metrics, prefix)
+    folds = _folds_text(metrics, prefix, pairs_file)
+    head = f"{indent}{title}" + (f": {counts}" if counts else "") + (f" ({folds})" if folds else "")
+    figures: list[str] = []
+    withheld = _withheld(metrics, prefix)
+    if not withheld:
+        if _is_number(metrics.get(f"{prefix}accuracy")):
+            figures.append(f"{prefix.rstrip('_')} accuracy: {metrics[f'{prefix}accuracy']:.4f}")
+        mean, std = metrics.get(f"{prefix}kfold_accuracy_mean"), metrics.get(f"{prefix}kfold_accuracy_std")
+        if _is_number(mean):
+            n = metrics.get(f"{prefix}folds")
+            figures.append(f"{int(n) if _is_number(n) else 'k'}-fold accuracy: {mean:.4f}"
+                           + (f" ± {std:.4f}" if _is_number(std) else ""))
+    figures += [f"{label}: {metrics[prefix + key]:.4f}" for key, label in HEADLINE
+                if _is_number(metrics.get(prefix + key))]
+    if prefix == "test_" and _is_number(metrics.get("threshold")):
+        figures.append(f"threshold: {metrics['threshold']:.4f}")
+    lines = [head] + ([f"{indent}  " + "  ".join(figures)] if figures else [])
+    if withheld:
+        lines.append(f"{indent}  {withheld}")
+    # One line per target FAR (VAL and k-fold VAL side by side), or each on its own when that is too wide.
+    single, kfold = _val_at_far(metrics, prefix, False), _val_at_far(metrics, prefix, True)
+    pairs = list(zip(single, kfold)) if len(single) == len(kfold) else [(text,) for text in single + kfold]
+    for texts in pairs:
+        joined = f"{indent}  " + "  ".join(texts)
+        lines += [joined] if len(joined) <= WIDTH else [f"{indent}  {text}" for text in texts]
+    return lines
+
+
+def headline_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The headline of a run: every pair set's figures with the same and different pairs they rest on."""
+    lines: list[str] = []
+    separate = "eval_images" in metrics
+    has_pairs_file = _is_number(metrics.get("lfw_pairs_pairs"))
+    if separate:
+        lines.append(f"on the evaluation archive ({int(metrics['eval_identities']):,} identities, "
+                     f"{int(metrics['eval_images']):,} images; {int(metrics['eval_identities_in_training_archive']):,} "
+                     f"identity names also in the training archive, {int(metrics['eval_identities_in_train_split']):,} "
+                     f"in its train split):")
+    if _class_counts(metrics, "test_") or _is_number(metrics.get("test_accuracy")):
+        title = "test pairs (the evaluation archive's pairs.txt)" if separate and has_pairs_file else "test pairs"
+        lines += pair_set_lines(metrics, "test_", title, pairs_file=separate and has_pairs_file)
+    if has_pairs_file and not separate:
+        lines += pair_set_lines(metrics, "lfw_pairs_", "pairs.txt", pairs_file=True)
+    if metrics.get("lfw_pairs_overlapping_pairs"):
+        lines.append(f"pairs.txt: {int(metrics['lfw_pairs_overlapping_pairs']):,} of "
+                     f"{int(metrics['lfw_pairs_pairs']):,} pairs name {int(metrics['lfw_pairs_train_identities']):,} "
+                     f"training identities, so its figures are optimistic")
+        held = "lfw_pairs_heldout_"
+        if _is_number(metrics.get(f"{held}auc")) or _is_number(metrics.get(f"{held}kfold_accuracy_mean")):
+            lines += pair_set_lines(metrics, held, f"on its {int(metrics[f'{held}pairs']):,} held-out pairs",
+                                    indent="  ")
+        else:
+            counts = _class_counts(metrics, held)
+            lines.append(f"  too few held-out pairs remain{f' ({counts})' if counts else ''}: "
+                         f"the pairs.txt figures are not a held-out benchmark")
+    return lines
 
 
 def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
@@ -181,41 +371,57 @@ def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
     return metrics
 
 
+def table_width() -> int:
+    """Columns the run table may use: the terminal's ($COLUMNS), 100 when it is not a terminal."""
+    return max(60, shutil.get_terminal_size((100, 24)).columns)
+
+
+def table_cell(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters, broken after ", " where it can be, else at spaces
+    (a longer word, such as a path, stays whole)."""
+    lines: list[str] = []
+    parts = text.split(", ")
+    for i, part in enumerate(parts):
+        piece = part + ("," if i < len(parts) - 1 else "")
+        if lines and len(lines[-1]) + 1 + len(piece) <= width:
+            lines[-1] += " " + piece
+        else:
+            lines.extend(textwrap.wrap(piece, max(width, 20), break_long_words=False, break_on_hyphens=False) or [""])
+    return lines or [""]
+
+
 def report_summary(summary: dict[str, Any], path: Path) -> int:
     """Print the table and headline figures of a finished run; the exit status it deserves."""
     records = [TaskRecord(name=t["name"], display_name=t["display_name"], status=t["status"],
-                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""))
-               for t in summary["tasks"]]
-    label = {"SUCCEEDED": "ran", "CACHED": "cache hit", "FAILED": "FAILED", "RUNNING": "?"}
+                          seconds=t["seconds"], outputs=t["outputs"], error=t.get("error", ""),
+                          log=t.get("log", "")) for t in summary["tasks"]]
     width = max([len(r.display_name) for r in records] + [10])
     print(f"\n{summary['pipeline']}: {summary['status']}")
-    print(f"  {'task':<{width}}  {'status':<9}  {'seconds':>8}  key figures")
+    print(f"  {'task':<{width}}  {'seconds':>7}  key figures")
+    indent = 2 + width + 2 + 7 + 2
     for r in records:
+        ran = {"CACHED": "cached", "FAILED": "FAILED", "RUNNING": "?"}.get(r.status, f"{r.seconds:.1f}")
         figures = r.error if r.status == "FAILED" else key_figures(r)
-        print(f"  {r.display_name:<{width}}  {label[r.status]:<9}  {r.seconds:8.1f}  {figures}")
+        if r.status == "FAILED" and r.log:
+            figures += f" (log: {r.log})"
+        lines = table_cell(figures, table_width() - indent)
+        print(f"  {r.display_name:<{width}}  {ran:>7}  {lines[0]}".rstrip())
+        for line in lines[1:]:
+            print(" " * indent + line)
     if records and all(r.status == "CACHED" for r in records):
         print(f"  all {len(records)} tasks came from the cache")
     metrics = summary["metrics"]
-    labels = {**dict(HEADLINE), "test_kfold_accuracy_mean": f"{int(metrics.get('test_folds', 10))}-fold accuracy"}
-    shown = [(labels[key], metrics[key]) for key, _ in HEADLINE if isinstance(metrics.get(key), (int, float))]
-    if shown and "eval_images" in metrics:
-        print(f"\non the evaluation archive ({int(metrics['eval_identities']):,} identities, "
-              f"{int(metrics['eval_images']):,} images; {int(metrics['eval_identities_in_training_archive']):,} "
-              f"identity names also in the training archive, {int(metrics['eval_identities_in_train_split']):,} "
-              f"in its train split):", end="")
-    if shown:
-        print("\n" + "  ".join(f"{label}: {value:.4f}" for label, value in shown))
-    if metrics.get("lfw_pairs_overlapping_pairs"):
-        held = (f"; on its held-out pairs: {int(metrics.get('lfw_pairs_heldout_folds', 10))}-fold accuracy "
-                f"{metrics['lfw_pairs_heldout_kfold_accuracy_mean']:.4f}"
-                if "lfw_pairs_heldout_kfold_accuracy_mean" in metrics else
-                "; too few held-out pairs remain: the pairs.txt figures are not a held-out benchmark")
-        print(f"pairs.txt: {int(metrics['lfw_pairs_overlapping_pairs']):,} of {int(metrics['lfw_pairs_pairs']):,} "
-              f"pairs name {int(metrics['lfw_pairs_train_identities']):,} training identities{held}")
-    for key, label in (("model_uri", "trained model"), ("report_uri", "report"), ("threshold_uri", "threshold.json")):
-        if metrics.get(key):
-            print(f"{label}: {metrics[key]}")
-    print(f"summary: {path}")
+    headline = headline_lines(metrics)
+    if headline:
+        print("\n" + "\n".join(headline))
+    # The report and threshold as the run folder's copies (report.html opens in a browser), else the artifacts.
+    paths = [("trained model", metrics.get("model_uri")),
+             ("report", summary.get("report_html") or metrics.get("report_uri")),
+             ("threshold.json", summary.get("threshold_json") or metrics.get("threshold_uri")),
+             ("task logs", summary.get("logs")), ("summary", str(path))]
+    for label, where in paths:
+        if where:
+            print(f"{label + ':':<15} {where}")
     if summary["status"] != "SUCCEEDED":
         print(f"\nerror: {summary['error']}", file=sys.stderr)
         return 1
@@ -305,6 +511,24 @@ def check_inputs(needed: tuple[str, ...], found: dict[str, str], described: list
     return paths
 
 
+def used_evaluation_archive(found: Mapping[str, str]) -> bool:
+    """Whether the run that made the artifacts `found` evaluated on a separate evaluation archive.
+
+    It did when they include the evaluation archive's images (``eval_images``),
+    or when its splits were made without a test split (their provenance.json
+    records ``test_split: false``): a rerun of evaluate then needs that
+    archive's images, and a rerun of splits makes no test split either.
+    """
+    if "eval_images" in found:
+        return True
+    path = local_path(found["splits"]) if "splits" in found else None
+    record = path / "provenance.json" if path is not None else None
+    if record is None or not record.is_file():
+        return False
+    provenance = read_json(record)
+    return isinstance(provenance, dict) and provenance.get("test_split") is False
+
+
 # --- which archive and pairs file a local run uses ----------------------------------------------
 
 def ensure_demo_archive(demo_dir: Path, identities: int, seed: int) -> tuple[str, str]:
@@ -384,23 +608,24 @@ def resolve_sources(specs: list[str], producers: Mapping[str, Producer]) -> tupl
 
 
 def step_overrides(items: list[str], steps: list[str], reads: Mapping[str, set[str]],
-                   section: str) -> dict[str, dict[str, Any]]:
+                   section: str, option: str = "--set") -> dict[str, dict[str, Any]]:
     """`--set` items of a rerun as config overrides; each must be a parameter one of `steps` reads.
 
     `reads` gives each step's pipeline parameters; a name is a config key, a
     pipeline parameter or a plain key of `section` (``learning_rate`` for train).
+    Errors name `option`, as the user gave the items (``SET`` for make's).
     """
     keys = parameter_keys()
     aliases = {**{key: (s, key) for name, (s, key) in keys.items() if s == section}, **keys}
     parameter_of = {key: name for name, key in keys.items()}
     used = set().union(*(reads[step] for step in steps))
-    overrides = parse_assignments(items, aliases)
+    overrides = parse_assignments(items, aliases, option=option)
     for cfg_section, values in overrides.items():
         for key in values:
             param = parameter_of.get((cfg_section, key), f"{cfg_section}.{key}")
             if param not in used:
                 hint = (" (add --with-evaluate to evaluate the new model too)"
                         if steps == ["train"] and param in reads["evaluate"] else "")
-                raise InputError(f"--set {cfg_section}.{key}: step {' + '.join(steps)} does not read {param}"
+                raise InputError(f"{option} {cfg_section}.{key}: step {' + '.join(steps)} does not read {param}"
                                  f"{hint}; it reads: {', '.join(sorted(used)) or 'no parameters'}")
     return overrides

@@ -38,7 +38,9 @@ HISTORY = {"train": [{"step": s, "loss": 0.5 / s, "fraction_positive_triplets": 
            "val": [{"step": 3, "loss": 0.3, "fraction_positive_triplets": 0.5, "mean_positive_distance": 0.6,
                     "mean_negative_distance": 0.9}]}
 # 4 same-person pairs at most per identity: Ann, Cy and Fay give 4 of their 6 or 10.
-CONFIG = EvaluateConfig(max_positive_pairs=1000, max_pairs_per_identity=4, folds=4, far_targets=(1e-3, 1e-2),
+# FAR 0.25 is measurable on the test split's 22 different-person pairs (>= 4, and >= 4 in each fold's test
+# part); 1e-3 and 1e-2 are not (they need 1,000 and 100).
+CONFIG = EvaluateConfig(max_positive_pairs=1000, max_pairs_per_identity=4, folds=4, far_targets=(1e-3, 1e-2, 0.25),
                         batch_size=8, report_examples=6, seed=3)
 IMAGE_SIZE, CROP = 32, 0.6
 
@@ -160,11 +162,12 @@ def fresh_data(tmp_path):
 def write_model_dir(path, squared=True, inputs=None, unit=True):
     """model.json (with `inputs`, the fingerprints train records, when given) and history.json."""
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"distance": {"squared": squared, "margin": 0.2}, "fake_unit": unit,
+    meta = {"distance": {"squared": squared, "margin": 0.2}, "fake_unit": unit, "file": "model.keras",
             "preprocessing": {"image_size": IMAGE_SIZE, "crop_fraction": CROP, "version": "centre-crop-v1"}}
     if inputs is not None:
         meta["inputs"] = inputs
     (path / "model.json").write_text(json.dumps(meta))
+    (path / "model.keras").write_bytes(b"the fake model's file")
     (path / "history.json").write_text(json.dumps(HISTORY))
     return path
 
@@ -224,11 +227,35 @@ def check_threshold_scores(m, data, distance, flip, seed_threshold, unit=True):
     else:
         assert m[name("test_accuracy_at_seed_threshold")] == pytest.approx(
             sum((x < seed_threshold) == y for x, y in zip(td, ts)) / len(td))
-    # The VAL@FAR threshold is found on validation and applied unchanged to test.
-    t_far = vm.threshold_at_far(vd, vs, 0.01)
-    assert m[name("threshold_at_far_0.01")] == pytest.approx(t_far, rel=1e-6, abs=1e-9)
-    assert m[name("test_val_at_far_0.01")] == pytest.approx(sum(x < t_far for x in td[ts]) / ts.sum())
+    # The VAL@FAR threshold is found on validation and applied unchanged to test; VAL and the FAR it
+    # reaches are counted on test where the test pairs can measure that FAR.
     folds = ev.stratified_folds(ts, CONFIG.folds, CONFIG.seed, "test")
+    for far, need in ((0.001, 1000), (0.01, 100), (0.25, 4)):
+        t_far = vm.threshold_at_far(vd, vs, far)
+        assert m[name(f"threshold_at_far_{far}")] == pytest.approx(t_far, rel=1e-6, abs=1e-9)
+        n_diff = sum(1 for y in ts if not y)
+        fewest = min(sum(1 for y, f in zip(ts, folds) if not y and f == k) for k in range(CONFIG.folds))
+        if n_diff >= need:
+            assert m[name(f"test_val_at_far_{far}")] == pytest.approx(sum(x < t_far for x in td[ts]) / ts.sum())
+            assert m[name(f"test_far_at_far_{far}")] == pytest.approx(sum(x < t_far for x in td[~ts]) / n_diff)
+            assert name(f"test_val_at_far_{far}_needs_different_pairs") not in m
+        else:
+            assert m[name(f"test_val_at_far_{far}_needs_different_pairs")] == need
+            assert name(f"test_val_at_far_{far}") not in m and name(f"test_far_at_far_{far}") not in m
+        if fewest >= need:
+            vals, fars = [], []
+            for k in range(CONFIG.folds):
+                t = vm.threshold_at_far(td[folds != k], ts[folds != k], far)
+                inside = folds == k
+                vals.append(sum(1 for x, y in zip(td[inside], ts[inside]) if y and x < t) / ts[inside].sum())
+                fars.append(sum(1 for x, y in zip(td[inside], ts[inside]) if not y and x < t) / (~ts[inside]).sum())
+            assert m[name(f"test_kfold_val_at_far_{far}_mean")] == pytest.approx(np.mean(vals))
+            assert m[name(f"test_kfold_val_at_far_{far}_std")] == pytest.approx(np.std(vals))
+            assert m[name(f"test_kfold_far_at_far_{far}_mean")] == pytest.approx(np.mean(fars))
+        else:
+            assert m[name(f"test_kfold_val_at_far_{far}_needs_different_pairs")] == need
+            assert name(f"test_kfold_val_at_far_{far}_mean") not in m
+    assert "test_val_at_far_0.25" in m and "test_kfold_val_at_far_0.25_mean" in m   # the measurable path ran
     accs = []
     for k in range(CONFIG.folds):
         t, _ = vm.select_threshold(td[folds != k], ts[folds != k])
@@ -333,7 +360,10 @@ def test_pair_counts_and_identities(data, evaluated):
                                       max_per_identity=CONFIG.max_pairs_per_identity, seed=CONFIG.seed)
         owner = [key.split("/")[0] for key in keys]
         positives = sum(min(c * (c - 1) // 2, CONFIG.max_pairs_per_identity) for c in people.values())
-        assert (m[f"{split}_pairs"], m[f"{split}_positive_pairs"]) == (2 * positives, positives)
+        assert (m[f"{split}_pairs"], m[f"{split}_same_pairs"], m[f"{split}_different_pairs"]) == \
+            (2 * positives, positives, positives)
+        # 24 validation and 22 test pairs of each class: too few for an accuracy headline.
+        assert m[f"{split}_accuracy_withheld"] == 1
         assert m[f"{split}_positive_identities"] == sum(1 for c in people.values() if c >= 2)
         assert m[f"{split}_identities"] == len({owner[i] for i in np.concatenate((a, b))})
         assert m[f"{split}_images"] == len(set(np.concatenate((a, b)).tolist()))
@@ -343,11 +373,12 @@ def test_all_metrics_present_finite_and_in_range(evaluated):
     result, out = evaluated["result"], evaluated["out"]
     m = result["metrics"]
     rates = ["val_accuracy", "test_accuracy", "test_kfold_accuracy_mean", "test_auc", "test_eer",
-             "test_val_at_far_0.001", "test_val_at_far_0.01", "test_kfold_val_at_far_0.001_mean",
-             "test_kfold_val_at_far_0.01_mean", "test_accuracy_at_seed_threshold", "val_auc"]
+             "test_val_at_far_0.25", "test_far_at_far_0.25", "test_kfold_val_at_far_0.25_mean",
+             "test_kfold_far_at_far_0.25_mean", "test_accuracy_at_seed_threshold", "val_auc"]
     rates += [flip_key(key) for key in rates]
     for key in rates + ["threshold", "flip_threshold", "test_kfold_accuracy_std", "test_flip_kfold_accuracy_std",
-                        "test_pairs", "test_positive_pairs", "val_pairs", "test_identities", "val_identities",
+                        "test_pairs", "test_same_pairs", "test_different_pairs", "val_pairs", "test_identities",
+                        "val_identities", "test_val_at_far_0.001_needs_different_pairs",
                         "val_positive_identities", "test_positive_identities"]:
         assert key in m, key
     for key, value in m.items():
@@ -373,7 +404,7 @@ def test_threshold_json_states_the_distance(evaluated):
     assert info == result["threshold"]
     assert set(info) == {"threshold", "distance", "distance_definition", "rule", "chosen_on", "val_accuracy",
                          "test_accuracy", "model", "embedding_dim", "preprocessing", "flip_threshold",
-                         "flip_definition", "flip_test_accuracy"}
+                         "flip_definition", "flip_test_accuracy", "model_sha256", "model_distance"}
     assert info["distance"] == "squared_l2" and "squared Euclidean" in info["distance_definition"]
     assert info["rule"] == "same person when distance < threshold"
     assert info["chosen_on"] == "validation pairs, max accuracy"
@@ -488,8 +519,15 @@ def check_pairs_scores(m, prefix, d, s, folds, threshold):
     auc = sum(1.0 if p < q else 0.5 if p == q else 0.0 for p in d[s] for q in d[~s]) / (s.sum() * (~s).sum())
     assert m[f"{prefix}auc"] == pytest.approx(auc)
     assert m[f"{prefix}accuracy_at_threshold"] == pytest.approx(np.mean((d < threshold) == s))
-    assert m[f"{prefix}val_at_far_0.001_mean"] == pytest.approx(
-        vm.kfold_val_at_far(d, s, 1e-3, int(np.unique(folds).size), fold_ids=folds)["val_mean"])
+    # VAL@FAR 0.25 needs 4 different pairs in the test part of every fold; 1e-3 needs 1,000.
+    fewest = min(int(np.sum(~s[folds == k])) for k in np.unique(folds))
+    assert m[f"{prefix}kfold_val_at_far_0.001_needs_different_pairs"] == 1000
+    assert f"{prefix}kfold_val_at_far_0.001_mean" not in m
+    if fewest >= 4:
+        assert m[f"{prefix}kfold_val_at_far_0.25_mean"] == pytest.approx(
+            vm.kfold_val_at_far(d, s, 0.25, int(np.unique(folds).size), fold_ids=folds)["val_mean"])
+    else:
+        assert m[f"{prefix}kfold_val_at_far_0.25_needs_different_pairs"] == 4
 
 
 def test_lfw_pairs_file_and_its_overlap_with_training(data, evaluated):
@@ -501,7 +539,9 @@ def test_lfw_pairs_file_and_its_overlap_with_training(data, evaluated):
     assert (m["lfw_pairs_pairs"], m["lfw_pairs_folds"]) == (8, 2)
     # Kim_Train and Lou_Train are training identities, named by 3 of the 8 pairs.
     assert (m["lfw_pairs_train_identities"], m["lfw_pairs_overlapping_pairs"]) == (2, 3)
-    assert (m["lfw_pairs_heldout_pairs"], m["lfw_pairs_heldout_positive_pairs"]) == (5, 3)
+    assert (m["lfw_pairs_heldout_pairs"], m["lfw_pairs_heldout_same_pairs"], m["lfw_pairs_heldout_different_pairs"]) \
+        == (5, 3, 2)
+    assert (m["lfw_pairs_same_pairs"], m["lfw_pairs_different_pairs"], m["lfw_pairs_folds_from_file"]) == (4, 4, 1)
     assert m["lfw_pairs_heldout_identities"] == 5          # Fay, Gus, Ann, Hal, Ivy
     # 5 held-out pairs are too few for figures of their own: a warning, no lfw_pairs_heldout_ scores.
     assert "lfw_pairs_heldout_kfold_accuracy_mean" not in m
@@ -527,7 +567,17 @@ def test_lfw_pairs_heldout_figures(data, fake_model, tmp_path, monkeypatch):
     assert m["lfw_pairs_heldout_folds"] == CONFIG.folds
     assert not [w for w in result["warnings"] if w.startswith("LFW")]
     html = (out / "report.html").read_text()
-    assert "LFW pairs.txt, held-out identities k-fold accuracy" in html
+    # Too few pairs of each class for an accuracy headline: the counts, AUC and why accuracy is withheld.
+    n_same, n_diff = int(s[heldout].sum()), int((~s[heldout]).sum())
+    assert m["lfw_pairs_heldout_accuracy_withheld"] == 1
+    headline = html[html.index('<table class="headline">'):]
+    headline = headline[:headline.index("</table>")]
+    assert (f'<td>LFW pairs.txt, held-out identities pairs</td><td class="num">{n_same} same, {n_diff} different '
+            f'in {CONFIG.folds} seeded stratified folds</td>') in headline
+    assert (f"<td>LFW pairs.txt, held-out identities accuracy</td><td class=\"num\">accuracy withheld: {n_same} "
+            f"same-person and {n_diff} different-person pairs (&lt; 100 each)") in headline
+    assert "held-out identities k-fold accuracy" not in headline
+    assert "LFW pairs.txt, held-out identities ROC AUC" in headline
     assert "LFW pairs.txt, held-out identities" in html and "NOT a held-out benchmark" not in html
 
 
@@ -837,3 +887,118 @@ def test_archive_overlap_counts_names_in_both_archives():
     assert ev.archive_overlap(train_rows, eval_rows, train_names={"Ann", "Bob"}) == {
         "eval_identities": 3, "eval_images": 6, "eval_identities_in_training_archive": 2,
         "eval_identities_in_train_split": 1}
+
+
+# ----------------------------------------------------------------------------- what the figures rest on
+
+@pytest.mark.parametrize("folds", [4, 1, 2, 5])
+@pytest.mark.parametrize("separate", [True, False])
+def test_pairs_file_folds_come_from_its_header(data, fake_model, tmp_path, folds, separate):
+    """A pairs.txt declaring 4 (or 2, 5) folds is cross-validated in those folds, with an evaluation archive
+    or on the training archive; a 1-fold file (View 1 style) gets evaluate.folds seeded stratified folds."""
+    per_fold = {1: 8, 2: 6, 4: 3, 5: 3}[folds]
+    lines = pairs_lines(folds=folds, per_fold=per_fold, seed=folds)
+    if folds == 1:
+        lines[0] = str(per_fold)                      # View 1's header: the pair count alone
+    pairs = write_pairs(tmp_path / "pairs.txt", lines)
+    config = dataclasses.replace(CONFIG, flip=False)
+    extra = {"eval_dataset_dir": data["dataset"]} if separate else {}
+    result, out = run(data, write_model_dir(tmp_path / "model"), config=config, pairs_uri=str(pairs), **extra)
+    m = result["metrics"]
+    d, s, file_folds, _ = reference_pairs_file(data, [f"1\t{per_fold}" if folds == 1 else lines[0], *lines[1:]])
+    expected = file_folds if folds > 1 else ev.stratified_folds(s, CONFIG.folds, CONFIG.seed, "one fold")
+    n_folds = folds if folds > 1 else CONFIG.folds
+    assert (m["lfw_pairs_folds"], m["lfw_pairs_folds_from_file"]) == (n_folds, int(folds > 1))
+    check_pairs_scores(m, "lfw_pairs_", d, s, expected, m["threshold"])
+    html = (out / "report.html").read_text()
+    if separate:
+        # The test figures are the pairs file's, in the same folds.
+        assert (m["test_folds"], m["test_folds_from_file"], m["test_pairs"]) == (n_folds, int(folds > 1), len(d))
+        check_pairs_scores({k.replace("test_", "lfw_pairs_", 1): v for k, v in m.items()
+                            if k.startswith("test_kfold_accuracy")} | {
+            "lfw_pairs_auc": m["test_auc"], "lfw_pairs_accuracy_at_threshold": m["test_accuracy"],
+            "lfw_pairs_kfold_val_at_far_0.001_needs_different_pairs": m["test_kfold_val_at_far_0.001_needs_different_pairs"],
+            **{k.replace("test_", "lfw_pairs_", 1): v for k, v in m.items() if k.startswith("test_kfold_val_at_far_0.25")}},
+            "lfw_pairs_", d, s, expected, m["threshold"])
+        assert (f"the test pairs are in the {folds} folds the evaluation archive&#x27;s pairs.txt declares" in html
+                if folds > 1 else "the evaluation archive&#x27;s pairs.txt declares one fold" in html)
+    else:
+        assert m["test_folds_from_file"] == 0 and m["test_folds"] == CONFIG.folds
+    if folds > 1:
+        assert f"in the {folds} folds the file declares (the LFW protocol)" in html
+    else:
+        assert f"in the {CONFIG.folds} seeded stratified folds (evaluate.folds, evaluate.seed): the file declares " \
+               f"one fold (View 1 style)" in html
+
+
+def test_pairs_file_fold_counts_without_an_evaluation_archive_match_with_one(data, fake_model, tmp_path):
+    """Same file, same folds, same pairs.txt figures whichever archive branch evaluates it."""
+    lines = pairs_lines(folds=4, per_fold=3, seed=4)
+    pairs = write_pairs(tmp_path / "pairs.txt", lines)
+    config = dataclasses.replace(CONFIG, flip=False)
+    plain, _ = run(data, write_model_dir(tmp_path / "model"), config=config, pairs_uri=str(pairs),
+                   out=tmp_path / "plain")
+    separate, _ = run(data, write_model_dir(tmp_path / "model"), config=config, pairs_uri=str(pairs),
+                      eval_dataset_dir=data["dataset"], out=tmp_path / "separate")
+    lfw = {k: v for k, v in plain["metrics"].items() if k.startswith("lfw_pairs_")}
+    assert lfw == {k: v for k, v in separate["metrics"].items() if k.startswith("lfw_pairs_")}
+    assert separate["metrics"]["test_kfold_accuracy_mean"] == lfw["lfw_pairs_kfold_accuracy_mean"]
+
+
+def test_val_at_far_is_na_where_the_pairs_cannot_measure_the_far():
+    """The demo: 97 different-person test pairs cannot measure FAR 1e-3 (1,000 needed) nor 1e-2 (100)."""
+    rng = np.random.default_rng(0)
+    same = np.arange(194) % 2 == 0
+    d = np.where(same, rng.normal(0.5, 0.2, 194), rng.normal(1.2, 0.2, 194))
+    folds = ev.stratified_folds(same, 10, 0, "demo")
+    m = ev.val_at_far_scores("test_", d, same, folds, 1e-3, threshold=0.6)
+    assert m == {"test_val_at_far_0.001_needs_different_pairs": 1000,
+                 "test_kfold_val_at_far_0.001_needs_different_pairs": 1000}
+    m = ev.val_at_far_scores("test_", d, same, folds, 1e-2, threshold=0.6)
+    assert m == {"test_val_at_far_0.01_needs_different_pairs": 100,
+                 "test_kfold_val_at_far_0.01_needs_different_pairs": 100}
+    # FAR 0.05 needs 20 different pairs: 97 in all can measure it, about 10 in each fold's test part cannot.
+    m = ev.val_at_far_scores("test_", d, same, folds, 0.05, threshold=0.6)
+    assert m["test_kfold_val_at_far_0.05_needs_different_pairs"] == 20
+    assert m["test_val_at_far_0.05"] == pytest.approx(sum(1 for x, y in zip(d, same) if y and x < 0.6) / 97)
+    assert m["test_far_at_far_0.05"] == pytest.approx(sum(1 for x, y in zip(d, same) if not y and x < 0.6) / 97)
+
+
+def test_val_at_far_with_enough_pairs_against_loops():
+    """1,000 different pairs in each fold's test part: VAL@FAR=1e-3 is measured, and the FAR it reaches is recorded."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    same = np.arange(n) % 2 == 0
+    d = np.where(same, rng.normal(0.6, 0.25, n), rng.normal(1.4, 0.25, n))
+    folds = ev.stratified_folds(same, 2, 0, "big")
+    m = ev.val_at_far_scores("x_", d, same, folds, 1e-3, threshold=0.5)
+    assert m["x_val_at_far_0.001"] == pytest.approx(sum(1 for x, y in zip(d, same) if y and x < 0.5) / same.sum())
+    assert m["x_far_at_far_0.001"] == pytest.approx(sum(1 for x, y in zip(d, same) if not y and x < 0.5) / (n / 2))
+    vals, fars = [], []
+    for k in range(2):
+        t = vm.threshold_at_far(d[folds != k], same[folds != k], 1e-3)
+        inside = folds == k
+        vals.append(sum(1 for x, y in zip(d[inside], same[inside]) if y and x < t) / same[inside].sum())
+        fars.append(sum(1 for x, y in zip(d[inside], same[inside]) if not y and x < t) / (~same[inside]).sum())
+    assert m["x_kfold_val_at_far_0.001_mean"] == pytest.approx(np.mean(vals))
+    assert m["x_kfold_val_at_far_0.001_std"] == pytest.approx(np.std(vals))
+    assert m["x_kfold_far_at_far_0.001_mean"] == pytest.approx(np.mean(fars))
+    assert not [key for key in m if key.endswith("_needs_different_pairs")]
+    # One fewer different pair in a fold's test part and the k-fold figure is n/a.
+    drop = np.flatnonzero(~same & (folds == 0))[:1]
+    keep = np.setdiff1d(np.arange(n), drop)
+    m = ev.val_at_far_scores("x_", d[keep], same[keep], folds[keep], 1e-3, threshold=0.5)
+    assert m["x_kfold_val_at_far_0.001_needs_different_pairs"] == 1000 and "x_val_at_far_0.001" in m
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_one_fold_file_too_small_for_the_folds_fails_before_embedding(data, fake_model, tmp_path, separate):
+    lines = pairs_lines(folds=1, per_fold=3, seed=1)
+    lines[0] = "3"                                     # 3 pairs of each class, evaluate.folds 4
+    pairs = write_pairs(tmp_path / "pairs.txt", lines)
+    extra = {"eval_dataset_dir": data["dataset"]} if separate else {}
+    with pytest.raises(InputError, match=rf"{re.escape(str(pairs))} \(one fold\): 4-fold cross-validation needs "
+                                         rf"at least 4 same and 4 different pairs, got 3 and 3; lower evaluate.folds"):
+        run(data, write_model_dir(tmp_path / "model"), pairs_uri=str(pairs), **extra)
+    assert not fake_model
+    assert not (tmp_path / "out" / "threshold.json").exists()

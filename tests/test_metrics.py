@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -496,3 +497,109 @@ def test_exhaustive_tiny_cases_against_reference():
                 assert metrics.roc_auc(d, labels) == pytest.approx(ref_auc(d, labels))
                 eer, _ = metrics.equal_error_rate(d, labels)
                 assert 0.0 <= eer <= 1.0
+
+
+# --------------------------------------------------------------------------- what a figure rests on
+
+def ref_threshold_at_far(d, s, target):
+    """threshold_at_far by loops: FAR at every distinct distance (and above the largest), the largest
+    threshold per FAR value, then a linear interpolation between the two FARs around the target."""
+    candidates = sorted(set(d)) + [math.nextafter(max(d), math.inf)]
+    n_diff = sum(1 for y in s if not y)
+    best = {}
+    for t in candidates:
+        far = sum(1 for x, y in zip(d, s) if not y and x < t) / n_diff
+        best[far] = max(best.get(far, -math.inf), t)
+    fars = sorted(best)
+    if target <= fars[0]:
+        return best[fars[0]]
+    for low, high in zip(fars, fars[1:]):
+        if low <= target <= high:
+            return best[low] + (target - low) / (high - low) * (best[high] - best[low])
+    return best[fars[-1]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_far_reached_at_a_threshold_chosen_on_other_pairs_matches_loops(seed):
+    """VAL@FAR as evaluate computes it: the threshold interpolated on validation pairs, VAL and the FAR
+    it reaches counted on test pairs."""
+    rng = np.random.default_rng(seed)
+    vd, vs = random_pairs(rng, 400, ties=bool(seed % 2))
+    td, ts = random_pairs(rng, 300, ties=bool(seed % 2))
+    for target in (1e-3, 0.01, 0.05, 0.3):
+        t = metrics.threshold_at_far(vd, vs, target)
+        assert t == pytest.approx(ref_threshold_at_far(vd.tolist(), vs.tolist(), target), rel=1e-12, abs=1e-12)
+        assert metrics.val_far(td, ts, t) == pytest.approx(ref_val_far(td.tolist(), ts.tolist(), t))
+
+
+def test_kfold_val_at_far_with_stratified_folds_matches_loops():
+    rng = np.random.default_rng(11)
+    d, s = random_pairs(rng, 600, ties=False)
+    ids = np.empty(600, dtype=np.int64)
+    for mask in (s, ~s):
+        members = np.flatnonzero(mask)
+        ids[rng.permutation(members)] = np.arange(members.size) % 5
+    for target in (0.01, 0.1):
+        result = metrics.kfold_val_at_far(d, s, target, folds=5, fold_ids=ids)
+        vals, fars = [], []
+        for k in range(5):
+            train = [i for i in range(600) if ids[i] != k]
+            test = [i for i in range(600) if ids[i] == k]
+            t = ref_threshold_at_far([d[i] for i in train], [bool(s[i]) for i in train], target)
+            v, f = ref_val_far([d[i] for i in test], [bool(s[i]) for i in test], t)
+            vals.append(v)
+            fars.append(f)
+        assert result["vals"] == pytest.approx(vals) and result["fars"] == pytest.approx(fars)
+        assert result["far_mean"] == pytest.approx(sum(fars) / 5)
+
+
+@pytest.mark.parametrize("far, need", [(1e-3, 1000), (1e-2, 100), (0.1, 10), (0.3, 4), (1e-4, 10_000),
+                                       (1e-6, 1_000_000), (0.07, 15), (0.5, 2), (1.0, 1), (2.5e-3, 400),
+                                       (1 / 49, 49), (1 / 98, 98), (1 / 103, 103)])
+def test_min_different_pairs_is_the_ceiling_of_one_over_far(far, need):
+    assert metrics.min_different_pairs(far) == need
+    # The obvious reference: the fewest n with 1/n <= far (one accepted pair is a FAR of 1/n).
+    assert min(n for n in range(1, 2 * need + 2) if 1 / n <= far * (1 + 1e-12)) == need
+
+
+@pytest.mark.parametrize("far", [0.0, -0.1, 1.5, float("nan"), "x"])
+def test_min_different_pairs_refuses_what_no_pair_count_measures(far):
+    with pytest.raises(InputError, match="far_target"):
+        metrics.min_different_pairs(far)
+
+
+def test_fewest_in_a_fold_against_a_loop():
+    rng = np.random.default_rng(2)
+    s = rng.random(200) < 0.3
+    ids = rng.integers(0, 7, 200)
+    same = [sum(1 for i in range(200) if ids[i] == k and s[i]) for k in set(ids.tolist())]
+    diff = [sum(1 for i in range(200) if ids[i] == k and not s[i]) for k in set(ids.tolist())]
+    assert metrics.fewest_in_a_fold(s, ids) == (min(same), min(diff))
+    with pytest.raises(InputError, match="one entry per pair"):
+        metrics.fewest_in_a_fold(s, ids[:5])
+
+
+def test_accuracy_withheld_names_the_short_class_and_the_majority_score():
+    # LFW's real pairs.txt on the pair identities it trained on: 900 same and 23 different pairs held out.
+    assert metrics.accuracy_withheld(900, 23) == (
+        "accuracy withheld: 23 different-person pairs (< 100); answering 'same' to every pair would score 0.975")
+    assert metrics.accuracy_withheld(97, 97) == (
+        "accuracy withheld: 97 same-person and 97 different-person pairs (< 100 each); answering 'same' to "
+        "every pair would score 0.500")
+    assert metrics.accuracy_withheld(5, 400) == (
+        "accuracy withheld: 5 same-person pairs (< 100); answering 'different' to every pair would score 0.988")
+    assert metrics.accuracy_withheld(metrics.MIN_CLASS_PAIRS, metrics.MIN_CLASS_PAIRS) == ""
+    assert metrics.accuracy_withheld(3000, 3000) == ""
+    assert metrics.accuracy_withheld(1500, 99).startswith("accuracy withheld: 99 different-person pairs")
+    assert metrics.accuracy_withheld(10, 10, minimum=5) == ""
+    with pytest.raises(InputError):
+        metrics.accuracy_withheld(0, 0)
+
+
+def test_accuracy_withheld_majority_score_against_counting():
+    """The quoted score is the accuracy of answering the larger class for every pair, counted by a loop."""
+    for n_same, n_diff in [(900, 23), (1, 99), (50, 150), (0, 10), (99, 0)]:
+        same = [True] * n_same + [False] * n_diff
+        answer = n_same >= n_diff
+        score = sum(1 for y in same if y == answer) / len(same)
+        assert metrics.accuracy_withheld(n_same, n_diff).endswith(f"would score {score:.3f}")

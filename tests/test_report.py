@@ -159,7 +159,8 @@ def test_evaluation_report_sections_and_labels():
     assert re.search(r"<td>threshold_at_far_0.001</td><td>[^<]*</td><td class=\"num\">0.4100 \(squared L2\)</td>",
                      html)
     assert re.search(r"<td>test_auc</td><td>[^<]*</td><td class=\"num\">0.9500</td>", html)
-    assert "test VAL @ FAR=0.001" in html and "(k-fold 0.2800 ± 0.0500)" in html
+    assert '<td>test VAL @ FAR=0.001</td><td class="num">0.3000</td>' in html
+    assert '<td>test k-fold VAL @ FAR=0.001</td><td class="num">0.2800 ± 0.0500</td>' in html
     assert "<title>Eval &lt;report&gt;</title>" in html and "a &lt; b &amp; c" in html
     assert len(images_in(html, "png")) == 3          # ROC, histogram, training curves
     assert html.count("No examples requested") == 1
@@ -283,3 +284,81 @@ def test_warnings_section_and_a_missing_seed_threshold():
     assert html.index("<h2>Warnings</h2>") < html.index("<h2>Headline</h2>")
     assert "seed threshold" not in headline(html)
     assert "<h2>Warnings</h2>" not in build_with(METRICS)
+
+
+# ----------------------------------------------------------------------------- what the figures rest on
+
+def headline_cells(html):
+    """{label: [value cells]} of the headline table."""
+    rows = re.findall(r"<tr><td>([^<]*)</td>((?:<td class=\"num\">[^<]*</td>)*)</tr>", headline(html))
+    return {label: re.findall(r'<td class="num">([^<]*)</td>', cells) for label, cells in rows}
+
+
+HELD_OUT_LFW = {**METRICS, "test_same_pairs": 3000, "test_different_pairs": 3000, "test_folds": 10,
+                "test_folds_from_file": 0, "test_far_at_far_0.001": 0.0017,
+                "val_same_pairs": 600, "val_different_pairs": 600,
+                "lfw_pairs_pairs": 6000, "lfw_pairs_same_pairs": 3000, "lfw_pairs_different_pairs": 3000,
+                "lfw_pairs_folds": 10, "lfw_pairs_folds_from_file": 1, "lfw_pairs_kfold_accuracy_mean": 0.97,
+                "lfw_pairs_kfold_accuracy_std": 0.01, "lfw_pairs_auc": 0.99, "lfw_pairs_eer": 0.03,
+                "lfw_pairs_kfold_val_at_far_0.001_needs_different_pairs": 1000,
+                "lfw_pairs_heldout_pairs": 923, "lfw_pairs_heldout_same_pairs": 900,
+                "lfw_pairs_heldout_different_pairs": 23, "lfw_pairs_heldout_accuracy_withheld": 1,
+                "lfw_pairs_heldout_folds": 10, "lfw_pairs_heldout_kfold_accuracy_mean": 0.9892,
+                "lfw_pairs_heldout_kfold_accuracy_std": 0.012, "lfw_pairs_heldout_auc": 0.9712,
+                "lfw_pairs_heldout_eer": 0.0833,
+                "lfw_pairs_heldout_kfold_val_at_far_0.001_needs_different_pairs": 1000}
+
+
+def test_headline_withholds_accuracy_of_900_same_and_23_different_held_out_pairs():
+    html = build_with(HELD_OUT_LFW)
+    cells = headline_cells(html)
+    assert cells["LFW pairs.txt, held-out identities pairs"] == ["900 same, 23 different in 10 seeded stratified folds"]
+    assert cells["LFW pairs.txt, held-out identities accuracy"] == [
+        "accuracy withheld: 23 different-person pairs (&lt; 100); answering &#x27;same&#x27; to every pair would "
+        "score 0.975"]
+    assert "LFW pairs.txt, held-out identities k-fold accuracy" not in cells
+    assert cells["LFW pairs.txt, held-out identities ROC AUC"] == ["0.9712"]
+    assert cells["LFW pairs.txt, held-out identities equal error rate"] == ["0.0833"]
+    assert "0.9892" not in headline(html)
+    # The sets with enough pairs keep their accuracies, beside their counts.
+    assert cells["test pairs"] == ["3,000 same, 3,000 different in 10 seeded stratified folds"]
+    assert cells["test accuracy"] == ["0.9000"] and cells["LFW pairs.txt k-fold accuracy"] == ["0.9700 ± 0.0100"]
+    assert cells["LFW pairs.txt pairs"] == ["3,000 same, 3,000 different in the 10 folds of the file"]
+    # The full table still lists the held-out accuracy, saying it is not a headline figure.
+    assert re.search(r"<td>lfw_pairs_heldout_kfold_accuracy_mean</td><td>[^<]*not a headline figure: accuracy "
+                     r"withheld: 23 different-person pairs[^<]*</td><td class=\"num\">0.9892</td>", html)
+
+
+def test_headline_val_at_far_with_the_far_reached_or_na():
+    cells = headline_cells(build_with(HELD_OUT_LFW))
+    assert cells["test VAL @ FAR=0.001"] == ["0.3000 (FAR reached 0.0017)"]
+    assert cells["test k-fold VAL @ FAR=0.001"] == ["0.2800 ± 0.0500"]
+    assert cells["LFW pairs.txt k-fold VAL @ FAR=0.001"] == [
+        "n/a (needs &gt;= 1,000 different pairs in each fold&#x27;s test part)"]
+    demo = {k: v for k, v in METRICS.items() if "val_at_far" not in k}
+    demo.update({"test_same_pairs": 97, "test_different_pairs": 97, "val_same_pairs": 96, "val_different_pairs": 96,
+                 "test_val_at_far_0.001_needs_different_pairs": 1000,
+                 "test_kfold_val_at_far_0.001_needs_different_pairs": 1000})
+    html = build_with(demo)
+    cells = headline_cells(html)
+    assert cells["test VAL @ FAR=0.001"] == ["n/a (needs &gt;= 1,000 different pairs)"]
+    assert cells["test k-fold VAL @ FAR=0.001"] == ["n/a (needs &gt;= 1,000 different pairs in each fold&#x27;s test part)"]
+    assert cells["test accuracy"][0].startswith("accuracy withheld: 97 same-person and 97 different-person pairs")
+    assert "test k-fold accuracy" not in cells and not [c for c in cells if "seed threshold" in c]
+    assert cells["validation accuracy"][0].startswith("accuracy withheld: 96 same-person")
+    assert report.describe_metric("test_val_at_far_0.001_needs_different_pairs").startswith(
+        "VAL on test at FAR 0.001 is n/a")
+    assert report.describe_metric("lfw_pairs_heldout_different_pairs") == (
+        "LFW pairs.txt, held-out identities: different-person pairs")
+
+
+def test_headline_flip_column_follows_the_same_rules():
+    metrics = {**HELD_OUT_LFW, "flip_threshold": 1.06, "test_flip_accuracy": 0.91, "test_flip_val_at_far_0.001": 0.31,
+               "test_flip_far_at_far_0.001": 0.0021, "test_flip_kfold_val_at_far_0.001_needs_different_pairs": 1000,
+               "lfw_pairs_heldout_flip_auc": 0.975}
+    cells = headline_cells(build_with(metrics))
+    assert cells["test VAL @ FAR=0.001"] == ["0.3000 (FAR reached 0.0017)", "0.3100 (FAR reached 0.0021)"]
+    assert cells["test k-fold VAL @ FAR=0.001"] == [
+        "0.2800 ± 0.0500", "n/a (needs &gt;= 1,000 different pairs in each fold&#x27;s test part)"]
+    assert cells["LFW pairs.txt, held-out identities ROC AUC"] == ["0.9712", "0.9750"]
+    assert cells["LFW pairs.txt, held-out identities accuracy"][1] == ""
