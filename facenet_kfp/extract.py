@@ -76,7 +76,6 @@ import collections
 import contextlib
 import csv
 import fcntl
-import gzip
 import io
 import logging
 import lzma
@@ -95,8 +94,9 @@ import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
+from isal import igzip, isal_zlib
 from PIL import Image
 
 from facenet_kfp.errors import FacenetError, InputError
@@ -148,10 +148,10 @@ _DAMAGED = ("undecodable or truncated image", TOO_LARGE, TOO_SMALL)
 
 _CHUNK_IMAGES = 32          # images per task sent to a worker
 _CHUNK_BYTES = 8 << 20      # ... or fewer, so a chunk holds at most ~8 MB
-_EARLY_WINDOW = 4            # chunks per worker in flight while a compressed tar is scanned
-_EARLY_LIMIT = 200_000        # at most this many early results are kept (about 100 bytes each)
 _DECOMPRESS_CHUNK = 1 << 20   # bytes per progress message from the decompressing child
-_CODECS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+# gzip through ISA-L (isal): the same format and checks as the gzip module at about 1.7x the speed, which
+# matters because a .tgz is decompressed in full before its images can be decoded.
+_CODECS = {"gzip": igzip.open, "bzip2": bz2.open, "xz": lzma.open}
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CASIA_ID = re.compile(r"\d{7}")
@@ -260,15 +260,14 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
     temp_dir = tempfile.gettempdir()
     with no_space_named(temp_dir, "the scratch copy of the decompressed archive (set TMPDIR to "
                                   "a folder with room for its uncompressed size)"), \
-            _scratch_dir() as scratch, _Decoder(workers) as decoder:
+            _scratch_dir() as scratch:
         source = archive
         if fmt == "zip":
             members = _scan_zip(archive)
         elif codec:
             source = scratch / "archive.tar"
             with _GrowingTar(archive, codec, source, budget) as growing:
-                decoder.start(fmt, source)
-                members = _scan_tar(growing, archive, on_member=decoder.offer)
+                members = _scan_tar(growing, archive)
                 budget.spend(growing.finish(), "the decompressed tar")
         else:
             with open(archive, "rb") as handle:
@@ -288,7 +287,7 @@ def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
             if box_files:
                 candidates, boxes["rows"] = _attach_boxes(reader, archive, box_files, candidates, budget)
             with ShardWriter(tmp, max_shard_bytes=shard_size_mb << 20) as writer, \
-                    contextlib.closing(decoder.decode(fmt, source, candidates)) as results:
+                    contextlib.closing(_decode_all(fmt, source, candidates, workers)) as results:
                 for cand, (data, check) in results:
                     if check.reason:
                         _skip(skipped, cand.member.name, check.reason)
@@ -476,7 +475,7 @@ def _decompress_into(archive: str, codec: str, target: str, limit: int, parent: 
             conn.send(("io", (exc.errno, f"{exc.strerror} ({exc.filename or target})")))
         else:
             conn.send(("corrupt", f"{type(exc).__name__}: {exc}"))
-    except (EOFError, zlib.error, lzma.LZMAError) as exc:
+    except (EOFError, zlib.error, isal_zlib.error, lzma.LZMAError) as exc:
         conn.send(("corrupt", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
@@ -665,7 +664,7 @@ def _fast_header_fields(buf: bytes):
             numbers[6], numbers[7], prefix.split(b"\0", 1)[0])
 
 
-def _scan_tar(fileobj, archive: Path, on_member: Callable[[_Member], None] | None = None) -> list[_Member]:
+def _scan_tar(fileobj, archive: Path) -> list[_Member]:
     """Check every member header of an uncompressed tar; refuse the archive on the first unsafe one.
 
     Headers are read one at a time (data is seeked over, never read). The end of
@@ -697,8 +696,6 @@ def _scan_tar(fileobj, archive: Path, on_member: Callable[[_Member], None] | Non
             if info.isreg():
                 problem = "sparse tar member (not supported)" if info.issparse() else ""
                 members.append(_Member(name, _parts(name), info.offset_data, info.size, problem))
-                if on_member is not None:
-                    on_member(members[-1])
         fileobj.seek(tar.offset)
         end = fileobj.read(tarfile.BLOCKSIZE)
     except tarfile.TarError as exc:
@@ -1411,114 +1408,42 @@ def _chunks(candidates: list[_Candidate]) -> Iterator[list[_Candidate]]:
         yield chunk
 
 
-class _Decoder:
-    """Decodes candidate images in worker processes, starting while a compressed tar is scanned.
+def _decode_all(fmt: str, source_path: Path, candidates: list[_Candidate],
+                workers: int) -> Iterator[tuple[_Candidate, tuple[bytes | None, ImageCheck]]]:
+    """Yield (candidate, (original bytes or None, ImageCheck)) in candidate order.
 
-    A compressed tar is decompressed by a child process while this process scans
-    its headers; until the scan ends the layout, and so the candidates, are
-    unknown, and a core would sit idle. `offer` (the scan's callback) sends the
-    members that look like images (image suffix, not hidden, not too large) to
-    the workers as soon as their bytes are on disk, as long as fewer than
-    `_EARLY_WINDOW` chunks per worker are in flight and fewer than `_EARLY_LIMIT`
-    results are kept. `decode` then takes the early result of a candidate without
-    a face box whose image is stored as it is (an early re-encoded image is not
-    kept, to bound memory) and decodes every other candidate.
+    Uses min(workers, number of chunks) processes; one decodes in this process.
+    Closing the generator early (an error, a signal) cancels the queued chunks.
     """
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._early: dict[int, ImageCheck] = {}      # tar offset -> check of its member
-        self._in_flight: collections.deque[Future] = collections.deque()
-        self._chunk: list[_Member] = []
-        self._chunk_bytes = 0
-
-    def __enter__(self) -> "_Decoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _start_pool(self, fmt: str, path: Path) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp_context(), initializer=_init_worker,
-                                             initargs=(fmt, str(path), os.getpid()))
-        return self._pool
-
-    def start(self, fmt: str, path: Path) -> None:
-        """Decode offered members of the tar at `path` (being written) early, when there are workers."""
-        if self.workers > 1:
-            self._start_pool(fmt, path)
-
-    def offer(self, member: _Member) -> None:
-        if self._pool is None or member.problem or member.size > MAX_IMAGE_BYTES \
-                or not member.parts or not member.parts[-1].lower().endswith(IMAGE_SUFFIXES) \
-                or _junk(member.parts):
+    chunks = list(_chunks(candidates))
+    workers = min(workers, len(chunks))
+    with Progress("decode images", total=len(candidates), unit="images") as progress:
+        if workers == 1:
+            with _Source(fmt, str(source_path)) as source:
+                for chunk in chunks:
+                    results = _decode_members(source, [(cand.member, cand.box) for cand in chunk])
+                    progress.update(len(chunk))
+                    yield from zip(chunk, results)
             return
-        self._chunk.append(member)
-        self._chunk_bytes += member.size
-        if len(self._chunk) >= _CHUNK_IMAGES or self._chunk_bytes >= _CHUNK_BYTES:
-            self._send_early()
-
-    def _send_early(self) -> None:
-        chunk, self._chunk, self._chunk_bytes = self._chunk, [], 0
-        while self._in_flight and self._in_flight[0].done():
-            self._keep(self._in_flight.popleft())
-        if len(self._in_flight) < _EARLY_WINDOW * self.workers and len(self._early) < _EARLY_LIMIT:
-            future = self._pool.submit(_decode_chunk, [(member, None) for member in chunk])
-            future.members = chunk
-            self._in_flight.append(future)
-
-    def _keep(self, future: Future) -> None:
-        for member, (_, check) in zip(future.members, future.result()):
-            if check.encoded is None:
-                self._early[member.locator] = check
-
-    def _finish_early(self) -> None:
-        self._chunk, self._chunk_bytes = [], 0   # the scan is over: the rest is decoded as candidates
-        while self._in_flight:
-            self._keep(self._in_flight.popleft())
-
-    def decode(self, fmt: str, source_path: Path, candidates: list[_Candidate]
-               ) -> Iterator[tuple[_Candidate, tuple[bytes | None, ImageCheck]]]:
-        """Yield (candidate, (original bytes or None, ImageCheck)) in candidate order.
-
-        Uses min(workers, number of chunks) processes, or this one for a single
-        worker. Closing the generator early (an error, a signal) cancels the queued chunks.
-        """
-        self._finish_early()
-        early = self._early
-        chunks = list(_chunks(candidates))
-        workers = min(self.workers, len(chunks))
-        with Progress("decode images", total=len(candidates), unit="images") as progress:
-            if workers == 1 and self._pool is None:
-                with _Source(fmt, str(source_path)) as source:
-                    for chunk in chunks:
-                        results = _decode_members(source, [(cand.member, cand.box) for cand in chunk])
-                        progress.update(len(chunk))
-                        yield from zip(chunk, results)
-                return
-            pool = self._start_pool(fmt, source_path)
-            todo = iter(chunks)
-            pending: collections.deque[tuple[list[_Candidate], Future | None]] = collections.deque()
-
-            def reused(cand: _Candidate) -> bool:
-                return cand.box is None and cand.member.locator in early
+        todo = iter(chunks)
+        pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
+                                   initargs=(fmt, str(source_path), os.getpid()))
+        try:
+            # A fixed window of tasks in flight keeps memory bounded and order intact.
+            pending: collections.deque[tuple[list[_Candidate], Future]] = collections.deque()
 
             def submit() -> None:
-                # A fixed window of tasks in flight keeps memory bounded and order intact.
                 chunk = next(todo, None)
                 if chunk is not None:
-                    rest = [(c.member, c.box) for c in chunk if not reused(c)]
-                    pending.append((chunk, pool.submit(_decode_chunk, rest) if rest else None))
+                    pending.append((chunk, pool.submit(_decode_chunk, [(c.member, c.box) for c in chunk])))
 
             for _ in range(2 * workers):
                 submit()
             while pending:
                 chunk, future = pending.popleft()
-                decoded = iter(future.result() if future is not None else ())
+                results = future.result()
                 submit()
                 progress.update(len(chunk))
-                for cand in chunk:
-                    yield cand, ((None, early.pop(cand.member.locator)) if reused(cand) else next(decoded))
+                yield from zip(chunk, results)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

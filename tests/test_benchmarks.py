@@ -171,3 +171,20 @@ def test_scale_benchmark_tiny_run_prints_every_figure(tmp_path):
     assert ("make_train_dataset (TF trainer)" in out) == tensorflow
     ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+) \(target", out)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
+
+
+def test_preprocess_ratio_is_the_median_pair_and_every_pair_is_printed(capsys):
+    from benchmarks.preprocess import Measured, Pair, Rate, median_pair, print_ratios
+
+    def pair(seconds: float, raw_per_second: float) -> Pair:
+        return Pair(Measured(seconds, 30.0, 40.0, 2 * seconds), Rate(raw_per_second, 0.0005), 1000)
+
+    pairs = [pair(1.0, 2000.0), pair(2.0, 1000.0), pair(1.0, 1000.0)]   # ratios 0.5, 0.5, 1.0
+    assert [round(p.ratio, 3) for p in pairs] == [0.5, 0.5, 1.0]
+    assert median_pair(pairs).ratio == 0.5
+    assert median_pair([pairs[0], pair(1.0, 1250.0), pairs[2], pair(1.0, 800.0)]).ratio == 0.8   # lower middle
+    assert round(pairs[2].cpu_ratio, 3) == 0.25                     # 0.5 CPU ms x 1000 / 2 CPU s
+    print_ratios("extract", "Pillow raw decode", pairs)
+    out = capsys.readouterr().out
+    assert out.count("  pair ") == 3 and "ratio 1.00" in out
+    assert "ratio 0.50 (median of 3 pairs; target >= 0.7)" in out
