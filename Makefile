@@ -100,7 +100,7 @@ test: install ## run the whole test suite
 	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
 run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, EVAL_SOURCE, EVAL_SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1, VERBOSE=1)
-	$(RUN_WITH) $(PY) -m pipelines.run_local $(WHOLE_RUN_ARGS)
+	$(if $(VERBOSE),,@)$(RUN_WITH) $(PY) -m pipelines.run_local $(WHOLE_RUN_ARGS)
 
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
@@ -115,7 +115,7 @@ submit: install ## compile and start a run on Kubeflow Pipelines (IMAGE_REGISTRY
 	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache) $(IMAGES_CONFIRMED)
 
 rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1, VERBOSE=1)
-	$(RUN_WITH) $(PY) -m pipelines.run_local $(RERUN_ARGS)
+	$(if $(VERBOSE),,@)$(RUN_WITH) $(PY) -m pipelines.run_local $(RERUN_ARGS)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
 	$(PY) -m benchmarks.preprocess

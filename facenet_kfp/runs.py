@@ -183,6 +183,8 @@ def key_figures(record: TaskRecord) -> str:
                 values.update({f"{key}_{k}": v for k, v in value.items()})
             values[key] = value
     parts = []
+    if re.sub(r"-\d+$", "", record.name) == "check-pairs" and values.get("pairs_uri") == "":
+        return "no pairs.txt given"
     start_step = values.get("start_step")
     if record.name == "train-model" and isinstance(start_step, (int, float)) and start_step > 0:
         parts.append(f"resumed at step {int(start_step)}")
@@ -252,6 +254,9 @@ def _far_order(far: str) -> tuple[float, str]:
         return float("inf"), far
 
 
+_NA = re.compile(r"(VAL@FAR=\S+): n/a \(needs >= ([\d,]+) different pairs\)")
+
+
 def _val_at_far(metrics: Mapping[str, Any], prefix: str, kfold: bool) -> list[str]:
     """"VAL@FAR=1e-3: 0.9175 (FAR reached 0.0012)" or "...: n/a (needs >= 1,000 different pairs)" per
     target FAR of pair set `prefix`, in metric order; k-fold figures with `kfold`."""
@@ -314,11 +319,14 @@ def pair_set_lines(metrics: Mapping[str, Any], prefix: str, title: str, pairs_fi
     lines = [head] + ([f"{indent}  " + "  ".join(figures)] if figures else [])
     if withheld:
         lines.append(f"{indent}  {withheld}")
-    # One line per target FAR (VAL and k-fold VAL side by side), or each on its own when that is too wide.
+    # One line per target FAR (VAL and k-fold VAL side by side, one n/a for both when neither can be
+    # measured), or each on its own when that is too wide.
     single, kfold = _val_at_far(metrics, prefix, False), _val_at_far(metrics, prefix, True)
     pairs = list(zip(single, kfold)) if len(single) == len(kfold) else [(text,) for text in single + kfold]
     for texts in pairs:
-        joined = f"{indent}  " + "  ".join(texts)
+        both_na = len(texts) == 2 and (m := _NA.fullmatch(texts[0])) and texts[1] == f"k-fold {texts[0][:-1]} per fold)"
+        joined = f"{indent}  " + (f"{m.group(1)} and its k-fold variant: n/a (needs >= {m.group(2)} different "
+                                  f"pairs, in each fold for k-fold)" if both_na else "  ".join(texts))
         lines += [joined] if len(joined) <= WIDTH else [f"{indent}  {text}" for text in texts]
     return lines
 

@@ -128,9 +128,11 @@ def test_demo_headline_val_at_far_is_na_on_97_different_pairs(capsys, tmp_path):
             "seconds": 7.5, "outputs": {"metrics": {"uri": "m", "metadata": metrics}}}
     report_summary(summary_of(metrics, [task]), tmp_path / "summary.json")
     out = capsys.readouterr().out
-    assert "  VAL@FAR=1e-3: n/a (needs >= 1,000 different pairs)\n" in out
-    assert "k-fold VAL@FAR=1e-3: n/a (needs >= 1,000 different pairs per fold)" in out
-    assert "  VAL@FAR=1e-2: n/a (needs >= 100 different pairs)\n" in out
+    # Neither VAL nor its k-fold variant can be measured: one line per target FAR says so for both.
+    assert ("  VAL@FAR=1e-3 and its k-fold variant: n/a (needs >= 1,000 different pairs, in each fold for "
+            "k-fold)\n") in out
+    assert ("  VAL@FAR=1e-2 and its k-fold variant: n/a (needs >= 100 different pairs, in each fold for "
+            "k-fold)\n") in out
     assert "test pairs: 97 same, 97 different (10 seeded stratified folds)\n  AUC: 0.9780  EER: 0.0722  threshold: 0.4808\n" \
            "  accuracy withheld: 97 same-person and 97 different-person pairs (< 100 each); answering 'same' to " \
            "every pair would score 0.500\n" in out
@@ -267,3 +269,16 @@ def test_paths_point_at_the_copies_for_people(capsys, tmp_path):
     report_summary(summary, tmp_path / "summary.json")
     out = capsys.readouterr().out
     assert "report:         /r/x/evaluate-model/report" in out and "threshold.json: /r/x/evaluate-model/threshold" in out
+
+
+def test_a_pairs_check_without_a_pairs_file_says_so():
+    from facenet_kfp.runs import TaskRecord, key_figures
+
+    def line(metadata: dict) -> str:
+        return key_figures(TaskRecord(name="check-pairs", display_name="6. check pairs.txt",
+                                      outputs={"pairs": {"uri": "p", "metadata": metadata}}))
+
+    assert line({"pairs_uri": "", "pairs": 0.0, "note": "no pairs file given"}) == "no pairs.txt given"
+    assert line({"pairs_uri": "/data/pairs.txt", "pairs": 6000.0, "same_pairs": 3000.0,
+                 "different_pairs": 3000.0, "folds": 10.0, "duplicates": 0.0}) == \
+        "pairs=6,000, same_pairs=3,000, different_pairs=3,000, folds=10, duplicates=0"
