@@ -185,12 +185,7 @@ def run_logging(console: Console, logs: Path, title: str) -> Iterator[Callable[[
     """Inside the block, output outside the tasks (stdout, stderr, the root logger) goes to
     logs/pipeline.log and `console`; yields `open_log(record)`, which opens a task's log file for
     appending, after a header line with `title`. InputError when `logs` cannot be a folder."""
-    if logs.exists() and not logs.is_dir():
-        raise InputError(f"{logs} is a file, but the task logs go in a folder of that name: move the file away")
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create the task log folder {logs}: {exc.strerror or exc}") from exc
+    make_folder(logs, f"the task log folder {logs}")
 
     def open_log(record: TaskRecord) -> Any:
         handle = open(record.log, "a", encoding="utf-8")
@@ -269,13 +264,19 @@ def execute(pipeline: Callable, root: Path, runner: Any, enable_caching: bool,
 def pipeline_root_folder(pipeline_root: str) -> Path:
     """The pipeline root as an absolute folder, created when missing; InputError when it cannot be one."""
     root = Path(pipeline_root).resolve()
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--pipeline-root {pipeline_root}: {root} is a file, not a folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--pipeline-root {pipeline_root}: cannot create {root}: {exc.strerror or exc}") from exc
+    make_folder(root, f"--pipeline-root {pipeline_root}: {root}")
     return root
+
+
+def make_folder(path: Path, what: str) -> None:
+    """Create the folder `path` (and its parents) unless it exists; InputError naming `what` when
+    `path` is a file or cannot be created."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file, not a folder: move the file away")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {what}: {exc.strerror or exc}") from exc
 
 
 def run_files(records: list[TaskRecord], failure: str, root: Path) -> dict[str, str]:
