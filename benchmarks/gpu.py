@@ -252,7 +252,12 @@ def train_recipe(paths: dict[str, Path], work: Path, config, eval_config) -> dic
             "threshold": held_out["threshold"], "distance": held_out["distance"],
             "val_accuracy": held_out["val_accuracy"], "test_accuracy": held_out["test_accuracy"],
             "test_kfold_accuracy": held_out["test_kfold_accuracy_mean"], "test_auc": held_out["test_auc"],
-            "test_val_at_far_0.001": held_out["test_val_at_far_0.001"],
+            # None where the test pairs hold too few different pairs to measure FAR=1e-3 (then the
+            # number they would need), else VAL and the FAR its threshold reached.
+            "test_val_at_far_0.001": held_out.get("test_val_at_far_0.001"),
+            "test_far_at_far_0.001": held_out.get("test_far_at_far_0.001"),
+            "test_val_at_far_0.001_needs_different_pairs":
+                held_out.get("test_val_at_far_0.001_needs_different_pairs"),
             "test_pairs": held_out["test_pairs"], "test_identities": held_out["test_identities"]}
 
 
@@ -266,6 +271,14 @@ def machine() -> dict:
     return {"device": f"{device.platform} {getattr(device, 'device_kind', '')}".strip(),
             "devices": len(jax.devices()), "cpus": os.cpu_count(), "python": platform.python_version(),
             "jax": jax.__version__, "keras": keras.__version__, "backend": keras.backend.backend()}
+
+
+def _val_text(rec: dict) -> str:
+    """VAL@FAR=1e-3 beside the FAR it reached, or n/a with the different pairs it needs."""
+    if rec.get("test_val_at_far_0.001") is None:
+        needs = rec.get("test_val_at_far_0.001_needs_different_pairs")
+        return f"n/a (needs >= {int(needs):,} different pairs)" if needs else "n/a"
+    return f"{rec['test_val_at_far_0.001']:.4f} (FAR reached {rec['test_far_at_far_0.001']:.4f})"
 
 
 def table(result: dict) -> str:
@@ -294,7 +307,7 @@ def table(result: dict) -> str:
               f"  held-out: threshold {rec['threshold']:.4f} ({rec['distance']}, chosen on validation pairs, "
               f"val accuracy {rec['val_accuracy']:.4f})",
               f"  test accuracy {rec['test_accuracy']:.4f}, 10-fold {rec['test_kfold_accuracy']:.4f}, "
-              f"AUC {rec['test_auc']:.4f}, VAL@FAR=1e-3 {rec['test_val_at_far_0.001']:.4f} "
+              f"AUC {rec['test_auc']:.4f}, VAL@FAR=1e-3 {_val_text(rec)} "
               f"({rec['test_pairs']} pairs, {rec['test_identities']} identities)",
               f"total wall time {result['total_seconds']:.0f} s"]
     return "\n".join(lines)

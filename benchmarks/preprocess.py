@@ -192,14 +192,15 @@ def print_ratios(step: str, label: str, pairs: list[Pair]) -> None:
     the machine moves; CPU ratio: the raw work's CPU time / the step's (all
     its processes), the best ratio perfect use of the cores would give.
     """
-    for i, pair in enumerate(pairs, 1):
+    for i, pair in enumerate(pairs if len(pairs) > 1 else [], 1):
         print(f"  pair {i}: {step} {pair.count / pair.run.seconds:7.0f} images/s, {label} "
               f"{pair.raw.per_second:7.0f} images/s, ratio {pair.ratio:.2f}")
     pair = median_pair(pairs)
+    of = f"median of {len(pairs)} pairs; " if len(pairs) > 1 else ""
     print(f"{label + ':':<27} {pair.raw.per_second:7.0f} images/s, {pair.raw.cpu_per_item * 1e3:5.2f} CPU ms/image")
     print(f"{step + ' throughput:':<27} {pair.count / pair.run.seconds:7.0f} images/s, "
           f"{pair.run.cpu_seconds / max(pair.count, 1) * 1e3:5.2f} CPU ms/image   ratio {pair.ratio:.2f} "
-          f"(median of {len(pairs)} pairs; target >= 0.7), CPU ratio {pair.cpu_ratio:.2f}")
+          f"({of}target >= 0.7), CPU ratio {pair.cpu_ratio:.2f}")
 
 
 def main() -> int:

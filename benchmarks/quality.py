@@ -113,8 +113,10 @@ def main() -> int:
           f"{results['seed']['test_pairs']:.0f} pairs")
     print(f"{'':36} {'seed':>10} {'recommended':>12}")
     for key, label in ROWS:
-        a, b = results["seed"].get(key), results["recommended"].get(key)
-        print(f"{label:36} {a:10.4f} {b:12.4f}")
+        # A figure the test pairs cannot measure (VAL@FAR with too few different pairs) is n/a.
+        a, b = (f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+                for v in (results["seed"].get(key), results["recommended"].get(key)))
+        print(f"{label:36} {a:>10} {b:>12}")
     print(f"{'distance':36} {results['seed']['distance']:>10} {results['recommended']['distance']:>12}")
     print(f"{'training seconds':36} {results['seed']['train_seconds']:10.0f} {results['recommended']['train_seconds']:12.0f}")
     better = results["recommended"]["test_accuracy"] > results["seed"]["test_accuracy"]

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'steps x batch':36} {first['steps']:>7} x {first['batch']:<2} "
           f"{results['seed']['steps']:>5} x {results['seed']['batch']}")
     for key, label, fmt in ROWS:
-        values = [fmt.format(results[name].get(key, float("nan"))) for name in ("recommended", "seed")]
+        # A figure the test pairs cannot measure (VAL@FAR with too few different pairs) is n/a.
+        values = [fmt.format(results[name][key]) if isinstance(results[name].get(key), (int, float)) else "n/a"
+                  for name in ("recommended", "seed")]
         print(f"{label:36} {values[0]:>12} {values[1]:>10}")
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.preprocess import (Measured, Rate, _augment_chunk, _decode_chunk, _pool_rate, measure, print_ratios,
+from benchmarks.preprocess import (Measured, Pair, Rate, _augment_chunk, _decode_chunk, _pool_rate, measure, print_ratios,
                                    run_step)
 from facenet_kfp.fsutil import write_json
 from facenet_kfp.shards import ShardReader, iter_manifest, read_manifest, shard_files
@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         print_steps(name, out, steps, artifacts)
     name, out, steps = runs[0][:3]
     print(f"\n{name}, raw codec work on {workers} processes (at most {args.sample:,} images):")
-    print_ratios(steps["extract"], steps["complete"], count_images(out / "images"), count_images(out / "completion"),
-                 *rates)
+    print_ratios("extract", "Pillow raw decode", [Pair(steps["extract"], rates[0], count_images(out / "images"))])
+    print_ratios("completion", "raw decode+augment+encode",
+                 [Pair(steps["complete"], rates[1], count_images(out / "completion"))])
     print_input([(run[0], run[4]) for run in runs])
     return 0
 

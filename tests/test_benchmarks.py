@@ -54,8 +54,14 @@ def test_gpu_dry_run_reports_every_figure_without_tensorflow(tmp_path):
 
     recipe = report["recipe"]
     assert recipe["steps"] == 12 and recipe["batch"] == 64          # the dry run's max_steps, lfw.yaml's 16 x 4
-    for key in ("val_accuracy", "test_accuracy", "test_kfold_accuracy", "test_auc", "test_val_at_far_0.001"):
+    for key in ("val_accuracy", "test_accuracy", "test_kfold_accuracy", "test_auc"):
         assert 0.0 <= recipe[key] <= 1.0, (key, recipe[key])
+    # The dry run's few test pairs cannot measure FAR=1e-3: n/a, with the different pairs it needs.
+    if recipe["test_val_at_far_0.001"] is None:
+        assert recipe["test_val_at_far_0.001_needs_different_pairs"] == 1000
+        assert "VAL@FAR=1e-3 n/a (needs >= 1,000 different pairs)" in result.stdout
+    else:
+        assert 0.0 <= recipe["test_val_at_far_0.001"] <= 1.0 and 0.0 <= recipe["test_far_at_far_0.001"] <= 1.0
     assert recipe["wall_seconds"] >= recipe["train_seconds"] > 0 and recipe["images_per_second"] > 0
     assert recipe["distance"] == "squared_l2" and recipe["threshold"] > 0 and recipe["test_pairs"] > 0
     model = json.loads((tmp_path / "work" / "model" / "model.json").read_text())
@@ -188,3 +194,6 @@ def test_preprocess_ratio_is_the_median_pair_and_every_pair_is_printed(capsys):
     out = capsys.readouterr().out
     assert out.count("  pair ") == 3 and "ratio 1.00" in out
     assert "ratio 0.50 (median of 3 pairs; target >= 0.7)" in out
+    print_ratios("extract", "Pillow raw decode", pairs[:1])
+    out = capsys.readouterr().out
+    assert "pair 1" not in out and "ratio 0.50 (target >= 0.7)" in out

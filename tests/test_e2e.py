@@ -459,7 +459,8 @@ def test_make_verbose_passes_the_flag_and_echoes_one_line(target):
     import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in ("VERBOSE", "MAKEFLAGS")}
+    # Not MAKELEVEL either: under `make test` the inner make would also print "Entering directory".
+    env = {k: v for k, v in os.environ.items() if k not in ("VERBOSE", "MAKEFLAGS", "MAKELEVEL")}
     for args, verbose in (([], False), (["VERBOSE=1"], True)):
         out = subprocess.run(["make", "-n", "-o", "install", target, *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True).stdout
