@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from facenet_kfp import augment
+from facenet_kfp.config import DataConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, no_space_named, remove_stale_temps, write_json
 from facenet_kfp.image_limits import size_problem
@@ -204,7 +205,7 @@ def _run_jobs(dataset_dir: Path, jobs: list[CompletionJob], seed: int, workers: 
 
 def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLike,
                      out_dir: str | os.PathLike, *, multiple: int = 4, seed: int = 0,
-                     min_images: int = 1, shard_size_mb: int = 64, workers: int | None = None
+                     min_images: int = 1, shard_size_mb: int = DataConfig.shard_size_mb, workers: int | None = None
                      ) -> dict[str, Any]:
     """Generate the images that bring each identity's count up to a multiple of `multiple`.
 

@@ -202,7 +202,7 @@ def download(source_uri: str | os.PathLike, dest: str | os.PathLike, sha256: str
 
     log.info("downloading %s -> %s", source_uri, dest)
     with atomic_file(dest, "wb") as handle:
-        progress = Progress(f"download {dest.name}", unit="MB", scale=MB, logger=log)
+        progress = Progress(f"download {dest.name}", unit="MiB", scale=MB, logger=log)
         sink = _Sink(handle, progress, source_uri, dest.parent, max_download_gb=max_download_gb,
                      min_free_bytes=min_free_bytes, size_hint=size_hint)
         fetch(sink)

@@ -99,6 +99,7 @@ from typing import Iterator, NamedTuple
 from isal import igzip, isal_zlib
 from PIL import Image
 
+from facenet_kfp.config import DataConfig
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import atomic_dir, no_space_named, remove_stale_temps, write_json
 from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, TOO_LARGE, TOO_SMALL, size_problem
@@ -187,7 +188,7 @@ class _Candidate(NamedTuple):
 # --------------------------------------------------------------------------- public API
 
 def extract_dataset(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    shard_size_mb: int = 64, workers: int | None = None,
+                    shard_size_mb: int = DataConfig.shard_size_mb, workers: int | None = None,
                     max_skipped_fraction: float = 0.01, max_expansion: float = 20.0) -> dict:
     """Pack the valid images of `archive` into a sharded dataset at `out_dir`.
 
@@ -503,7 +504,7 @@ class _GrowingTar:
                                        child_conn))
         self._proc.start()
         child_conn.close()
-        self._progress = Progress(f"decompress {archive.name}", unit="MB", scale=1 << 20)
+        self._progress = Progress(f"decompress {archive.name}", unit="MiB", scale=1 << 20)
 
     def __enter__(self) -> "_GrowingTar":
         return self

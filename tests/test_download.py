@@ -182,8 +182,8 @@ def test_http_download_verifies_and_reports(server, tmp_path, caplog):
                                  "sha256": DATA_SHA}
     assert _leftovers(dest.parent) == ["file.bin"]
     assert server.state.requests == [("/file.bin", None)]
-    progress_lines = [r.getMessage() for r in caplog.records if "MB" in r.getMessage()]
-    assert progress_lines and "0.3/0.3 MB (100%)" in progress_lines[-1]
+    progress_lines = [r.getMessage() for r in caplog.records if "MiB" in r.getMessage()]
+    assert progress_lines and "0.3/0.3 MiB (100%)" in progress_lines[-1]
 
 
 def test_http_404_fails_at_once_naming_url_and_status(server, tmp_path):
