@@ -383,19 +383,19 @@ def accuracy_withheld(n_same: int, n_different: int, minimum: int = MIN_CLASS_PA
 
     Withheld when either class has fewer than `minimum` pairs. The sentence
     names the short class(es) and the accuracy of answering the larger class
-    for every pair, e.g. ``accuracy withheld: 23 different-person pairs (< 100);
-    answering 'same' to every pair would score 0.975``.
+    for every pair, e.g. ``accuracy withheld: 23 different pairs (< 100);
+    answering 'same' to all scores 0.975`` (at most 100 characters, for a terminal line).
     """
     n_same, n_different = int(n_same), int(n_different)
     if n_same < 0 or n_different < 0 or n_same + n_different == 0:
         raise InputError(f"pair counts must be >= 0 and not both 0, got {n_same} same and {n_different} different")
-    short = [f"{n:,} {kind}" for n, kind in ((n_same, "same-person"), (n_different, "different-person"))
+    short = [f"{n:,} {kind}" for n, kind in ((n_same, "same"), (n_different, "different"))
              if n < minimum]
     if not short:
         return ""
     majority, count = ("same", n_same) if n_same >= n_different else ("different", n_different)
     return (f"accuracy withheld: {' and '.join(short)} pairs (< {minimum:,}{' each' if len(short) == 2 else ''}); "
-            f"answering '{majority}' to every pair would score {count / (n_same + n_different):.3f}")
+            f"answering '{majority}' to all scores {count / (n_same + n_different):.3f}")
 
 
 def downsample_roc(fpr, tpr, thresholds, max_points=300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -575,7 +575,7 @@ def test_lfw_pairs_heldout_figures(data, fake_model, tmp_path, monkeypatch):
     assert (f'<td>LFW pairs.txt, held-out identities pairs</td><td class="num">{n_same} same, {n_diff} different '
             f'in {CONFIG.folds} seeded stratified folds</td>') in headline
     assert (f"<td>LFW pairs.txt, held-out identities accuracy</td><td class=\"num\">accuracy withheld: {n_same} "
-            f"same-person and {n_diff} different-person pairs (&lt; 100 each)") in headline
+            f"same and {n_diff} different pairs (&lt; 100 each)") in headline
     assert "held-out identities k-fold accuracy" not in headline
     assert "LFW pairs.txt, held-out identities ROC AUC" in headline
     assert "LFW pairs.txt, held-out identities" in html and "NOT a held-out benchmark" not in html

@@ -582,15 +582,15 @@ def test_fewest_in_a_fold_against_a_loop():
 def test_accuracy_withheld_names_the_short_class_and_the_majority_score():
     # LFW's real pairs.txt on the pair identities it trained on: 900 same and 23 different pairs held out.
     assert metrics.accuracy_withheld(900, 23) == (
-        "accuracy withheld: 23 different-person pairs (< 100); answering 'same' to every pair would score 0.975")
+        "accuracy withheld: 23 different pairs (< 100); answering 'same' to all scores 0.975")
     assert metrics.accuracy_withheld(97, 97) == (
-        "accuracy withheld: 97 same-person and 97 different-person pairs (< 100 each); answering 'same' to "
-        "every pair would score 0.500")
+        "accuracy withheld: 97 same and 97 different pairs (< 100 each); answering 'same' to "
+        "all scores 0.500")
     assert metrics.accuracy_withheld(5, 400) == (
-        "accuracy withheld: 5 same-person pairs (< 100); answering 'different' to every pair would score 0.988")
+        "accuracy withheld: 5 same pairs (< 100); answering 'different' to all scores 0.988")
     assert metrics.accuracy_withheld(metrics.MIN_CLASS_PAIRS, metrics.MIN_CLASS_PAIRS) == ""
     assert metrics.accuracy_withheld(3000, 3000) == ""
-    assert metrics.accuracy_withheld(1500, 99).startswith("accuracy withheld: 99 different-person pairs")
+    assert metrics.accuracy_withheld(1500, 99).startswith("accuracy withheld: 99 different pairs")
     assert metrics.accuracy_withheld(10, 10, minimum=5) == ""
     with pytest.raises(InputError):
         metrics.accuracy_withheld(0, 0)
@@ -602,4 +602,4 @@ def test_accuracy_withheld_majority_score_against_counting():
         same = [True] * n_same + [False] * n_diff
         answer = n_same >= n_diff
         score = sum(1 for y in same if y == answer) / len(same)
-        assert metrics.accuracy_withheld(n_same, n_diff).endswith(f"would score {score:.3f}")
+        assert metrics.accuracy_withheld(n_same, n_diff).endswith(f"all scores {score:.3f}")

@@ -93,7 +93,7 @@ def test_held_out_pairs_with_23_different_pairs_print_counts_not_accuracy(capsys
     assert held.splitlines()[:3] == [
         "on its 923 held-out pairs: 900 same, 23 different (10 seeded stratified folds)",
         "    AUC: 0.9712  EER: 0.0833",
-        "    accuracy withheld: 23 different-person pairs (< 100); answering 'same' to every pair would score 0.975"]
+        "    accuracy withheld: 23 different pairs (< 100); answering 'same' to all scores 0.975"]
     assert "0.9892" not in out and "accuracy: 0.98" not in held
     # The other pair sets have enough of both classes: their accuracies are headline figures, with their counts.
     assert "test pairs: 1,500 same, 1,500 different (10 seeded stratified folds)\n" \
@@ -110,7 +110,7 @@ def test_the_threshold_of_100_pairs_per_class_is_the_boundary(capsys, tmp_path):
     below = headline_lines({**metrics, "test_same_pairs": MIN_CLASS_PAIRS, "test_different_pairs": MIN_CLASS_PAIRS - 1})
     assert "test accuracy: 0.9000" in "\n".join(at) and "withheld" not in "\n".join(at)
     assert "0.9000" not in "\n".join(below) and "0.8900" not in "\n".join(below)
-    assert "  accuracy withheld: 99 different-person pairs (< 100); answering 'same' to every pair would score 0.503" \
+    assert "  accuracy withheld: 99 different pairs (< 100); answering 'same' to all scores 0.503" \
         in below
 
 
@@ -135,8 +135,8 @@ def test_demo_headline_val_at_far_is_na_on_97_different_pairs(capsys, tmp_path):
     assert ("  VAL@FAR=1e-2 and its k-fold variant: n/a (needs >= 100 different pairs, in each fold for "
             "k-fold)\n") in out
     assert "test pairs: 97 same, 97 different (10 seeded stratified folds)\n  AUC: 0.9780  EER: 0.0722  threshold: 0.4808\n" \
-           "  accuracy withheld: 97 same-person and 97 different-person pairs (< 100 each); answering 'same' to " \
-           "every pair would score 0.500\n" in out
+           "  accuracy withheld: 97 same and 97 different pairs (< 100 each); answering 'same' to " \
+           "all scores 0.500\n" in out
     assert "0.9485" not in out and "0.9444" not in out
     from facenet_kfp.runs import TaskRecord, key_figures
     line = key_figures(TaskRecord(name=task["name"], display_name=task["display_name"], outputs=task["outputs"]))
