@@ -135,7 +135,7 @@ def test_pipeline_in_containers_matches_the_subprocess_runner(tmp_path, engine, 
     expected = {functions[step.name][0].__name__: functions[step.name][1] for step in STEPS}
     assert sorted((r["function"], r["image"]) for r in runs) == sorted(expected.items())
     assert all(r["exit_code"] == 0 for r in runs)
-    assert len({r["container_id"] for r in runs}) == 7
+    assert len({r["container_id"] for r in runs}) == len(TASKS)
     assert leftover_containers(engine, docker_root) == []
     run_dir = output_dir(in_containers, "download-archive", "archive").parents[1]
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in run_dir.rglob("*")}
@@ -163,14 +163,14 @@ def test_pipeline_in_containers_matches_the_subprocess_runner(tmp_path, engine, 
 
     # summary.json as with the default runner, and the cache: a rerun starts no container.
     saved = json.loads((docker_root / "summary.json").read_text())
-    assert saved["status"] == "SUCCEEDED" and saved["runner"] == "docker" and len(saved["tasks"]) == 7
+    assert saved["status"] == "SUCCEEDED" and saved["runner"] == "docker" and len(saved["tasks"]) == len(TASKS)
     again = run_pipeline(*args, str(docker_root), runner="docker", images=images)
-    assert [t["status"] for t in again["tasks"]] == ["CACHED"] * 7
+    assert [t["status"] for t in again["tasks"]] == ["CACHED"] * len(TASKS)
     assert json.loads((docker_root / CONTAINERS_FILE).read_text()) == []
     assert again["metrics"]["test_accuracy"] == in_containers["metrics"]["test_accuracy"]
 
     starts = [r["start_seconds"] for r in runs]
-    measured["pipeline, DockerRunner (7 containers)"] = f"{docker_seconds:.1f} s"
+    measured[f"pipeline, DockerRunner ({len(TASKS)} containers)"] = f"{docker_seconds:.1f} s"
     measured["pipeline, SubprocessRunner"] = f"{subprocess_seconds:.1f} s"
     measured["container create+start"] = (f"median {statistics.median(starts):.2f} s, "
                                           f"max {max(starts):.2f} s")
