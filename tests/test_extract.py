@@ -560,7 +560,7 @@ def _signed_checksum(buf: bytes) -> bytes:
 
 
 def test_fast_tar_header_parsing_matches_tarfile():
-    from facenet_kfp.extract import _FastTarInfo
+    from facenet_kfp.extract.archive import _FastTarInfo
 
     headers = _random_headers(0, 400)
     rng = random.Random(1)
@@ -583,7 +583,7 @@ def test_fast_tar_header_parsing_matches_tarfile():
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_fast_tar_members_match_tarfile(tmp_path, fmt):
-    from facenet_kfp.extract import _FastTarInfo
+    from facenet_kfp.extract.archive import _FastTarInfo
 
     archive = tmp_path / "a.tar"
     with tarfile.open(archive, "w", format=fmt) as tar:
@@ -843,7 +843,7 @@ import signal, sys, time
 from facenet_kfp import extract
 
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-gzip_open = extract._CODECS["gzip"]
+gzip_open = extract.archive._CODECS["gzip"]
 
 class Stalling:
     def __init__(self, path, mode):
@@ -858,7 +858,7 @@ class Stalling:
             time.sleep(3600)
         return self.file.read(size)
 
-extract._CODECS["gzip"] = Stalling
+extract.archive._CODECS["gzip"] = Stalling
 extract.extract_dataset(sys.argv[1], sys.argv[2], workers=1)
 """
 
@@ -1100,7 +1100,7 @@ def _decompress_onto_full_disk(archive, codec, target, limit, parent, conn):
 
 
 def test_full_scratch_disk_names_the_temporary_folder(tmp_path, monkeypatch, temp_dir):
-    monkeypatch.setattr(extract, "_decompress_into", _decompress_onto_full_disk)
+    monkeypatch.setattr(extract.archive, "_decompress_into", _decompress_onto_full_disk)
     with pytest.raises(FacenetError) as err:
         extract_dataset(write_tar(tmp_path / "a.tgz", lfw_files()), tmp_path / "out", workers=1)
     message = str(err.value)

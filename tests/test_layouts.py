@@ -453,7 +453,7 @@ def test_box_file_bomb_in_a_zip_is_refused_by_the_expansion_budget(tmp_path):
 
 
 def test_box_file_over_its_size_limit_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "MAX_BOX_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(extract.boxes, "MAX_BOX_FILE_BYTES", 1 << 20)
     archive = _zip_with_large_box_file(tmp_path / "v.zip", 3 << 20)
     with pytest.raises(InputError, match=r"bb_landmark/loose_bb_train\.csv: face-box file of \d,\d{3},\d{3} "
                                          r"bytes, more than the limit of 1,048,576"):
@@ -495,11 +495,11 @@ def test_vggface2_val_folder_is_refused_naming_it(tmp_path):
 def test_box_rows_are_read_across_blocks_with_their_line_numbers():
     rows = b"".join(b'"n%06d/0001_01",%d,2,3,4\r\n' % (i, i) for i in range(90_000))
     text = b"\xef\xbb\xbfNAME_ID,X,Y,W,H\r\n" + rows             # a BOM, Windows line ends, ~3 MB
-    read = list(extract._read_boxes(io.BufferedReader(io.BytesIO(text)), "f.csv"))
+    read = list(extract.boxes._read_boxes(io.BufferedReader(io.BytesIO(text)), "f.csv"))
     assert read == [(f"n{i:06d}/0001_01", (i, 2, 3, 4)) for i in range(90_000)]
     with pytest.raises(InputError, match=r"^f\.csv, line 90002: expected NAME_ID and four integers"):
-        list(extract._read_boxes(io.BufferedReader(io.BytesIO(text + b'"n1/1",x,2,3,4\r\n')), "f.csv"))
+        list(extract.boxes._read_boxes(io.BufferedReader(io.BytesIO(text + b'"n1/1",x,2,3,4\r\n')), "f.csv"))
     with pytest.raises(InputError, match=r"^f\.csv, line 90002: longer than 4,096 characters"):
-        list(extract._read_boxes(io.BufferedReader(io.BytesIO(text + b"9" * (3 << 20))), "f.csv"))
+        list(extract.boxes._read_boxes(io.BufferedReader(io.BytesIO(text + b"9" * (3 << 20))), "f.csv"))
     with pytest.raises(InputError, match=r"^f\.csv: header '', expected 'NAME_ID,X,Y,W,H'"):
-        list(extract._read_boxes(io.BufferedReader(io.BytesIO(b"")), "f.csv"))
+        list(extract.boxes._read_boxes(io.BufferedReader(io.BytesIO(b"")), "f.csv"))
