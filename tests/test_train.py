@@ -25,6 +25,8 @@ from facenet_kfp.fsutil import write_json
 
 tf = pytest.importorskip("tensorflow")
 train_mod = pytest.importorskip("facenet_kfp.train")
+from facenet_kfp import checkpoints as checkpoints_mod  # noqa: E402  (after the importorskip guards)
+from facenet_kfp import trainer as trainer_mod  # noqa: E402
 
 from tests.test_data import build_tiny_dataset  # noqa: E402  (after the importorskip guards)
 
@@ -292,7 +294,7 @@ def test_nan_loss_fails_at_its_step(tiny, tmp_path, monkeypatch):
         out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "batch_loss", poisoned)
     with pytest.raises(FacenetError, match=r"loss is nan at step 1 .*learning_rate"):
         run_train(tiny, tmp_path / "model", FAST)
     assert not (tmp_path / "model").exists()
@@ -419,9 +421,9 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import dataclasses
         from pathlib import Path
-        from facenet_kfp import train
+        from facenet_kfp import train, trainer
         from tests.test_train import TINY, build_train_inputs
-        train.distribution_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        trainer.distribution_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         root = Path({str(tmp_path)!r})
         d = build_train_inputs(root)
         config = dataclasses.replace(TINY, max_steps=4, log_every=2, validate_every=4, checkpoint_every=4,
@@ -788,7 +790,7 @@ def test_disk_full_during_a_checkpoint_names_the_folder(tiny, tmp_path, monkeypa
         except OSError:
             raise OSError(errno.EIO, "Input/output error", path)   # noqa: B904 (the context is the point)
 
-    monkeypatch.setattr(train_mod, "write_bytes", full)
+    monkeypatch.setattr(checkpoints_mod, "write_bytes", full)
     ckpt = tmp_path / "model.ckpt"
     config = dataclasses.replace(FAST, checkpoint_every=3)
     with pytest.raises(FacenetError, match=rf"^no space left on {ckpt}.*the checkpoint of step 3 did not fit "
@@ -799,7 +801,7 @@ def test_disk_full_during_a_checkpoint_names_the_folder(tiny, tmp_path, monkeypa
     def denied(path, data):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(train_mod, "write_bytes", denied)
+    monkeypatch.setattr(checkpoints_mod, "write_bytes", denied)
     with pytest.raises(FacenetError, match=rf"^{ckpt}: cannot write the checkpoint of step 3 \({ckpt}/ckpt-3.npz: "
                                            r"Permission denied\)"):
         run_train(tiny, tmp_path / "model", config)

@@ -1,0 +1,226 @@
+"""The Keras model that trains: the learning-rate schedule, the batch loss, devices and `EmbeddingTrainer`.
+
+One trainer for two Keras backends, chosen by KERAS_BACKEND before Keras is
+imported: Keras's `fit` runs `EmbeddingTrainer` (a small keras.Model around
+the embedding model whose `compute_loss` is the triplet loss and whose
+`compute_metrics` are the batch statistics), and one callback
+(`TrainingProgress`) checks, logs, validates and checkpoints.
+
+- tensorflow: batches from tf.data (`data.make_train_dataset`); several GPUs
+  through `tf.distribute.MirroredStrategy`: each replica gets P / replicas
+  whole identities of the identity-major batch and mines triplets among them
+  (per-replica mining, as in FaceNet's distributed training). Keras leaves a
+  scalar loss of our own unscaled, so `compute_loss` divides it by the number
+  of replicas R: the summed gradients are then (1/R) sum_r grad(loss_r), the
+  single-device gradient of a batch-mean loss. p must be a multiple of R.
+- jax: batches from `input.TrainBatches` (no TensorFlow anywhere on this
+  path); the step is jitted; several devices through
+  `keras.distribution.DataParallel` (the batch is sharded, the loss is that of
+  the whole batch, mined over all of it).
+
+Precision: float32, mixed_float16 (with dynamic loss scaling) or
+mixed_bfloat16; "auto" picks mixed_float16 when a GPU is visible, float32
+otherwise. The saved artifact is always a float32 model (mixed precision
+keeps float32 master weights, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import keras
+
+from facenet_kfp.config import TrainConfig
+from facenet_kfp.errors import InputError
+
+
+def backend() -> str:
+    """The Keras backend this process trains with ("tensorflow" or "jax"; KERAS_BACKEND)."""
+    name = keras.backend.backend()
+    if name not in ("tensorflow", "jax"):
+        raise InputError(f"KERAS_BACKEND={name}: the trainer runs on tensorflow or jax; set KERAS_BACKEND "
+                         f"to one of them")
+    return name
+
+
+def _tf():
+    import tensorflow as tf
+    return tf
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def learning_rate_at(step: float, peak: float, warmup_steps: int, max_steps: int, schedule: str,
+                     final_fraction: float = 0.01) -> float:
+    """Learning rate of step `step` (0-based), plain Python: the formula the schedule implements.
+
+    warm-up factor w = min(1, (step + 1) / warmup_steps) (1 without warm-up);
+    cosine factor c = f + (1 - f) * (1 + cos(pi * t)) / 2, with
+    t = clip((step - warmup_steps) / (max_steps - warmup_steps), 0, 1) and f = final_fraction;
+    lr = peak * w * c ("constant": c = 1).
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return peak * warm
+    t = min(max((step - warmup_steps) / max(max_steps - warmup_steps, 1), 0.0), 1.0)
+    return peak * warm * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def make_schedule(config: TrainConfig):
+    """A Keras LearningRateSchedule for `config` (see `learning_rate_at`)."""
+    ops = keras.ops
+
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, peak, warmup_steps, max_steps, schedule, final_fraction=0.01):
+            self.peak, self.warmup_steps, self.max_steps = peak, warmup_steps, max_steps
+            self.schedule, self.final_fraction = schedule, final_fraction
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            warm = (ops.minimum((step + 1.0) / float(self.warmup_steps), 1.0)
+                    if self.warmup_steps > 0 else ops.ones_like(step))
+            if self.schedule == "constant":
+                return self.peak * warm
+            span = float(max(self.max_steps - self.warmup_steps, 1))
+            t = ops.clip((step - float(self.warmup_steps)) / span, 0.0, 1.0)
+            f = self.final_fraction
+            return self.peak * warm * (f + (1.0 - f) * 0.5 * (1.0 + ops.cos(math.pi * t)))
+
+        def get_config(self):
+            return {"peak": self.peak, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps,
+                    "schedule": self.schedule, "final_fraction": self.final_fraction}
+
+    return WarmupCosine(float(config.learning_rate), int(config.warmup_steps), int(config.max_steps),
+                        config.lr_schedule)
+
+
+# ----------------------------------------------------------------------------- loss and statistics
+
+def batch_loss(config: TrainConfig, labels, embeddings) -> dict[str, Any]:
+    """Loss and statistics of one batch, as float32 scalars.
+
+    {"loss", "fraction_positive_triplets", "mean_positive_distance",
+    "mean_negative_distance"} in the configured distance, plus
+    "mean_pairwise_l2" / "max_pairwise_l2" (plain L2 over distinct rows) for
+    the collapse check.
+    """
+    from keras import ops
+
+    from facenet_kfp import losses
+
+    embeddings = ops.cast(embeddings, "float32")
+    if config.loss == "batch_all":
+        loss, _ = losses.batch_all_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    elif config.loss == "batch_hard":
+        loss = losses.batch_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    else:
+        loss = losses.semi_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    out = {"loss": loss}
+    out.update(losses.triplet_statistics(labels, embeddings, config.margin, config.squared))
+    plain = losses.pairwise_distances(embeddings, squared=False)
+    n = ops.cast(ops.shape(embeddings)[0], "float32")
+    out["mean_pairwise_l2"] = ops.sum(plain) / ops.maximum(n * (n - 1.0), 1.0)
+    out["max_pairwise_l2"] = ops.max(plain)
+    return out
+
+
+# ----------------------------------------------------------------------------- devices
+
+def _gpus() -> list:
+    if backend() == "jax":
+        import jax
+        return [d for d in jax.devices() if d.platform == "gpu"]
+    return _tf().config.list_logical_devices("GPU")
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy name for a config precision ("auto": mixed_float16 on GPU, else float32)."""
+    if precision == "auto":
+        return "mixed_float16" if _gpus() else "float32"
+    return precision
+
+
+def distribution_strategy():
+    """TensorFlow: MirroredStrategy over the visible GPUs when there are several, else the default strategy."""
+    tf = _tf()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    return tf.distribute.get_strategy()
+
+
+def jax_distribution():
+    """JAX: keras.distribution.DataParallel over the devices when there are several, else None."""
+    devices = keras.distribution.list_devices()
+    return keras.distribution.DataParallel(devices=devices) if len(devices) > 1 else None
+
+
+class Placement:
+    """Where the model lives: a tf.distribute strategy (tensorflow) or a keras.distribution (jax)."""
+
+    def __init__(self):
+        if backend() == "tensorflow":
+            self.strategy, self.distribution = distribution_strategy(), None
+            self.replicas = self.strategy.num_replicas_in_sync
+        else:
+            self.strategy, self.distribution = None, jax_distribution()
+            self.replicas = len(self.distribution.device_mesh.devices.flatten()) if self.distribution else 1
+
+    def scope(self):
+        if self.strategy is not None:
+            return self.strategy.scope()
+        if self.distribution is not None:
+            return self.distribution.scope()
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the Keras model that trains
+
+class EmbeddingTrainer(keras.Model):
+    """`fit`-able wrapper of an embedding model: loss and statistics of each P x K batch.
+
+    `statistics(labels, embeddings)` returns a dict of float32 scalars with
+    "loss" (`batch_loss`). `compute_loss` is that loss divided by `replicas`
+    (Keras does not scale a scalar loss it did not compute itself, and the
+    replicas' gradients are summed); `compute_metrics` returns the statistics
+    of the step (averaged over replicas by `fit`), so each step's callback
+    logs hold that step's values, not running means.
+    """
+
+    def __init__(self, embedding: keras.Model, statistics, replicas: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding, self.statistics, self.replicas = embedding, statistics, int(replicas)
+
+    def call(self, inputs, training=False):
+        return self.embedding(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.statistics(y, y_pred)["loss"] / float(self.replicas)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return self.statistics(y, y_pred)
+
+
+def build_trainer(config: TrainConfig, policy: str, placement: Placement) -> EmbeddingTrainer:
+    """The embedding model (seeded by config.seed, in `policy`) in an EmbeddingTrainer, compiled and built."""
+    from facenet_kfp import model as model_mod
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.utils.set_random_seed(config.seed)
+    try:
+        keras.mixed_precision.set_global_policy(policy)
+        with placement.scope():
+            embedding = model_mod.build_embedding_model((config.image_size, config.image_size, 3),
+                                                        config.embedding_dim, config.architecture)
+            trainer = EmbeddingTrainer(embedding, lambda y, e: batch_loss(config, y, e), placement.replicas)
+            optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
+            if policy == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            trainer.compile(optimizer=optimizer, jit_compile=backend() == "jax")
+            optimizer.build(trainer.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return trainer
+
