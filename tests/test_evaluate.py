@@ -17,7 +17,7 @@ from PIL import Image
 
 from facenet_kfp import evaluate as ev
 from facenet_kfp import metrics as vm
-from facenet_kfp import provenance
+from facenet_kfp import provenance, scoring
 from facenet_kfp.config import EvaluateConfig, TrainConfig
 from facenet_kfp.errors import DownloadError, InputError
 from facenet_kfp.fsutil import atomic_dir
@@ -498,10 +498,10 @@ def test_too_few_identities_are_warned_about(data, evaluated, fake_model, tmp_pa
         assert sum(w.startswith(text) for w in warnings) == 1
     html = (evaluated["out"] / "report.html").read_text()
     assert html.count("its figures rest on") == 2
-    monkeypatch.setattr(ev, "MIN_IDENTITIES", 5)             # val has 4 identities in same pairs, test 6
+    monkeypatch.setattr(scoring, "MIN_IDENTITIES", 5)        # val has 4 identities in same pairs, test 6
     result, out = run(data, write_model_dir(tmp_path / "model"))
     assert [w.split(":")[0] for w in result["warnings"]] == ["val"]
-    monkeypatch.setattr(ev, "MIN_IDENTITIES", 4)
+    monkeypatch.setattr(scoring, "MIN_IDENTITIES", 4)
     result, out = run(data, write_model_dir(tmp_path / "model"))
     assert result["warnings"] == [] and "<h2>Warnings</h2>" not in (out / "report.html").read_text()
 
@@ -551,7 +551,7 @@ def test_lfw_pairs_file_and_its_overlap_with_training(data, evaluated):
 
 
 def test_lfw_pairs_heldout_figures(data, fake_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "MIN_HELDOUT_PAIRS", 20)
+    monkeypatch.setattr(scoring, "MIN_HELDOUT_PAIRS", 20)
     lines = pairs_lines(folds=2, per_fold=15)
     pairs = write_pairs(tmp_path / "pairs.txt", lines)
     result, out = run(data, write_model_dir(tmp_path / "model"), pairs_uri=str(pairs))
