@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_kfp import synth
+from facenet_kfp import faces, population, synth
 from facenet_kfp.errors import InputError
 
 NAME_RE = re.compile(r"^[A-Z][a-z]+_[A-Z][a-z]+$")
@@ -302,8 +302,8 @@ def test_identity_params_are_deterministic_and_distinct():
 def test_face_is_roughly_centred():
     # The face layer alone (no background): its opaque pixels' centroid sits near the image centre.
     face = synth.identity_params(0, 0)
-    expression = synth._sample_expression(np.random.default_rng(0))
-    layer = np.asarray(synth._draw_head(face, expression, 250))[:250, :, 3] > 0
+    expression = faces._sample_expression(np.random.default_rng(0))
+    layer = np.asarray(faces._draw_head(face, expression, 250))[:250, :, 3] > 0
     ys, xs = np.nonzero(layer[:200])            # above the shoulders
     assert abs(xs.mean() - 125) < 5 and abs(ys.mean() - 125) < 25
 
@@ -463,7 +463,8 @@ def test_casia_counts_have_casia_webfaces_totals_and_a_long_tail():
 def test_casia_scale_sets_casia_sizes(tmp_path, monkeypatch):
     # The flag's wiring at a small stand-in size (a real run writes 494,414 images).
     monkeypatch.setattr(synth, "CASIA_IDENTITIES", 12)
-    monkeypatch.setattr(synth, "CASIA_IMAGES", 12 * 30)
+    monkeypatch.setattr(population, "CASIA_IDENTITIES", 12)
+    monkeypatch.setattr(population, "CASIA_IMAGES", 12 * 30)
     monkeypatch.setattr(synth, "_render_task", lambda task: [b"jpeg"] * (task.stop - task.start))
     result = synth.generate_demo_archive(tmp_path, identities=3, casia_scale=True, layout="casia",
                                          workers=1, pool=4)
