@@ -199,8 +199,8 @@ def key_figures(record: TaskRecord) -> str:
             parts.append(f"{value / 1e6:.1f} MB")
         elif key == "sha256" and isinstance(value, str):
             parts.append(f"sha256 {value[:12]}…")
-        elif key.endswith("_pairs") and _class_counts(values, key[:-len("pairs")]) and _is_number(value):
-            parts.append(f"{key}={format_figure(value)} ({_class_counts(values, key[:-len('pairs')])})")
+        elif key.endswith("_pairs") and _is_number(value) and (counts := _class_counts(values, key[:-len("pairs")])):
+            parts.append(f"{key}={format_figure(value)} ({counts})")
         elif "accuracy" in key and _is_number(value) and _withheld(values, key[:key.index("accuracy")]):
             parts.append(f"{key} withheld")
         elif value is not None and not isinstance(value, dict):
@@ -222,22 +222,24 @@ def format_figure(value: Any) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.1f}"
 
 
-def _class_counts(metrics: Mapping[str, Any], prefix: str) -> str:
-    """"S same, D different" of the pair set `prefix` ("test_"); "" when its counts are not recorded."""
+def _pair_counts(metrics: Mapping[str, Any], prefix: str) -> tuple[int, int] | None:
+    """(same, different) pairs of the pair set `prefix` ("test_"); None when they are not recorded."""
     same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
-    if not (_is_number(same) and _is_number(different)):
-        return ""
-    return f"{int(same):,} same, {int(different):,} different"
+    return (int(same), int(different)) if _is_number(same) and _is_number(different) else None
+
+
+def _class_counts(metrics: Mapping[str, Any], prefix: str) -> str:
+    """"S same, D different" of the pair set `prefix`; "" when its counts are not recorded."""
+    counts = _pair_counts(metrics, prefix)
+    return f"{counts[0]:,} same, {counts[1]:,} different" if counts else ""
 
 
 def _withheld(metrics: Mapping[str, Any], prefix: str) -> str:
     """Why the accuracy of pair set `prefix` is not a headline figure (`metrics.accuracy_withheld`), or ""."""
     from facenet_kfp.metrics import accuracy_withheld
 
-    same, different = metrics.get(f"{prefix}same_pairs"), metrics.get(f"{prefix}different_pairs")
-    if not (_is_number(same) and _is_number(different)):
-        return ""
-    return accuracy_withheld(int(same), int(different))
+    counts = _pair_counts(metrics, prefix)
+    return accuracy_withheld(*counts) if counts else ""
 
 
 def _far_label(far: str) -> str:
@@ -254,12 +256,16 @@ def _far_order(far: str) -> tuple[float, str]:
         return float("inf"), far
 
 
-_NA = re.compile(r"(VAL@FAR=\S+): n/a \(needs >= ([\d,]+) different pairs\)")
+class _Val(NamedTuple):
+    """One VAL@FAR figure of the headline."""
+    far: str              # the target FAR as metric names spell it ("0.001")
+    text: str             # "VAL@FAR=1e-3: 0.9175 (FAR reached 0.0012)" or "...: n/a (needs >= ...)"
+    needs: int | None     # different pairs it needs where it could not be measured, else None
 
 
-def _val_at_far(metrics: Mapping[str, Any], prefix: str, kfold: bool) -> list[str]:
-    """"VAL@FAR=1e-3: 0.9175 (FAR reached 0.0012)" or "...: n/a (needs >= 1,000 different pairs)" per
-    target FAR of pair set `prefix`, in metric order; k-fold figures with `kfold`."""
+def _val_at_far(metrics: Mapping[str, Any], prefix: str, kfold: bool) -> list[_Val]:
+    """VAL@FAR beside the FAR reached, or n/a with the different pairs it needs, per target FAR of pair
+    set `prefix`, in order of the target; k-fold figures with `kfold`."""
     base = f"{prefix}{'kfold_' if kfold else ''}val_at_far_"
     label = "k-fold VAL@FAR" if kfold else "VAL@FAR"
     texts = []
@@ -271,14 +277,16 @@ def _val_at_far(metrics: Mapping[str, Any], prefix: str, kfold: bool) -> list[st
             continue
         far = match.group(1)
         if match.group(2) == "_needs_different_pairs":
+            needs = int(metrics[key])
             part = " per fold" if kfold else ""
-            texts.append(f"{label}={_far_label(far)}: n/a (needs >= {int(metrics[key]):,} different pairs{part})")
+            texts.append(_Val(far, f"{label}={_far_label(far)}: n/a (needs >= {needs:,} different pairs{part})",
+                              needs))
             continue
         reached = metrics.get(f"{prefix}{'kfold_' if kfold else ''}far_at_far_{far}{'_mean' if kfold else ''}")
         std = metrics.get(f"{base}{far}_std")
         value = f"{metrics[key]:.4f}" + (f" ± {std:.4f}" if kfold and _is_number(std) else "")
-        texts.append(f"{label}={_far_label(far)}: {value}"
-                     + (f" (FAR reached {reached:.4f})" if _is_number(reached) else ""))
+        texts.append(_Val(far, f"{label}={_far_label(far)}: {value}"
+                          + (f" (FAR reached {reached:.4f})" if _is_number(reached) else ""), None))
     return texts
 
 
@@ -322,12 +330,14 @@ def pair_set_lines(metrics: Mapping[str, Any], prefix: str, title: str, pairs_fi
     # One line per target FAR (VAL and k-fold VAL side by side, one n/a for both when neither can be
     # measured), or each on its own when that is too wide.
     single, kfold = _val_at_far(metrics, prefix, False), _val_at_far(metrics, prefix, True)
-    pairs = list(zip(single, kfold)) if len(single) == len(kfold) else [(text,) for text in single + kfold]
-    for texts in pairs:
-        both_na = len(texts) == 2 and (m := _NA.fullmatch(texts[0])) and texts[1] == f"k-fold {texts[0][:-1]} per fold)"
-        joined = f"{indent}  " + (f"{m.group(1)} and its k-fold variant: n/a (needs >= {m.group(2)} different "
-                                  f"pairs, in each fold for k-fold)" if both_na else "  ".join(texts))
-        lines += [joined] if len(joined) <= WIDTH else [f"{indent}  {text}" for text in texts]
+    same_targets = [v.far for v in single] == [v.far for v in kfold]
+    for vals in (list(zip(single, kfold)) if same_targets else [(v,) for v in single + kfold]):
+        if len(vals) == 2 and vals[0].needs is not None and vals[0].needs == vals[1].needs:
+            joined = (f"{indent}  VAL@FAR={_far_label(vals[0].far)} and its k-fold variant: n/a (needs >= "
+                      f"{vals[0].needs:,} different pairs, in each fold for k-fold)")
+        else:
+            joined = f"{indent}  " + "  ".join(v.text for v in vals)
+        lines += [joined] if len(joined) <= WIDTH else [f"{indent}  {v.text}" for v in vals]
     return lines
 
 
