@@ -164,7 +164,7 @@ def timed_fit(trainer, batches, steps: int, warmup: int, batch_size: int) -> flo
 def sweep_throughput(paths: dict[str, Path], config, budget: Budget, workers: int | None) -> list[dict]:
     """One row per P of the sweep: batch, steps timed, images/s fed by the pipeline and from memory."""
     from facenet_kfp import train
-    from facenet_kfp.input import TrainBatches, open_split
+    from facenet_kfp.numpy_input import TrainBatches, open_split
 
     rows = []
     with open_split(paths["images"], paths["completion"], paths["labels"], paths["splits"], "train") as split:
@@ -201,7 +201,7 @@ def held_out_metrics(model_dir: Path, paths: dict[str, Path], eval_config) -> di
     the model, instead of the tf.data path of `export.embed_images`.
     """
     from facenet_kfp import evaluate, export
-    from facenet_kfp.input import embedding_batches
+    from facenet_kfp.numpy_input import embedding_batches
     from facenet_kfp.shards import ShardReader
 
     rows = evaluate.real_rows_by_file(paths["images"])

@@ -123,7 +123,7 @@ def codec_rates(out: Path, sample: int, workers: int) -> tuple[Rate, Rate]:
 def iterate_train_batches(out: str, batches: str, report: str) -> None:
     """Child process: open the train split lazily, iterate `batches` TrainBatches with train's defaults."""
     from facenet_kfp.config import TrainConfig
-    from facenet_kfp.input import TrainBatches, open_split
+    from facenet_kfp.numpy_input import TrainBatches, open_split
 
     config, out = TrainConfig(), Path(out)
     start = time.perf_counter()
@@ -141,8 +141,8 @@ def iterate_train_batches(out: str, batches: str, report: str) -> None:
 def iterate_tf_batches(out: str, batches: str, report: str) -> None:
     """Child process: the TensorFlow trainer's input, `data.make_train_dataset` over the lazy train split."""
     from facenet_kfp.config import TrainConfig
-    from facenet_kfp.data import make_train_dataset
-    from facenet_kfp.input import open_split
+    from facenet_kfp.tf_input import make_train_dataset
+    from facenet_kfp.numpy_input import open_split
 
     config, out = TrainConfig(), Path(out)
     with open_split(out / "images", out / "completion", out / "labels", out / "splits", "train") as split:

@@ -26,10 +26,10 @@ hold even when other jobs share the machine and absolute numbers drift:
    seconds per step (a ratio other jobs hardly move), and the default step fed
    by that pipeline, the two sharing the cores, against the step on batches
    held in memory, in alternating blocks (on JAX: the trainer's own pipeline,
-   `facenet_kfp.input.TrainBatches`, in the same alternating blocks);
+   `facenet_kfp.numpy_input.TrainBatches`, in the same alternating blocks);
 4. the two input pipelines side by side on the same P x K batches of the
    demo's 250x250 JPEGs (crop 0.6, resize to 96, augmented): the TF-free
-   `facenet_kfp.input.TrainBatches` (worker processes, bytes read from the
+   `facenet_kfp.numpy_input.TrainBatches` (worker processes, bytes read from the
    shards by offset) and `data.make_train_dataset` (tf.data, bytes in
    memory), in alternating rounds: images/s, images per CPU-second of this
    process and its workers ("per core"), their ratio (target >= 0.8) and the
@@ -43,7 +43,7 @@ interleaved rounds, in a rotating order, so load from other jobs hits them
 alike.
 
 With KERAS_BACKEND=jax (no TensorFlow) the same trainers run jitted, on
-batches from `facenet_kfp.input`; the tf.data figures of parts 3 and 4 are
+batches from `facenet_kfp.numpy_input`; the tf.data figures of parts 3 and 4 are
 skipped and say so. `benchmarks/gpu.py` measures the JAX trainer on a GPU.
 """
 
@@ -67,7 +67,7 @@ from keras import ops
 from facenet_kfp.complete import complete_dataset
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.extract import extract_dataset
-from facenet_kfp.input import DEFAULT_CACHE_BYTES, SplitImages, TrainBatches, open_split, worker_count
+from facenet_kfp.numpy_input import DEFAULT_CACHE_BYTES, SplitImages, TrainBatches, open_split, worker_count
 from facenet_kfp.labels import build_labels
 from facenet_kfp.splits import make_splits
 from facenet_kfp.synth import generate_demo_archive
@@ -86,7 +86,7 @@ FED_BLOCK = 3              # steps per block when pipeline-fed and in-memory ste
 SHARE_TARGET = 0.05
 PIPELINE_TARGET = 3.0
 FEED_TARGET = 10_000       # images/s one GPU consumes: what the input pipeline must feed
-INPUT_RATIO_TARGET = 0.8   # per-core rate of facenet_kfp.input over tf.data's
+INPUT_RATIO_TARGET = 0.8   # per-core rate of facenet_kfp.numpy_input over tf.data's
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,7 +119,7 @@ def prepare_data(root: Path) -> Path:
 
 
 def input_batches(work: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` P x K train batches from the TF-free pipeline (`facenet_kfp.input`), for the backend without tf.data.
+    """`count` P x K train batches from the TF-free pipeline (`facenet_kfp.numpy_input`), for the backend without tf.data.
 
     Returns (float32 [B, 96, 96, 3], int32 [B]) pairs, augmented as training is.
     """
@@ -155,7 +155,7 @@ def compare_input_pipelines(work: Path, batches: int, rounds: int, workers: int 
                             ) -> dict[str, dict[str, np.ndarray]]:
     """Wall and CPU seconds of `batches` P x K training batches (96 px, augmented) from each input pipeline.
 
-    "input": `facenet_kfp.input.TrainBatches` over the split read lazily from
+    "input": `facenet_kfp.numpy_input.TrainBatches` over the split read lazily from
     the shards, decoded by `workers` processes; "tf.data": today's
     `data.make_train_dataset` over the split's bytes in memory (when TensorFlow
     is there). Each round builds every pipeline afresh, lets it fill its
@@ -168,7 +168,7 @@ def compare_input_pipelines(work: Path, batches: int, rounds: int, workers: int 
         "input": lambda seed: TrainBatches(split, split.labels, P, K, IMAGE_SIZE, config.crop_fraction,
                                            config.augment, seed, workers=workers)}
     if use_tf:
-        from facenet_kfp.data import load_split_images, make_train_dataset
+        from facenet_kfp.tf_input import load_split_images, make_train_dataset
         images, labels, _, _ = load_split_images(work / "images", work / "completion", work / "labels",
                                                  work / "splits", "train")
         makers["tf.data"] = lambda seed: iter(make_train_dataset(images, labels, P, K, IMAGE_SIZE,
@@ -201,7 +201,7 @@ def report_input_pipelines(times: dict[str, dict[str, np.ndarray]], batches: int
     print(f"\n4. input pipelines side by side: {BATCH}-image P x K batches of the demo's 250x250 JPEGs, "
           f"crop {TrainConfig().crop_fraction}, resize to {IMAGE_SIZE}, augmented; {batches} batches per round, "
           f"{len(next(iter(times.values()))['wall'])} rounds, medians")
-    print(f"  facenet_kfp.input: {workers} worker processes (one per usable core); tf.data: AUTOTUNE; CPU time "
+    print(f"  facenet_kfp.numpy_input: {workers} worker processes (one per usable core); tf.data: AUTOTUNE; CPU time "
           f"counts this process and its workers")
     print(f"  {'pipeline':<18} {'images/s':>9} {'images/s per core':>18} {'cores for ' + format(FEED_TARGET, ',') + '/s':>17}")
     per_core = {}
@@ -212,7 +212,7 @@ def report_input_pipelines(times: dict[str, dict[str, np.ndarray]], batches: int
     if "tf.data" in times:
         ratios = (times["tf.data"]["cpu"] / times["input"]["cpu"])
         ratio = med(ratios)
-        print(f"  per-core rate, facenet_kfp.input / tf.data: {ratio:.2f} (median of per-round ratios; range "
+        print(f"  per-core rate, facenet_kfp.numpy_input / tf.data: {ratio:.2f} (median of per-round ratios; range "
               f"{ratios.min():.2f}-{ratios.max():.2f}) -> {'meets' if ratio >= INPUT_RATIO_TARGET else 'MISSES'} "
               f"the >= {INPUT_RATIO_TARGET} target")
     else:
@@ -429,7 +429,7 @@ def main() -> int:
                         help="timed batches per pipeline and round in part 4 (default 30)")
     parser.add_argument("--input-rounds", type=int, default=5, help="rounds of part 4 (default 5)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes of facenet_kfp.input (default: one per usable core)")
+                        help="worker processes of facenet_kfp.numpy_input (default: one per usable core)")
     parser.add_argument("-v", "--verbose", action="store_true", help="library INFO logs")
     args = parser.parse_args()
     if args.quick:
@@ -479,7 +479,7 @@ def main() -> int:
     # Real batches for the model: on TF the training pipeline's own output.
     pipeline = None
     if use_tf:
-        from facenet_kfp.data import load_split_images, make_train_dataset
+        from facenet_kfp.tf_input import load_split_images, make_train_dataset
         images, labels, _, synthetic = load_split_images(work / "images", work / "completion", work / "labels",
                                                          work / "splits", "train")
         config = TrainConfig()
@@ -510,7 +510,7 @@ def main() -> int:
         rss["pipeline"] = peak_rss_mb()
     else:
         batches = input_batches(work, IN_MEMORY_BATCHES)
-        data_line = f"{IN_MEMORY_BATCHES} P x K batches of the train split from facenet_kfp.input"
+        data_line = f"{IN_MEMORY_BATCHES} P x K batches of the train split from facenet_kfp.numpy_input"
         loss_step = jax_loss_step
 
     # 1, 2. The first precision's step functions in interleaved rounds; then each other precision
@@ -643,7 +643,7 @@ def main() -> int:
     print(f"\n3. input pipeline vs the model's consumption (target >= {PIPELINE_TARGET:.0f}x)")
     if pipeline is None:
         print(f"  tf.data alone: skipped, it needs TensorFlow (KERAS_BACKEND={backend}); part 4 times "
-              f"facenet_kfp.input alone")
+              f"facenet_kfp.numpy_input alone")
     else:
         print(f"  make_train_dataset alone (decode + crop, resize {IMAGE_SIZE}, augment, batch): "
               f"{pipeline:.0f} images/s (median of {pipeline_repeats} x {pipeline_batches} batches)")
@@ -658,7 +658,7 @@ def main() -> int:
     fed_wall, fed_cpu = np.asarray(fed["pipeline"][0]), np.asarray(fed["pipeline"][1])
     mem_wall, mem_cpu = np.asarray(fed["memory"][0]), np.asarray(fed["memory"][1])
     print(f"  {' '.join(default)} fed by the live pipeline "
-          f"({'tf.data' if use_tf else 'facenet_kfp.input.TrainBatches'}) vs from memory, alternating blocks of "
+          f"({'tf.data' if use_tf else 'facenet_kfp.numpy_input.TrainBatches'}) vs from memory, alternating blocks of "
           f"{min(FED_BLOCK, fed_steps)} ({len(fed_wall)} steps each; CPU counts the pipeline's workers):")
     print(f"    pipeline-fed {BATCH / med(fed_wall):6.1f} images/s, {med(fed_cpu):.2f} CPU-s/step; in-memory "
           f"{BATCH / med(mem_wall):6.1f} images/s, {med(mem_cpu):.2f} CPU-s/step; fed / memory speed "

@@ -56,7 +56,8 @@ CHECKPOINTS_KEPT = 2
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.npz")
 TF_CHECKPOINT_NAME = re.compile(r"ckpt-\d+\.index")      # tf.train.Checkpoint files of earlier versions
 # The modules whose code decides the trained weights (their source is part of a checkpoint's provenance).
-TRAINING_MODULES = ("augment", "checkpoints", "data", "input", "losses", "model", "monitor", "train", "trainer")
+TRAINING_MODULES = ("augment", "checkpoints", "codec", "losses", "model", "monitor", "numpy_input", "preprocess", "tf_input", "train",
+                    "trainer")
 # Settings that may change between a run and its resumption: they do not change the model.
 RESUMABLE_CHANGES = ("max_steps", "validate_every", "validation_batches", "checkpoint_every", "log_every")
 

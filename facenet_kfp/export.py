@@ -14,7 +14,7 @@ Layout of a model folder::
                      whenever TensorFlow is importable, on either Keras backend; two signatures:
                        serve(images: float32 [N, S, S, 3], preprocessed) -> {embeddings: [N, D]}
                        serve_image_bytes(images: string [N], JPEG/PNG bytes) -> {embeddings: [N, D]}
-                     the second applies `data.preprocess_image` inside the graph. Without
+                     the second applies `tf_input.preprocess_image` inside the graph. Without
                      TensorFlow the folder has no saved_model/ and model.json says why;
                      `export_saved_model` writes one later where TensorFlow is installed.
 
@@ -76,7 +76,7 @@ def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **ex
 
     start_step > 0 says the model continued a checkpoint at that step.
     """
-    from facenet_kfp.input import PREPROCESSING_VERSION
+    from facenet_kfp.preprocess import PREPROCESSING_VERSION
 
     metadata = {
         "architecture": config.architecture,
@@ -184,7 +184,7 @@ def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike
     import keras
     import tensorflow as tf
 
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     size = info["preprocessing"]["image_size"]
     crop = info["preprocessing"]["crop_fraction"]
@@ -260,7 +260,7 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
     import keras
 
     import facenet_kfp.model  # noqa: F401  (registers L2Normalize, which older model files end in)
-    from facenet_kfp.input import PREPROCESSING_VERSION
+    from facenet_kfp.preprocess import PREPROCESSING_VERSION
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -302,7 +302,7 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
 def embed_images(model: Any, metadata: dict[str, Any], images: Sequence[bytes],
                  batch_size: int = 128) -> np.ndarray:
     """Embeddings float32 [N, D] of encoded images, preprocessed as model.json records (no augmentation)."""
-    from facenet_kfp.data import make_embedding_dataset
+    from facenet_kfp.tf_input import make_embedding_dataset
 
     pre = metadata["preprocessing"]
     dim = int(model.output_shape[-1])

@@ -79,8 +79,8 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
                 start_step: int):
     """tensorflow: tf.data P x K batches (`data.make_train_dataset`) over the train split, read from the
     shards by offset as batches are drawn (`input.open_split`), so memory does not grow with the dataset."""
-    from facenet_kfp.data import make_train_dataset
-    from facenet_kfp.input import open_split
+    from facenet_kfp.tf_input import make_train_dataset
+    from facenet_kfp.numpy_input import open_split
 
     split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
     try:
@@ -103,7 +103,7 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
 def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                  start_step: int):
     """jax: `input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
-    from facenet_kfp.input import TrainBatches, open_split
+    from facenet_kfp.numpy_input import TrainBatches, open_split
 
     def validation(images, labels, p):
         with TrainBatches(images, labels, p, config.k, config.image_size, config.crop_fraction, False,
@@ -164,7 +164,7 @@ def _validation_batches(dataset_dir, labels_dir, splits_dir, config: TrainConfig
     """
     if config.validate_every <= 0:
         return None
-    from facenet_kfp.input import open_split
+    from facenet_kfp.numpy_input import open_split
     with open_split(dataset_dir, None, labels_dir, splits_dir, "val", include_synthetic=False) as split:
         val_labels = split.labels
         val_ids, counts = np.unique(val_labels, return_counts=True)

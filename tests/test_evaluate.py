@@ -83,7 +83,7 @@ _PREPROCESSED: dict[bytes, np.ndarray] = {}
 
 def preprocessed(data_bytes: bytes) -> np.ndarray:
     """One image through the TensorFlow preprocessing, alone (the step embeds batches of the same)."""
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     if data_bytes not in _PREPROCESSED:
         _PREPROCESSED[data_bytes] = preprocess_image(tf.constant(data_bytes), IMAGE_SIZE, CROP).numpy()
@@ -676,7 +676,7 @@ def noise_png(height, width, seed=0) -> bytes:
 
 def mirrored_with_pillow(data_bytes: bytes) -> bytes:
     """The decoded image mirrored left-right with Pillow, as lossless PNG."""
-    from facenet_kfp.input import decode_rgb
+    from facenet_kfp.codec import decode_rgb
 
     buffer = io.BytesIO()
     with decode_rgb(data_bytes) as image:
@@ -689,8 +689,8 @@ def mirrored_with_pillow(data_bytes: bytes) -> bytes:
 def test_mirroring_the_input_is_mirroring_the_image(height, width, crop):
     """np.flip of a preprocessed centre crop equals preprocessing the Pillow-mirrored image
     (both the NumPy and the TensorFlow preprocessing) when the margin beside the crop is even."""
-    from facenet_kfp.data import preprocess_image
-    from facenet_kfp.input import crop_box, preprocess_array
+    from facenet_kfp.tf_input import preprocess_image
+    from facenet_kfp.preprocess import crop_box, preprocess_array
 
     _, left, _, box_w = crop_box(height, width, crop)
     assert (width - box_w) % 2 == 0 and left == (width - box_w) // 2
@@ -705,7 +705,8 @@ def test_mirroring_the_input_is_mirroring_the_image(height, width, crop):
 def test_mirroring_the_input_with_an_odd_margin_mirrors_the_same_crop():
     """With an odd margin the mirrored image's own centre crop sits one pixel over; np.flip is the mirror
     of the original crop, the same face pixels."""
-    from facenet_kfp.input import area_resize, crop_box, decode_rgb, preprocess_array
+    from facenet_kfp.codec import decode_rgb
+    from facenet_kfp.preprocess import area_resize, crop_box, preprocess_array
 
     height = width = 250
     top, left, box_h, box_w = crop_box(height, width, 0.875)          # a 219-pixel box: margin 31

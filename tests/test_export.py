@@ -18,9 +18,9 @@ from facenet_kfp.errors import InputError
 tf = pytest.importorskip("tensorflow")
 export = pytest.importorskip("facenet_kfp.export")
 
-from facenet_kfp.data import preprocess_image  # noqa: E402  (after the importorskip guards)
+from facenet_kfp.tf_input import preprocess_image  # noqa: E402  (after the importorskip guards)
 from facenet_kfp.model import L2Normalize, build_embedding_model  # noqa: E402
-from tests.test_data import face_image  # noqa: E402
+from tests.test_tf_input import face_image  # noqa: E402
 
 CONFIG = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.7, embedding_dim=16,
                      loss="batch_all", margin=0.5, squared=False)

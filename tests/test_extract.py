@@ -30,7 +30,7 @@ from facenet_kfp.extract import (DATASET_JSON, MIN_EXPANSION_BYTES, ImageCheck, 
                                  extract_dataset)
 from facenet_kfp.fsutil import STEP_MARKER
 from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, size_problem
-from facenet_kfp.input import decode_rgb
+from facenet_kfp.codec import decode_rgb
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
 from facenet_kfp.verify import read_image_file
 
@@ -726,7 +726,7 @@ def _sample_images() -> dict[str, tuple[bytes, str]]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_stored_image_is_one_training_decodes(tmp_path, workers):
     tf = pytest.importorskip("tensorflow")
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     samples = _sample_images()
     files = {f"lfw/A/{name}": data for name, (data, _) in samples.items()}

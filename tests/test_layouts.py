@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from facenet_kfp import extract
-from facenet_kfp import input as pipeline_input
+from facenet_kfp import preprocess as pipeline_input
+from facenet_kfp.codec import decode_rgb
 from facenet_kfp import synth
 from facenet_kfp.errors import InputError
 from facenet_kfp.extract import (BOX_SCALE, DATASET_JSON, Layout, check_image, detect_layout,
@@ -371,7 +372,7 @@ def test_preprocess_array_on_mixed_size_non_square_images(vggface2):
     # The centre crop of a non-square image: 0.6 of each side, resized to a square (both axes
     # scaled separately), against the slow reference.
     for data in images[:4]:
-        pixels = np.asarray(pipeline_input.decode_rgb(data))
+        pixels = np.asarray(decode_rgb(data))
         h, w = pixels.shape[:2]
         box_h, box_w = int(np.rint(np.float32(0.6) * h)), int(np.rint(np.float32(0.6) * w))
         top = int(np.rint(np.float32(h) / 2 - np.float32(box_h) / 2))
@@ -382,7 +383,7 @@ def test_preprocess_array_on_mixed_size_non_square_images(vggface2):
 
 def test_tensorflow_preprocessing_matches_on_non_square_images():
     tf = pytest.importorskip("tensorflow")
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     for seed, (w, h) in enumerate([(180, 260), (400, 410), (97, 61), (3, 200)]):
         data = photo(seed, w, h, "PNG")

@@ -28,7 +28,7 @@ train_mod = pytest.importorskip("facenet_kfp.train")
 from facenet_kfp import checkpoints as checkpoints_mod  # noqa: E402  (after the importorskip guards)
 from facenet_kfp import trainer as trainer_mod  # noqa: E402
 
-from tests.test_data import build_tiny_dataset  # noqa: E402  (after the importorskip guards)
+from tests.test_tf_input import build_tiny_dataset  # noqa: E402  (after the importorskip guards)
 
 ROOT = Path(__file__).resolve().parents[1]
 

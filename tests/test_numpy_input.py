@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_kfp import input as fin
+from facenet_kfp import numpy_input as fin
+from facenet_kfp import preprocess as pre
+from facenet_kfp.codec import decode_rgb
 from facenet_kfp.errors import InputError
 from facenet_kfp.shards import ShardWriter
 from facenet_kfp.synth import render_jpeg
@@ -65,26 +67,26 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------- parity with data.preprocess_image
+# ----------------------------------------------------------------------------- parity with tf_input.preprocess_image
 
 def test_area_resize_matches_tensorflow():
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(0)
     for h, w, size in ((150, 150, 96), (143, 157, 96), (38, 38, 96), (250, 187, 32), (7, 10, 4), (96, 96, 96)):
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        ours = fin.area_resize(pixels, size)
+        ours = pre.area_resize(pixels, size)
         reference = tf.image.resize(pixels, [size, size], method="area").numpy()
         assert ours.shape == (size, size, 3) and ours.dtype == np.float32
         np.testing.assert_allclose(ours, reference, atol=5e-3)        # grey levels, float32 rounding
         # Mirror and scale are folded into the weights: the same as flipping and scaling afterwards.
-        np.testing.assert_allclose(fin.area_resize(pixels, size, mirror=True, scale=0.5),
+        np.testing.assert_allclose(pre.area_resize(pixels, size, mirror=True, scale=0.5),
                                    0.5 * reference[:, ::-1], atol=5e-3)
 
 
 def test_preprocess_matches_tensorflow_exactly_on_pngs():
     """PNG decoding is lossless in both: crop box, resize and scaling agree to float precision."""
     tf = pytest.importorskip("tensorflow")
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (61, 97, 3), dtype=np.uint8)
@@ -96,7 +98,7 @@ def test_preprocess_matches_tensorflow_exactly_on_pngs():
     assert [Image.open(io.BytesIO(data)).mode for data in cases] == ["RGB", "RGB", "L", "RGBA", "I;16", "P"]
     for data in cases:
         for size, crop in ((96, 0.6), (32, 1.0), (17, 0.45), (9, 0.5)):
-            ours = fin.preprocess_array(data, size, crop)
+            ours = pre.preprocess_array(data, size, crop)
             reference = preprocess_image(tf.constant(data), size, crop).numpy()
             assert ours.shape == (size, size, 3) and ours.dtype == np.float32
             np.testing.assert_allclose(ours, reference, atol=1e-4, err_msg=f"{Image.open(io.BytesIO(data)).mode}")
@@ -105,15 +107,15 @@ def test_preprocess_matches_tensorflow_exactly_on_pngs():
 def test_preprocess_matches_tensorflow_on_jpegs():
     """250x250 face JPEGs: the same crop and resize; the decoders' inverse DCT differs by about a grey level."""
     tf = pytest.importorskip("tensorflow")
-    from facenet_kfp.data import preprocess_image
+    from facenet_kfp.tf_input import preprocess_image
 
     diffs = []
     for identity in range(6):
         data = render_jpeg(2, identity, identity % 3)
         # With the accurate inverse DCT (Pillow's), TensorFlow decodes the same pixels.
         accurate = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE").numpy()
-        np.testing.assert_array_equal(np.asarray(fin.decode_rgb(data)), accurate)
-        ours = fin.preprocess_array(data, 96, 0.6)
+        np.testing.assert_array_equal(np.asarray(decode_rgb(data)), accurate)
+        ours = pre.preprocess_array(data, 96, 0.6)
         reference = preprocess_image(tf.constant(data), 96, 0.6).numpy()
         assert ours.min() >= -1.0 and ours.max() <= 1.0
         diffs.append(np.abs(ours - reference) / LEVEL)
@@ -124,42 +126,42 @@ def test_preprocess_matches_tensorflow_on_jpegs():
 
 def test_crop_box_follows_tensorflow_rounding():
     # Centre box: round-half-to-even in float32, as tf.round.
-    assert fin.crop_box(250, 250, 0.6) == (50, 50, 150, 150)
-    assert fin.crop_box(61, 97, 0.6) == (12, 20, 37, 58)       # box 36.6 -> 37, 58.2 -> 58; left 19.5 -> 20
-    assert fin.crop_box(5, 5, 0.5) == (2, 2, 2, 2)             # box 2.5 -> 2, top 1.5 -> 2: half to even
-    assert fin.crop_box(10, 10, 0.5) == (2, 2, 5, 5)           # top 2.5 -> 2
-    assert fin.crop_box(33, 45, 0.5) == (8, 12, 16, 22)        # box 16.5 -> 16, 22.5 -> 22; top 8.5 -> 8
+    assert pre.crop_box(250, 250, 0.6) == (50, 50, 150, 150)
+    assert pre.crop_box(61, 97, 0.6) == (12, 20, 37, 58)       # box 36.6 -> 37, 58.2 -> 58; left 19.5 -> 20
+    assert pre.crop_box(5, 5, 0.5) == (2, 2, 2, 2)             # box 2.5 -> 2, top 1.5 -> 2: half to even
+    assert pre.crop_box(10, 10, 0.5) == (2, 2, 5, 5)           # top 2.5 -> 2
+    assert pre.crop_box(33, 45, 0.5) == (8, 12, 16, 22)        # box 16.5 -> 16, 22.5 -> 22; top 8.5 -> 8
     # Jitter: scale 1.05 gives a 63 box at 0.6 of 100, shifted by 0.05 of it, then pushed inside.
     augmentation = np.array([1.05, 0.05, -0.05, 0.0, 0.0])
-    assert fin.crop_box(100, 100, 0.6, augmentation) == (22, 15, 63, 63)
-    assert fin.crop_box(100, 100, 1.0, np.array([1.06, 0.06, -0.06, 0.0, 0.0])) == (0, 0, 100, 100)
+    assert pre.crop_box(100, 100, 0.6, augmentation) == (22, 15, 63, 63)
+    assert pre.crop_box(100, 100, 1.0, np.array([1.06, 0.06, -0.06, 0.0, 0.0])) == (0, 0, 100, 100)
 
 
 def test_augmentation_semantics():
     data = render_jpeg(3, 1, 0, size=100)
-    plain = fin.preprocess_array(data, 24, 0.6)
+    plain = pre.preprocess_array(data, 24, 0.6)
     identity = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
-    np.testing.assert_array_equal(fin.preprocess_array(data, 24, 0.6, identity), plain)
-    mirrored = fin.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 1.0, 0.0]))
+    np.testing.assert_array_equal(pre.preprocess_array(data, 24, 0.6, identity), plain)
+    mirrored = pre.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 1.0, 0.0]))
     np.testing.assert_allclose(mirrored, plain[:, ::-1], atol=1e-6)
-    brighter = fin.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 0.0, 0.08]))
+    brighter = pre.preprocess_array(data, 24, 0.6, np.array([1.0, 0.0, 0.0, 0.0, 0.08]))
     np.testing.assert_allclose(brighter, np.clip(plain + 0.16, -1.0, 1.0), atol=1e-5)
     # Scale and shift move the box: the result is the area resize of that box.
     augmentation = np.array([1.05, 0.05, -0.05, 0.0, 0.0])
-    top, left, box_h, box_w = fin.crop_box(100, 100, 0.6, augmentation)
-    pixels = np.asarray(fin.decode_rgb(data))[top:top + box_h, left:left + box_w]
-    np.testing.assert_allclose(fin.preprocess_array(data, 24, 0.6, augmentation),
-                               fin.area_resize(pixels, 24) / 127.5 - 1.0, atol=1e-5)
+    top, left, box_h, box_w = pre.crop_box(100, 100, 0.6, augmentation)
+    pixels = np.asarray(decode_rgb(data))[top:top + box_h, left:left + box_w]
+    np.testing.assert_allclose(pre.preprocess_array(data, 24, 0.6, augmentation),
+                               pre.area_resize(pixels, 24) / 127.5 - 1.0, atol=1e-5)
 
-    draws = fin.draw_augmentation(5, 3, 4000)
-    assert draws.shape == (4000, len(fin.AUGMENTATION_FIELDS))
+    draws = pre.draw_augmentation(5, 3, 4000)
+    assert draws.shape == (4000, len(pre.AUGMENTATION_FIELDS))
     scale, shift_y, shift_x, mirror, brightness = draws.T
-    assert (abs(scale - 1) <= fin.JITTER).all() and (abs(shift_y) <= fin.JITTER).all()
-    assert (abs(shift_x) <= fin.JITTER).all() and (abs(brightness) <= fin.BRIGHTNESS).all()
+    assert (abs(scale - 1) <= pre.JITTER).all() and (abs(shift_y) <= pre.JITTER).all()
+    assert (abs(shift_x) <= pre.JITTER).all() and (abs(brightness) <= pre.BRIGHTNESS).all()
     assert set(np.unique(mirror)) == {0.0, 1.0} and 0.45 < mirror.mean() < 0.55
-    np.testing.assert_array_equal(fin.draw_augmentation(5, 3, 10), draws[:10])      # row j: (seed, batch, j)
-    assert not np.array_equal(fin.draw_augmentation(5, 4, 10), draws[:10])
-    assert not np.array_equal(fin.draw_augmentation(6, 3, 10), draws[:10])
+    np.testing.assert_array_equal(pre.draw_augmentation(5, 3, 10), draws[:10])      # row j: (seed, batch, j)
+    assert not np.array_equal(pre.draw_augmentation(5, 4, 10), draws[:10])
+    assert not np.array_equal(pre.draw_augmentation(6, 3, 10), draws[:10])
 
 
 # ----------------------------------------------------------------------------- split images read by offset
@@ -274,9 +276,9 @@ def test_train_batches_follow_the_sampler(tiny):
                 index = next(sampler)
                 assert images.shape == (12, 20, 20, 3) and images.dtype == np.float32 and labels.dtype == np.int32
                 np.testing.assert_array_equal(labels, split.labels[index])
-                augmentation = fin.draw_augmentation(7, b, 12)
+                augmentation = pre.draw_augmentation(7, b, 12)
                 for j in (0, 5, 11):
-                    np.testing.assert_array_equal(images[j], fin.preprocess_array(split[index[j]], 20, 0.7,
+                    np.testing.assert_array_equal(images[j], pre.preprocess_array(split[index[j]], 20, 0.7,
                                                                                   augmentation[j]))
                 assert -1.0 <= images.min() and images.max() <= 1.0
                 batches.append(images)
@@ -287,7 +289,7 @@ def test_train_batches_follow_the_sampler(tiny):
         # Without augmentation every batch is the centre crop.
         index = next(fin.PKSampler(split.labels, 3, 4, 7).batches())
         with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, False, 7, workers=0) as stream:
-            np.testing.assert_array_equal(next(stream)[0][2], fin.preprocess_array(split[index[2]], 20, 0.7))
+            np.testing.assert_array_equal(next(stream)[0][2], pre.preprocess_array(split[index[2]], 20, 0.7))
 
 
 def test_resume_at_batch_n_equals_the_uninterrupted_stream(tiny):
@@ -306,7 +308,7 @@ def test_resume_at_batch_n_equals_the_uninterrupted_stream(tiny):
 def test_embedding_batches_keep_order(tiny):
     val = fin.open_split(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
     images = [val[i] for i in range(len(val))]
-    expected = np.stack([fin.preprocess_array(data, 16, 0.6) for data in images])
+    expected = np.stack([pre.preprocess_array(data, 16, 0.6) for data in images])
     for source, workers in ((val, 0), (images, 2)):
         batches = list(fin.embedding_batches(source, 16, 0.6, batch_size=2, workers=workers))
         assert [len(b) for b in batches] == [2, 2, 1]
@@ -325,17 +327,18 @@ import json, sys
 sys.modules["tensorflow"] = None     # any import of TensorFlow (or Keras) now fails
 sys.modules["keras"] = None
 import numpy as np
-from facenet_kfp import input as fin
+from facenet_kfp import numpy_input as fin
+from facenet_kfp import preprocess as pre
 images = [bytes.fromhex(h) for h in json.load(open({str(tmp_path / "images.json")!r}))]
 labels = np.arange(12) % 3
 with fin.TrainBatches(images, labels, 3, 2, 24, 0.6, True, 0, workers=2) as stream:
     batch, batch_labels = next(stream)
 assert batch.shape == (6, 24, 24, 3) and batch_labels.shape == (6,)
-print(len(list(fin.embedding_batches(images, 24, 0.6, 5, workers=1))), fin.PREPROCESSING_VERSION)
+print(len(list(fin.embedding_batches(images, 24, 0.6, 5, workers=1))), pre.PREPROCESSING_VERSION)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["3", fin.PREPROCESSING_VERSION]
+    assert result.stdout.split() == ["3", pre.PREPROCESSING_VERSION]
 
 
 def _children(pid: int) -> set[int]:
@@ -354,7 +357,8 @@ def _children(pid: int) -> set[int]:
 def test_workers_end_with_their_parent():
     script = """
 import os, signal, time, numpy as np
-from facenet_kfp import input as fin
+from facenet_kfp import numpy_input as fin
+from facenet_kfp import preprocess as pre
 from facenet_kfp.synth import render_jpeg
 images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
 stream = fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 8, 0.6, False, 0, workers=2)

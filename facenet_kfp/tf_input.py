@@ -27,7 +27,7 @@ identity (how the original TF1 implementation fed its input) has no negatives
 and gives zero loss.
 
 The constants of this definition, the split index and `PKSampler` live in
-`facenet_kfp.input`, the TensorFlow-free pipeline that implements the same
+`facenet_kfp.preprocess` and `facenet_kfp.numpy_input`, the TensorFlow-free pipeline that implements the same
 preprocessing with Pillow and NumPy; they are re-exported here.
 """
 
@@ -40,7 +40,9 @@ import numpy as np
 import tensorflow as tf
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.input import BRIGHTNESS, JITTER, PREPROCESSING_VERSION, SPLITS, PKSampler, open_split  # noqa: F401
+from facenet_kfp.numpy_input import PKSampler, open_split  # noqa: F401
+from facenet_kfp.preprocess import BRIGHTNESS, JITTER, PREPROCESSING_VERSION  # noqa: F401
+from facenet_kfp.splits import SPLITS  # noqa: F401
 from facenet_kfp.progress import Progress
 
 

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from facenet_kfp.errors import InputError
+from facenet_kfp.numpy_input import PKSampler
 from facenet_kfp.shards import ShardWriter
 
 tf = pytest.importorskip("tensorflow")
-data = pytest.importorskip("facenet_kfp.data")
+tf_input = pytest.importorskip("facenet_kfp.tf_input")
 
 # Real images per identity of the tiny dataset, and its splits.
 TRAIN = {"Ann_A": 5, "Bob_B": 2, "Cat_C": 3, "Dan_D": 4, "Eve_E": 1, "Fay_F": 6, "Gus_G": 2, "Hal_H": 3}
@@ -79,7 +80,7 @@ def tiny(tmp_path_factory):
 # ----------------------------------------------------------------------------- load_split_images
 
 def test_load_split_images_reads_only_the_split(tiny):
-    images, labels, keys, synthetic = data.load_split_images(
+    images, labels, keys, synthetic = tf_input.load_split_images(
         tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train")
     expected = {tiny["ids"][n]: c + COMPLETED.get(n, 0) for n, c in TRAIN.items()}
     assert dict(Counter(labels.tolist())) == expected
@@ -90,29 +91,29 @@ def test_load_split_images_reads_only_the_split(tiny):
     first = keys.index("Ann_A/Ann_A_0001.jpg")
     assert images[first] == face_image(tiny["ids"]["Ann_A"], 0)
 
-    real_only = data.load_split_images(tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"],
+    real_only = tf_input.load_split_images(tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"],
                                        "train", include_synthetic=False)
     assert len(real_only[0]) == sum(TRAIN.values()) and not any(real_only[3])
-    val = data.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
+    val = tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
     assert sorted(set(val[1].tolist())) == sorted(tiny["ids"][n] for n in VAL)
 
 
 def test_load_split_images_errors(tiny, tmp_path):
     with pytest.raises(InputError, match="split must be one of"):
-        data.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "training")
+        tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "training")
     with pytest.raises(InputError, match="dataset folder not found"):
-        data.load_split_images(tmp_path / "nope", None, tiny["labels"], tiny["splits"], "train")
+        tf_input.load_split_images(tmp_path / "nope", None, tiny["labels"], tiny["splits"], "train")
     splits = tmp_path / "splits"
     splits.mkdir()
     (splits / "train.txt").write_text("Ann_A\t9\n")
     with pytest.raises(InputError, match=r"Ann_A .*5 real images.*9"):
-        data.load_split_images(tiny["dataset"], None, tiny["labels"], splits, "train")
+        tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], splits, "train")
     (splits / "train.txt").write_text("Zed_Z\t1\n")
     with pytest.raises(InputError, match=r"labels.json.*Zed_Z"):
-        data.load_split_images(tiny["dataset"], None, tiny["labels"], splits, "train")
+        tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], splits, "train")
     # The completion folder given as the real dataset: its rows are generated images.
     with pytest.raises(InputError, match="generated image"):
-        data.load_split_images(tiny["completion"], None, tiny["labels"], tiny["splits"], "train")
+        tf_input.load_split_images(tiny["completion"], None, tiny["labels"], tiny["splits"], "train")
 
 
 # ----------------------------------------------------------------------------- PKSampler
@@ -123,7 +124,7 @@ def _labels(counts: list[int]) -> np.ndarray:
 
 def test_pk_batches_structure_and_determinism():
     labels = _labels([5, 2, 8, 4, 1, 6, 3, 4, 7])
-    sampler = data.PKSampler(labels, p=3, k=4, seed=7)
+    sampler = PKSampler(labels, p=3, k=4, seed=7)
     stream = sampler.batches()
     batches = [next(stream) for _ in range(30)]
     for batch in batches:
@@ -137,9 +138,9 @@ def test_pk_batches_structure_and_determinism():
                 assert len(set(g.tolist())) == 4                # distinct images when there are K
             else:
                 assert set(g.tolist()) == set(np.flatnonzero(labels == ident).tolist())   # all, + repeats
-    again = data.PKSampler(labels, p=3, k=4, seed=7).batches()
+    again = PKSampler(labels, p=3, k=4, seed=7).batches()
     assert all((next(again) == b).all() for b in batches)
-    other = data.PKSampler(labels, p=3, k=4, seed=8).batches()
+    other = PKSampler(labels, p=3, k=4, seed=8).batches()
     assert any((next(other) != b).any() for b in batches)
     # Resuming after n batches continues the same stream.
     resumed = sampler.batches(start=11)
@@ -148,7 +149,7 @@ def test_pk_batches_structure_and_determinism():
 
 def test_pk_identities_without_replacement_per_epoch():
     labels = _labels([6] * 10)
-    stream = data.PKSampler(labels, p=3, k=4, seed=0).batches()
+    stream = PKSampler(labels, p=3, k=4, seed=0).batches()
     # 10 identities / P=3: 3 batches per epoch, one identity left over each epoch.
     left_over = set()
     for _ in range(8):
@@ -157,7 +158,7 @@ def test_pk_identities_without_replacement_per_epoch():
         left_over |= set(range(10)) - set(epoch.tolist())
     assert len(left_over) > 1                                  # a different identity is dropped each epoch
     # Within an identity every image is used once per cycle: from the start, usage differs by at most one.
-    stream = data.PKSampler(labels, p=3, k=4, seed=0).batches()
+    stream = PKSampler(labels, p=3, k=4, seed=0).batches()
     usage = Counter(np.concatenate([next(stream) for _ in range(301)]).tolist())
     for ident in range(10):
         counts = [usage[i] for i in np.flatnonzero(labels == ident)]
@@ -165,9 +166,9 @@ def test_pk_identities_without_replacement_per_epoch():
 
 
 def test_pk_uses_completion_images(tiny):
-    images, labels, keys, synthetic = data.load_split_images(
+    images, labels, keys, synthetic = tf_input.load_split_images(
         tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train")
-    stream = data.PKSampler(labels, p=4, k=4, seed=1).batches()
+    stream = PKSampler(labels, p=4, k=4, seed=1).batches()
     used = set(np.concatenate([next(stream) for _ in range(40)]).tolist())
     assert set(np.flatnonzero(synthetic).tolist()) <= used
     assert used == set(range(len(labels)))
@@ -175,9 +176,9 @@ def test_pk_uses_completion_images(tiny):
 
 def test_pk_errors():
     with pytest.raises(InputError, match="at least p=4 identities"):
-        data.PKSampler(_labels([3, 3, 3]), p=4, k=2, seed=0)
+        PKSampler(_labels([3, 3, 3]), p=4, k=2, seed=0)
     with pytest.raises(InputError, match="non-empty"):
-        data.PKSampler(np.array([], dtype=np.int32), p=2, k=2, seed=0)
+        PKSampler(np.array([], dtype=np.int32), p=2, k=2, seed=0)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -200,7 +201,7 @@ def _reference_preprocess(jpeg: bytes, image_size: int, crop_fraction: float) ->
 
 def test_preprocess_matches_reference_and_is_deterministic():
     jpeg = face_image(3, 0, size=100)
-    out = data.preprocess_image(jpeg, 16, 0.64)               # 64x64 centre crop, 4x4 blocks
+    out = tf_input.preprocess_image(jpeg, 16, 0.64)               # 64x64 centre crop, 4x4 blocks
     assert out.shape == (16, 16, 3) and out.dtype == tf.float32
     reference = _reference_preprocess(jpeg, 16, 0.64)
     # JPEGs are decoded only inside the crop window; libjpeg's chroma upsampling then
@@ -208,58 +209,58 @@ def test_preprocess_matches_reference_and_is_deterministic():
     close = np.isclose(out.numpy(), reference, atol=1e-5)
     assert close.mean() > 0.9
     np.testing.assert_allclose(out.numpy(), reference, atol=2.5 * 2 / 255)
-    np.testing.assert_array_equal(out.numpy(), data.preprocess_image(jpeg, 16, 0.64).numpy())
+    np.testing.assert_array_equal(out.numpy(), tf_input.preprocess_image(jpeg, 16, 0.64).numpy())
     # PNG input takes the generic decoder (full decode, then crop): exactly the reference.
     buffer = io.BytesIO()
     Image.fromarray(tf.io.decode_jpeg(jpeg, channels=3).numpy()).save(buffer, "PNG")
-    np.testing.assert_allclose(data.preprocess_image(buffer.getvalue(), 16, 0.64).numpy(), reference,
+    np.testing.assert_allclose(tf_input.preprocess_image(buffer.getvalue(), 16, 0.64).numpy(), reference,
                                atol=1e-5)
 
 
 def test_preprocess_augmentation_is_seeded_and_bounded():
     jpeg = face_image(5, 1, size=100)
     seed = tf.constant([3, 4], tf.int64)
-    a = data.preprocess_image(jpeg, 24, 0.6, augment=True, seed=seed).numpy()
-    b = data.preprocess_image(jpeg, 24, 0.6, augment=True, seed=seed).numpy()
+    a = tf_input.preprocess_image(jpeg, 24, 0.6, augment=True, seed=seed).numpy()
+    b = tf_input.preprocess_image(jpeg, 24, 0.6, augment=True, seed=seed).numpy()
     np.testing.assert_array_equal(a, b)
-    plain = data.preprocess_image(jpeg, 24, 0.6).numpy()
-    variants = [data.preprocess_image(jpeg, 24, 0.6, augment=True, seed=tf.constant([3, s], tf.int64)).numpy()
+    plain = tf_input.preprocess_image(jpeg, 24, 0.6).numpy()
+    variants = [tf_input.preprocess_image(jpeg, 24, 0.6, augment=True, seed=tf.constant([3, s], tf.int64)).numpy()
                 for s in range(12)]
     assert all(v.min() >= -1.0 and v.max() <= 1.0 for v in variants)
     assert sum(not np.allclose(v, plain) for v in variants) >= 10
     # Mirroring happens for some seeds: the mean of a mirrored image stays close, its columns flip.
     assert any(np.abs(v - plain[:, ::-1]).mean() < np.abs(v - plain).mean() for v in variants)
     # crop_fraction 1 with jitter stays inside the image (no padding, no error).
-    full = data.preprocess_image(jpeg, 24, 1.0, augment=True, seed=seed).numpy()
+    full = tf_input.preprocess_image(jpeg, 24, 1.0, augment=True, seed=seed).numpy()
     assert np.isfinite(full).all()
 
 
 # ----------------------------------------------------------------------------- datasets
 
 def test_make_train_dataset_batches(tiny):
-    images, labels, _, _ = data.load_split_images(
+    images, labels, _, _ = tf_input.load_split_images(
         tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train")
-    ds = data.make_train_dataset(images, labels, p=4, k=4, image_size=32, crop_fraction=0.8,
+    ds = tf_input.make_train_dataset(images, labels, p=4, k=4, image_size=32, crop_fraction=0.8,
                                  augment=True, seed=3)
     got = list(ds.take(3))
-    sampler = data.PKSampler(labels, 4, 4, 3).batches()
+    sampler = PKSampler(labels, 4, 4, 3).batches()
     for batch_images, batch_labels in got:
         assert batch_images.shape == (16, 32, 32, 3) and batch_images.dtype == tf.float32
         assert batch_labels.dtype == tf.int32
         assert -1.0 <= float(tf.reduce_min(batch_images)) and float(tf.reduce_max(batch_images)) <= 1.0
         np.testing.assert_array_equal(batch_labels.numpy(), labels[next(sampler)])
     # Same seed, same batches (augmentation included); start_batch resumes the stream.
-    again = list(data.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3).take(3))
+    again = list(tf_input.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3).take(3))
     for (a, _), (b, _) in zip(got, again):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    resumed = next(iter(data.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3, start_batch=2)))
+    resumed = next(iter(tf_input.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3, start_batch=2)))
     np.testing.assert_array_equal(resumed[0].numpy(), got[2][0].numpy())
 
 
 def test_make_embedding_dataset_is_ordered(tiny):
-    images, _, _, _ = data.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
-    batches = list(data.make_embedding_dataset(images, 32, 0.8, batch_size=4))
+    images, _, _, _ = tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
+    batches = list(tf_input.make_embedding_dataset(images, 32, 0.8, batch_size=4))
     assert [b.shape[0] for b in batches] == [4, 4, 1]
     stacked = np.concatenate([b.numpy() for b in batches])
     for i, jpeg in enumerate(images):
-        np.testing.assert_array_equal(stacked[i], data.preprocess_image(jpeg, 32, 0.8).numpy())
+        np.testing.assert_array_equal(stacked[i], tf_input.preprocess_image(jpeg, 32, 0.8).numpy())
