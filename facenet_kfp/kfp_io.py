@@ -73,29 +73,10 @@ def checkpoint_dir_for(root: str, output_uri: str) -> str | None:
     `<root>/train-<sha256 of output_uri, 16 hex>`, keyed by the URI of the
     task's model output artifact: a retried pod of the same task finds its
     checkpoints again, and another run (even with the same inputs, parameters
-    and cached upstream artifacts) gets a new folder and trains from step 0.
-    Why the output URI:
-
-    - KFP backend: the driver gives each task execution fresh output URIs,
-      `<pipeline root>/<pipeline name>/<run id>/<task name>/<random uuid>/<output>`
-      (backend/src/v2/driver/driver.go `provisionOutputs`, joined by
-      backend/src/v2/metadata/client.go `GenerateOutputURI`), and puts them in
-      the executor input of the pod spec patch. The Argo retry strategy sits
-      on the executor template alone (backend/src/v2/compiler/argocompiler/
-      container.go `addContainerExecutorTemplate`), so a retried pod gets the
-      same executor input, hence the same URI.
-    - The cache key (backend/src/v2/cacheutils/cache.go `GenerateCacheKey`)
-      holds input artifact names, parameter values, output specs with their
-      URIs wiped, image and command: keying by the output URI leaves caching
-      as it is. A run id passed as a parameter instead
-      (dsl.PIPELINE_JOB_ID_PLACEHOLDER, which backend/src/v2/driver/resolve.go
-      `resolveInputParameter` turns into a parameter value) would enter the
-      key and make every train task a cache miss.
-    - kfp.local: outputs go to `<pipeline root>/<pipeline name>-<timestamp>/
-      <task>/<output>` (kfp/local/executor_input_utils.py
-      `get_local_pipeline_resource_name`, `construct_local_task_root`); the
-      retries of `orchestrator/task_executor.py` `execute_single_task` reuse
-      that name, and `LocalCache.compute_key` leaves output URIs out.
+    and cached upstream artifacts) gets a new folder and trains from step 0,
+    while the cache key stays as it is. Why the output URI has these
+    properties on the KFP backend and under kfp.local, with the upstream code
+    it rests on: docs/design.md, "Checkpoints keyed by the output URI".
     """
     if not root:
         return None
