@@ -29,6 +29,11 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    """`facenet-kfp synth`: write a generated face archive (and pairs.txt) into the folder `--out`.
+
+    Calls `synth.generate_demo_archive`; prints the archive, pairs file, sha256 and counts. The folder
+    is written atomically and only replaces an earlier synth output. InputError for bad sizes or layouts.
+    """
     from facenet_kfp.synth import generate_demo_archive
 
     out = Path(args.out)
@@ -46,6 +51,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    """`facenet-kfp download SOURCE --out FILE [--sha256 HEX]`: `download.download`; prints size and sha256.
+
+    A FILE that exists is replaced only when it is a regular file (`download.check_replaceable_file`).
+    InputError for a bad URI or sha256, DownloadError when fetching fails or the hash differs.
+    """
     from facenet_kfp.download import check_replaceable_file, download
 
     check_replaceable_file(args.out, args.sha256)
@@ -54,6 +64,11 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    """`facenet-kfp extract ARCHIVE --out FOLDER`: `extract.extract_dataset`; prints its summary.
+
+    The summary's list of skipped members is printed as its length. InputError for an unsafe,
+    corrupt or mostly unusable archive (see `extract_dataset`).
+    """
     from facenet_kfp.extract import extract_dataset
 
     summary = extract_dataset(args.archive, args.out, shard_size_mb=args.shard_size_mb,
@@ -63,12 +78,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
+    """`facenet-kfp labels IMAGES --out FOLDER`: `labels.build_labels`; prints its summary."""
     from facenet_kfp.labels import build_labels
 
     _print_json(build_labels(args.images, args.out))
 
 
 def cmd_complete(args: argparse.Namespace) -> None:
+    """`facenet-kfp complete IMAGES LABELS --out FOLDER`: `complete.complete_dataset`; prints its summary.
+
+    The list of excluded identities stays in the output's completion.json. InputError when the labels
+    were not made from IMAGES.
+    """
     from facenet_kfp.complete import complete_dataset
 
     summary = complete_dataset(args.images, args.labels, args.out, multiple=args.multiple,
@@ -78,6 +99,7 @@ def cmd_complete(args: argparse.Namespace) -> None:
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
+    """`facenet-kfp splits LABELS --out FOLDER`: `splits.make_splits`; prints the split sizes."""
     from facenet_kfp.splits import make_splits
 
     _print_json(make_splits(args.labels, args.out, fractions=args.fractions, seed=args.seed))
@@ -108,6 +130,12 @@ def _load_config(path: str | None, items: list[str], section: str) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """`facenet-kfp train IMAGES COMPLETION LABELS SPLITS --out MODEL`: `train.train`; prints its final metrics.
+
+    The config (`--config`, `--set`) is checked before TensorFlow is imported, so a wrong key fails at
+    once. InputError for inputs of different lineages or a checkpoint of another run; FacenetError
+    when training collapses or diverges (nothing is exported then).
+    """
     config = _load_config(args.config, args.set, "train")   # checked before TensorFlow is imported
     from facenet_kfp.train import train
 
@@ -117,6 +145,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """`facenet-kfp evaluate MODEL IMAGES SPLITS --out FOLDER`: `evaluate.evaluate`; prints the metrics.
+
+    FOLDER gets report.html, threshold.json and metrics.json, written as one folder that only replaces
+    an earlier evaluate output. InputError for a model folder, pairs file or split that cannot be used.
+    """
     config = _load_config(args.config, args.set, "evaluate")
     from facenet_kfp.evaluate import evaluate
 
@@ -154,6 +187,11 @@ def _model_of(args: argparse.Namespace, threshold_needed: bool) -> tuple[str, st
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    """`facenet-kfp verify A B (--model M | --run R)`: `verify.verify_pair`; prints distance, threshold, verdict.
+
+    InputError names an unreadable image, a threshold outside the distance's range, or a threshold
+    file of another model.
+    """
     from facenet_kfp.evaluate import DISTANCE_LABELS
     from facenet_kfp.verify import verify_pair
 
@@ -170,6 +208,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
+    """`facenet-kfp embed IMAGE... (--model M | --run R) --out FILE`: `verify.embed_files`; prints its summary.
+
+    FILE is .npz (embeddings and paths), .csv or .tsv (a row per image); it must not be the model or
+    inside it. InputError for another suffix or an unreadable image.
+    """
     from facenet_kfp.verify import embed_files
 
     from facenet_kfp.fsutil import check_outputs_apart
@@ -385,6 +428,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv), run the subcommand; 0 on success, 2 on a FacenetError (one line on stderr)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
