@@ -18,8 +18,8 @@ from facenet_kfp import numpy_input as fin
 from facenet_kfp import preprocess as pre
 from facenet_kfp.codec import decode_rgb
 from facenet_kfp.errors import InputError
-from facenet_kfp.shards import ShardWriter
 from facenet_kfp.synth import render_jpeg
+from tests.builders import build_tiny_dataset
 
 # Real images per identity (train split) and the generated images completion adds.
 TRAIN = {"Ann_A": 5, "Bob_B": 2, "Cat_C": 3, "Dan_D": 4, "Eve_E": 1, "Fay_F": 6}
@@ -28,33 +28,14 @@ COMPLETED = {"Bob_B": 2, "Cat_C": 1, "Ann_A": 3, "Fay_F": 2}
 LEVEL = 2.0 / 255.0          # one grey level on the [-1, 1] scale
 
 
-def build_dataset(root: Path, size: int = 64) -> dict:
-    """Packed dataset + completion + labels + splits folders under `root`, as steps 2-5 write them."""
-    people = {**TRAIN, **VAL}
-    names = sorted(people)
-    ids = {name: i for i, name in enumerate(names)}
-    folders = {name: root / name for name in ("dataset", "completion", "labels", "splits")}
-    with ShardWriter(folders["dataset"], max_shard_bytes=15_000) as writer:
-        for name in names:
-            for j in range(people[name]):
-                writer.add(name, f"{name}/{name}_{j + 1:04d}.jpg", render_jpeg(1, ids[name], j, size))
-    with ShardWriter(folders["completion"], max_shard_bytes=15_000) as writer:
-        for name, extra in COMPLETED.items():
-            for j in range(extra):
-                writer.add(name, f"{name}/{name}_000C{j + 1}.jpg", render_jpeg(1, ids[name], 50 + j, size),
-                           synthetic=True, source=f"{name}/{name}_0001.jpg")
-    folders["labels"].mkdir()
-    (folders["labels"] / "labels.json").write_text(json.dumps(ids))
-    (folders["labels"] / "image_counts.json").write_text(json.dumps(people))
-    folders["splits"].mkdir()
-    for split, members in (("train", TRAIN), ("val", VAL), ("test", VAL)):
-        (folders["splits"] / f"{split}.txt").write_text("".join(f"{n}\t{c}\n" for n, c in sorted(members.items())))
-    return {**folders, "ids": ids}
+def _render(identity: int, variant: int, size: int) -> bytes:
+    return render_jpeg(1, identity, variant, size)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("input"))
+    return build_tiny_dataset(tmp_path_factory.mktemp("input"), TRAIN, VAL, VAL, COMPLETED, image=_render,
+                              completion_variant=50, max_shard_bytes=15_000)
 
 
 def open_train(tiny, **kwargs) -> fin.SplitImages:
@@ -360,6 +341,7 @@ import os, signal, time, numpy as np
 from facenet_kfp import numpy_input as fin
 from facenet_kfp import preprocess as pre
 from facenet_kfp.synth import render_jpeg
+from tests.builders import build_tiny_dataset
 images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
 stream = fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 8, 0.6, False, 0, workers=2)
 next(stream)

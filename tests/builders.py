@@ -1,0 +1,74 @@
+"""Builders other test files share: a learnable face JPEG and a tiny packed dataset as steps 2-5 write it."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from facenet_kfp.shards import ShardWriter
+
+# Real images per identity of the tiny dataset, and its splits.
+TRAIN = {"Ann_A": 5, "Bob_B": 2, "Cat_C": 3, "Dan_D": 4, "Eve_E": 1, "Fay_F": 6, "Gus_G": 2, "Hal_H": 3}
+VAL = {"Ivy_I": 3, "Jon_J": 2, "Kim_K": 4}
+TEST = {"Lea_L": 2, "Max_M": 3}
+# Train identities completed to a multiple of 4 (Eve_E is left out, as min_images would).
+COMPLETED = {name: (-count) % 4 for name, count in TRAIN.items() if name != "Eve_E"}
+
+
+def face_image(identity: int, variant: int, size: int = 64) -> bytes:
+    """A JPEG whose identity is learnable: an identity colour disc on an identity background, with noise."""
+    rng = np.random.default_rng(1000 * identity + variant)
+    hue = np.array([(identity * 97) % 256, (identity * 53 + 80) % 256, (identity * 151 + 160) % 256])
+    background = 255 - hue
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
+    draw = ImageDraw.Draw(image)
+    r = size * (0.22 + 0.04 * (identity % 3))
+    cx, cy = size / 2 + rng.uniform(-3, 3), size / 2 + rng.uniform(-3, 3)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in hue))
+    if identity % 2:
+        draw.rectangle([cx - r / 3, cy - r / 3, cx + r / 3, cy + r / 3], fill=tuple(int(v) for v in background))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (size, size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def build_tiny_dataset(root: Path, train=None, val=None, test=None, completed=None, size: int = 64, *,
+                       image: Callable[[int, int, int], bytes] = face_image, completion_variant: int = 100,
+                       max_shard_bytes: int = 20_000) -> dict:
+    """Packed dataset + completion + labels + splits folders under `root`, as steps 2-5 would write them.
+
+    `train`, `val`, `test`: {identity: real images} (default `TRAIN`, `VAL`, `TEST`); `completed`:
+    {identity: generated images} (default `COMPLETED`). Image j of an identity is
+    `image(identity id, j, size)`, generated image j is `image(id, completion_variant + j, size)`.
+    Returns {"dataset", "completion", "labels", "splits": folders, "ids": {identity: label}}.
+    """
+    train = TRAIN if train is None else train
+    val = VAL if val is None else val
+    test = TEST if test is None else test
+    completed = COMPLETED if completed is None else completed
+    people = {**train, **val, **test}
+    names = sorted(people)
+    ids = {name: i for i, name in enumerate(names)}
+    dataset, completion, labels, splits = (root / n for n in ("dataset", "completion", "labels", "splits"))
+    with ShardWriter(dataset, max_shard_bytes=max_shard_bytes) as writer:
+        for name in names:
+            for j in range(people[name]):
+                writer.add(name, f"{name}/{name}_{j + 1:04d}.jpg", image(ids[name], j, size))
+    with ShardWriter(completion, max_shard_bytes=max_shard_bytes) as writer:
+        for name, extra in completed.items():
+            for j in range(extra):
+                writer.add(name, f"{name}/{name}_000C{j + 1}.jpg", image(ids[name], completion_variant + j, size),
+                           synthetic=True, source=f"{name}/{name}_0001.jpg")
+    labels.mkdir()
+    (labels / "labels.json").write_text(json.dumps(ids))
+    (labels / "image_counts.json").write_text(json.dumps(people))
+    splits.mkdir()
+    for split, members in (("train", train), ("val", val), ("test", test)):
+        (splits / f"{split}.txt").write_text("".join(f"{n}\t{c}\n" for n, c in sorted(members.items())))
+    return {"dataset": dataset, "completion": completion, "labels": labels, "splits": splits, "ids": ids}
