@@ -2,8 +2,10 @@
 
 The functions here are plain Python; `build_components` turns them into KFP
 lightweight components bound to the project's images (the light image for the
-data steps and the pairs check, the trainer image for train and evaluate). The packages are
-preinstalled in those images, so no pip install runs when a step starts.
+data steps and the pairs check, the trainer image for train and evaluate: each step's
+`Policy.image` in pipelines/facenet_pipeline.py). The packages are
+preinstalled in those images, so no pip install runs when a step starts. A new
+step's function is one entry in `COMPONENTS`.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from components.pairs import check_pairs
 from components.splits import split_identities
 from components.train import train_model
 
-DATA_STEPS = {
+# {step name: component function}: one entry per component, in DAG order. The image each runs in is its
+# step's policy (pipelines/facenet_pipeline.py STEPS).
+COMPONENTS = {
     "download": download_archive,
     "extract": extract_images,
     "labels": make_labels,
     "complete": complete_identities,
     "splits": split_identities,
     "check_pairs": check_pairs,
-}
-TRAINER_STEPS = {
     "train": train_model,
     "evaluate": evaluate_model,
     "evaluate_on_archive": evaluate_on_archive,
@@ -58,12 +60,17 @@ DEFAULT_IMAGES = Images(light="ghcr.io/facenet-kfp/facenet-kfp:0.1.0",
 
 
 def build_components(images: Images) -> dict[str, Any]:
-    """Every step as a KFP component, keyed by step name."""
-    built = {}
-    for steps, image in ((DATA_STEPS, images.light), (TRAINER_STEPS, images.trainer)):
-        for name, func in steps.items():
-            built[name] = dsl.component(func, base_image=image, install_kfp_package=False)
-    return built
+    """Every step as a KFP component, keyed by step name, in the image its steps' policy names
+    (`pipelines.facenet_pipeline.component_images`)."""
+    from pipelines.facenet_pipeline import component_images
+
+    kinds = component_images()
+    if unused := [name for name in COMPONENTS if name not in kinds]:
+        raise ValueError(f"no step of pipelines/facenet_pipeline.py runs component(s) {', '.join(unused)}")
+    if missing := [name for name in kinds if name not in COMPONENTS]:
+        raise ValueError(f"step(s) {', '.join(missing)} have no component in components.COMPONENTS")
+    return {name: dsl.component(func, base_image=getattr(images, kinds[name]), install_kfp_package=False)
+            for name, func in COMPONENTS.items()}
 
 
 @functools.cache

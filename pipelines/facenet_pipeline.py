@@ -9,6 +9,12 @@ pairs.txt is fetched and checked against the images it names by its own
 task ("check pairs"), right after the extract of the archive it refers to;
 training waits for it, so a bad pairs file fails the run before training.
 Evaluation reads the checked copy.
+
+Each step carries its cluster policy (`Policy`: image, resources, retries,
+credentials, shared memory), which `apply_cluster_settings` applies; the DAG
+with a separate evaluation archive is `STEPS` edited by step name
+(`EVALUATION_ARCHIVE`). Adding a step is a row in `STEPS` and its component
+(``components/<name>.py``, registered in ``components.COMPONENTS``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, Callable
 from kfp import dsl, kubernetes
 
 from components import Images, build_components
-from facenet_kfp.config import (CLUSTER_PARAMETERS, EVAL_PARAMETERS, PipelineConfig, parameter_keys,
+from facenet_kfp.config import (CLUSTER_PARAMETERS, EVAL_PARAMETERS, ClusterConfig, PipelineConfig, parameter_keys,
                                 pipeline_parameters)
 
 PIPELINE_NAME = "facenet-kfp"
@@ -37,6 +43,49 @@ GCS_KEY_DIR = "/var/secrets/google"
 
 
 @dataclass(frozen=True)
+class Resources:
+    """The `config.cluster` fields that give a task's CPU and memory (request = limit) and GPUs."""
+    cpu: str
+    memory: str
+    gpus: str = ""     # "": never a GPU
+
+
+# Resources classes a step's `Policy.resources` names.
+RESOURCES = {
+    "data": Resources("data_cpu", "data_memory"),
+    "train": Resources("train_cpu", "train_memory", "train_gpus"),
+    "evaluate": Resources("evaluate_cpu", "evaluate_memory", "evaluate_gpus"),
+}
+_CLUSTER_FIELDS = frozenset(f.name for f in dataclasses.fields(ClusterConfig))
+_IMAGE_KINDS = tuple(f.name for f in dataclasses.fields(Images))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a step's task runs on a cluster (`apply_cluster_settings`); the default is a data step's.
+
+    A task with GPUs (its resources class names a GPU field, set above 0) also
+    gets the accelerator type, the GPU node selector and the GPU toleration.
+    """
+    image: str = "light"       # field of `components.Images` its component runs in: light or trainer
+    resources: str = "data"    # key of RESOURCES
+    retries: str = ""          # config.cluster field with its task-level retries; "": none
+    backoff: str = ""          # wait before a retry, with `retries`
+    gcs: bool = False          # reads gs:// URIs given as parameters: mounts cluster.gcs_secret's key.json
+    shm: bool = False          # a memory-backed /dev/shm of cluster.shm_size (TensorFlow's input workers)
+
+    def __post_init__(self) -> None:
+        if self.image not in _IMAGE_KINDS:
+            raise ValueError(f"policy image {self.image!r}: use one of {', '.join(_IMAGE_KINDS)}")
+        if self.resources not in RESOURCES:
+            raise ValueError(f"policy resources {self.resources!r}: use one of {', '.join(RESOURCES)}")
+        if self.retries and self.retries not in _CLUSTER_FIELDS:
+            raise ValueError(f"policy retries {self.retries!r} is no config.cluster field")
+        if bool(self.retries) != bool(self.backoff):
+            raise ValueError("policy retries and backoff go together")
+
+
+@dataclass(frozen=True)
 class Step:
     """One task of the DAG: its component, label, input artifacts and {argument: pipeline parameter}.
 
@@ -46,15 +95,16 @@ class Step:
     ``eval_images``). `after` names artifacts whose producing tasks must finish
     before this one starts though it does not read them (train waits for the
     pairs check, so a bad pairs file fails before training); it does not enter
-    the cache key.
+    the cache key. `policy`: how its task runs on a cluster.
     """
-    name: str                    # key of components.build_components
+    name: str                    # key of components.COMPONENTS
     display_name: str            # starts with its position in the DAG (the run table sorts by it)
     inputs: tuple[str, ...]
     parameters: dict[str, str]
     constants: dict[str, Any] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)   # {argument or output: artifact name}
     after: tuple[str, ...] = ()
+    policy: Policy = Policy()
 
 
 def _section(section: str) -> dict[str, str]:
@@ -64,7 +114,8 @@ def _section(section: str) -> dict[str, str]:
 
 STEPS = (
     Step("download", "1. download archive", (),
-         {"source_uri": "source_uri", "sha256": "sha256", "max_download_gb": "max_download_gb"}),
+         {"source_uri": "source_uri", "sha256": "sha256", "max_download_gb": "max_download_gb"},
+         policy=Policy(retries="download_retries", backoff="30s", gcs=True)),
     Step("extract", "2. extract images", ("archive",),
          {"shard_size_mb": "shard_size_mb", "max_skipped_fraction": "max_skipped_fraction",
           "max_expansion": "max_expansion"}),
@@ -76,21 +127,68 @@ STEPS = (
          {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
           "test_fraction": "test_fraction", "seed": "split_seed"}, {"test_split": True}),
     Step("check_pairs", "6. check pairs.txt", ("images",),
-         {"pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}),
+         {"pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}, policy=Policy(gcs=True)),
     Step("train", "7. train embeddings", ("images", "completion", "labels", "splits"),
-         {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}, after=("pairs",)),
-    Step("evaluate", "8. threshold evaluation", ("model", "images", "splits", "pairs"), _section("evaluate")),
+         {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}, after=("pairs",),
+         policy=Policy(image="trainer", resources="train", retries="train_retries", backoff="60s", gcs=True,
+                       shm=True)),
+    Step("evaluate", "8. threshold evaluation", ("model", "images", "splits", "pairs"), _section("evaluate"),
+         policy=Policy(image="trainer", resources="evaluate", gcs=True, shm=True)),
 )
 
 
-# With a separate evaluation archive: its download and extract, splits without a test split, the pairs
-# check on its images, and evaluation on it (config data.eval_source_uri decides at compile time).
+@dataclass(frozen=True)
+class Branch:
+    """Another DAG as edits of a step list by step name (never by position), so a step added to
+    `STEPS` stays in it unless an edit names it.
+
+    `replace` gives, per step name, the fields of its stand-in (`dataclasses.replace`: the
+    stand-in keeps the rest, its policy included); `insert` gives, per step name, the steps that
+    follow it (after its stand-in, if it has one). Each name must be that of exactly one step.
+    """
+    replace: dict[str, dict[str, Any]] = field(default_factory=dict)
+    insert: dict[str, tuple[Step, ...]] = field(default_factory=dict)
+
+    def apply(self, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        for name in (*self.replace, *self.insert):
+            if (count := sum(step.name == name for step in steps)) != 1:
+                raise ValueError(f"the branch edits step {name!r}, which the steps hold {count} times")
+        edited: list[Step] = []
+        for step in steps:
+            edited.append(dataclasses.replace(step, **self.replace[step.name]) if step.name in self.replace
+                          else step)
+            edited.extend(self.insert.get(step.name, ()))
+        return tuple(edited)
+
+
+def step_named(name: str, steps: tuple[Step, ...] = STEPS) -> Step:
+    """The one step of `steps` called `name`."""
+    found = [step for step in steps if step.name == name]
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} steps are called {name!r}")
+    return found[0]
+
+
+# With a separate evaluation archive (config data.eval_source_uri decides at compile time): its download
+# and extract after the training archive's, splits without a test split, the pairs check on its images,
+# and evaluation on it.
 EVAL_BRANCH = (
-    Step("download", "1. download evaluation archive", (),
-         {"source_uri": "eval_source_uri", "sha256": "eval_sha256", "max_download_gb": "max_download_gb"},
-         renamed={"archive": "eval_archive"}),
-    Step("extract", "2. extract evaluation images", ("archive",), STEPS[1].parameters,
-         renamed={"archive": "eval_archive", "images": "eval_images"}),
+    dataclasses.replace(step_named("download"), display_name="1. download evaluation archive",
+                        parameters={"source_uri": "eval_source_uri", "sha256": "eval_sha256",
+                                    "max_download_gb": "max_download_gb"},
+                        renamed={"archive": "eval_archive"}),
+    dataclasses.replace(step_named("extract"), display_name="2. extract evaluation images",
+                        renamed={"archive": "eval_archive", "images": "eval_images"}),
+)
+EVALUATION_ARCHIVE = Branch(
+    replace={
+        "splits": {"constants": {"test_split": False}},
+        "check_pairs": {"display_name": "6. check pairs.txt on the evaluation archive",
+                        "renamed": {"images": "eval_images"}},
+        "evaluate": {"name": "evaluate_on_archive", "display_name": "8. evaluation on the evaluation archive",
+                     "inputs": ("model", "images", "splits", "eval_images", "pairs")},
+    },
+    insert={"extract": EVAL_BRANCH},
 )
 
 
@@ -101,16 +199,18 @@ def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
 
 def dag_steps(evaluation_archive: bool) -> tuple[Step, ...]:
     """`STEPS`, or with `evaluation_archive` the steps of the DAG with the evaluation archive's branch."""
-    if not evaluation_archive:
-        return STEPS
-    by_name = {step.name: step for step in STEPS}
-    splits = dataclasses.replace(by_name["splits"], constants={"test_split": False})
-    check = dataclasses.replace(by_name["check_pairs"], display_name="6. check pairs.txt on the evaluation archive",
-                                renamed={"images": "eval_images"})
-    evaluate = dataclasses.replace(by_name["evaluate"], name="evaluate_on_archive",
-                                   display_name="8. evaluation on the evaluation archive",
-                                   inputs=("model", "images", "splits", "eval_images", "pairs"))
-    return (*STEPS[:2], *EVAL_BRANCH, *STEPS[2:4], splits, check, by_name["train"], evaluate)
+    return EVALUATION_ARCHIVE.apply(STEPS) if evaluation_archive else STEPS
+
+
+def component_images() -> dict[str, str]:
+    """{component name: the `components.Images` field it runs in}, from the policies of the steps of both
+    DAGs; a component runs in one image, so steps that share it must agree."""
+    images: dict[str, str] = {}
+    for step in (*dag_steps(False), *dag_steps(True)):
+        if images.setdefault(step.name, step.policy.image) != step.policy.image:
+            raise ValueError(f"steps of component {step.name!r} name two images: "
+                             f"{images[step.name]} and {step.policy.image}")
+    return images
 
 
 def task_names(steps: tuple[Step, ...] | list[Step], components: dict[str, Any]) -> list[str]:
@@ -179,35 +279,28 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
 
 
 def apply_cluster_settings(config: PipelineConfig, tasks: list[tuple[Step, dsl.PipelineTask]]) -> None:
-    """Resources, GPUs, node placement, shared memory, credentials and retries per task."""
+    """Resources, GPUs, node placement, shared memory, retries and credentials per task, as its
+    step's `Policy` says."""
     cluster = config.cluster
     for step, task in tasks:
-        trainer = step.name in ("train", "evaluate", "evaluate_on_archive")
-        if not trainer:
-            _resources(task, cluster.data_cpu, cluster.data_memory)
-            if step.name == "download":
-                if cluster.download_retries:
-                    task.set_retry(num_retries=cluster.download_retries, backoff_duration="30s")
-            continue
-        cpu, memory, gpus = ((cluster.train_cpu, cluster.train_memory, cluster.train_gpus) if step.name == "train"
-                             else (cluster.evaluate_cpu, cluster.evaluate_memory, cluster.evaluate_gpus))
-        _resources(task, cpu, memory)
+        policy = step.policy
+        resources = RESOURCES[policy.resources]
+        _resources(task, getattr(cluster, resources.cpu), getattr(cluster, resources.memory))
+        gpus = getattr(cluster, resources.gpus) if resources.gpus else 0
         if gpus > 0:
             task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
             for key, value in cluster.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
             if cluster.gpu_toleration:
                 kubernetes.add_toleration(task, **cluster.toleration())
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=SHM_PATH,
-                                   medium="Memory", size_limit=cluster.shm_size)
-        if step.name == "train" and cluster.train_retries:
-            task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
-    if cluster.gcs_secret:
-        # Steps that read gs:// URIs given as parameters (the archives, pairs.txt, checkpoints).
-        for step, task in tasks:
-            if step.name in ("download", "check_pairs", "train", "evaluate", "evaluate_on_archive"):
-                kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
-                task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
+        if policy.shm:
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=SHM_PATH,
+                                       medium="Memory", size_limit=cluster.shm_size)
+        if policy.retries and (retries := getattr(cluster, policy.retries)):
+            task.set_retry(num_retries=retries, backoff_duration=policy.backoff)
+        if policy.gcs and cluster.gcs_secret:
+            kubernetes.use_secret_as_volume(task, secret_name=cluster.gcs_secret, mount_path=GCS_KEY_DIR)
+            task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> None:

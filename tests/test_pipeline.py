@@ -1,10 +1,12 @@
 """The compiled pipeline: golden YAML, images, cluster settings, descriptions, cache equivalences."""
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from kfp import dsl
 
 from pipelines.compile import compile_pipeline
 
@@ -319,3 +321,106 @@ def test_task_names_are_the_compiled_ones(tmp_path):
     assert sorted(names) == sorted(tasks)
     assert {name: tasks[name]["taskInfo"]["name"] for name in names} == {
         name: step.display_name for name, step in zip(names, steps)}
+
+
+# --- steps by name: each step's policy, the evaluation archive's branch as edits by name -------------
+
+def publish_model(model: dsl.Input[dsl.Model], destination: str, published: dsl.Output[dsl.Artifact]):
+    """A step added after evaluate: copies the model's path to a record (stands in for a real step)."""
+    with open(published.path, "w") as f:
+        f.write(f"{model.path} -> {destination}")
+
+
+def _with_publish_step(monkeypatch):
+    """STEPS with one more row after evaluate and its component registered: all that adding a step takes."""
+    import components
+    from pipelines import facenet_pipeline as fp
+
+    step = fp.Step("publish", "9. publish model", ("model",), {}, {"destination": "gs://bucket/models"},
+                   after=("report",), policy=fp.Policy(retries="download_retries", backoff="10s", gcs=True))
+    monkeypatch.setattr(fp, "STEPS", (*fp.STEPS, step))
+    monkeypatch.setattr(components, "COMPONENTS", {**components.COMPONENTS, "publish": publish_model})
+    return step
+
+
+def test_a_step_added_after_evaluate_stays_in_both_dags(tmp_path, monkeypatch):
+    from pipelines.facenet_pipeline import dag_steps
+
+    publish = _with_publish_step(monkeypatch)
+    plain, archive = dag_steps(evaluation_archive=False), dag_steps(evaluation_archive=True)
+    assert plain[-1] == publish and archive[-1] == publish
+    assert [s.name for s in plain] == ["download", "extract", "labels", "complete", "splits", "check_pairs",
+                                       "train", "evaluate", "publish"]
+    assert [s.name for s in archive] == ["download", "extract", "download", "extract", "labels", "complete",
+                                         "splits", "check_pairs", "train", "evaluate_on_archive", "publish"]
+
+    # Both compiled DAGs run it after evaluation, on the trained model, with its policy's settings.
+    config = tmp_path / "casia.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source_uri": "gs://b/casia.zip", "sha256": "",
+                                               "eval_source_uri": "gs://b/lfw.tgz"},
+                                      "cluster": {"gcs_secret": "gcs-key", "download_retries": 4}}))
+    for source, evaluate in ((config, "evaluate-on-archive"), (ROOT / "configs/lfw.yaml", "evaluate-model")):
+        spec, platform = _docs(tmp_path, source, name=f"{evaluate}.yaml")
+        task = spec["root"]["dag"]["tasks"]["publish-model"]
+        assert task["taskInfo"]["name"] == "9. publish model"
+        assert task["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train-model"
+        assert sorted(task["dependentTasks"]) == sorted([evaluate, "train-model"])
+        executor = spec["deploymentSpec"]["executors"]["exec-publish-model"]["container"]
+        assert executor["image"] == LIGHT
+        assert executor["resources"] == spec["deploymentSpec"]["executors"]["exec-make-labels"]["container"][
+            "resources"]
+        k8s = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+        if source == config:
+            assert task["retryPolicy"]["maxRetryCount"] == 4 and task["retryPolicy"]["backoffDuration"] == "10s"
+            assert k8s["exec-publish-model"]["secretAsVolume"][0]["secretName"] == "gcs-key"
+            assert "emptyDirMounts" not in k8s["exec-publish-model"]
+        else:
+            assert task["retryPolicy"]["maxRetryCount"] == 3
+            assert "exec-publish-model" not in k8s
+
+
+def test_the_evaluation_archive_dag_is_steps_edited_by_name():
+    """Its variants keep the rest of their step, policy included; each edit names one step."""
+    from pipelines.facenet_pipeline import EVALUATION_ARCHIVE, STEPS, Branch, dag_steps, step_named
+
+    archive = dag_steps(evaluation_archive=True)
+    evaluate = step_named("evaluate_on_archive", archive)
+    assert evaluate.policy == step_named("evaluate").policy
+    assert evaluate.parameters == step_named("evaluate").parameters and "eval_images" in evaluate.inputs
+    assert step_named("splits", archive).constants == {"test_split": False}
+    downloads = [s for s in archive if s.name == "download"]
+    assert [s.renamed for s in downloads] == [{}, {"archive": "eval_archive"}]
+    assert downloads[1].policy == downloads[0].policy
+    # Reordering STEPS' independent rows moves the edits with them.
+    swapped = tuple(sorted(STEPS, key=lambda s: s.name in ("splits", "complete")))
+    assert [s.name for s in EVALUATION_ARCHIVE.apply(swapped)][-2:] == ["complete", "splits"]
+    with pytest.raises(ValueError, match="'missing'.*0 times"):
+        Branch(replace={"missing": {}}).apply(STEPS)
+    with pytest.raises(ValueError, match="'download'.*2 times"):
+        Branch(insert={"download": ()}).apply(archive)
+
+
+def test_policies_name_known_images_resources_and_cluster_fields(monkeypatch):
+    from pipelines import facenet_pipeline as fp
+    from components import Images, build_components
+
+    with pytest.raises(ValueError, match="image 'gpu'"):
+        fp.Policy(image="gpu")
+    with pytest.raises(ValueError, match="resources 'huge'"):
+        fp.Policy(resources="huge")
+    with pytest.raises(ValueError, match="'eval_retries' is no config.cluster field"):
+        fp.Policy(retries="eval_retries", backoff="1s")
+    with pytest.raises(ValueError, match="go together"):
+        fp.Policy(retries="train_retries")
+    # The image a component is built with is its step's policy.
+    assert fp.component_images()["evaluate_on_archive"] == "trainer"
+    labels = dataclasses.replace(fp.step_named("labels"), policy=fp.Policy(image="trainer"))
+    monkeypatch.setattr(fp, "STEPS", tuple(labels if s.name == "labels" else s for s in fp.STEPS))
+    built = build_components(Images(light=LIGHT, trainer=TRAINER))
+    assert built["labels"].component_spec.implementation.container.image == TRAINER
+    assert built["extract"].component_spec.implementation.container.image == LIGHT
+    # A component runs in one image: steps that share it must agree (extract runs twice with an archive).
+    extract = dataclasses.replace(fp.step_named("extract"), policy=fp.Policy(image="trainer"))
+    monkeypatch.setattr(fp, "STEPS", tuple(extract if s.name == "extract" else s for s in fp.STEPS))
+    with pytest.raises(ValueError, match="'extract' name two images: trainer and light"):
+        fp.component_images()

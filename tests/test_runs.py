@@ -284,3 +284,14 @@ def test_a_pairs_check_without_a_pairs_file_says_so():
     assert line({"pairs_uri": "/data/pairs.txt", "pairs": 6000.0, "same_pairs": 3000.0,
                  "different_pairs": 3000.0, "folds": 10.0, "duplicates": 0.0}) == \
         "pairs=6,000, same_pairs=3,000, different_pairs=3,000, folds=10, duplicates=0"
+
+
+def test_runs_re_exports_what_a_run_reads():
+    """Callers import the input readers from runs; they are run_inputs's own objects, not copies."""
+    from facenet_kfp import run_inputs, runs
+
+    for name in ("MARKERS", "SUMMARY", "RERUN_SUMMARY", "Producer", "artifacts_from_summary", "check_inputs",
+                 "data_sources", "ensure_demo_archive", "resolve_source", "resolve_sources", "step_overrides",
+                 "used_evaluation_archive", "with_eval_source"):
+        assert getattr(runs, name) is getattr(run_inputs, name), name
+    assert (runs.SUMMARY, runs.RERUN_SUMMARY) == ("summary.json", "rerun-summary.json")

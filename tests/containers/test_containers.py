@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kfp import dsl, local
 
-from components import DATA_STEPS, TRAINER_STEPS
+from components import COMPONENTS
 from pipelines.docker_runner import (CONTAINERS_FILE, IMAGE_GID, IMAGE_UID, RUN_LABEL,
                                      make_docker_runner, race_free_containers)
 from pipelines.facenet_pipeline import STEPS
@@ -130,9 +130,7 @@ def test_pipeline_in_containers_matches_the_subprocess_runner(tmp_path, engine, 
     assert all(t["status"] == "SUCCEEDED" for t in in_containers["tasks"])
     runs = json.loads((docker_root / CONTAINERS_FILE).read_text())
     # The steps of the default DAG (no evaluation archive, so no evaluate_on_archive).
-    functions = {**{name: (f, images.light) for name, f in DATA_STEPS.items()},
-                 **{name: (f, images.trainer) for name, f in TRAINER_STEPS.items()}}
-    expected = {functions[step.name][0].__name__: functions[step.name][1] for step in STEPS}
+    expected = {COMPONENTS[step.name].__name__: getattr(images, step.policy.image) for step in STEPS}
     assert sorted((r["function"], r["image"]) for r in runs) == sorted(expected.items())
     assert all(r["exit_code"] == 0 for r in runs)
     assert len({r["container_id"] for r in runs}) == len(TASKS)
