@@ -14,7 +14,7 @@ then runs this module with KERAS_BACKEND=jax). In order:
    size P x 4 for each P of the sweep (default 16, 32, 64, 128; 16 x 4 = 64 is
    the recipe's batch), timed in Keras `fit` as the trainer runs it (one
    callback that reads each step's loss, as `train.TrainingProgress` does),
-   fed two ways: by the real input pipeline (`input.TrainBatches`: bytes read
+   fed two ways: by the real input pipeline (`numpy_input.TrainBatches`: bytes read
    from the shards, decoded and augmented by one worker process per core),
    and by one batch of that pipeline held in host memory and repeated (still
    copied to the device every step): the model's own rate. The difference is
@@ -23,7 +23,7 @@ then runs this module with KERAS_BACKEND=jax). In order:
    max_steps, validation and checkpoints) in mixed_bfloat16, to completion;
    wall time and the trainer's own images/s; then the held-out verification
    figures of the saved model without TensorFlow (embeddings from
-   `input.embedding_batches` and the model; `evaluate`'s pairs and NumPy
+   `numpy_input.embedding_batches` and the model; `evaluate`'s pairs and NumPy
    metrics): threshold chosen on validation pairs, test accuracy at it,
    10-fold accuracy, AUC, VAL@FAR=1e-3.
 
@@ -45,13 +45,13 @@ import argparse
 import dataclasses
 import itertools
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.harness import DataPaths, machine_info, machine_lines, prepare_data, result_path, say, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "lfw.yaml"
@@ -79,10 +79,6 @@ DRY_RUN = Budget(identities=60, sweep=(2, 4), sweep_images=0, min_steps=3, warmu
                             validate_every=6, validation_batches=2, checkpoint_every=6, log_every=3))
 
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 class TenStepLines(logging.Filter):
     """Keeps the trainer's "step N/M" log lines of every `every`-th step and its final line, drops the rest."""
 
@@ -100,41 +96,15 @@ class TenStepLines(logging.Filter):
 
 # ----------------------------------------------------------------------------- 1. data
 
-def prepare_data(work: Path, budget: Budget, data_config) -> tuple[dict[str, Path], dict[str, float]]:
-    """Generate the archive and run extract, labels, complete and splits into `work`; (paths, seconds per step)."""
-    from facenet_kfp.complete import complete_dataset
-    from facenet_kfp.extract import extract_dataset
-    from facenet_kfp.labels import build_labels
-    from facenet_kfp.splits import make_splits
-    from facenet_kfp.synth import generate_demo_archive
-
-    paths = {name: work / name for name in ("archive", "images", "labels", "completion", "splits")}
-    archive = paths["archive"] / "lfw.tgz"
-    steps = [
-        ("synth", lambda: generate_demo_archive(paths["archive"], identities=budget.identities or 120,
-                                                lfw_scale=not budget.identities)),
-        ("extract", lambda: extract_dataset(archive, paths["images"], shard_size_mb=data_config.shard_size_mb)),
-        ("labels", lambda: build_labels(paths["images"], paths["labels"])),
-        ("complete", lambda: complete_dataset(paths["images"], paths["labels"], paths["completion"],
-                                              multiple=data_config.multiple, seed=data_config.completion_seed,
-                                              min_images=data_config.min_images,
-                                              shard_size_mb=data_config.shard_size_mb)),
-        ("splits", lambda: make_splits(paths["labels"], paths["splits"], seed=data_config.split_seed,
-                                       fractions=(data_config.train_fraction, data_config.val_fraction,
-                                                  data_config.test_fraction))),
-    ]
-    seconds = {}
-    for name, run in steps:
-        say(f"data: {name} ...")
-        start = time.perf_counter()
-        run()
-        seconds[name] = time.perf_counter() - start
-        say(f"data: {name} done in {seconds[name]:.1f} s")
+def prepare(work: Path, budget: Budget, data_config) -> DataPaths:
+    """The archive in `work`/archive and the data steps into `work`, each timed; none may import TensorFlow or kfp."""
+    data = prepare_data(work / "archive", work, identities=budget.identities or 120,
+                        lfw_scale=not budget.identities, data=data_config, reuse=False)
     imported = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN and sys.modules[m] is not None)
     if imported:
         raise SystemExit(f"the data steps imported {', '.join(imported[:5])}: they must run without "
                          f"{' and '.join(FORBIDDEN)}")
-    return paths, seconds
+    return data
 
 
 # ----------------------------------------------------------------------------- 2. throughput
@@ -161,13 +131,13 @@ def timed_fit(trainer, batches, steps: int, warmup: int, batch_size: int) -> flo
     return steps * batch_size / (clock.ends[-1] - clock.ends[warmup - 1])
 
 
-def sweep_throughput(paths: dict[str, Path], config, budget: Budget, workers: int | None) -> list[dict]:
+def sweep_throughput(data: DataPaths, config, budget: Budget, workers: int | None) -> list[dict]:
     """One row per P of the sweep: batch, steps timed, images/s fed by the pipeline and from memory."""
     from facenet_kfp import train
     from facenet_kfp.numpy_input import TrainBatches, open_split
 
     rows = []
-    with open_split(paths["images"], paths["completion"], paths["labels"], paths["splits"], "train") as split:
+    with open_split(*data.split_folders(), "train") as split:
         for p in budget.sweep:
             cfg = dataclasses.replace(config, p=p)
             batch = p * cfg.k
@@ -192,27 +162,27 @@ def sweep_throughput(paths: dict[str, Path], config, budget: Budget, workers: in
 
 # ----------------------------------------------------------------------------- 3. the recipe
 
-def held_out_metrics(model_dir: Path, paths: dict[str, Path], eval_config) -> dict:
+def held_out_metrics(model_dir: Path, data: DataPaths, eval_config) -> dict:
     """Verification metrics of the saved model on the val/test pairs, without TensorFlow.
 
     The pairs, distances and metrics are `evaluate`'s (real images only,
     threshold chosen on validation pairs, applied to test); the embeddings come
-    from `input.embedding_batches` (the preprocessing model.json records) and
+    from `numpy_input.embedding_batches` (the preprocessing model.json records) and
     the model, instead of the tf.data path of `export.embed_images`.
     """
     from facenet_kfp import evaluate, export
     from facenet_kfp.numpy_input import embedding_batches
     from facenet_kfp.shards import ShardReader
 
-    rows = evaluate.real_rows_by_file(paths["images"])
-    val = evaluate.split_pairs("val", paths["splits"], paths["images"], rows, eval_config)
-    test = evaluate.split_pairs("test", paths["splits"], paths["images"], rows, eval_config)
+    rows = evaluate.real_rows_by_file(data.images)
+    val = evaluate.split_pairs("val", data.splits, data.images, rows, eval_config)
+    test = evaluate.split_pairs("test", data.splits, data.images, rows, eval_config)
     test.fold_ids = evaluate.stratified_folds(test.same, eval_config.folds, eval_config.seed,
-                                              f"{paths['splits'] / 'test.txt'}")
+                                              f"{data.splits / 'test.txt'}")
     model, metadata = export.load_model_artifact(model_dir)
     squared = evaluate.model_distance_squared(metadata, model_dir)
     keys = sorted(set(val.used_keys) | set(test.used_keys))
-    with ShardReader(paths["images"]) as reader:
+    with ShardReader(data.images) as reader:
         images = [reader.read(rows[key]) for key in keys]
     pre = metadata["preprocessing"]
     embeddings = np.concatenate([np.asarray(model.predict_on_batch(batch), dtype=np.float32)
@@ -230,7 +200,7 @@ def held_out_metrics(model_dir: Path, paths: dict[str, Path], eval_config) -> di
     return metrics
 
 
-def train_recipe(paths: dict[str, Path], work: Path, config, eval_config) -> dict:
+def train_recipe(data: DataPaths, work: Path, config, eval_config) -> dict:
     """`train.train` on the prepared data to config.max_steps, then the held-out metrics."""
     from facenet_kfp import train
 
@@ -238,13 +208,13 @@ def train_recipe(paths: dict[str, Path], work: Path, config, eval_config) -> dic
     say(f"recipe: {config.architecture} {config.image_size} px, {config.max_steps} steps of {config.p} x "
         f"{config.k}, {config.loss}, {config.lr_schedule} schedule, {config.precision} ...")
     start = time.perf_counter()
-    metrics = train.train(paths["images"], paths["completion"], paths["labels"], paths["splits"], model_dir,
-                          config, checkpoint_dir=str(work / "model.ckpt"))
+    metrics = train.train(data.images, data.completion, data.labels, data.splits, model_dir, config,
+                          checkpoint_dir=str(work / "model.ckpt"))
     wall = time.perf_counter() - start
     say(f"recipe: trained {metrics['steps']} steps in {wall:.0f} s ({metrics['images_per_second']:,.0f} "
         f"images/s); evaluating ...")
     start = time.perf_counter()
-    held_out = held_out_metrics(model_dir, paths, eval_config)
+    held_out = held_out_metrics(model_dir, data, eval_config)
     say(f"recipe: evaluated in {time.perf_counter() - start:.0f} s")
     return {"steps": int(metrics["steps"]), "batch": config.p * config.k, "wall_seconds": wall,
             "train_seconds": metrics["train_seconds"], "images_per_second": metrics["images_per_second"],
@@ -263,16 +233,6 @@ def train_recipe(paths: dict[str, Path], work: Path, config, eval_config) -> dic
 
 # ----------------------------------------------------------------------------- report
 
-def machine() -> dict:
-    import jax
-    import keras
-
-    device = jax.devices()[0]
-    return {"device": f"{device.platform} {getattr(device, 'device_kind', '')}".strip(),
-            "devices": len(jax.devices()), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "keras": keras.__version__, "backend": keras.backend.backend()}
-
-
 def _val_text(rec: dict) -> str:
     """VAL@FAR=1e-3 beside the FAR it reached, or n/a with the different pairs it needs."""
     if rec.get("test_val_at_far_0.001") is None:
@@ -287,6 +247,7 @@ def table(result: dict) -> str:
     lines = [f"GPU benchmark{' (DRY RUN: tiny budget, figures mean nothing)' if result['dry_run'] else ''}: "
              f"{m['device']} x {m['devices']}, {m['cpus']} CPUs, Python {m['python']}, jax {m['jax']}, "
              f"keras {m['keras']} ({m['backend']})",
+             *machine_lines(m),
              f"model: {result['model']}, {PRECISION}; archive {result['archive']}",
              "data steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["data_seconds"].items()),
              "",
@@ -323,7 +284,8 @@ def run(work: Path, budget: Budget, dry_run: bool, workers: int | None, save) ->
     result = {"dry_run": dry_run, "complete": False, "recipe_file": str(RECIPE.relative_to(ROOT)),
               "model": f"{train_config.architecture} {train_config.image_size} px",
               "archive": "LFW-scale demo" if not budget.identities else f"{budget.identities}-identity demo"}
-    paths, result["data_seconds"] = prepare_data(work, budget, config.data)
+    data = prepare(work, budget, config.data)
+    result["data_seconds"] = data.seconds
 
     import jax
     import keras
@@ -334,16 +296,16 @@ def run(work: Path, budget: Budget, dry_run: bool, workers: int | None, save) ->
     if not dry_run and jax.devices()[0].platform != "gpu":
         raise SystemExit(f"no GPU visible to JAX (devices: {jax.devices()}); install JAX with CUDA, or run "
                          f"--dry-run to check the script on a CPU")
-    result["machine"] = machine()
+    result["machine"] = machine_info("jax")
     save(result)
-    result["throughput"] = sweep_throughput(paths, train_config, budget, workers)
+    result["throughput"] = sweep_throughput(data, train_config, budget, workers)
     best = max(result["throughput"], key=lambda row: row["fed_images_per_second"])
     result["best"] = best
     result["target"] = {"images_per_second": TARGET, "met": best["fed_images_per_second"] >= TARGET}
     save(result)
     logging.getLogger("facenet_kfp.train").addFilter(TenStepLines(train_config.max_steps // 10))
     logging.getLogger("facenet_kfp.train").setLevel(logging.INFO)
-    result["recipe"] = train_recipe(paths, work, train_config, config.evaluate)
+    result["recipe"] = train_recipe(data, work, train_config, config.evaluate)
     result["total_seconds"] = time.perf_counter() - started
     result["complete"] = True
     save(result)
@@ -374,17 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     if work.exists():
         parser.error(f"--work {work} exists: give a new folder (every figure here comes from data made in "
                      f"this run), or delete it")
-    out = os.environ.get("OUT")
-    json_path = Path(args.json) if args.json else (Path(out) / JSON_NAME if out else None)
+    json_path = result_path(args.json, JSON_NAME)
 
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     def save(result: dict) -> None:
         if json_path is not None:
-            from facenet_kfp.fsutil import write_json
-
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(json_path, result)
+            write_result(json_path, result)
 
     result = run(work, budget, args.dry_run, args.workers, save)
     print("\n" + table(result), flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run benchmarks/gpu.py on a GPU machine that has JAX with CUDA, Pillow, NumPy and PyYAML but no
-# Keras, no TensorFlow and no network: Keras, matplotlib and their missing dependencies come as
+# Run benchmarks/gpu.py (with benchmarks/harness.py, which it imports; both travel with the working tree)
+# on a GPU machine that has JAX with CUDA, Pillow, NumPy and PyYAML but no Keras, no TensorFlow and no
+# network: Keras, matplotlib and their missing dependencies come as
 # wheels in .whl/ (made by `make gpu-wheels` where there is network; they travel with the working
 # tree), installed offline into a temporary folder put on PYTHONPATH. Everything the run writes
 # (archive, prepared data, model) lives in that temporary folder and is removed at the end; the
@@ -48,7 +49,9 @@ for wheel in sys.argv[2:]:
 fi
 export PYTHONPATH="$tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export KERAS_BACKEND=jax
-"$PYTHON" -c 'import platform, jax, keras, matplotlib, PIL, yaml
-print("python", platform.python_version(), "jax", jax.__version__, jax.default_backend(),
-      "keras", keras.__version__, keras.backend.backend(), "matplotlib", matplotlib.__version__)'
+# The machine as the result will name it (benchmarks/harness.py, which needs neither TensorFlow nor kfp).
+"$PYTHON" -c 'import jax, matplotlib, yaml
+from benchmarks.harness import machine_info, machine_lines
+print(*machine_lines(machine_info("jax")), sep="\n")
+print("  jax default backend", jax.default_backend(), "matplotlib", matplotlib.__version__)'
 "$PYTHON" -m benchmarks.gpu --work "$tmp/work" "$@"

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from benchmarks.harness import machine_info, make_archive, print_machine
 from facenet_kfp.complete import generate_image
 from facenet_kfp.shards import ShardReader, read_manifest
 
@@ -203,6 +204,65 @@ def print_ratios(step: str, label: str, pairs: list[Pair]) -> None:
           f"({of}target >= 0.7), CPU ratio {pair.cpu_ratio:.2f}")
 
 
+def step_argvs(archive: Path, out: Path) -> dict[str, list[str]]:
+    """The `facenet-kfp` command line of each data step on `archive`, outputs in `out`."""
+    return {
+        "download": ["download", str(archive), "--out", str(out / "archive.tgz"),
+                     "--sha256", Path(f"{archive}.sha256").read_text().split()[0]],
+        "extract": ["extract", str(archive), "--out", str(out / "images")],
+        "labels": ["labels", str(out / "images"), "--out", str(out / "labels")],
+        "complete": ["complete", str(out / "images"), str(out / "labels"), "--out", str(out / "completion")],
+        "splits": ["splits", str(out / "labels"), "--out", str(out / "splits")],
+    }
+
+
+def codec_work(out: Path) -> tuple[list[bytes], list[tuple[bytes, dict]]]:
+    """(every real image's bytes, (source bytes, augmentation) of every generated image) of the steps' outputs."""
+    rows = read_manifest(out / "images")
+    with ShardReader(out / "images") as reader:
+        real_bytes = [reader.read(r) for r in rows]
+    by_file = {r["file"]: i for i, r in enumerate(rows)}
+    # Each generated image's own source and augmentation, as its manifest row records them.
+    generated = read_manifest(out / "completion")
+    return real_bytes, [(real_bytes[by_file[g["source"]]], g["augmentation"]) for g in generated]
+
+
+def ratio_pairs(argvs: dict[str, list[str]], results: dict[str, Measured], out: Path, rounds: int,
+                workers: int) -> dict[str, list[Pair]]:
+    """Each ratio's pairs: the step (again after its first run, into a fresh folder) and its raw work right after it."""
+    real_bytes, jobs = codec_work(out)
+    pairs: dict[str, list[Pair]] = {"extract": [], "complete": []}
+    for round_ in range(rounds):
+        for step, func, items in (("extract", _decode_chunk, real_bytes), ("complete", _augment_chunk, jobs)):
+            if round_:
+                again = [*argvs[step][:-1], str(out / f"{step}-again")]
+                shutil.rmtree(again[-1], ignore_errors=True)
+                run = run_step(again)
+            else:
+                run = results[step]
+            raw = _pool_rate(func, items, workers) if items else Rate(float("nan"), float("nan"))
+            pairs[step].append(Pair(run, raw, len(items)))
+    return pairs
+
+
+def report(name: str, out: Path, results: dict[str, Measured], pairs: dict[str, list[Pair]], workers: int) -> None:
+    real, generated = len(read_manifest(out / "images")), len(read_manifest(out / "completion"))
+    identities = len(json.loads((out / "labels" / "labels.json").read_text()))
+    counts = {"download": real, "extract": real, "labels": real, "complete": generated, "splits": identities}
+    print()
+    print_machine(machine_info())
+    print(f"{name}: {identities:,} identities, {real:,} images, {generated:,} generated; {workers} cores")
+    print(f"{'step':<10} {'seconds':>8} {'items/s':>10} {'peak RSS MB':>12} {'all processes MB':>17}")
+    for step, run in results.items():
+        print(f"{step:<10} {run.seconds:8.2f} {counts[step] / run.seconds:10.0f} {run.peak_mb:12.0f} "
+              f"{run.total_mb:17.0f}")
+    print()
+    print_ratios("extract", "Pillow raw decode", pairs["extract"])
+    print_ratios("completion", "raw decode+augment+encode", pairs["complete"])
+    print(f"labels {results['labels'].seconds:.2f} s, splits {results['splits'].seconds:.2f} s (target < 2 s each); "
+          f"max peak RSS {max(r.peak_mb for r in results.values()):.0f} MB (largest process; target < 1024)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="data/bench", help="working folder (archive kept for reuse)")
@@ -213,63 +273,13 @@ def main() -> int:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     work = Path(args.work)
     name = f"synth-{args.identities}" if args.identities else "lfw-scale"
-    archive_dir = work / name
-    if not (archive_dir / "lfw.tgz").is_file():
-        print(f"generating the {name} archive in {archive_dir} (once) ...", flush=True)
-        synth = ["synth", "--out", str(archive_dir)]
-        synth += ["--identities", str(args.identities)] if args.identities else ["--lfw-scale"]
-        print(f"  generated in {run_step(synth).seconds:.0f} s", flush=True)
+    archive, _ = make_archive(work / name, identities=args.identities or 120, lfw_scale=not args.identities)
     out = work / f"{name}-steps"
     shutil.rmtree(out, ignore_errors=True)
     workers = os.cpu_count() or 1
-
-    results = {}
-    steps = [
-        ("extract", ["extract", str(archive_dir / "lfw.tgz"), "--out", str(out / "images")]),
-        ("labels", ["labels", str(out / "images"), "--out", str(out / "labels")]),
-        ("complete", ["complete", str(out / "images"), str(out / "labels"), "--out", str(out / "completion")]),
-        ("splits", ["splits", str(out / "labels"), "--out", str(out / "splits")]),
-    ]
-    results["download"] = run_step(["download", str(archive_dir / "lfw.tgz"), "--out", str(out / "archive.tgz"),
-                                    "--sha256", (archive_dir / "lfw.tgz.sha256").read_text().split()[0]])
-    for step, argv in steps:
-        results[step] = run_step(argv)
-
-    rows = read_manifest(out / "images")
-    generated = read_manifest(out / "completion")
-    with ShardReader(out / "images") as reader:
-        real_bytes = [reader.read(r) for r in rows]
-    by_file = {r["file"]: i for i, r in enumerate(rows)}
-    labels = json.loads((out / "labels" / "labels.json").read_text())
-    # Each generated image's own source and augmentation, as its manifest row records them.
-    jobs = [(real_bytes[by_file[g["source"]]], g["augmentation"]) for g in generated]
-
-    # Each ratio: the step (again after its first run, into a fresh folder) and its raw work right after it.
-    argv = dict(steps)
-    pairs: dict[str, list[Pair]] = {"extract": [], "complete": []}
-    for round_ in range(args.rounds):
-        for step, func, items in (("extract", _decode_chunk, real_bytes), ("complete", _augment_chunk, jobs)):
-            if round_:
-                again = [*argv[step][:-1], str(out / f"{step}-again")]
-                shutil.rmtree(again[-1], ignore_errors=True)
-                run = run_step(again)
-            else:
-                run = results[step]
-            raw = _pool_rate(func, items, workers) if items else Rate(float("nan"), float("nan"))
-            pairs[step].append(Pair(run, raw, len(items)))
-
-    counts = {"download": len(rows), "extract": len(rows), "labels": len(rows),
-              "complete": len(generated), "splits": len(labels)}
-    print(f"\n{name}: {len(labels):,} identities, {len(rows):,} images, {len(generated):,} generated; {workers} cores")
-    print(f"{'step':<10} {'seconds':>8} {'items/s':>10} {'peak RSS MB':>12} {'all processes MB':>17}")
-    for step, run in results.items():
-        print(f"{step:<10} {run.seconds:8.2f} {counts[step] / run.seconds:10.0f} {run.peak_mb:12.0f} "
-              f"{run.total_mb:17.0f}")
-    print()
-    print_ratios("extract", "Pillow raw decode", pairs["extract"])
-    print_ratios("completion", "raw decode+augment+encode", pairs["complete"])
-    print(f"labels {results['labels'].seconds:.2f} s, splits {results['splits'].seconds:.2f} s (target < 2 s each); "
-          f"max peak RSS {max(r.peak_mb for r in results.values()):.0f} MB (largest process; target < 1024)")
+    argvs = step_argvs(archive, out)
+    results = {step: run_step(argv) for step, argv in argvs.items()}     # download first, as the pipeline
+    report(name, out, results, ratio_pairs(argvs, results, out, args.rounds, workers), workers)
     return 0
 
 

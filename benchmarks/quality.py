@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from facenet_kfp.complete import complete_dataset
+import keras
+
+from benchmarks.harness import DataPaths, machine_info, prepare_data, print_machine, write_result
 from facenet_kfp.config import load_config
 from facenet_kfp.evaluate import evaluate
-from facenet_kfp.extract import extract_dataset
-from facenet_kfp.labels import build_labels
-from facenet_kfp.splits import make_splits
-from facenet_kfp.synth import generate_demo_archive
 from facenet_kfp.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,30 +47,15 @@ ROWS = [("test_accuracy", "test accuracy (val threshold)"),
         ("threshold", "threshold")]
 
 
-def prepare(archive: Path, work: Path, config) -> dict[str, Path]:
-    paths = {name: work / name for name in ("images", "labels", "completion", "splits")}
-    if not all((p / ".done").exists() for p in paths.values()):
-        extract_dataset(archive, paths["images"], shard_size_mb=config.data.shard_size_mb)
-        build_labels(paths["images"], paths["labels"])
-        complete_dataset(paths["images"], paths["labels"], paths["completion"],
-                         multiple=config.data.multiple, seed=config.data.completion_seed)
-        make_splits(paths["labels"], paths["splits"], seed=config.data.split_seed,
-                    fractions=(config.data.train_fraction, config.data.val_fraction,
-                               config.data.test_fraction))
-        for p in paths.values():
-            (p / ".done").touch()
-    return paths
-
-
-def run_recipe(name: str, train_config, eval_config, paths: dict[str, Path], work: Path) -> dict:
+def run_recipe(name: str, train_config, eval_config, data: DataPaths, work: Path) -> dict:
+    """Train one recipe on the prepared data into `work`/model-`name` (replaced) and evaluate it: its figures."""
     model_dir = work / f"model-{name}"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.rmtree(f"{model_dir}.ckpt", ignore_errors=True)
     start = time.perf_counter()
-    train_metrics = train(paths["images"], paths["completion"], paths["labels"], paths["splits"],
-                          model_dir, train_config)
+    train_metrics = train(data.images, data.completion, data.labels, data.splits, model_dir, train_config)
     train_seconds = time.perf_counter() - start
-    result = evaluate(model_dir, paths["images"], paths["splits"], eval_config,
+    result = evaluate(model_dir, data.images, data.splits, eval_config,
                       report_path=work / f"report-{name}.html",
                       threshold_path=work / f"threshold-{name}.json")
     return {"train_seconds": train_seconds, "train": train_metrics, **result["metrics"]}
@@ -94,20 +76,19 @@ def main() -> int:
     seed_recipe = dataclasses.replace(demo.train, max_steps=steps,
                                       **{key: getattr(seed.train, key) for key in SEED_KEYS})
 
-    demo_dir = Path(args.demo_dir)
-    if not (demo_dir / "lfw.tgz").is_file():
-        generate_demo_archive(demo_dir, identities=120, seed=0)
-    work = Path(args.work)
-    paths = prepare(demo_dir / "lfw.tgz", work, demo)
+    demo_dir, work = Path(args.demo_dir), Path(args.work)
+    data = prepare_data(demo_dir, work, identities=120, seed=0, data=demo.data)
 
     results = {}
     for name, recipe in (("seed", seed_recipe), ("recommended", recommended)):
         print(f"training the {name} recipe: {steps} steps, {recipe.p}x{recipe.k}, {recipe.loss}, "
               f"margin {recipe.margin} on {'squared' if recipe.squared else 'plain'} L2, "
               f"lr {recipe.learning_rate} {recipe.lr_schedule}, augment {recipe.augment}", flush=True)
-        results[name] = run_recipe(name, recipe, demo.evaluate, paths, work)
+        results[name] = run_recipe(name, recipe, demo.evaluate, data, work)
 
-    print(f"\nsame data ({demo_dir / 'lfw.tgz'}), same network ({demo.train.architecture} "
+    print()
+    print_machine(machine_info(keras.backend.backend()))
+    print(f"same data ({demo_dir / 'lfw.tgz'}), same network ({demo.train.architecture} "
           f"{demo.train.image_size}x{demo.train.image_size}), {steps} steps each; "
           f"test: {results['seed']['test_identities']:.0f} held-out identities, "
           f"{results['seed']['test_pairs']:.0f} pairs")
@@ -136,7 +117,7 @@ def main() -> int:
               f"(target >= 0.90)")
         for task in summary["tasks"]:
             print(f"  {task['display_name']:<30} {task['seconds']:7.1f} s")
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_result(work / "results.json", results)
     return 0
 
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from benchmarks.harness import machine_info, make_archive, peak_rss_mb, prepare_data, print_machine, write_result
 from facenet_kfp.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +58,15 @@ def recipe_config(name: str, budget_images: int):
 
 def run_one(name: str, budget_images: int, work: Path, data_dir: Path) -> dict:
     """Train and evaluate one recipe in this process; its figures (also written as JSON)."""
-    from benchmarks.quality import prepare, run_recipe
+    from benchmarks.quality import run_recipe
 
     config, train = recipe_config(name, budget_images)
-    paths = prepare(data_dir / "lfw.tgz", work, config)
-    result = run_recipe(name, train, config.evaluate, paths, work)
+    data = prepare_data(data_dir, work, data=config.data)
+    result = run_recipe(name, train, config.evaluate, data, work)
     result["train_images_per_second"] = result["train"].get("images_per_second", float("nan"))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["steps"], result["batch"] = train.max_steps, train.p * train.k
-    (work / f"result-{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    write_result(work / f"result-{name}.json", result)
     return result
 
 
@@ -86,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.one, args.budget_images, work, data_dir)
         return 0
 
-    if not (data_dir / "lfw.tgz").is_file():
-        from facenet_kfp.synth import generate_demo_archive
-
-        what = f"{args.identities} identities" if args.identities else "LFW scale"
-        print(f"generating the demo archive ({what}) in {data_dir}", flush=True)
-        start = time.perf_counter()
-        generate_demo_archive(data_dir, identities=args.identities or 120, lfw_scale=not args.identities)
-        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+    make_archive(data_dir, identities=args.identities or 120, lfw_scale=not args.identities)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in ("recommended", "seed"):
@@ -106,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads((work / f"result-{name}.json").read_text())
 
     first = results["recommended"]
-    print(f"\nsame images and splits ({data_dir / 'lfw.tgz'}), {args.budget_images:,} training images per "
+    print()
+    print_machine(machine_info())
+    print(f"same images and splits ({data_dir / 'lfw.tgz'}), {args.budget_images:,} training images per "
           f"recipe; test: {first['test_identities']:.0f} held-out identities, {first['test_pairs']:.0f} pairs")
     print(f"{'':36} {'recommended':>12} {'seed':>10}")
     print(f"{'steps x batch':36} {first['steps']:>7} x {first['batch']:<2} "
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         values = [fmt.format(results[name][key]) if isinstance(results[name].get(key), (int, float)) else "n/a"
                   for name in ("recommended", "seed")]
         print(f"{label:36} {values[0]:>12} {values[1]:>10}")
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_result(work / "results.json", results)
     return 0
 
 

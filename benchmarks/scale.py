@@ -39,17 +39,16 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.harness import OUTPUTS, machine_info, make_archive, print_machine
 from benchmarks.preprocess import (Measured, Pair, Rate, _augment_chunk, _decode_chunk, _pool_rate, measure, print_ratios,
                                    run_step)
 from facenet_kfp.fsutil import write_json
 from facenet_kfp.shards import ShardReader, iter_manifest, read_manifest, shard_files
 from facenet_kfp.splits import read_split
-from facenet_kfp.synth import CASIA_IDENTITIES, TOP_FOLDERS
+from facenet_kfp.synth import CASIA_IDENTITIES
 
-ARCHIVE = f"{TOP_FOLDERS['casia']}.tgz"
 STEPS = ("download", "extract", "labels", "complete", "splits")
-ARTIFACTS = {"download": "archive.tgz", "extract": "images", "labels": "labels", "complete": "completion",
-             "splits": "splits"}
+ARTIFACTS = {"download": "archive.tgz", **OUTPUTS}
 RSS_TARGET_MB = 1024
 
 
@@ -59,14 +58,11 @@ def identities_for(fraction: float) -> int:
 
 def archive_for(work: Path, fraction: float) -> Path:
     """WORK/casia-F/CASIA-WebFace.tgz, generated with 4 rendered faces per identity when missing."""
-    folder = work / f"casia-{fraction:g}"
-    if not (folder / ARCHIVE).is_file():
-        n = identities_for(fraction)
-        size = ["--casia-scale"] if n == CASIA_IDENTITIES else ["--identities", str(n), "--counts", "casia"]
-        print(f"generating {folder / ARCHIVE} ({n:,} identities; once) ...", flush=True)
-        took = run_step(["synth", "--layout", "casia", *size, "--pool", "4", "--out", str(folder)]).seconds
-        print(f"  generated in {took:.0f} s", flush=True)
-    return folder / ARCHIVE
+    n = identities_for(fraction)
+    full = n == CASIA_IDENTITIES
+    archive, _ = make_archive(work / f"casia-{fraction:g}", identities=n, layout="casia",
+                              counts=None if full else "casia", casia_scale=full, pool=4)
+    return archive
 
 
 def run_data_steps(archive: Path, out: Path, shard_size_mb: int) -> dict[str, Measured]:
@@ -254,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((name, out, steps, artifacts,
                      measure_input(out, args.batches, tensorflow) | {"batches": args.batches}))
 
+    print()
+    print_machine(machine_info())
     for name, out, steps, artifacts, _ in runs:
         print_steps(name, out, steps, artifacts)
     name, out, steps = runs[0][:3]

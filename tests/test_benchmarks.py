@@ -1,16 +1,20 @@
-"""benchmarks/gpu.py's dry run on this CPU (JAX, TensorFlow and kfp unimportable) and benchmarks/gpu.sh's refusals.
+"""The benchmarks: benchmarks/harness.py (data, machine, result files), a small run of each benchmark, and
+benchmarks/gpu.sh's refusals.
 
-The dry run is the GPU benchmark on a tiny budget: every part runs (archive,
-data steps, batch sweep fed and from memory, the recipe trained to its
-max_steps and evaluated), so the test checks that each figure of the table
-and of the JSON is there and well-formed, not what it is.
+benchmarks/gpu.py's dry run runs on this CPU with TensorFlow and kfp unimportable: the GPU benchmark on a
+tiny budget, every part (archive, data steps, batch sweep fed and from memory, the recipe trained to its
+max_steps and evaluated), so the test checks that each figure of the table and of the JSON is there and
+well-formed, not what it is. The other small runs check the same of their reports. No test asserts a
+timing.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -197,3 +201,192 @@ def test_preprocess_ratio_is_the_median_pair_and_every_pair_is_printed(capsys):
     print_ratios("extract", "Pillow raw decode", pairs[:1])
     out = capsys.readouterr().out
     assert "pair 1" not in out and "ratio 0.50 (target >= 0.7)" in out
+
+
+# ----------------------------------------------------------------------------- benchmarks/harness.py
+
+def test_prepare_data_gives_identity_disjoint_splits_of_the_asked_sizes(tmp_path):
+    from benchmarks.harness import DATA_STEPS, prepare_data
+    from facenet_kfp.config import DataConfig
+    from facenet_kfp.splits import read_split
+
+    config = DataConfig(train_fraction=0.6, val_fraction=0.2, test_fraction=0.2, split_seed=3)
+    lines = []
+    data = prepare_data(tmp_path / "archive", tmp_path / "out", identities=24, seed=5, data=config,
+                        progress=lines.append)
+    assert data.archive == tmp_path / "archive" / "lfw.tgz" and data.archive.is_file()
+    assert data.split_folders() == (data.images, data.completion, data.labels, data.splits)
+    assert list(data.seconds) == ["synth", *DATA_STEPS] and all(s > 0 for s in data.seconds.values())
+    assert lines[-1].startswith("data: splits done in ")
+
+    splits = {name: read_split(data.splits, name) for name in ("train", "val", "test")}
+    names = {name: {identity for identity, _ in rows} for name, rows in splits.items()}
+    assert sum(len(n) for n in names.values()) == len(set().union(*names.values())) == 24   # disjoint, all 24
+    with_pairs = sum(count >= 2 for rows in splits.values() for _, count in rows)
+    expected = max(1, int(0.2 * with_pairs + 0.5))                  # round half up of the fraction of M
+    assert len(names["val"]) == len(names["test"]) == expected
+    assert len(names["train"]) == 24 - 2 * expected
+    assert all(count >= 2 for name in ("val", "test") for _, count in splits[name])     # pairs need 2 images
+    labels = json.loads((data.labels / "labels.json").read_text())
+    assert set(labels) == set().union(*names.values())
+
+    # Complete outputs are reused; a step run again reruns every step after it.
+    again = prepare_data(tmp_path / "archive", tmp_path / "out", identities=24, seed=5, data=config)
+    assert again.seconds == {} and again == dataclasses.replace(data, seconds={})
+    shutil.rmtree(data.labels)
+    assert list(prepare_data(tmp_path / "archive", tmp_path / "out", data=config).seconds) == \
+        ["labels", "complete", "splits"]
+    assert {name: read_split(data.splits, name) for name in splits} == splits     # same seeds, same splits
+
+
+def test_machine_info_has_every_key_the_reports_print():
+    from benchmarks.harness import BACKEND_KEYS, MACHINE_KEYS, machine_info, machine_lines
+
+    info = machine_info()
+    assert set(info) == set(MACHINE_KEYS)
+    assert info["cpus"] == os.cpu_count() and info["usable_cores"] >= 1 and info["memory_gb"] > 0
+    lines = machine_lines(info)
+    assert lines[0].startswith(f"machine: {info['system']} {info['arch']}, {info['cpu']}, "
+                               f"os.cpu_count()={info['cpus']}, usable cores {info['usable_cores']}")
+    assert lines[1].startswith("  CPU bfloat16 instructions: ") and f"Pillow {info['pillow']}" in lines[2]
+    assert len(lines) == 3                       # no backend asked: no Keras line
+
+    jax_info = machine_info("jax")
+    # benchmarks/gpu.py's table and JSON read these keys; benchmarks/train.py's last machine line the rest.
+    assert set(jax_info) == set(MACHINE_KEYS) | set(BACKEND_KEYS) | {"jax"}
+    assert jax_info["devices"] >= 1 and jax_info["backend"] == "jax"
+    assert machine_lines(jax_info)[-1] == (f"  keras {jax_info['keras']}, backend jax, jax {jax_info['jax']}, "
+                                           f"devices: {jax_info['device_list']}")
+
+
+def test_harness_imports_and_names_the_machine_without_tensorflow_or_keras():
+    # As on the GPU machine before benchmarks/gpu.sh installs Keras: importing either fails.
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["tensorflow"] = sys.modules["keras"] = sys.modules["kfp"] = None
+        from benchmarks import harness
+        print(harness.machine_lines(harness.machine_info())[0])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("machine: ")
+
+
+def test_write_result_is_atomic(tmp_path, monkeypatch):
+    from benchmarks.harness import write_result
+
+    path = tmp_path / "deep" / "result.json"
+    write_result(path, {"figure": 1.5, "where": tmp_path})
+    assert json.loads(path.read_text()) == {"figure": 1.5, "where": str(tmp_path)}
+
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError):
+        write_result(path, loop)                     # cannot be written: the old result stays
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        write_result(path, {"figure": 2.5})          # fails half-way: the old result stays, no partial file
+    assert json.loads(path.read_text()) == {"figure": 1.5, "where": str(tmp_path)}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_verdict_and_result_path(tmp_path, monkeypatch):
+    from benchmarks.harness import result_path, verdict
+
+    assert (verdict(True), verdict(False)) == ("meets", "MISSES")
+    monkeypatch.delenv("OUT", raising=False)
+    assert result_path(None, "x.json") is None and result_path("a/b.json", "x.json") == Path("a/b.json")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert result_path(None, "x.json") == tmp_path / "x.json"
+
+
+# ----------------------------------------------------------------------------- smoke runs of each benchmark
+
+def _run_benchmark(module: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], capture_output=True, text=True,
+                            timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _machine_named(out: str) -> None:
+    assert re.search(r"^machine: .*, os\.cpu_count\(\)=\d+, usable cores \d+, load average", out, re.M), out
+    assert re.search(r"^  memory [\d.]+ GB, Python [\d.]+, NumPy .*, Pillow ", out, re.M), out
+
+
+@pytest.mark.slow
+def test_train_benchmark_smoke_run_prints_every_part(tmp_path):
+    import keras
+
+    out = _run_benchmark("train", "--smoke", "--work", str(tmp_path))
+    _machine_named(out)
+    assert "model: small_cnn 32x32, 128-D embeddings, batch 64 = P 16 x K 4" in out
+    steps = re.search(r"^precision +loss +steps +ms/step +IQR ms +images/s +CPU s/step +img/CPU-s +first call s\n"
+                      r"((?:.+\n){5})", out, re.M)
+    assert steps, out
+    rows = [line.split() for line in steps.group(1).splitlines()]
+    assert [row[:3] for row in rows] == [["float32", "trivial", "2"], ["float32", "batch_hard", "2"],
+                                         ["float32", "batch_all", "2"], ["float32", "semi_hard", "2"],
+                                         ["mixed_bfloat16", "batch_hard", "3"]]
+    for text in ("1. training step:", "GFLOP/s achieved", "mixed_bfloat16 / float32 speed (batch_hard",
+                 "2. mining + loss share of the step (target < 5%)", "largest share (b): ",
+                 "3. input pipeline vs the model's consumption (target >= 3x)", "fed / memory speed",
+                 "4. input pipelines side by side", "cores for 10,000/s", "5. peak RSS of this process: ",
+                 "total wall time"):
+        assert text in out, text
+    assert len(re.findall(r"^  float32 +(batch_hard|batch_all|semi_hard) +wall .* CPU ", out, re.M)) == 3
+    tensorflow = keras.backend.backend() == "tensorflow"
+    assert ("per-core rate, facenet_kfp.numpy_input / tf.data:" in out) == tensorflow
+    assert ("make_train_dataset alone" in out) == tensorflow
+
+    # --input-only: part 4 alone, on the data prepared above (reused: nothing regenerated).
+    out = _run_benchmark("train", "--smoke", "--input-only", "--work", str(tmp_path))
+    _machine_named(out)
+    assert not re.search(r"\] data: \w+ ", out), out                  # no data step ran again
+    assert "4. input pipelines side by side" in out and "1. training step" not in out
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke_run_prints_and_writes_every_figure(tmp_path):
+    from benchmarks.quality import ROWS
+
+    out = _run_benchmark("quality", "--steps", "2", "--demo-dir", str(tmp_path / "demo"), "--work",
+                         str(tmp_path / "work"))
+    _machine_named(out)
+    for _, label in ROWS + [("", "distance"), ("", "training seconds")]:
+        assert re.search(rf"^{re.escape(label)} +\S+ +\S+$", out, re.M), label
+    assert "recommended beats seed on test accuracy: " in out
+    results = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert list(results) == ["seed", "recommended"]
+    for result in results.values():
+        assert {"train_seconds", "train", "test_accuracy", "threshold", "distance"} <= set(result)
+
+
+@pytest.mark.slow
+def test_recipe_benchmark_smoke_run_prints_and_writes_every_figure(tmp_path):
+    from benchmarks.recipe import ROWS
+
+    work = tmp_path / "work"
+    out = _run_benchmark("recipe", "--identities", "30", "--budget-images", "128", "--data-dir",
+                         str(tmp_path / "demo"), "--work", str(work))
+    _machine_named(out)
+    assert re.search(r"^steps x batch +2 x 64 +5 x 24$", out, re.M), out
+    for _, label, _ in ROWS:
+        assert re.search(rf"^{re.escape(label)} +\S+ +\S+$", out, re.M), label
+    results = json.loads((work / "results.json").read_text())
+    assert list(results) == ["recommended", "seed"]
+    for name, result in results.items():
+        assert result == json.loads((work / f"result-{name}.json").read_text())
+        assert {key for key, _, _ in ROWS} - {"test_val_at_far_0.001"} <= set(result)
+
+
+def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
+    out = _run_benchmark("preprocess", "--identities", "20", "--rounds", "1", "--work", str(tmp_path))
+    _machine_named(out)
+    rows = re.search(r"^step +seconds +items/s +peak RSS MB +all processes MB\n((?:.+\n){5})", out, re.M)
+    assert rows, out
+    assert [line.split()[0] for line in rows.group(1).splitlines()] == ["download", "extract", "labels",
+                                                                        "complete", "splits"]
+    for text in ("Pillow raw decode:", "extract throughput:", "raw decode+augment+encode:",
+                 "completion throughput:", "(target < 2 s each)"):
+        assert text in out, text
