@@ -180,7 +180,7 @@ def held_out_metrics(model_dir: Path, data: DataPaths, eval_config) -> dict:
     test.fold_ids = evaluate.stratified_folds(test.same, eval_config.folds, eval_config.seed,
                                               f"{data.splits / 'test.txt'}")
     model, metadata = export.load_model_artifact(model_dir)
-    squared = evaluate.model_distance_squared(metadata, model_dir)
+    distance = evaluate.model_distance(metadata, model_dir)
     keys = sorted(set(val.used_keys) | set(test.used_keys))
     with ShardReader(data.images) as reader:
         images = [reader.read(rows[key]) for key in keys]
@@ -195,8 +195,8 @@ def held_out_metrics(model_dir: Path, data: DataPaths, eval_config) -> dict:
     for pairs in (val, test):
         to_row = np.asarray([row_of.get(key, -1) for key in pairs.keys], dtype=np.int64)
         pairs.distances = evaluate.pair_distances(embeddings, to_row[pairs.index_a], to_row[pairs.index_b],
-                                                  squared)
-    metrics, _ = evaluate.split_metrics(val, test, eval_config, squared)
+                                                  distance)
+    metrics, _ = evaluate.split_metrics(val, test, eval_config, distance)
     return metrics
 
 

@@ -54,6 +54,7 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
     """
     from facenet_kfp.config import TrainConfig
     from facenet_kfp.kfp_io import checkpoint_dir_for, log_metrics, run_step
+    from facenet_kfp.objectives import for_config as objective_for
     from facenet_kfp.report import write_training_report
     from facenet_kfp.train import train
 
@@ -74,7 +75,7 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
     log_metrics(metrics, result)
     model.metadata.update({"framework": "keras", "format": "model.keras + saved_model",
                            "architecture": architecture, "embedding_dim": embedding_dim,
-                           "distance": "squared_l2" if squared else "l2",
+                           "distance": objective_for(config).distance(config),
                            "trained_steps": int(result["steps"]), "start_step": int(result["start_step"])})
     write_training_report(model.path, training_report.path)
     tensorboard.metadata.update({"format": "TensorBoard event files",

@@ -1,20 +1,24 @@
 """Checkpoints of a training run: save and restore, provenance, history, the folder's lock and leftovers.
 
 Checkpoints go to `checkpoint_dir` every `checkpoint_every` steps as
-`ckpt-<step>.npz` (`save_checkpoint`: the model's variables, the optimizer's
-variables, its step counter included, and the step, as NumPy arrays, so a
-checkpoint of either backend restores on the other), written atomically (a
+`ckpt-<step>.npz` (`save_checkpoint`: every variable of the trainer, the
+embedding model's, the objective's head's (if it has one) and the optimizer's,
+its step counter included, and the step, as NumPy arrays, so a checkpoint of
+either backend restores on the other), written atomically (a
 gs:// URI works); the last two are kept, with the history so far and
 `provenance.json`: the run key (the model output it trains for), the
 fingerprints of the four inputs (`provenance.check_inputs`), the train
-settings and the training code. A new call with the same checkpoint folder
+settings and the training code (`code_fingerprint`: the source of every
+module of the package the training code imports, found by reading its import
+statements). A new call with the same checkpoint folder
 resumes from the latest checkpoint only when all of these match: that is how
 a retried pod continues. A checkpoint written for anything else is refused,
 naming what differs, never resumed silently. Changing max_steps on resume is
 allowed (the cosine schedule then follows the new length), as are the other
 RESUMABLE_CHANGES. A damaged checkpoint file is skipped with a warning for
-the previous checkpoint. The input stream resumes exactly (start_batch = the
-restored step), and the learning rate follows the restored optimizer step.
+the previous checkpoint; one of an earlier CHECKPOINT_FORMAT is refused. The
+input stream resumes exactly (start_batch = the restored step), and the
+learning rate follows the restored optimizer step.
 (keras.callbacks.BackupAndRestore is not used: it restores the epoch only and
 deletes its backup when `fit` ends.) Metrics and model.json give
 `start_step`, the step this call began at.
@@ -24,6 +28,7 @@ A local checkpoint folder is locked (`training_lock`) while a training uses it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -51,13 +56,13 @@ log = logging.getLogger("facenet_kfp.train")      # one logger for all of traini
 TRAIN_LOCK = ".train.lock"       # in a local checkpoint folder: held (flock) by the training that uses it
 HISTORY_JSON = "history.json"
 PROVENANCE_JSON = "provenance.json"
-CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/2"
+CHECKPOINT_FORMAT = "facenet-kfp-checkpoint/3"
 CHECKPOINTS_KEPT = 2
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.npz")
 TF_CHECKPOINT_NAME = re.compile(r"ckpt-\d+\.index")      # tf.train.Checkpoint files of earlier versions
-# The modules whose code decides the trained weights (their source is part of a checkpoint's provenance).
-TRAINING_MODULES = ("augment", "checkpoints", "codec", "losses", "model", "monitor", "numpy_input", "preprocess", "tf_input", "train",
-                    "trainer")
+# The modules the code fingerprint starts from: with every module of the package they import, directly or
+# not, they decide the trained weights (`training_modules`).
+TRAINING_ENTRY_MODULES = ("train", "trainer")
 # Settings that may change between a run and its resumption: they do not change the model.
 RESUMABLE_CHANGES = ("max_steps", "validate_every", "validation_batches", "checkpoint_every", "log_every")
 
@@ -77,16 +82,33 @@ def checkpoint_steps(checkpoint_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class CheckpointFormatError(InputError):
+    """A checkpoint file of another CHECKPOINT_FORMAT: refused, not skipped for an older checkpoint."""
+
+
+def checkpoint_variables(trainer: keras.Model) -> dict[str, list]:
+    """Every variable of the trainer's state, by group: "model" (the embedding model's weights),
+    "head" (the trainer's other weights: the objective's head, if it has one) and "optimizer" (the
+    optimizer's variables, its step counter included)."""
+    model = list(trainer.embedding.weights)
+    in_model = {id(v) for v in model}
+    return {"model": model, "head": [v for v in trainer.weights if id(v) not in in_model],
+            "optimizer": list(trainer.optimizer.variables)}
+
+
 def checkpoint_arrays(trainer: keras.Model, step: int) -> dict[str, np.ndarray]:
-    """{"step", "model/<i>", "optimizer/<i>", "names"}: the training state as NumPy arrays."""
+    """{"step", "<group>/<i>" for each group of `checkpoint_variables`, "names"}: the training state as NumPy
+    arrays.
+
+    "names" is JSON: {"format": CHECKPOINT_FORMAT, "<group>": [variable paths]}.
+    """
     _sync(trainer)
     arrays = {"step": np.asarray(step, np.int64)}
-    names = {"model": [v.path for v in trainer.embedding.weights],
-             "optimizer": [v.path for v in trainer.optimizer.variables]}
-    for i, v in enumerate(trainer.embedding.weights):
-        arrays[f"model/{i:04d}"] = keras.ops.convert_to_numpy(v)
-    for i, v in enumerate(trainer.optimizer.variables):
-        arrays[f"optimizer/{i:04d}"] = keras.ops.convert_to_numpy(v)
+    groups = checkpoint_variables(trainer)
+    for kind, variables in groups.items():
+        for i, v in enumerate(variables):
+            arrays[f"{kind}/{i:04d}"] = keras.ops.convert_to_numpy(v)
+    names = {kind: [v.path for v in variables] for kind, variables in groups.items()}
     arrays["names"] = np.asarray(json.dumps({"format": CHECKPOINT_FORMAT, **names}))
     return arrays
 
@@ -102,25 +124,41 @@ def save_checkpoint(checkpoint_dir: str, trainer: keras.Model, step: int) -> str
     return path
 
 
-def load_checkpoint(path: str, trainer: keras.Model) -> int:
-    """Assign a checkpoint's arrays to the trainer's model and optimizer variables; its step.
+def _check_format(path: str, values: dict[str, np.ndarray]) -> None:
+    """CheckpointFormatError naming the file unless its "names" record says CHECKPOINT_FORMAT."""
+    recorded = json.loads(str(values["names"])) if "names" in values else None
+    found = recorded.get("format") if isinstance(recorded, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        folder = path.rsplit("/", 1)[0] if "/" in path else "."
+        raise CheckpointFormatError(
+            f"{path}: a checkpoint of format {found or 'unknown'}, written by an earlier version of the trainer "
+            f"(this one writes and restores {CHECKPOINT_FORMAT}: every trainer variable), so it cannot be "
+            f"resumed; delete {folder} to train from step 0, or choose another checkpoint folder "
+            f"(train --checkpoint-dir, or cluster.checkpoint_root)")
 
-    ValueError (or a zip / I/O error) when the file is damaged or holds
-    other variables than the trainer has.
+
+def load_checkpoint(path: str, trainer: keras.Model) -> int:
+    """Assign a checkpoint's arrays to every variable of the trainer (`checkpoint_variables`); its step.
+
+    CheckpointFormatError (an InputError) for a checkpoint of another
+    CHECKPOINT_FORMAT; ValueError (or a zip / I/O error) when the file is
+    damaged or holds other variables than the trainer has.
     """
     data = read_bytes(path)
     if data is None:
         raise FileNotFoundError(f"{path} is gone")
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         values = {key: arrays[key] for key in arrays.files}
-    for kind, variables in (("model", trainer.embedding.weights), ("optimizer", trainer.optimizer.variables)):
+    _check_format(path, values)
+    groups = checkpoint_variables(trainer)
+    for kind, variables in groups.items():
         stored = sorted(k for k in values if k.startswith(f"{kind}/"))
         if len(stored) != len(variables):
             raise ValueError(f"{len(stored)} {kind} arrays for {len(variables)} variables")
         for key, variable in zip(stored, variables):
             if tuple(values[key].shape) != tuple(variable.shape):
                 raise ValueError(f"{key} has shape {values[key].shape}, {variable.path} {variable.shape}")
-    for kind, variables in (("model", trainer.embedding.weights), ("optimizer", trainer.optimizer.variables)):
+    for kind, variables in groups.items():
         for i, variable in enumerate(variables):
             variable.assign(values[f"{kind}/{i:04d}"])
     return int(values["step"])
@@ -159,13 +197,97 @@ def default_checkpoint_dir(model_dir: str | os.PathLike) -> str:
     return str(model_dir.parent / (model_dir.name + ".ckpt"))
 
 
-def code_fingerprint() -> dict[str, str]:
-    """{"version": facenet-kfp version, "sha256": of the TRAINING_MODULES' source}: the code that trains."""
+def _module_file(package_dir: Path, parts: tuple[str, ...]) -> Path | None:
+    """The source file of module `parts` (names under the package), or None when there is none."""
+    base = package_dir.joinpath(*parts)
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_names(tree: ast.AST, package: str, own: tuple[str, ...], is_package: bool) -> set[tuple[str, ...]]:
+    """The modules of `package` an import statement of `tree` (anywhere: functions included) may load,
+    as name parts under the package; `own` are the parts of the module `tree` is the source of."""
+    found: set[tuple[str, ...]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = tuple(alias.name.split("."))
+                if parts[0] == package:
+                    found.add(parts[1:])
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            here = own if is_package else own[:-1]
+            if node.level - 1 > len(here):
+                continue
+            base = here[:len(here) - (node.level - 1)]
+            parts = base + tuple(node.module.split(".") if node.module else ())
+        elif node.module and node.module.split(".")[0] == package:
+            parts = tuple(node.module.split(".")[1:])
+        else:
+            continue
+        found.add(parts)
+        found.update(parts + (alias.name,) for alias in node.names)      # `from pkg import module`
+    return found
+
+
+def training_modules(package_dir: str | os.PathLike | None = None) -> list[str]:
+    """Every module of the package (default: this one) the training code imports, as sorted dotted names.
+
+    Starting from TRAINING_ENTRY_MODULES, the import statements of each module
+    reached (at module level and inside functions, read with `ast`, not run)
+    are followed through the package: `import pkg.a`, `from pkg import a`,
+    `from pkg.a import f` and relative imports. The package's __init__ is
+    always in; a module inside a subpackage (pkg/sub/x.py) brings in the
+    whole subpackage, every module under pkg/sub/. Names that are not
+    modules (a function imported from the package's __init__) add nothing.
+    """
+    package_dir = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    package = package_dir.name
+    covered: dict[tuple[str, ...], Path] = {}
+
+    def cover(files: dict[tuple[str, ...], Path]) -> None:
+        for own, path in files.items():
+            covered[own] = path
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+            todo.extend(_imported_names(tree, package, own, path.name == "__init__.py"))
+
+    todo: list[tuple[str, ...]] = [(name,) for name in TRAINING_ENTRY_MODULES]
+    cover({(): package_dir / "__init__.py"})
+    while todo:
+        top = todo.pop()[:1]
+        if not top or top in covered or (source := _module_file(package_dir, top)) is None:
+            continue             # the package's __init__, done already, or a name that is not a module
+        if source.name == "__init__.py":        # a subpackage: all of it
+            cover({_module_parts(package_dir, path): path for path in sorted(source.parent.rglob("*.py"))})
+        else:
+            cover({top: source})
+    return sorted(".".join((package, *parts)) for parts in covered)
+
+
+def _module_parts(package_dir: Path, path: Path) -> tuple[str, ...]:
+    """The name parts under the package of the module whose source is `path` (a package's: its __init__.py)."""
+    parts = path.relative_to(package_dir).with_suffix("").parts
+    return parts[:-1] if path.name == "__init__.py" else parts
+
+
+def _module_path(package_dir: Path, name: str) -> Path:
+    parts = tuple(name.split(".")[1:])
+    return package_dir / "__init__.py" if not parts else _module_file(package_dir, parts)
+
+
+def code_fingerprint(package_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{"version": facenet-kfp version, "sha256": of the training modules' source, "modules": their sorted
+    dotted names}: the code that trains (`training_modules`; default: this package)."""
+    package_dir = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    modules = training_modules(package_dir)
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for name in TRAINING_MODULES:
-        digest.update(name.encode() + b"\0" + (package / f"{name}.py").read_bytes() + b"\0")
-    return {"version": __version__, "sha256": digest.hexdigest()}
+    for name in modules:
+        digest.update(name.encode() + b"\0" + _module_path(package_dir, name).read_bytes() + b"\0")
+    return {"version": __version__, "sha256": digest.hexdigest(), "modules": modules}
 
 
 def checkpoint_provenance(run_key: str, inputs: dict[str, str], config: TrainConfig) -> dict[str, Any]:
@@ -194,8 +316,20 @@ def provenance_differences(saved: dict[str, Any], current: dict[str, Any]) -> li
             found.append(f"{key}: {saved_train.get(key)!r} -> {value!r}")
     saved_code = saved.get("code") if isinstance(saved.get("code"), dict) else {}
     for key, value in current["code"].items():
-        if saved_code.get(key) != value:
+        if key == "modules" or saved_code.get(key) == value:
+            continue
+        if key == "sha256":
+            covered = saved_code.get("modules")
+            where = f" (of {', '.join(covered)})" if isinstance(covered, list) else ""
+            found.append(f"code sha256{where}: {_short(saved_code.get(key))} -> {_short(value)}")
+        else:
             found.append(f"code {key}: {_short(saved_code.get(key))} -> {_short(value)}")
+    saved_modules = saved_code.get("modules") if isinstance(saved_code.get("modules"), list) else []
+    current_modules = current["code"].get("modules", [])
+    added = sorted(set(current_modules) - set(saved_modules))
+    removed = sorted(set(saved_modules) - set(current_modules))
+    if added or removed:
+        found.append("code modules: " + ", ".join([*(f"+{m}" for m in added), *(f"-{m}" for m in removed)]))
     return found
 
 
@@ -205,6 +339,10 @@ def _check_resume(checkpoint_dir: str, current: dict[str, Any]) -> None:
     saved = read_json_any(path)
     todo = (f"delete {checkpoint_dir} to train from step 0, or choose another checkpoint folder "
             f"(train --checkpoint-dir, or cluster.checkpoint_root)")
+    if isinstance(saved, dict) and isinstance(saved.get("format"), str) and saved["format"] != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: the checkpoints in {checkpoint_dir} are of format {saved['format']}, written by "
+                         f"an earlier version of the trainer; this one restores {CHECKPOINT_FORMAT} (every trainer "
+                         f"variable) only; {todo}")
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         what = "not found" if saved is None else f"not a {CHECKPOINT_FORMAT} record"
         raise InputError(f"{path}: {what}, so nothing says which inputs and settings made the checkpoint "

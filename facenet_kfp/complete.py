@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from facenet_kfp import augment
+from facenet_kfp.codec import UnusableImage, open_image
 from facenet_kfp.config import DataConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, no_space_named, remove_stale_temps, write_json
-from facenet_kfp.image_limits import size_problem
 from facenet_kfp.labels import COUNTS_JSON, LABELS_JSON, load_labels
 from facenet_kfp.progress import Progress
 from facenet_kfp.provenance import check_inputs, write_provenance
@@ -133,23 +132,18 @@ def augmentation_rng(seed: int, label: int, index: int) -> np.random.Generator:
 
 
 def generate_image(data: bytes, params: dict[str, Any], where: str = "image") -> tuple[bytes, int, int]:
-    """Decode JPEG/PNG `data`, apply `params`, encode as JPEG (quality 92); returns (bytes, width, height).
+    """Decode `data`, apply `params`, encode as JPEG (quality 92); returns (bytes, width, height).
 
-    An image outside `image_limits.size_problem`'s limits (extract skips those;
-    an older or hand-made dataset may hold one) raises InputError naming `where`.
+    An image `codec.open_image` refuses (extract skips those; an older or
+    hand-made dataset may hold one) raises InputError naming `where`.
     """
     try:
-        image = Image.open(io.BytesIO(data))
-        problem = size_problem(*image.size)   # from the header, before decoding
-        if not problem:
-            image.load()
-    except (OSError, Image.DecompressionBombError) as exc:
-        # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise InputError(f"{where}: not a readable image ({exc})") from exc
-    if problem:
-        image.close()
-        raise InputError(f"{where}: cannot generate images from it: {problem}; re-run extract on "
-                         f"the archive, which skips such images")
+        image = open_image(data)
+    except UnusableImage as exc:
+        if exc.wrong_size:
+            raise InputError(f"{where}: cannot generate images from it: {exc.reason}; re-run extract on "
+                             f"the archive, which skips such images") from None
+        raise InputError(f"{where}: not a readable image ({exc.reason})") from exc
     out = augment.apply_augmentation(image, params)
     buffer = io.BytesIO()
     out.save(buffer, "JPEG", quality=JPEG_QUALITY)

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from facenet_kfp import objectives
 from facenet_kfp.errors import InputError
 
 LFW_URL = "https://ndownloader.figshare.com/files/5976018"
@@ -43,7 +44,7 @@ LFW_PAIRS_URL = "https://ndownloader.figshare.com/files/5976006"
 LFW_PAIRS_SHA256 = "ea42330c62c92989f9d7c03237ed5d591365e89b3e649747777b70e692dc1592"
 
 ARCHITECTURES = ("nn4_small2", "small_cnn")
-LOSSES = ("batch_all", "batch_hard", "semi_hard")
+LOSSES = objectives.NAMES        # train.loss: the training objectives' table (objectives.OBJECTIVES)
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 # Toleration keys as a Kubernetes manifest spells them -> kfp.kubernetes.add_toleration's arguments.
@@ -263,7 +264,7 @@ class TrainConfig(Section):
     p: int = setting(16, "identities per batch (at least 2: negatives need two identities); p x k is at "
                          f"most {MAX_BATCH}", minimum=2, maximum=1024)
     k: int = setting(4, "images per identity per batch; equals data.multiple", minimum=2, maximum=128)
-    loss: str = setting("batch_hard", "triplet mining: batch_all, batch_hard or semi_hard", choices=LOSSES)
+    loss: str = setting("batch_hard", f"triplet mining: {', '.join(LOSSES[:-1])} or {LOSSES[-1]}", choices=LOSSES)
     margin: float = setting(0.2, "triplet margin, in the units of the distance (see train.squared): unit "
                                  "vectors are at most 4 apart in squared L2, 2 in plain L2", above=0, maximum=4)
     squared: bool = setting(True, "squared L2 distances (FaceNet) when true, plain L2 when false")

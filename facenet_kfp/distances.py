@@ -9,14 +9,16 @@ from typing import Any
 import numpy as np
 
 from facenet_kfp import metrics as vm
+from facenet_kfp import objectives
 from facenet_kfp.errors import InputError
 
 MODEL_JSON = "model.json"
 # Embeddings whose norms are all within this of 1 count as unit vectors (float32 outputs of l2_normalize).
 UNIT_TOLERANCE = 1e-3
 
-# Names of the distance definitions, as written in every output; "model" picks the model's own.
-DISTANCES = ("squared_l2", "l2", "cosine")
+# Names of the distance definitions, as written in every output (model.json's distance.name among them);
+# "model" picks the model's own.
+DISTANCES = objectives.DISTANCES
 DISTANCE_SETTINGS = ("model", *DISTANCES)
 DISTANCE_NAMES = {True: "squared_l2", False: "l2"}
 DISTANCE_LABELS = {"squared_l2": "squared L2", "l2": "plain L2", "cosine": "cosine distance"}
@@ -31,14 +33,15 @@ DISTANCE_DEFINITIONS = {
 
 
 def distance_name(squared: bool) -> str:
-    """"squared_l2" or "l2": the name of the model's own distance (model.json's ``distance.squared``)."""
+    """"squared_l2" or "l2" for the boolean ``distance.squared`` of model.json files of earlier versions."""
     return DISTANCE_NAMES[bool(squared)]
 
 
-def resolve_distance(setting: str, squared: bool) -> str:
-    """The distance an evaluation uses: evaluate.distance, where "model" means the model's own (`distance_name`)."""
+def resolve_distance(setting: str, own: str | bool) -> str:
+    """The distance an evaluation uses: evaluate.distance, where "model" means the model's own, `own`
+    (`model_distance`'s name; a bool is the ``distance.squared`` flag of earlier model.json files)."""
     if setting == "model":
-        return distance_name(squared)
+        return _as_distance(own)
     if setting not in DISTANCES:
         raise InputError(f"evaluate.distance must be one of {', '.join(DISTANCE_SETTINGS)}; got {setting!r}")
     return setting
@@ -53,14 +56,20 @@ def _as_distance(distance: str | bool) -> str:
     return distance
 
 
-def model_distance_squared(metadata: dict[str, Any], model_dir: str | os.PathLike) -> bool:
-    """True when the model's distances are squared L2, from model.json's ``distance.squared``."""
-    distance = metadata.get("distance") if isinstance(metadata, dict) else None
-    squared = distance.get("squared") if isinstance(distance, dict) else None
-    if not isinstance(squared, bool):
-        raise InputError(f"{Path(model_dir) / MODEL_JSON}: expected a boolean 'distance.squared' "
-                         f"(squared or plain L2 distances), got {distance!r}")
-    return squared
+def model_distance(metadata: dict[str, Any], model_dir: str | os.PathLike) -> str:
+    """The name of the model's own distance (one of DISTANCES), from model.json's ``distance.name``.
+
+    model.json files of earlier versions record a boolean ``distance.squared``
+    instead (True: "squared_l2", False: "l2"); they are read as well.
+    """
+    from facenet_kfp.export import distance_of
+
+    name = distance_of(metadata) if isinstance(metadata, dict) else None
+    if name is None:
+        distance = metadata.get("distance") if isinstance(metadata, dict) else None
+        raise InputError(f"{Path(model_dir) / MODEL_JSON}: expected 'distance.name', one of "
+                         f"{', '.join(DISTANCES)} (the distance the model was trained with), got {distance!r}")
+    return name
 
 
 def pair_distances(embeddings: np.ndarray, index_a: np.ndarray, index_b: np.ndarray,

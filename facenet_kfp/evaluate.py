@@ -17,8 +17,9 @@ Protocol (the verification protocol face-recognition papers report):
    mirrored left-right and the two embeddings are added and L2-normalised;
    every figure is then reported for those embeddings too, as ``flip_``
    variants (``test_flip_accuracy``, ``flip_threshold``). The distance is
-   ``distance``: ``model`` (the model's own, squared L2 ``‖a − b‖²`` or plain
-   L2 ``‖a − b‖`` as recorded in model.json), ``squared_l2``, ``l2`` or
+   ``distance``: ``model`` (the model's own, model.json's ``distance.name``:
+   squared L2 ``‖a − b‖²`` or plain L2 ``‖a − b‖`` for the triplet
+   objectives), ``squared_l2``, ``l2`` or
    ``cosine`` (``1 − a·b / (‖a‖ ‖b‖)``). Every output names it.
 4. The threshold maximises accuracy on the VALIDATION pairs
    (`metrics.select_threshold`); it is then applied unchanged to the TEST
@@ -73,8 +74,8 @@ from facenet_kfp import metrics as vm
 from facenet_kfp.config import EvaluateConfig
 from facenet_kfp.distances import (  # noqa: F401  (re-exported: callers import them from here)
     DISTANCE_DEFINITIONS, DISTANCE_LABELS, DISTANCE_NAMES, DISTANCE_SETTINGS, DISTANCES, MODEL_JSON, UNIT_TOLERANCE,
-    MirrorPairModel, _as_distance, distance_name, far_key, flip_embeddings, model_distance_squared, pair_distances,
-    resolve_distance, seed_threshold_in, stratified_folds, unit_length)
+    MirrorPairModel, _as_distance, distance_name, far_key, flip_embeddings, model_distance,
+    pair_distances, resolve_distance, seed_threshold_in, stratified_folds, unit_length)
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import file_sha256, write_json, write_text
 from facenet_kfp.pair_sources import (  # noqa: F401  (re-exported: callers import them from here)
@@ -175,8 +176,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     from facenet_kfp import export
 
     model, metadata = export.load_model_artifact(model_dir)
-    squared = model_distance_squared(metadata, model_dir)
-    name = resolve_distance(config.distance, squared)
+    own = model_distance(metadata, model_dir)
+    name = resolve_distance(config.distance, own)
 
     unit, dim = True, 0
     # The splits of each archive, embedded once per image (lfw is the test split of a separate archive).
@@ -228,7 +229,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
         # Which model the threshold belongs to (verify refuses it for any other): the model file's
         # sha256 and the model's own distance (`distance` may differ: evaluate.distance).
         "model_sha256": file_sha256(model_dir / str(metadata["file"])),
-        "model_distance": distance_name(squared),
+        "model_distance": own,
         "embedding_dim": dim,
         "preprocessing": metadata["preprocessing"],
     }
@@ -244,7 +245,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     }
 
     html = _build_report(model_dir, test_dir, test_rows, config, val, test, lfw, metrics, threshold,
-                         name, squared, warnings, model_uri or str(model_dir), eval_dir is not None)
+                         name, own, warnings, model_uri or str(model_dir), eval_dir is not None)
     write_json(threshold_path, threshold_info)
     if metrics_path is not None:
         write_json(metrics_path, metrics)
@@ -269,10 +270,10 @@ def _folds_text(folds: int, from_file: bool, evaluation_archive: bool = False) -
 
 def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, Any]],
                   config: EvaluateConfig, val: SplitPairs, test: SplitPairs, lfw: SplitPairs | None,
-                  metrics: dict[str, Any], threshold: float, name: str, squared: bool, warnings: list[str],
+                  metrics: dict[str, Any], threshold: float, name: str, own: str, warnings: list[str],
                   model: str, separate: bool = False) -> str:
     """The HTML report; `dataset_dir` and `rows` are those of the test pairs' images (`separate`:
-    a separate evaluation archive)."""
+    a separate evaluation archive); `own` is the model's own distance (model.json)."""
     from facenet_kfp import report
 
     examples = []
@@ -288,7 +289,7 @@ def _build_report(model_dir: Path, dataset_dir: Path, rows: dict[str, dict[str, 
         rocs["test pairs, flip"] = vm.roc_curve(test.flip_distances, test.same)[:2]
     pairs_file = separate and lfw is not None
     source = ("the model's own (model.json)" if config.distance == "model"
-              else f"evaluate.distance; the model was trained with {DISTANCE_LABELS[distance_name(squared)]}")
+              else f"evaluate.distance; the model was trained with {DISTANCE_LABELS[own]}")
     notes = [
         f"Distances are {DISTANCE_DEFINITIONS[name]} ({source}). A pair is judged the same person when its "
         f"distance is below the threshold.",

@@ -31,7 +31,9 @@ model.json keys::
     input_shape     [S, S, 3]
     embedding_dim   D (embeddings are L2-normalised, float32)
     preprocessing   {version: "centre-crop-v1", image_size: S, crop_fraction, scale: "[-1,1]"}
-    distance        {squared: bool, definition: "...", margin}: how two embeddings compare
+    distance        {name: "squared_l2" | "l2" | "cosine", definition: "...", margin}: how two
+                    embeddings compare, the training objective's distance (`objectives.Objective`;
+                    model.json files of earlier versions have a boolean `squared` instead of `name`)
     loss, margin, trained_steps, keras_version, backend, created (UTC ISO 8601)
     start_step      the step training began at: 0, or the checkpoint step it resumed from
     ...             whatever else train adds (input fingerprints, config, final metrics)
@@ -48,6 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from facenet_kfp import objectives
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import atomic_dir, read_json, write_json
 
@@ -63,8 +66,9 @@ SCALE = "[-1,1]"
 LOAD_HINT = ("keras.saving.load_model('model.keras') in plain Keras 3, TensorFlow or JAX backend; "
              "no facenet_kfp import needed")
 DISTANCE_DEFINITIONS = {
-    True: "squared L2 between L2-normalised embeddings: sum_k (a_k - b_k)^2, in [0, 4]",
-    False: "plain L2 between L2-normalised embeddings: sqrt(sum_k (a_k - b_k)^2), in [0, 2]",
+    "squared_l2": "squared L2 between L2-normalised embeddings: sum_k (a_k - b_k)^2, in [0, 4]",
+    "l2": "plain L2 between L2-normalised embeddings: sqrt(sum_k (a_k - b_k)^2), in [0, 2]",
+    "cosine": "cosine distance between L2-normalised embeddings: 1 - sum_k a_k b_k, in [0, 2]",
 }
 # What a caller of save_model_artifact must say; the rest is derived from the model.
 REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margin", "trained_steps",
@@ -74,15 +78,18 @@ REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margi
 def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **extra: Any) -> dict[str, Any]:
     """model.json content derived from a `TrainConfig` (architecture, preprocessing, distance, loss).
 
-    start_step > 0 says the model continued a checkpoint at that step.
+    The distance is the training objective's (`objectives.Objective.distance`, by
+    name). start_step > 0 says the model continued a checkpoint at that step.
     """
     from facenet_kfp.preprocess import PREPROCESSING_VERSION
+
+    distance = objectives.for_config(config).distance(config)
 
     metadata = {
         "architecture": config.architecture,
         "preprocessing": {"version": PREPROCESSING_VERSION, "image_size": int(config.image_size),
                           "crop_fraction": float(config.crop_fraction), "scale": SCALE},
-        "distance": {"squared": bool(config.squared), "definition": DISTANCE_DEFINITIONS[bool(config.squared)],
+        "distance": {"name": distance, "definition": DISTANCE_DEFINITIONS[distance],
                      "margin": float(config.margin)},
         "loss": config.loss,
         "margin": float(config.margin),
@@ -111,9 +118,10 @@ def _complete_metadata(model: Any, metadata: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"model input {input_shape} does not match preprocessing image_size "
                          f"{pre['image_size']}")
     distance = dict(metadata["distance"])
-    if not isinstance(distance.get("squared"), bool):
-        raise InputError(f"model metadata distance.squared must be a boolean, got {distance}")
-    distance.setdefault("definition", DISTANCE_DEFINITIONS[distance["squared"]])
+    if distance.get("name") not in objectives.DISTANCES:
+        raise InputError(f"model metadata distance.name must be one of {', '.join(objectives.DISTANCES)}, "
+                         f"got {distance}")
+    distance.setdefault("definition", DISTANCE_DEFINITIONS[distance["name"]])
     out = dict(metadata)
     out.update({
         "format": FORMAT,
@@ -255,6 +263,17 @@ def _check_keras_archive(model_path: Path) -> None:
                          f"it again from the train step's output")
 
 
+def distance_of(metadata: dict[str, Any]) -> str | None:
+    """The model's distance name from model.json's ``distance.name`` (or, in files of earlier versions, the
+    boolean ``distance.squared``: "squared_l2" or "l2"); None when it records neither."""
+    distance = metadata.get("distance")
+    if not isinstance(distance, dict):
+        return None
+    if "name" not in distance and isinstance(distance.get("squared"), bool):
+        return "squared_l2" if distance["squared"] else "l2"
+    return distance["name"] if distance.get("name") in objectives.DISTANCES else None
+
+
 def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(Keras model, model.json metadata) of a model folder; InputError names what is missing or wrong."""
     import keras
@@ -279,8 +298,9 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
     if pre["version"] != PREPROCESSING_VERSION:
         raise InputError(f"{json_path}: preprocessing version {pre['version']!r} is not the one this code "
                          f"implements ({PREPROCESSING_VERSION!r})")
-    if not isinstance(metadata["distance"], dict) or not isinstance(metadata["distance"].get("squared"), bool):
-        raise InputError(f"{json_path}: distance.squared must be a boolean, got {metadata['distance']!r}")
+    if distance_of(metadata) is None:
+        raise InputError(f"{json_path}: distance.name must be one of {', '.join(objectives.DISTANCES)}, got "
+                         f"{metadata['distance']!r}")
     model_path = model_dir / str(metadata["file"])
     if not model_path.is_file():
         raise InputError(f"{model_path}: model file named in {MODEL_JSON} not found")

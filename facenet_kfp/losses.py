@@ -13,20 +13,22 @@ label(n) != label(a). A batch without a valid triplet (all singletons, or all
 one identity) gives loss 0 with finite, zero gradients, never NaN.
 
 Memory: batch all and semi-hard build a [B, B, B] tensor (B = 128 is 2M floats).
+
+The `<mining>_objective` functions at the end are what `objectives.OBJECTIVES`
+names for train.loss: the loss and its `triplet_statistics` in the config's
+distance. (Training calls them from `trainer.EmbeddingTrainer.compute_loss`, not
+through a keras.losses.Loss: one step reports the loss with its statistics.)
 """
 
 from __future__ import annotations
 
 import logging
 
-import keras
 from keras import ops
 
 from facenet_kfp.errors import InputError
 
 log = logging.getLogger(__name__)
-
-MINING = ("batch_all", "batch_hard", "semi_hard")
 
 # Added under the square root where a distance is exactly 0, so the gradient
 # of sqrt there is finite; the (1 - mask) factor then zeroes both value and gradient.
@@ -201,40 +203,25 @@ def triplet_statistics(labels, embeddings, margin, squared):
     }
 
 
-@keras.saving.register_keras_serializable(package="facenet_kfp")
-class TripletLoss(keras.losses.Loss):
-    """Triplet loss with online mining, for `model.compile(loss=...)`.
+# ----------------------------------------------------------------------------- the objectives' loss code
 
-    y_true: [B] or [B, 1] integer identity labels; y_pred: [B, D] embeddings.
-    Returns the batch's scalar loss (the per-triplet average is the mining rule's,
-    so `sample_weight` has no per-example meaning here).
+def _with_statistics(loss, labels, embeddings, config) -> dict:
+    return {"loss": loss, **triplet_statistics(labels, embeddings, config.margin, config.squared)}
 
-    Args:
-      margin: triplet margin, in the units of the distance (squared or plain L2).
-      mining: "batch_all", "batch_hard" or "semi_hard".
-      squared: squared L2 distances (FaceNet) rather than plain L2.
-    """
 
-    def __init__(self, margin: float = 0.2, mining: str = "batch_hard", squared: bool = True,
-                 name: str = "triplet_loss", **kwargs):
-        if mining not in MINING:
-            raise InputError(f"mining must be one of {', '.join(MINING)}; got {mining!r}")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            raise InputError(f"margin must be a number >= 0, got {margin!r}")
-        super().__init__(name=name, **kwargs)
-        self.margin = float(margin)
-        self.mining = mining
-        self.squared = bool(squared)
+def batch_all_objective(labels, embeddings, config, head_output=None) -> dict:
+    """train.loss batch_all: `batch_all_triplet_loss` with config.margin and config.squared, and its statistics."""
+    loss, _ = batch_all_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    return _with_statistics(loss, labels, embeddings, config)
 
-    def call(self, y_true, y_pred):
-        if self.mining == "batch_all":
-            loss, _ = batch_all_triplet_loss(y_true, y_pred, self.margin, squared=self.squared)
-            return loss
-        if self.mining == "batch_hard":
-            return batch_hard_triplet_loss(y_true, y_pred, self.margin, squared=self.squared)
-        return semi_hard_triplet_loss(y_true, y_pred, self.margin, squared=self.squared)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, mining=self.mining, squared=self.squared)
-        return config
+def batch_hard_objective(labels, embeddings, config, head_output=None) -> dict:
+    """train.loss batch_hard: `batch_hard_triplet_loss` with config.margin and config.squared, and its statistics."""
+    loss = batch_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    return _with_statistics(loss, labels, embeddings, config)
+
+
+def semi_hard_objective(labels, embeddings, config, head_output=None) -> dict:
+    """train.loss semi_hard: `semi_hard_triplet_loss` with config.margin and config.squared, and its statistics."""
+    loss = semi_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
+    return _with_statistics(loss, labels, embeddings, config)

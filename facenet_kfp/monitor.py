@@ -32,9 +32,11 @@ import keras
 import numpy as np
 
 from facenet_kfp.checkpoints import HISTORY_JSON, _checkpoint_errors, _sync, save_checkpoint
+from facenet_kfp import objectives
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import FacenetError
 from facenet_kfp.fsutil import join, write_json_any
+from facenet_kfp.objectives import Objective
 from facenet_kfp.progress import Progress, _fmt_seconds
 from facenet_kfp.tensorboard_log import TensorBoardLog
 from facenet_kfp.trainer import EmbeddingTrainer, batch_loss, learning_rate_at
@@ -50,7 +52,14 @@ COLLAPSE_STEPS = 20              # consecutive steps below COLLAPSE_MEAN_DISTANC
 COLLAPSE_MARGIN_FRACTION = 0.5
 COLLAPSE_END_STEPS = 5           # a run that ends with this many collapsed steps fails, however short it is
 DIVERGENCE_STEPS = 50            # steps per mean loss of the divergence check
-STAT_KEYS = ("loss", "fraction_positive_triplets", "mean_positive_distance", "mean_negative_distance")
+STAT_KEYS = objectives.TRIPLET_STATISTICS     # what the triplet objectives report (`Objective.statistics`)
+# Relative and absolute slack over an objective's loss bound (float32 rounding of distances near their maximum).
+BOUND_RTOL, BOUND_ATOL = 1e-4, 1e-5
+# How the log line writes a statistic (others: "<name> <value>").
+LOG_FORMATS = {"loss": "loss %.4f", "fraction_positive_triplets": "positive triplets %.3f",
+               "mean_positive_distance": "d+ %.4f", "mean_negative_distance": "d- %.4f"}
+# The summary metric name of a statistic, after "train_" / "val_" (others: the statistic's own name).
+SUMMARY_NAMES = {"fraction_positive_triplets": "fraction_positive"}
 
 
 # ----------------------------------------------------------------------------- monitor
@@ -74,15 +83,18 @@ class TrainingMonitor:
     configured distance), "mean_pairwise_l2" and "max_pairwise_l2" (plain L2 between the batch's
     embeddings, `batch_loss`) and raises FacenetError naming the step and the setting to change when
 
-    - the loss is not finite (NaN or infinite weights or activations);
+    - the loss is not finite (NaN or infinite weights or activations), or above the objective's
+      bound (`Objective.loss_bound`: for a triplet objective the largest distance between unit
+      vectors plus the margin), which only embeddings that are not unit vectors reach;
     - the embeddings collapse: the largest distance is below COLLAPSE_MAX_DISTANCE (all at one
       point), or the mean distance stays below COLLAPSE_MEAN_DISTANCE for COLLAPSE_STEPS
-      consecutive steps, or the mean negative distance stays below `collapse_negative_limit`
+      consecutive steps, or (for an objective that reports it) the mean negative distance stays
+      below `collapse_negative_limit`
       (half the margin, as a plain-L2 length) for COLLAPSE_STEPS consecutive steps: different
       people's embeddings closer than the margin asks, the loss pinned at the margin, nothing learnt;
     - training diverges: the mean loss over the last DIVERGENCE_STEPS steps is more than one
       `margin` above the lowest such mean so far. The triplet loss of unit vectors is bounded
-      (at most 4 + margin), so divergence shows as a lasting rise, not a blow-up; a healthy
+      (the objective's loss bound), so divergence shows as a lasting rise, not a blow-up; a healthy
       run's windowed loss falls from about the margin towards 0 with ripples far below a margin.
 
     `finish(step)` after the last step of a call: a run that ends with at least COLLAPSE_END_STEPS
@@ -91,8 +103,10 @@ class TrainingMonitor:
     The windows count steps, whatever `log_every` is; a resumed call starts them afresh.
     """
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, objective: Objective | None = None):
         self.config = config
+        self.objective = objective or objectives.for_config(config)
+        self.loss_bound = float(self.objective.loss_bound(config))
         self.low_distance_run = 0
         self.low_negative_run = 0
         self.last_negative = math.nan
@@ -119,6 +133,10 @@ class TrainingMonitor:
         if not math.isfinite(loss):
             raise FacenetError(f"loss is {loss} at step {step} (learning rate {lr:.3g}): training diverged; "
                                f"lower train.learning_rate or use precision: float32")
+        if loss > self.loss_bound * (1.0 + BOUND_RTOL) + BOUND_ATOL:
+            raise FacenetError(f"loss is {loss:.6g} at step {step}, above {self.loss_bound:.6g}, the largest "
+                               f"train.loss={self.objective.name} can take with these settings: the embeddings "
+                               f"are not unit vectors; the embedding model must end in L2Normalize")
         if values["max_pairwise_l2"] < COLLAPSE_MAX_DISTANCE:
             raise FacenetError(f"embedding collapse at step {step}: all embeddings of the batch are at one "
                                f"point (largest distance {values['max_pairwise_l2']:.2e}); lower "
@@ -129,8 +147,8 @@ class TrainingMonitor:
             raise FacenetError(f"embedding collapse at step {step}: mean distance between embeddings below "
                                f"{COLLAPSE_MEAN_DISTANCE} for {self.low_distance_run} steps; lower "
                                f"train.learning_rate (now {lr:.3g})")
-        self.last_negative = values["mean_negative_distance"]
-        near = self.last_negative < collapse_negative_limit(self.config)
+        self.last_negative = values.get("mean_negative_distance", math.nan)
+        near = self.last_negative < collapse_negative_limit(self.config)       # False for NaN: not reported
         self.low_negative_run = self.low_negative_run + 1 if near else 0
         if self.low_negative_run >= COLLAPSE_STEPS:
             raise self._negative_collapse(step, self.low_negative_run, ended=False)
@@ -198,10 +216,13 @@ def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
     """The mean statistics of the fixed validation batches at the current step, computed with the model as it
     would be exported (`evaluation_model`); in history and TensorBoard."""
     model = evaluation_model(trainer, state)
-    sums = {k: 0.0 for k in STAT_KEYS}
+    keys = trainer.objective.statistics
+    sums = {k: 0.0 for k in keys}
     for images, labels in state.val_batches:
-        out = batch_loss(state.config, labels, model.predict(images, batch_size=len(images), verbose=0))
-        for k in STAT_KEYS:
+        embeddings = model.predict(images, batch_size=len(images), verbose=0)
+        head_output = None if trainer.head is None else trainer.head(embeddings)      # synced: a Keras weight
+        out = batch_loss(state.config, labels, embeddings, head_output, trainer.objective)
+        for k in keys:
             sums[k] += float(out[k])
     step, batches = state.step, len(state.val_batches)
     record = {"step": step, **{k: v / batches for k, v in sums.items()}}
@@ -209,11 +230,14 @@ def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
         raise FacenetError(f"validation loss is {record['loss']} at step {step}: the model produces "
                            f"non-finite embeddings; lower train.learning_rate")
     state.history["val"].append(record)
-    log.info("validation at step %d (%d batches): loss %.4f, positive triplets %.3f, d+ %.4f, d- %.4f", step,
-             batches, record["loss"], record["fraction_positive_triplets"], record["mean_positive_distance"],
-             record["mean_negative_distance"])
+    log.info("validation at step %d (%d batches): %s", step, batches, _statistics_text(record, keys))
     state.tensorboard.write("val", record)
     return record
+
+
+def _statistics_text(record: dict[str, float], keys) -> str:
+    """"loss 0.1234, positive triplets 0.500, d+ 0.1234, d- 0.5678" (LOG_FORMATS) of `keys` in `record`."""
+    return ", ".join(LOG_FORMATS.get(k, f"{k} %.4g") % record[k] for k in keys)
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -229,9 +253,15 @@ class TrainingProgress(keras.callbacks.Callback):
     def __init__(self, state: RunState, progress: Progress):
         super().__init__()
         self.state, self.progress = state, progress
-        self.monitor = TrainingMonitor(state.config)
-        self.window: dict[str, list[float]] = {k: [] for k in STAT_KEYS}
+        self.monitor: TrainingMonitor | None = None        # the trainer's objective's, at on_train_begin
+        self.keys: tuple[str, ...] = ()
+        self.window: dict[str, list[float]] = {}
         self.window_start, self.window_steps = time.monotonic(), 0
+
+    def on_train_begin(self, logs=None):
+        self.monitor = TrainingMonitor(self.state.config, self.model.objective)
+        self.keys = self.model.objective.statistics
+        self.window = {k: [] for k in self.keys}
 
     def on_train_batch_end(self, batch, logs=None):
         state, config = self.state, self.state.config
@@ -241,7 +271,7 @@ class TrainingProgress(keras.callbacks.Callback):
         last = state.step == config.max_steps
         if last:
             self.monitor.finish(state.step)          # before its checkpoint: nothing collapsed is kept
-        for k in STAT_KEYS:
+        for k in self.keys:
             self.window[k].append(values[k])
         self.window_steps += 1
         self.progress.update()
@@ -270,12 +300,10 @@ class TrainingProgress(keras.callbacks.Callback):
         state.history["train"].append(record)
         eta = (_fmt_seconds((config.max_steps - state.step) * batch_size / rate)
                if math.isfinite(rate) and rate > 0 else "?")
-        log.info("step %d/%d: loss %.4f, positive triplets %.3f, d+ %.4f, d- %.4f, lr %.3g, %.0f images/s, "
-                 "ETA %s", state.step, config.max_steps, record["loss"], record["fraction_positive_triplets"],
-                 record["mean_positive_distance"], record["mean_negative_distance"], record["learning_rate"],
-                 rate, eta)
+        log.info("step %d/%d: %s, lr %.3g, %.0f images/s, ETA %s", state.step, config.max_steps,
+                 _statistics_text(record, self.keys), record["learning_rate"], rate, eta)
         state.tensorboard.write("train", {**record, "images_per_second": rate})
-        self.window = {k: [] for k in STAT_KEYS}
+        self.window = {k: [] for k in self.keys}
         self.window_start, self.window_steps = time.monotonic(), 0
 
     def checkpoint(self) -> None:
@@ -286,6 +314,11 @@ class TrainingProgress(keras.callbacks.Callback):
         log.info("checkpoint %s", path)
 
 # ----------------------------------------------------------------------------- summary and export
+
+def _summary(split: str, record: dict[str, float]) -> dict[str, float]:
+    """{"<split>_<statistic>": value} of a history record's statistics (SUMMARY_NAMES shortens some)."""
+    return {f"{split}_{SUMMARY_NAMES.get(k, k)}": v for k, v in record.items() if k not in ("step", "learning_rate")}
+
 
 def summary_metrics(state: RunState, train_end: float, train_seconds: float) -> dict[str, float]:
     """The returned metrics: steps, start_step, images/s, time, learning rate, last train and val values."""
@@ -300,19 +333,13 @@ def summary_metrics(state: RunState, train_end: float, train_seconds: float) -> 
         "learning_rate": learning_rate_at(max(state.step - 1, 0), config.learning_rate, config.warmup_steps,
                                           config.max_steps, config.lr_schedule)}
     if history["train"]:
-        last_train = history["train"][-1]
-        metrics.update({"train_loss": last_train["loss"],
-                        "train_fraction_positive": last_train["fraction_positive_triplets"],
-                        "train_mean_positive_distance": last_train["mean_positive_distance"],
-                        "train_mean_negative_distance": last_train["mean_negative_distance"]})
+        metrics.update(_summary("train", history["train"][-1]))
     if history["val"]:
         first_val, last_val = history["val"][0], history["val"][-1]
-        metrics.update({"first_val_step": first_val["step"], "first_val_loss": first_val["loss"],
-                        "first_val_fraction_positive": first_val["fraction_positive_triplets"]})
-        metrics.update({"val_loss": last_val["loss"],
-                        "val_fraction_positive": last_val["fraction_positive_triplets"],
-                        "val_mean_positive_distance": last_val["mean_positive_distance"],
-                        "val_mean_negative_distance": last_val["mean_negative_distance"]})
+        metrics.update({"first_val_step": first_val["step"], "first_val_loss": first_val["loss"]})
+        if "fraction_positive_triplets" in first_val:
+            metrics["first_val_fraction_positive"] = first_val["fraction_positive_triplets"]
+        metrics.update(_summary("val", last_val))
     return metrics
 
 

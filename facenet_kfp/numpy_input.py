@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
+from facenet_kfp.codec import UnusableImage
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.labels import LABELS_JSON, load_labels
 from facenet_kfp.shards import MANIFEST, ShardReader, iter_manifest
@@ -297,8 +297,8 @@ def _preprocess_into(out: np.ndarray, images: list[bytes], names: list[str], ima
         try:
             out[i] = preprocess_array(data, image_size, crop_fraction,
                                       None if augmentation is None else augmentation[i])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{names[i]}: cannot decode the image ({exc}); re-run extract on its "
+        except UnusableImage as exc:
+            raise InputError(f"{names[i]}: cannot decode the image ({exc.reason}); re-run extract on its "
                              f"source") from exc
 
 

@@ -99,11 +99,13 @@ def png_data_uri(data: bytes) -> str:
 
 
 def thumbnail_data_uri(image: bytes, size: int = THUMBNAIL_SIZE) -> str:
-    """An encoded image shrunk to fit `size` x `size`, as a base64 JPEG URI (photos: ~4 KB each)."""
-    from PIL import Image
+    """An encoded image shrunk to fit `size` x `size`, as a base64 JPEG URI (photos: ~4 KB each).
 
-    with Image.open(io.BytesIO(image)) as img:
-        img = img.convert("RGB")
+    The pixels are the model's (`codec.decode_rgb`); UnusableImage for a file the codec refuses.
+    """
+    from facenet_kfp.codec import decode_rgb
+
+    with decode_rgb(image) as img:
         img.thumbnail((size, size))
         buffer = io.BytesIO()
         img.save(buffer, format="JPEG", quality=85)

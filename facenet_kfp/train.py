@@ -28,7 +28,7 @@ import numpy as np
 
 from facenet_kfp.checkpoints import (  # noqa: F401  (re-exported: the trainer's API)
     CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINTS_KEPT, HISTORY_JSON, PROVENANCE_JSON, RESUMABLE_CHANGES,
-    TF_CHECKPOINT_NAME, TRAIN_LOCK, TRAINING_MODULES, _checkpoint_errors, _remove_stale_temps_in, _restore,
+    TF_CHECKPOINT_NAME, TRAIN_LOCK, _checkpoint_errors, _remove_stale_temps_in, _restore,
     checkpoint_arrays, checkpoint_provenance, checkpoint_steps, code_fingerprint, default_checkpoint_dir,
     load_checkpoint, provenance_differences, restore_latest, save_checkpoint, training_lock)
 from facenet_kfp.config import TrainConfig, to_dict

@@ -2,8 +2,9 @@
 
 One trainer for two Keras backends, chosen by KERAS_BACKEND before Keras is
 imported: Keras's `fit` runs `EmbeddingTrainer` (a small keras.Model around
-the embedding model whose `compute_loss` is the triplet loss and whose
-`compute_metrics` are the batch statistics), and one callback
+the embedding model and the training objective, `objectives.Objective`, whose
+`compute_loss` is the objective's loss and whose `compute_metrics` are its
+batch statistics), and one callback
 (`TrainingProgress`) checks, logs, validates and checkpoints.
 
 - tensorflow: batches from tf.data (`data.make_train_dataset`); several GPUs
@@ -32,8 +33,10 @@ from typing import Any
 
 import keras
 
+from facenet_kfp import objectives
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import InputError
+from facenet_kfp.objectives import Objective
 
 
 def backend() -> str:
@@ -98,27 +101,24 @@ def make_schedule(config: TrainConfig):
 
 # ----------------------------------------------------------------------------- loss and statistics
 
-def batch_loss(config: TrainConfig, labels, embeddings) -> dict[str, Any]:
+def batch_loss(config: TrainConfig, labels, embeddings, head_output=None, objective: Objective | None = None
+               ) -> dict[str, Any]:
     """Loss and statistics of one batch, as float32 scalars.
 
-    {"loss", "fraction_positive_triplets", "mean_positive_distance",
-    "mean_negative_distance"} in the configured distance, plus
-    "mean_pairwise_l2" / "max_pairwise_l2" (plain L2 over distinct rows) for
-    the collapse check.
+    The objective's (`objective`, default the one config.loss names) statistics,
+    "loss" first (the triplet objectives': "loss", "fraction_positive_triplets",
+    "mean_positive_distance", "mean_negative_distance" in the configured
+    distance), plus "mean_pairwise_l2" / "max_pairwise_l2" (plain L2 over
+    distinct rows) for the collapse check. `head_output` is the output of the
+    objective's head on `embeddings` (None for an objective without a head).
     """
     from keras import ops
 
     from facenet_kfp import losses
 
+    objective = objective or objectives.for_config(config)
     embeddings = ops.cast(embeddings, "float32")
-    if config.loss == "batch_all":
-        loss, _ = losses.batch_all_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
-    elif config.loss == "batch_hard":
-        loss = losses.batch_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
-    else:
-        loss = losses.semi_hard_triplet_loss(labels, embeddings, config.margin, squared=config.squared)
-    out = {"loss": loss}
-    out.update(losses.triplet_statistics(labels, embeddings, config.margin, config.squared))
+    out = dict(objective.function(labels, embeddings, config, head_output))
     plain = losses.pairwise_distances(embeddings, squared=False)
     n = ops.cast(ops.shape(embeddings)[0], "float32")
     out["mean_pairwise_l2"] = ops.sum(plain) / ops.maximum(n * (n - 1.0), 1.0)
@@ -179,22 +179,43 @@ class Placement:
 # ----------------------------------------------------------------------------- the Keras model that trains
 
 class EmbeddingTrainer(keras.Model):
-    """`fit`-able wrapper of an embedding model: loss and statistics of each P x K batch.
+    """`fit`-able wrapper of an embedding model: the objective's loss and statistics of each batch.
 
-    `statistics(labels, embeddings)` returns a dict of float32 scalars with
-    "loss" (`batch_loss`). `compute_loss` is that loss divided by `replicas`
-    (Keras does not scale a scalar loss it did not compute itself, and the
-    replicas' gradients are summed); `compute_metrics` returns the statistics
-    of the step (averaged over replicas by `fit`), so each step's callback
-    logs hold that step's values, not running means.
+    Holds the embedding model, the training objective (`objectives.Objective`,
+    default the one config.loss names) and the objective's head, if it has
+    one, as a tracked layer: its weights train with the embedding model's and
+    are among the trainer's weights a checkpoint saves. The forward pass gives
+    the embeddings, or (embeddings, the head's output on them) with a head:
+    under JAX `fit` holds the weights outside the variables, so the head runs
+    there, not in the loss. `statistics(labels, y_pred)` returns a dict of
+    float32 scalars with "loss" (`batch_loss`).
+    `compute_loss` is that loss divided by `replicas` (Keras does not scale a
+    scalar loss it did not compute itself, and the replicas' gradients are
+    summed); `compute_metrics` returns the statistics of the step (averaged
+    over replicas by `fit`), so each step's callback logs hold that step's
+    values, not running means.
     """
 
-    def __init__(self, embedding: keras.Model, statistics, replicas: int = 1, **kwargs):
+    def __init__(self, embedding: keras.Model, config: TrainConfig, objective: Objective | None = None,
+                 replicas: int = 1, head: keras.layers.Layer | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.embedding, self.statistics, self.replicas = embedding, statistics, int(replicas)
+        self.embedding, self.config, self.replicas = embedding, config, int(replicas)
+        self.objective = objective or objectives.for_config(config)
+        if head is None and self.objective.head is not None:
+            head = self.objective.build_head(config)
+        self.head = head
+        if head is not None and not head.built:
+            head.build((None, int(embedding.output_shape[-1])))
+
+    def statistics(self, labels, y_pred) -> dict[str, Any]:
+        embeddings, head_output = y_pred if self.head is not None else (y_pred, None)
+        return batch_loss(self.config, labels, embeddings, head_output, self.objective)
 
     def call(self, inputs, training=False):
-        return self.embedding(inputs, training=training)
+        embeddings = self.embedding(inputs, training=training)
+        if self.head is None:
+            return embeddings
+        return embeddings, self.head(embeddings, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return self.statistics(y, y_pred)["loss"] / float(self.replicas)
@@ -203,8 +224,10 @@ class EmbeddingTrainer(keras.Model):
         return self.statistics(y, y_pred)
 
 
-def build_trainer(config: TrainConfig, policy: str, placement: Placement) -> EmbeddingTrainer:
-    """The embedding model (seeded by config.seed, in `policy`) in an EmbeddingTrainer, compiled and built."""
+def build_trainer(config: TrainConfig, policy: str, placement: Placement,
+                  objective: Objective | None = None) -> EmbeddingTrainer:
+    """The embedding model (seeded by config.seed, in `policy`) and the objective's head, if any, in an
+    EmbeddingTrainer, compiled and built. `objective` defaults to the one config.loss names."""
     from facenet_kfp import model as model_mod
 
     previous_policy = keras.mixed_precision.global_policy()
@@ -214,7 +237,7 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement) -> Emb
         with placement.scope():
             embedding = model_mod.build_embedding_model((config.image_size, config.image_size, 3),
                                                         config.embedding_dim, config.architecture)
-            trainer = EmbeddingTrainer(embedding, lambda y, e: batch_loss(config, y, e), placement.replicas)
+            trainer = EmbeddingTrainer(embedding, config, objective, placement.replicas)
             optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
             if policy == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -223,4 +246,3 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement) -> Emb
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return trainer
-

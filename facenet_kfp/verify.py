@@ -12,7 +12,6 @@ import csv
 import logging
 import math
 import os
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,16 +20,15 @@ import numpy as np
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.evaluate import (DISTANCE_LABELS, DISTANCE_NAMES, DISTANCES, MODEL_JSON, THRESHOLD_JSON,
-                                  distance_name, model_distance_squared, pair_distances)
+                                  model_distance, pair_distances)
 from facenet_kfp.fsutil import atomic_file, file_sha256, local_path, read_json
+from facenet_kfp.objectives import MAX_DISTANCE   # a threshold lies in [0, this]
 from facenet_kfp.progress import Progress
 
 log = logging.getLogger(__name__)
 DISTANCE_NAMES_OF_MODELS = tuple(DISTANCE_NAMES.values())   # a model's own distance: squared_l2 or l2
 
 EMBEDDING_FORMATS = (".npz", ".csv", ".tsv")
-# The largest distance between unit vectors, per distance: a threshold lies in [0, this].
-MAX_DISTANCE = {"squared_l2": 4.0, "l2": 2.0, "cosine": 2.0}
 # Where a local pipeline run keeps the model and the threshold (task folder, output name).
 RUN_MODEL = ("train-model", "model")
 RUN_THRESHOLDS = (("evaluate-model", "threshold"), ("evaluate-on-archive", "threshold"))
@@ -39,34 +37,28 @@ RUN_THRESHOLDS = (("evaluate-model", "threshold"), ("evaluate-on-archive", "thre
 def read_image_file(path: str | os.PathLike) -> bytes:
     """The bytes of an image file as the model's decoder reads them; InputError naming the file otherwise.
 
-    The same check as the extract step (`extract.check_image`): the file is
-    fully decoded with Pillow, and a format TensorFlow's decoder cannot read
-    as it is (a 1-bit BMP, a CMYK JPEG, TIFF, WebP) comes back as lossless PNG.
-    The size limits are extract's and training's (`image_limits.size_problem`):
-    an image over ``MAX_IMAGE_PIXELS`` is refused before its pixels are decoded
-    (a small file can declare a huge image, a decompression bomb), and so is
-    one with a side under ``MIN_IMAGE_SIDE``.
+    The extract step's rule (`codec.open_image`): the file is fully decoded
+    with Pillow, and a format TensorFlow's decoder cannot read as it is (a
+    1-bit BMP, a CMYK JPEG, TIFF, WebP) comes back as lossless PNG
+    (`codec.reencoded`). An image over ``MAX_IMAGE_PIXELS`` is refused before
+    its pixels are decoded (a small file can declare a huge image, a
+    decompression bomb), and so is one with a side under ``MIN_IMAGE_SIDE``.
     """
-    from PIL import Image
-
-    from facenet_kfp.extract import check_image
-    from facenet_kfp.image_limits import TOO_LARGE, TOO_SMALL
+    from facenet_kfp.codec import TOO_LARGE, TOO_SMALL, UnusableImage, open_image, reencoded
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     data = path.read_bytes()
-    with warnings.catch_warnings():
-        # Pillow warns on opening an image over its own limit; check_image refuses it anyway.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        check = check_image(data)
-    if check.reason.startswith(TOO_LARGE):
-        raise InputError(f"{path}: image too large to decode safely ({check.reason})")
-    if check.reason.startswith(TOO_SMALL):
-        raise InputError(f"{path}: image too small to use ({check.reason})")
-    if check.reason:
-        raise InputError(f"{path}: not a readable image ({check.reason})")
-    return check.encoded or data
+    try:
+        with open_image(data) as image:
+            return reencoded(image) or data
+    except UnusableImage as exc:
+        if exc.reason.startswith(TOO_LARGE):
+            raise InputError(f"{path}: image too large to decode safely ({exc.reason})") from None
+        if exc.reason.startswith(TOO_SMALL):
+            raise InputError(f"{path}: image too small to use ({exc.reason})") from None
+        raise InputError(f"{path}: not a readable image ({exc.reason})") from exc
 
 
 def check_image_path(path: str | os.PathLike) -> None:
@@ -91,13 +83,13 @@ def _check_model_dir(model_dir: str | os.PathLike) -> Path:
     return model_dir
 
 
-def _load_model(model_dir: str | os.PathLike) -> tuple[Any, dict[str, Any], bool]:
-    """(Keras model, model.json metadata, squared distances?) after checking model.json is there."""
+def _load_model(model_dir: str | os.PathLike) -> tuple[Any, dict[str, Any], str]:
+    """(Keras model, model.json metadata, the model's own distance name) after checking model.json is there."""
     model_dir = _check_model_dir(model_dir)
     from facenet_kfp import export
 
     model, metadata = export.load_model_artifact(model_dir)
-    return model, metadata, model_distance_squared(metadata, model_dir)
+    return model, metadata, model_distance(metadata, model_dir)
 
 
 def find_threshold_file(model_dir: str | os.PathLike, threshold_file: str | os.PathLike | None = None
@@ -151,7 +143,7 @@ def check_threshold_for_model(info: dict[str, Any], path: str | os.PathLike, mod
     """InputError, naming both, unless threshold.json `info` (at `path`) was evaluated for this model.
 
     Compared with model.json `metadata`: the embedding size, the model's own
-    distance (squared or plain L2; threshold.json's ``model_distance``), the
+    distance (model.json's ``distance.name``; threshold.json's ``model_distance``), the
     preprocessing and the model file's sha256 (``model_sha256``), as far as
     threshold.json records them. A file that names no model (no
     ``embedding_dim``) cannot be checked and is refused. Without
@@ -169,14 +161,14 @@ def check_threshold_for_model(info: dict[str, Any], path: str | os.PathLike, mod
     if info["embedding_dim"] != metadata.get("embedding_dim"):
         raise InputError(f"{path} was evaluated for {owner} with {info['embedding_dim']}-D embeddings, but "
                          f"{model_dir} gives {metadata.get('embedding_dim')}-D embeddings ({json_path}); {fix}")
-    own = distance_name(model_distance_squared(metadata, model_dir))
+    own = model_distance(metadata, model_dir)
     recorded = info.get("model_distance")
     if recorded is None and info["distance"] in DISTANCE_NAMES_OF_MODELS and info["distance"] != own:
         recorded = info["distance"]
     if recorded is not None and recorded != own:
         raise InputError(f"{path} was evaluated for {owner} trained with {DISTANCE_LABELS.get(recorded, recorded)} "
                          f"distances ({recorded}), but {model_dir} was trained with {DISTANCE_LABELS[own]} "
-                         f"distances ({json_path}: distance.squared {str(own == 'squared_l2').lower()}); {fix}")
+                         f"distances ({json_path}: distance.name {own}); {fix}")
     if "preprocessing" in info and info["preprocessing"] != metadata.get("preprocessing"):
         raise InputError(f"{path} was evaluated for {owner} with preprocessing {info['preprocessing']}, but "
                          f"{json_path} says {metadata.get('preprocessing')}; {fix}")
@@ -194,7 +186,8 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     """Are two face images the same person? Distance between their embeddings against a threshold.
 
     The threshold is, in order: `threshold` (in the model's own distance,
-    model.json: squared L2 ``‖a − b‖²`` or plain L2 ``‖a − b‖``), the file
+    model.json's ``distance.name``: squared L2 ``‖a − b‖²``, plain L2 ``‖a − b‖``
+    or cosine), the file
     `threshold_file`, ``<model_dir>/threshold.json``, or ``threshold.json`` next
     to the model folder; a file's threshold comes with the distance evaluate used
     (squared_l2, l2 or cosine), and that distance is computed. Same person when
@@ -215,7 +208,7 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     data_a, data_b = read_image_file(image_a), read_image_file(image_b)
     model_dir = _check_model_dir(model_dir)
     metadata = read_json(model_dir / MODEL_JSON)
-    name = distance_name(model_distance_squared(metadata, model_dir))
+    name = model_distance(metadata, model_dir)
     source_path = None if threshold is not None else find_threshold_file(model_dir, threshold_file)
     if threshold is None and source_path is None:
         raise InputError(f"no threshold: neither {model_dir / THRESHOLD_JSON} nor "

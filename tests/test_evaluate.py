@@ -159,10 +159,12 @@ def fresh_data(tmp_path):
     return build_data(tmp_path)
 
 
-def write_model_dir(path, squared=True, inputs=None, unit=True):
-    """model.json (with `inputs`, the fingerprints train records, when given) and history.json."""
+def write_model_dir(path, squared=True, inputs=None, unit=True, earlier=False):
+    """model.json (with `inputs`, the fingerprints train records, when given) and history.json. The
+    distance by name ("squared_l2" or "l2"), or, `earlier`, as earlier versions wrote it (distance.squared)."""
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"distance": {"squared": squared, "margin": 0.2}, "fake_unit": unit, "file": "model.keras",
+    distance = {"squared": squared} if earlier else {"name": "squared_l2" if squared else "l2"}
+    meta = {"distance": {**distance, "margin": 0.2}, "fake_unit": unit, "file": "model.keras",
             "preprocessing": {"image_size": IMAGE_SIZE, "crop_fraction": CROP, "version": "centre-crop-v1"}}
     if inputs is not None:
         meta["inputs"] = inputs
@@ -327,19 +329,22 @@ def evaluated(data, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- figures against loops
 
-@pytest.mark.parametrize("setting, squared, used", [
-    ("model", True, "squared_l2"), ("model", False, "l2"), ("cosine", True, "cosine"),
-    ("l2", True, "l2"), ("squared_l2", False, "squared_l2")])
-def test_metrics_match_a_loop_reference(data, evaluated, fake_model, tmp_path, setting, squared, used):
-    if (setting, squared) == ("model", True):
+@pytest.mark.parametrize("setting, squared, used, earlier", [
+    ("model", True, "squared_l2", False), ("model", False, "l2", False), ("cosine", True, "cosine", False),
+    ("l2", True, "l2", False), ("squared_l2", False, "squared_l2", False),
+    # model.json files of earlier versions: a boolean distance.squared instead of distance.name.
+    ("model", True, "squared_l2", True), ("model", False, "l2", True), ("cosine", False, "cosine", True)])
+def test_metrics_match_a_loop_reference(data, evaluated, fake_model, tmp_path, setting, squared, used, earlier):
+    if (setting, squared, earlier) == ("model", True, False):
         result, out = evaluated["result"], evaluated["out"]
     else:
         config = dataclasses.replace(CONFIG, distance=setting)
-        result, out = run(data, write_model_dir(tmp_path / "model", squared), config=config)
+        result, out = run(data, write_model_dir(tmp_path / "model", squared, earlier=earlier), config=config)
     m = result["metrics"]
     assert m["distance"] == used
     info = json.loads((out / "threshold.json").read_text())
     assert info["distance"] == used and info["distance_definition"] == ev.DISTANCE_DEFINITIONS[used]
+    assert info["model_distance"] == ("squared_l2" if squared else "l2")
     assert f"({ev.DISTANCE_LABELS[used]})" in (out / "report.html").read_text()
     seed_t = {"squared_l2": 1.242 ** 2, "l2": 1.242, "cosine": 1.242 ** 2 / 2}[used]
     assert m["seed_threshold"] == pytest.approx(seed_t)
@@ -626,6 +631,16 @@ def test_distance_settings_and_seed_threshold_conversion():
     assert [ev.resolve_distance(s, True) for s in ev.DISTANCE_SETTINGS] == ["squared_l2", "squared_l2", "l2",
                                                                           "cosine"]
     assert ev.resolve_distance("model", False) == "l2"
+    assert [ev.resolve_distance("model", own) for own in ev.DISTANCES] == list(ev.DISTANCES)
+
+
+def test_the_models_own_distance_by_name_or_by_the_earlier_flag(tmp_path):
+    for distance, name in (({"name": "cosine"}, "cosine"), ({"name": "l2"}, "l2"), ({"squared": True}, "squared_l2"),
+                           ({"squared": False}, "l2"), ({"name": "l2", "squared": True}, "l2")):
+        assert ev.model_distance({"distance": {**distance, "margin": 0.2}}, tmp_path) == name, distance
+    for bad in ({"name": "l1"}, {"squared": "yes"}, "l2"):
+        with pytest.raises(InputError, match=rf"{tmp_path.name}/model.json: expected 'distance.name'"):
+            ev.model_distance({"distance": bad}, tmp_path)
     # On unit vectors a plain L2 distance t is squared L2 t^2 and cosine t^2 / 2: the same pairs below it.
     rng = np.random.default_rng(1)
     e = rng.normal(size=(40, 8))
@@ -749,7 +764,8 @@ def test_input_errors_name_the_file(fresh_data, fake_model, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.json").write_text(json.dumps({"distance": {}}))
-    with pytest.raises(InputError, match=r"distance\.squared"):
+    with pytest.raises(InputError, match=r"broken/model.json: expected 'distance\.name', one of squared_l2, l2, "
+                                         r"cosine \(the distance the model was trained with\), got \{\}"):
         run(data, broken)
 
     (data["splits"] / "val.txt").write_text("Eve_Val\t1\n")      # no same-person pair possible

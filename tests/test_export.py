@@ -124,7 +124,8 @@ def test_model_json_history_and_curves(saved):
     assert info["embedding_dim"] == 16 and info["trained_steps"] == 30 and info["note"] == "test"
     assert info["start_step"] == 0                                     # trained from scratch
     assert info["loss"] == "batch_all" and info["margin"] == 0.5
-    assert info["distance"]["squared"] is False and info["distance"]["definition"].startswith("plain L2")
+    assert info["distance"] == {"name": "l2", "definition": export.DISTANCE_DEFINITIONS["l2"], "margin": 0.5}
+    assert info["distance"]["definition"].startswith("plain L2")
     assert info["preprocessing"] == {"version": "centre-crop-v1", "image_size": 32, "crop_fraction": 0.7,
                                      "scale": "[-1,1]"}
     assert info["backend"] == "tensorflow" and info["keras_version"] and info["created"].endswith("+00:00")
@@ -246,8 +247,10 @@ def test_load_errors_name_the_file(saved, tmp_path):
         export.load_model_artifact(edit("version", lambda i: i["preprocessing"].update(version="other-v9")))
     with pytest.raises(InputError, match="16-D embeddings but model.json says 32"):
         export.load_model_artifact(edit("dim", lambda i: i.update(embedding_dim=32)))
-    with pytest.raises(InputError, match="distance.squared must be a boolean"):
+    with pytest.raises(InputError, match=r"distance.name must be one of squared_l2, l2, cosine, got \{\}"):
         export.load_model_artifact(edit("distance", lambda i: i.update(distance={})))
+    with pytest.raises(InputError, match=r"distance.name must be one of squared_l2, l2, cosine, got \{'name': 'l1'"):
+        export.load_model_artifact(edit("l1", lambda i: i["distance"].update(name="l1")))
     with pytest.raises(InputError, match="missing key 'preprocessing'"):
         export.load_model_artifact(edit("nopre", lambda i: i.pop("preprocessing")))
 
@@ -283,6 +286,29 @@ def test_a_model_file_with_a_corrupted_member_is_named_damaged(saved, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=rf"^{path}: the model file is damaged"):
         export.load_model_artifact(target)
+
+
+def test_a_model_json_of_an_earlier_version_with_distance_squared_still_loads(saved, tmp_path):
+    _, folder = saved
+    for squared, name in ((True, "squared_l2"), (False, "l2")):
+        target = tmp_path / name
+        shutil.copytree(folder, target)
+        info = json.loads((target / "model.json").read_text())
+        info["distance"] = {"squared": squared, "definition": "...", "margin": 0.5}     # as written before
+        (target / "model.json").write_text(json.dumps(info))
+        assert export.distance_of(export.load_model_artifact(target)[1]) == name
+
+
+def test_the_distance_is_the_objectives_by_name():
+    for squared, name in ((True, "squared_l2"), (False, "l2")):
+        for loss in ("batch_all", "batch_hard", "semi_hard"):
+            metadata = export.artifact_metadata(TrainConfig(loss=loss, squared=squared, margin=0.3), 1)
+            assert metadata["distance"] == {"name": name, "definition": export.DISTANCE_DEFINITIONS[name],
+                                            "margin": 0.3}
+            assert export.distance_of(metadata) == name
+    assert export.distance_of({"distance": {"name": "cosine"}}) == "cosine"
+    assert export.distance_of({"distance": {"name": "l1"}}) is None
+    assert export.distance_of({"distance": {"squared": "yes"}}) is None and export.distance_of({}) is None
 
 
 def test_save_is_checked_and_atomic(saved, tmp_path):

@@ -24,13 +24,12 @@ from PIL import Image, ImageFile
 
 from facenet_kfp import extract
 from facenet_kfp.augment import sample_params
+from facenet_kfp.codec import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, decode_rgb, size_problem
 from facenet_kfp.complete import generate_image
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.extract import (DATASET_JSON, MIN_EXPANSION_BYTES, ImageCheck, check_image,
                                  extract_dataset)
 from facenet_kfp.fsutil import STEP_MARKER
-from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, size_problem
-from facenet_kfp.codec import decode_rgb
 from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest, shard_files
 from facenet_kfp.verify import read_image_file
 

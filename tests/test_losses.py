@@ -1,4 +1,4 @@
-"""Triplet losses checked against slow NumPy triple loops, plus edge cases, dtypes and serialization."""
+"""Triplet losses checked against slow NumPy triple loops, plus edge cases, dtypes and the objectives' loss code."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from facenet_kfp import config
+from facenet_kfp import config, objectives
+from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.losses import (
-    MINING,
-    TripletLoss,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     pairwise_distances,
@@ -289,70 +288,24 @@ def test_bad_shapes_raise_input_error():
         batch_all_triplet_loss(labels[:5], emb, 0.2)
 
 
-# ---------------------------------------------------------------- the Keras Loss wrapper
+# ---------------------------------------------------------------- the objectives' loss code
 
-def test_mining_names_match_the_config_choices():
-    assert set(MINING) == set(config.LOSSES)
+REFERENCES = {"batch_all": lambda *a: ref_batch_all(*a)[0], "batch_hard": ref_batch_hard, "semi_hard": ref_semi_hard}
 
 
-@pytest.mark.parametrize("mining", MINING)
-def test_triplet_loss_calls_the_mining_function(mining):
+def test_every_triplet_objective_has_a_reference():
+    assert set(REFERENCES) == set(objectives.NAMES) == set(config.LOSSES)
+
+
+@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("squared", [True, False])
+def test_objective_function_is_its_loss_and_statistics(name, squared):
+    """What the table names for train.loss: the mining function's loss and `triplet_statistics`, in the
+    configured distance, each against the slow reference."""
     labels, emb = random_batch(4, 16, normalise=True)
-    loss = TripletLoss(margin=0.3, mining=mining, squared=False)
-    want = {"batch_all": ref_batch_all(labels, emb, 0.3, False)[0],
-            "batch_hard": ref_batch_hard(labels, emb, 0.3, False),
-            "semi_hard": ref_semi_hard(labels, emb, 0.3, False)}[mining]
-    assert value(loss(labels, emb)) == pytest.approx(want, rel=1e-4)
-
-
-@pytest.mark.parametrize("mining", MINING)
-def test_triplet_loss_config_round_trip(mining):
-    loss = TripletLoss(margin=0.35, mining=mining, squared=False, name=f"tl_{mining}")
-    again = keras.losses.deserialize(keras.losses.serialize(loss))
-    assert isinstance(again, TripletLoss)
-    assert (again.margin, again.mining, again.squared, again.name) == (0.35, mining, False, f"tl_{mining}")
-    same = TripletLoss.from_config(loss.get_config())
-    assert same.get_config() == loss.get_config()
-    labels, emb = random_batch(6, 12, normalise=True)
-    assert value(again(labels, emb)) == pytest.approx(value(loss(labels, emb)))
-
-
-@pytest.mark.parametrize("kwargs,match", [({"mining": "hardest"}, "hardest"), ({"margin": -0.1}, "-0.1"),
-                                          ({"margin": "0.2"}, "0.2")])
-def test_triplet_loss_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(InputError, match=match):
-        TripletLoss(**kwargs)
-
-
-def test_triplet_loss_trains_a_keras_model():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.UnitNormalization()])
-    loss = TripletLoss(margin=0.5, mining="batch_all")
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 4)
-    x = rng.normal(size=(16, 6)).astype(np.float32) + labels[:, None]
-    before = value(loss(labels, model(x)))
-    for _ in range(20):
-        model.train_on_batch(x, labels)
-    after = value(loss(labels, model(x)))
-    assert np.isfinite(after) and after < before
-
-
-def test_losses_trace_with_an_unknown_batch_size():
-    # model.fit on a tf.data pipeline traces the loss with batch dimension None.
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 8], tf.float32)])
-    def traced(labels, emb):
-        loss_all, fraction = batch_all_triplet_loss(labels, emb, 0.2, squared=True)
-        stats = triplet_statistics(labels, emb, 0.2, True)
-        return (loss_all, fraction, batch_hard_triplet_loss(labels, emb, 0.2, squared=True),
-                semi_hard_triplet_loss(labels, emb, 0.2, squared=True), stats["mean_negative_distance"])
-
-    for seed, batch_size in ((0, 9), (1, 24)):
-        labels, emb = random_batch(seed, batch_size, normalise=True)
-        got = [float(v) for v in traced(tf.constant(labels, tf.int64), tf.constant(emb))]
-        want_all, want_fraction = ref_batch_all(labels, emb, 0.2, True)
-        want = [want_all, want_fraction, ref_batch_hard(labels, emb, 0.2, True),
-                ref_semi_hard(labels, emb, 0.2, True),
-                ref_statistics(labels, emb, 0.2, True)["mean_negative_distance"]]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    settings = TrainConfig(loss=name, margin=0.3, squared=squared)
+    out = objectives.get(name).function(labels, emb, settings, None)
+    assert list(out) == list(objectives.get(name).statistics)
+    assert value(out["loss"]) == pytest.approx(REFERENCES[name](labels, emb, 0.3, squared), rel=1e-4, abs=1e-6)
+    for key, want in ref_statistics(labels, emb, 0.3, squared).items():
+        assert value(out[key]) == pytest.approx(want, rel=1e-4, abs=1e-6), key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,71 @@ def test_check_recorded(run_a, run_b):
         pv.check_recorded({**fingerprints, "splits": other["splits"]}, fingerprints, "model.json", "trained")
     with pytest.raises(InputError, match=r"model.json: expected a JSON object"):
         pv.check_recorded(["x"], fingerprints, "model.json", "trained")
+
+
+# ----------------------------------------------------------------------------- the training code's fingerprint
+
+def package_copy(tmp_path):
+    """A copy of the facenet_kfp package's source (the fingerprint reads files, it imports nothing)."""
+    from facenet_kfp import checkpoints
+
+    source = Path(checkpoints.__file__).resolve().parent
+    copy = tmp_path / "facenet_kfp"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def test_the_fingerprint_covers_what_training_imports(tmp_path):
+    from facenet_kfp import checkpoints
+
+    modules = checkpoints.training_modules()
+    assert modules == sorted(modules)
+    # The entry points, what they import at module level and inside functions, and what those import.
+    assert {"facenet_kfp", "facenet_kfp.train", "facenet_kfp.trainer", "facenet_kfp.checkpoints",
+            "facenet_kfp.monitor", "facenet_kfp.objectives", "facenet_kfp.losses", "facenet_kfp.model",
+            "facenet_kfp.export", "facenet_kfp.numpy_input", "facenet_kfp.tf_input",
+            "facenet_kfp.preprocess"} <= set(modules)
+    # Steps training never imports.
+    assert not {"facenet_kfp.evaluate", "facenet_kfp.report", "facenet_kfp.synth", "facenet_kfp.cli"} & set(modules)
+    code = checkpoints.code_fingerprint()
+    assert code["modules"] == modules and code == checkpoints.code_fingerprint(package_copy(tmp_path))
+
+
+def test_editing_any_covered_module_changes_the_fingerprint(tmp_path):
+    from facenet_kfp import checkpoints
+
+    copy = package_copy(tmp_path)
+    first = checkpoints.code_fingerprint(copy)
+    for name in first["modules"]:
+        path = copy.joinpath(*name.split(".")[1:]).with_suffix(".py") if name != "facenet_kfp" else None
+        if path is None or not path.is_file():
+            path = copy.joinpath(*name.split(".")[1:], "__init__.py")
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        assert checkpoints.code_fingerprint(copy)["sha256"] != first["sha256"], name
+        path.write_bytes(original)
+    assert checkpoints.code_fingerprint(copy) == first
+    (copy / "report.py").write_text("# not a training module\n")
+    assert checkpoints.code_fingerprint(copy) == first
+
+
+def test_a_module_imported_only_inside_a_function_is_covered(tmp_path):
+    """A new module that a training module imports lazily, and the modules that one imports in turn,
+    relative imports and a whole subpackage included."""
+    from facenet_kfp import checkpoints
+
+    copy = package_copy(tmp_path)
+    assert "facenet_kfp.lazy_helper" not in checkpoints.training_modules(copy)
+    (copy / "lazy_helper.py").write_text("def f():\n    from .lazy_deeper import g\n    return g()\n")
+    (copy / "lazy_deeper.py").write_text("import facenet_kfp.extract.boxes\n\ndef g():\n    return 1\n")
+    trainer = copy / "trainer.py"
+    trainer.write_text(trainer.read_text() + "\n\ndef _uses_the_helper():\n"
+                       "    from facenet_kfp import lazy_helper\n    return lazy_helper.f()\n")
+    modules = checkpoints.training_modules(copy)
+    assert {"facenet_kfp.lazy_helper", "facenet_kfp.lazy_deeper"} <= set(modules)
+    subpackage = sorted("facenet_kfp.extract" + ("" if p.name == "__init__.py" else f".{p.stem}")
+                        for p in (copy / "extract").glob("*.py"))
+    assert set(subpackage) <= set(modules) and len(subpackage) > 2
+    before = checkpoints.code_fingerprint(copy)["sha256"]
+    (copy / "extract" / "layout.py").write_text((copy / "extract" / "layout.py").read_text() + "\n# edited\n")
+    assert checkpoints.code_fingerprint(copy)["sha256"] != before

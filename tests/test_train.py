@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facenet_kfp import fsutil, provenance, tensorboard_log
+from facenet_kfp import fsutil, objectives, provenance, tensorboard_log
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import write_json
@@ -154,7 +154,8 @@ def test_short_run_lowers_loss_and_writes_artifact(trained, tiny):
     info = json.loads((trained["model"] / "model.json").read_text())
     assert info["architecture"] == "small_cnn" and info["input_shape"] == [32, 32, 3]
     assert info["embedding_dim"] == 16 and info["trained_steps"] == 30
-    assert info["distance"]["squared"] is True and info["loss"] == "batch_hard" and info["margin"] == 0.5
+    assert info["distance"]["name"] == "squared_l2" and "squared" not in info["distance"]
+    assert info["loss"] == "batch_hard" and info["margin"] == 0.5 and info["distance"]["margin"] == 0.5
     assert info["preprocessing"] == {"version": "centre-crop-v1", "image_size": 32, "crop_fraction": 0.8,
                                      "scale": "[-1,1]"}
     assert (trained["model"] / "model.keras").is_file() and (trained["model"] / "curves.png").is_file()
@@ -169,12 +170,16 @@ def test_short_run_lowers_loss_and_writes_artifact(trained, tiny):
     with np.load(trained["ckpt"] / "ckpt-30.npz") as saved:
         assert int(saved["step"]) == 30
         names = json.loads(str(saved["names"]))
-        assert len(names["model"]) == len([k for k in saved.files if k.startswith("model/")])
+        assert names["format"] == "facenet-kfp-checkpoint/3" and names["head"] == []     # triplets: no head
+        for kind in ("model", "head", "optimizer"):
+            assert len(names[kind]) == len([k for k in saved.files if k.startswith(f"{kind}/")]), kind
         assert any(n.endswith("iteration") or "iterations" in n for n in names["optimizer"]), names["optimizer"]
     assert json.loads((trained["ckpt"] / "history.json").read_text())["step"] == 30
     made = json.loads((trained["ckpt"] / "provenance.json").read_text())
     assert made["run"] == str(trained["model"]) and made["inputs"] == info["inputs"]
     assert made["train"]["embedding_dim"] == 16 and made["code"] == train_mod.code_fingerprint()
+    assert made["format"] == "facenet-kfp-checkpoint/3"
+    assert {"facenet_kfp.train", "facenet_kfp.trainer", "facenet_kfp.losses"} <= set(made["code"]["modules"])
 
     # TensorBoard scalars.
     tags = set()
@@ -281,6 +286,124 @@ def test_checkpoint_folder_of_the_tensorflow_format_is_refused(tiny, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+# ----------------------------------------------------------------------------- an objective with a head
+
+def make_test_head(config):
+    """A trainable head for `HEADED`: a bias-free Dense layer of 3 outputs on the embeddings."""
+    import keras
+    return keras.layers.Dense(3, use_bias=False, name="test_head")
+
+
+def headed_loss(labels, embeddings, config, head_output):
+    """Batch-hard triplets plus a term of the head's output h, 0.1 * mean(h^2), so the head's weights train."""
+    from keras import ops
+
+    from facenet_kfp import losses
+    out = losses.batch_hard_objective(labels, embeddings, config)
+    out["loss"] = out["loss"] + 0.1 * ops.mean(ops.square(ops.cast(head_output, "float32")))
+    return out
+
+
+HEADED = objectives.Objective(name="headed", summary="test only", loss="tests.test_train:headed_loss",
+                              head="tests.test_train:make_test_head", distance=objectives.triplet_distance,
+                              loss_bound=lambda config: math.inf)
+
+
+def fit_steps(trainer, steps: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 4).astype(np.int32)
+    batches = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    return trainer.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False).history
+
+
+def test_a_head_trains_and_is_checkpointed(tmp_path, monkeypatch):
+    """An objective's head (registered here for the test only) is a tracked layer of the trainer: its
+    weights train with the embedding model's and a checkpoint saves and restores them."""
+    monkeypatch.setitem(objectives.OBJECTIVES, "headed", HEADED)
+    config = dataclasses.replace(TINY, learning_rate=1e-2)
+    trainer = train_mod.build_trainer(config, "float32", train_mod.Placement(), objective=HEADED)
+    assert trainer.objective is HEADED and trainer.head.name == "test_head"
+    head_kernel = trainer.head.kernel
+    assert any(v is head_kernel for v in trainer.trainable_variables)
+    before = np.array(head_kernel.numpy())
+    logs = fit_steps(trainer, 3)
+    assert set(logs) == set(HEADED.reported())
+    assert np.abs(head_kernel.numpy() - before).max() > 1e-4          # the head trained
+    ckpt = tmp_path / "ckpt"
+    path = train_mod.save_checkpoint(str(ckpt), trainer, 3)
+    with np.load(path) as saved:
+        names = json.loads(str(saved["names"]))
+        assert names["head"] == [head_kernel.path] and np.array_equal(saved["head/0000"], head_kernel.numpy())
+        assert len(names["model"]) == len(trainer.embedding.weights)
+        assert len(names["optimizer"]) == len(trainer.optimizer.variables)
+    state = [np.array(v.numpy()) for v in (*trainer.weights, *trainer.optimizer.variables)]
+
+    fresh = train_mod.build_trainer(dataclasses.replace(config, seed=1), "float32", train_mod.Placement(),
+                                    objective=HEADED)
+    assert not np.array_equal(fresh.head.kernel.numpy(), head_kernel.numpy())
+    assert train_mod.load_checkpoint(path, fresh) == 3
+    for want, got in zip(state, (*fresh.weights, *fresh.optimizer.variables), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+    # The restored trainer continues as the saved one does.
+    fit_steps(trainer, 2, seed=1)
+    fit_steps(fresh, 2, seed=1)
+    np.testing.assert_allclose(fresh.head.kernel.numpy(), head_kernel.numpy(), rtol=1e-5, atol=1e-6)
+    # Validation computes the objective's statistics with the head as it is.
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 4).astype(np.int32)
+    state = train_mod.RunState(config, 5, str(ckpt), tensorboard_log.TensorBoardLog([], "headed"),
+                               {"train": [], "val": []}, [(images, labels)], [images], step=5)
+    record = train_mod.validate(trainer, state)
+    embeddings = train_mod.evaluation_model(trainer, state).predict(images, verbose=0)
+    want = headed_loss(labels, embeddings, config, trainer.head(embeddings))
+    assert set(record) == {"step", *HEADED.statistics} and record["step"] == 5
+    for key in HEADED.statistics:
+        assert record[key] == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused(tmp_path):
+    trainer = train_mod.build_trainer(FAST, "float32", train_mod.Placement())
+    path = Path(train_mod.save_checkpoint(str(tmp_path / "ckpt"), trainer, 4))
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    names = json.loads(str(arrays["names"]))
+    del names["head"]
+    arrays["names"] = np.asarray(json.dumps({**names, "format": "facenet-kfp-checkpoint/2"}))
+    np.savez(path, **{k: v for k, v in arrays.items() if not k.startswith("head/")})
+    message = (rf"{re.escape(str(path))}: a checkpoint of format facenet-kfp-checkpoint/2, written by an earlier "
+               rf"version of the trainer .*cannot be resumed; delete {re.escape(str(tmp_path / 'ckpt'))} to train "
+               rf"from step 0")
+    with pytest.raises(checkpoints_mod.CheckpointFormatError, match=message):
+        train_mod.load_checkpoint(str(path), trainer)
+    with pytest.raises(InputError, match=message):        # refused, not skipped for an older checkpoint
+        train_mod.restore_latest(str(tmp_path / "ckpt"), trainer)
+
+
+def test_a_checkpoint_folder_of_an_earlier_format_is_refused(trained, tiny, tmp_path):
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    made = json.loads((ckpt / "provenance.json").read_text())
+    write_json(ckpt / "provenance.json", {**made, "format": "facenet-kfp-checkpoint/2"})
+    with pytest.raises(InputError, match=r"ckpt/provenance.json: the checkpoints in .*ckpt are of format "
+                                         r"facenet-kfp-checkpoint/2, written by an earlier version.*delete .*ckpt "
+                                         r"to train from step 0"):
+        run_train(tiny, tmp_path / "model", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_checkpoint_of_other_code_is_refused_naming_the_code_it_covered(trained, tiny, tmp_path):
+    ckpt = copy_checkpoint(trained, tmp_path / "ckpt")
+    made = json.loads((ckpt / "provenance.json").read_text())
+    write_json(ckpt / "provenance.json", {**made, "code": {**made["code"], "sha256": "0" * 64,
+                                                           "modules": made["code"]["modules"][:-1]}})
+    with pytest.raises(InputError) as caught:
+        run_train(tiny, tmp_path / "model", TINY, checkpoint_dir=str(ckpt), run_key=str(trained["model"]))
+    message = str(caught.value)
+    assert "code sha256 (of facenet_kfp, facenet_kfp.checkpoints, " in message and "000000000000… -> " in message
+    assert f"code modules: +{made['code']['modules'][-1]}" in message
+
+
 # ----------------------------------------------------------------------------- fail fast
 
 FAST = dataclasses.replace(TINY, max_steps=6, log_every=1, validate_every=0, checkpoint_every=100)
@@ -289,8 +412,8 @@ FAST = dataclasses.replace(TINY, max_steps=6, log_every=1, validate_every=0, che
 def test_nan_loss_fails_at_its_step(tiny, tmp_path, monkeypatch):
     real = train_mod.batch_loss
 
-    def poisoned(config, labels, embeddings):
-        out = dict(real(config, labels, embeddings))
+    def poisoned(config, labels, embeddings, *args):
+        out = dict(real(config, labels, embeddings, *args))
         out["loss"] = out["loss"] * float("nan")
         return out
 
@@ -333,6 +456,18 @@ MINING_POINTS = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6],
                           [0.95, 0.3, 0], [0.9, 0, 0.4], [0, 0, 1], [0.6, 0, 0.8]], np.float32)
 MINING_LABELS = np.repeat(np.arange(4), 2).astype(np.int32)
 MINING_LOSSES = ("batch_all", "batch_hard", "semi_hard")
+NOT_MINING_TARGET = np.random.default_rng(1).normal(size=(5,)).astype(np.float32)     # any point of R^5
+
+
+def not_mining_loss(labels, embeddings, config, head_output=None):
+    """The batch mean of a per-image term, sum_k (e_k - target_k)^2: an objective that does not mine."""
+    from keras import ops
+    return {"loss": ops.mean(ops.sum((embeddings - ops.convert_to_tensor(NOT_MINING_TARGET)) ** 2, axis=1))}
+
+
+NOT_MINING = objectives.Objective(
+    name="not_mining", summary="test only", loss="tests.test_train:not_mining_loss", pk_batches=False,
+    distance=objectives.triplet_distance, loss_bound=lambda config: math.inf, statistics=("loss",))
 
 
 def two_replica_probe() -> dict:
@@ -347,16 +482,15 @@ def two_replica_probe() -> dict:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from keras import ops
 
     from facenet_kfp.model import L2Normalize
 
-    def one_step(strategy, loss_fn, images, kernel, learning_rate):
+    def one_step(strategy, config, objective, images, kernel, learning_rate):
         with strategy.scope():
             model = keras.Sequential([keras.Input(images.shape[1:]), keras.layers.Flatten(),
                                       keras.layers.Dense(kernel.shape[1], use_bias=False), L2Normalize()])
             model.set_weights([kernel])
-            trainer = train_mod.EmbeddingTrainer(model, loss_fn, strategy.num_replicas_in_sync)
+            trainer = train_mod.EmbeddingTrainer(model, config, objective, strategy.num_replicas_in_sync)
             trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate), jit_compile=False)
         batch = tf.data.Dataset.from_tensors((images, MINING_LABELS)).repeat()
         logs = trainer.fit(batch, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False).history
@@ -366,19 +500,14 @@ def two_replica_probe() -> dict:
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 2, 2, 3)).astype(np.float32)
     kernel = rng.normal(size=(12, 5)).astype(np.float32)
-    target = ops.convert_to_tensor(rng.normal(size=(5,)).astype(np.float32))
 
-    def not_mining(labels, embeddings):            # the batch mean of a per-image term
-        return {"loss": ops.mean(ops.sum((embeddings - target) ** 2, axis=1))}
-
-    gradients = {name: one_step(strategy, not_mining, images, kernel, 1.0)[1].tolist()
+    gradients = {name: one_step(strategy, TINY, NOT_MINING, images, kernel, 1.0)[1].tolist()
                  for name, strategy in (("one", tf.distribute.get_strategy()), ("two", two))}
     identity = np.eye(3, dtype=np.float32)
     mined = {}
     for loss in MINING_LOSSES:
         config = dataclasses.replace(TINY, loss=loss, margin=0.5, squared=True)
-        mined[loss] = one_step(two, lambda y, e, c=config: train_mod.batch_loss(c, y, e),
-                               MINING_POINTS.reshape(8, 1, 1, 3), identity, 0.0)[0]
+        mined[loss] = one_step(two, config, None, MINING_POINTS.reshape(8, 1, 1, 3), identity, 0.0)[0]
     return {"replicas": two.num_replicas_in_sync, "gradients": gradients, "mined": mined}
 
 
@@ -554,6 +683,22 @@ def test_monitor_fails_on_a_non_finite_loss(bad):
                                            r"diverged; lower train.learning_rate"):
         monitor.update(10, {"loss": bad, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
                             "mean_negative_distance": 1.0})
+
+
+@pytest.mark.parametrize("squared,bound", [(True, 4.5), (False, 2.5)])
+def test_monitor_asks_the_objective_for_the_largest_loss(squared, bound):
+    """A triplet loss of unit vectors is at most the largest distance (4 squared, 2 plain) + margin (0.5)."""
+    config = dataclasses.replace(TINY, squared=squared)
+    monitor = train_mod.TrainingMonitor(config)
+    assert monitor.loss_bound == objectives.get("batch_hard").loss_bound(config) == bound
+    assert monitor_steps(monitor, [bound] * 3) is None
+    with pytest.raises(FacenetError, match=rf"loss is {bound + 0.01:g} at step 4, above {bound:g}, the largest "
+                                           r"train.loss=batch_hard can take .*not unit vectors"):
+        monitor.update(4, {"loss": bound + 0.01, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
+                           "mean_negative_distance": 1.0})
+    unbounded = train_mod.TrainingMonitor(config, NOT_MINING)
+    assert monitor.loss_bound < unbounded.loss_bound == math.inf
+    assert monitor_steps(unbounded, [1e6] * 3) is None
 
 
 @pytest.mark.parametrize("log_every", [1, 7, 1000])

@@ -150,6 +150,64 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(backend, inputs
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
+def make_test_head(config):
+    """The head of a test-only objective: a bias-free Dense layer of 3 outputs on the embeddings."""
+    import keras
+    return keras.layers.Dense(3, use_bias=False, name="test_head")
+
+
+def headed_loss(labels, embeddings, config, head_output):
+    """Batch-hard triplets plus 0.1 * mean(h^2) of the head's output h: the head's weights train."""
+    from keras import ops
+
+    from facenet_kfp import losses
+    out = losses.batch_hard_objective(labels, embeddings, config)
+    out["loss"] = out["loss"] + 0.1 * ops.mean(ops.square(ops.cast(head_output, "float32")))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_head_trains_checkpoints_and_resumes_exactly(backend, tmp_path):
+    """A test-only objective with a head, on either backend: the head trains (jitted on JAX), a checkpoint
+    holds it, and a trainer restored from it continues exactly as the one that saved it."""
+    result = run_on_backend(backend, """
+        import math
+        import numpy as np
+        from facenet_kfp import checkpoints, objectives
+        headed = objectives.Objective(name="headed", summary="test only", loss="tests.test_train_jax:headed_loss",
+                                      head="tests.test_train_jax:make_test_head",
+                                      distance=objectives.triplet_distance, loss_bound=lambda config: math.inf)
+        config = TrainConfig(**ARGS["config"])
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+        labels = np.repeat(np.arange(4), 4).astype(np.int32)
+        def fit(trainer, steps):
+            trainer.fit(images, labels, batch_size=16, epochs=steps, verbose=0, shuffle=False)
+            checkpoints._sync(trainer)
+        def state(trainer):
+            checkpoints._sync(trainer)
+            return [np.array(v.numpy()) for v in (*trainer.weights, *trainer.optimizer.variables)]
+        trainer = train_mod.build_trainer(config, "float32", train_mod.Placement(), objective=headed)
+        start = np.array(trainer.head.kernel.numpy())
+        fit(trainer, 3)
+        path = train_mod.save_checkpoint(ARGS["out"], trainer, 3)
+        fresh = train_mod.build_trainer(TrainConfig(**{**ARGS["config"], "seed": 1}), "float32",
+                                        train_mod.Placement(), objective=headed)
+        assert train_mod.load_checkpoint(path, fresh) == 3
+        restored = all(np.array_equal(a, b) for a, b in zip(state(trainer), state(fresh), strict=True))
+        fit(trainer, 2)
+        fit(fresh, 2)
+        gap = max(float(np.abs(a - b).max()) for a, b in zip(state(trainer), state(fresh), strict=True))
+        with np.load(path) as saved:
+            head = json.loads(str(saved["names"]))["head"]
+        print("HEAD", json.dumps({"moved": float(np.abs(trainer.head.kernel.numpy() - start).max()),
+                                  "restored": restored, "gap": gap, "head": head}))
+    """, {"inputs": {}, "config": to_dict(SMALL), "out": str(tmp_path)})
+    out = printed(result, "HEAD")
+    assert out["moved"] > 1e-4 and out["restored"] and out["head"] == ["test_head/kernel"]
+    assert out["gap"] <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_precision_trains_and_exports_float32(backend, inputs, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def threshold_json(model_dir, threshold, distance="squared_l2", **changes):
     metadata = json.loads((model_dir / "model.json").read_text())
     info = {"threshold": threshold, "distance": distance, "model": str(model_dir),
             "model_sha256": file_sha256(model_dir / "model.keras"),
-            "model_distance": "squared_l2" if metadata["distance"]["squared"] else "l2",
+            "model_distance": metadata["distance"]["name"],
             "embedding_dim": metadata["embedding_dim"], "preprocessing": metadata["preprocessing"]}
     return json.dumps({**info, **changes})
 
@@ -65,6 +66,22 @@ def test_same_image_twice_is_the_same_person(model_dir, images, tmp_path):
     assert result["same"] is True and result["verdict"] == "same person"
     assert result["threshold"] == 0.5 and result["threshold_source"] == str(threshold_file)
     assert result["distance_definition"] == "squared_l2" and result["squared"] is True
+
+
+@pytest.mark.parametrize("squared, name", [(True, "squared_l2"), (False, "l2")])
+def test_a_model_json_of_an_earlier_version_gives_its_distance(model_dir, images, tmp_path, squared, name):
+    """model.json files of earlier versions record a boolean distance.squared instead of distance.name."""
+    earlier = tmp_path / "model"
+    shutil.copytree(model_dir, earlier)
+    info = json.loads((earlier / "model.json").read_text())
+    assert info["distance"]["name"] == "squared_l2"
+    info["distance"] = {"squared": squared, "margin": 0.2}
+    (earlier / "model.json").write_text(json.dumps(info))
+    result = verify.verify_pair(earlier, images["a"], images["c"], threshold=1.0)
+    assert result["distance_definition"] == name and result["squared"] is squared
+    # A threshold.json evaluate wrote for it (the same model file: the same sha256) is used with it.
+    (earlier / "threshold.json").write_text(threshold_json(model_dir, 0.5, name, model_distance=name))
+    assert verify.verify_pair(earlier, images["a"], images["a"])["threshold_source"].endswith("threshold.json")
 
 
 def test_distance_matches_the_embeddings(model_dir, images, tmp_path):
@@ -300,7 +317,7 @@ def test_a_threshold_of_another_model_is_refused(model_dir, images, other_models
     path.write_text(threshold_json(model_dir, 1.1, "l2", model_distance="l2", model_sha256="0" * 64))
     with pytest.raises(InputError, match=rf"{path} was evaluated for model {model_dir} trained with plain L2 "
                                          rf"distances \(l2\), but {model_dir} was trained with squared L2 "
-                                         r"distances \(.*model\.json: distance\.squared true\)"):
+                                         r"distances \(.*model\.json: distance\.name squared_l2\)"):
         verify.verify_pair(model_dir, images["a"], images["b"], threshold_file=path)
     # Same size and distance, other weights: the model file's sha256 differs.
     path.write_text(threshold_json(other_models["twin"], 1.1))

@@ -13,7 +13,7 @@ content, not by name) is never unpacked onto the file system:
    (`facenet_kfp.extract.images`) and the valid ones packed into shards.
 
 Only errors that say "this file is not a valid image" skip an image; so does
-a size outside `facenet_kfp.image_limits` (a side under ``MIN_IMAGE_SIDE``,
+a size outside `facenet_kfp.codec`'s limits (a side under ``MIN_IMAGE_SIDE``,
 more than ``MAX_IMAGE_PIXELS``; read from the header, before decoding), the
 limits every later step shares. Any other error (a failed read of the
 archive, no memory, a bug) fails the step. When more than

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.extract.archive import _Member, _nfc
-from facenet_kfp.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from facenet_kfp.codec import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 
 if TYPE_CHECKING:
     from facenet_kfp.extract import _Budget
@@ -35,7 +35,7 @@ BOX_JPEG_QUALITY = 95
 # ~100 MB in lines of ~40 characters.
 MAX_BOX_FILE_BYTES = 256 << 20
 _MAX_BOX_LINE = 4096
-# No accepted image has a side longer than this (image_limits.MAX_IMAGE_PIXELS over the shortest side).
+# No accepted image has a side longer than this (codec.MAX_IMAGE_PIXELS over the shortest side).
 MAX_BOX_COORDINATE = MAX_IMAGE_PIXELS // MIN_IMAGE_SIDE
 
 

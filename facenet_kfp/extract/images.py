@@ -4,13 +4,10 @@ Candidates, sorted by identity then file name, are fully decoded with
 Pillow in a process pool; each worker reads its own bytes from the archive.
 For a tar only (reason, width, height) comes back and this process re-reads
 the bytes of valid images by offset (cheaper than pickling them); zip
-members are inflated once, in the worker, and sent back. JPEG (grey or
-RGB) and PNG bytes are stored as they are; every other accepted format
-(BMP, GIF, TIFF, WebP, CMYK JPEG), which TensorFlow's decoder misreads or
-cannot read (a 1-bit BMP fails, a palette BMP comes out as its indices),
-is re-encoded losslessly as PNG, so whatever extract accepts, training reads.
-An image cut to its box is re-encoded by the worker: a JPEG as JPEG
-(quality `BOX_JPEG_QUALITY`), anything else as PNG.
+members are inflated once, in the worker, and sent back. Which files are
+images, and which are stored as they are or re-encoded as PNG, is
+`facenet_kfp.codec`'s rule. An image cut to its box is re-encoded by the
+worker: a JPEG as JPEG (quality `BOX_JPEG_QUALITY`), anything else as PNG.
 """
 
 from __future__ import annotations
@@ -20,8 +17,6 @@ import contextlib
 import io
 import lzma
 import os
-import struct
-import warnings
 import zipfile
 import zlib
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -30,31 +25,18 @@ from typing import Iterator, NamedTuple
 
 from PIL import Image
 
+from facenet_kfp.codec import DAMAGED as _DAMAGED  # noqa: F401 (re-exported to facenet_kfp.extract)
+from facenet_kfp.codec import IMAGE_FORMATS  # noqa: F401 (re-exported to facenet_kfp.extract)
+from facenet_kfp.codec import UnusableImage, encode_jpeg, encode_png, open_image, reencoded, size_problem
 from facenet_kfp.errors import InputError
 from facenet_kfp.extract.archive import _Member
 from facenet_kfp.extract.boxes import BOX_JPEG_QUALITY, square_box
 from facenet_kfp.extract.layout import _Candidate
-from facenet_kfp.image_limits import TOO_LARGE, TOO_SMALL, size_problem
 from facenet_kfp.progress import Progress
 from facenet_kfp.workers import become_child, mp_context
 
-# Formats Pillow may decode here; all but grey/RGB JPEG and PNG are stored re-encoded as PNG.
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
-# Stored as they are: tf.io.decode_image reads these (modes as Pillow names them) correctly.
-_KEPT = {"JPEG": ("L", "RGB"), "MPO": ("L", "RGB"), "PNG": None}   # None: every mode
-# Modes a re-encoded PNG keeps (lossless); others become RGB, as TensorFlow would decode them.
-_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
-# How check_image's reasons start for a file whose format Pillow recognised (an image, if broken).
-_DAMAGED = ("undecodable or truncated image", TOO_LARGE, TOO_SMALL)
-
 _CHUNK_IMAGES = 32          # images per task sent to a worker
 _CHUNK_BYTES = 8 << 20      # ... or fewer, so a chunk holds at most ~8 MB
-# Pillow raises these for a file that is not a valid image (its fuzz tests accept the same set,
-# less MemoryError, which here means the machine is short of memory and fails the step);
-# struct.error comes from headers too short for their fields. OSError only without an errno:
-# Pillow's decoders raise bare OSError("image file is truncated"), real I/O errors carry one.
-_BAD_IMAGE_ERRORS = (SyntaxError, ValueError, EOFError, NotImplementedError, OverflowError,
-                     struct.error, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -170,66 +152,39 @@ class ImageCheck(NamedTuple):
 
 
 def check_image(data: bytes, box: tuple[int, int, int, int] | None = None) -> ImageCheck:
-    """Fully decode `data` with Pillow; re-encode it as PNG unless TensorFlow reads it as it is.
+    """Fully decode `data` (`codec.open_image`); re-encode it as PNG unless it is stored as it is.
 
-    Grey or RGB JPEG and PNG keep their bytes (`encoded` is None); other formats
-    (`IMAGE_FORMATS`) come back as PNG in the same mode when PNG has it
-    (`_PNG_MODES`), else as RGB, the pixels TensorFlow would decode. With a
-    loose face `box` (x, y, w, h) the image is cut to `square_box` (unless that
-    misses the image) and re-encoded: a JPEG as grey or RGB JPEG of quality
-    `BOX_JPEG_QUALITY`, any other format as PNG as above. A file that is not a
-    valid image, or whose size (or the cut's) is outside `image_limits.size_problem`'s
-    limits, gets a `reason`; any other error (no memory, an I/O error, a bug)
-    propagates. The size is checked from the header, before decoding.
+    A file the codec refuses gets its `reason`; any other error (no memory, an
+    I/O error, a bug) propagates. An accepted image keeps its bytes
+    (`encoded` is None) or comes back as the codec's lossless PNG
+    (`codec.reencoded`). With a loose face `box` (x, y, w, h) the image is cut
+    to `square_box` (unless that misses the image) and re-encoded: a JPEG as
+    grey or RGB JPEG of quality `BOX_JPEG_QUALITY`, any other format as PNG.
+    A cut outside `codec.size_problem`'s limits gets a `reason` too.
     """
-    if not data:
-        return ImageCheck("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        # open() only parses the header, which gives the size: an image of the wrong size is
-        # refused before its pixels are decoded; load() finds truncated/corrupt data.
-        problem = size_problem(*img.size)
-        if not problem:
-            img.load()
-    except Image.UnidentifiedImageError:
-        return ImageCheck(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})")
-    except Image.DecompressionBombError as exc:
-        return ImageCheck(f"{TOO_LARGE} ({exc})")
-    except OSError as exc:
-        if exc.errno is not None:
-            raise
-        return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
-    except _BAD_IMAGE_ERRORS as exc:
-        return ImageCheck(f"undecodable or truncated image ({type(exc).__name__}: {exc})")
+        img = open_image(data)
+    except UnusableImage as exc:
+        return ImageCheck(exc.reason)
     with img:
-        if problem:
-            return ImageCheck(problem)
         crop = None if box is None else square_box(box, *img.size)
         if crop is not None:
             if problem := size_problem(crop[2] - crop[0], crop[3] - crop[1]):
                 return ImageCheck(f"{problem} once cut to its face box "
                                   f"(X,Y,W,H = {','.join(map(str, box))})")
             return _cut(img, crop)
-        kept = _KEPT.get(img.format, ())
-        if kept is None or img.mode in kept:
-            return ImageCheck("", *img.size)
-        buf = io.BytesIO()
-        (img if img.mode in _PNG_MODES else img.convert("RGB")).save(buf, "PNG")
-        return ImageCheck("", *img.size, buf.getvalue(), img.format)
+        encoded = reencoded(img)
+        return ImageCheck("", *img.size, encoded, "" if encoded is None else img.format)
 
 
 def _cut(img: Image.Image, crop: tuple[int, int, int, int]) -> ImageCheck:
     """`img` cut to `crop`, re-encoded as `check_image` describes."""
     part = img.crop(crop)
-    buf = io.BytesIO()
     if img.format in ("JPEG", "MPO"):
-        (part if part.mode in ("L", "RGB") else part.convert("RGB")).save(
-            buf, "JPEG", quality=BOX_JPEG_QUALITY)
-        converted_from = ""
+        encoded, converted_from = encode_jpeg(part, BOX_JPEG_QUALITY), ""
     else:
-        (part if part.mode in _PNG_MODES else part.convert("RGB")).save(buf, "PNG")
-        converted_from = "" if img.format == "PNG" else img.format
-    return ImageCheck("", part.width, part.height, buf.getvalue(), converted_from, crop)
+        encoded, converted_from = encode_png(part), "" if img.format == "PNG" else img.format
+    return ImageCheck("", part.width, part.height, encoded, converted_from, crop)
 
 
 def _decode_members(source: _Source, items: list[tuple[_Member, tuple | None]]
@@ -241,18 +196,15 @@ def _decode_members(source: _Source, items: list[tuple[_Member, tuple | None]]
     would be inflated twice. An unexpected error names the member.
     """
     results = []
-    with warnings.catch_warnings():
-        # Pillow warns on opening an image over its own limit; check_image refuses it anyway.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for member, box in items:
-            try:
-                data, reason = source.read(member)
-                check = ImageCheck(reason) if reason else check_image(data, box)
-            except Exception as exc:
-                exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
-                raise
-            keep = not check.reason and check.encoded is None and source.fmt == "zip"
-            results.append((data if keep else None, check))
+    for member, box in items:
+        try:
+            data, reason = source.read(member)
+            check = ImageCheck(reason) if reason else check_image(data, box)
+        except Exception as exc:
+            exc.add_note(f"while checking archive member {member.name!r} of {source.path}")
+            raise
+        keep = not check.reason and check.encoded is None and source.fmt == "zip"
+        results.append((data if keep else None, check))
     return results
 
 
