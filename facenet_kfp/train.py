@@ -31,6 +31,7 @@ from facenet_kfp.checkpoints import (  # noqa: F401  (re-exported: the trainer's
     TF_CHECKPOINT_NAME, TRAIN_LOCK, _checkpoint_errors, _remove_stale_temps_in, _restore,
     checkpoint_arrays, checkpoint_provenance, checkpoint_steps, code_fingerprint, default_checkpoint_dir,
     load_checkpoint, provenance_differences, restore_latest, save_checkpoint, training_lock)
+from facenet_kfp import objectives
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import check_replaceable, is_uri, join, no_space_named, remove_stale_temps, write_json_any
@@ -138,9 +139,10 @@ def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, repli
     log.info("train: %d images (%d generated) of %d identities; %d identities have fewer than k=%d "
              "images and are sampled with replacement", len(labels), int(np.sum(synthetic)), len(identities),
              short, config.k)
-    if config.p % replicas:
+    objective = objectives.for_config(config)
+    if objective.pk_batches and config.p % replicas:
         raise InputError(f"train.p={config.p} must be a multiple of the {replicas} GPUs "
-                         f"(each replica mines triplets among whole identities)")
+                         f"(train.loss {objective.name}: each replica compares images of whole identities)")
 
 
 class _Subset(Sequence):

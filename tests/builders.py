@@ -1,4 +1,5 @@
-"""Builders other test files share: a learnable face JPEG and a tiny packed dataset as steps 2-5 write it."""
+"""Builders other test files share: a learnable face JPEG, a tiny packed dataset as steps 2-5 write it, and
+the same with the provenance files training checks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from facenet_kfp import provenance
+from facenet_kfp.fsutil import write_json
 from facenet_kfp.shards import ShardWriter
 
 # Real images per identity of the tiny dataset, and its splits.
@@ -72,3 +75,21 @@ def build_tiny_dataset(root: Path, train=None, val=None, test=None, completed=No
     for split, members in (("train", train), ("val", val), ("test", test)):
         (splits / f"{split}.txt").write_text("".join(f"{n}\t{c}\n" for n, c in sorted(members.items())))
     return {"dataset": dataset, "completion": completion, "labels": labels, "splits": splits, "ids": ids}
+
+
+def build_train_inputs(root: Path, **kwargs) -> dict:
+    """`build_tiny_dataset`'s four folders plus what the labels, complete and splits steps add to theirs:
+    provenance.json (completion made with multiple 4) and the summary files it fingerprints."""
+    d = build_tiny_dataset(root, **kwargs)
+    images = provenance.dataset_fingerprint(d["dataset"])
+    if not (d["labels"] / provenance.PROVENANCE_JSON).is_file():
+        provenance.write_provenance(d["labels"], "labels", images=images)
+    labels = provenance.fingerprint("labels", d["labels"])
+    for folder, summary, kind, extra in ((d["completion"], "completion.json", "completion",
+                                          {"multiple": 4, "min_images": 1, "seed": 0}),
+                                         (d["splits"], "summary.json", "splits", {})):
+        if not (folder / summary).is_file():
+            write_json(folder / summary, {})
+        if not (folder / provenance.PROVENANCE_JSON).is_file():
+            provenance.write_provenance(folder, kind, images=images, labels=labels, **extra)
+    return d

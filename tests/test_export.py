@@ -20,7 +20,7 @@ export = pytest.importorskip("facenet_kfp.export")
 
 from facenet_kfp.tf_input import preprocess_image  # noqa: E402  (after the importorskip guards)
 from facenet_kfp.model import L2Normalize, build_embedding_model  # noqa: E402
-from tests.test_tf_input import face_image  # noqa: E402
+from tests.builders import face_image  # noqa: E402
 
 CONFIG = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.7, embedding_dim=16,
                      loss="batch_all", margin=0.5, squared=False)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from facenet_kfp.errors import InputError
 from facenet_kfp.numpy_input import PKSampler
-from tests.builders import COMPLETED, TRAIN, VAL, build_tiny_dataset, face_image  # noqa: F401  (face_image: re-exported)
+from tests.builders import COMPLETED, TRAIN, VAL, build_tiny_dataset, face_image
 
 tf = pytest.importorskip("tensorflow")
 tf_input = pytest.importorskip("facenet_kfp.tf_input")

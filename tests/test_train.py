@@ -28,7 +28,7 @@ train_mod = pytest.importorskip("facenet_kfp.train")
 from facenet_kfp import checkpoints as checkpoints_mod  # noqa: E402  (after the importorskip guards)
 from facenet_kfp import trainer as trainer_mod  # noqa: E402
 
-from tests.test_tf_input import build_tiny_dataset  # noqa: E402  (after the importorskip guards)
+from tests.builders import build_train_inputs  # noqa: E402  (after the importorskip guards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,24 +37,6 @@ TINY = TrainConfig(architecture="small_cnn", image_size=32, crop_fraction=0.8, e
                    loss="batch_hard", margin=0.5, squared=True, learning_rate=2e-3, lr_schedule="constant",
                    warmup_steps=0, max_steps=30, augment=True, validate_every=15, validation_batches=2,
                    checkpoint_every=10, log_every=5, precision="float32", seed=0)
-
-
-def build_train_inputs(root: Path, **kwargs) -> dict:
-    """`build_tiny_dataset`'s four folders plus what the labels, complete and splits steps add to theirs:
-    provenance.json (completion made with multiple 4) and the summary files it fingerprints."""
-    d = build_tiny_dataset(root, **kwargs)
-    images = provenance.dataset_fingerprint(d["dataset"])
-    if not (d["labels"] / provenance.PROVENANCE_JSON).is_file():
-        provenance.write_provenance(d["labels"], "labels", images=images)
-    labels = provenance.fingerprint("labels", d["labels"])
-    for folder, summary, kind, extra in ((d["completion"], "completion.json", "completion",
-                                          {"multiple": 4, "min_images": 1, "seed": 0}),
-                                         (d["splits"], "summary.json", "splits", {})):
-        if not (folder / summary).is_file():
-            write_json(folder / summary, {})
-        if not (folder / provenance.PROVENANCE_JSON).is_file():
-            provenance.write_provenance(folder, kind, images=images, labels=labels, **extra)
-    return d
 
 
 def run_train(d: dict, model_dir: Path, config: TrainConfig, **kwargs) -> dict:
@@ -551,7 +533,8 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
         import dataclasses
         from pathlib import Path
         from facenet_kfp import train, trainer
-        from tests.test_train import TINY, build_train_inputs
+        from tests.builders import build_train_inputs
+        from tests.test_train import TINY
         trainer.distribution_strategy = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         root = Path({str(tmp_path)!r})
         d = build_train_inputs(root)
@@ -572,6 +555,17 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["precision"] == "mixed_float16" and info["replicas"] == 2
     assert "ODD InputError train.p=3 must be a multiple of the 2 GPUs" in result.stdout
+
+
+def test_only_objectives_on_p_x_k_batches_need_whole_identities_per_replica(monkeypatch):
+    labels, synthetic = np.repeat(np.arange(6), 4), np.zeros(24, bool)
+    config = dataclasses.replace(TINY, p=3)
+    with pytest.raises(InputError, match=r"train.p=3 must be a multiple of the 2 GPUs \(train.loss batch_hard"):
+        train_mod._check_train_split(labels, synthetic, "splits", config, replicas=2)
+    train_mod._check_train_split(labels, synthetic, "splits", config, replicas=1)
+    unpaired = dataclasses.replace(objectives.get(config.loss), pk_batches=False)
+    monkeypatch.setattr(objectives, "for_config", lambda _: unpaired)
+    train_mod._check_train_split(labels, synthetic, "splits", config, replicas=2)
 
 
 # ----------------------------------------------------------------------------- TensorBoard events

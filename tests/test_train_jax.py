@@ -63,7 +63,7 @@ def printed(result: subprocess.CompletedProcess, label: str):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from tests.test_train import build_train_inputs
+    from tests.builders import build_train_inputs
 
     d = build_train_inputs(tmp_path_factory.mktemp("inputs"))
     return {k: str(d[k]) for k in ("dataset", "completion", "labels", "splits")}
