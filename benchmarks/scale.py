@@ -12,9 +12,9 @@ writes. Then, measured side by side:
   rates on a sample of at most --sample images, timed right after the
   steps), with the CPU ratio next to each (`preprocess.print_ratios`),
   which other load on a shared machine does not move;
-- the training input pipeline alone, no model: `input.open_split` and
-  `input.TrainBatches` iterating --batches P x K batches of the train split
-  (the TensorFlow-free path), and `data.make_train_dataset` over the same
+- the training input pipeline alone, no model: `numpy_input.open_split` and
+  `numpy_input.TrainBatches` iterating --batches P x K batches of the train split
+  (the TensorFlow-free path), and `tf_input.make_train_dataset` over the same
   lazy split (what the TensorFlow trainer feeds tf.data), each in its own process, at this size and at --compare-fraction of
   CASIA, to show whether their peak RSS grows with the dataset.
 
@@ -135,7 +135,7 @@ def iterate_train_batches(out: str, batches: str, report: str) -> None:
 
 
 def iterate_tf_batches(out: str, batches: str, report: str) -> None:
-    """Child process: the TensorFlow trainer's input, `data.make_train_dataset` over the lazy train split."""
+    """Child process: the TensorFlow trainer's input, `tf_input.make_train_dataset` over the lazy train split."""
     from facenet_kfp.config import TrainConfig
     from facenet_kfp.tf_input import make_train_dataset
     from facenet_kfp.numpy_input import open_split

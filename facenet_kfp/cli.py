@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, path_inputs=inputs, path_outputs=outputs)
         return p
 
+    from facenet_kfp import synth   # its choices of layout, format and counts
+
     p = add("synth", cmd_synth, "write a demo archive of procedurally drawn faces (default lfw.tgz, "
                                 "pairs.txt, sha256; also CASIA-WebFace, VGGFace2 and nested layouts)")
     p.add_argument("--out", required=True, help="output folder")
@@ -301,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of identities (default 120)")
     p.add_argument("--seed", type=_number(int, "--seed", 0), default=0, help="random seed (default 0)")
     p.add_argument("--lfw-scale", action="store_true", help="LFW's full size: 5,749 identities, 13,233 images")
-    p.add_argument("--layout", default="lfw", choices=("lfw", "casia", "vggface2", "nested"),
+    p.add_argument("--layout", default="lfw", choices=synth.LAYOUTS,
                    help="archive layout (default lfw; only lfw writes pairs.txt)")
-    p.add_argument("--format", default="tgz", choices=("tgz", "tar", "zip"), help="archive format (default tgz)")
-    p.add_argument("--counts", choices=("lfw", "casia"), default=None,
+    p.add_argument("--format", default="tgz", choices=synth.ARCHIVE_FORMATS, help="archive format (default tgz)")
+    p.add_argument("--counts", choices=synth.COUNT_SHAPES, default=None,
                    help="shape of the images-per-identity counts (default casia with --casia-scale, else lfw)")
     p.add_argument("--casia-scale", action="store_true",
                    help="CASIA-WebFace's size: 10,575 identities, 494,414 images (use with --pool)")

@@ -218,7 +218,9 @@ def complete_dataset(dataset_dir: str | os.PathLike, labels_dir: str | os.PathLi
 
     Returns the summary {generated, identities_completed, identities_excluded,
     multiple, seed, min_images}; the list of excluded names, which can be
-    long, is only in ``completion.json``.
+    long, is only in ``completion.json``. InputError for labels of another
+    dataset, a count that disagrees with the manifest, a bad `multiple`,
+    `min_images` or `seed`, or a source image the codec refuses (named).
     """
     _check_int("multiple", multiple, 1)
     _check_int("min_images", min_images, 1)

@@ -131,6 +131,12 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, split
     used), "confusion_matrix": [[TN, FP], [FN, TP]] on test at the chosen
     threshold, "threshold": the threshold.json content, "warnings": [why some
     figures mean little]}``.
+
+    Raises InputError, before embedding, for a model folder without a
+    readable model.json and model, a split or dataset of another lineage,
+    too few identities or pairs to choose a threshold, or a pairs file that
+    cannot be fetched, parsed or matched to the images (naming the URI and
+    line); nothing is written then.
     """
     started = time.monotonic()
     model_dir, dataset_dir, splits_dir = Path(model_dir), Path(dataset_dir), Path(splits_dir)

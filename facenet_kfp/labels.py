@@ -57,6 +57,9 @@ def build_labels(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
 
     Returns ``{"identities": n, "images": real images in total, "max_images":
     largest count, "singletons": identities with exactly one real image}``.
+    InputError for a malformed manifest row (named by its number), a dataset
+    without images, an identity with only generated images, or an `out_dir`
+    holding something this step did not write.
     """
     counts = count_real_images(dataset_dir)
     images = dataset_fingerprint(dataset_dir)

@@ -249,7 +249,10 @@ def check_pairs_source(pairs_uri: str, pairs_sha256: str, dataset_dir: str | os.
     the header declares and pairs per class per fold, duplicates, identities
     and images named) and the fingerprint of the dataset it was checked
     against. With an empty `pairs_uri` only ``pairs.json`` is written, saying
-    no pairs file was given. Returns the content of ``pairs.json``.
+    no pairs file was given. Returns the content of ``pairs.json``. InputError
+    (DownloadError when fetching fails) naming `pairs_uri`, and the line where
+    there is one, for a file that cannot be fetched, is not UTF-8 text, does
+    not parse, or names an image `dataset_dir` does not hold.
     """
     from facenet_kfp.download import download
     from facenet_kfp.fsutil import atomic_dir, write_json

@@ -152,7 +152,9 @@ def preprocess_array(data: bytes, image_size: int, crop_fraction: float,
     """One encoded image -> float32 [image_size, image_size, 3] in [-1, 1] (see module docstring).
 
     `augmentation` is a row of `draw_augmentation` (training), None for the
-    deterministic centre crop (evaluation, serving).
+    deterministic centre crop (evaluation, serving). `codec.UnusableImage` (a
+    ValueError whose reason names the problem) for bytes `codec.open_image`
+    refuses: not an image, undecodable, or a size outside the codec's limits.
     """
     with decode_rgb(data) as image:
         top, left, box_h, box_w = crop_box(image.height, image.width, crop_fraction, augmentation)

@@ -104,7 +104,9 @@ def make_splits(labels_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     Returns ``{split: {"identities", "images", "identities_with_pairs"}, ...,
     "fractions": [train, val, test], "seed": seed}``, also the content of
-    summary.json.
+    summary.json. InputError for fractions that are not three numbers above
+    0 summing to 1, or a split that would be empty (val and test need one
+    identity each with at least 2 real images; train needs one left).
     """
     fractions = validate_fractions(fractions)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:

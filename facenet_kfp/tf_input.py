@@ -117,7 +117,7 @@ def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.P
     ones from `completion_dir` when `include_synthetic` (None: no completion).
     Returns (image bytes, labels int32 [N] from `labels.json`, keys = the
     manifest `file` of each image, synthetic flags), grouped by identity in
-    split order. Validation is `input.open_split`'s: every identity of the
+    split order. Validation is `numpy_input.open_split`'s: every identity of the
     split must be in `labels.json` and have exactly the number of real images
     the split file records.
     """

@@ -78,8 +78,8 @@ def _train_and_validation_batches(dataset_dir, completion_dir, labels_dir, split
 
 def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                 start_step: int):
-    """tensorflow: tf.data P x K batches (`data.make_train_dataset`) over the train split, read from the
-    shards by offset as batches are drawn (`input.open_split`), so memory does not grow with the dataset."""
+    """tensorflow: tf.data P x K batches (`tf_input.make_train_dataset`) over the train split, read from the
+    shards by offset as batches are drawn (`numpy_input.open_split`), so memory does not grow with the dataset."""
     from facenet_kfp.tf_input import make_train_dataset
     from facenet_kfp.numpy_input import open_split
 
@@ -103,7 +103,7 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
 
 def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                  start_step: int):
-    """jax: `input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
+    """jax: `numpy_input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
     from facenet_kfp.numpy_input import TrainBatches, open_split
 
     def validation(images, labels, p):
@@ -210,6 +210,13 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     tensorboard artifact and its folder under tensorboard_root) that each get
     this run's TensorBoard events, the restored history included
     (`TensorBoardLog`); a folder of another run key is refused.
+
+    Raises InputError, before any training, for a missing input folder, inputs
+    of different lineages (`provenance.check_inputs`), a train split with fewer
+    than p identities, p not a multiple of the replicas, a model_dir this step
+    did not write, a checkpoint folder of another run, settings or code, or one
+    held by another training; FacenetError when training collapses or diverges
+    (the monitor names the settings to change); nothing is exported then.
     """
     check_replaceable(model_dir, "train")       # before training, not after it
     fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)

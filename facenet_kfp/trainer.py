@@ -7,14 +7,14 @@ the embedding model and the training objective, `objectives.Objective`, whose
 batch statistics), and one callback
 (`TrainingProgress`) checks, logs, validates and checkpoints.
 
-- tensorflow: batches from tf.data (`data.make_train_dataset`); several GPUs
+- tensorflow: batches from tf.data (`tf_input.make_train_dataset`); several GPUs
   through `tf.distribute.MirroredStrategy`: each replica gets P / replicas
   whole identities of the identity-major batch and mines triplets among them
   (per-replica mining, as in FaceNet's distributed training). Keras leaves a
   scalar loss of our own unscaled, so `compute_loss` divides it by the number
   of replicas R: the summed gradients are then (1/R) sum_r grad(loss_r), the
   single-device gradient of a batch-mean loss. p must be a multiple of R.
-- jax: batches from `input.TrainBatches` (no TensorFlow anywhere on this
+- jax: batches from `numpy_input.TrainBatches` (no TensorFlow anywhere on this
   path); the step is jitted; several devices through
   `keras.distribution.DataParallel` (the batch is sharded, the loss is that of
   the whole batch, mined over all of it).
@@ -226,8 +226,22 @@ class EmbeddingTrainer(keras.Model):
 
 def build_trainer(config: TrainConfig, policy: str, placement: Placement,
                   objective: Objective | None = None) -> EmbeddingTrainer:
-    """The embedding model (seeded by config.seed, in `policy`) and the objective's head, if any, in an
-    EmbeddingTrainer, compiled and built. `objective` defaults to the one config.loss names."""
+    """The embedding model and the objective's head, if any, in an EmbeddingTrainer, compiled and built.
+
+    Args:
+        config: the train settings: architecture, image size, embedding size, loss, margin, schedule;
+            config.seed seeds the initial weights.
+        policy: the Keras dtype policy name ("float32", "mixed_float16", "mixed_bfloat16";
+            `resolve_precision` turns a config precision into one); mixed_float16 wraps Adam in a
+            LossScaleOptimizer.
+        placement: where the variables live (`Placement`: a tf.distribute strategy or a
+            keras.distribution); the loss is divided by its replica count.
+        objective: the training objective (`objectives.Objective`), default the one config.loss names.
+
+    Returns the trainer with its optimizer's variables built, so a checkpoint can be restored into it
+    before the first step. The global dtype policy is restored afterwards. InputError for an unknown
+    config.loss or architecture.
+    """
     from facenet_kfp import model as model_mod
 
     previous_policy = keras.mixed_precision.global_policy()
