@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from facenet_kfp import provenance
+from facenet_kfp import objectives, provenance
 from facenet_kfp.fsutil import write_json
 from facenet_kfp.shards import ShardWriter
 
@@ -93,3 +94,27 @@ def build_train_inputs(root: Path, **kwargs) -> dict:
         if not (folder / provenance.PROVENANCE_JSON).is_file():
             provenance.write_provenance(folder, kind, images=images, labels=labels, **extra)
     return d
+
+
+# ----------------------------------------------------------------------------- an objective with a head
+
+def make_test_head(config):
+    """The head of `HEADED`: a bias-free Dense layer of 3 outputs on the embeddings."""
+    import keras
+    return keras.layers.Dense(3, use_bias=False, name="test_head")
+
+
+def headed_loss(labels, embeddings, config, head_output):
+    """Batch-hard triplets plus 0.1 * mean(h^2) of the head's output h, so the head's weights train."""
+    from keras import ops
+
+    from facenet_kfp import losses
+    out = losses.batch_hard_objective(labels, embeddings, config)
+    out["loss"] = out["loss"] + 0.1 * ops.mean(ops.square(ops.cast(head_output, "float32")))
+    return out
+
+
+# A test-only objective with a trainable head (not in the production table).
+HEADED = objectives.Objective(name="headed", summary="test only", loss="tests.builders:headed_loss",
+                              head="tests.builders:make_test_head", distance=objectives.triplet_distance,
+                              loss_bound=lambda config: math.inf)

@@ -28,7 +28,7 @@ train_mod = pytest.importorskip("facenet_kfp.train")
 from facenet_kfp import checkpoints as checkpoints_mod  # noqa: E402  (after the importorskip guards)
 from facenet_kfp import trainer as trainer_mod  # noqa: E402
 
-from tests.builders import build_train_inputs  # noqa: E402  (after the importorskip guards)
+from tests.builders import HEADED, build_train_inputs, headed_loss  # noqa: E402  (after the importorskip guards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,27 +269,6 @@ def test_checkpoint_folder_of_the_tensorflow_format_is_refused(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- an objective with a head
-
-def make_test_head(config):
-    """A trainable head for `HEADED`: a bias-free Dense layer of 3 outputs on the embeddings."""
-    import keras
-    return keras.layers.Dense(3, use_bias=False, name="test_head")
-
-
-def headed_loss(labels, embeddings, config, head_output):
-    """Batch-hard triplets plus a term of the head's output h, 0.1 * mean(h^2), so the head's weights train."""
-    from keras import ops
-
-    from facenet_kfp import losses
-    out = losses.batch_hard_objective(labels, embeddings, config)
-    out["loss"] = out["loss"] + 0.1 * ops.mean(ops.square(ops.cast(head_output, "float32")))
-    return out
-
-
-HEADED = objectives.Objective(name="headed", summary="test only", loss="tests.test_train:headed_loss",
-                              head="tests.test_train:make_test_head", distance=objectives.triplet_distance,
-                              loss_bound=lambda config: math.inf)
-
 
 def fit_steps(trainer, steps: int, seed: int = 0):
     rng = np.random.default_rng(seed)

@@ -150,22 +150,6 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(backend, inputs
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
-def make_test_head(config):
-    """The head of a test-only objective: a bias-free Dense layer of 3 outputs on the embeddings."""
-    import keras
-    return keras.layers.Dense(3, use_bias=False, name="test_head")
-
-
-def headed_loss(labels, embeddings, config, head_output):
-    """Batch-hard triplets plus 0.1 * mean(h^2) of the head's output h: the head's weights train."""
-    from keras import ops
-
-    from facenet_kfp import losses
-    out = losses.batch_hard_objective(labels, embeddings, config)
-    out["loss"] = out["loss"] + 0.1 * ops.mean(ops.square(ops.cast(head_output, "float32")))
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_head_trains_checkpoints_and_resumes_exactly(backend, tmp_path):
     """A test-only objective with a head, on either backend: the head trains (jitted on JAX), a checkpoint
@@ -173,10 +157,8 @@ def test_a_head_trains_checkpoints_and_resumes_exactly(backend, tmp_path):
     result = run_on_backend(backend, """
         import math
         import numpy as np
-        from facenet_kfp import checkpoints, objectives
-        headed = objectives.Objective(name="headed", summary="test only", loss="tests.test_train_jax:headed_loss",
-                                      head="tests.test_train_jax:make_test_head",
-                                      distance=objectives.triplet_distance, loss_bound=lambda config: math.inf)
+        from facenet_kfp import checkpoints
+        from tests.builders import HEADED as headed
         config = TrainConfig(**ARGS["config"])
         rng = np.random.default_rng(0)
         images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
