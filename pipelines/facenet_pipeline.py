@@ -105,6 +105,7 @@ class Step:
     renamed: dict[str, str] = field(default_factory=dict)   # {argument or output: artifact name}
     after: tuple[str, ...] = ()
     policy: Policy = Policy()
+    rerunnable: bool = False     # `make rerun STEP=<name>` runs it alone on an earlier run's artifacts
 
 
 def _section(section: str) -> dict[str, str]:
@@ -119,21 +120,21 @@ STEPS = (
     Step("extract", "2. extract images", ("archive",),
          {"shard_size_mb": "shard_size_mb", "max_skipped_fraction": "max_skipped_fraction",
           "max_expansion": "max_expansion"}),
-    Step("labels", "3. label JSON", ("images",), {}),
+    Step("labels", "3. label JSON", ("images",), {}, rerunnable=True),
     Step("complete", "4. complete to multiple of K", ("images", "labels"),
          {"multiple": "multiple", "min_images": "min_images", "seed": "completion_seed",
-          "shard_size_mb": "shard_size_mb"}),
+          "shard_size_mb": "shard_size_mb"}, rerunnable=True),
     Step("splits", "5. identity splits", ("labels",),
          {"train_fraction": "train_fraction", "val_fraction": "val_fraction",
-          "test_fraction": "test_fraction", "seed": "split_seed"}, {"test_split": True}),
+          "test_fraction": "test_fraction", "seed": "split_seed"}, {"test_split": True}, rerunnable=True),
     Step("check_pairs", "6. check pairs.txt", ("images",),
          {"pairs_uri": "pairs_uri", "pairs_sha256": "pairs_sha256"}, policy=Policy(gcs=True)),
     Step("train", "7. train embeddings", ("images", "completion", "labels", "splits"),
          {**_section("train"), **{key: key for key in CLUSTER_PARAMETERS}}, after=("pairs",),
          policy=Policy(image="trainer", resources="train", retries="train_retries", backoff="60s", gcs=True,
-                       shm=True)),
+                       shm=True), rerunnable=True),
     Step("evaluate", "8. threshold evaluation", ("model", "images", "splits", "pairs"), _section("evaluate"),
-         policy=Policy(image="trainer", resources="evaluate", gcs=True, shm=True)),
+         policy=Policy(image="trainer", resources="evaluate", gcs=True, shm=True), rerunnable=True),
 )
 
 

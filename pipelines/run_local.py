@@ -52,7 +52,7 @@ from pipelines.kfp_internals import observe_local_tasks
 log = logging.getLogger(__name__)
 
 DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE = DEFAULT_IMAGES.light, DEFAULT_IMAGES.trainer
-RERUNNABLE = ("labels", "complete", "splits", "train", "evaluate")
+RERUNNABLE = tuple(step.name for step in STEPS if step.rerunnable)   # `--rerun` choices, in DAG order
 
 
 LOGS = "logs"                  # the pipeline root's folder of task logs: <task>.log, appended per run

@@ -56,6 +56,11 @@ def full_pipeline_spec(tmp_path_factory) -> dict:
     return yaml.safe_load(out.read_text())
 
 
+def test_the_rerunnable_steps_are_the_rows_marked_so():
+    assert rerun.RERUNNABLE == ("labels", "complete", "splits", "train", "evaluate")
+    assert all(step.rerunnable == (step.name in rerun.RERUNNABLE) for step in STEPS)
+
+
 @pytest.mark.parametrize("step", rerun.RERUNNABLE)
 def test_rerun_step_is_wired_as_in_the_full_pipeline(full_pipeline_spec, tmp_path, step):
     """The step's task reads the same artifacts, and its parameters hold the full pipeline's defaults."""
