@@ -32,7 +32,7 @@ from facenet_kfp.config import DataConfig
 from facenet_kfp.fsutil import STEP_MARKER, write_text
 
 DATA_STEPS = ("extract", "labels", "complete", "splits")      # in the order each reads the one before
-OUTPUTS = {"extract": "images", "labels": "labels", "complete": "completion", "splits": "splits"}
+OUTPUTS = {"extract": "images", "align": "aligned", "labels": "labels", "complete": "completion", "splits": "splits"}
 
 
 def say(message: str) -> None:
@@ -89,8 +89,10 @@ def make_archive(folder: Path, *, identities: int = 120, seed: int = 0, lfw_scal
     return archive, seconds
 
 
-def _step_calls(archive: Path, out: dict[str, Path], data: DataConfig) -> dict[str, Callable[[], Any]]:
-    """Each data step as the library call the pipeline makes, with `data`'s settings."""
+def _step_calls(archive: Path, out: dict[str, Path], data: DataConfig, images: Path
+                ) -> dict[str, Callable[[], Any]]:
+    """Each data step as the library call the pipeline makes, with `data`'s settings; the steps after
+    extract (and align) read `images`."""
     from facenet_kfp.complete import complete_dataset
     from facenet_kfp.extract import extract_dataset
     from facenet_kfp.labels import build_labels
@@ -99,12 +101,19 @@ def _step_calls(archive: Path, out: dict[str, Path], data: DataConfig) -> dict[s
     fractions = (data.train_fraction, data.val_fraction, data.test_fraction)
     return {
         "extract": lambda: extract_dataset(archive, out["extract"], shard_size_mb=data.shard_size_mb),
-        "labels": lambda: build_labels(out["extract"], out["labels"]),
-        "complete": lambda: complete_dataset(out["extract"], out["labels"], out["complete"],
+        "align": lambda: _align(out["extract"], out["align"], data),
+        "labels": lambda: build_labels(images, out["labels"]),
+        "complete": lambda: complete_dataset(images, out["labels"], out["complete"],
                                              multiple=data.multiple, seed=data.completion_seed,
                                              min_images=data.min_images, shard_size_mb=data.shard_size_mb),
         "splits": lambda: make_splits(out["labels"], out["splits"], seed=data.split_seed, fractions=fractions),
     }
+
+
+def _align(images: Path, out: Path, data: DataConfig) -> Any:
+    from facenet_kfp.align import align_dataset
+
+    return align_dataset(images, out, size=data.align_size, max_fallback_fraction=data.max_align_fallback_fraction)
 
 
 def holds_output(folder: Path, step: str) -> bool:
@@ -114,7 +123,7 @@ def holds_output(folder: Path, step: str) -> bool:
 
 
 def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: int = 0, lfw_scale: bool = False,
-                 data: DataConfig | None = None, reuse: bool = True,
+                 data: DataConfig | None = None, reuse: bool = True, align: bool = False,
                  progress: Callable[[str], None] = say) -> DataPaths:
     """A demo archive in `archive_dir` and its prepared dataset in `out`, as the pipeline's data steps make it.
 
@@ -123,16 +132,21 @@ def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: i
     splits run with `data`'s settings (default `DataConfig()`), each into
     `out`/images, labels, completion, splits; with `reuse`, a step whose
     folder already holds its complete output is skipped, until one runs:
-    every step after it runs too, since it reads that new output.
+    every step after it runs too, since it reads that new output. With `align`
+    the align step runs after extract (into `out`/aligned, with `data`'s
+    align settings) and the later steps read its output, as in the pipeline
+    with data.align on; `DataPaths.images` is then the aligned dataset.
     """
     data = DataConfig() if data is None else data
     archive, synth_seconds = make_archive(Path(archive_dir), identities=identities, seed=seed, lfw_scale=lfw_scale,
                                           progress=progress)
-    folders = {step: Path(out) / OUTPUTS[step] for step in DATA_STEPS}
-    calls = _step_calls(archive, folders, data)
+    steps = (DATA_STEPS[0], "align", *DATA_STEPS[1:]) if align else DATA_STEPS
+    folders = {step: Path(out) / OUTPUTS[step] for step in steps}
+    images = folders["align" if align else "extract"]
+    calls = _step_calls(archive, folders, data, images)
     seconds = {} if synth_seconds is None else {"synth": synth_seconds}
     fresh = not reuse
-    for step in DATA_STEPS:
+    for step in steps:
         if not fresh and holds_output(folders[step], step):
             continue
         fresh = True
@@ -141,8 +155,7 @@ def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: i
         calls[step]()
         seconds[step] = time.perf_counter() - start
         progress(f"data: {step} done in {seconds[step]:.1f} s")
-    return DataPaths(archive, folders["extract"], folders["labels"], folders["complete"], folders["splits"],
-                     seconds)
+    return DataPaths(archive, images, folders["labels"], folders["complete"], folders["splits"], seconds)
 
 
 # ----------------------------------------------------------------------------- machine

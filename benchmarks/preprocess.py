@@ -14,6 +14,12 @@ of seconds to minutes (the same extract took 2.4 s and 3.2 s a minute apart),
 and a pair measured back to back sees the same spell on both sides. Every pair
 is printed.
 
+With the mtcnn package (the train extra) it also times the align step
+(`facenet-kfp align`, face detection and five-point alignment on the CPU) on
+the first `--align-images` real images and on a third of them: the
+difference of the two runs is the per-image cost without the detector's
+one-off load, printed as images/s and images/s per core.
+
 Targets: both ratios >= 0.7; labels and splits < 2 s; every step's peak RSS < 1 GB.
 The archive is generated once into data/bench/ and reused.
 """
@@ -38,7 +44,7 @@ from PIL import Image
 
 from benchmarks.harness import machine_info, make_archive, print_machine
 from facenet_kfp.complete import generate_image
-from facenet_kfp.shards import ShardReader, read_manifest
+from facenet_kfp.shards import ShardReader, ShardWriter, read_manifest
 
 CLI = [sys.executable, "-m", "facenet_kfp.cli", "-q"]
 
@@ -263,11 +269,44 @@ def report(name: str, out: Path, results: dict[str, Measured], pairs: dict[str, 
           f"max peak RSS {max(r.peak_mb for r in results.values()):.0f} MB (largest process; target < 1024)")
 
 
+def align_subset(images: Path, out: Path, count: int) -> int:
+    """A packed dataset at `out` holding the first `count` real images of `images` (fewer when it has fewer)."""
+    rows = read_manifest(images)[:count]
+    shutil.rmtree(out, ignore_errors=True)
+    with ShardReader(images) as reader, ShardWriter(out) as writer:
+        for row in rows:
+            writer.add(row["identity"], row["file"], reader.read(row))
+    return len(rows)
+
+
+def time_align(out: Path, count: int) -> None:
+    """The align step on `count` and on count // 3 images; prints the per-image figures of the difference."""
+    try:
+        import mtcnn  # noqa: F401
+    except ImportError:
+        print("align: skipped, it needs the mtcnn package (the train extra)")
+        return
+    runs = {}
+    for n in (count // 3, count):
+        subset = out / f"align-input-{n}"
+        n = align_subset(out / "images", subset, n)
+        target = out / f"aligned-{n}"
+        shutil.rmtree(target, ignore_errors=True)
+        runs[n] = run_step(["align", str(subset), "--out", str(target), "--max-fallback-fraction", "1"])
+    (small, a), (large, b) = sorted(runs.items())
+    seconds, cpu = b.seconds - a.seconds, b.cpu_seconds - a.cpu_seconds
+    print(f"align (mtcnn, CPU): {large:,} images in {b.seconds:.1f} s, {small:,} in {a.seconds:.1f} s; the "
+          f"difference: {(large - small) / seconds:.1f} images/s, {(large - small) / cpu:.1f} images/s per core "
+          f"({cpu / (large - small) * 1e3:.0f} CPU ms/image); peak RSS {b.peak_mb:.0f} MB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="data/bench", help="working folder (archive kept for reuse)")
     parser.add_argument("--identities", type=int, default=0, help="smaller archive instead of LFW scale (quick look)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of (step, raw work) measured for each ratio")
+    parser.add_argument("--align-images", type=int, default=300,
+                        help="real images the align step is timed on (and a third of them); 0 leaves it out")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -280,6 +319,8 @@ def main() -> int:
     argvs = step_argvs(archive, out)
     results = {step: run_step(argv) for step, argv in argvs.items()}     # download first, as the pipeline
     report(name, out, results, ratio_pairs(argvs, results, out, args.rounds, workers), workers)
+    if args.align_images >= 3:
+        time_align(out, args.align_images)
     return 0
 
 

@@ -66,6 +66,7 @@ import keras
 
 from benchmarks.harness import (DataPaths, iqr_ms, machine_info, machine_lines, med, paired_median_ci, peak_rss_mb,
                                 prepare_data, tree_cpu_seconds, verdict)
+from benchmarks.aligned_input import aligned_section
 from benchmarks.steps import (LOSSES, TRIVIAL, Key, build, forward_macs, jax_loss_step, loss_function,
                               tf_loss_step, time_interleaved, train_step)
 from facenet_kfp.config import DataConfig, TrainConfig
@@ -102,6 +103,7 @@ class Plan:
     input_rounds: int
     workers: int | None
     backend: str                # "tensorflow" or "jax"
+    aligned: bool = True        # part 5: the input pipeline on aligned crops
 
     @property
     def batch(self) -> int:
@@ -501,6 +503,8 @@ def parser() -> argparse.ArgumentParser:
                    "2 timed steps, 1 warm-up, a few batches (figures mean nothing)")
     p.add_argument("--input-only", action="store_true", help="only part 4: the two input pipelines "
                    "side by side (a few minutes)")
+    p.add_argument("--no-aligned", action="store_true", help="leave out part 5, the input pipeline on "
+                   "aligned crops (it aligns the demo's faces once, a few minutes; --smoke leaves it out too)")
     p.add_argument("--input-batches", type=int, default=30,
                    help="timed batches per pipeline and round in part 4 (default 30)")
     p.add_argument("--input-rounds", type=int, default=5, help="rounds of part 4 (default 5)")
@@ -542,7 +546,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
                 fed_steps=max(2, args.steps // 2), loss_repeats=5 if args.smoke else 20 if short else 200,
                 pipeline_batches=pipeline_batches, pipeline_repeats=pipeline_repeats,
                 input_batches=args.input_batches, input_rounds=args.input_rounds, workers=args.workers,
-                backend=backend)
+                backend=backend, aligned=not (args.no_aligned or args.smoke))
     return plan, args
 
 
@@ -561,7 +565,10 @@ def input_only(plan: Plan, data: DataPaths, start_load: float) -> None:
     print()
     print_machine(plan, start_load)
     report_input_pipelines(plan, inputs)
+    if plan.aligned:
+        aligned_section(plan, data, IDENTITIES)
     print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MB")
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         input_only(plan, data, start_load)
         return 0
     report(plan, measure(plan, data, rss), start_load, wall_start)
+    if plan.aligned:
+        aligned_section(plan, data, IDENTITIES)
     return 0
 
 

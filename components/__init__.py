@@ -2,7 +2,7 @@
 
 The functions here are plain Python; `build_components` turns them into KFP
 lightweight components bound to the project's images (the light image for the
-data steps and the pairs check, the trainer image for train and evaluate: each step's
+data steps and the pairs check, the trainer image for align, train and evaluate: each step's
 `Policy.image` in pipelines/facenet_pipeline.py). The packages are
 preinstalled in those images, so no pip install runs when a step starts. A new
 step's function is one entry in `COMPONENTS`.
@@ -16,6 +16,7 @@ from typing import Any
 
 from kfp import dsl
 
+from components.align import align_faces
 from components.complete import complete_identities
 from components.download import download_archive
 from components.evaluate import evaluate_model, evaluate_on_archive
@@ -30,6 +31,7 @@ from components.train import train_model
 COMPONENTS = {
     "download": download_archive,
     "extract": extract_images,
+    "align": align_faces,
     "labels": make_labels,
     "complete": complete_identities,
     "splits": split_identities,
@@ -74,8 +76,11 @@ def build_components(images: Images) -> dict[str, Any]:
 
 
 @functools.cache
-def producers() -> dict[str, Any]:
-    """{artifact: `facenet_kfp.runs.Producer`} of the artifacts a local rerun can import (runs.MARKERS)."""
+def producers(align: bool = False) -> dict[str, Any]:
+    """{artifact: `facenet_kfp.runs.Producer`} of the artifacts a local rerun can import (runs.MARKERS), in
+    the DAGs without (`align` False) or with face alignment: there ``images`` is the align task's output and
+    extract's is ``raw_images`` (``eval_images`` and ``eval_raw_images`` likewise for an evaluation archive).
+    Each artifact's producer is the first task of the DAG with an evaluation archive that outputs it."""
     from facenet_kfp.runs import MARKERS, Producer
 
     from pipelines.facenet_pipeline import dag_steps, task_names
@@ -83,16 +88,11 @@ def producers() -> dict[str, Any]:
     classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
     components = build_components(DEFAULT_IMAGES)
     found = {}
-    for step, component in components.items():
-        spec = component.component_spec
-        for output, definition in spec.outputs.items():
-            if output in MARKERS:
-                found[output] = Producer(step, spec.name, output, classes[definition.type.split("@")[0]])
-    # Outputs the DAG with an evaluation archive names otherwise (eval_images: its second extract task).
-    steps = dag_steps(evaluation_archive=True)
+    steps = dag_steps(evaluation_archive=True, align=align)
     for step, task in zip(steps, task_names(steps, components)):
-        for output, name in step.renamed.items():
-            spec = components[step.name].component_spec
-            if name in MARKERS and output in spec.outputs:
-                found[name] = Producer(step.name, task, output, classes[spec.outputs[output].type.split("@")[0]])
+        spec = components[step.name].component_spec
+        for output, definition in spec.outputs.items():
+            name = step.renamed.get(output, output)
+            if name in MARKERS and name not in found:
+                found[name] = Producer(step.name, task, output, classes[definition.type.split("@")[0]])
     return found

@@ -77,6 +77,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
     _print_json({k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary.get("skipped", []))})
 
 
+def cmd_align(args: argparse.Namespace) -> None:
+    """`facenet-kfp align IMAGES --out FOLDER`: `align.align_dataset`; prints its summary.
+
+    Detects each image's face (MTCNN) and aligns it on its five landmarks at `--size`. InputError when more
+    than `--max-fallback-fraction` of the images had no face found (naming examples).
+    """
+    from facenet_kfp.align import align_dataset
+
+    summary = align_dataset(args.images, args.out, size=args.size, max_fallback_fraction=args.max_fallback_fraction)
+    _print_json(summary)
+
+
 def cmd_labels(args: argparse.Namespace) -> None:
     """`facenet-kfp labels IMAGES --out FOLDER`: `labels.build_labels`; prints its summary."""
     from facenet_kfp.labels import build_labels
@@ -189,7 +201,9 @@ def _model_of(args: argparse.Namespace, threshold_needed: bool) -> tuple[str, st
 def cmd_verify(args: argparse.Namespace) -> None:
     """`facenet-kfp verify A B (--model M | --run R)`: `verify.verify_pair`; prints distance, threshold, verdict.
 
-    InputError names an unreadable image, a threshold outside the distance's range, or a threshold
+    A model trained on aligned faces gets each photo's face aligned first (`--face`, `--no-detect`);
+    a line per image then says how many faces were found and which was used. InputError names an
+    unreadable image or one without a face, a threshold outside the distance's range, or a threshold
     file of another model.
     """
     from facenet_kfp.evaluate import DISTANCE_LABELS
@@ -197,9 +211,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     model_dir, threshold_file, where = _model_of(args, threshold_needed=True)
     result = verify_pair(model_dir, args.image_a, args.image_b, threshold=args.threshold,
-                         threshold_file=threshold_file)
+                         threshold_file=threshold_file, detect=not args.no_detect, face=args.face)
     if where:
         print(f"model:     {model_dir} (from {where})")
+    for line in _face_lines(result):
+        print(line)
     unit = DISTANCE_LABELS[result["distance_definition"]]
     source = "" if result["threshold_source"] == "argument" else f"; from {result['threshold_source']}"
     print(f"distance:  {result['distance']:.4f} ({unit})")
@@ -207,11 +223,33 @@ def cmd_verify(args: argparse.Namespace) -> None:
     print(result["verdict"])
 
 
+def _face_lines(result: dict[str, Any]) -> list[str]:
+    """verify's lines on the faces used: one per image when detecting, one when `--no-detect` skipped
+    detection, none for a model trained on unaligned images."""
+    alignment = result.get("alignment")
+    if alignment is None:
+        return []
+    size = f"{alignment['size']}x{alignment['size']}"
+    if not alignment["detect"]:
+        return [f"faces:     not detected (--no-detect): the images are taken as aligned {size} crops"]
+    lines = []
+    for label, found in zip(("face A:", "face B:"), result["faces"]):
+        count = found["faces"]
+        chosen = "" if count == 1 else (", the most central used" if found["chosen"] == "central"
+                                        else ", the largest used")
+        x, y, w, h = (round(v) for v in found["box"])
+        lines.append(f"{label:<10} {found['path']}: {count} face{'s' if count != 1 else ''} found{chosen} "
+                     f"(score {found['score']:.3f}, box {w}x{h} at {x},{y}); aligned to {size}")
+    return lines
+
+
 def cmd_embed(args: argparse.Namespace) -> None:
     """`facenet-kfp embed IMAGE... (--model M | --run R) --out FILE`: `verify.embed_files`; prints its summary.
 
     FILE is .npz (embeddings and paths), .csv or .tsv (a row per image); it must not be the model or
-    inside it. InputError for another suffix or an unreadable image.
+    inside it. A model trained on aligned faces gets each photo's face aligned first (`--face`,
+    `--no-detect`); the summary then lists, per image, the faces found and the one used. InputError
+    for another suffix, an unreadable image or one without a face.
     """
     from facenet_kfp.verify import embed_files
 
@@ -221,7 +259,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
     if where:
         logging.getLogger(__name__).info("model %s (from %s)", model_dir, where)
     check_outputs_apart({"--out": args.out}, {"the model": model_dir})
-    _print_json(embed_files(model_dir, args.images, args.out, batch_size=args.batch_size))
+    _print_json(embed_files(model_dir, args.images, args.out, batch_size=args.batch_size,
+                            detect=not args.no_detect, face=args.face))
 
 
 def _add_set(parser: argparse.ArgumentParser, section: str, example: str) -> None:
@@ -335,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     _from_config(p, "--max-expansion", "data", "max_expansion",
                  "fail when extraction writes more than this many times the archive's size (at least 64 MiB)")
 
+    p = add("align", cmd_align, "step 2a: detect and align every face (MTCNN, five landmarks) into a packed dataset",
+            inputs=("images",))
+    p.add_argument("images", help="packed image dataset folder (extract's output)")
+    p.add_argument("--out", required=True, help="output folder of the aligned dataset")
+    _from_config(p, "--size", "data", "align_size", "side of the aligned crops in pixels")
+    _from_config(p, "--max-fallback-fraction", "data", "max_align_fallback_fraction",
+                 "fail when more of the images had no face found (they become centre crops)")
+
     p = add("labels", cmd_labels, "step 3: write labels.json (name -> id, sorted) and image_counts.json",
             inputs=("images",))
     p.add_argument("images", help="packed image dataset folder")
@@ -394,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distance threshold, in the model's own distance (default: the evaluated one)")
     p.add_argument("--threshold-file", default=None, help="threshold.json from the evaluate step, evaluated "
                                                           "for this model")
+    _face_options(p)
 
     p = add("embed", cmd_embed, "write embeddings of face images (one row per image, with its path)",
             inputs=("model", "images"))
@@ -401,7 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .npz, .csv or .tsv")
     _from_config(p, "--batch-size", "evaluate", "batch_size", "images per embedding batch")
+    _face_options(p)
     return parser
+
+
+def _face_options(parser: argparse.ArgumentParser) -> None:
+    """`--face` and `--no-detect`: how photos are aligned for a model trained on aligned faces."""
+    from facenet_kfp.verify import FACE_RULES
+
+    parser.add_argument("--face", choices=FACE_RULES, default=FACE_RULES[0],
+                        help="for a model trained on aligned faces: the face used when a photo shows several, "
+                             "the most central or the largest (default central)")
+    parser.add_argument("--no-detect", action="store_true",
+                        help="for a model trained on aligned faces: the images are aligned crops already "
+                             "(the align step's); skip face detection")
 
 
 def _model_options(parser: argparse.ArgumentParser, what: str) -> None:

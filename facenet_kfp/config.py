@@ -27,7 +27,6 @@ import difflib
 import json
 import math
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 
 from facenet_kfp import objectives
 from facenet_kfp.errors import InputError
+from facenet_kfp.yaml12 import ConfigLoader, yaml_load  # noqa: F401  (re-exported: callers import them here)
 
 LFW_URL = "https://ndownloader.figshare.com/files/5976018"
 LFW_SHA256 = "055f7d9c632d7370e6fb4afc7468d40f970c34a80d4c6f50ffec63f5a8d536c0"
@@ -47,6 +47,7 @@ ARCHITECTURES = ("nn4_small2", "small_cnn")
 LOSSES = objectives.NAMES        # train.loss: the training objectives' table (objectives.OBJECTIVES)
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
+ALIGN_METHODS = ("none", "mtcnn")   # data.align; facenet_kfp.align implements mtcnn (without TensorFlow here)
 # Toleration keys as a Kubernetes manifest spells them -> kfp.kubernetes.add_toleration's arguments.
 TOLERATION_KEYS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
                    "tolerationSeconds": "toleration_seconds"}
@@ -55,29 +56,6 @@ MIN_IMAGE_SIZE = 32
 MAX_SEED = 2**32 - 1          # numpy's legacy seeding, which Keras uses, takes seeds below 2**32
 MAX_INT = 2**31 - 1           # a KFP int parameter is an int64; steps and counts stay far below
 MAX_BATCH = 4096              # train.p x train.k: FaceNet's own batches were 1,800 images
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2's floats: ``1e-3``, ``2E+4`` and ``.5`` are numbers (PyYAML's YAML 1.1 reads
-    an exponent without a dot as a string)."""
-
-
-ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
-                  |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str) -> Any:
-    """`text` as YAML, numbers read as YAML 1.2 reads them (`ConfigLoader`); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
@@ -200,7 +178,7 @@ def _check_sha256(key: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    """Steps 1-5: download, extract, labels, completion, splits."""
+    """Steps 1-5: download, extract, face alignment (optional), labels, completion, splits."""
     NAME: ClassVar[str] = "data"
     source_uri: str = setting(LFW_URL, "https://, gs://, file:// or a local path to the archive")
     sha256: str = setting(LFW_SHA256, "expected archive sha256; empty skips the check")
@@ -221,6 +199,14 @@ class DataConfig(Section):
     max_expansion: float = setting(20.0, "extract may write this many times the archive's size "
                                          "(at least 64 MiB); a compressed image archive expands little, "
                                          "a far larger output is a decompression bomb", minimum=1, maximum=1000)
+    align: str = setting("none", "face alignment: mtcnn adds an align step after each extract (five landmarks "
+                                 "warped onto a fixed template, align_size square), none uses the images as "
+                                 "extracted; decides the DAG when the pipeline is compiled", choices=ALIGN_METHODS)
+    align_size: int = setting(112, "side in pixels of the aligned face crops (112: the template's own size)",
+                              minimum=MIN_IMAGE_SIZE, maximum=512)
+    max_align_fallback_fraction: float = setting(0.5, "align fails when more of the images had no face found "
+                                                      "(each such image is kept as its centre square crop)",
+                                                 minimum=0, maximum=1)
     multiple: int = setting(4, "complete every identity up to a multiple of this many images (K; equals "
                                "train.k)", minimum=2, maximum=128)
     min_images: int = setting(1, "identities with fewer real images are not completed", minimum=1,
@@ -333,6 +319,9 @@ class ClusterConfig(Section):
     evaluate_cpu: str = setting("4", "CPU request and limit of evaluation")
     evaluate_memory: str = setting("16Gi", "memory request and limit of evaluation")
     evaluate_gpus: int = setting(0, "GPUs for evaluation (0: CPU only)", maximum=16)
+    align_cpu: str = setting("8", "CPU request and limit of face alignment (data.align; the detector uses them all)")
+    align_memory: str = setting("8Gi", "memory request and limit of face alignment")
+    align_gpus: int = setting(0, "GPUs for face alignment (0: CPU only)", maximum=16)
     accelerator_type: str = setting("nvidia.com/gpu", "GPU resource name (nvidia.com/gpu on open-source KFP)")
     gpu_node_selector: dict[str, str] = setting({}, "node labels the GPU tasks require, e.g. "
                                                     "{cloud.google.com/gke-accelerator: nvidia-l4}")
@@ -350,7 +339,7 @@ class ClusterConfig(Section):
 
     def check(self) -> None:
         for key in ("data_cpu", "data_memory", "train_cpu", "train_memory", "evaluate_cpu",
-                    "evaluate_memory", "accelerator_type", "shm_size"):
+                    "evaluate_memory", "align_cpu", "align_memory", "accelerator_type", "shm_size"):
             if not getattr(self, key):
                 raise InputError(f"cluster.{key} must not be empty")
         unknown = sorted(set(self.gpu_toleration) - set(TOLERATION_KEYS))
@@ -537,6 +526,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 # --- the pipeline parameters: one per config key of data, train and evaluate ---------------------
 
 EVAL_PARAMETERS = ("eval_source_uri", "eval_sha256")
+ALIGN_PARAMETERS = ("align_size", "max_align_fallback_fraction")   # parameters of the align step, with data.align on
+# Keys that decide the DAG when it is compiled (data.align: whether there are align steps): never parameters.
+DAG_KEYS = (("data", "align"),)
 SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_"}
 # Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
 CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
@@ -546,14 +538,17 @@ PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ..
 
 def parameter_keys() -> dict[str, tuple[str, str]]:
     """{pipeline parameter name: (config section, key)}, in signature order (`pipeline_parameters`
-    leaves out the evaluation archive's two when the config names none).
+    leaves out the evaluation archive's two when the config names none, the align step's two when
+    data.align is none).
 
     Data keys keep their names (``source_uri``), train and evaluate keys are
     prefixed ``train_`` and ``eval_`` (``train_learning_rate``, ``eval_folds``),
-    and two cluster keys, where the train task writes, are parameters too.
+    and two cluster keys, where the train task writes, are parameters too;
+    `DAG_KEYS` are not.
     """
     keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
-            for section in SECTION_PREFIX for f in dataclasses.fields(SECTIONS[section])}
+            for section in SECTION_PREFIX for f in dataclasses.fields(SECTIONS[section])
+            if (section, f.name) not in DAG_KEYS}
     keys.update({key: ("cluster", key) for key in CLUSTER_PARAMETERS})
     return keys
 
@@ -565,7 +560,8 @@ def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str
     """
     params = []
     for name, (section, key) in parameter_keys().items():
-        if name in EVAL_PARAMETERS and not config.data.eval_source_uri:
+        if (name in EVAL_PARAMETERS and not config.data.eval_source_uri) or \
+                (name in ALIGN_PARAMETERS and config.data.align == "none"):
             continue
         kind = typing.get_type_hints(SECTIONS[section])[key]
         if kind not in PARAMETER_TYPES:

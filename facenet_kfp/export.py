@@ -34,6 +34,13 @@ model.json keys::
     distance        {name: "squared_l2" | "l2" | "cosine", definition: "...", margin}: how two
                     embeddings compare, the training objective's distance (`objectives.Objective`;
                     model.json files of earlier versions have a boolean `squared` instead of `name`)
+    alignment       how the faces it was trained on were aligned: the aligned dataset's
+                    dataset.json "alignment" (`align.alignment_info`: {method: "mtcnn", detector,
+                    size, template, margin, ...}), or {method: "none"} for images used as
+                    extracted. verify and embed align each photo the same way before
+                    preprocessing (`align.align_photo`); the SavedModel's serve_image_bytes
+                    takes the aligned crops (it does not detect faces). A model.json without
+                    the key (earlier versions) is read as {method: "none"} (`alignment_of`)
     loss, margin, trained_steps, keras_version, backend, created (UTC ISO 8601)
     start_step      the step training began at: 0, or the checkpoint step it resumed from
     ...             whatever else train adds (input fingerprints, config, final metrics)
@@ -62,6 +69,8 @@ MODEL_JSON = "model.json"
 HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 SAVED_MODEL_DIR = "saved_model"
+DATASET_JSON = "dataset.json"           # a packed dataset's summary (extract's, or the align step's)
+NO_ALIGNMENT = {"method": "none"}       # model.json "alignment" of a model trained on unaligned images
 SCALE = "[-1,1]"
 LOAD_HINT = ("keras.saving.load_model('model.keras') in plain Keras 3, TensorFlow or JAX backend; "
              "no facenet_kfp import needed")
@@ -75,11 +84,14 @@ REQUIRED_METADATA = ("architecture", "preprocessing", "distance", "loss", "margi
                      "start_step")
 
 
-def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **extra: Any) -> dict[str, Any]:
+def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0,
+                      alignment: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """model.json content derived from a `TrainConfig` (architecture, preprocessing, distance, loss).
 
     The distance is the training objective's (`objectives.Objective.distance`, by
     name). start_step > 0 says the model continued a checkpoint at that step.
+    `alignment` is the training images' dataset.json "alignment" entry
+    (`dataset_alignment`); None: {"method": "none"}.
     """
     from facenet_kfp.preprocess import PREPROCESSING_VERSION
 
@@ -95,9 +107,49 @@ def artifact_metadata(config: Any, trained_steps: int, start_step: int = 0, **ex
         "margin": float(config.margin),
         "trained_steps": int(trained_steps),
         "start_step": int(start_step),
+        "alignment": dict(alignment) if alignment is not None else dict(NO_ALIGNMENT),
     }
     metadata.update(extra)
     return metadata
+
+
+def _checked_alignment(alignment: Any, where: str) -> dict[str, Any]:
+    """`alignment` when it is {"method": "none", ...} or {"method": "mtcnn", "size": int >= 1, ...};
+    InputError naming `where` otherwise."""
+    method = alignment.get("method") if isinstance(alignment, dict) else None
+    if method == "none":
+        return alignment
+    if method != "mtcnn":
+        raise InputError(f"{where}: alignment must be an object with method \"none\" or \"mtcnn\", "
+                         f"got {alignment!r}")
+    size = alignment.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"{where}: alignment of method mtcnn needs an integer size >= 1 (the aligned crop's "
+                         f"side in pixels), got {size!r}")
+    return alignment
+
+
+def dataset_alignment(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """How the images of a packed dataset were aligned: its dataset.json's "alignment" entry (the align
+    step's `align.alignment_info`), or {"method": "none"} when it has no dataset.json or no such entry
+    (extract's output). InputError naming the file for an entry that is not an alignment."""
+    path = Path(dataset_dir) / DATASET_JSON
+    if not path.is_file():
+        return dict(NO_ALIGNMENT)
+    info = read_json(path)
+    if not isinstance(info, dict) or "alignment" not in info:
+        return dict(NO_ALIGNMENT)
+    return _checked_alignment(info["alignment"], f"{path}: 'alignment'")
+
+
+def alignment_of(metadata: dict[str, Any], where: str | os.PathLike = MODEL_JSON) -> dict[str, Any] | None:
+    """The alignment the model was trained with, from model.json `metadata`: the "alignment" entry when
+    its method is mtcnn (it has the crop "size"), None for unaligned images (method "none", or no entry:
+    model.json files of earlier versions). InputError naming `where` for a malformed entry."""
+    if "alignment" not in metadata:
+        return None
+    alignment = _checked_alignment(metadata["alignment"], f"{where}: 'alignment'")
+    return None if alignment["method"] == "none" else alignment
 
 
 def _complete_metadata(model: Any, metadata: dict[str, Any]) -> dict[str, Any]:

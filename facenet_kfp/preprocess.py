@@ -21,6 +21,17 @@ as `tf_input.preprocess_image` to float precision. JPEGs differ by the decoder's
 inverse DCT only: TensorFlow's default is libjpeg's fast integer one, Pillow
 uses the accurate one (about one grey level on average).
 
+Aligned faces. When the images were aligned (the align step; model.json's
+``alignment``), each image is the aligned `size` x `size` crop of
+`align.align_photo`, stored as a JPEG, and the network sees it through this
+same definition: the centre box of `crop_fraction` of the aligned crop,
+resized to `image_size`, with the same augmentation when training. Nothing
+here depends on alignment, so the NumPy pipeline, tf.data, the SavedModel and
+verify / embed (which align each photo the align step's way first) give the
+same pixels for it, JPEG decoding aside as above (about two grey levels on
+average for a 112 px crop, which the resize averages less than LFW's 250 px);
+the parity tests check it on an aligned crop of a real photo.
+
 Augmentation draws come from `numpy.random.default_rng((seed, batch))`, row j
 for the image at position j, so batch n is the same whether a run got there
 without a break or resumed at n.

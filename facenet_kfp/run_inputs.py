@@ -18,9 +18,10 @@ from facenet_kfp.fsutil import file_sha256, local_path, read_json
 
 SUMMARY, RERUN_SUMMARY = "summary.json", "rerun-summary.json"
 # A file every folder of each importable artifact holds (eval_images: the evaluation archive's images;
-# pairs: the check pairs step's output).
+# pairs: the check pairs step's output; raw_images, eval_raw_images: extract's images before alignment).
 MARKERS = {"images": "manifest.jsonl", "completion": "manifest.jsonl", "labels": "labels.json",
-           "splits": "train.txt", "model": "model.json", "eval_images": "manifest.jsonl", "pairs": "pairs.json"}
+           "splits": "train.txt", "model": "model.json", "eval_images": "manifest.jsonl", "pairs": "pairs.json",
+           "raw_images": "manifest.jsonl", "eval_raw_images": "manifest.jsonl"}
 log = logging.getLogger(__name__)
 
 
@@ -45,11 +46,19 @@ def _local_path(uri: str, where: str) -> str:
     return str(path.expanduser().resolve())
 
 
-def artifacts_from_summary(path: Path, producers: Mapping[str, Producer]) -> dict[str, str]:
-    """Artifact URIs listed in a summary.json or rerun-summary.json (task outputs, then `artifacts`)."""
+def artifacts_from_summary(path: Path, producers: Mapping[str, Producer],
+                           aligned: Mapping[str, Producer] | None = None) -> dict[str, str]:
+    """Artifact URIs listed in a summary.json or rerun-summary.json (task outputs, then `artifacts`).
+
+    `aligned`: the producers in the DAG with face alignment, used when the
+    summary lists its align task (that run's ``images`` are the aligned ones).
+    """
     summary = read_json(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), list):
         raise InputError(f"{path}: not a pipeline summary (no 'tasks' list)")
+    if aligned is not None and any(isinstance(task, dict) and task.get("name") == aligned["images"].task
+                                   for task in summary["tasks"]):
+        producers = aligned
     listed = summary.get("artifacts", {})
     if not isinstance(listed, dict):
         raise InputError(f"{path}: 'artifacts' must be a mapping of name to URI")
@@ -65,8 +74,13 @@ def artifacts_from_summary(path: Path, producers: Mapping[str, Producer]) -> dic
     return found
 
 
-def resolve_source(spec: str, producers: Mapping[str, Producer]) -> tuple[dict[str, str], str]:
-    """({artifact name: uri}, a description of where they came from) for one --from value."""
+def resolve_source(spec: str, producers: Mapping[str, Producer],
+                   aligned: Mapping[str, Producer] | None = None) -> tuple[dict[str, str], str]:
+    """({artifact name: uri}, a description of where they came from) for one --from value.
+
+    `aligned`: the producers in the DAG with face alignment, used for a run that
+    has its align task (a summary listing it, a run folder holding its output).
+    """
     path = Path(spec).expanduser()
     if not path.exists() and "=" in spec:
         found = {}
@@ -81,7 +95,9 @@ def resolve_source(spec: str, producers: Mapping[str, Producer]) -> tuple[dict[s
     summaries = [path] if path.is_file() else [p for p in (path / SUMMARY, path / RERUN_SUMMARY) if p.is_file()]
     if summaries:
         newest = max(summaries, key=lambda p: p.stat().st_mtime_ns)
-        return artifacts_from_summary(newest, producers), str(newest)
+        return artifacts_from_summary(newest, producers, aligned), str(newest)
+    if aligned is not None and (path / aligned["images"].task / aligned["images"].output).exists():
+        producers = aligned
     found = {name: str(path / p.task / p.output) for name, p in producers.items()
              if (path / p.task / p.output).exists()}
     if not found:
@@ -198,12 +214,14 @@ def with_eval_source(overrides: dict[str, dict[str, Any]], source: str, sha256: 
     return overrides
 
 
-def resolve_sources(specs: list[str], producers: Mapping[str, Producer]) -> tuple[dict[str, str], list[str]]:
-    """Artifact URIs from every --from value (later ones win) and where each value pointed."""
+def resolve_sources(specs: list[str], producers: Mapping[str, Producer],
+                    aligned: Mapping[str, Producer] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Artifact URIs from every --from value (later ones win) and where each value pointed (`aligned`: see
+    `resolve_source`)."""
     found: dict[str, str] = {}
     described = []
     for spec in specs:
-        artifacts, where = resolve_source(spec, producers)
+        artifacts, where = resolve_source(spec, producers, aligned)
         log.info("--from %s: %s (%s)", spec, ", ".join(sorted(artifacts)) or "no artifacts", where)
         found.update(artifacts)
         described.append(where)

@@ -35,6 +35,7 @@ WIDTH = 110   # headline figures side by side up to this many characters
 KEY_FIGURES = {
     "download-archive": ["size", "sha256"],
     "extract-images": ["identities", "images", "skipped_total", "shards"],
+    "align-faces": ["identities", "images", "align_fallbacks"],
     "make-labels": ["identities", "singletons"],
     "complete-identities": ["generated", "identities_completed"],
     "split-identities": ["train_identities", "val_identities", "test_identities"],
@@ -47,7 +48,7 @@ KEY_FIGURES = {
 }
 _STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
 _EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
-_STEP_NUMBER = re.compile(r"(\d+)\.\s")
+_STEP_NUMBER = re.compile(r"(\d+)([a-z]?)\.\s")   # "2. extract images", "2a. align faces"
 
 
 @dataclass
@@ -132,12 +133,13 @@ def dag_order(records: list[TaskRecord]) -> list[TaskRecord]:
 
     The pipeline numbers its steps in DAG order (tests/test_pipeline.py checks
     that every task's upstream tasks have lower numbers), so the table reads the
-    same whichever order kfp.local ran independent tasks in. Tasks without a
-    number (a rerun's importers) come first, by display name.
+    same whichever order kfp.local ran independent tasks in; a step between two
+    numbers has a letter ("2a. align faces" follows "2. extract images"). Tasks
+    without a number (a rerun's importers) come first, by display name.
     """
-    def key(record: TaskRecord) -> tuple[int, str]:
+    def key(record: TaskRecord) -> tuple[int, str, str]:
         match = _STEP_NUMBER.match(record.display_name)
-        return (int(match.group(1)) if match else 0, record.display_name)
+        return (int(match.group(1)), match.group(2), record.display_name) if match else (0, "", record.display_name)
     return sorted(records, key=key)
 
 

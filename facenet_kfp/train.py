@@ -244,6 +244,7 @@ def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir
     """`train` from the TensorBoard folders on, with the checkpoint folder's lock held."""
     from facenet_kfp import export
 
+    alignment = export.dataset_alignment(dataset_dir)      # model.json records it: verify aligns photos the same way
     tensorboard = TensorBoardLog(tensorboard_dirs, run_key)
 
     policy = resolve_precision(config.precision)
@@ -282,7 +283,8 @@ def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir
     metrics = summary_metrics(state, train_end, train_end - train_start)
 
     final = evaluation_model(trainer, state)
-    metadata = export.artifact_metadata(config, state.step, start_step=start_step, inputs=fingerprints,
+    metadata = export.artifact_metadata(config, state.step, start_step=start_step, alignment=alignment,
+                                        inputs=fingerprints,
                                         resumed_from=restored, precision=policy, replicas=placement.replicas,
                                         train_config=to_dict(config), metrics=metrics,
                                         backend=backend(), batch_norm_statistics={

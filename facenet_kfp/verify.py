@@ -4,6 +4,15 @@ The model and its evaluated threshold come from a model folder and a
 threshold.json, or from a pipeline run (`run_artifacts`: the pipeline root's
 summary.json, or a run folder). A threshold.json is used only with the model it
 was evaluated for (`check_threshold_for_model`).
+
+A model trained on aligned faces (model.json's ``alignment``, method
+"mtcnn") gets each photo aligned the way the align step aligned its training
+images before preprocessing: the face detected, the one `face` picks (the most
+central, or the largest) warped onto the template at the recorded size
+(`align.align_photo`) and stored as the align step stores its crops (JPEG of
+its quality). A photo without a face is refused, naming it; ``detect=False``
+takes images that are aligned crops already. Other models see the photo as it
+is.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ EMBEDDING_FORMATS = (".npz", ".csv", ".tsv")
 # Where a local pipeline run keeps the model and the threshold (task folder, output name).
 RUN_MODEL = ("train-model", "model")
 RUN_THRESHOLDS = (("evaluate-model", "threshold"), ("evaluate-on-archive", "threshold"))
+# Which face of a photo with several stands for it (`align.choose_face`'s rules; align imports TensorFlow
+# only when it detects, but this module's import stays light).
+FACE_RULES = ("central", "largest")
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
@@ -181,8 +193,8 @@ def check_threshold_for_model(info: dict[str, Any], path: str | os.PathLike, mod
 
 
 def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_b: str | os.PathLike,
-                threshold: float | None = None, threshold_file: str | os.PathLike | None = None
-                ) -> dict[str, Any]:
+                threshold: float | None = None, threshold_file: str | os.PathLike | None = None,
+                detect: bool = True, face: str = "central") -> dict[str, Any]:
     """Are two face images the same person? Distance between their embeddings against a threshold.
 
     The threshold is, in order: `threshold` (in the model's own distance,
@@ -195,10 +207,17 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     value between unit vectors] (`MAX_DISTANCE`); a file's must have been
     evaluated for this model (`check_threshold_for_model`).
 
+    A model trained on aligned faces gets both photos aligned first (module
+    docstring; `face`: "central" or "largest", the face used when a photo
+    shows several; `detect=False`: the photos are aligned crops already).
+
     Returns ``{"distance", "threshold", "threshold_source", "distance_definition":
     "squared_l2" | "l2" | "cosine", "squared", "same", "verdict": "same person" |
-    "different people", "image_a", "image_b"}``.
+    "different people", "image_a", "image_b"}``; for a model trained on aligned
+    faces also ``"alignment"`` (`photo_alignment`) and, when detecting,
+    ``"faces"``: what `align_photos` found in image_a and image_b.
     """
+    check_face_rule(face)
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise InputError(f"threshold must be a finite number, got {threshold!r}")
@@ -222,6 +241,12 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     else:
         threshold = check_threshold_value(threshold, name, "threshold")
 
+    # Faces are detected before the model load too: a photo without one fails at once.
+    alignment = photo_alignment(metadata, model_dir, detect, face)
+    faces = None
+    if alignment["method"] != "none" and detect:
+        (data_a, data_b), faces = align_photos([data_a, data_b], [image_a, image_b], alignment)
+
     model, metadata, _ = _load_model(model_dir)
     from facenet_kfp import export
 
@@ -230,21 +255,97 @@ def verify_pair(model_dir: str | os.PathLike, image_a: str | os.PathLike, image_
     same = distance < float(threshold)
     log.info("%s vs %s: distance %.4f (%s), threshold %.4f: %s", image_a, image_b, distance,
              DISTANCE_LABELS[name], threshold, "same person" if same else "different people")
-    return {"distance": distance, "threshold": float(threshold),
-            "threshold_source": "argument" if source_path is None else str(source_path),
-            "distance_definition": name, "squared": name == "squared_l2", "same": bool(same),
-            "verdict": "same person" if same else "different people",
-            "image_a": str(image_a), "image_b": str(image_b)}
+    result = {"distance": distance, "threshold": float(threshold),
+              "threshold_source": "argument" if source_path is None else str(source_path),
+              "distance_definition": name, "squared": name == "squared_l2", "same": bool(same),
+              "verdict": "same person" if same else "different people",
+              "image_a": str(image_a), "image_b": str(image_b)}
+    if alignment["method"] != "none":
+        result["alignment"] = alignment
+        if faces is not None:
+            result["faces"] = faces
+    return result
+
+
+# --- photos of a model trained on aligned faces -----------------------------------------------
+
+def check_face_rule(face: str) -> None:
+    """InputError unless `face` is one of FACE_RULES."""
+    if face not in FACE_RULES:
+        raise InputError(f"face must be one of {', '.join(FACE_RULES)}, got {face!r}")
+
+
+def photo_alignment(metadata: dict[str, Any], model_dir: str | os.PathLike, detect: bool = True,
+                    face: str = "central") -> dict[str, Any]:
+    """What is done to each photo before preprocessing, from model.json `metadata` (`export.alignment_of`).
+
+    ``{"method": "none"}`` for a model trained on unaligned images (photos used
+    as they are; `detect` and `face` change nothing); else ``{"method":
+    "mtcnn", "size": S, "detect": True, "face": "central" | "largest",
+    "jpeg_quality": Q}`` (each photo aligned to an S x S crop stored as a JPEG
+    of quality Q, the align step's), or with `detect` False ``{"method":
+    "mtcnn", "size": S, "detect": False}`` (the photos are taken as aligned
+    crops already).
+    """
+    from facenet_kfp import export
+
+    alignment = export.alignment_of(metadata, Path(model_dir) / MODEL_JSON)
+    if alignment is None:
+        if not detect or face != "central":
+            log.info("%s was trained on unaligned images: photos are used as they are (no face detection)",
+                     model_dir)
+        return {"method": "none"}
+    if not detect:
+        return {"method": alignment["method"], "size": int(alignment["size"]), "detect": False}
+    from facenet_kfp import align
+
+    quality = alignment.get("jpeg_quality", align.ALIGN_JPEG_QUALITY)
+    return {"method": alignment["method"], "size": int(alignment["size"]), "detect": True, "face": face,
+            "jpeg_quality": int(quality)}
+
+
+def align_photos(images: Sequence[bytes], paths: Sequence[str | os.PathLike], alignment: dict[str, Any]
+                 ) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """Each encoded photo's face aligned as the align step aligns it, and what was found in each.
+
+    `alignment` is `photo_alignment`'s (method mtcnn, detecting):
+    `align.align_photo` with its size and face rule, the crop encoded as a JPEG
+    of its quality. Returns (the crops' bytes, one ``{"path", "faces" (number
+    found), "chosen" (the rule), "score", "box" ([x, y, w, h] in the photo's
+    pixels)}`` per photo). InputError naming the file when a photo shows no face.
+    """
+    from facenet_kfp import align, codec
+
+    detector = align.FaceDetector()
+    crops, found = [], []
+    for data, path in zip(images, paths):
+        try:
+            crop, info = align.align_photo(data, size=alignment["size"], detector=detector,
+                                           choose=alignment["face"], where=str(path))
+        except InputError as exc:
+            raise InputError(f"{exc} (the model was trained on faces aligned by {alignment['method']}; pass "
+                             f"--no-detect for images that are aligned {alignment['size']}x{alignment['size']} "
+                             f"crops already)") from None
+        crops.append(codec.encode_jpeg(crop, alignment["jpeg_quality"]))
+        found.append({"path": str(path), "faces": int(info["faces"]), "chosen": info["chosen"],
+                      "score": info["score"], "box": info["box"]})
+        log.info("%s: %d face(s) found, the %s one used (score %.3f)", path, info["faces"],
+                 "most central" if info["chosen"] == "central" else "largest", info["score"])
+    return crops, found
 
 
 def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
-                out_file: str | os.PathLike, batch_size: int = 64) -> dict[str, Any]:
+                out_file: str | os.PathLike, batch_size: int = 64, detect: bool = True,
+                face: str = "central") -> dict[str, Any]:
     """Embed image files with the model and its preprocessing; write them to `out_file` atomically.
 
     Format by extension: ``.npz`` holds ``embeddings`` (float32 [N, D]) and
     ``paths`` (str [N]); ``.csv`` / ``.tsv`` have a header ``path,e0,...,e{D-1}``
     and one row per image (comma or tab separated). Rows follow `paths`.
-    Returns ``{"images": N, "dim": D, "out": str(out_file)}``.
+    Returns ``{"images": N, "dim": D, "out": str(out_file)}``. A model trained
+    on aligned faces gets each photo aligned first (as `verify_pair`; `detect`,
+    `face`), and the summary adds ``"alignment"`` (`photo_alignment`) and, when
+    detecting, ``"faces"``: per image, what `align_photos` found.
     """
     out_file = Path(out_file)
     suffix = out_file.suffix.lower()
@@ -252,6 +353,7 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
         raise InputError(f"{out_file}: output must end in {', '.join(EMBEDDING_FORMATS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_face_rule(face)
     paths = [str(p) for p in paths]
     if not paths:
         raise InputError("no image files to embed")
@@ -259,14 +361,20 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
     # Check every file before the (slow) model load, so a typo fails at once.
     for path in paths:
         check_image_path(path)
+    alignment = photo_alignment(read_json(_check_model_dir(model_dir) / MODEL_JSON), model_dir, detect, face)
     model, metadata, _ = _load_model(model_dir)
     from facenet_kfp import export
 
+    detecting = alignment["method"] != "none" and detect
+    faces: list[dict[str, Any]] = []
     chunk = max(batch_size * 8, 256)
     parts = []
     with Progress("embedding images", total=len(paths), unit="images", logger=log) as progress:
         for start in range(0, len(paths), chunk):
             images = [read_image_file(p) for p in paths[start:start + chunk]]
+            if detecting:
+                images, found = align_photos(images, paths[start:start + chunk], alignment)
+                faces.extend(found)
             parts.append(np.asarray(export.embed_images(model, metadata, images, batch_size), dtype=np.float32))
             progress.update(len(images))
     embeddings = np.concatenate(parts)
@@ -285,7 +393,12 @@ def embed_files(model_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
                 # 9 significant digits print any float32 exactly (it reads back bit for bit).
                 writer.writerow([path] + [f"{v:.9g}" for v in row.tolist()])
     log.info("wrote %d embeddings of dimension %d to %s", len(paths), dim, out_file)
-    return {"images": len(paths), "dim": dim, "out": str(out_file)}
+    summary: dict[str, Any] = {"images": len(paths), "dim": dim, "out": str(out_file)}
+    if alignment["method"] != "none":
+        summary["alignment"] = alignment
+        if detecting:
+            summary["faces"] = faces
+    return summary
 
 
 def _check_embeddings_replaceable(out_file: Path) -> None:

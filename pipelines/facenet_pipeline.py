@@ -1,5 +1,5 @@
-"""The eight-step DAG. Pipeline parameters mirror the config keys (`facenet_kfp.config.parameter_keys`);
-defaults come from a config. Each task receives only
+"""The eight-step DAG (nine with face alignment). Pipeline parameters mirror the config keys
+(`facenet_kfp.config.parameter_keys`); defaults come from a config. Each task receives only
 the parameters that concern it, so the cache key of a step changes only when
 its own inputs do (see README, "Caching"). `STEPS` is the one description of
 the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`)
@@ -11,9 +11,10 @@ training waits for it, so a bad pairs file fails the run before training.
 Evaluation reads the checked copy.
 
 Each step carries its cluster policy (`Policy`: image, resources, retries,
-credentials, shared memory), which `apply_cluster_settings` applies; the DAG
-with a separate evaluation archive is `STEPS` edited by step name
-(`EVALUATION_ARCHIVE`). Adding a step is a row in `STEPS` and its component
+credentials, shared memory), which `apply_cluster_settings` applies; the DAGs
+with face alignment (`ALIGNMENT`: config data.align) and with a separate
+evaluation archive (`EVALUATION_ARCHIVE`) are `STEPS` edited by step name, and
+combine. Adding a step is a row in `STEPS` and its component
 (``components/<name>.py``, registered in ``components.COMPONENTS``).
 """
 
@@ -55,6 +56,7 @@ RESOURCES = {
     "data": Resources("data_cpu", "data_memory"),
     "train": Resources("train_cpu", "train_memory", "train_gpus"),
     "evaluate": Resources("evaluate_cpu", "evaluate_memory", "evaluate_gpus"),
+    "align": Resources("align_cpu", "align_memory", "align_gpus"),
 }
 _CLUSTER_FIELDS = frozenset(f.name for f in dataclasses.fields(ClusterConfig))
 _IMAGE_KINDS = tuple(f.name for f in dataclasses.fields(Images))
@@ -193,21 +195,43 @@ EVALUATION_ARCHIVE = Branch(
 )
 
 
+# With face alignment (config data.align other than none decides at compile time): an align step after
+# each extract, which reads extract's images under another name and gives the aligned ones the name
+# every later step reads, so labels, completion, training and evaluation see aligned faces only.
+ALIGN = Step("align", "2a. align faces", ("raw_images",),
+             {"size": "align_size", "max_fallback_fraction": "max_align_fallback_fraction"},
+             policy=Policy(image="trainer", resources="align"), rerunnable=True)
+ALIGNMENT = Branch(replace={"extract": {"renamed": {"images": "raw_images"}}}, insert={"extract": (ALIGN,)})
+# Both: the evaluation archive's download, extract and align follow the training archive's align.
+EVALUATION_ARCHIVE_ALIGNED = Branch(replace=EVALUATION_ARCHIVE.replace, insert={"align": (
+    EVAL_BRANCH[0],
+    dataclasses.replace(EVAL_BRANCH[1], renamed={"archive": "eval_archive", "images": "eval_raw_images"}),
+    dataclasses.replace(ALIGN, display_name="2a. align faces of the evaluation archive",
+                        renamed={"raw_images": "eval_raw_images", "images": "eval_images"}),
+)})
+
+
 def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
-    """The DAG's steps in order: `STEPS`, or with an evaluation archive its branch and evaluation on it."""
-    return dag_steps(bool(config.data.eval_source_uri))
+    """The DAG's steps in order: `STEPS`, with face alignment its align steps, with an evaluation archive
+    its branch and evaluation on it."""
+    return dag_steps(bool(config.data.eval_source_uri), config.data.align != "none")
 
 
-def dag_steps(evaluation_archive: bool) -> tuple[Step, ...]:
-    """`STEPS`, or with `evaluation_archive` the steps of the DAG with the evaluation archive's branch."""
-    return EVALUATION_ARCHIVE.apply(STEPS) if evaluation_archive else STEPS
+def dag_steps(evaluation_archive: bool, align: bool = False) -> tuple[Step, ...]:
+    """`STEPS`, with `align` an align step after each extract, with `evaluation_archive` the evaluation
+    archive's branch."""
+    steps = ALIGNMENT.apply(STEPS) if align else STEPS
+    if evaluation_archive:
+        steps = (EVALUATION_ARCHIVE_ALIGNED if align else EVALUATION_ARCHIVE).apply(steps)
+    return steps
 
 
 def component_images() -> dict[str, str]:
-    """{component name: the `components.Images` field it runs in}, from the policies of the steps of both
-    DAGs; a component runs in one image, so steps that share it must agree."""
+    """{component name: the `components.Images` field it runs in}, from the policies of the steps of every
+    DAG; a component runs in one image, so steps that share it must agree."""
     images: dict[str, str] = {}
-    for step in (*dag_steps(False), *dag_steps(True)):
+    every = [step for archive in (False, True) for align in (False, True) for step in dag_steps(archive, align)]
+    for step in every:
         if images.setdefault(step.name, step.policy.image) != step.policy.image:
             raise ValueError(f"steps of component {step.name!r} name two images: "
                              f"{images[step.name]} and {step.policy.image}")

@@ -4,7 +4,7 @@
 runs the eight steps (SubprocessRunner in this venv, or DockerRunner with
 `--runner docker`), caching on; which archive and pairs.txt it uses:
 `facenet_kfp.runs.data_sources`. `--rerun STEP --from SOURCE [--with-evaluate]`
-runs one step (train, evaluate, complete, splits or labels) on the artifacts of
+runs one step (train, evaluate, complete, splits, labels or align) on the artifacts of
 an earlier run, each brought in by a `dsl.importer`; a SOURCE is a pipeline root,
 a summary file, a run folder or ``images=PATH,splits=PATH``
 (`facenet_kfp.runs.resolve_source`), later ones winning per artifact. `--set`
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 from kfp import dsl, local
 
 from components import DEFAULT_IMAGES, Images, build_components, producers
-from facenet_kfp.config import PipelineConfig, assignments_label, load_config, parse_assignments
+from facenet_kfp.config import PipelineConfig, assignments_label, load_config, parse_assignments, to_dict
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.fsutil import atomic_file
 from facenet_kfp.progress import EVERY_ENV, progress_message
@@ -44,15 +44,16 @@ from facenet_kfp.pairs import read_checked_pairs
 from facenet_kfp.runs import (RERUN_SUMMARY, SUMMARY, TaskRecord, Tee, artifact_summary, check_inputs, dag_order,
                               data_sources, report_summary, resolve_sources, step_overrides, summarise,
                               task_error, used_evaluation_archive, with_eval_source)
-from pipelines.facenet_pipeline import (PIPELINE_NAME, STEPS, Step, add_tasks, build_pipeline, dag_steps,
-                                        parameter_keys, pipeline_parameters)
+from pipelines.facenet_pipeline import (PIPELINE_NAME, Step, add_tasks, build_pipeline, dag_steps,
+                                        parameter_keys)
 from facenet_kfp.runs import strip_ansi, table_width
 from pipelines.kfp_internals import observe_local_tasks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIGHT_IMAGE, DEFAULT_TRAINER_IMAGE = DEFAULT_IMAGES.light, DEFAULT_IMAGES.trainer
-RERUNNABLE = tuple(step.name for step in STEPS if step.rerunnable)   # `--rerun` choices, in DAG order
+# `--rerun` choices, in DAG order: the rows marked rerunnable, align's included (the DAG with alignment).
+RERUNNABLE = tuple(step.name for step in dag_steps(evaluation_archive=False, align=True) if step.rerunnable)
 
 
 LOGS = "logs"                  # the pipeline root's folder of task logs: <task>.log, appended per run
@@ -359,17 +360,25 @@ def rerun_overrides(items: list[str], steps: list[str], option: str = "--set") -
     A rerun of evaluate also takes the pairs check's parameters (`rerun_steps`).
     Errors name `option` (``SET`` for make's).
     """
-    reads = {step.name: set(step.parameters.values()) for step in STEPS}
+    reads = {step.name: set(step.parameters.values()) for step in dag_steps(evaluation_archive=False, align=True)}
     reads["evaluate"] |= reads["check_pairs"]
     return step_overrides(items, steps, reads, {"train": "train", "evaluate": "evaluate"}.get(steps[0], "data"),
                           option=option)
 
 
+def parameter_values(config: PipelineConfig) -> dict[str, Any]:
+    """{pipeline parameter: its value in `config`} of every parameter, also those a compiled DAG leaves out
+    (align's two when data.align is none: a rerun of align reads them)."""
+    return {name: to_dict(getattr(config, section))[key] for name, (section, key) in parameter_keys().items()}
+
+
 def rerun_steps(names: list[str], evaluation_archive: bool) -> list[Step]:
     """The steps of the DAG a rerun of `names` adds, in DAG order: with `evaluation_archive` (the run
-    evaluated on a separate archive) those of that DAG: evaluation on the archive, splits without a test split."""
+    evaluated on a separate archive) those of that DAG: evaluation on the archive, splits without a test split.
+    A rerun of align aligns the training archive's images (the DAG with alignment)."""
     wanted = set(names) | ({"evaluate_on_archive"} if "evaluate" in names else set())
-    return [step for step in dag_steps(evaluation_archive) if step.name in wanted]
+    align = "align" in names
+    return [step for step in dag_steps(evaluation_archive and not align, align) if step.name in wanted]
 
 
 def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: PipelineConfig,
@@ -381,15 +390,22 @@ def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: Pipel
     if evaluation_archive is None:
         evaluation_archive = bool(config.data.eval_source_uri)
     components = build_components(images)
-    values = {name: default for name, _, default, _ in pipeline_parameters(config)}
+    values = parameter_values(config)
+    steps = rerun_steps(names, evaluation_archive)
+    # Each importer's artifact class: that of the step input reading it (align's raw_images, which no
+    # producer of a whole run's artifacts lists), else its producer's.
+    classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model)}
+    read_as = {s.renamed.get(arg, arg): classes[components[s.name].component_spec.inputs[arg].type.split("@")[0]]
+               for s in steps for arg in s.inputs}
 
     def dag():  # no return annotation: kfp would read the string "None" as an output
         imported = {}
         for name, uri in inputs.items():
-            task = dsl.importer(artifact_uri=uri, artifact_class=producers()[name].cls, reimport=False)
+            cls = read_as[name] if name in read_as else producers()[name].cls
+            task = dsl.importer(artifact_uri=uri, artifact_class=cls, reimport=False)
             task.set_display_name(f"import {name}")
             imported[name] = task.output
-        add_tasks(components, rerun_steps(names, evaluation_archive), values, imported)
+        add_tasks(components, steps, values, imported)
 
     dag.__name__ = f"facenet_rerun_{names[0]}"
     return dsl.pipeline(name=f"{PIPELINE_NAME}-rerun-{names[0]}",
@@ -422,14 +438,18 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
     if "evaluate" in names and PAIRS_KEYS & set(overrides.get("data", {})):
         names.append("check_pairs")
     config = load_config(config_path, overrides, overrides_from=assignments_label(sets or [], set_option))
-    found, described = resolve_sources(sources, producers())
+    found, described = resolve_sources(sources, producers(), producers(align=True))
+    if "align" in names and "raw_images" not in found and "images" in found:
+        found["raw_images"] = found["images"]       # a run without alignment: its images are extract's
+    # The artifacts' producers in the DAG the run used (with alignment, images are the align task's).
+    family = producers(align="align" in names or config.data.align != "none" or "raw_images" in found)
     evaluation_archive = bool(config.data.eval_source_uri) or used_evaluation_archive(found)
     steps = rerun_steps(names, evaluation_archive)
-    produced = {name for name, p in producers().items() if p.step in names}
+    produced = {name for name, p in family.items() if p.step in names}
     needed = tuple(dict.fromkeys(s.renamed.get(name, name) for s in steps for name in s.inputs
                                  if s.renamed.get(name, name) not in produced))
     try:
-        inputs = check_inputs(needed, found, described, producers())
+        inputs = check_inputs(needed, found, described, family)
     except InputError as exc:
         if "pairs" in needed and "pairs" not in found:
             raise InputError(f"{exc}; or check a pairs file in this rerun: --set pairs_uri=URI "
@@ -442,12 +462,12 @@ def rerun(step: str, sources: list[str], config_path: str | None, pipeline_root:
     kfp_runner, containers = make_runner(runner, root, config)
     records, failure, seconds = execute(pipeline, root, kfp_runner, enable_caching, containers, verbose=verbose)
     artifacts = {**found, **inputs}
-    by_output = {(p.task, p.output): name for name, p in producers().items()}
+    by_output = {(p.task, p.output): name for name, p in family.items()}
     for record in records:
         for output, value in record.outputs.items():
             if (name := by_output.get((record.name, output))) and record.status != "FAILED":
                 artifacts[name] = value["uri"]
-    values = {name: default for name, _, default, _ in pipeline_parameters(config)}
+    values = parameter_values(config)
     used = sorted({param for s in steps for param in s.parameters.values()})
     return summarise(f"{PIPELINE_NAME}-rerun-{step}", records, failure, seconds, root / RERUN_SUMMARY,
                      step=step, with_evaluate=with_evaluate, evaluation_archive=evaluation_archive,

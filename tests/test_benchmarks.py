@@ -381,7 +381,8 @@ def test_recipe_benchmark_smoke_run_prints_and_writes_every_figure(tmp_path):
 
 
 def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
-    out = _run_benchmark("preprocess", "--identities", "20", "--rounds", "1", "--work", str(tmp_path))
+    out = _run_benchmark("preprocess", "--identities", "20", "--rounds", "1", "--align-images", "6",
+                         "--work", str(tmp_path))
     _machine_named(out)
     rows = re.search(r"^step +seconds +items/s +peak RSS MB +all processes MB\n((?:.+\n){5})", out, re.M)
     assert rows, out
@@ -390,3 +391,10 @@ def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
     for text in ("Pillow raw decode:", "extract throughput:", "raw decode+augment+encode:",
                  "completion throughput:", "(target < 2 s each)"):
         assert text in out, text
+    try:
+        import mtcnn  # noqa: F401
+    except ImportError:
+        assert "align: skipped, it needs the mtcnn package" in out
+    else:
+        assert re.search(r"^align \(mtcnn, CPU\): 6 images in [\d.]+ s, 2 in [\d.]+ s; the difference: "
+                         r"-?[\d.]+ images/s, -?[\d.]+ images/s per core", out, re.M), out

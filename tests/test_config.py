@@ -341,3 +341,57 @@ def test_image_size_minimum_is_the_networks():
     assert MIN_IMAGE_SIZE == max(model.MIN_INPUT_SIZE.values())
     for architecture in ARCHITECTURES:
         model.build_embedding_model((MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), 8, architecture)
+
+
+# --- face alignment: data.align chooses the DAG, its two settings are the align step's parameters -------
+
+def test_align_keys_defaults_and_limits():
+    data = DataConfig()
+    assert (data.align, data.align_size, data.max_align_fallback_fraction) == ("none", 112, 0.5)
+    assert DataConfig(align="mtcnn", align_size=160, max_align_fallback_fraction=0).align == "mtcnn"
+    for values, message in (({"align": "dlib"}, r"data\.align must be one of none, mtcnn; got 'dlib'"),
+                            ({"align_size": 16}, r"data\.align_size must be at least 32, got 16"),
+                            ({"align_size": 1024}, r"data\.align_size must be at most 512, got 1024"),
+                            ({"max_align_fallback_fraction": 1.5},
+                             r"data\.max_align_fallback_fraction must be at most 1, got 1\.5")):
+        with pytest.raises(InputError, match=message):
+            DataConfig(**values)
+
+
+def test_align_methods_are_the_align_modules_and_config_imports_no_tensorflow():
+    import subprocess
+    import sys
+
+    from facenet_kfp import align, config
+
+    assert config.ALIGN_METHODS == align.ALIGN_METHODS == ("none", "mtcnn")
+    assert DataConfig().align_size == align.DEFAULT_ALIGN_SIZE
+    code = ("import sys, facenet_kfp.config; "
+            "print(sorted(m for m in ('tensorflow', 'mtcnn', 'facenet_kfp.align') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+
+
+def test_align_is_compiled_in_and_its_settings_are_parameters_only_with_it_on():
+    from facenet_kfp.config import ALIGN_PARAMETERS, parameter_keys, pipeline_parameters
+
+    keys = parameter_keys()
+    assert ("data", "align") not in keys.values()
+    assert {name: keys[name] for name in ALIGN_PARAMETERS} == {
+        "align_size": ("data", "align_size"), "max_align_fallback_fraction": ("data", "max_align_fallback_fraction")}
+    off = {name: default for name, _, default, _ in pipeline_parameters(load_config())}
+    on = {name: default for name, _, default, _ in
+          pipeline_parameters(load_config(overrides={"data": {"align": "mtcnn", "align_size": 96}}))}
+    assert set(on) - set(off) == set(ALIGN_PARAMETERS)
+    assert (on["align_size"], on["max_align_fallback_fraction"]) == (96, 0.5)
+    # As a run parameter it is refused by name; as a config key it is an ordinary override.
+    with pytest.raises(InputError, match="align: not a config key"):
+        parse_assignments(["align=mtcnn"], keys)
+    assert parse_assignments(["data.align=mtcnn"], keys) == {"data": {"align": "mtcnn"}}
+
+
+def test_dataset_configs_align_and_keep_the_whole_aligned_crop():
+    for name in ("lfw", "casia", "vggface2"):
+        config = load_config(Path(__file__).resolve().parents[1] / f"configs/{name}.yaml")
+        assert (config.data.align, config.data.align_size, config.train.crop_fraction) == ("mtcnn", 112, 1.0), name
+    assert load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml").data.align == "none"

@@ -344,3 +344,38 @@ def test_plot_curves_without_validation(tmp_path):
     export.plot_curves({"train": HISTORY["train"], "val": []}, tmp_path / "c.png")
     export.plot_curves({"train": [], "val": []}, tmp_path / "empty.png")
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "empty.png").is_file()
+
+
+def test_model_json_records_the_training_images_alignment(tmp_path):
+    """train passes dataset_alignment(images) to artifact_metadata: the align step's entry, or method none."""
+    entry = {"method": "mtcnn", "detector": "mtcnn 1.0.0", "size": 112, "template": [[38.3, 51.7]] * 5,
+             "margin": "ArcFace 112x112 five-point template"}
+    assert export.artifact_metadata(CONFIG, 1)["alignment"] == {"method": "none"}
+    assert export.artifact_metadata(CONFIG, 1, alignment=entry)["alignment"] == entry
+
+    dataset = tmp_path / "images"
+    dataset.mkdir()
+    assert export.dataset_alignment(dataset) == {"method": "none"}              # no dataset.json
+    (dataset / "dataset.json").write_text(json.dumps({"images": 3, "identities": 2}))
+    assert export.dataset_alignment(dataset) == {"method": "none"}              # extract's dataset.json
+    (dataset / "dataset.json").write_text(json.dumps({"images": 3, "alignment": entry}))
+    assert export.dataset_alignment(dataset) == entry
+    (dataset / "dataset.json").write_text(json.dumps({"alignment": {"method": "dlib", "size": 112}}))
+    with pytest.raises(InputError, match=r"images/dataset\.json: 'alignment': alignment must be an object "
+                                         r"with method \"none\" or \"mtcnn\""):
+        export.dataset_alignment(dataset)
+
+    assert export.alignment_of({"alignment": entry}) == entry
+    assert export.alignment_of({"alignment": {"method": "none"}}) is None
+    assert export.alignment_of({}) is None                                      # model.json of earlier versions
+    with pytest.raises(InputError, match=r"m/model\.json: 'alignment': .*needs an integer size >= 1"):
+        export.alignment_of({"alignment": {"method": "mtcnn", "size": "112"}}, "m/model.json")
+
+
+def test_the_alignment_entry_survives_the_save_load_round_trip(tmp_path):
+    entry = {"method": "mtcnn", "detector": "mtcnn 1.0.0", "size": 96, "template": [[32.8, 44.3]] * 5}
+    model = build_embedding_model((32, 32, 3), 16, architecture="small_cnn")
+    export.save_model_artifact(model, tmp_path / "m", export.artifact_metadata(CONFIG, 1, alignment=entry), HISTORY)
+    _, metadata = export.load_model_artifact(tmp_path / "m")
+    assert metadata["alignment"] == entry
+    assert export.alignment_of(metadata) == entry

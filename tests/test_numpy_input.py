@@ -105,6 +105,38 @@ def test_preprocess_matches_tensorflow_on_jpegs():
     assert np.percentile(diffs, 99) < 5.0, np.percentile(diffs, 99)
 
 
+def test_an_aligned_face_crop_preprocesses_alike_in_numpy_and_tensorflow():
+    """The align step's output (a real photo warped onto the template, stored as its JPEG) goes through the
+    same definition in both: the crop's pixels to float precision; its JPEG up to the decoders' inverse DCT
+    (about two grey levels on average here: a 112 px crop is averaged less than a 250 px LFW image)."""
+    tf = pytest.importorskip("tensorflow")
+    from matplotlib import cbook
+
+    from facenet_kfp import align, codec
+    from facenet_kfp.tf_input import preprocess_image
+
+    # grace_hopper.jpg's five landmarks (as MTCNN finds them), template order.
+    landmarks = np.array([[220.4, 190.2], [308.2, 186.1], [268.3, 237.4], [231.7, 277.0], [303.6, 272.9]])
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as photo:
+        crop = align.warp_face(photo, landmarks, 112)
+    assert crop.size == (112, 112) and crop.mode == "RGB"
+    jpeg = codec.encode_jpeg(crop, align.ALIGN_JPEG_QUALITY)
+    accurate = tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE").numpy()
+    np.testing.assert_array_equal(np.asarray(decode_rgb(jpeg)), accurate)
+    for size, crop_fraction in ((96, 1.0), (96, 0.875), (64, 0.6)):
+        for pixels in (png(crop), png(Image.fromarray(accurate))):    # the crop, and its JPEG as decoded
+            ours = pre.preprocess_array(pixels, size, crop_fraction)
+            reference = preprocess_image(tf.constant(pixels), size, crop_fraction).numpy()
+            assert ours.shape == (size, size, 3)
+            np.testing.assert_allclose(ours, reference, atol=1e-4)
+        ours = pre.preprocess_array(jpeg, size, crop_fraction)
+        diffs = np.abs(ours - preprocess_image(tf.constant(jpeg), size, crop_fraction).numpy()) / LEVEL
+        assert diffs.mean() < 2.5 and np.percentile(diffs, 99) < 10.0, (diffs.mean(), np.percentile(diffs, 99))
+    # The crop is the face: eyes on the template's eye line, not the photo's background.
+    eyes = align.apply_transform(align.similarity_transform(landmarks, align.template(112)), landmarks[:2])
+    np.testing.assert_allclose(eyes, align.TEMPLATE_112[:2], atol=2.0)
+
+
 def test_crop_box_follows_tensorflow_rounding():
     # Centre box: round-half-to-even in float32, as tf.round.
     assert pre.crop_box(250, 250, 0.6) == (50, 50, 150, 150)

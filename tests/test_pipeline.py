@@ -13,8 +13,16 @@ from pipelines.compile import compile_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/golden/facenet_pipeline.yaml"
 LIGHT, TRAINER = "registry.example/facenet-kfp:golden", "registry.example/facenet-kfp-trainer:golden"
-DATA_TASKS = ["download-archive", "extract-images", "make-labels", "complete-identities",
+DATA_TASKS = ["download-archive", "extract-images", "align-faces", "make-labels", "complete-identities",
               "split-identities", "check-pairs"]
+STEP_NUMBER = re.compile(r"(\d+)([a-z]?)\. ")   # "2. extract images", "2a. align faces"
+
+
+def _position(display_name: str) -> tuple[int, str]:
+    """A task's place in the DAG from its display name: (number, letter)."""
+    match = STEP_NUMBER.match(display_name)
+    assert match, display_name
+    return int(match.group(1)), match.group(2)
 
 
 def _compile(tmp_path, config=ROOT / "configs/lfw.yaml", name="p.yaml", light=LIGHT, trainer=TRAINER):
@@ -55,16 +63,16 @@ def test_golden_comparison_ignores_only_the_sdk_version():
 
 
 def test_step_numbers_follow_the_dag(tmp_path):
-    """Display names number the steps 1..8 so that every task's upstream tasks have lower numbers:
-    the run table sorts by them (pipelines/run_local.py, dag_order)."""
+    """Display names number the steps 1..8 (a step between two: a letter, "2a. align faces") so that every
+    task's upstream tasks come earlier: the run table sorts by them (pipelines/run_local.py, dag_order)."""
     spec, _ = _docs(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
-    number = {name: int(re.match(r"(\d+)\. ", t["taskInfo"]["name"]).group(1)) for name, t in tasks.items()}
-    assert sorted(number.values()) == list(range(1, len(tasks) + 1))
+    number = {name: _position(t["taskInfo"]["name"]) for name, t in tasks.items()}
+    assert sorted(number.values()) == [(1, ""), (2, ""), (2, "a"), *((n, "") for n in range(3, 9))]
     for name, task in tasks.items():
         upstream = set(task.get("dependentTasks", [])) | {
             a["taskOutputArtifact"]["producerTask"] for a in task.get("inputs", {}).get("artifacts", {}).values()}
-        assert upstream or number[name] == 1, f"{name} has no upstream task"
+        assert upstream or number[name] == (1, ""), f"{name} has no upstream task"
         assert all(number[u] < number[name] for u in upstream), (name, upstream)
 
 
@@ -72,7 +80,8 @@ def test_images_are_the_given_references(tmp_path):
     spec, _ = _docs(tmp_path)
     images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
     assert images == {
-        "exec-download-archive": LIGHT, "exec-extract-images": LIGHT, "exec-make-labels": LIGHT,
+        "exec-download-archive": LIGHT, "exec-extract-images": LIGHT, "exec-align-faces": TRAINER,
+        "exec-make-labels": LIGHT,
         "exec-complete-identities": LIGHT, "exec-split-identities": LIGHT, "exec-check-pairs": LIGHT,
         "exec-train-model": TRAINER, "exec-evaluate-model": TRAINER}
     # Packages are preinstalled in the images: no pip install when a step starts.
@@ -169,6 +178,8 @@ def test_training_parameter_leaves_data_tasks_unchanged(tmp_path):
     ("pairs_sha256", {"check-pairs"}),
     ("checkpoint_root", {"train-model"}),
     ("tensorboard_root", {"train-model"}),
+    ("align_size", {"align-faces"}),
+    ("max_align_fallback_fraction", {"align-faces"}),
 ])
 def test_parameters_reach_only_the_steps_they_change(tmp_path, param, readers):
     spec, _ = _docs(tmp_path)
@@ -228,7 +239,7 @@ def test_pairs_are_checked_before_training_and_evaluate_reads_the_checked_copy(t
     spec, platform = _docs(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
     check = tasks["check-pairs"]
-    assert check["inputs"]["artifacts"]["images"]["taskOutputArtifact"]["producerTask"] == "extract-images"
+    assert check["inputs"]["artifacts"]["images"]["taskOutputArtifact"]["producerTask"] == "align-faces"
     assert check["cachingOptions"]["enableCache"] is True
     assert "check-pairs" in tasks["train-model"]["dependentTasks"]
     assert "pairs" not in tasks["train-model"]["inputs"].get("artifacts", {})
@@ -244,10 +255,16 @@ def test_pairs_are_checked_before_training_and_evaluate_reads_the_checked_copy(t
 
 def test_pairs_settings_leave_training_cached(tmp_path):
     """Another pairs file changes the pairs check and (through its output) evaluate, never train's cache key."""
+    changed, _ = _changed_data_parameters(tmp_path, {"pairs_uri": "gs://bucket/other-pairs.txt", "pairs_sha256": ""})
+    assert changed == {"pairs_uri", "pairs_sha256"}
+
+
+def _changed_data_parameters(tmp_path, data: dict) -> tuple[set[str], dict]:
+    """configs/lfw.yaml compiled as it is and with `data` in its data section: asserts the data tasks, train and
+    evaluate keep their cache key; (the pipeline parameters whose defaults differ, the second's parameters)."""
     other = tmp_path / "other.yaml"
     base = yaml.safe_load((ROOT / "configs/lfw.yaml").read_text())
-    base["data"]["pairs_uri"] = "gs://bucket/other-pairs.txt"
-    base["data"]["pairs_sha256"] = ""
+    base["data"].update(data)
     other.write_text(yaml.safe_dump(base))
     a, _ = _docs(tmp_path, ROOT / "configs/lfw.yaml", "a.yaml")
     b, _ = _docs(tmp_path, other, "b.yaml")
@@ -255,7 +272,7 @@ def test_pairs_settings_leave_training_cached(tmp_path):
         assert _task_view(a, task) == _task_view(b, task)
     params_a = a["root"]["inputDefinitions"]["parameters"]
     params_b = b["root"]["inputDefinitions"]["parameters"]
-    assert {k for k in params_a if params_a[k] != params_b[k]} == {"pairs_uri", "pairs_sha256"}
+    return {k for k in params_a if params_a[k] != params_b[k]}, params_b
 
 
 def test_evaluation_archive_pairs_are_checked_on_its_images_before_training(tmp_path):
@@ -276,7 +293,7 @@ def test_evaluation_archive_pairs_are_checked_on_its_images_before_training(tmp_
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert k8s["exec-check-pairs"]["secretAsVolume"][0]["secretName"] == "gcs-key"
     # Step numbers follow this DAG too: each task's upstream tasks have lower numbers.
-    number = {name: int(re.match(r"(\d+)\. ", t["taskInfo"]["name"]).group(1)) for name, t in tasks.items()}
+    number = {name: _position(t["taskInfo"]["name"]) for name, t in tasks.items()}
     for name, task in tasks.items():
         upstream = set(task.get("dependentTasks", []))
         assert all(number[u] < number[name] for u in upstream), (name, upstream)
@@ -424,3 +441,134 @@ def test_policies_name_known_images_resources_and_cluster_fields(monkeypatch):
     monkeypatch.setattr(fp, "STEPS", tuple(extract if s.name == "extract" else s for s in fp.STEPS))
     with pytest.raises(ValueError, match="'extract' name two images: trainer and light"):
         fp.component_images()
+
+
+# --- face alignment: an align step after each extract (config data.align decides at compile time) -------
+
+def _config_file(tmp_path, name, data, cluster=None):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"data": data, **({"cluster": cluster} if cluster else {})}))
+    return path
+
+
+ARCHIVE = {"source_uri": "gs://b/casia.zip", "sha256": "", "eval_source_uri": "gs://b/lfw.tgz",
+           "pairs_uri": "gs://b/pairs.txt"}
+
+
+def test_alignment_is_steps_edited_by_name_and_combines_with_the_evaluation_archive():
+    from pipelines.facenet_pipeline import ALIGN, dag_steps, step_named
+
+    assert [s.name for s in dag_steps(False, align=True)] == [
+        "download", "extract", "align", "labels", "complete", "splits", "check_pairs", "train", "evaluate"]
+    both = dag_steps(True, align=True)
+    assert [s.name for s in both] == [
+        "download", "extract", "align", "download", "extract", "align", "labels", "complete", "splits",
+        "check_pairs", "train", "evaluate_on_archive"]
+    assert [s.renamed for s in both if s.name in ("extract", "align")] == [
+        {"images": "raw_images"}, {},
+        {"archive": "eval_archive", "images": "eval_raw_images"},
+        {"raw_images": "eval_raw_images", "images": "eval_images"}]
+    # Both align steps are the one row's policy, parameters and rerunnability; the rest is the DAG without it.
+    aligns = [s for s in both if s.name == "align"]
+    assert all((s.policy, s.parameters, s.inputs, s.rerunnable) == (ALIGN.policy, ALIGN.parameters, ("raw_images",),
+                                                                   True) for s in aligns)
+    assert [s for s in dag_steps(True, align=True) if s.name not in ("align", "extract")] == \
+        [s for s in dag_steps(True) if s.name != "extract"]
+    assert step_named("labels", both).inputs == ("images",)
+    assert "align" not in [s.name for s in dag_steps(False)] + [s.name for s in dag_steps(True)]
+
+
+def test_aligned_images_feed_every_later_step(tmp_path):
+    """With alignment (configs/lfw.yaml), extract's images reach only align; every later step reads align's."""
+    spec, _ = _docs(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    align = tasks["align-faces"]
+    assert align["inputs"]["artifacts"] == {"raw_images": {"taskOutputArtifact": {
+        "producerTask": "extract-images", "outputArtifactKey": "images"}}}
+    assert {arg: p["componentInputParameter"] for arg, p in align["inputs"]["parameters"].items()} == {
+        "size": "align_size", "max_fallback_fraction": "max_align_fallback_fraction"}
+    assert align["taskInfo"]["name"] == "2a. align faces"
+    assert align["cachingOptions"]["enableCache"] is True
+    readers = {name: a["taskOutputArtifact"]["producerTask"] for name, t in tasks.items()
+               for key, a in t.get("inputs", {}).get("artifacts", {}).items() if key == "images"}
+    assert readers == {"make-labels": "align-faces", "complete-identities": "align-faces",
+                       "check-pairs": "align-faces", "train-model": "align-faces", "evaluate-model": "align-faces"}
+    assert [name for name, t in tasks.items() if "extract-images" in t.get("dependentTasks", [])] == ["align-faces"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert (params["align_size"]["defaultValue"], params["max_align_fallback_fraction"]["defaultValue"]) == (112, 0.5)
+    assert "align" not in params   # compiled in: it chose this DAG
+
+
+def test_alignment_with_an_evaluation_archive_aligns_both_archives(tmp_path):
+    config = _config_file(tmp_path, "casia.yaml", {**ARCHIVE, "align": "mtcnn"})
+    spec, _ = _docs(tmp_path, config)
+    tasks = spec["root"]["dag"]["tasks"]
+    source = {name: {key: a["taskOutputArtifact"]["producerTask"] for key, a in t["inputs"]["artifacts"].items()}
+              for name, t in tasks.items() if t.get("inputs", {}).get("artifacts")}
+    assert source["align-faces"] == {"raw_images": "extract-images"}
+    assert source["align-faces-2"] == {"raw_images": "extract-images-2"}
+    assert source["check-pairs"] == {"images": "align-faces-2"}
+    assert source["evaluate-on-archive"]["images"] == "align-faces"
+    assert source["evaluate-on-archive"]["eval_images"] == "align-faces-2"
+    assert source["make-labels"] == {"images": "align-faces"}
+    assert tasks["align-faces-2"]["taskInfo"]["name"] == "2a. align faces of the evaluation archive"
+    assert tasks["align-faces-2"]["inputs"]["parameters"] == tasks["align-faces"]["inputs"]["parameters"]
+    # Step numbers follow this DAG too: each task's upstream tasks come earlier.
+    number = {name: _position(t["taskInfo"]["name"]) for name, t in tasks.items()}
+    for name, task in tasks.items():
+        assert all(number[u] < number[name] for u in task.get("dependentTasks", [])), name
+    # The local rerun's task names are the compiled ones.
+    from components import Images, build_components
+    from pipelines.facenet_pipeline import dag_steps, task_names
+
+    steps = dag_steps(evaluation_archive=True, align=True)
+    names = task_names(steps, build_components(Images(light=LIGHT, trainer=TRAINER)))
+    assert sorted(names) == sorted(tasks)
+    assert {name: tasks[name]["taskInfo"]["name"] for name in names} == {
+        name: step.display_name for name, step in zip(names, steps)}
+
+
+def test_without_alignment_the_dag_and_parameters_have_none(tmp_path):
+    """configs/demo.yaml (make run) leaves data.align at none: no align task, no align parameters."""
+    spec, _ = _docs(tmp_path, ROOT / "configs/demo.yaml")
+    assert "align-faces" not in spec["root"]["dag"]["tasks"]
+    assert not {"align_size", "max_align_fallback_fraction"} & set(spec["root"]["inputDefinitions"]["parameters"])
+    assert spec["root"]["dag"]["tasks"]["make-labels"]["inputs"]["artifacts"]["images"]["taskOutputArtifact"][
+        "producerTask"] == "extract-images"
+
+
+def test_align_runs_in_the_trainer_image_with_its_own_resources_and_gpus(tmp_path):
+    from pipelines.facenet_pipeline import ALIGN, RESOURCES
+
+    assert (ALIGN.policy.image, ALIGN.policy.resources) == ("trainer", "align")
+    assert RESOURCES["align"] == type(RESOURCES["align"])("align_cpu", "align_memory", "align_gpus")
+    config = _config_file(tmp_path, "gpu.yaml", {"align": "mtcnn"}, {
+        "align_cpu": "6", "align_memory": "12Gi", "align_gpus": 1,
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "gpu_toleration": {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}})
+    spec, platform = _docs(tmp_path, config)
+    container = spec["deploymentSpec"]["executors"]["exec-align-faces"]["container"]
+    assert container["image"] == TRAINER
+    resources = container["resources"]
+    assert (resources["resourceCpuLimit"], resources["resourceMemoryLimit"]) == ("6", "12Gi")
+    assert (resources["accelerator"]["resourceCount"], resources["accelerator"]["resourceType"]) == (
+        "1", "nvidia.com/gpu")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-align-faces"]
+    assert k8s["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+    assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert "secretAsVolume" not in k8s and "emptyDirMounts" not in k8s
+    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["align-faces"]
+    # By default (align_gpus 0) a CPU task of 8 CPUs, on ordinary nodes.
+    spec, platform = _docs(tmp_path, name="lfw.yaml")
+    resources = spec["deploymentSpec"]["executors"]["exec-align-faces"]["container"]["resources"]
+    assert "accelerator" not in resources and resources["resourceCpuLimit"] == "8"
+    assert "exec-align-faces" not in platform.get("platforms", {}).get("kubernetes", {}).get(
+        "deploymentSpec", {}).get("executors", {})
+
+
+def test_align_parameters_leave_every_other_task_cached(tmp_path):
+    """Another align size or fallback limit changes the align task's parameter values only: no task's
+    cache key but align's (and, through its output, those after it) changes; download and extract stay."""
+    changed, params = _changed_data_parameters(tmp_path, {"align_size": 160, "max_align_fallback_fraction": 0.1})
+    assert changed == {"align_size", "max_align_fallback_fraction"}
+    assert params["align_size"]["defaultValue"] == 160

@@ -14,7 +14,7 @@ from facenet_kfp.config import load_config
 from facenet_kfp.errors import InputError
 from facenet_kfp import runs
 from pipelines import run_local as rerun
-from pipelines.facenet_pipeline import STEPS, build_pipeline
+from pipelines.facenet_pipeline import STEPS, build_pipeline, dag_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = Images(light="registry.example/facenet-kfp:test", trainer="registry.example/facenet-kfp-trainer:test")
@@ -22,12 +22,13 @@ UPSTREAM = ["images", "completion", "labels", "splits"]
 TRAIN_INPUTS = next(s.inputs for s in STEPS if s.name == "train")
 
 
-def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "pairs", "model")) -> dict:
-    """Artifact folders laid out as in a kfp.local run folder, holding only each kind's marker file
-    (checked pairs: a record that no pairs file was given)."""
+def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "splits", "pairs", "model"),
+                    align: bool = False) -> dict:
+    """Artifact folders laid out as in a kfp.local run folder (of the DAG with alignment with `align`), holding
+    only each kind's marker file (checked pairs: a record that no pairs file was given)."""
     paths = {}
     for name in names:
-        producer = rerun.producers()[name]
+        producer = rerun.producers(align)[name]
         path = folder / producer.task / producer.output
         path.mkdir(parents=True)
         (path / runs.MARKERS[name]).write_text('{"pairs_uri": ""}' if name == "pairs" else "")
@@ -35,12 +36,12 @@ def _fake_artifacts(folder: Path, names=("images", "completion", "labels", "spli
     return paths
 
 
-def _summary(paths: dict, status: str = "SUCCEEDED") -> dict:
+def _summary(paths: dict, status: str = "SUCCEEDED", align: bool = False) -> dict:
     """A summary.json as run_local writes it, listing `paths` as the producing tasks' outputs."""
     tasks = [{"name": "download-archive", "display_name": "1. download archive", "status": "SUCCEEDED",
               "seconds": 1.0, "outputs": {"archive": {"uri": "/elsewhere/archive", "metadata": {}}}}]
     for name, uri in paths.items():
-        producer = rerun.producers()[name]
+        producer = rerun.producers(align)[name]
         tasks.append({"name": producer.task, "display_name": producer.task, "status": "SUCCEEDED", "seconds": 1.0,
                       "outputs": {producer.output: {"uri": uri, "metadata": {}}}})
     return {"pipeline": "facenet-kfp", "status": status, "tasks": tasks, "metrics": {}}
@@ -48,26 +49,31 @@ def _summary(paths: dict, status: str = "SUCCEEDED") -> dict:
 
 # --- wiring: the rerun pipeline is the full pipeline's steps on imported artifacts -------------
 
+def _aligned_demo():
+    """configs/demo.yaml with face alignment on: the DAG that holds every rerunnable step."""
+    return load_config(ROOT / "configs/demo.yaml", {"data": {"align": "mtcnn"}})
+
+
 @pytest.fixture(scope="module")
 def full_pipeline_spec(tmp_path_factory) -> dict:
-    config = load_config(ROOT / "configs/demo.yaml")
+    config = _aligned_demo()
     out = tmp_path_factory.mktemp("full") / "pipeline.yaml"
     compiler.Compiler().compile(build_pipeline(config, IMAGES, cluster=False), package_path=str(out))
     return yaml.safe_load(out.read_text())
 
 
 def test_the_rerunnable_steps_are_the_rows_marked_so():
-    assert rerun.RERUNNABLE == ("labels", "complete", "splits", "train", "evaluate")
-    assert all(step.rerunnable == (step.name in rerun.RERUNNABLE) for step in STEPS)
+    assert rerun.RERUNNABLE == ("align", "labels", "complete", "splits", "train", "evaluate")
+    assert all(step.rerunnable == (step.name in rerun.RERUNNABLE) for step in dag_steps(False, align=True))
 
 
 @pytest.mark.parametrize("step", rerun.RERUNNABLE)
 def test_rerun_step_is_wired_as_in_the_full_pipeline(full_pipeline_spec, tmp_path, step):
     """The step's task reads the same artifacts, and its parameters hold the full pipeline's defaults."""
-    inputs = {name: str(tmp_path / name) for s in STEPS if s.name == step for name in s.inputs}
+    inputs = {name: str(tmp_path / name) for s in dag_steps(False, align=True) if s.name == step for name in s.inputs}
     out = tmp_path / "rerun.yaml"
-    compiler.Compiler().compile(rerun.build_rerun_pipeline([step], inputs, load_config(ROOT / "configs/demo.yaml"),
-                                                           IMAGES), package_path=str(out))
+    compiler.Compiler().compile(rerun.build_rerun_pipeline([step], inputs, _aligned_demo(), IMAGES),
+                                package_path=str(out))
     spec = yaml.safe_load(out.read_text())
     full_root = full_pipeline_spec["root"]
     full_tasks = full_root["dag"]["tasks"]
@@ -230,7 +236,7 @@ def test_set_values_are_type_checked_by_the_config(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--rerun", "extract", "--from", "x"], "unknown step 'extract'; rerunnable: labels, complete, splits, train, evaluate"),
+    (["--rerun", "extract", "--from", "x"], "unknown step 'extract'; rerunnable: align, labels, complete, splits, train, evaluate"),
     (["--rerun", "evaluate", "--with-evaluate", "--from", "x"], "--with-evaluate applies to --rerun train only"),
     (["--rerun", "train"], "--from is required"),
 ])
@@ -454,3 +460,51 @@ def test_rerun_train_then_evaluate_from_its_summary(upstream, tiny_config, tmp_p
     assert [(t["display_name"], t["status"]) for t in failed["tasks"]][-1] == ("6. check pairs.txt", "FAILED")
     assert "evaluate-model" not in {t["name"] for t in failed["tasks"]}
     assert f"{bad}: 2 of 2 pairs name" in failed["error"] and "'Nobody' is not in the dataset" in failed["error"]
+
+
+# --- align: rerunnable in the DAG with face alignment ---------------------------------------------
+
+@pytest.mark.parametrize("evaluation_archive", [False, True])
+def test_rerun_align_aligns_the_imported_raw_images(tmp_path, evaluation_archive):
+    """A rerun of align is the training archive's align task on imported extract output (raw_images), with
+    the config's align parameters, whether or not the config turns alignment on or names an evaluation archive."""
+    config = load_config(ROOT / "configs/demo.yaml", {"data": {"align_size": 96, "max_align_fallback_fraction": 0.25}})
+    assert config.data.align == "none"
+    steps = rerun.rerun_steps(["align"], evaluation_archive)
+    assert [(s.name, s.display_name, s.renamed) for s in steps] == [("align", "2a. align faces", {})]
+    out = tmp_path / "rerun.yaml"
+    compiler.Compiler().compile(rerun.build_rerun_pipeline(["align"], {"raw_images": str(tmp_path / "raw")}, config,
+                                                           IMAGES, evaluation_archive), package_path=str(out))
+    spec = yaml.safe_load(out.read_text())
+    assert spec["pipelineInfo"]["name"] == "facenet-kfp-rerun-align"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"importer", "align-faces"}
+    align = tasks["align-faces"]
+    assert align["inputs"]["artifacts"]["raw_images"]["taskOutputArtifact"]["producerTask"] == "importer"
+    assert {arg: p["runtimeValue"]["constant"] for arg, p in align["inputs"]["parameters"].items()} == {
+        "size": 96, "max_fallback_fraction": 0.25}
+    assert align["taskInfo"]["name"] == "2a. align faces"
+
+
+def test_rerun_align_takes_only_its_own_parameters():
+    assert rerun.rerun_overrides(["align_size=128", "data.max_align_fallback_fraction=0.1"], ["align"]) == {
+        "data": {"align_size": 128, "max_align_fallback_fraction": 0.1}}
+    with pytest.raises(InputError, match=r"step align does not read train_max_steps; it reads: align_size, "
+                                         r"max_align_fallback_fraction"):
+        rerun.rerun_overrides(["train_max_steps=5"], ["align"])
+    with pytest.raises(InputError, match="step align does not read data.align"):
+        rerun.rerun_overrides(["data.align=mtcnn"], ["align"])
+
+
+def test_a_run_with_alignment_gives_its_aligned_images(tmp_path):
+    """In a run with the align step, images are the align task's output and extract's are raw_images, from
+    its run folder and from its summary; a run without alignment keeps extract's images."""
+    paths = _fake_artifacts(tmp_path / "run", ("raw_images", "images", "labels", "splits"), align=True)
+    assert paths["images"].endswith("align-faces/images") and paths["raw_images"].endswith("extract-images/images")
+    found, _ = runs.resolve_source(str(tmp_path / "run"), rerun.producers(), rerun.producers(align=True))
+    assert found == paths
+    (tmp_path / "summary.json").write_text(json.dumps(_summary(paths, align=True)))
+    assert runs.resolve_source(str(tmp_path / "summary.json"), rerun.producers(), rerun.producers(align=True))[0] \
+        == paths
+    plain = _fake_artifacts(tmp_path / "plain", ("images", "labels"))
+    assert runs.resolve_source(str(tmp_path / "plain"), rerun.producers(), rerun.producers(align=True))[0] == plain

@@ -12,7 +12,11 @@ def test_table_is_in_dag_order_whatever_order_tasks_ran_in():
     names = ["1. download archive", "2. extract images", "3. label JSON", "4. complete to multiple of K",
              "5. identity splits", "6. train embeddings", "7. threshold evaluation"]
     rerun = ["import completion", "import images", "6. train embeddings", "7. threshold evaluation"]
-    for expected in (names, rerun):
+    # A step between two numbers has a letter: align follows both extracts, precedes labels.
+    aligned = ["1. download archive", "1. download evaluation archive", "2. extract evaluation images",
+               "2. extract images", "2a. align faces", "2a. align faces of the evaluation archive", "3. label JSON",
+               "10. a tenth step"]
+    for expected in (names, rerun, aligned):
         for seed in range(5):
             shuffled = [TaskRecord(name=n, display_name=n) for n in expected]
             random.Random(seed).shuffle(shuffled)
@@ -25,6 +29,16 @@ def test_train_line_says_when_it_resumed():
                           outputs={"metrics": {"uri": "m", "metadata": {"steps": 400, "start_step": start_step}}})
     assert key_figures(train(300)) == "resumed at step 300, steps=400"
     assert key_figures(train(0)) == "steps=400"
+
+
+def test_align_line_shows_its_fallbacks():
+    """The align task (and the evaluation archive's, align-faces-2) reports how many images had no face found."""
+    metadata = {"images": 13233.0, "identities": 5749.0, "align_fallbacks": 12.0,
+                "align_fallback_examples": ["A/A_0001.jpg"], "detector": "mtcnn 1.0.0", "size": 112.0}
+    for name in ("align-faces", "align-faces-2"):
+        record = TaskRecord(name=name, display_name="2a. align faces", status="SUCCEEDED",
+                            outputs={"images": {"uri": "i", "metadata": metadata}})
+        assert key_figures(record) == "identities=5,749, images=13,233, align_fallbacks=12"
 
 
 def test_failed_task_line_quotes_the_step_error_not_a_warning():

@@ -457,3 +457,198 @@ def test_run_artifacts_errors_name_what_is_missing(model_dir, tmp_path, case, me
         summary.write_text("[]")
     with pytest.raises(InputError, match=message):
         verify.run_artifacts(root)
+
+
+# --- models trained on aligned faces --------------------------------------------------------------
+
+GREY = (118, 118, 118)
+
+
+def _grace_hopper() -> Image.Image:
+    from matplotlib import cbook
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as photo:
+        return photo.convert("RGB")
+
+
+def _placed(photo, canvas, centre, angle=0.0, scale=1.0):
+    """`photo` rotated by `angle` degrees (counter-clockwise), scaled, centred at `centre` on a grey canvas."""
+    turned = photo.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=GREY)
+    turned = turned.resize((round(turned.width * scale), round(turned.height * scale)), Image.Resampling.BILINEAR)
+    out = Image.new("RGB", canvas, GREY)
+    out.paste(turned, (centre[0] - turned.width // 2, centre[1] - turned.height // 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def aligned_model(tmp_path_factory, model_dir):
+    """model_dir's model, its model.json saying it was trained on faces aligned to 112 x 112 (the align
+    step's dataset.json entry)."""
+    folder = tmp_path_factory.mktemp("aligned") / "model"
+    shutil.copytree(model_dir, folder)
+    info = json.loads((folder / "model.json").read_text())
+    assert info["alignment"] == {"method": "none"}
+    info["alignment"] = {"method": "mtcnn", "detector": "mtcnn 1.0.0", "size": 112,
+                         "template": [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                      [41.5493, 92.3655], [70.7299, 92.2041]],
+                         "margin": "ArcFace 112x112 five-point template", "fallback": "centre crop",
+                         "choose": "central", "jpeg_quality": 95}
+    (folder / "model.json").write_text(json.dumps(info))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two transformed copies of one real face photo, a photo showing two faces, and one showing none."""
+    folder = tmp_path_factory.mktemp("photos")
+    hopper = _grace_hopper()
+    _placed(hopper, (900, 800), (450, 400), angle=15, scale=0.7).save(folder / "turned.jpg", quality=95)
+    _placed(hopper, (640, 700), (300, 380), angle=-8, scale=0.9).save(folder / "tilted.png")
+    # A small face at the centre, a large one near the left edge.
+    two = _placed(hopper, (1000, 700), (230, 350), scale=1.0)
+    two.paste(hopper.resize((205, 240), Image.Resampling.BILINEAR), (650, 230))
+    two.save(folder / "two.jpg", quality=95)
+    ramp = np.linspace(0, 255, 240, dtype=np.float64)
+    Image.fromarray(np.dstack([np.add.outer(ramp, ramp) / 2] * 3).astype(np.uint8)).save(folder / "wall.png")
+    return {name: folder / name for name in ("turned.jpg", "tilted.png", "two.jpg", "wall.png")}
+
+
+def test_face_rules_are_the_aligners():
+    pytest.importorskip("mtcnn")
+    from facenet_kfp import align
+
+    assert verify.FACE_RULES == align.CHOOSE_RULES
+
+
+def test_verify_aligns_both_photos_of_a_model_trained_on_aligned_faces(aligned_model, photos, tmp_path):
+    """Each photo's face is found and aligned; the embeddings are those of the aligned crops."""
+    pytest.importorskip("mtcnn")
+    a, b = photos["turned.jpg"], photos["tilted.png"]
+    result = verify.verify_pair(aligned_model, a, b, threshold=1.0)
+    assert result["alignment"] == {"method": "mtcnn", "size": 112, "detect": True, "face": "central",
+                                   "jpeg_quality": 95}
+    assert [f["path"] for f in result["faces"]] == [str(a), str(b)]
+    for found, canvas, side in zip(result["faces"], ((900, 800), (640, 700)), (0.7 * 220, 0.9 * 220)):
+        assert found["faces"] == 1 and found["chosen"] == "central" and found["score"] > 0.9
+        x, y, w, h = found["box"]
+        assert 0 < x < x + w < canvas[0] and 0 < y < y + h < canvas[1]
+        assert 0.6 * side < h < 1.6 * side           # the face, at its scale (about 220 px tall in the photo)
+    # The same two crops, written as the align step writes them and given with --no-detect, give the
+    # same distance: verify embedded exactly the aligned crops.
+    crops, _ = verify.align_photos([verify.read_image_file(a), verify.read_image_file(b)], [a, b],
+                                   result["alignment"])
+    for name, data in zip(("a.jpg", "b.jpg"), crops):
+        (tmp_path / name).write_bytes(data)
+        with Image.open(tmp_path / name) as crop:
+            assert crop.size == (112, 112) and crop.format == "JPEG"
+    direct = verify.verify_pair(aligned_model, tmp_path / "a.jpg", tmp_path / "b.jpg", threshold=1.0, detect=False)
+    assert direct["alignment"] == {"method": "mtcnn", "size": 112, "detect": False} and "faces" not in direct
+    assert direct["distance"] == pytest.approx(result["distance"], abs=1e-6)
+    # Aligned, the two copies (turned 15 and -8 degrees, scaled 0.7 and 0.9) are nearly the same crop.
+    pixels = [np.asarray(Image.open(tmp_path / name), dtype=np.float64) for name in ("a.jpg", "b.jpg")]
+    assert np.mean(np.abs(pixels[0] - pixels[1])) < 20
+
+
+def test_several_faces_central_or_largest(aligned_model, photos):
+    pytest.importorskip("mtcnn")
+    two = photos["two.jpg"]
+    central = verify.verify_pair(aligned_model, two, photos["turned.jpg"], threshold=1.0)["faces"][0]
+    largest = verify.verify_pair(aligned_model, two, photos["turned.jpg"], threshold=1.0,
+                                 face="largest")["faces"][0]
+    assert central["faces"] == largest["faces"] == 2
+    assert central["chosen"] == "central" and largest["chosen"] == "largest"
+    # The central face is the small one pasted at (650..855, 230..470); the largest the one at the left.
+    cx, cy = central["box"][0] + central["box"][2] / 2, central["box"][1] + central["box"][3] / 2
+    assert 650 < cx < 855 and 230 < cy < 470
+    assert largest["box"][0] + largest["box"][2] / 2 < 500
+    assert largest["box"][2] * largest["box"][3] > central["box"][2] * central["box"][3]
+    with pytest.raises(InputError, match="face must be one of central, largest, got 'left'"):
+        verify.verify_pair(aligned_model, two, two, threshold=1.0, face="left")
+
+
+def test_a_photo_without_a_face_is_refused_naming_it(aligned_model, photos, tmp_path, no_model_load):
+    pytest.importorskip("mtcnn")
+    with pytest.raises(InputError, match=r"wall\.png: no face found \(240x240 pixels\).*--no-detect"):
+        verify.verify_pair(aligned_model, photos["turned.jpg"], photos["wall.png"], threshold=1.0)
+
+
+def test_embed_refuses_a_photo_without_a_face(aligned_model, photos, tmp_path):
+    pytest.importorskip("mtcnn")
+    with pytest.raises(InputError, match=r"wall\.png: no face found"):
+        verify.embed_files(aligned_model, [photos["turned.jpg"], photos["wall.png"]], tmp_path / "e.npz")
+    assert not (tmp_path / "e.npz").exists()
+
+
+def _no_detection(monkeypatch):
+    from facenet_kfp import align
+
+    def refuse(self, rgb):
+        raise AssertionError("a face detection ran")
+    monkeypatch.setattr(align.FaceDetector, "detect", refuse)
+
+
+def test_no_detect_takes_the_images_as_aligned_crops(aligned_model, photos, images, tmp_path, monkeypatch):
+    """--no-detect: no detection at all, so an image without a face is embedded as it is."""
+    _no_detection(monkeypatch)
+    result = verify.verify_pair(aligned_model, photos["wall.png"], images["a"], threshold=1.0, detect=False)
+    assert result["alignment"] == {"method": "mtcnn", "size": 112, "detect": False} and "faces" not in result
+    summary = verify.embed_files(aligned_model, [photos["wall.png"], images["a"]], tmp_path / "e.npz",
+                                 detect=False)
+    assert summary == {"images": 2, "dim": 8, "out": str(tmp_path / "e.npz"),
+                       "alignment": {"method": "mtcnn", "size": 112, "detect": False}}
+
+
+def test_a_model_of_unaligned_images_detects_nothing(model_dir, aligned_model, photos, images, tmp_path,
+                                                     monkeypatch):
+    """model.json alignment "none" (or no entry: earlier versions): photos are used as they are."""
+    _no_detection(monkeypatch)
+    for detect, face in ((True, "central"), (True, "largest"), (False, "central")):
+        result = verify.verify_pair(model_dir, photos["wall.png"], images["a"], threshold=1.0, detect=detect,
+                                    face=face)
+        assert "alignment" not in result and "faces" not in result
+    earlier = tmp_path / "earlier"
+    shutil.copytree(model_dir, earlier)
+    info = json.loads((earlier / "model.json").read_text())
+    del info["alignment"]
+    (earlier / "model.json").write_text(json.dumps(info))
+    assert "alignment" not in verify.verify_pair(earlier, photos["wall.png"], images["a"], threshold=1.0)
+    summary = verify.embed_files(earlier, [photos["wall.png"]], tmp_path / "e.npz")
+    assert summary == {"images": 1, "dim": 8, "out": str(tmp_path / "e.npz")}
+    # The same pixels as the aligned model's with --no-detect: the alignment entry changes only the photos.
+    aligned = verify.verify_pair(aligned_model, photos["wall.png"], images["a"], threshold=1.0, detect=False)
+    assert aligned["distance"] == pytest.approx(result["distance"], abs=1e-6)
+
+
+def test_a_malformed_alignment_entry_is_named(model_dir, images, tmp_path, no_model_load):
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    info = json.loads((broken / "model.json").read_text())
+    info["alignment"] = {"method": "mtcnn"}
+    (broken / "model.json").write_text(json.dumps(info))
+    with pytest.raises(InputError, match=r"model\.json: 'alignment': alignment of method mtcnn needs an "
+                                         r"integer size"):
+        verify.verify_pair(broken, images["a"], images["b"], threshold=1.0)
+
+
+def test_cli_verify_and_embed_report_the_faces(aligned_model, photos, tmp_path, capsys):
+    pytest.importorskip("mtcnn")
+    from facenet_kfp.cli import main
+
+    a, two = str(photos["turned.jpg"]), str(photos["two.jpg"])
+    assert main(["-q", "verify", "--model", str(aligned_model), a, two, "--threshold", "1",
+                 "--face", "largest"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"face A:    {a}: 1 face found (score 0.9")
+    assert lines[0].endswith("; aligned to 112x112")
+    assert lines[1].startswith(f"face B:    {two}: 2 faces found, the largest used (score ")
+    assert lines[2].startswith("distance:  ") and lines[-1] in ("same person", "different people")
+    assert main(["-q", "verify", "--model", str(aligned_model), a, two, "--threshold", "1", "--no-detect"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("faces:     not detected (--no-detect): the images are "
+                                                        "taken as aligned 112x112 crops")
+    assert main(["-q", "embed", "--model", str(aligned_model), a, two, "--out", str(tmp_path / "e.csv")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [(f["path"], f["faces"], f["chosen"]) for f in summary["faces"]] == [(a, 1, "central"),
+                                                                               (two, 2, "central")]
+    assert main(["-q", "verify", "--model", str(aligned_model), a, str(photos["wall.png"]),
+                 "--threshold", "1"]) == 2
+    assert "wall.png: no face found" in capsys.readouterr().err
