@@ -114,7 +114,7 @@ submit: install ## compile and start a run on Kubeflow Pipelines (IMAGE_REGISTRY
 	  $(if $(NAMESPACE),--namespace '$(NAMESPACE)') $(if $(KFP_TOKEN),--existing-token "$$KFP_TOKEN") \
 	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache) $(IMAGES_CONFIRMED)
 
-rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1, VERBOSE=1)
+rerun: install ## rerun one step locally on earlier outputs (STEP=train|evaluate|complete|splits|labels|align, FROM, SET, EVALUATE=1, RUNNER, NO_CACHE=1, VERBOSE=1)
 	$(if $(VERBOSE),,@)$(RUN_WITH) $(PY) -m pipelines.run_local $(RERUN_ARGS)
 
 bench-preprocess: install ## time the five data steps on an LFW-scale demo archive
