@@ -81,7 +81,7 @@ WHOLE_RUN_ARGS = --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) --demo-dir 
 RERUN_ARGS     = --rerun $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
                  --pipeline-root $(PIPELINE_ROOT) $(RUN_ARGS) $(if $(EVALUATE),--with-evaluate)
 
-.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-scale bench-train bench-quality bench-recipe gpu-wheels bench-gpu-dry-run container-tools test-containers
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-scale bench-train bench-quality bench-recipe bench-serve gpu-wheels bench-gpu-dry-run container-tools test-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -131,6 +131,9 @@ bench-recipe: install ## configs/lfw.yaml's recipe vs configs/seed.yaml's (the o
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
 	$(PY) -m benchmarks.quality --pipeline
+
+bench-serve: install ## facenet-kfp serve over HTTP: embed requests/s and p50/p99 latency at concurrency 1 and 8, verify at 1 (PIPELINE_ROOT's model, else an untrained stand-in; about 2 min)
+	$(PY) -m benchmarks.serve --run $(PIPELINE_ROOT)
 
 # `make gpu-wheels`: Keras and what it and the trainer need beyond JAX, Pillow, NumPy, PyYAML, h5py,
 # ml-dtypes, absl-py and rich, as wheels for benchmarks/gpu.sh on an offline GPU machine (Python 3.12),

@@ -263,6 +263,31 @@ def cmd_embed(args: argparse.Namespace) -> None:
                             detect=not args.no_detect, face=args.face))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """`facenet-kfp serve (--model M [--threshold FILE] | --run R)`: `serve.load_served`, then `serve.serve`.
+
+    Everything is checked before the server starts: the model, a threshold.json evaluated for it
+    (`--threshold`, else the model's or the run's; without one the server refuses to start unless
+    `--embed-only`) and the face detector of a model trained on aligned faces. Serves `--name` (embed)
+    and `--name`-verify on KServe's v1 and v2 endpoints until SIGINT / SIGTERM.
+    """
+    from facenet_kfp.serve import check_model_name, load_served, serve
+    from facenet_kfp.verify import run_artifacts
+
+    check_model_name(args.name)
+    threshold_file, where = args.threshold, ""
+    model_dir = args.model
+    if args.run:
+        model_dir, run_threshold, where = run_artifacts(args.run)
+        threshold_file = threshold_file or run_threshold
+    if where:
+        logging.getLogger(__name__).info("model %s (from %s)", model_dir, where)
+    served = load_served(model_dir, threshold_file, embed_only=args.embed_only, detect=not args.no_detect,
+                         face=args.face)
+    serve(served, name=args.name, host=args.host, port=args.port, max_images=args.max_images,
+          max_batch=args.max_batch)
+
+
 def _add_set(parser: argparse.ArgumentParser, section: str, example: str) -> None:
     """`--set KEY=VALUE` for one config section; `--help` lists its keys with their help and defaults."""
     from dataclasses import fields
@@ -449,6 +474,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output .npz, .csv or .tsv")
     _from_config(p, "--batch-size", "evaluate", "batch_size", "images per embedding batch")
+    _face_options(p)
+
+    from facenet_kfp import serve as sd
+
+    p = add("serve", cmd_serve, "serve embeddings and face verification over HTTP (KServe model server, v1 and v2 "
+            "protocols): models NAME and NAME-verify", outputs=())
+    _model_options(p, "trained model and evaluated threshold")
+    p.add_argument("--threshold", default=None, metavar="FILE",
+                   help="threshold.json from the evaluate step, evaluated for this model (default: the run's, "
+                        "else <model>/threshold.json, else threshold.json next to the model folder)")
+    p.add_argument("--embed-only", action="store_true",
+                   help="serve embeddings only (NAME), no verification: needs no threshold")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=_number(int, "--port", 1), default=sd.DEFAULT_PORT,
+                   help=f"HTTP port (default {sd.DEFAULT_PORT}, KServe's container port)")
+    p.add_argument("--name", default=sd.DEFAULT_NAME,
+                   help=f"model name in the URLs; verification is NAME-verify (default {sd.DEFAULT_NAME})")
+    p.add_argument("--max-images", type=_number(int, "--max-images", 1), default=sd.DEFAULT_MAX_IMAGES,
+                   help=f"images one request may hold, a pair counting two (default {sd.DEFAULT_MAX_IMAGES})")
+    p.add_argument("--max-batch", type=_number(int, "--max-batch", 1), default=sd.DEFAULT_MAX_BATCH,
+                   help=f"images the model embeds in one call, requests waiting together (default "
+                        f"{sd.DEFAULT_MAX_BATCH})")
     _face_options(p)
     return parser
 

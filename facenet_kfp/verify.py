@@ -47,30 +47,36 @@ FACE_RULES = ("central", "largest")
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file as the model's decoder reads them; InputError naming the file otherwise.
+    """The bytes of an image file as the model's decoder reads them (`read_image_bytes`); InputError
+    naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    return read_image_bytes(path.read_bytes(), str(path))
 
-    The extract step's rule (`codec.open_image`): the file is fully decoded
+
+def read_image_bytes(data: bytes, where: str) -> bytes:
+    """Encoded image `data` as the model's decoder reads it; InputError naming `where` otherwise.
+
+    The extract step's rule (`codec.open_image`): the image is fully decoded
     with Pillow, and a format TensorFlow's decoder cannot read as it is (a
     1-bit BMP, a CMYK JPEG, TIFF, WebP) comes back as lossless PNG
     (`codec.reencoded`). An image over ``MAX_IMAGE_PIXELS`` is refused before
     its pixels are decoded (a small file can declare a huge image, a
     decompression bomb), and so is one with a side under ``MIN_IMAGE_SIDE``.
+    The server (`serve_protocol.accept_image`) takes request images through it.
     """
     from facenet_kfp.codec import TOO_LARGE, TOO_SMALL, UnusableImage, open_image, reencoded
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
-    data = path.read_bytes()
     try:
         with open_image(data) as image:
             return reencoded(image) or data
     except UnusableImage as exc:
         if exc.reason.startswith(TOO_LARGE):
-            raise InputError(f"{path}: image too large to decode safely ({exc.reason})") from None
+            raise InputError(f"{where}: image too large to decode safely ({exc.reason})") from None
         if exc.reason.startswith(TOO_SMALL):
-            raise InputError(f"{path}: image too small to use ({exc.reason})") from None
-        raise InputError(f"{path}: not a readable image ({exc.reason})") from exc
+            raise InputError(f"{where}: image too small to use ({exc.reason})") from None
+        raise InputError(f"{where}: not a readable image ({exc.reason})") from None
 
 
 def check_image_path(path: str | os.PathLike) -> None:
@@ -304,15 +310,16 @@ def photo_alignment(metadata: dict[str, Any], model_dir: str | os.PathLike, dete
             "jpeg_quality": int(quality)}
 
 
-def align_photos(images: Sequence[bytes], paths: Sequence[str | os.PathLike], alignment: dict[str, Any]
-                 ) -> tuple[list[bytes], list[dict[str, Any]]]:
+def align_photos(images: Sequence[bytes], paths: Sequence[str | os.PathLike], alignment: dict[str, Any],
+                 hint: str | None = None) -> tuple[list[bytes], list[dict[str, Any]]]:
     """Each encoded photo's face aligned as the align step aligns it, and what was found in each.
 
     `alignment` is `photo_alignment`'s (method mtcnn, detecting):
     `align.align_photo` with its size and face rule, the crop encoded as a JPEG
     of its quality. Returns (the crops' bytes, one ``{"path", "faces" (number
     found), "chosen" (the rule), "score", "box" ([x, y, w, h] in the photo's
-    pixels)}`` per photo). InputError naming the file when a photo shows no face.
+    pixels)}`` per photo). InputError naming the file when a photo shows no face; its advice is
+    `hint` when given, else the command line's (--no-detect for aligned crops).
     """
     from facenet_kfp import align, codec
 
@@ -323,9 +330,10 @@ def align_photos(images: Sequence[bytes], paths: Sequence[str | os.PathLike], al
             crop, info = align.align_photo(data, size=alignment["size"], detector=detector,
                                            choose=alignment["face"], where=str(path))
         except InputError as exc:
-            raise InputError(f"{exc} (the model was trained on faces aligned by {alignment['method']}; pass "
-                             f"--no-detect for images that are aligned {alignment['size']}x{alignment['size']} "
-                             f"crops already)") from None
+            advice = hint if hint is not None else (f"pass --no-detect for images that are aligned "
+                                                    f"{alignment['size']}x{alignment['size']} crops already")
+            raise InputError(f"{exc} (the model was trained on faces aligned by {alignment['method']}; "
+                             f"{advice})") from None
         crops.append(codec.encode_jpeg(crop, alignment["jpeg_quality"]))
         found.append({"path": str(path), "faces": int(info["faces"]), "chosen": info["chosen"],
                       "score": info["score"], "box": info["box"]})
