@@ -102,9 +102,10 @@ test: install ## run the whole test suite
 run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else demo data; SHA256, EVAL_SOURCE, EVAL_SHA256, PAIRS, PAIRS_SHA256, SET, PIPELINE_ROOT, RUNNER=docker, NO_CACHE=1, VERBOSE=1)
 	$(if $(VERBOSE),,@)$(RUN_WITH) $(PY) -m pipelines.run_local $(WHOLE_RUN_ARGS)
 
-compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG, images from IMAGE_REGISTRY/IMAGE_TAG)
+compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG and SET, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
-	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) $(IMAGES_CONFIRMED)
+	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
+	  $(foreach s,$(SET),--set '$(s)') $(IMAGES_CONFIRMED)
 
 submit: install ## compile and start a run on Kubeflow Pipelines (IMAGE_REGISTRY/IMAGE_TAG or IMAGES_EXIST=1, HOST, EXPERIMENT, RUN_NAME, PARAMS, NAMESPACE, KFP_TOKEN, NO_CACHE=1)
 	$(PY) -m pipelines.submit $(if $(HOST),--host '$(HOST)') \

@@ -2,7 +2,7 @@
 
 The functions here are plain Python; `build_components` turns them into KFP
 lightweight components bound to the project's images (the light image for the
-data steps and the pairs check, the trainer image for align, train and evaluate: each step's
+data steps, the pairs check and deploy, the trainer image for align, train and evaluate: each step's
 `Policy.image` in pipelines/facenet_pipeline.py). The packages are
 preinstalled in those images, so no pip install runs when a step starts. A new
 step's function is one entry in `COMPONENTS`.
@@ -18,6 +18,7 @@ from kfp import dsl
 
 from components.align import align_faces
 from components.complete import complete_identities
+from components.deploy import deploy_model
 from components.download import download_archive
 from components.evaluate import evaluate_model, evaluate_on_archive
 from components.extract import extract_images
@@ -39,6 +40,7 @@ COMPONENTS = {
     "train": train_model,
     "evaluate": evaluate_model,
     "evaluate_on_archive": evaluate_on_archive,
+    "deploy": deploy_model,
 }
 
 

@@ -1,11 +1,12 @@
 """Typed configuration: frozen dataclasses whose fields carry their own help, overridden by YAML.
 
-A config file has up to four sections, each optional::
+A config file has up to five sections, each optional::
 
     data:     {source_uri: ..., sha256: ..., multiple: 4, ...}
     train:    {architecture: nn4_small2, loss: batch_hard, ...}
     evaluate: {folds: 10, ...}
     cluster:  {train_gpus: 1, ...}
+    deploy:   {enabled: true, namespace: ..., ...}     (facenet_kfp.deploy_config)
 
 Each field's metadata holds its help text (read by the pipeline's parameter
 descriptions, the command line's ``--help`` and the README's config table) and
@@ -35,6 +36,9 @@ from typing import Any, ClassVar
 import yaml
 
 from facenet_kfp import objectives
+from facenet_kfp.config_fields import (  # noqa: F401  (re-exported: callers import them here)
+    MAX_INT, Section, _check_limits, _coerce, describe_limits, setting)
+from facenet_kfp.deploy_config import DeployConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.yaml12 import ConfigLoader, yaml_load  # noqa: F401  (re-exported: callers import them here)
 
@@ -54,121 +58,7 @@ TOLERATION_KEYS = {"key": "key", "operator": "operator", "value": "value", "effe
 # The smallest input side either architecture accepts (model.MIN_INPUT_SIZE; three stride-2 stages).
 MIN_IMAGE_SIZE = 32
 MAX_SEED = 2**32 - 1          # numpy's legacy seeding, which Keras uses, takes seeds below 2**32
-MAX_INT = 2**31 - 1           # a KFP int parameter is an int64; steps and counts stay far below
 MAX_BATCH = 4096              # train.p x train.k: FaceNet's own batches were 1,800 images
-
-
-def setting(default: Any, help: str, *, choices: tuple = (), minimum: float | None = None,
-            maximum: float | None = None, above: float | None = None, below: float | None = None) -> Any:
-    """A config field: its default, one line of help and its limits (checked when a section is built).
-
-    `minimum` and `maximum` are inclusive, `above` and `below` exclusive; every int is also >= 0
-    and at most MAX_INT unless `maximum` says otherwise. `describe_limits` prints them.
-    """
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-                "above": above, "below": below}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-class Section:
-    """Checks and normalises a config section's fields when it is built."""
-    NAME: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            where = f"{self.NAME}.{f.name}"
-            value = _coerce(where, getattr(self, f.name), hints[f.name])
-            object.__setattr__(self, f.name, value)
-            _check_limits(where, value, f.metadata)
-        self.check()
-
-    def check(self) -> None:
-        """Rules that involve several fields."""
-
-
-def _coerce(where: str, value: Any, kind: Any) -> Any:
-    """`value` as a field of type `kind` (ints become floats, lists tuples); InputError otherwise."""
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise InputError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if kind is int and type(value) is float and math.isfinite(value) and value.is_integer():
-        return int(value)   # 2e4, 1e3: exponent notation of a whole number
-    if kind in (int, str, bool):
-        if type(value) is not kind:
-            hint = "; quote it in YAML" if kind is str and isinstance(value, (int, float)) else ""
-            raise InputError(f"{where} must be {kind.__name__}, got {value!r}{hint}")
-        if kind is str and value != value.strip():
-            raise InputError(f"{where} must not start or end with spaces, got {value!r}")
-        return value
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise InputError(f"{where} must be a mapping, got {value!r}")
-        value_type = args[1]
-        return {str(k): v if value_type is Any else _coerce(f"{where}.{k}", v, value_type)
-                for k, v in value.items()}
-    raise InputError(f"{where}: config fields of type {kind} are not supported")
-
-
-def _bounds(meta: typing.Mapping[str, Any], is_int: bool) -> tuple[tuple[str, Any], tuple[str, Any]]:
-    """(("[" or "(", low or None), ("]" or ")", high or None)) of a field; ints are in [0, MAX_INT]
-    unless the field says otherwise."""
-    low = ("(", meta["above"]) if meta["above"] is not None else ("[", meta["minimum"])
-    high = (")", meta["below"]) if meta["below"] is not None else ("]", meta["maximum"])
-    if is_int:
-        low = low if low[1] is not None else ("[", 0)
-        high = high if high[1] is not None else ("]", MAX_INT)
-    return low, high
-
-
-def _number(value: float) -> str:
-    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10**5 else f"{value:g}"
-
-
-def _allowed(low: tuple[str, Any], high: tuple[str, Any]) -> str:
-    """How `_check_limits` says a range: "in [32, 512]", "> 0", "at least 1"."""
-    if low[1] is not None and high[1] is not None:
-        return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
-    if low[1] is not None:
-        return f"> {_number(low[1])}" if low[0] == "(" else f"at least {_number(low[1])}"
-    if high[1] is not None:
-        return f"< {_number(high[1])}" if high[0] == ")" else f"at most {_number(high[1])}"
-    return ""
-
-
-def describe_limits(cls: type, key: str) -> str:
-    """The values a config field accepts, in words ("in [32, 512]", "one of a, b"; "" for any text)."""
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
-    if meta["choices"]:
-        return "one of " + ", ".join(meta["choices"])
-    kind = typing.get_type_hints(cls)[key]
-    kind = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
-    if kind not in (int, float):
-        return ""
-    return _allowed(*_bounds(meta, kind is int))
-
-
-def _check_limits(where: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    for item in (value if isinstance(value, tuple) else (value,)):
-        if meta["choices"] and item not in meta["choices"]:
-            raise InputError(f"{where} must be one of {', '.join(meta['choices'])}; got {item!r}")
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            continue
-        low, high = _bounds(meta, isinstance(item, int))
-        if low[1] is not None and not (item > low[1] if low[0] == "(" else item >= low[1]):
-            raise InputError(f"{where} must be {_allowed(low, (None, None))}, got {_number(item)}")
-        if high[1] is not None and not (item < high[1] if high[0] == ")" else item <= high[1]):
-            raise InputError(f"{where} must be {_allowed((None, None), high)}, got {_number(item)}")
 
 
 def _check_sha256(key: str, value: str) -> None:
@@ -355,7 +245,7 @@ class ClusterConfig(Section):
         return {TOLERATION_KEYS[key]: value for key, value in self.gpu_toleration.items()}
 
 
-SECTIONS = {cls.NAME: cls for cls in (DataConfig, TrainConfig, EvaluateConfig, ClusterConfig)}
+SECTIONS = {cls.NAME: cls for cls in (DataConfig, TrainConfig, EvaluateConfig, ClusterConfig, DeployConfig)}
 
 
 @dataclass(frozen=True)
@@ -364,6 +254,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def __post_init__(self) -> None:
         if self.train.k != self.data.multiple:
@@ -523,13 +414,14 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-# --- the pipeline parameters: one per config key of data, train and evaluate ---------------------
+# --- the pipeline parameters: one per config key of data, train, evaluate and deploy -------------
 
 EVAL_PARAMETERS = ("eval_source_uri", "eval_sha256")
 ALIGN_PARAMETERS = ("align_size", "max_align_fallback_fraction")   # parameters of the align step, with data.align on
-# Keys that decide the DAG when it is compiled (data.align: whether there are align steps): never parameters.
-DAG_KEYS = (("data", "align"),)
-SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_"}
+# Keys that decide the DAG when it is compiled (data.align: whether there are align steps; deploy.enabled:
+# whether there is a deploy step): never parameters.
+DAG_KEYS = (("data", "align"), ("deploy", "enabled"))
+SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_", "deploy": "deploy_"}
 # Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
 CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
 # Config field type -> pipeline parameter type; any other field type cannot be a parameter.
@@ -539,11 +431,11 @@ PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ..
 def parameter_keys() -> dict[str, tuple[str, str]]:
     """{pipeline parameter name: (config section, key)}, in signature order (`pipeline_parameters`
     leaves out the evaluation archive's two when the config names none, the align step's two when
-    data.align is none).
+    data.align is none, the deploy step's when deploy.enabled is false).
 
-    Data keys keep their names (``source_uri``), train and evaluate keys are
-    prefixed ``train_`` and ``eval_`` (``train_learning_rate``, ``eval_folds``),
-    and two cluster keys, where the train task writes, are parameters too;
+    Data keys keep their names (``source_uri``), train, evaluate and deploy keys are
+    prefixed ``train_``, ``eval_`` and ``deploy_`` (``train_learning_rate``, ``eval_folds``,
+    ``deploy_namespace``), and two cluster keys, where the train task writes, are parameters too;
     `DAG_KEYS` are not.
     """
     keys = {SECTION_PREFIX[section] + f.name: (section, f.name)
@@ -561,7 +453,8 @@ def pipeline_parameters(config: PipelineConfig) -> list[tuple[str, Any, Any, str
     params = []
     for name, (section, key) in parameter_keys().items():
         if (name in EVAL_PARAMETERS and not config.data.eval_source_uri) or \
-                (name in ALIGN_PARAMETERS and config.data.align == "none"):
+                (name in ALIGN_PARAMETERS and config.data.align == "none") or \
+                (section == "deploy" and not config.deploy.enabled):
             continue
         kind = typing.get_type_hints(SECTIONS[section])[key]
         if kind not in PARAMETER_TYPES:

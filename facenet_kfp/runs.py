@@ -45,6 +45,7 @@ KEY_FIGURES = {
                        "lfw_pairs_overlapping_pairs"],
     "evaluate-on-archive": ["test_pairs", "test_accuracy", "test_auc", "threshold", "eval_identities",
                             "eval_identities_in_training_archive", "lfw_pairs_overlapping_pairs"],
+    "deploy-model": ["namespace", "name", "action", "url"],
 }
 _STEP_FAILED = re.compile(r"(step \S+ failed: .*)$")
 _EXCEPTION_LINE = re.compile(r"^([\w.]+(Error|Exception): .*)$")
@@ -361,7 +362,9 @@ def headline_lines(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
-    """Scalar metrics of the train and evaluate tasks (what summary.json calls `metrics`)."""
+    """Scalar metrics of the train and evaluate tasks (what summary.json calls `metrics`), with the URIs of
+    the model, threshold and report, and after a deploy the InferenceService's URL (``serving_url``) and
+    the bundle it serves (``served_model_uri``)."""
     metrics: dict[str, Any] = {}
     for record in records:
         scalars = {k: v for k, v in record.outputs.get("metrics", {}).get("metadata", {}).items()
@@ -375,6 +378,10 @@ def headline_metrics(records: list[TaskRecord]) -> dict[str, Any]:
             for output in ("threshold", "report"):
                 if record.outputs.get(output):
                     metrics[f"{output}_uri"] = record.outputs[output].get("uri")
+        served = record.outputs.get("served_model") or {}
+        if record.name == "deploy-model" and record.status != "FAILED" and served.get("metadata", {}).get("url"):
+            metrics["serving_url"] = served["metadata"]["url"]
+            metrics["served_model_uri"] = served.get("uri")
     return metrics
 
 
@@ -425,6 +432,7 @@ def report_summary(summary: dict[str, Any], path: Path) -> int:
     paths = [("trained model", metrics.get("model_uri")),
              ("report", summary.get("report_html") or metrics.get("report_uri")),
              ("threshold.json", summary.get("threshold_json") or metrics.get("threshold_uri")),
+             ("serving URL", metrics.get("serving_url")),
              ("task logs", summary.get("logs")), ("summary", str(path))]
     for label, where in paths:
         if where:

@@ -1,5 +1,8 @@
 """Compile the pipeline to YAML: `python -m pipelines.compile --config configs/lfw.yaml --out build/facenet_pipeline.yaml`.
 
+``--set KEY=VALUE`` overrides a config key, as for a local run: the DAG's compile-time keys too
+(``--set deploy.enabled=true`` adds the deploy step, ``--set data.align=mtcnn`` the align steps).
+
 The YAML names two container images. With the project's default references
 (`components.DEFAULT_IMAGES`, ``ghcr.io/facenet-kfp/...``) compiling warns, and `pipelines.submit`
 refuses them unless told they exist (``--images-exist``): a cluster can run the pipeline only if
@@ -16,7 +19,7 @@ from pathlib import Path
 from kfp import compiler
 
 from components import DEFAULT_IMAGES, Images
-from facenet_kfp.config import load_config
+from facenet_kfp.config import assignments_label, load_config, parameter_keys, parse_assignments
 from facenet_kfp.errors import FacenetError
 from pipelines.facenet_pipeline import build_pipeline
 
@@ -38,9 +41,13 @@ def default_images_note(images: list[str]) -> str:
             f"IMAGE_TAG=<tag>) and use the same IMAGE_REGISTRY and IMAGE_TAG here")
 
 
-def compile_pipeline(config_path: str | None, out: str | os.PathLike, light_image: str, trainer_image: str) -> Path:
-    """Compile with defaults from `config_path`; the YAML appears at `out` whole or not at all."""
-    pipeline = build_pipeline(load_config(config_path), Images(light=light_image, trainer=trainer_image))
+def compile_pipeline(config_path: str | None, out: str | os.PathLike, light_image: str, trainer_image: str,
+                     sets: list[str] | None = None) -> Path:
+    """Compile with defaults from `config_path` and the `sets` (``key=value``) overrides; the YAML appears
+    at `out` whole or not at all."""
+    overrides = parse_assignments(sets or [], parameter_keys())
+    config = load_config(config_path, overrides, overrides_from=assignments_label(sets or []))
+    pipeline = build_pipeline(config, Images(light=light_image, trainer=trainer_image))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.compiling.yaml")
@@ -58,11 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/facenet_pipeline.yaml", help="output YAML path")
     parser.add_argument("--light-image", required=True, help="image of the five data steps, e.g. REGISTRY/facenet-kfp:TAG")
     parser.add_argument("--trainer-image", required=True, help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. deploy.enabled=true (repeatable)")
     parser.add_argument("--images-exist", action="store_true",
                         help=f"the images exist in their registry: no warning for {DEFAULT_REGISTRY}/ ones")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image)}")
+        print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image, args.sets)}")
         if (defaults := default_images(args.light_image, args.trainer_image)) and not args.images_exist:
             print(f"warning: {default_images_note(defaults)}", file=sys.stderr)
     except (FacenetError, ValueError) as exc:

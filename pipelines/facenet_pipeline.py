@@ -1,9 +1,9 @@
-"""The eight-step DAG (nine with face alignment). Pipeline parameters mirror the config keys
-(`facenet_kfp.config.parameter_keys`); defaults come from a config. Each task receives only
-the parameters that concern it, so the cache key of a step changes only when
-its own inputs do (see README, "Caching"). `STEPS` is the one description of
-the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`)
-both add tasks through `add_tasks`.
+"""The eight-step DAG (with face alignment an align step after each extract, with deploy a deploy
+step last). Pipeline parameters mirror the config keys (`facenet_kfp.config.parameter_keys`);
+defaults come from a config. Each task receives only the parameters that concern it, so the cache
+key of a step changes only when its own inputs do (see README, "Caching"). `STEPS` is the one
+description of the wiring: `build_pipeline` and the local rerun (`pipelines/run_local.py`) both
+add tasks through `add_tasks`.
 
 pairs.txt is fetched and checked against the images it names by its own
 task ("check pairs"), right after the extract of the archive it refers to;
@@ -12,9 +12,9 @@ Evaluation reads the checked copy.
 
 Each step carries its cluster policy (`Policy`: image, resources, retries,
 credentials, shared memory), which `apply_cluster_settings` applies; the DAGs
-with face alignment (`ALIGNMENT`: config data.align) and with a separate
-evaluation archive (`EVALUATION_ARCHIVE`) are `STEPS` edited by step name, and
-combine. Adding a step is a row in `STEPS` and its component
+with face alignment (`ALIGNMENT`: config data.align), with a deploy step
+(`DEPLOYMENT`: config deploy.enabled) and with a separate evaluation archive
+(`EVALUATION_ARCHIVE`) are `STEPS` edited by step name, and combine. Adding a step is a row in `STEPS` and its component
 (``components/<name>.py``, registered in ``components.COMPONENTS``).
 """
 
@@ -97,7 +97,10 @@ class Step:
     ``eval_images``). `after` names artifacts whose producing tasks must finish
     before this one starts though it does not read them (train waits for the
     pairs check, so a bad pairs file fails before training); it does not enter
-    the cache key. `policy`: how its task runs on a cluster.
+    the cache key. `policy`: how its task runs on a cluster. `images` gives
+    arguments the reference of a `components.Images` image, compiled in (deploy's
+    predictor runs the trainer image). `cache`: False for a step whose effect is
+    outside its outputs (deploy), so that it runs every time.
     """
     name: str                    # key of components.COMPONENTS
     display_name: str            # starts with its position in the DAG (the run table sorts by it)
@@ -108,6 +111,8 @@ class Step:
     after: tuple[str, ...] = ()
     policy: Policy = Policy()
     rerunnable: bool = False     # `make rerun STEP=<name>` runs it alone on an earlier run's artifacts
+    images: dict[str, str] = field(default_factory=dict)    # {argument: components.Images field}
+    cache: bool = True
 
 
 def _section(section: str) -> dict[str, str]:
@@ -211,16 +216,28 @@ EVALUATION_ARCHIVE_ALIGNED = Branch(replace=EVALUATION_ARCHIVE.replace, insert={
 )})
 
 
+# With a deploy step (config deploy.enabled decides at compile time): after evaluation (on the evaluation
+# archive too), the model and its evaluated threshold become an InferenceService. It runs in the trainer
+# image (the kserve SDK is in the train extra, beside the model server the InferenceService runs) with
+# the data steps' resources; the predictor runs the trainer image too, compiled in. Never cached: its
+# effect is on the cluster, which a cache hit would not check.
+DEPLOY = Step("deploy", "9. deploy model", ("model", "threshold"),
+              _section("deploy"), images={"image": "trainer"}, cache=False, policy=Policy(image="trainer"))
+DEPLOYMENT = Branch(insert={"evaluate": (DEPLOY,)})
+
+
 def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
     """The DAG's steps in order: `STEPS`, with face alignment its align steps, with an evaluation archive
-    its branch and evaluation on it."""
-    return dag_steps(bool(config.data.eval_source_uri), config.data.align != "none")
+    its branch and evaluation on it, with deploy its deploy step."""
+    return dag_steps(bool(config.data.eval_source_uri), config.data.align != "none", config.deploy.enabled)
 
 
-def dag_steps(evaluation_archive: bool, align: bool = False) -> tuple[Step, ...]:
-    """`STEPS`, with `align` an align step after each extract, with `evaluation_archive` the evaluation
-    archive's branch."""
+def dag_steps(evaluation_archive: bool, align: bool = False, deploy: bool = False) -> tuple[Step, ...]:
+    """`STEPS`, with `align` an align step after each extract, with `deploy` a deploy step after evaluate,
+    with `evaluation_archive` the evaluation archive's branch."""
     steps = ALIGNMENT.apply(STEPS) if align else STEPS
+    if deploy:
+        steps = DEPLOYMENT.apply(steps)
     if evaluation_archive:
         steps = (EVALUATION_ARCHIVE_ALIGNED if align else EVALUATION_ARCHIVE).apply(steps)
     return steps
@@ -230,7 +247,8 @@ def component_images() -> dict[str, str]:
     """{component name: the `components.Images` field it runs in}, from the policies of the steps of every
     DAG; a component runs in one image, so steps that share it must agree."""
     images: dict[str, str] = {}
-    every = [step for archive in (False, True) for align in (False, True) for step in dag_steps(archive, align)]
+    every = [step for archive in (False, True) for align in (False, True) for deploy in (False, True)
+             for step in dag_steps(archive, align, deploy)]
     for step in every:
         if images.setdefault(step.name, step.policy.image) != step.policy.image:
             raise ValueError(f"steps of component {step.name!r} name two images: "
@@ -252,22 +270,29 @@ def task_names(steps: tuple[Step, ...] | list[Step], components: dict[str, Any])
 
 
 def add_tasks(components: dict[str, Any], steps: tuple[Step, ...] | list[Step], values: dict[str, Any],
-              artifacts: dict[str, Any]) -> list[tuple[Step, dsl.PipelineTask]]:
+              artifacts: dict[str, Any], images: Images | None = None) -> list[tuple[Step, dsl.PipelineTask]]:
     """Add `steps` to the pipeline being defined, in order; [(step, task)].
 
     `values` maps pipeline parameter names to parameter channels or constants;
     `artifacts` holds artifacts available before the first step (a rerun's
     importers) and gains every output of each added task. A step's `after`
     applies to artifacts made by the tasks added here (an imported one is
-    already there).
+    already there). `images`: the references a step's `images` arguments get
+    (ValueError when such a step comes without them).
     """
     tasks = []
     made: dict[str, dsl.PipelineTask] = {}
     for step in steps:
+        if step.images and images is None:
+            raise ValueError(f"step {step.name!r} takes image references ({', '.join(step.images)}): "
+                             f"add_tasks needs the images")
         task = components[step.name](**{name: artifacts[step.renamed.get(name, name)] for name in step.inputs},
                                      **{arg: values[param] for arg, param in step.parameters.items()},
+                                     **{arg: getattr(images, kind) for arg, kind in step.images.items()},
                                      **step.constants)
         task.set_display_name(step.display_name)
+        if not step.cache:
+            task.set_caching_options(False)
         for name in step.after:
             if name in made:
                 task.after(made[name])
@@ -289,7 +314,7 @@ def build_pipeline(config: PipelineConfig, images: Images, cluster: bool = True)
     names = [name for name, *_ in params]
 
     def dag(*args: Any) -> None:
-        tasks = add_tasks(components, steps_for(config), dict(zip(names, args)), {})
+        tasks = add_tasks(components, steps_for(config), dict(zip(names, args)), {}, images)
         if cluster:
             apply_cluster_settings(config, tasks)
 

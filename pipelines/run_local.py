@@ -2,9 +2,10 @@
 
 `python -m pipelines.run_local [--config YAML] [--source URI] [--pairs URI] [--set KEY=VALUE]`
 runs the eight steps (SubprocessRunner in this venv, or DockerRunner with
-`--runner docker`), caching on; which archive and pairs.txt it uses:
-`facenet_kfp.runs.data_sources`. `--rerun STEP --from SOURCE [--with-evaluate]`
-runs one step (train, evaluate, complete, splits, labels or align) on the artifacts of
+`--runner docker`; ``--set deploy.enabled=true`` adds deploy, which needs a cluster),
+caching on; which archive and pairs.txt it uses: `facenet_kfp.runs.data_sources`.
+`--rerun STEP --from SOURCE [--with-evaluate]` runs one step (train, evaluate, complete,
+splits, labels or align) on the artifacts of
 an earlier run, each brought in by a `dsl.importer`; a SOURCE is a pipeline root,
 a summary file, a run folder or ``images=PATH,splits=PATH``
 (`facenet_kfp.runs.resolve_source`), later ones winning per artifact. `--set`
@@ -284,14 +285,18 @@ def run_files(records: list[TaskRecord], failure: str, root: Path) -> dict[str, 
     """Files of the run for people, as summary fields: ``logs`` (the task logs' folder) and, after a
     successful run whose evaluation ran or came from the cache, copies of its HTML report and
     threshold in the pipeline root (``report_html``: report.html, which a browser renders, and
-    ``threshold_json``), each replaced whole."""
+    ``threshold_json``), each replaced whole. A run that failed only in tasks after its evaluation
+    (deploy without a cluster; `records` in DAG order) gets them too."""
     files = {"logs": str(root / LOGS)}
-    evaluated = [r for r in records if {"report", "threshold"} <= set(r.outputs) and r.status != "FAILED"]
-    if failure or not evaluated:
+    evaluated = [i for i, r in enumerate(records)
+                 if {"report", "threshold"} <= set(r.outputs) and r.status != "FAILED"]
+    failed = [i for i, r in enumerate(records) if r.status == "FAILED"]
+    if not evaluated or (failure and not (failed and min(failed) > evaluated[-1])):
         return files
+    evaluation = records[evaluated[-1]]
     for output, name, key in (("report", REPORT_HTML, "report_html"),
                               ("threshold", THRESHOLD_JSON, "threshold_json")):
-        source, target = Path(evaluated[-1].outputs[output]["uri"]), root / name
+        source, target = Path(evaluation.outputs[output]["uri"]), root / name
         try:
             with open(source, "rb") as original, atomic_file(target) as copy:
                 shutil.copyfileobj(original, copy)
@@ -405,7 +410,7 @@ def build_rerun_pipeline(names: list[str], inputs: dict[str, str], config: Pipel
             task = dsl.importer(artifact_uri=uri, artifact_class=cls, reimport=False)
             task.set_display_name(f"import {name}")
             imported[name] = task.output
-        add_tasks(components, steps, values, imported)
+        add_tasks(components, steps, values, imported, images)
 
     dag.__name__ = f"facenet_rerun_{names[0]}"
     return dsl.pipeline(name=f"{PIPELINE_NAME}-rerun-{names[0]}",

@@ -395,3 +395,34 @@ def test_dataset_configs_align_and_keep_the_whole_aligned_crop():
         config = load_config(Path(__file__).resolve().parents[1] / f"configs/{name}.yaml")
         assert (config.data.align, config.data.align_size, config.train.crop_fraction) == ("mtcnn", 112, 1.0), name
     assert load_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml").data.align == "none"
+
+
+# --- deploy: deploy.enabled chooses the DAG, the other deploy keys are the deploy step's parameters -----
+
+def test_deploy_is_compiled_in_and_its_settings_are_parameters_only_with_it_on():
+    import subprocess
+    import sys
+
+    from facenet_kfp.config import DeployConfig, parameter_keys, pipeline_parameters
+
+    keys = parameter_keys()
+    assert ("deploy", "enabled") not in keys.values()
+    deploy_keys = {name: key for name, key in keys.items() if key[0] == "deploy"}
+    assert deploy_keys == {f"deploy_{f.name}": ("deploy", f.name) for f in dataclasses.fields(DeployConfig)
+                           if f.name != "enabled"}
+    off = {name for name, *_ in pipeline_parameters(load_config())}
+    on = {name: default for name, _, default, _ in
+          pipeline_parameters(load_config(overrides={"deploy": {"enabled": True, "namespace": "team-a"}}))}
+    assert set(on) - off == set(deploy_keys) and not off & set(deploy_keys)
+    assert (on["deploy_name"], on["deploy_namespace"], on["deploy_timeout_s"]) == ("facenet", "team-a", 600)
+    with pytest.raises(InputError, match="deploy_enabled: not a config key"):
+        parse_assignments(["deploy_enabled=true"], keys)
+    assert parse_assignments(["deploy.enabled=true", "deploy_name=faces"], keys) == {
+        "deploy": {"enabled": True, "name": "faces"}}
+    with pytest.raises(InputError, match=r"SET \(applied to defaults\): deploy\.name must be a DNS-1035 label"):
+        load_config(overrides={"deploy": {"name": "Faces"}}, overrides_from="SET")
+    # Reading a config loads no Kubernetes client: only the deploy step does.
+    code = ("import sys, facenet_kfp.config, facenet_kfp.deploy; "
+            "print(sorted(m for m in ('kserve', 'kubernetes', 'tensorflow') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
