@@ -44,8 +44,9 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
         tensorboard_root: Folder (gs:// or path) that gets this run's
             TensorBoard events as training goes, in its own subfolder
             (train-<hash of the model URI>, like the checkpoints); empty: none.
-        model: Model folder: model.keras, model.json (how to use it),
-            saved_model/, history.json, curves.png.
+        model: Model folder: model.keras, model.json (how to use it), history.json,
+            curves.png and, where TensorFlow is installed, saved_model/, serving/1/
+            (TensorFlow Serving) and model.onnx.
         metrics: Final train and validation loss and triplet statistics.
         training_report: Loss and fraction-of-positive-triplet curves.
         tensorboard: TensorBoard event files of the whole run (train and
@@ -73,7 +74,7 @@ def train_model(images: Input[Dataset], completion: Input[Dataset], labels: Inpu
                       tensorboard_dir=[tensorboard.path] + ([live_events] if live_events else []),
                       run_key=model.uri)
     log_metrics(metrics, result)
-    model.metadata.update({"framework": "keras", "format": "model.keras + saved_model",
+    model.metadata.update({"framework": "keras", "format": "model.keras + saved_model + serving/1 + model.onnx",
                            "architecture": architecture, "embedding_dim": embedding_dim,
                            "distance": objective_for(config).distance(config),
                            "trained_steps": int(result["steps"]), "start_step": int(result["start_step"])})

@@ -14,19 +14,37 @@ Layout of a model folder::
                      whenever TensorFlow is importable, on either Keras backend; two signatures:
                        serve(images: float32 [N, S, S, 3], preprocessed) -> {embeddings: [N, D]}
                        serve_image_bytes(images: string [N], JPEG/PNG bytes) -> {embeddings: [N, D]}
-                     the second applies `tf_input.preprocess_image` inside the graph. Without
-                     TensorFlow the folder has no saved_model/ and model.json says why;
-                     `export_saved_model` writes one later where TensorFlow is installed.
+                     the second applies `tf_input.preprocess_image` inside the graph (serving_default
+                     is `serve`). Without TensorFlow the folder has no saved_model/ and model.json
+                     says why; `export_saved_model` writes one later where TensorFlow is installed.
+    serving/1/       the same SavedModel, whose default signature is the bytes one:
+                       serving_default(images: string [N], JPEG/PNG bytes) -> {embeddings: [N, D]}
+                     (serve and serve_image_bytes too), in the integer version folder TensorFlow
+                     Serving wants: KServe's `tensorflow` runtime serves it with storageUri
+                     <model>/serving. Written with saved_model/, from the same traced functions.
+    model.onnx       the embedding network as float32 ONNX (`onnx_export`): input "images" float32
+                     [N, S, S, 3] NHWC, preprocessed as "preprocessing" says; output "embeddings"
+                     float32 [N, D]. Written whenever TensorFlow and tf2onnx are importable; a model
+                     trained on JAX is converted from model.keras in a child Python on the
+                     TensorFlow backend. Otherwise model.json's onnx_missing says why.
 
 model.json keys::
 
     format          "facenet-kfp-model/1"
     file            "model.keras"
     files           what the folder holds: model.keras, model.json, history.json, curves.png
-                    and, when written, saved_model/
+                    and, when written, saved_model/, serving/ and model.onnx
     load            how to load model.keras (plain keras.saving.load_model)
     saved_model     "saved_model" or null
     saved_model_missing  null, or why there is no saved_model/ (TensorFlow not importable)
+    serving         {saved_model: "serving/1", signature: "serving_default",
+                     input: {name: "images", dtype: "string", shape: [null], content: ...},
+                     output: {name: "embeddings", dtype: "float32", shape: [null, D]}}, or null
+                    when saved_model is (no TensorFlow)
+    onnx            {file: "model.onnx", input: {name: "images", shape: [null, S, S, 3],
+                     layout: "NHWC", dtype: "float32"}, output: {name: "embeddings",
+                     shape: [null, D], dtype: "float32"}, preprocessing (as below), opset}, or null
+    onnx_missing    null, or why there is no model.onnx (TensorFlow or tf2onnx not importable)
     architecture    nn4_small2 | small_cnn
     input_shape     [S, S, 3]
     embedding_dim   D (embeddings are L2-normalised, float32)
@@ -69,6 +87,9 @@ MODEL_JSON = "model.json"
 HISTORY_JSON = "history.json"
 CURVES_PNG = "curves.png"
 SAVED_MODEL_DIR = "saved_model"
+SERVING_DIR = "serving"                 # TensorFlow Serving's model base path: <model>/serving/<version>/
+SERVING_VERSION = "1"
+SERVING_SIGNATURE = "serving_default"   # the signature TensorFlow Serving and KServe call by default
 DATASET_JSON = "dataset.json"           # a packed dataset's summary (extract's, or the align step's)
 NO_ALIGNMENT = {"method": "none"}       # model.json "alignment" of a model trained on unaligned images
 SCALE = "[-1,1]"
@@ -199,29 +220,56 @@ def save_model_artifact(model: Any, out_dir: str | os.PathLike, metadata: dict[s
 
     `metadata` needs REQUIRED_METADATA (see `artifact_metadata`); input_shape,
     embedding_dim, versions and the creation time are added here. `history`
-    is {"train": [records], "val": [records]} as train records it.
+    is {"train": [records], "val": [records]} as train records it. `model`
+    computes in float32 (train saves a float32 copy of a mixed-precision model).
 
-    saved_model/ is written whenever TensorFlow is importable (either backend);
-    where it is not, model.json's saved_model_missing says so and a warning is
-    logged; nothing else in saving needs TensorFlow.
+    saved_model/ and serving/1/ are written whenever TensorFlow is importable,
+    model.onnx whenever TensorFlow and tf2onnx are (either backend); where
+    they are not, model.json's saved_model_missing / onnx_missing say so and a
+    warning is logged; nothing else in saving needs TensorFlow. InputError,
+    before anything is written, for a model that is not float32; a failing
+    export fails the save (FacenetError from the ONNX conversion's child
+    Python) and leaves no folder.
     """
+    from facenet_kfp import onnx_export
+
     info = _complete_metadata(model, metadata)
+    onnx_export.check_float32(model)
     no_tensorflow = _why_no_tensorflow()
+    no_onnx = onnx_export.why_no_onnx()
     with atomic_dir(out_dir, step="train") as tmp:
         model.save(tmp / MODEL_FILE)
         write_json(tmp / HISTORY_JSON, history)
         plot_curves(history, tmp / CURVES_PNG)
         files = [MODEL_FILE, MODEL_JSON, HISTORY_JSON, CURVES_PNG]
         if no_tensorflow is None:
-            export_saved_model(model, info, tmp / SAVED_MODEL_DIR)
-            files.append(f"{SAVED_MODEL_DIR}/")
+            export_saved_model(model, info, tmp / SAVED_MODEL_DIR, serving_path=tmp / SERVING_DIR / SERVING_VERSION)
+            files += [f"{SAVED_MODEL_DIR}/", f"{SERVING_DIR}/"]
         else:
-            log.warning("%s: no %s/ written: %s", out_dir, SAVED_MODEL_DIR, no_tensorflow)
+            log.warning("%s: no %s/ or %s/ written: %s", out_dir, SAVED_MODEL_DIR, SERVING_DIR, no_tensorflow)
+        if no_onnx is None:
+            onnx_export.export_onnx(model, tmp / MODEL_FILE, tmp / onnx_export.ONNX_FILE)
+            files.append(onnx_export.ONNX_FILE)
+        else:
+            log.warning("%s: no %s written: %s", out_dir, onnx_export.ONNX_FILE, no_onnx)
         info.update(files=files, load=LOAD_HINT, saved_model=None if no_tensorflow else SAVED_MODEL_DIR,
-                    saved_model_missing=no_tensorflow)
+                    saved_model_missing=no_tensorflow,
+                    serving=None if no_tensorflow else serving_entry(info["embedding_dim"]),
+                    onnx=None if no_onnx else onnx_export.onnx_entry(tmp / onnx_export.ONNX_FILE,
+                                                                     info["preprocessing"]),
+                    onnx_missing=no_onnx)
         write_json(tmp / MODEL_JSON, info)
     log.info("saved model artifact %s (%s, %d-D embeddings, %s steps)", out_dir, info["architecture"],
              info["embedding_dim"], info["trained_steps"])
+
+
+def serving_entry(embedding_dim: int) -> dict[str, Any]:
+    """model.json's "serving" entry: where serving/1/ is and what its default signature takes and gives."""
+    return {"saved_model": f"{SERVING_DIR}/{SERVING_VERSION}", "signature": SERVING_SIGNATURE,
+            "input": {"name": "images", "dtype": "string", "shape": [None],
+                      "content": "encoded JPEG or PNG images (aligned face crops when model.json "
+                                 "alignment is mtcnn), preprocessed inside the graph"},
+            "output": {"name": "embeddings", "dtype": "float32", "shape": [None, int(embedding_dim)]}}
 
 
 def _why_no_tensorflow() -> str | None:
@@ -234,12 +282,15 @@ def _why_no_tensorflow() -> str | None:
     return None
 
 
-def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
+def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike,
+                       serving_path: str | os.PathLike | None = None) -> None:
     """Write a SavedModel at `path` with a float-image and a raw-bytes signature (see module docstring).
 
-    `info` is model.json's content (input_shape, preprocessing). Works on the
-    TensorFlow and JAX Keras backends; needs TensorFlow installed. Not atomic on
-    its own: callers write into a temporary folder (fsutil.atomic_dir).
+    `info` is model.json's content (input_shape, preprocessing). With
+    `serving_path`, the same traced functions are written there once more, the
+    raw-bytes one as serving_default (serving/1/). Works on the TensorFlow and
+    JAX Keras backends; needs TensorFlow installed. Not atomic on its own:
+    callers write into a temporary folder (fsutil.atomic_dir).
     """
     import keras
     import tensorflow as tf
@@ -264,7 +315,12 @@ def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike
 
     from_bytes.get_concrete_function()
     archive.add_endpoint(name="serve_image_bytes", fn=from_bytes)
-    archive.write_out(str(path), verbose=False)
+    archive.write_out(str(path), verbose=False)      # serving_default: the first endpoint, serve
+    if serving_path is not None:
+        # The archive's traced functions once more, with an explicit serving_default: no second trace
+        # (nor, on JAX, a second jax2tf conversion) of the model.
+        archive.add_endpoint(name=SERVING_SIGNATURE, fn=from_bytes)
+        archive.write_out(str(serving_path), verbose=False)
 
 
 def plot_curves(history: dict[str, Any], path: str | os.PathLike) -> None:

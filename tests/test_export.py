@@ -115,7 +115,8 @@ def test_model_json_history_and_curves(saved):
     _, folder = saved
     info = json.loads((folder / "model.json").read_text())
     assert info["format"] == "facenet-kfp-model/1" and info["file"] == "model.keras"
-    assert sorted(info["files"]) == ["curves.png", "history.json", "model.json", "model.keras", "saved_model/"]
+    assert sorted(info["files"]) == ["curves.png", "history.json", "model.json", "model.keras", "model.onnx",
+                                     "saved_model/", "serving/"]
     assert sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if not p.name.startswith(".")) \
         == sorted(info["files"])
     assert "keras.saving.load_model('model.keras')" in info["load"] and "no facenet_kfp import" in info["load"]
@@ -130,6 +131,8 @@ def test_model_json_history_and_curves(saved):
                                      "scale": "[-1,1]"}
     assert info["backend"] == "tensorflow" and info["keras_version"] and info["created"].endswith("+00:00")
     assert info["saved_model"] == "saved_model"
+    assert info["serving"]["saved_model"] == "serving/1" and info["onnx"]["file"] == "model.onnx"
+    assert info["onnx_missing"] is None                                # tests/test_onnx.py checks both exports
     assert json.loads((folder / "history.json").read_text()) == HISTORY
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]    # no temporary left
@@ -182,13 +185,16 @@ def test_a_model_saved_on_jax_is_the_same_artifact(tensorflow, tmp_path):
         assert info["saved_model"] is None and not (folder / "saved_model").exists()
         assert sorted(info["files"]) == ["curves.png", "history.json", "model.json", "model.keras"]
         assert "TensorFlow is not importable" in info["saved_model_missing"]
-        assert "no saved_model/ written: TensorFlow is not importable" in done.stderr     # the log says it too
+        assert "no saved_model/ or serving/ written: TensorFlow is not importable" in done.stderr   # the log too
+        assert info["serving"] is None and info["onnx"] is None and not (folder / "model.onnx").exists()
+        assert "TensorFlow, tf2onnx or onnx is not importable" in info["onnx_missing"]
+        assert "no model.onnx written: TensorFlow, tf2onnx or onnx is not importable" in done.stderr
         # Where TensorFlow is installed, export_saved_model adds the serving signatures.
         export.export_saved_model(loaded, info, tmp_path / "saved_model")
         serving = tf.saved_model.load(str(tmp_path / "saved_model"))
     else:
         assert info["saved_model"] == "saved_model" and info["saved_model_missing"] is None
-        assert "saved_model/" in info["files"]
+        assert {"saved_model/", "serving/", "model.onnx"} <= set(info["files"]) and info["onnx_missing"] is None
         serving = tf.saved_model.load(str(folder / "saved_model"))
     from_bytes = serving.signatures["serve_image_bytes"](images=tf.constant(IMAGES))["embeddings"]
     np.testing.assert_allclose(from_bytes.numpy(), jax_embeddings, atol=1e-5)
