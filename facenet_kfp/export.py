@@ -429,13 +429,21 @@ def load_model_artifact(model_dir: str | os.PathLike) -> tuple[Any, dict[str, An
 
 def embed_images(model: Any, metadata: dict[str, Any], images: Sequence[bytes],
                  batch_size: int = 128) -> np.ndarray:
-    """Embeddings float32 [N, D] of encoded images, preprocessed as model.json records (no augmentation)."""
-    from facenet_kfp.tf_input import make_embedding_dataset
+    """Embeddings float32 [N, D] of encoded images, preprocessed as model.json records (no augmentation).
+
+    Up to `batch_size` images (a served request, a verified pair) are preprocessed by one cached
+    function (`tf_input.preprocess_batch`); more go through a tf.data pipeline that decodes in
+    parallel (`tf_input.make_embedding_dataset`). Both give the same pixels to float32 rounding.
+    """
+    from facenet_kfp.tf_input import make_embedding_dataset, preprocess_batch
 
     pre = metadata["preprocessing"]
     dim = int(model.output_shape[-1])
     if len(images) == 0:
         return np.zeros((0, dim), dtype=np.float32)
+    if len(images) <= batch_size:
+        pixels = preprocess_batch(images, int(pre["image_size"]), float(pre["crop_fraction"]))
+        return np.asarray(model.predict_on_batch(pixels), dtype=np.float32)
     parts = [np.asarray(model.predict_on_batch(batch), dtype=np.float32)
              for batch in make_embedding_dataset(images, int(pre["image_size"]), float(pre["crop_fraction"]),
                                                  batch_size)]

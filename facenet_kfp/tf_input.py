@@ -34,7 +34,7 @@ preprocessing with Pillow and NumPy; they are re-exported here.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -186,3 +186,27 @@ def make_embedding_dataset(images: Sequence[bytes], image_size: int, crop_fracti
     ds = ds.map(lambda data: preprocess_image(data, image_size, crop_fraction, augment=False),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+_BATCH_FUNCTIONS: dict[tuple[int, float], Any] = {}
+
+
+def preprocess_batch(images: Sequence[bytes], image_size: int, crop_fraction: float) -> np.ndarray:
+    """One batch of encoded images preprocessed as `make_embedding_dataset` does (no augmentation):
+    float32 [N, S, S, 3], the same pixels to float32 rounding (graph
+    optimisations of the two differ: at most 1.2e-7 seen, one unit in the last place).
+
+    One traced function per (size, crop) is kept for the process, so a small
+    batch (a served request, a verified pair) costs its decoding only, not the
+    building of a tf.data pipeline (about 0.1 s a call).
+    """
+    key = (int(image_size), float(crop_fraction))
+    function = _BATCH_FUNCTIONS.get(key)
+    if function is None:
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def function(data):
+            return tf.map_fn(lambda one: preprocess_image(one, key[0], key[1], augment=False), data,
+                             fn_output_signature=tf.TensorSpec([key[0], key[0], 3], tf.float32))
+
+        _BATCH_FUNCTIONS[key] = function
+    return function(tf.constant(list(images), dtype=tf.string)).numpy()

@@ -208,3 +208,17 @@ def test_make_embedding_dataset_is_ordered(tiny):
     stacked = np.concatenate([b.numpy() for b in batches])
     for i, jpeg in enumerate(images):
         np.testing.assert_array_equal(stacked[i], tf_input.preprocess_image(jpeg, 32, 0.8).numpy())
+
+
+def test_preprocess_batch_gives_the_embedding_datasets_pixels(tiny):
+    """The cached one-batch function (served requests, verified pairs) and the tf.data pipeline (long lists)
+    preprocess alike: to float32 rounding, in order, for two sizes (each its own traced function)."""
+    images, _, _, _ = tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
+    for size, crop in ((32, 0.8), (24, 1.0)):
+        expected = np.concatenate([b.numpy() for b in tf_input.make_embedding_dataset(images, size, crop, 4)])
+        got = tf_input.preprocess_batch(images, size, crop)
+        assert got.shape == (len(images), size, size, 3) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2.5e-7)
+        # Reversed input, reversed output: each image keeps its own pixels.
+        np.testing.assert_allclose(tf_input.preprocess_batch(images[::-1], size, crop), expected[::-1], rtol=0,
+                                   atol=2.5e-7)
