@@ -1,4 +1,5 @@
-# Trainer image of the align, train and evaluate steps: TensorFlow with GPU support from the base image,
+# Trainer image of the align, train, evaluate and deploy steps and of the model server (facenet-kfp serve,
+# which KServe's InferenceService runs): TensorFlow with GPU support from the base image,
 # plus the facenet-kfp package with its [train] extra at the versions of requirements/lock.txt.
 # Build from the repository root: images/build.sh (or docker build -f images/trainer.Dockerfile .).
 #
@@ -40,8 +41,9 @@ RUN /opt/build/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-isola
 
 # The wheel with its [train] extra, dependencies already satisfied at their pins. check_env.py
 # then proves the result: every package pip put in the venv at its locked version, TensorFlow
-# taken from the base (not reinstalled) at the locked version, and the modules of the align, train
-# and evaluate steps import (mtcnn with its weights, which ship inside the wheel).
+# taken from the base (not reinstalled) at the locked version, and the modules of the align, train,
+# evaluate and deploy steps and of the model server import (mtcnn with its weights, which ship inside
+# the wheel; kserve; onnxruntime for model.onnx).
 RUN set -- /wheels/facenet_kfp-*.whl \
     && /opt/venv/bin/python -m pip install --no-cache-dir --constraint requirements/lock.txt \
         "$1[train]" \
@@ -50,14 +52,16 @@ RUN set -- /wheels/facenet_kfp-*.whl \
         --from-base tensorflow \
         --import facenet_kfp.cli --import kfp.dsl.executor_main --import kfp.kubernetes \
         --import tensorflow --import keras --import matplotlib.pyplot \
-        --import facenet_kfp.train --import facenet_kfp.evaluate --import facenet_kfp.align --import mtcnn
+        --import facenet_kfp.train --import facenet_kfp.evaluate --import facenet_kfp.align --import mtcnn \
+        --import facenet_kfp.serve_protocol --import facenet_kfp.deploy --import kserve --import onnxruntime \
+        --import tf2onnx
 
 # ---- runtime: the base plus /opt/venv; no wheels, build backend or pip caches.
 FROM ${BASE_IMAGE}
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="facenet-kfp-trainer" \
-      org.opencontainers.image.description="FaceNet on Kubeflow Pipelines: align, train and evaluate steps (TensorFlow, GPU)" \
+      org.opencontainers.image.description="FaceNet on Kubeflow Pipelines: align, train, evaluate and deploy steps and the model server (TensorFlow, GPU)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="https://github.com/facenet-kfp/facenet-kfp" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -82,6 +86,9 @@ COPY --from=builder /opt/venv /opt/venv
 
 USER 1000:1000
 WORKDIR /home/facenet
+
+# facenet-kfp serve listens on 8080, KServe's container port.
+EXPOSE 8080
 
 # KFP replaces the command (python3 -m kfp.dsl.executor_main ...); by hand the image runs the CLI.
 CMD ["facenet-kfp", "--help"]
