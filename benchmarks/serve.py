@@ -114,28 +114,39 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(model_dir: Path, threshold: Path | None, log: Path, timeout: float = 300):
-    """`facenet-kfp serve` on a free local port until ready: yields its URL; SIGTERM at the end."""
+    """`facenet-kfp serve` on the model (embed only without a threshold) until ready: yields its URL."""
+    args = ["--model", str(model_dir)]
+    args += ["--threshold", str(threshold)] if threshold is not None else ["--embed-only"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with running_server(args, log, timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, timeout: float = 300):
+    """`facenet-kfp serve ARGS` on a free local port until ready: yields its base URL; SIGTERM at the end.
+
+    RuntimeError with the end of its log (`log`) when it exits or is not ready within `timeout` seconds.
+    """
     import httpx
 
     port = free_port()
-    argv = [sys.executable, "-m", "facenet_kfp.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port)]
-    argv += ["--threshold", str(threshold)] if threshold is not None else ["--embed-only"]
-    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen([sys.executable, "-m", "facenet_kfp.cli", "serve", *args, "--host", "127.0.0.1",
+                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"the server exited with status {process.returncode}; its log:\n"
-                                 f"{log.read_text()[-3000:]}")
+                raise RuntimeError(f"the server exited with status {process.returncode}; its log:\n"
+                                   f"{log.read_text()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise SystemExit(f"the server was not ready in {timeout:.0f} s; its log: {log}")
+                raise RuntimeError(f"the server was not ready in {timeout:.0f} s; its log ({log}):\n"
+                                   f"{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:

@@ -8,24 +8,21 @@ refuses what verify refuses. The request parsers are also checked on their own, 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
-protocol = pytest.importorskip("facenet_kfp.serve_protocol")
-
-from facenet_kfp import verify  # noqa: E402
-from facenet_kfp.cli import main  # noqa: E402
+import httpx
+from benchmarks.serve import free_port, running_server
+from facenet_kfp import serve_protocol as protocol
+from facenet_kfp import verify
+from facenet_kfp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.5
@@ -76,41 +73,6 @@ def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     return [save_image(folder / "a.jpg", (200, 40, 40)), save_image(folder / "b.png", (40, 40, 200), "PNG"),
             save_image(folder / "c.bmp", (40, 200, 40), "BMP")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(args: list[str], log: Path, timeout: float = 180):
-    """`facenet-kfp serve ARGS` on a free local port until ready: yields its base URL; stopped with SIGTERM."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "facenet_kfp.cli", "serve", *args, "--host", "127.0.0.1",
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
