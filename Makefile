@@ -183,8 +183,9 @@ test-containers: install container-tools ## build both images, run the pipeline 
 standin-bases: ## offline: local stand-ins for the two base images (root, debootstrap, buildah)
 	images/standin-base.sh
 
-lock: install ## re-pin requirements/lock.txt from the current venv
-	{ head -2 $(LOCK); $(PIP) freeze --exclude-editable | grep -v '^facenet-kfp'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+lock: install ## re-pin requirements/lock.txt from the current venv (setuptools too: grpcio-tools, a kserve dependency, needs it at run time)
+	{ head -2 $(LOCK); $(PIP) freeze --all --exclude-editable | grep -v -E '^(facenet-kfp|pip|wheel)=='; } > $(LOCK).new \
+	  && mv $(LOCK).new $(LOCK)
 
 clean: ## remove build outputs and local pipeline outputs
 	rm -rf build $(PIPELINE_ROOT)
