@@ -149,3 +149,81 @@ def time_interleaved(calls: dict[Key, Callable[[int], float]], warmup: int, repe
             report = time.monotonic()
             print(f"  {desc}: round {r + 1}/{repeats}", flush=True)
     return wall, cpu, first
+
+
+# ----------------------------------------------------------------------------- host overhead per step
+
+# Before (as training ran), after (as it runs now), and the two halfway paths that split the change.
+HOST_PATHS = ("float32 + readback every step", "uint8 + periodic readback", "float32 + periodic readback",
+              "uint8 + readback every step")
+
+
+def cheap_trainer(model: TrainConfig):
+    """An `EmbeddingTrainer` on a trivially cheap embedding model (8 x 8 average pooling, dense, L2
+    normalisation: about 60 K multiply-adds an image at 96 px), Adam at learning rate 0, so a step's time is
+    mostly the host's: feeding the batch, dispatching the step and the callback.
+
+    A fixed random projection of the pooled pixels spreads the embeddings, so the monitor sees no collapse.
+    """
+    from facenet_kfp.trainer import EmbeddingTrainer, backend
+
+    config = model
+    keras.utils.set_random_seed(0)
+    size = config.image_size
+    embedding = keras.Sequential([keras.Input((size, size, 3)), keras.layers.AveragePooling2D(8),
+                                  keras.layers.Flatten(), keras.layers.Dense(config.embedding_dim),
+                                  keras.layers.UnitNormalization()])
+    trainer = EmbeddingTrainer(embedding, config)
+    trainer.compile(optimizer=keras.optimizers.Adam(0.0), jit_compile=backend() == "jax")
+    return trainer, config
+
+
+def host_overhead(model: TrainConfig, batches: list[tuple[np.ndarray, np.ndarray]], steps: int, rounds: int
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Wall and process-CPU seconds per step of Keras `fit` on `cheap_trainer`, the two ways of `HOST_PATHS`.
+
+    "float32 + readback every step": float32 batches and the run's callback
+    (`monitor.TrainingProgress`) as Keras used to run it, its logs turned into
+    Python floats at every step (what the host waits for). "uint8 + periodic
+    readback": the same batches as `numpy_input.to_uint8` pixels, normalised in
+    the step, and the callback as training runs it now (device values, read
+    back every `monitor.READBACK_STEPS` steps). Each path has its own trainer,
+    traced before timing; `rounds` rounds of `steps` steps each, alternating
+    the order. The two other paths of HOST_PATHS change one of the two
+    things each. Log lines, validation and checkpoints are out of the way.
+    """
+    import math
+
+    from facenet_kfp.monitor import RunState, TrainingProgress
+    from facenet_kfp.numpy_input import to_uint8
+    from facenet_kfp.progress import Progress
+    from facenet_kfp.tensorboard_log import TensorBoardLog
+
+    class EveryStep(TrainingProgress):
+        device_logs = False          # Keras converts the logs to floats at every step, as before
+
+    quantised = [(to_uint8(x), y) for x, y in batches]
+    feeds = {HOST_PATHS[0]: (batches, EveryStep), HOST_PATHS[1]: (quantised, TrainingProgress),
+             HOST_PATHS[2]: (batches, TrainingProgress), HOST_PATHS[3]: (quantised, EveryStep)}
+    runs = {}
+    for name, (feed, callback_class) in feeds.items():
+        trainer, config = cheap_trainer(model)
+        config = dataclasses.replace(config, max_steps=10**8, log_every=10**8, checkpoint_every=10**8,
+                                     validate_every=0)
+        state = RunState(config, 0, "unused", TensorBoardLog([], "bench"), {"train": [], "val": []})
+        callback = callback_class(state, Progress("bench", every=math.inf))
+
+        def run(count, trainer=trainer, feed=feed, state=state, callback=callback):
+            stream = (feed[i % len(feed)] for i in range(count))
+            trainer.fit(stream, steps_per_epoch=count, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+            state.start_step += count
+        run(3)                            # traces the step
+        runs[name] = run
+    times = {name: {"wall": np.zeros(rounds), "cpu": np.zeros(rounds)} for name in runs}
+    for r in range(rounds):
+        for name in HOST_PATHS[r % len(HOST_PATHS):] + HOST_PATHS[:r % len(HOST_PATHS)]:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            runs[name](steps)
+            times[name]["wall"][r] = (time.perf_counter() - start_wall) / steps
+            times[name]["cpu"][r] = (time.process_time() - start_cpu) / steps
+    return times

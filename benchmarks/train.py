@@ -35,7 +35,19 @@ hold even when other jobs share the machine and absolute numbers drift:
    process and its workers ("per core"), their ratio (target >= 0.8) and the
    cores each needs to feed a GPU at 10,000 images/s; `--input-only` runs
    just this part (a few minutes);
-5. the peak RSS of this process.
+5. the peak RSS of this process;
+6. the host's time per step, feeding and checking it (`steps.host_overhead`:
+   a trivially cheap model, so the step is what the host does): float32
+   batches with every step's statistics read back (as training ran before)
+   against uint8 batches normalised in the step with statistics read back
+   every `monitor.READBACK_STEPS` steps (as it runs now), side by side with
+   the two paths that change only one of them: ms/step (wall and CPU), the
+   before / after ratio and the bytes per batch sent to the device. On a
+   CPU backend nothing is copied and the "device" that normalises uint8
+   pixels is this CPU (which is why training feeds uint8 only on a GPU,
+   `trainer.input_pixels`), so these figures say what the host saves, not
+   what a GPU gains; `--host-only` runs just this part on batches of
+   generated faces (a minute or two).
 
 Figures are medians over timed steps after warm-up steps (the first call
 traces the graph; its time is shown apart). The step functions run in
@@ -67,6 +79,7 @@ import keras
 from benchmarks.harness import (DataPaths, iqr_ms, machine_info, machine_lines, med, paired_median_ci, peak_rss_mb,
                                 prepare_data, tree_cpu_seconds, verdict)
 from benchmarks.aligned_input import aligned_section
+from benchmarks.steps import HOST_PATHS, host_overhead
 from benchmarks.steps import (LOSSES, TRIVIAL, Key, build, forward_macs, jax_loss_step, loss_function,
                               tf_loss_step, time_interleaved, train_step)
 from facenet_kfp.config import DataConfig, TrainConfig
@@ -480,7 +493,41 @@ def report(plan: Plan, fig: Figures, start_load: float, wall_start: float) -> No
     report_input_pipelines(plan, fig.inputs)
     print(f"\n5. peak RSS of this process: {peak_rss_mb():.0f} MB (after "
           + ", ".join(f"{phase}: {mb:.0f}" for phase, mb in fig.rss.items()) + " MB)")
+    host_section(plan)
     print(f"total wall time {time.perf_counter() - wall_start:.0f} s")
+
+
+def host_batches(plan: Plan, count: int = 4) -> list[Batch]:
+    """`count` float32 P x K batches of generated faces (unaugmented, decoded in this process)."""
+    from facenet_kfp.synth import render_jpeg
+
+    m = plan.model
+    identities = m.p * 2
+    images = [render_jpeg(7, i % identities, i, 64) for i in range(identities * m.k)]
+    labels = np.arange(len(images)) % identities
+    with TrainBatches(images, labels, m.p, m.k, m.image_size, m.crop_fraction, False, 0, workers=0) as stream:
+        return [next(stream) for _ in range(count)]
+
+
+def host_section(plan: Plan) -> None:
+    """Part 6: host ms/step of float32 + per-step readback against uint8 + periodic readback."""
+    from facenet_kfp.monitor import READBACK_STEPS
+
+    steps, rounds = (20, 4) if plan.steps <= 3 else (100, 8)
+    batches = host_batches(plan)
+    print(f"timing the host's part of a step: {rounds} rounds of {steps} steps ...", flush=True)
+    times = host_overhead(plan.model, batches, steps, rounds)
+    float_bytes = batches[0][0].nbytes
+    print(f"\n6. host time per step ({plan.backend}, {plan.model.p * plan.model.k} images of "
+          f"{plan.model.image_size} px, trivially cheap model; readback every {READBACK_STEPS} steps):")
+    for name in HOST_PATHS:
+        nbytes = float_bytes // 4 if name.startswith("uint8") else float_bytes
+        wall, cpu = times[name]["wall"], times[name]["cpu"]
+        print(f"  {name:<31} {med(wall) * 1e3:7.2f} ms/step wall, {med(cpu) * 1e3:7.2f} ms/step CPU, "
+              f"{nbytes / 1e6:.2f} MB per batch to the device")
+    before, after = (times[name] for name in HOST_PATHS[:2])
+    print(f"  before / after: {med(before['wall']) / med(after['wall']):.2f}x wall, "
+          f"{med(before['cpu']) / med(after['cpu']):.2f}x CPU, {float_bytes / (float_bytes // 4):.0f}x bytes")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -510,6 +557,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-rounds", type=int, default=5, help="rounds of part 4 (default 5)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes of facenet_kfp.numpy_input (default: one per usable core)")
+    p.add_argument("--host-only", action="store_true", help="only part 6: the host's time per step, "
+                   "before and after (about a minute)")
     p.add_argument("-v", "--verbose", action="store_true", help="library INFO logs")
     return p
 
@@ -578,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tensorflow").addFilter(_DropRetracingWarning())
     wall_start = time.perf_counter()
     start_load = os.getloadavg()[0]
+    if args.host_only:
+        print_machine(plan, start_load)
+        host_section(plan)
+        return 0
     data = prepare_data(plan.work, plan.work / "work", identities=IDENTITIES,
                         data=DataConfig(multiple=plan.model.k))
     rss = {"data": peak_rss_mb()}

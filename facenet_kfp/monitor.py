@@ -13,7 +13,7 @@ train/<metric> with train/learning_rate and train/images_per_second, and
 val/<metric>) in each folder of `tensorboard_dir`.
 
 Fail fast (`TrainingMonitor`, on every step's values whatever `log_every`
-is): a non-finite loss,
+is, read back from the device every READBACK_STEPS steps): a non-finite loss,
 embedding collapse (negatives closer than half the margin for a window of
 steps, or at the end of a run) or divergence raises FacenetError naming the
 step and the setting to change; the step then fails and no model is exported
@@ -55,6 +55,11 @@ DIVERGENCE_STEPS = 50            # steps per mean loss of the divergence check
 STAT_KEYS = objectives.TRIPLET_STATISTICS     # what the triplet objectives report (`Objective.statistics`)
 # Relative and absolute slack over an objective's loss bound (float32 rounding of distances near their maximum).
 BOUND_RTOL, BOUND_ATOL = 1e-4, 1e-5
+# Steps whose statistics wait on the device before the host reads them back and checks them, at most. Reading
+# every step makes the host wait for each step (its dispatch no longer overlaps the device's work); a GPU step of
+# a small model takes a few ms, a readback a fraction of one, so 10 amortises it to a few per cent while a bad step
+# is still caught within 9 more steps. Log lines, validation, checkpoints and the last step read back first.
+READBACK_STEPS = 10
 # How the log line writes a statistic (others: "<name> <value>").
 LOG_FORMATS = {"loss": "loss %.4f", "fraction_positive_triplets": "positive triplets %.3f",
                "mean_positive_distance": "d+ %.4f", "mean_negative_distance": "d- %.4f"}
@@ -243,12 +248,19 @@ def _statistics_text(record: dict[str, float], keys) -> str:
 class TrainingProgress(keras.callbacks.Callback):
     """After each step: fail fast, log, validate and checkpoint on their schedules (in that order).
 
-    Keras hands each step's statistics to the callback as Python floats (it
-    reads them back from the device at every step: this callback validates and
-    checkpoints, so it is not one Keras may run in a thread while training
-    goes on). `TrainingMonitor` checks every step; its FacenetError ends `fit`
-    with the step failed. Validation and checkpoints do not count in images/s.
+    The trainer's `fit` (`trainer.DeviceLogsCallbackList`) hands each step's
+    statistics over as device scalars (``device_logs``); they are read back
+    together every READBACK_STEPS steps, on the first step, and before a log
+    line, a validation, a checkpoint and the last step. `TrainingMonitor` then
+    checks each step in order, so a bad step k (a NaN loss, say) fails `fit`
+    by step k + READBACK_STEPS - 1 at the latest, with a FacenetError that
+    names step k; no checkpoint is written after a step the monitor has not
+    checked. This callback validates and checkpoints, so it is not one Keras
+    may run in a thread while training goes on. Validation and checkpoints do
+    not count in images/s.
     """
+
+    device_logs = True        # `trainer.DeviceLogsCallbackList`: logs as the step gave them
 
     def __init__(self, state: RunState, progress: Progress):
         super().__init__()
@@ -257,8 +269,10 @@ class TrainingProgress(keras.callbacks.Callback):
         self.keys: tuple[str, ...] = ()
         self.window: dict[str, list[float]] = {}
         self.window_start, self.window_steps = time.monotonic(), 0
+        self.pending: list[tuple[int, dict]] = []        # (step, its logs) not read back yet
 
     def on_train_begin(self, logs=None):
+        self.pending = []
         self.monitor = TrainingMonitor(self.state.config, self.model.objective)
         self.keys = self.model.objective.statistics
         self.window = {k: [] for k in self.keys}
@@ -266,28 +280,47 @@ class TrainingProgress(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         state, config = self.state, self.state.config
         state.step = state.start_step + batch + 1
-        values = {k: float(v) for k, v in logs.items()}
-        self.monitor.update(state.step, values)
+        self.pending.append((state.step, logs))
         last = state.step == config.max_steps
+        logs_due = state.step % config.log_every == 0 or last
+        validation_due = state.val_batches is not None and (state.step % config.validate_every == 0 or last)
+        checkpoint_due = state.step % config.checkpoint_every == 0 or last
+        if (state.first_done_time is None or len(self.pending) >= READBACK_STEPS or logs_due or validation_due
+                or checkpoint_due):
+            self.read_back()
+        else:
+            return
         if last:
             self.monitor.finish(state.step)          # before its checkpoint: nothing collapsed is kept
-        for k in self.keys:
-            self.window[k].append(values[k])
-        self.window_steps += 1
-        self.progress.update()
         if state.first_done_time is None:          # the first step traced the step function: not in the rate
             state.first_done_time, state.first_done_step = time.monotonic(), state.step
             self.window_start, self.window_steps = state.first_done_time, 0
-        if state.step % config.log_every == 0 or last:
+        if logs_due:
             self.log_line()
         paused = time.monotonic()
-        if state.val_batches is not None and (state.step % config.validate_every == 0 or last):
+        if validation_due:
             validate(self.model, state)
-        if state.step % config.checkpoint_every == 0 or last:
+        if checkpoint_due:
             self.checkpoint()
         paused = time.monotonic() - paused
         self.window_start += paused
         state.paused += paused
+
+    def on_train_end(self, logs=None):
+        if self.pending:            # a `fit` that stopped short of max_steps: its last steps are checked too
+            self.read_back()
+
+    def read_back(self) -> None:
+        """Read the pending steps' statistics back to the host and check each, in step order
+        (`TrainingMonitor.update`: FacenetError naming the first bad step)."""
+        pending, self.pending = self.pending, []
+        for step, logs in pending:
+            values = {k: float(keras.ops.convert_to_numpy(v)) for k, v in logs.items()}
+            self.monitor.update(step, values)
+            for k in self.keys:
+                self.window[k].append(values[k])
+            self.window_steps += 1
+            self.progress.update()
 
     def log_line(self) -> None:
         state, config = self.state, self.state.config

@@ -10,6 +10,27 @@ from the shards when a batch needs them, through a small LRU cache
 Batches are decoded by worker processes (`TrainBatches`,
 `embedding_batches`) straight into shared memory, a few batches ahead.
 
+Workers and /dev/shm. The trainer's JAX or TensorFlow runtime has started
+threads (and CUDA) by the time batches are drawn, so the workers are not
+forked from it: they come from a forkserver (`workers.safe_context`) that
+imports NumPy, Pillow and this module, never JAX, TensorFlow or Keras. They
+write into named POSIX shared memory (`multiprocessing.shared_memory`, on
+Linux a file in /dev/shm) that this process creates, the workers attach by
+name and this process unlinks when the stream is closed, collected or left by
+an exception (and the multiprocessing resource tracker if it is killed). Its
+size is `_Batcher.depth` batches: depth x P*K x S x S x 3 bytes for uint8
+pixels, 4x that for float32 (e.g. 4 x 64 x 96 x 96 x 3 = 7 MB, 28 MB). A
+container needs /dev/shm of at least that: Docker's default is 64 MB, and
+the pipeline gives the train step a memory-backed /dev/shm
+(`cluster.shm_size`).
+
+Pixels. `TrainBatches(pixels="float32")` gives the [-1, 1] floats of
+`preprocess.preprocess_array`; ``pixels="uint8"`` gives the same pixels
+quantised after the resize, augmentation and clip, `to_uint8`:
+u = rint((x + 1) * 127.5), 4x fewer bytes to copy to a GPU, where the
+trainer maps them back (`from_uint8`: u / 127.5 - 1, within half a grey
+level, 1/255, of x).
+
 Each image goes through `preprocess.preprocess_array`; augmentation draws
 come from `preprocess.draw_augmentation` keyed by (seed, batch, row), so batch
 n is the same whether a run got there without a break or resumed at n.
@@ -20,10 +41,11 @@ from __future__ import annotations
 import array
 import collections
 import logging
-import mmap
 import os
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,11 +57,12 @@ from facenet_kfp.labels import LABELS_JSON, load_labels
 from facenet_kfp.shards import MANIFEST, ShardReader, iter_manifest
 from facenet_kfp.splits import SPLITS, read_split
 from facenet_kfp.preprocess import check_preprocessing, draw_augmentation, preprocess_array
-from facenet_kfp.workers import available_cpus, become_child, mp_context
+from facenet_kfp.workers import available_cpus, become_worker, safe_context
 
 log = logging.getLogger(__name__)
 
 
+PIXEL_TYPES = ("float32", "uint8")    # what `TrainBatches` and `embedding_batches` deliver
 DEFAULT_CACHE_BYTES = 32 << 20    # encoded images kept by a split's LRU cache (LFW's are ~15 KB each)
 _TASKS_PER_WORKER = 2    # chunks in flight per worker process: one running, one queued
 _MIN_CHUNK = 8           # images per worker task at least, so task overhead stays small
@@ -290,13 +313,26 @@ class PKSampler:
 
 # ----------------------------------------------------------------------------- decoding a batch
 
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """[-1, 1] float pixels -> uint8 u = rint((x + 1) * 127.5) (half to even); `from_uint8` inverts it to
+    within 0.5 / 127.5 = 1/255."""
+    return np.rint((np.asarray(pixels, dtype=np.float32) + np.float32(1.0)) * np.float32(127.5)).astype(np.uint8)
+
+
+def from_uint8(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 u / 127.5 - 1 in [-1, 1], what the trainer computes on the device."""
+    return np.asarray(pixels, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def _preprocess_into(out: np.ndarray, images: list[bytes], names: list[str], image_size: int,
                      crop_fraction: float, augmentation: np.ndarray | None) -> None:
-    """Fill out [len(images), S, S, 3]; an image that cannot be decoded fails naming it."""
+    """Fill out [len(images), S, S, 3] (float32, or uint8: `to_uint8`); an image that cannot be decoded
+    fails naming it."""
     for i, data in enumerate(images):
         try:
-            out[i] = preprocess_array(data, image_size, crop_fraction,
+            pixels = preprocess_array(data, image_size, crop_fraction,
                                       None if augmentation is None else augmentation[i])
+            out[i] = pixels if out.dtype == np.float32 else to_uint8(pixels)
         except UnusableImage as exc:
             raise InputError(f"{names[i]}: cannot decode the image ({exc.reason}); re-run extract on its "
                              f"source") from exc
@@ -313,13 +349,27 @@ def worker_count(workers: int | None) -> int:
     return workers
 
 
-_worker_slots: np.ndarray | None = None     # a worker's view of the parent's shared output slots
+_worker_memory: SharedMemory | None = None   # in a worker: the parent's output slots, attached by name
+_worker_slots: np.ndarray | None = None
 
 
-def _init_worker(parent: int, buffer: mmap.mmap, shape: tuple[int, ...]) -> None:
-    global _worker_slots
-    become_child(parent)
-    _worker_slots = np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+def _init_worker(owner: int, name: str, shape: tuple[int, ...], dtype: str) -> None:
+    global _worker_memory, _worker_slots
+    become_worker(owner)
+    _worker_memory = SharedMemory(name=name)
+    _worker_slots = np.ndarray(shape, dtype=dtype, buffer=_worker_memory.buf)
+
+
+def _release(memory: SharedMemory) -> None:
+    """Unlink the shared slots (their /dev/shm name) and unmap them once no array uses the mapping."""
+    try:
+        memory.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        memory.close()
+    except BufferError:
+        pass  # an array still views the slots: the mapping goes with it; the name is gone already
 
 
 def _preprocess_task(slot: int, start: int, *args) -> None:
@@ -331,29 +381,36 @@ class _Batcher:
 
     With workers, each batch is split into chunks of about batch_size /
     workers images (at least `_MIN_CHUNK`) that worker processes write
-    straight into shared memory, so no pixels are pickled; the reader gets a
-    copy of the slot. Memory: `depth` batches of float32 pixels, whatever
-    the stream's length. Workers are forked (the slots are an anonymous
-    shared mapping they inherit, not limited by /dev/shm) and end with this
-    process (`workers.become_child`).
+    straight into named shared memory (module docstring), so no pixels are
+    pickled; the reader gets a copy of the slot. Memory: `depth` batches of
+    `pixels` ("float32" or "uint8"), whatever the stream's length. Workers
+    come from `workers.safe_context` and end with this process
+    (`workers.become_worker`); the shared memory is unlinked by `close`, or
+    when the batcher is collected, or at exit.
     """
 
-    def __init__(self, workers: int, batch_size: int, image_size: int, crop_fraction: float):
+    def __init__(self, workers: int, batch_size: int, image_size: int, crop_fraction: float,
+                 pixels: str = "float32"):
+        if pixels not in PIXEL_TYPES:
+            raise InputError(f"pixels must be one of {', '.join(PIXEL_TYPES)}, got {pixels!r}")
         self.workers, self.image_size, self.crop_fraction = workers, image_size, crop_fraction
         self.chunk = max(_MIN_CHUNK, -(-batch_size // max(1, workers)))
         self.depth = max(2, -(-_TASKS_PER_WORKER * workers // -(-batch_size // self.chunk)))
         shape = (self.depth, batch_size, image_size, image_size, 3)
-        self._pool = None
+        self._pool = self._memory = None
         if workers:
-            if mp_context().get_start_method() != "fork":
-                raise InputError("input worker processes need the 'fork' start method (Linux, macOS); "
-                                 "use workers=0 to decode in this process")
-            self._buffer = mmap.mmap(-1, int(np.prod(shape)) * 4)
-            self._slots = np.frombuffer(self._buffer, dtype=np.float32).reshape(shape)
-            self._pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_worker,
-                                             initargs=(os.getpid(), self._buffer, shape))
+            nbytes = int(np.prod(shape)) * np.dtype(pixels).itemsize
+            self._memory = SharedMemory(create=True, size=nbytes)
+            self._release = weakref.finalize(self, _release, self._memory)
+            try:
+                self._slots = np.ndarray(shape, dtype=pixels, buffer=self._memory.buf)
+                self._pool = ProcessPoolExecutor(workers, mp_context=safe_context(), initializer=_init_worker,
+                                                 initargs=(os.getpid(), self._memory.name, shape, pixels))
+            except BaseException:
+                self.close()
+                raise
         else:
-            self._slots = np.empty(shape, dtype=np.float32)
+            self._slots = np.empty(shape, dtype=pixels)
         self._queue: collections.deque[tuple[int, int, list[Future], object]] = collections.deque()
         self._next_slot = 0
 
@@ -379,7 +436,7 @@ class _Batcher:
         self._queue.append((slot, len(images), futures, extra))
 
     def next(self) -> tuple[np.ndarray, object]:
-        """(float32 [n, S, S, 3], extra) of the oldest queued batch."""
+        """(pixels [n, S, S, 3], float32 or uint8, extra) of the oldest queued batch."""
         slot, count, futures, extra = self._queue.popleft()
         try:
             for future in futures:
@@ -394,6 +451,9 @@ class _Batcher:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._queue.clear()
+        if self._memory is not None:
+            self._slots = None          # the last view of the mapping here, so it can be unmapped
+            self._release()
 
 
 def _names(images: Sequence[bytes], indices) -> list[str]:
@@ -402,7 +462,10 @@ def _names(images: Sequence[bytes], indices) -> list[str]:
 
 
 class TrainBatches:
-    """Infinite P x K batches: (images float32 [P*K, S, S, 3] in [-1, 1], labels int32 [P*K]).
+    """Infinite P x K batches: (images [P*K, S, S, 3], labels int32 [P*K]).
+
+    Images are float32 in [-1, 1] (`pixels="float32"`) or uint8 (``"uint8"``,
+    `to_uint8` of the same floats; module docstring).
 
     Indices come from `PKSampler(labels, p, k, seed).batches(start_batch)`;
     the bytes of each batch are taken from `images` (a list, or a
@@ -410,12 +473,13 @@ class TrainBatches:
     augmented by `workers` processes (None: one per available CPU, 0: in this
     process). Batch b is augmented with `draw_augmentation(seed, b, P*K)`, so
     a run resumed at start_batch = steps done sees the same batches as an
-    uninterrupted one. Close it (or use `with`) to stop the workers.
+    uninterrupted one. Close it (or use `with`) to stop the workers and free
+    their shared memory.
     """
 
     def __init__(self, images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
                  crop_fraction: float, augment: bool, seed: int, start_batch: int = 0,
-                 workers: int | None = None):
+                 workers: int | None = None, pixels: str = "float32"):
         self.labels = np.asarray(labels, dtype=np.int32)
         if len(images) != len(self.labels):
             raise InputError(f"{len(images)} images but {len(self.labels)} labels")
@@ -427,7 +491,8 @@ class TrainBatches:
         self.workers = worker_count(workers)
         self._indices = self.sampler.batches(start_batch)
         self._next_batch = start_batch           # the batch submitted next
-        self._batcher = _Batcher(self.workers, self.sampler.batch_size, int(image_size), float(crop_fraction))
+        self._batcher = _Batcher(self.workers, self.sampler.batch_size, int(image_size), float(crop_fraction),
+                                 pixels)
 
     def __iter__(self) -> "TrainBatches":
         return self
@@ -459,8 +524,9 @@ class TrainBatches:
 
 
 def embedding_batches(images: Sequence[bytes], image_size: int, crop_fraction: float, batch_size: int,
-                      workers: int | None = None) -> Iterator[np.ndarray]:
-    """Batches of preprocessed images in order, no augmentation: float32 [<=batch_size, S, S, 3].
+                      workers: int | None = None, pixels: str = "float32") -> Iterator[np.ndarray]:
+    """Batches of preprocessed images in order, no augmentation: [<=batch_size, S, S, 3] of `pixels`
+    (as in `TrainBatches`).
 
     The last batch is smaller when len(images) is not a multiple of
     batch_size. `workers` as in `TrainBatches`; they start with the first
@@ -469,12 +535,15 @@ def embedding_batches(images: Sequence[bytes], image_size: int, crop_fraction: f
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise InputError(f"batch_size must be an integer > 0, got {batch_size!r}")
     check_preprocessing(image_size, crop_fraction)
-    return _embedding_stream(images, int(image_size), float(crop_fraction), batch_size, worker_count(workers))
+    if pixels not in PIXEL_TYPES:
+        raise InputError(f"pixels must be one of {', '.join(PIXEL_TYPES)}, got {pixels!r}")
+    return _embedding_stream(images, int(image_size), float(crop_fraction), batch_size, worker_count(workers),
+                             pixels)
 
 
 def _embedding_stream(images: Sequence[bytes], image_size: int, crop_fraction: float, batch_size: int,
-                      workers: int) -> Iterator[np.ndarray]:
-    batcher = _Batcher(workers, batch_size, image_size, crop_fraction)
+                      workers: int, pixels: str) -> Iterator[np.ndarray]:
+    batcher = _Batcher(workers, batch_size, image_size, crop_fraction, pixels)
     starts = iter(range(0, len(images), batch_size))
     try:
         while True:

@@ -103,8 +103,11 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
 
 def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                  start_step: int):
-    """jax: `numpy_input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset."""
+    """jax: `numpy_input.TrainBatches` (no TensorFlow), reading the train split from the shards by offset; on a
+    GPU the training batches come as uint8 (`trainer.input_pixels`; the trainer normalises them on the device),
+    validation and calibration batches always as float32."""
     from facenet_kfp.numpy_input import TrainBatches, open_split
+    from facenet_kfp.trainer import input_pixels
 
     def validation(images, labels, p):
         with TrainBatches(images, labels, p, config.k, config.image_size, config.crop_fraction, False,
@@ -122,7 +125,7 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
         split.close()
         raise
     stream = TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
-                          config.augment, config.seed, start_batch=start_step)
+                          config.augment, config.seed, start_batch=start_step, pixels=input_pixels())
 
     def close() -> None:
         stream.close()

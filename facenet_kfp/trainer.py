@@ -19,6 +19,16 @@ batch statistics), and one callback
   `keras.distribution.DataParallel` (the batch is sharded, the loss is that of
   the whole batch, mined over all of it).
 
+Input pixels: float32 in [-1, 1], or uint8 (`numpy_input.to_uint8`, what
+the JAX path feeds on a GPU, `input_pixels`: 4x fewer bytes to copy to the device) that the step maps
+to u / 127.5 - 1 in float32 on the device (`normalise_pixels`) before the
+model, whose first layer casts to the compute dtype under mixed precision.
+
+Readback: `fit` hands each step's statistics to callbacks that set
+``device_logs = True`` as the device's scalars, not Python floats
+(`DeviceLogsCallbackList`), so the host does not wait for every step;
+`monitor.TrainingProgress` reads them back every few steps.
+
 Precision: float32, mixed_float16 (with dynamic loss scaling) or
 mixed_bfloat16; "auto" picks mixed_float16 when a GPU is visible, float32
 otherwise. The saved artifact is always a float32 model (mixed precision
@@ -176,6 +186,47 @@ class Placement:
         return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------- pixels and callbacks
+
+def normalise_pixels(images):
+    """Images as the model takes them: uint8 u -> float32 u / 127.5 - 1 (`numpy_input.from_uint8`);
+    float images unchanged. The dtype is static, so a traced step holds one branch."""
+    from keras import ops
+
+    if keras.backend.standardize_dtype(images.dtype) != "uint8":
+        return images
+    return ops.cast(images, "float32") / 127.5 - 1.0
+
+
+def input_pixels() -> str:
+    """What the NumPy input pipeline should deliver for this process's devices: "uint8" when a GPU trains
+    (a quarter of the bytes to copy to it, normalised there by `normalise_pixels`), else "float32": on a CPU
+    nothing is copied, and normalising in the step would only add work there (the train benchmark's part 6
+    measures both)."""
+    return "uint8" if _gpus() else "float32"
+
+
+class DeviceLogsCallbackList(keras.callbacks.CallbackList):
+    """Keras's CallbackList, but a callback with ``device_logs = True`` gets each train step's logs as they
+    come from the step (device scalars), not converted to Python floats.
+
+    Keras's own list converts every value at every step, which makes the host
+    wait for the device each step; on a GPU that serialises the steps of a
+    small model. The others get Python floats as before, converted only
+    when one of them acts on a step's end.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        floats = None
+        for callback in self.callbacks:
+            if getattr(callback, "device_logs", False):
+                callback.on_train_batch_end(batch, logs=logs)
+                continue
+            if floats is None:
+                floats = {k: float(keras.ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
+            callback.on_train_batch_end(batch, logs=floats)
+
+
 # ----------------------------------------------------------------------------- the Keras model that trains
 
 class EmbeddingTrainer(keras.Model):
@@ -212,10 +263,18 @@ class EmbeddingTrainer(keras.Model):
         return batch_loss(self.config, labels, embeddings, head_output, self.objective)
 
     def call(self, inputs, training=False):
-        embeddings = self.embedding(inputs, training=training)
+        embeddings = self.embedding(normalise_pixels(inputs), training=training)
         if self.head is None:
             return embeddings
         return embeddings, self.head(embeddings, training=training)
+
+    def fit(self, *args, callbacks=None, verbose="auto", epochs=1, **kwargs):
+        """keras.Model.fit; callbacks given as a list run in a `DeviceLogsCallbackList`."""
+        if callbacks is not None and not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = DeviceLogsCallbackList(list(callbacks), add_history=True, add_progbar=verbose != 0,
+                                               model=self, verbose=verbose, epochs=epochs,
+                                               steps=kwargs.get("steps_per_epoch"))
+        return super().fit(*args, callbacks=callbacks, verbose=verbose, epochs=epochs, **kwargs)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return self.statistics(y, y_pred)["loss"] / float(self.replicas)

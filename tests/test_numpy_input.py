@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -366,6 +368,26 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        children = _children(todo.pop()) - found
+        found |= children
+        todo.extend(children)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _shm(name: str) -> Path:
+    return Path("/dev/shm") / name.lstrip("/")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_end_with_their_parent():
     script = """
@@ -377,24 +399,144 @@ from tests.builders import build_tiny_dataset
 images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
 stream = fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 8, 0.6, False, 0, workers=2)
 next(stream)
-print("ready", flush=True)
+print("ready", stream._batcher._memory.name, flush=True)
 time.sleep(600)
 """
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert parent.stdout.readline().strip() == "ready"
-        workers = _children(parent.pid)
-        assert len(workers) == 2
+        ready, name = parent.stdout.readline().split()
+        assert ready == "ready"
+        segment = _shm(name)
+        # The workers (children of the forkserver, itself a child), the forkserver, the resource tracker.
+        descendants = _descendants(parent.pid)
+        assert len(descendants) >= 4
+        assert segment.is_file()                     # the output slots the workers write into
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
-                                                Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-                                                for pid in workers):
+    while time.monotonic() < deadline and (any(_alive(pid) for pid in descendants) or segment.exists()):
         time.sleep(0.1)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+    assert not [pid for pid in descendants if _alive(pid)]
+    assert not segment.exists()                   # unlinked by the resource tracker once its holders ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_reader_its_workers_and_frees_the_shared_memory():
+    """Ctrl-C in a terminal signals the whole process group: the workers and the forkserver ignore it, the
+    reader gets KeyboardInterrupt, its `with` closes the stream, and nothing is left running or in /dev/shm."""
+    script = """
+import numpy as np
+from facenet_kfp import numpy_input as fin
+from facenet_kfp.synth import render_jpeg
+images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
+with fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 8, 0.6, True, 0, workers=2) as stream:
+    next(stream)
+    print("ready", stream._batcher._memory.name, flush=True)
+    while True:
+        next(stream)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        ready, name = parent.stdout.readline().split()
+        assert ready == "ready"
+        descendants = _descendants(parent.pid)
+        assert len(descendants) >= 4
+        os.killpg(parent.pid, signal.SIGINT)
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode != 0 and stderr.rstrip().endswith("KeyboardInterrupt")
+    assert "Process" not in stderr                     # no worker reported the signal
+    assert not _shm(name).exists()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(pid) for pid in descendants):
+        time.sleep(0.1)
+    assert not [pid for pid in descendants if _alive(pid)]
+
+
+def test_shared_memory_is_unlinked_on_close_collection_and_errors():
+    images = [render_jpeg(0, i % 3, i, 64) for i in range(12)]
+    labels = np.arange(12) % 3
+    with fin.TrainBatches(images, labels, 3, 2, 16, 0.6, True, 0, workers=2) as stream:
+        next(stream)
+        name = stream._batcher._memory.name
+        assert _shm(name).is_file()
+    assert not _shm(name).exists()
+    stream = fin.TrainBatches(images, labels, 3, 2, 16, 0.6, True, 0, workers=2)
+    kept = next(stream)[0]                        # a copy: it does not keep the segment
+    name = stream._batcher._memory.name
+    del stream
+    gc.collect()
+    assert not _shm(name).exists() and kept.shape == (6, 16, 16, 3)
+    damaged = images[:5] + [b"not an image"] + images[6:]
+    with pytest.raises(InputError, match="image 5: cannot decode"):
+        with fin.TrainBatches(damaged, labels, 3, 2, 16, 0.6, True, 0, workers=2) as stream:
+            name = stream._batcher._memory.name
+            for _ in range(6):
+                next(stream)
+    assert not _shm(name).exists()
+    with pytest.raises(InputError, match="pixels must be one of float32, uint8, got 'float16'"):
+        fin.TrainBatches(images, labels, 3, 2, 16, 0.6, True, 0, workers=2, pixels="float16")
+
+
+WORKER_MODULES = """
+import warnings
+warnings.simplefilter("error")            # JAX warns (RuntimeWarning) when the process forks after it started
+import jax, jax.numpy as jnp
+import numpy as np
+jnp.ones(4).block_until_ready()
+from facenet_kfp import numpy_input as fin
+from facenet_kfp.synth import render_jpeg
+images = [render_jpeg(0, i % 2, i, 64) for i in range(8)]
+with fin.TrainBatches(images, np.arange(8) % 2, 2, 2, 16, 0.6, True, 0, workers=2, pixels="uint8") as stream:
+    batch = next(stream)[0]
+    loaded = stream._batcher._pool.submit(eval, "sorted(__import__('sys').modules)").result()
+    main = stream._batcher._pool.submit(eval, "getattr(__import__('sys').modules['__main__'], '__file__', 0)")
+    main = main.result()
+print(batch.dtype, "jax" in loaded, "tensorflow" in loaded, "keras" in loaded, main == __file__,
+      "facenet_kfp.numpy_input" in loaded)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forkserver")
+def test_workers_start_without_forking_jax_and_never_import_it(tmp_path):
+    """With JAX started in the parent, no fork of it happens (JAX's warning would be an error here) and the
+    workers load neither JAX, TensorFlow, Keras nor the parent's main script."""
+    script = tmp_path / "main.py"
+    script.write_text(WORKER_MODULES)        # an unguarded script: the workers must not run it again
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["uint8", "False", "False", "False", "False", "True"]
+    assert "fork" not in result.stderr.lower()
+
+
+def test_uint8_batches_are_the_float_batches_quantised(tiny):
+    """uint8 pixels are rint((x + 1) * 127.5) of the float pipeline's x, the same with or without workers;
+    mapped back (u / 127.5 - 1, as the trainer does) they are within half a grey level (1/255) of x."""
+    with open_train(tiny) as split:
+        with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, True, 7, workers=0) as stream:
+            floats = [next(stream)[0] for _ in range(3)]
+        for workers in (0, 2):
+            with fin.TrainBatches(split, split.labels, 3, 4, 20, 0.7, True, 7, workers=workers,
+                                  pixels="uint8") as stream:
+                quantised = [next(stream) for _ in range(3)]
+            for (pixels, _), x in zip(quantised, floats):
+                assert pixels.dtype == np.uint8 and pixels.nbytes * 4 == x.nbytes
+                expected = np.rint((x.astype(np.float64) + 1.0) * 127.5)          # up to float32 rounding
+                assert np.abs(pixels - expected).max() <= 1 and np.mean(pixels == expected) > 0.999
+                error = np.abs(fin.from_uint8(pixels) - x)
+                assert error.max() <= 0.5 / 127.5 + 1e-6
+                assert 0.1 / 255 < error.mean() < 1.0 / 255     # a rounding error, not an offset
+    val = [render_jpeg(1, i, i, 64) for i in range(5)]
+    np.testing.assert_array_equal(np.concatenate(list(fin.embedding_batches(val, 16, 0.6, 2, workers=2,
+                                                                            pixels="uint8"))),
+                                  fin.to_uint8(np.concatenate(list(fin.embedding_batches(val, 16, 0.6, 2,
+                                                                                         workers=0)))))
 
 
 def test_errors_name_the_input(tiny, tmp_path):

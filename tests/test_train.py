@@ -26,6 +26,7 @@ from facenet_kfp.fsutil import write_json
 tf = pytest.importorskip("tensorflow")
 train_mod = pytest.importorskip("facenet_kfp.train")
 from facenet_kfp import checkpoints as checkpoints_mod  # noqa: E402  (after the importorskip guards)
+from facenet_kfp import monitor as monitor_mod  # noqa: E402
 from facenet_kfp import trainer as trainer_mod  # noqa: E402
 
 from tests.builders import HEADED, build_train_inputs, headed_loss  # noqa: E402  (after the importorskip guards)
@@ -656,6 +657,98 @@ def test_monitor_fails_on_a_non_finite_loss(bad):
                                            r"diverged; lower train.learning_rate"):
         monitor.update(10, {"loss": bad, "mean_pairwise_l2": 0.5, "max_pairwise_l2": 1.0,
                             "mean_negative_distance": 1.0})
+
+
+class _Probe:
+    """A step's statistic as the device holds it: records the step whenever it is read back to the host."""
+
+    def __init__(self, value: float, step: int, reads: list[int]):
+        self.value, self.step, self.reads = value, step, reads
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads.append(self.step)
+        return np.asarray(self.value, dtype=dtype)
+
+
+def _progress_callback(tmp_path, config: TrainConfig):
+    from facenet_kfp.progress import Progress
+
+    state = train_mod.RunState(config, 0, str(tmp_path / "ckpt"), tensorboard_log.TensorBoardLog([], "run"),
+                               {"train": [], "val": []}, step=0)
+    callback = train_mod.TrainingProgress(state, Progress("training", total=config.max_steps, every=math.inf))
+    callback.set_model(type("Trainer", (), {"objective": objectives.get(config.loss)})())
+    callback.on_train_begin()
+    return callback, state
+
+
+@pytest.mark.parametrize("bad_step", [2, 11, 12, 20])
+def test_progress_reads_back_every_few_steps_and_fails_within_them_naming_the_step(tmp_path, bad_step):
+    """Device values are read back on the first step and then every READBACK_STEPS steps (here log lines,
+    validation and checkpoints are far apart); a NaN loss at step k fails by step k + READBACK_STEPS - 1, naming
+    step k, and every step before it was checked."""
+    n = monitor_mod.READBACK_STEPS
+    config = dataclasses.replace(FAST, max_steps=100, log_every=1000, checkpoint_every=1000)
+    callback, state = _progress_callback(tmp_path, config)
+    reads: list[int] = []
+    failed_at = None
+    for step in range(1, 60):
+        values = {k: 0.3 for k in train_mod.STAT_KEYS} | {"mean_negative_distance": 1.0, "mean_pairwise_l2": 1.0,
+                                                   "max_pairwise_l2": 1.5}
+        if step == bad_step:
+            values["loss"] = float("nan")
+        try:
+            callback.on_train_batch_end(step - 1, {k: _Probe(v, step, reads) for k, v in values.items()})
+        except FacenetError as exc:
+            assert re.search(rf"loss is nan at step {bad_step} ", str(exc))
+            failed_at = step
+            break
+        assert len(set(reads)) == (1 if step < 1 + n else 1 + (step - 1) // n * n)    # nothing else read yet
+    assert failed_at is not None and bad_step <= failed_at <= bad_step + n - 1
+    assert failed_at == 1 + -(-(bad_step - 1) // n) * n                               # the readback after it
+    assert sorted(set(reads)) == list(range(1, bad_step + 1))             # checked up to the bad step, in order
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_progress_reads_back_before_logging_validating_and_checkpointing(tmp_path):
+    config = dataclasses.replace(FAST, max_steps=100, log_every=3, checkpoint_every=1000)
+    callback, state = _progress_callback(tmp_path, config)
+    reads: list[int] = []
+    for step in range(1, 8):
+        values = {k: 0.3 for k in train_mod.STAT_KEYS} | {"mean_pairwise_l2": 1.0, "max_pairwise_l2": 1.5}
+        callback.on_train_batch_end(step - 1, {k: _Probe(v, step, reads) for k, v in values.items()})
+    assert sorted(set(reads)) == list(range(1, 7))                    # read at steps 1, 3 and 6: step 7 waits
+    assert [record["step"] for record in state.history["train"]] == [3, 6]
+
+
+def test_uint8_pixels_are_normalised_inside_the_trainer(tmp_path):
+    """uint8 batches give the embeddings of u / 127.5 - 1 (`numpy_input.from_uint8`), and `fit` hands device
+    values to a ``device_logs`` callback and Python floats to the others."""
+    import keras
+
+    from facenet_kfp.numpy_input import from_uint8
+
+    config = dataclasses.replace(TINY, max_steps=2)
+    trainer = train_mod.build_trainer(config, "float32", train_mod.Placement())
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trainer(pixels)),
+                               keras.ops.convert_to_numpy(trainer(from_uint8(pixels))), rtol=0, atol=1e-6)
+    labels = np.repeat(np.arange(4, dtype=np.int32), 4)
+    seen = {}
+
+    class Plain(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.setdefault("plain", []).append(type(logs["loss"]))
+
+    class Device(keras.callbacks.Callback):
+        device_logs = True
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen.setdefault("device", []).append(float(keras.ops.convert_to_numpy(logs["loss"])))
+
+    trainer.fit((batch for batch in [(pixels, labels)] * 2), steps_per_epoch=2, epochs=1, verbose=0,
+                callbacks=[Plain(), Device()])
+    assert seen["plain"] == [float, float] and len(seen["device"]) == 2
+    assert all(math.isfinite(v) for v in seen["device"])
 
 
 @pytest.mark.parametrize("squared,bound", [(True, 4.5), (False, 2.5)])
