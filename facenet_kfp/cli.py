@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -149,11 +150,37 @@ def cmd_train(args: argparse.Namespace) -> None:
     when training collapses or diverges (nothing is exported then).
     """
     config = _load_config(args.config, args.set, "train")   # checked before TensorFlow is imported
+    if args.processes is not None:
+        _run_train_processes(args)
+        return
     from facenet_kfp.train import train
 
     _print_json(train(args.images, args.completion, args.labels, args.splits, args.out,
                       config.train, checkpoint_dir=args.checkpoint_dir,
                       tensorboard_dir=args.tensorboard_dir))
+
+
+def _run_train_processes(args: argparse.Namespace) -> None:
+    """`train --processes N`: the same command as N local processes of one JAX process group
+    (`multiprocess.run_local`). InputError when the backend is not jax or N < 1; FacenetError when a
+    process fails (the others are stopped then)."""
+    from facenet_kfp import multiprocess
+    from facenet_kfp.errors import FacenetError, InputError
+
+    backend = os.environ.get("KERAS_BACKEND", "")
+    if backend != "jax":
+        raise InputError(f"train --processes {args.processes}: multi-process training runs on JAX; set "
+                         f"KERAS_BACKEND=jax (it is {backend or 'unset'})")
+    argv = [*(["--quiet"] if args.quiet else []), "train", args.images, args.completion, args.labels,
+            args.splits, "--out", args.out]
+    for option, value in (("--config", args.config), ("--checkpoint-dir", args.checkpoint_dir),
+                          ("--tensorboard-dir", args.tensorboard_dir)):
+        argv += [option, value] if value is not None else []
+    for setting in args.set:
+        argv += ["--set", setting]
+    rc = multiprocess.run_local(argv, args.processes)
+    if rc:
+        raise FacenetError(f"train --processes {args.processes}: a training process failed (exit status {rc})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -445,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default <out>.ckpt); resumed only when it "
                    "was written for the same --out, inputs and settings")
     p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
+    p.add_argument("--processes", type=_number(int, "--processes", 1), default=None,
+                   help="run as this many local JAX processes of one process group, as a Kubeflow TrainJob "
+                        "runs one per node (KERAS_BACKEND=jax)")
 
     p = add("evaluate", cmd_evaluate, "step 7: choose the threshold on validation pairs, report test metrics",
             inputs=("model", "images", "splits", "config", "pairs"))

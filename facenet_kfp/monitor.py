@@ -22,6 +22,7 @@ step and the setting to change; the step then fails and no model is exported
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -194,6 +195,20 @@ class RunState:
     first_done_step: int = 0
     paused: float = 0.0                       # seconds in validation and checkpoints since then
     evaluation: keras.Model | None = None     # `evaluation_model`'s copy, built once
+    chief: bool = True                        # writes checkpoints (False: a process other than 0 of several)
+
+
+@contextlib.contextmanager
+def _this_process():
+    """No keras.distribution inside: the evaluation model lives and predicts on this process's default
+    device, even inside `fit` under a DataParallel that spans the devices of several processes (whose
+    outputs this process could not read back)."""
+    outer = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(outer)
 
 
 def evaluation_model(trainer: keras.Model, state: RunState) -> keras.Model:
@@ -208,6 +223,11 @@ def evaluation_model(trainer: keras.Model, state: RunState) -> keras.Model:
     """
     from facenet_kfp.model import calibrate_batch_norm
 
+    with _this_process():
+        return _evaluation_model(trainer, state, calibrate_batch_norm)
+
+
+def _evaluation_model(trainer: keras.Model, state: RunState, calibrate_batch_norm) -> keras.Model:
     if state.evaluation is None:
         state.evaluation = float32_model(trainer, state.config)
     else:
@@ -224,7 +244,8 @@ def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
     keys = trainer.objective.statistics
     sums = {k: 0.0 for k in keys}
     for images, labels in state.val_batches:
-        embeddings = model.predict(images, batch_size=len(images), verbose=0)
+        with _this_process():
+            embeddings = model.predict(images, batch_size=len(images), verbose=0)
         head_output = None if trainer.head is None else trainer.head(embeddings)      # synced: a Keras weight
         out = batch_loss(state.config, labels, embeddings, head_output, trainer.objective)
         for k in keys:
@@ -341,6 +362,8 @@ class TrainingProgress(keras.callbacks.Callback):
 
     def checkpoint(self) -> None:
         state = self.state
+        if not state.chief:         # process 0 of several writes them
+            return
         with _checkpoint_errors(state.checkpoint_dir, f"the checkpoint of step {state.step}"):
             path = save_checkpoint(state.checkpoint_dir, self.model, state.step)
             write_json_any(join(state.checkpoint_dir, HISTORY_JSON), {"step": state.step, **state.history})

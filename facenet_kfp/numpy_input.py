@@ -475,12 +475,22 @@ class TrainBatches:
     a run resumed at start_batch = steps done sees the same batches as an
     uninterrupted one. Close it (or use `with`) to stop the workers and free
     their shared memory.
+
+    part = (i, n): this stream yields only rows [i * P*K/n, (i + 1) * P*K/n)
+    of each global batch, i.e. P/n whole identities (what process i of n feeds
+    in multi-process training; the sampler and the augmentation are those of the
+    global batch, so the batches are the same for any n). InputError when n
+    does not divide p or i is not in 0..n-1.
     """
 
     def __init__(self, images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
                  crop_fraction: float, augment: bool, seed: int, start_batch: int = 0,
-                 workers: int | None = None, pixels: str = "float32"):
+                 workers: int | None = None, pixels: str = "float32", part: tuple[int, int] = (0, 1)):
         self.labels = np.asarray(labels, dtype=np.int32)
+        index, count = part
+        if count < 1 or p % count or not 0 <= index < count:
+            raise InputError(f"part {index} of {count}: the parts must divide p={p} identities and the part "
+                             f"must be in 0..{count - 1}")
         if len(images) != len(self.labels):
             raise InputError(f"{len(images)} images but {len(self.labels)} labels")
         check_preprocessing(image_size, crop_fraction)
@@ -491,8 +501,9 @@ class TrainBatches:
         self.workers = worker_count(workers)
         self._indices = self.sampler.batches(start_batch)
         self._next_batch = start_batch           # the batch submitted next
-        self._batcher = _Batcher(self.workers, self.sampler.batch_size, int(image_size), float(crop_fraction),
-                                 pixels)
+        rows = self.sampler.batch_size // count
+        self._rows = slice(index * rows, (index + 1) * rows)
+        self._batcher = _Batcher(self.workers, rows, int(image_size), float(crop_fraction), pixels)
 
     def __iter__(self) -> "TrainBatches":
         return self
@@ -503,6 +514,8 @@ class TrainBatches:
         while not self._batcher.full():
             index = next(self._indices)
             augmentation = draw_augmentation(self.seed, self._next_batch, len(index)) if self.augment else None
+            index = index[self._rows]
+            augmentation = None if augmentation is None else augmentation[self._rows]
             self._batcher.submit([self.images[i] for i in index], _names(self.images, index), augmentation,
                                  self.labels[index])
             self._next_batch += 1

@@ -31,7 +31,7 @@ from facenet_kfp.checkpoints import (  # noqa: F401  (re-exported: the trainer's
     TF_CHECKPOINT_NAME, TRAIN_LOCK, _checkpoint_errors, _remove_stale_temps_in, _restore,
     checkpoint_arrays, checkpoint_provenance, checkpoint_steps, code_fingerprint, default_checkpoint_dir,
     load_checkpoint, provenance_differences, restore_latest, save_checkpoint, training_lock)
-from facenet_kfp import objectives
+from facenet_kfp import multiprocess, objectives
 from facenet_kfp.config import TrainConfig, to_dict
 from facenet_kfp.errors import InputError
 from facenet_kfp.fsutil import check_replaceable, is_uri, join, no_space_named, remove_stale_temps, write_json_any
@@ -124,8 +124,11 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     except BaseException:
         split.close()
         raise
+    # Several processes: each feeds its part of every global batch (P / processes whole identities), and
+    # Keras's DataParallel assembles the global batch from the parts in process order.
     stream = TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
-                          config.augment, config.seed, start_batch=start_step, pixels=input_pixels())
+                          config.augment, config.seed, start_batch=start_step, pixels=input_pixels(),
+                          part=(multiprocess.process_index(), multiprocess.process_count()))
 
     def close() -> None:
         stream.close()
@@ -146,6 +149,10 @@ def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, repli
     if objective.pk_batches and config.p % replicas:
         raise InputError(f"train.p={config.p} must be a multiple of the {replicas} GPUs "
                          f"(train.loss {objective.name}: each replica compares images of whole identities)")
+    processes = multiprocess.process_count()
+    if config.p % processes:
+        raise InputError(f"train.p={config.p} must be a multiple of the {processes} processes "
+                         f"(each process reads whole identities of every batch)")
 
 
 class _Subset(Sequence):
@@ -220,7 +227,16 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     did not write, a checkpoint folder of another run, settings or code, or one
     held by another training; FacenetError when training collapses or diverges
     (the monitor names the settings to change); nothing is exported then.
+
+    Several JAX processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID set, `multiprocess`): each calls `train` with the same
+    arguments; they train one model over the devices of all of them, each
+    reading its part of every batch, restore the same checkpoint, and process
+    0 alone locks the checkpoint folder and writes checkpoints, TensorBoard
+    events and the model (the others return the same metrics).
     """
+    multiprocess.initialize()       # before any JAX work; InputError for a bad process group
+    chief = multiprocess.is_chief()
     check_replaceable(model_dir, "train")       # before training, not after it
     fingerprints = _check_inputs(dataset_dir, completion_dir, labels_dir, splits_dir, config.k)
     placement = Placement()
@@ -233,6 +249,9 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
     _check_folder(checkpoint_dir, "checkpoint folder", "train --checkpoint-dir, or cluster.checkpoint_root")
     for folder in tensorboard_dirs:
         _check_folder(folder, "TensorBoard folder", "train --tensorboard-dir, or cluster.tensorboard_root")
+    if not chief:       # process 0 holds the lock and writes; the others only read the checkpoints
+        return _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir, config,
+                             checkpoint_dir, [], run_key, fingerprints, placement, provenance, chief=False)
     with training_lock(checkpoint_dir):
         for folder in (checkpoint_dir, *tensorboard_dirs):
             _remove_stale_temps_in(folder)
@@ -243,8 +262,9 @@ def train(dataset_dir: str | os.PathLike, completion_dir: str | os.PathLike | No
 
 def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir, config: TrainConfig,
                   checkpoint_dir: str, tensorboard_dirs: list[str], run_key: str, fingerprints: dict[str, str],
-                  placement: Placement, provenance: dict[str, Any]) -> dict[str, float]:
-    """`train` from the TensorBoard folders on, with the checkpoint folder's lock held."""
+                  placement: Placement, provenance: dict[str, Any], chief: bool = True) -> dict[str, float]:
+    """`train` from the TensorBoard folders on, with the checkpoint folder's lock held; chief False (a process
+    other than 0 of several): the same training, writing nothing."""
     from facenet_kfp import export
 
     alignment = export.dataset_alignment(dataset_dir)      # model.json records it: verify aligns photos the same way
@@ -256,16 +276,18 @@ def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir
              trainer.embedding.name, trainer.embedding.count_params(), backend(), policy, placement.replicas,
              config.p * config.k, config.p, config.k)
     restored, start_step, history = _restore(trainer, checkpoint_dir, provenance, config)
+    multiprocess.check_agree(start_step, "the step of the checkpoint they restored")
     train_batches, val_batches, calibration, close = _train_and_validation_batches(
         dataset_dir, completion_dir, labels_dir, splits_dir, config, placement.replicas, start_step)
-    with _checkpoint_errors(checkpoint_dir, PROVENANCE_JSON):
-        write_json_any(join(checkpoint_dir, PROVENANCE_JSON), provenance)
+    if chief:
+        with _checkpoint_errors(checkpoint_dir, PROVENANCE_JSON):
+            write_json_any(join(checkpoint_dir, PROVENANCE_JSON), provenance)
     for split in ("train", "val"):
         for record in history[split]:
             tensorboard.write(split, record)     # what an earlier attempt's folders may lack
     state = RunState(config, start_step, checkpoint_dir, tensorboard, history, val_batches, calibration,
                      step=start_step,
-                     first_done_step=start_step)
+                     first_done_step=start_step, chief=chief)
     remaining = max(config.max_steps - start_step, 0)
     try:
         if val_batches is not None and start_step == 0:
@@ -294,6 +316,8 @@ def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir
                                             "source": "recalibrated on unaugmented training batches",
                                             "batches": len(state.calibration_images),
                                             "images": sum(len(x) for x in state.calibration_images)})
+    if not chief:
+        return metrics
     with no_space_named(Path(model_dir).parent, "the model artifact"):
         export.save_model_artifact(final, model_dir, metadata, {"train": history["train"], "val": history["val"]})
     log.info("trained %d steps (%d this run) at %.0f images/s; model in %s", state.step,

@@ -162,9 +162,18 @@ def distribution_strategy():
 
 
 def jax_distribution():
-    """JAX: keras.distribution.DataParallel over the devices when there are several, else None."""
+    """JAX: keras.distribution.DataParallel over the devices when there are several, else None.
+
+    The devices are those of every process of a JAX process group (`multiprocess`); each process
+    feeds its own part of every batch (`numpy_input.TrainBatches(part=...)`), so Keras must not
+    shard the input again (auto_shard_dataset off).
+    """
     devices = keras.distribution.list_devices()
-    return keras.distribution.DataParallel(devices=devices) if len(devices) > 1 else None
+    if len(devices) < 2:
+        return None
+    distribution = keras.distribution.DataParallel(devices=devices)
+    distribution.auto_shard_dataset = False
+    return distribution
 
 
 class Placement:
