@@ -118,3 +118,20 @@ def headed_loss(labels, embeddings, config, head_output):
 HEADED = objectives.Objective(name="headed", summary="test only", loss="tests.builders:headed_loss",
                               head="tests.builders:make_test_head", distance=objectives.triplet_distance,
                               loss_bound=lambda config: math.inf)
+
+
+def kustomize(folder) -> list[dict]:
+    """The objects `kubectl kustomize FOLDER` renders; the test is skipped where kubectl is not on PATH."""
+    import shutil
+    import subprocess
+
+    import pytest
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH; it renders the kustomizations (`kubectl kustomize`)")
+    proc = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, f"kubectl kustomize {folder} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc is not None]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.builders import kustomize
 from tests.kserve_schema import SCHEMA_PATH, inference_service_errors, load_schema, validate_inference_service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,20 +45,6 @@ S3_ANNOTATIONS = {"serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttp
 # The URI schemes KServe's controller accepts (SupportedStorageURIPrefixList, v0.20.0).
 STORAGE_URI_PREFIXES = ("gs://", "s3://", "pvc://", "file://", "https://", "http://", "hdfs://", "webhdfs://",
                         "oci://", "oci+native://", "hf://")
-
-
-def _kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.skip("kubectl is not on PATH; it renders the kustomizations (`kubectl kustomize`)")
-    return path
-
-
-def _kustomize(folder: Path) -> list[dict]:
-    proc = subprocess.run([_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, f"kubectl kustomize {folder} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc is not None]
 
 
 def _edit_kustomization(path: Path, edit) -> None:
@@ -99,11 +86,11 @@ def rendered(tmp_path_factory):
     """(predictor, store) -> rendered objects; the shipped store renders the files as they are."""
     out = {}
     for predictor, (sub, _) in PREDICTORS.items():
-        out[predictor, SHIPPED_STORE] = _kustomize(SERVING / sub)
+        out[predictor, SHIPPED_STORE] = kustomize(SERVING / sub)
         for store in STORES:
             if store != SHIPPED_STORE:
                 copy = _copy(tmp_path_factory.mktemp(f"{predictor}-{store}"))
-                out[predictor, store] = _kustomize(_with_store(copy, predictor, store))
+                out[predictor, store] = kustomize(_with_store(copy, predictor, store))
     return out
 
 
@@ -240,7 +227,7 @@ def test_model_uri_is_set_in_one_place(tmp_path, predictor):
     uri = "s3://mlpipeline/v2/artifacts/facenet-kfp/4f1c2d3e/deploy/model"
     folder = _copy(tmp_path) / PREDICTORS[predictor][0]
     _set_model_uri(folder, uri)
-    objects = _kustomize(folder)
+    objects = kustomize(folder)
     # The value's ConfigMap is local configuration: read by kustomize, never applied.
     assert _of_kind(objects, "ConfigMap") == []
     predictor_spec = _isvc(objects, predictor)["spec"]["predictor"]
@@ -262,7 +249,7 @@ def test_image_is_set_with_the_images_transformer(tmp_path):
         image.update(newName="registry.example/team/facenet-kfp-trainer", newTag="1.2.3")
 
     _edit_kustomization(folder / "kustomization.yaml", edit)
-    (container,) = _isvc(_kustomize(folder), "custom")["spec"]["predictor"]["containers"]
+    (container,) = _isvc(kustomize(folder), "custom")["spec"]["predictor"]["containers"]
     assert container["image"] == "registry.example/team/facenet-kfp-trainer:1.2.3"
 
 

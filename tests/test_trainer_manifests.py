@@ -6,13 +6,13 @@ import importlib.util
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 
 from facenet_kfp.cli import build_parser
+from tests.builders import kustomize
 from tests.trainer_schema import (
     CLUSTER_TRAINING_RUNTIME,
     SCHEMA_PATHS,
@@ -36,20 +36,6 @@ CRD_NAMES = {TRAINJOB: "trainjobs.trainer.kubeflow.org",
              CLUSTER_TRAINING_RUNTIME: "clustertrainingruntimes.trainer.kubeflow.org"}
 
 
-def _kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.skip("kubectl is not on PATH; it renders the kustomization (`kubectl kustomize`)")
-    return path
-
-
-def _kustomize(folder: Path) -> list[dict]:
-    proc = subprocess.run([_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, f"kubectl kustomize {folder} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc is not None]
-
-
 def _one(objects: list[dict], kind: str) -> dict:
     found = [obj for obj in objects if obj["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
@@ -70,7 +56,7 @@ def _node_container(runtime: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def rendered() -> list[dict]:
-    return _kustomize(TRAINER)
+    return kustomize(TRAINER)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +204,7 @@ def test_image_is_set_with_the_images_transformer(tmp_path):
     data = yaml.safe_load(kustomization.read_text())
     data["images"][0].update(newName="registry.example.com/team/trainer", newTag="9.9.9")
     kustomization.write_text(yaml.safe_dump(data, sort_keys=False))
-    objects = _kustomize(folder)
+    objects = kustomize(folder)
     image = "registry.example.com/team/trainer:9.9.9"
     assert _one(objects, TRAINJOB)["spec"]["trainer"]["image"] == image
     assert _node_container(_one(objects, CLUSTER_TRAINING_RUNTIME))["image"] == image
