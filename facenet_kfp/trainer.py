@@ -177,15 +177,24 @@ def jax_distribution():
 
 
 class Placement:
-    """Where the model lives: a tf.distribute strategy (tensorflow) or a keras.distribution (jax)."""
+    """Where the model lives: a tf.distribute strategy (tensorflow) or a keras.distribution (jax).
+
+    `replicas`: the devices a batch is split over. `loss_replicas`: how many losses are computed per
+    step and their gradients summed, which the trainer's loss is divided by: the replicas under
+    MirroredStrategy, 1 under JAX (one loss of the global batch, however many devices hold it).
+    """
 
     def __init__(self):
         if backend() == "tensorflow":
             self.strategy, self.distribution = distribution_strategy(), None
             self.replicas = self.strategy.num_replicas_in_sync
+            # Each replica computes the loss of its part of the batch and their gradients are summed.
+            self.loss_replicas = self.replicas
         else:
             self.strategy, self.distribution = None, jax_distribution()
             self.replicas = len(self.distribution.device_mesh.devices.flatten()) if self.distribution else 1
+            # One jitted step computes the loss of the whole (sharded) batch: nothing is summed over devices.
+            self.loss_replicas = 1
 
     def scope(self):
         if self.strategy is not None:
@@ -249,9 +258,10 @@ class EmbeddingTrainer(keras.Model):
     under JAX `fit` holds the weights outside the variables, so the head runs
     there, not in the loss. `statistics(labels, y_pred)` returns a dict of
     float32 scalars with "loss" (`batch_loss`).
-    `compute_loss` is that loss divided by `replicas` (Keras does not scale a
-    scalar loss it did not compute itself, and the replicas' gradients are
-    summed); `compute_metrics` returns the statistics of the step (averaged
+    `compute_loss` is that loss divided by `replicas`, the number of losses
+    whose gradients are summed (`Placement.loss_replicas`: MirroredStrategy's
+    replicas, where Keras does not scale a scalar loss it did not compute
+    itself; 1 under JAX); `compute_metrics` returns the statistics of the step (averaged
     over replicas by `fit`), so each step's callback logs hold that step's
     values, not running means.
     """
@@ -303,7 +313,7 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement,
             `resolve_precision` turns a config precision into one); mixed_float16 wraps Adam in a
             LossScaleOptimizer.
         placement: where the variables live (`Placement`: a tf.distribute strategy or a
-            keras.distribution); the loss is divided by its replica count.
+            keras.distribution); the loss is divided by its `loss_replicas`.
         objective: the training objective (`objectives.Objective`), default the one config.loss names.
 
     Returns the trainer with its optimizer's variables built, so a checkpoint can be restored into it
@@ -319,7 +329,7 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement,
         with placement.scope():
             embedding = model_mod.build_embedding_model((config.image_size, config.image_size, 3),
                                                         config.embedding_dim, config.architecture)
-            trainer = EmbeddingTrainer(embedding, config, objective, placement.replicas)
+            trainer = EmbeddingTrainer(embedding, config, objective, placement.loss_replicas)
             optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
             if policy == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

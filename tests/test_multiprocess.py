@@ -194,6 +194,34 @@ def _max_difference(a: Path, b: Path) -> float:
         return max(float(np.max(np.abs(x[k].astype(np.float64) - y[k]))) for k in keys)
 
 
+# Under JAX one jitted step computes the loss of the whole batch, however many devices hold it: nothing
+# sums per-device gradients, so the loss the gradients come from is the batch's loss, not 1/devices of it.
+LOSS_ON_TWO_DEVICES = """
+import numpy as np
+from facenet_kfp.config import TrainConfig
+from facenet_kfp.trainer import Placement, build_trainer
+config = TrainConfig(architecture="small_cnn", image_size=32, embedding_dim=16, p=4, k=4, margin=0.5)
+placement = Placement()
+trainer = build_trainer(config, "float32", placement)
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (16, 32, 32, 3)).astype("float32")
+y = np.repeat(np.arange(4), 4).astype("int32")
+y_pred = trainer(x)
+print(placement.replicas, placement.loss_replicas, float(trainer.compute_loss(y=y, y_pred=y_pred)),
+      float(trainer.statistics(y, y_pred)["loss"]))
+"""
+
+
+def test_the_loss_on_two_jax_devices_is_the_whole_batch_loss():
+    result = subprocess.run([sys.executable, "-c", LOSS_ON_TWO_DEVICES], cwd=ROOT, env=_env(2),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    replicas, loss_replicas, loss, batch_loss = result.stdout.split()[-4:]
+    assert (int(replicas), int(loss_replicas)) == (2, 1)
+    assert float(batch_loss) > 0.01
+    assert float(loss) == pytest.approx(float(batch_loss), rel=1e-6)
+
+
 # Both runs execute the same XLA program partitioned over 2 devices, one half of each batch per device; only
 # the transport of the gradients' all-reduce differs (in-process vs Gloo between processes). A sum of two
 # float32 operands is the same either way, so the weights should agree bitwise (measured: 0.0); the bound leaves
