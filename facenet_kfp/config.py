@@ -51,6 +51,11 @@ ARCHITECTURES = ("nn4_small2", "small_cnn")
 LOSSES = objectives.NAMES        # train.loss: the training objectives' table (objectives.OBJECTIVES)
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
+SAMPLINGS = ("pk", "uniform")     # train.sampling: P x K identity-balanced batches, or images uniformly
+# train.margin's range per margin-softmax objective (the triplet objectives': the field's own limits and the
+# distance's largest value): ArcFace's angle stays below pi / 2, where cos(theta + m) still falls over most
+# of [0, pi]; CosFace's cosine shift at most 1, half the cosine's range.
+MARGIN_LIMITS = {"arcface": math.pi / 2, "cosface": 1.0}
 ALIGN_METHODS = ("none", "mtcnn")   # data.align; facenet_kfp.align implements mtcnn (without TensorFlow here)
 # Toleration keys as a Kubernetes manifest spells them -> kfp.kubernetes.add_toleration's arguments.
 TOLERATION_KEYS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
@@ -140,9 +145,19 @@ class TrainConfig(Section):
     p: int = setting(16, "identities per batch (at least 2: negatives need two identities); p x k is at "
                          f"most {MAX_BATCH}", minimum=2, maximum=1024)
     k: int = setting(4, "images per identity per batch; equals data.multiple", minimum=2, maximum=128)
-    loss: str = setting("batch_hard", f"triplet mining: {', '.join(LOSSES[:-1])} or {LOSSES[-1]}", choices=LOSSES)
-    margin: float = setting(0.2, "triplet margin, in the units of the distance (see train.squared): unit "
-                                 "vectors are at most 4 apart in squared L2, 2 in plain L2", above=0, maximum=4)
+    loss: str = setting("batch_hard", f"training objective: triplet mining {', '.join(objectives.TRIPLET_NAMES)}"
+                                      f" (P x K batches), or margin-softmax over a head of one centre per "
+                                      f"training identity: {', '.join(objectives.MARGIN_NAMES)}", choices=LOSSES)
+    margin: float = setting(0.2, "the objective's margin: triplet (0.2): in the units of the distance (see "
+                                 "train.squared; unit vectors are at most 4 apart in squared L2, 2 in plain L2); "
+                                 "arcface: additive angular margin in radians, below pi/2 (paper: 0.5); "
+                                 "cosface: additive cosine margin, at most 1 (paper: 0.35); softmax: not used",
+                            above=0, maximum=4)
+    scale: float = setting(64.0, "margin-softmax objectives: the scale s of the cosine logits (ArcFace and "
+                                 "CosFace papers: 64); not used by the triplet objectives", above=0, maximum=1024)
+    sampling: str = setting("pk", "batches of p identities x k images (pk; triplet objectives need it), or "
+                                  "uniform: p x k images drawn uniformly, without replacement within an epoch "
+                                  "(margin-softmax objectives only)", choices=SAMPLINGS)
     squared: bool = setting(True, "squared L2 distances (FaceNet) when true, plain L2 when false")
     learning_rate: float = setting(1e-3, "Adam learning rate (peak, after warm-up)", above=0)
     lr_schedule: str = setting("cosine", "constant, or cosine (decays to 1% of the peak)", choices=LR_SCHEDULES)
@@ -162,9 +177,17 @@ class TrainConfig(Section):
         if self.p * self.k > MAX_BATCH:
             raise InputError(f"train.p x train.k must be at most {MAX_BATCH} images per batch, got "
                              f"{self.p} x {self.k} = {self.p * self.k}")
-        if not self.squared and self.margin > 2:
+        objective = objectives.get(self.loss)
+        if objective.pk_batches and not self.squared and self.margin > 2:
             raise InputError(f"train.margin must be at most 2 with plain L2 distances (train.squared false: "
                              f"unit vectors are at most 2 apart), got {self.margin:g}")
+        limit = MARGIN_LIMITS.get(self.loss)
+        if limit is not None and not (self.margin < limit if self.loss == "arcface" else self.margin <= limit):
+            rule = "below pi/2 = 1.5708 radians" if self.loss == "arcface" else f"at most {limit:g}"
+            raise InputError(f"train.margin must be {rule} with train.loss {self.loss}, got {self.margin:g}")
+        if objective.pk_batches and self.sampling != "pk":
+            raise InputError(f"train.sampling {self.sampling} does not suit train.loss {self.loss}: it mines "
+                             f"triplets within P x K batches; use train.sampling pk")
 
 
 @dataclass(frozen=True)
@@ -226,10 +249,19 @@ class ClusterConfig(Section):
                                        "empty: next to the model output")
     tensorboard_root: str = setting("", "folder (gs:// or path) for live TensorBoard events, one subfolder "
                                         "per train run; empty: none")
+    train_nodes: int = setting(1, "nodes of training: 1 trains in the train task; above 1 (compiled in) the train "
+                                  "task launches a Kubeflow Trainer TrainJob of one JAX process per node, each "
+                                  "with train_cpu, train_memory and train_gpus", minimum=1, maximum=64)
+    train_runtime: str = setting("facenet-kfp-jax", "the TrainJob's JAX runtime (train_nodes above 1): the "
+                                                    "ClusterTrainingRuntime of manifests/trainer or jax-distributed")
+    train_volume: str = setting("facenet-kfp-data", "ReadWriteMany PersistentVolumeClaim the train task and every "
+                                                    "TrainJob node mount (train_nodes above 1): inputs, checkpoints "
+                                                    "and the model travel on it")
 
     def check(self) -> None:
         for key in ("data_cpu", "data_memory", "train_cpu", "train_memory", "evaluate_cpu",
-                    "evaluate_memory", "align_cpu", "align_memory", "accelerator_type", "shm_size"):
+                    "evaluate_memory", "align_cpu", "align_memory", "accelerator_type", "shm_size",
+                    "train_runtime", "train_volume"):
             if not getattr(self, key):
                 raise InputError(f"cluster.{key} must not be empty")
         unknown = sorted(set(self.gpu_toleration) - set(TOLERATION_KEYS))
@@ -423,7 +455,7 @@ ALIGN_PARAMETERS = ("align_size", "max_align_fallback_fraction")   # parameters 
 DAG_KEYS = (("data", "align"), ("deploy", "enabled"))
 SECTION_PREFIX = {"data": "", "train": "train_", "evaluate": "eval_", "deploy": "deploy_"}
 # Cluster keys that are pipeline parameters: where the train task writes outside its outputs.
-CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root")
+CLUSTER_PARAMETERS = ("checkpoint_root", "tensorboard_root", "train_nodes")
 # Config field type -> pipeline parameter type; any other field type cannot be a parameter.
 PARAMETER_TYPES = {str: str, int: int, float: float, bool: bool, tuple[float, ...]: list}
 

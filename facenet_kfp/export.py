@@ -324,12 +324,19 @@ def export_saved_model(model: Any, info: dict[str, Any], path: str | os.PathLike
 
 
 def plot_curves(history: dict[str, Any], path: str | os.PathLike) -> None:
-    """curves.png: loss, fraction of positive triplets and mean distances vs step (train and val)."""
+    """curves.png: loss, fraction of positive triplets and mean distances vs step (train and val); for a
+    margin-softmax objective (records without fraction_positive_triplets) loss, accuracy and mean cosines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     panels = (("loss", "triplet loss"), ("fraction_positive_triplets", "fraction of positive triplets"),
               ("mean_positive_distance", "mean distance: positive (solid) / negative (dashed)"))
+    first = next(iter(history.get("train") or history.get("val") or []), {})
+    if first and "fraction_positive_triplets" not in first:
+        panels = (("loss", "margin-softmax loss"), ("accuracy", "accuracy of the nearest class centre"),
+                  ("mean_true_cosine", "mean cosine: own centre (solid) / others (dashed)"))
+    dashed = {"mean_positive_distance": ("mean_negative_distance", "positive", "negative"),
+              "mean_true_cosine": ("mean_other_cosine", "own", "others")}
     figure = Figure(figsize=(15, 4.2), dpi=100)
     FigureCanvasAgg(figure)
     for column, (key, title) in enumerate(panels):
@@ -340,10 +347,10 @@ def plot_curves(history: dict[str, Any], path: str | os.PathLike) -> None:
             if not steps:
                 continue
             axes.plot(steps, [r[key] for r in records], color=colour, marker="." if split == "val" else None,
-                      label=split if key != "mean_positive_distance" else f"{split} positive")
-            if key == "mean_positive_distance":
-                axes.plot(steps, [r["mean_negative_distance"] for r in records], color=colour,
-                          linestyle="--", label=f"{split} negative")
+                      label=split if key not in dashed else f"{split} {dashed[key][1]}")
+            if key in dashed:
+                axes.plot(steps, [r[dashed[key][0]] for r in records], color=colour,
+                          linestyle="--", label=f"{split} {dashed[key][2]}")
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)

@@ -98,8 +98,9 @@ class TrainingMonitor:
       below `collapse_negative_limit`
       (half the margin, as a plain-L2 length) for COLLAPSE_STEPS consecutive steps: different
       people's embeddings closer than the margin asks, the loss pinned at the margin, nothing learnt;
-    - training diverges: the mean loss over the last DIVERGENCE_STEPS steps is more than one
-      `margin` above the lowest such mean so far. The triplet loss of unit vectors is bounded
+    - training diverges: the mean loss over the last DIVERGENCE_STEPS steps is more than the
+      objective's allowance (`Objective.divergence_rise`: one `margin` for a triplet objective)
+      above the lowest such mean so far. The triplet loss of unit vectors is bounded
       (the objective's loss bound), so divergence shows as a lasting rise, not a blow-up; a healthy
       run's windowed loss falls from about the margin towards 0 with ripples far below a margin.
 
@@ -113,6 +114,7 @@ class TrainingMonitor:
         self.config = config
         self.objective = objective or objectives.for_config(config)
         self.loss_bound = float(self.objective.loss_bound(config))
+        self.rise, self.rise_text = self.objective.divergence_rise(config)
         self.low_distance_run = 0
         self.low_negative_run = 0
         self.last_negative = math.nan
@@ -164,12 +166,12 @@ class TrainingMonitor:
         mean = sum(self.losses) / DIVERGENCE_STEPS
         if self.best is None or mean < self.best[0]:
             self.best = (mean, step)
-        elif mean > self.best[0] + self.config.margin:
+        elif mean > self.best[0] + self.rise:
             best, at = self.best
             raise FacenetError(f"training diverged at step {step}: the mean loss of steps "
                                f"{step - DIVERGENCE_STEPS + 1}-{step} is {mean:.4g}, up from {best:.4g} "
-                               f"(steps {at - DIVERGENCE_STEPS + 1}-{at}), more than train.margin="
-                               f"{self.config.margin:g} higher; lower train.learning_rate (now {lr:.3g}) "
+                               f"(steps {at - DIVERGENCE_STEPS + 1}-{at}), more than {self.rise_text} "
+                               f"higher; lower train.learning_rate (now {lr:.3g}) "
                                f"or raise train.warmup_steps")
 
     def finish(self, step: int) -> None:
@@ -246,7 +248,8 @@ def validate(trainer: keras.Model, state: RunState) -> dict[str, float]:
     for images, labels in state.val_batches:
         with _this_process():
             embeddings = model.predict(images, batch_size=len(images), verbose=0)
-        head_output = None if trainer.head is None else trainer.head(embeddings)      # synced: a Keras weight
+        head_output = (trainer.head(embeddings) if trainer.head is not None      # synced: a Keras weight
+                       and trainer.objective.head_on_validation else None)
         out = batch_loss(state.config, labels, embeddings, head_output, trainer.objective)
         for k in keys:
             sums[k] += float(out[k])

@@ -311,6 +311,50 @@ class PKSampler:
         return np.concatenate([tail, fresh[:k - len(tail)]])
 
 
+class UniformSampler:
+    """Index batches of `batch_size` images drawn uniformly (train.sampling uniform); deterministic per seed.
+
+    An epoch is one pass over every image in a fresh random order, cut into
+    batches; the images left over at an epoch's end (fewer than a batch) open
+    the next batch, which the next epoch's order completes, so every image is
+    drawn once per pass and a batch may hold any number of images of one
+    identity (the margin-softmax objectives compare each image with class
+    centres, not with the batch).
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, seed: int):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0:
+            raise InputError(f"UniformSampler needs a non-empty 1-D label array, got shape {labels.shape}")
+        if batch_size < 1:
+            raise InputError(f"UniformSampler needs batch_size >= 1, got {batch_size}")
+        self.size, self.batch_size, self.seed = len(labels), int(batch_size), int(seed)
+
+    def batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """Infinite stream of int64 index arrays [batch_size]; skips the first `start` (one permutation
+        per epoch skipped, not per batch), so `batches(start=n)` continues where a run stopped after n."""
+        rng = np.random.default_rng(self.seed)
+        drawn = start * self.batch_size               # images drawn before batch `start`
+        for _ in range(drawn // self.size):
+            rng.permutation(self.size)
+        order = rng.permutation(self.size)[drawn % self.size:]
+        while True:
+            while len(order) < self.batch_size:
+                order = np.concatenate([order, rng.permutation(self.size)])
+            yield order[:self.batch_size].astype(np.int64)
+            order = order[self.batch_size:]
+
+
+def make_sampler(labels: np.ndarray, p: int, k: int, seed: int, sampling: str = "pk"):
+    """The batch sampler of train.sampling: `PKSampler(labels, p, k, seed)` ("pk") or
+    `UniformSampler(labels, p * k, seed)` ("uniform"); both have `batch_size` and `batches(start)`."""
+    if sampling == "pk":
+        return PKSampler(labels, p, k, seed)
+    if sampling == "uniform":
+        return UniformSampler(labels, p * k, seed)
+    raise InputError(f"train.sampling must be one of pk, uniform; got {sampling!r}")
+
+
 # ----------------------------------------------------------------------------- decoding a batch
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -462,12 +506,13 @@ def _names(images: Sequence[bytes], indices) -> list[str]:
 
 
 class TrainBatches:
-    """Infinite P x K batches: (images [P*K, S, S, 3], labels int32 [P*K]).
+    """Infinite P x K batches: (images [P*K, S, S, 3], labels int32 [P*K]); P*K images drawn uniformly with
+    sampling="uniform" (`make_sampler`).
 
     Images are float32 in [-1, 1] (`pixels="float32"`) or uint8 (``"uint8"``,
     `to_uint8` of the same floats; module docstring).
 
-    Indices come from `PKSampler(labels, p, k, seed).batches(start_batch)`;
+    Indices come from `make_sampler(labels, p, k, seed, sampling).batches(start_batch)`;
     the bytes of each batch are taken from `images` (a list, or a
     `SplitImages` that reads them from the shards), then decoded and
     augmented by `workers` processes (None: one per available CPU, 0: in this
@@ -485,7 +530,8 @@ class TrainBatches:
 
     def __init__(self, images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
                  crop_fraction: float, augment: bool, seed: int, start_batch: int = 0,
-                 workers: int | None = None, pixels: str = "float32", part: tuple[int, int] = (0, 1)):
+                 workers: int | None = None, pixels: str = "float32", part: tuple[int, int] = (0, 1),
+                 sampling: str = "pk"):
         self.labels = np.asarray(labels, dtype=np.int32)
         index, count = part
         if count < 1 or p % count or not 0 <= index < count:
@@ -497,7 +543,7 @@ class TrainBatches:
         if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
             raise InputError(f"start_batch must be an integer >= 0, got {start_batch!r}")
         self.images, self.augment, self.seed = images, bool(augment), int(seed)
-        self.sampler = PKSampler(self.labels, p, k, seed)
+        self.sampler = make_sampler(self.labels, p, k, seed, sampling)
         self.workers = worker_count(workers)
         self._indices = self.sampler.batches(start_batch)
         self._next_batch = start_batch           # the batch submitted next

@@ -11,7 +11,7 @@ config, head_output) and returns a dict of float32 scalars holding at least its
 between the batch's embeddings, for the collapse check) to every objective's.
 `head_output` is None unless the objective declares a head: a Keras layer on
 the embeddings, built by the "module:function" named in `Objective.head` from
-the config, whose weights train with the embedding network and are
+the config and the number of training identities, whose weights train with the embedding network and are
 checkpointed with it (a margin-softmax objective's class centres, say: its
 output the cosine of each embedding to each centre). The trainer computes the
 head's output in its forward pass, where every backend has the head's weights
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Any, Callable
 
 from facenet_kfp.errors import InputError
@@ -48,6 +49,11 @@ def triplet_loss_bound(config: Any) -> float:
     return MAX_DISTANCE[triplet_distance(config)] + float(config.margin)
 
 
+def triplet_divergence_rise(config: Any) -> tuple[float, str]:
+    """The triplet objectives' divergence allowance (`TrainingMonitor`): one margin, and how to name it."""
+    return float(config.margin), f"train.margin={config.margin:g}"
+
+
 def _resolve(reference: str, what: str) -> Any:
     """The object a "module:attribute" reference names, imported now."""
     module, _, attribute = reference.partition(":")
@@ -69,7 +75,13 @@ class Objective:
     loss_bound: config -> the largest value its loss can take (math.inf when unbounded): the training
     monitor refuses a larger one, and a bounded loss diverges as a lasting rise, not a blow-up;
     distance: config -> the name (DISTANCES) of the distance its embeddings are compared with;
-    head: "module:function" building its trainable head (a Keras layer) from the config, or None.
+    head: "module:function" building its trainable head (a Keras layer) from the config and the number of
+    training identities, (config, classes) -> layer (`build_head`), or None;
+    head_on_validation: validation hands the loss the head's output (False: None, for a head whose
+    rows are the training identities, which the validation identities are not; the loss then
+    compares the validation batch with itself);
+    divergence_rise: config -> (how far the windowed mean loss may rise above its lowest before the
+    monitor calls it divergence, the words that name that amount in its message).
     """
     name: str
     summary: str
@@ -79,6 +91,8 @@ class Objective:
     pk_batches: bool = True
     statistics: tuple[str, ...] = TRIPLET_STATISTICS
     head: str | None = None
+    head_on_validation: bool = True
+    divergence_rise: Callable[[Any], tuple[float, str]] = triplet_divergence_rise
 
     def __post_init__(self):
         if not self.statistics or self.statistics[0] != "loss":
@@ -89,9 +103,12 @@ class Objective:
         """The loss code: (labels, embeddings, config, head_output) -> {statistic: float32 scalar}."""
         return _resolve(self.loss, f"objective {self.name}'s loss")
 
-    def build_head(self, config: Any) -> Any:
-        """The objective's head, a Keras layer built from `config`, or None when it has none."""
-        return None if self.head is None else _resolve(self.head, f"objective {self.name}'s head")(config)
+    def build_head(self, config: Any, classes: int | None = None) -> Any:
+        """The objective's head, a Keras layer built by `head`'s function from `config` and `classes` (the
+        number of training identities; None where it is not known), or None when it has none."""
+        if self.head is None:
+            return None
+        return _resolve(self.head, f"objective {self.name}'s head")(config, classes)
 
     def reported(self) -> tuple[str, ...]:
         """Every value one training step reports: `statistics` and COLLAPSE_STATISTICS."""
@@ -103,11 +120,45 @@ def _triplet(name: str, summary: str) -> Objective:
                      distance=triplet_distance, loss_bound=triplet_loss_bound)
 
 
+def cosine_distance(config: Any) -> str:
+    """The margin-softmax objectives' distance: "cosine", what their logits compare (on unit embeddings
+    half the squared L2 distance, so every figure but a threshold's value is the same in either)."""
+    return "cosine"
+
+
+def unbounded(config: Any) -> float:
+    """math.inf: a margin-softmax loss is bounded by log(1 + (C - 1) exp(s (1 - min phi))), which depends on
+    the number of training identities C, not a setting; the monitor then checks finiteness only."""
+    return math.inf
+
+
+def margin_divergence_rise(config: Any) -> tuple[float, str]:
+    """The margin-softmax objectives' divergence allowance: a tenth of train.scale (their loss moves in
+    units of the scale: a true-class cosine 0.1 lower raises its term by up to 0.1 s)."""
+    return 0.1 * float(config.scale), f"{0.1 * config.scale:g} (a tenth of train.scale={config.scale:g})"
+
+
+def _margin(name: str, summary: str) -> Objective:
+    return Objective(name=name, summary=summary, loss=f"facenet_kfp.margin_losses:{name}_objective",
+                     distance=cosine_distance, loss_bound=unbounded, pk_batches=False,
+                     statistics=MARGIN_STATISTICS, head="facenet_kfp.margin_losses:class_centre_head",
+                     head_on_validation=False, divergence_rise=margin_divergence_rise)
+
+
+# What every margin-softmax objective reports each step (`margin_losses.STATISTICS`).
+MARGIN_STATISTICS = ("loss", "accuracy", "mean_true_cosine", "mean_other_cosine")
+# Triplet objectives, then margin-softmax ones (train.loss's help lists them in this order).
+TRIPLET_NAMES = ("batch_all", "batch_hard", "semi_hard")
+MARGIN_NAMES = ("arcface", "cosface", "softmax")
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     _triplet("batch_all", "triplet loss, mean over every triplet of the batch with a positive loss"),
     _triplet("batch_hard", "triplet loss of each anchor's hardest positive and hardest negative"),
     _triplet("semi_hard", "triplet loss of each positive pair's nearest negative farther than the positive "
                           "(FaceNet)"),
+    _margin("arcface", "ArcFace: softmax cross-entropy over class centres, s cos(theta + m) for the true class"),
+    _margin("cosface", "CosFace: softmax cross-entropy over class centres, s (cos theta - m) for the true class"),
+    _margin("softmax", "normalised softmax: cross-entropy over class centres, s cos theta, no margin"),
 )}
 # The train.loss choices, in table order.
 NAMES = tuple(OBJECTIVES)

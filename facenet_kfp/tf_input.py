@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from facenet_kfp.errors import InputError
-from facenet_kfp.numpy_input import PKSampler, open_split  # noqa: F401
+from facenet_kfp.numpy_input import PKSampler, make_sampler, open_split  # noqa: F401
 from facenet_kfp.preprocess import BRIGHTNESS, JITTER, PREPROCESSING_VERSION  # noqa: F401
 from facenet_kfp.splits import SPLITS  # noqa: F401
 from facenet_kfp.progress import Progress
@@ -134,11 +134,12 @@ def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.P
 # ----------------------------------------------------------------------------- tf.data
 
 def make_train_dataset(images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
-                       crop_fraction: float, augment: bool, seed: int, start_batch: int = 0
-                       ) -> tf.data.Dataset:
-    """Infinite P x K batches: (images float32 [P*K, S, S, 3] in [-1, 1], labels int32 [P*K]).
+                       crop_fraction: float, augment: bool, seed: int, start_batch: int = 0,
+                       sampling: str = "pk") -> tf.data.Dataset:
+    """Infinite P x K batches: (images float32 [P*K, S, S, 3] in [-1, 1], labels int32 [P*K]); P*K images
+    drawn uniformly with sampling="uniform".
 
-    Indices come from `PKSampler(labels, p, k, seed).batches(start_batch)`; a
+    Indices come from `make_sampler(labels, p, k, seed, sampling).batches(start_batch)`; a
     Python generator gathers the encoded bytes of each batch (a list lookup,
     so no image tensor is embedded in the graph), then decoding and
     augmentation run in a parallel, order-preserving map. Image j of batch b
@@ -148,7 +149,7 @@ def make_train_dataset(images: Sequence[bytes], labels: np.ndarray, p: int, k: i
     labels = np.asarray(labels, dtype=np.int32)
     if len(images) != len(labels):
         raise InputError(f"{len(images)} images but {len(labels)} labels")
-    sampler = PKSampler(labels, p, k, seed)
+    sampler = make_sampler(labels, p, k, seed, sampling)
     batch_size = sampler.batch_size
 
     def generate():

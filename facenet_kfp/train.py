@@ -5,7 +5,11 @@ One optimizer step: a P x K batch (P identities x K images, P x K sampling)
 batch (`config.loss`: batch_all, batch_hard or semi_hard; squared or plain L2
 distances) -> Adam. The learning rate rises linearly over `warmup_steps`
 (lr * (step + 1) / warmup_steps) and then stays constant or follows a cosine
-from the peak down to 1% of it at `max_steps`.
+from the peak down to 1% of it at `max_steps`. The margin-softmax objectives
+(arcface, cosface, softmax; `margin_losses`) instead compare each embedding
+with a head of one centre per training identity (labels 0..C-1 in label-id
+order, `train_classes`), on P x K batches or on P*K images drawn uniformly
+(train.sampling).
 
 The parts: `trainer` (the Keras model that trains: schedule, loss, devices,
 precision), `monitor` (fail fast, log lines, validation, the callback) and
@@ -86,18 +90,19 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
     split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
     try:
         _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
+        labels = train_classes(split.labels)
         val_batches = _validation_batches(dataset_dir, labels_dir, splits_dir, config, lambda images, labels, p: [
             (x.numpy(), y.numpy()) for x, y in make_train_dataset(
                 images, labels, p, config.k, config.image_size, config.crop_fraction, False,
                 config.seed).take(config.validation_batches)])
         calibration = [x.numpy() for x, _ in make_train_dataset(
-            split, split.labels, config.p, config.k, config.image_size, config.crop_fraction, False,
+            split, labels, config.p, config.k, config.image_size, config.crop_fraction, False,
             config.seed).take(BN_CALIBRATION_BATCHES)]
     except BaseException:
         split.close()
         raise
-    train = make_train_dataset(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
-                               config.augment, config.seed, start_batch=start_step)
+    train = make_train_dataset(split, labels, config.p, config.k, config.image_size, config.crop_fraction,
+                               config.augment, config.seed, start_batch=start_step, sampling=config.sampling)
     return train, val_batches, calibration, split.close
 
 
@@ -117,8 +122,9 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
     split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
     try:
         _check_train_split(split.labels, split.synthetic, splits_dir, config, replicas)
+        labels = train_classes(split.labels)
         val_batches = _validation_batches(dataset_dir, labels_dir, splits_dir, config, validation)
-        with TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
+        with TrainBatches(split, labels, config.p, config.k, config.image_size, config.crop_fraction,
                           False, config.seed, workers=0) as batches:
             calibration = [next(batches)[0] for _ in range(BN_CALIBRATION_BATCHES)]
     except BaseException:
@@ -126,14 +132,29 @@ def _jax_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tr
         raise
     # Several processes: each feeds its part of every global batch (P / processes whole identities), and
     # Keras's DataParallel assembles the global batch from the parts in process order.
-    stream = TrainBatches(split, split.labels, config.p, config.k, config.image_size, config.crop_fraction,
+    stream = TrainBatches(split, labels, config.p, config.k, config.image_size, config.crop_fraction,
                           config.augment, config.seed, start_batch=start_step, pixels=input_pixels(),
-                          part=(multiprocess.process_index(), multiprocess.process_count()))
+                          part=(multiprocess.process_index(), multiprocess.process_count()),
+                          sampling=config.sampling)
 
     def close() -> None:
         stream.close()
         split.close()
     return (batch for batch in stream), val_batches, calibration, close      # fit takes a generator, not an iterator
+
+
+def train_identities(splits_dir) -> int:
+    """The number of training identities: the rows of a margin-softmax objective's head. train.txt lists
+    each with at least one image, so it is also the number of distinct labels of the train split."""
+    from facenet_kfp.splits import read_split
+
+    return len(read_split(splits_dir, "train"))
+
+
+def train_classes(labels: np.ndarray) -> np.ndarray:
+    """The train split's labels (labels.json ids) as class indices 0..C-1 in id order, int32: the rows of
+    a head. The order and equality of labels are kept, so P x K batches are the same either way."""
+    return np.searchsorted(np.unique(labels), labels).astype(np.int32)
 
 
 def _check_train_split(labels, synthetic, splits_dir, config: TrainConfig, replicas: int) -> None:
@@ -271,7 +292,7 @@ def _train_locked(dataset_dir, completion_dir, labels_dir, splits_dir, model_dir
     tensorboard = TensorBoardLog(tensorboard_dirs, run_key)
 
     policy = resolve_precision(config.precision)
-    trainer = build_trainer(config, policy, placement)
+    trainer = build_trainer(config, policy, placement, classes=train_identities(splits_dir))
     log.info("model %s: %d parameters, backend %s, precision %s, %d replica(s), batch %d = P %d x K %d",
              trainer.embedding.name, trainer.embedding.count_params(), backend(), policy, placement.replicas,
              config.p * config.k, config.p, config.k)

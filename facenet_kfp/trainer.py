@@ -267,12 +267,13 @@ class EmbeddingTrainer(keras.Model):
     """
 
     def __init__(self, embedding: keras.Model, config: TrainConfig, objective: Objective | None = None,
-                 replicas: int = 1, head: keras.layers.Layer | None = None, **kwargs):
+                 replicas: int = 1, head: keras.layers.Layer | None = None, classes: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.embedding, self.config, self.replicas = embedding, config, int(replicas)
         self.objective = objective or objectives.for_config(config)
         if head is None and self.objective.head is not None:
-            head = self.objective.build_head(config)
+            head = self.objective.build_head(config, classes)
         self.head = head
         if head is not None and not head.built:
             head.build((None, int(embedding.output_shape[-1])))
@@ -303,7 +304,7 @@ class EmbeddingTrainer(keras.Model):
 
 
 def build_trainer(config: TrainConfig, policy: str, placement: Placement,
-                  objective: Objective | None = None) -> EmbeddingTrainer:
+                  objective: Objective | None = None, classes: int | None = None) -> EmbeddingTrainer:
     """The embedding model and the objective's head, if any, in an EmbeddingTrainer, compiled and built.
 
     Args:
@@ -315,6 +316,8 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement,
         placement: where the variables live (`Placement`: a tf.distribute strategy or a
             keras.distribution); the loss is divided by its `loss_replicas`.
         objective: the training objective (`objectives.Objective`), default the one config.loss names.
+        classes: the number of training identities, the rows of a margin-softmax objective's head
+            (the train split's, which the config does not hold); batches label them 0..classes-1.
 
     Returns the trainer with its optimizer's variables built, so a checkpoint can be restored into it
     before the first step. The global dtype policy is restored afterwards. InputError for an unknown
@@ -329,7 +332,7 @@ def build_trainer(config: TrainConfig, policy: str, placement: Placement,
         with placement.scope():
             embedding = model_mod.build_embedding_model((config.image_size, config.image_size, 3),
                                                         config.embedding_dim, config.architecture)
-            trainer = EmbeddingTrainer(embedding, config, objective, placement.loss_replicas)
+            trainer = EmbeddingTrainer(embedding, config, objective, placement.loss_replicas, classes=classes)
             optimizer = keras.optimizers.Adam(learning_rate=make_schedule(config))
             if policy == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -98,8 +98,8 @@ def build_train_inputs(root: Path, **kwargs) -> dict:
 
 # ----------------------------------------------------------------------------- an objective with a head
 
-def make_test_head(config):
-    """The head of `HEADED`: a bias-free Dense layer of 3 outputs on the embeddings."""
+def make_test_head(config, classes=None):
+    """The head of `HEADED`: a bias-free Dense layer of 3 outputs on the embeddings (whatever `classes`)."""
     import keras
     return keras.layers.Dense(3, use_bias=False, name="test_head")
 

@@ -113,7 +113,8 @@ def test_errors_name_the_file_and_the_key(tmp_path):
 def test_help_lives_in_the_field_metadata():
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert fields["loss"].metadata["help"] == field_help(TrainConfig)["loss"]
-    assert fields["loss"].metadata["choices"] == ("batch_all", "batch_hard", "semi_hard")
+    assert fields["loss"].metadata["choices"] == ("batch_all", "batch_hard", "semi_hard", "arcface", "cosface",
+                                                  "softmax")
     assert all(text and not text.startswith("#") for text in field_help(ClusterConfig).values())
 
 

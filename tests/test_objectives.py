@@ -25,15 +25,20 @@ def test_the_table_imports_neither_keras_nor_tensorflow():
 
 
 def test_the_config_choices_are_the_table():
-    assert config.LOSSES == objectives.NAMES == ("batch_all", "batch_hard", "semi_hard")
+    assert config.LOSSES == objectives.NAMES == ("batch_all", "batch_hard", "semi_hard", "arcface", "cosface",
+                                                 "softmax")
+    assert objectives.NAMES == objectives.TRIPLET_NAMES + objectives.MARGIN_NAMES
     loss = next(f for f in dataclasses.fields(TrainConfig) if f.name == "loss")
     assert loss.metadata["choices"] == objectives.NAMES
-    assert loss.metadata["help"] == "triplet mining: batch_all, batch_hard or semi_hard"
-    with pytest.raises(InputError, match=r"train.loss must be one of batch_all, batch_hard, semi_hard; got 'x'"):
+    assert loss.metadata["help"] == ("training objective: triplet mining batch_all, batch_hard, semi_hard (P x K "
+                                     "batches), or margin-softmax over a head of one centre per training "
+                                     "identity: arcface, cosface, softmax")
+    with pytest.raises(InputError, match=r"train.loss must be one of batch_all, batch_hard, semi_hard, arcface, "
+                                         r"cosface, softmax; got 'x'"):
         objectives.get("x")
 
 
-@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("name", objectives.TRIPLET_NAMES)
 def test_triplet_objectives(name):
     objective = objectives.get(name)
     assert objective.name == name and objective.pk_batches and objective.head is None
@@ -46,6 +51,20 @@ def test_triplet_objectives(name):
     assert objective.loss_bound(squared) == pytest.approx(4.3) and objective.loss_bound(plain) == pytest.approx(2.3)
     assert objectives.for_config(squared) is objective
     assert objective.loss == f"facenet_kfp.losses:{name}_objective"
+    assert objective.head_on_validation and objective.divergence_rise(squared) == (0.3, "train.margin=0.3")
+
+
+@pytest.mark.parametrize("name", objectives.MARGIN_NAMES)
+def test_margin_softmax_objectives(name):
+    """Their code and head are in margin_losses (tests/test_margin_losses.py checks them against loops)."""
+    objective = objectives.get(name)
+    assert objective.name == name and not objective.pk_batches and not objective.head_on_validation
+    assert objective.statistics == ("loss", "accuracy", "mean_true_cosine", "mean_other_cosine")
+    assert objective.loss == f"facenet_kfp.margin_losses:{name}_objective"
+    assert objective.head == "facenet_kfp.margin_losses:class_centre_head"
+    config = TrainConfig(loss=name, scale=64.0)
+    assert objective.distance(config) == "cosine" and objective.loss_bound(config) == float("inf")
+    assert objective.divergence_rise(config) == (pytest.approx(6.4), "6.4 (a tenth of train.scale=64)")
 
 
 def test_loss_code_and_head_are_imported_only_when_asked_for():
