@@ -25,7 +25,7 @@ from components.extract import extract_images
 from components.labels import make_labels
 from components.pairs import check_pairs
 from components.splits import split_identities
-from components.train import train_model
+from components.train import train_model, train_on_trainer
 
 # {step name: component function}: one entry per component, in DAG order. The image each runs in is its
 # step's policy (pipelines/facenet_pipeline.py STEPS).
@@ -38,20 +38,45 @@ COMPONENTS = {
     "splits": split_identities,
     "check_pairs": check_pairs,
     "train": train_model,
+    "train_on_trainer": train_on_trainer,
     "evaluate": evaluate_model,
     "evaluate_on_archive": evaluate_on_archive,
     "deploy": deploy_model,
 }
 
 
+# Settings kfp passes to a component's `dsl.TaskConfig` argument (kfp >= 2.15), by step name: the train
+# step that launches a Kubeflow Trainer TrainJob hands its GPUs, CPU, memory and node placement to the
+# job's nodes (not to its own pod) and shares its volumes and environment with them.
+PASSTHROUGHS = {
+    "train_on_trainer": [
+        dsl.TaskConfigField.RESOURCES,
+        dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+        dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,
+        dsl.TaskConfigField.KUBERNETES_AFFINITY,
+        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.ENV, apply_to_task=True),
+        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_VOLUMES, apply_to_task=True),
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Images:
-    """Container images the steps run in (full references, never a `latest` tag)."""
+    """Container images the steps run in (full references, never a `latest` tag). `trainer_jax`, the JAX
+    (CUDA) trainer image a Kubeflow Trainer TrainJob's nodes run, defaults to the trainer image's
+    repository with ``-jax`` appended, at the same tag."""
     light: str
     trainer: str
+    trainer_jax: str = ""
 
     def __post_init__(self) -> None:
-        for name, ref in (("light", self.light), ("trainer", self.trainer)):
+        if not self.trainer_jax:
+            repository, sep, tag = self.trainer.rpartition(":")
+            if "@" in self.trainer or not sep or "/" in tag:
+                raise ValueError(f"trainer image {self.trainer!r}: give the JAX trainer image too (a digest or "
+                                 f"an untagged reference names no JAX image of the same tag)")
+            object.__setattr__(self, "trainer_jax", f"{repository}-jax:{tag}")
+        for name, ref in (("light", self.light), ("trainer", self.trainer), ("trainer_jax", self.trainer_jax)):
             tag = ref.rsplit("/", 1)[-1]
             if ":" not in tag and "@" not in ref:
                 raise ValueError(f"{name} image {ref!r} has no tag; pin a version")
@@ -60,7 +85,8 @@ class Images:
 
 
 DEFAULT_IMAGES = Images(light="ghcr.io/facenet-kfp/facenet-kfp:0.1.0",
-                        trainer="ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0")
+                        trainer="ghcr.io/facenet-kfp/facenet-kfp-trainer:0.1.0",
+                        trainer_jax="ghcr.io/facenet-kfp/facenet-kfp-trainer-jax:0.1.0")
 
 
 def build_components(images: Images) -> dict[str, Any]:
@@ -73,7 +99,8 @@ def build_components(images: Images) -> dict[str, Any]:
         raise ValueError(f"no step of pipelines/facenet_pipeline.py runs component(s) {', '.join(unused)}")
     if missing := [name for name in kinds if name not in COMPONENTS]:
         raise ValueError(f"step(s) {', '.join(missing)} have no component in components.COMPONENTS")
-    return {name: dsl.component(func, base_image=getattr(images, kinds[name]), install_kfp_package=False)
+    return {name: dsl.component(func, base_image=getattr(images, kinds[name]), install_kfp_package=False,
+                                task_config_passthroughs=PASSTHROUGHS.get(name))
             for name, func in COMPONENTS.items()}
 
 

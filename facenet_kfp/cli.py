@@ -153,11 +153,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.processes is not None:
         _run_train_processes(args)
         return
+    from facenet_kfp import multiprocess
+    from facenet_kfp.fsutil import write_json
     from facenet_kfp.train import train
 
-    _print_json(train(args.images, args.completion, args.labels, args.splits, args.out,
-                      config.train, checkpoint_dir=args.checkpoint_dir,
-                      tensorboard_dir=args.tensorboard_dir))
+    result = train(args.images, args.completion, args.labels, args.splits, args.out, config.train,
+                   checkpoint_dir=args.checkpoint_dir, tensorboard_dir=args.tensorboard_dir, run_key=args.run_key)
+    if args.result and multiprocess.is_chief():
+        write_json(args.result, result)
+    _print_json(result)
 
 
 def _run_train_processes(args: argparse.Namespace) -> None:
@@ -174,8 +178,10 @@ def _run_train_processes(args: argparse.Namespace) -> None:
     argv = [*(["--quiet"] if args.quiet else []), "train", args.images, args.completion, args.labels,
             args.splits, "--out", args.out]
     for option, value in (("--config", args.config), ("--checkpoint-dir", args.checkpoint_dir),
-                          ("--tensorboard-dir", args.tensorboard_dir)):
+                          ("--run-key", args.run_key), ("--result", args.result)):
         argv += [option, value] if value is not None else []
+    for folder in args.tensorboard_dir or []:
+        argv += ["--tensorboard-dir", folder]
     for setting in args.set:
         argv += ["--set", setting]
     rc = multiprocess.run_local(argv, args.processes)
@@ -463,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "step 6: train the embedding network with online triplet mining (Keras backend: "
             "KERAS_BACKEND=tensorflow, the default, or jax)",
             inputs=("images", "completion", "labels", "splits", "config"),
-            outputs=("out", "checkpoint_dir", "tensorboard_dir"))
+            outputs=("out", "checkpoint_dir", "tensorboard_dir", "result"))
     for name in ("images", "completion", "labels", "splits"):
         p.add_argument(name, help=f"{name} folder")
     p.add_argument("--out", required=True, help="output model folder")
@@ -471,7 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p, "train", "e.g. --set max_steps=100")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default <out>.ckpt); resumed only when it "
                    "was written for the same --out, inputs and settings")
-    p.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here")
+    p.add_argument("--tensorboard-dir", action="append", default=None,
+                   help="write TensorBoard events here (repeat for several folders, paths or gs://)")
+    p.add_argument("--run-key", default=None, help="what this training is for (a KFP task gives its model output "
+                   "URI): a checkpoint is resumed only for the same key (default: the absolute --out)")
+    p.add_argument("--result", default=None, help="also write the final metrics to this JSON file (process 0)")
     p.add_argument("--processes", type=_number(int, "--processes", 1), default=None,
                    help="run as this many local JAX processes of one process group, as a Kubeflow TrainJob "
                         "runs one per node (KERAS_BACKEND=jax)")

@@ -23,7 +23,6 @@ the functions that talk to a cluster.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,6 +34,7 @@ from facenet_kfp.deploy_config import DeployConfig
 from facenet_kfp.errors import FacenetError, InputError
 from facenet_kfp.evaluate import MODEL_JSON, THRESHOLD_JSON
 from facenet_kfp.fsutil import STEP_MARKER, atomic_dir, read_json
+from facenet_kfp.kube import api_message, condition_text, find_cluster
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ CONTAINER = "kserve-container"    # the container name KServe gives the storage 
 # KFP writes MinIO artifacts as minio://bucket/key; the initializer reads MinIO as S3 (the endpoint comes
 # from the annotations of the ServiceAccount's Secret, manifests/serving/stores/minio).
 STORAGE_SCHEMES = {"gs": "gs", "s3": "s3", "minio": "s3"}
-IN_CLUSTER_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-DEFAULT_KUBECONFIG = "~/.kube/config"
 POLL_SECONDS = 5.0
 # KServe's status.modelStatus.transitionStatus values after which waiting is pointless.
 FAILED_TRANSITIONS = ("InvalidSpec", "BlockedByFailedLoad")
@@ -155,19 +153,9 @@ def connect(config_file: str | os.PathLike | None = None) -> Any:
     Raises DeployError "no Kubernetes cluster: ..." naming what was tried when there is none, or naming
     the kubeconfig when it cannot be used (no current context, a missing file it names).
     """
-    token, host = IN_CLUSTER_TOKEN, os.environ.get("KUBERNETES_SERVICE_HOST", "")
-    kubeconfig = str(config_file) if config_file else os.environ.get("KUBECONFIG", "") or DEFAULT_KUBECONFIG
-    kubeconfig_files = [Path(p).expanduser() for p in kubeconfig.split(os.pathsep) if p]
-    in_cluster = not config_file and token.is_file() and bool(host)
-    if not in_cluster and not any(p.is_file() for p in kubeconfig_files):
-        pod = ("no in-cluster service account (" + ("KUBERNETES_SERVICE_HOST is not set" if token.is_file()
-               else f"{token} not found") + ")")
-        where = (f"{kubeconfig} not found" if config_file else
-                 f"$KUBECONFIG={kubeconfig} not found" if os.environ.get("KUBECONFIG") else
-                 f"$KUBECONFIG not set and {DEFAULT_KUBECONFIG} not found")
-        raise DeployError(f"no Kubernetes cluster: {pod} and no kubeconfig ({where}); the deploy step "
-                          f"needs a cluster with KServe: run the pipeline on Kubeflow Pipelines (make submit), "
-                          f"or leave deploy.enabled false to run it without one")
+    in_cluster, kubeconfig = find_cluster(
+        config_file, DeployError, "the deploy step needs a cluster with KServe: run the pipeline on Kubeflow "
+                                  "Pipelines (make submit), or leave deploy.enabled false to run it without one")
     from kserve import KServeClient
     from kubernetes.config import ConfigException
 
@@ -192,12 +180,6 @@ def api_error(exc: Exception, action: str, name: str, namespace: str) -> DeployE
 
         host = client.Configuration.get_default_copy().host
         return DeployError(f"{what}: cannot reach the Kubernetes API at {host}: {type(exc).__name__}: {exc}")
-    message = ""
-    try:
-        body = json.loads(exc.body or "{}")
-        message = body.get("message", "") if isinstance(body, dict) else ""
-    except (TypeError, ValueError):
-        message = str(exc.body or "").strip()
     hints = {401: "the credentials were refused: check the kubeconfig's user or the pod's service account token",
              403: (f"let the pipeline's service account create, get and update inferenceservices.{GROUP} in "
                    f"namespace {namespace} (a Role and RoleBinding; in a Kubeflow profile namespace the "
@@ -205,7 +187,7 @@ def api_error(exc: Exception, action: str, name: str, namespace: str) -> DeployE
              404: f"is KServe installed (the {PLURAL}.{GROUP} CRD) and does namespace {namespace} exist?",
              422: "the API server refused the InferenceService as invalid"}
     hint = f"; {hints[exc.status]}" if exc.status in hints else ""
-    return DeployError(f"{what}: {exc.status} {exc.reason}: {message or '(no message)'}{hint}")
+    return DeployError(f"{what}: {api_message(exc)}{hint}")
 
 
 def apply_inference_service(api: Any, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -236,11 +218,7 @@ def apply_inference_service(api: Any, manifest: dict[str, Any]) -> tuple[str, di
 
 def conditions_text(status: dict[str, Any]) -> str:
     """An InferenceService status's conditions as "Type=Status (reason: message)", one after another."""
-    parts = []
-    for condition in status.get("conditions") or []:
-        why = ": ".join(str(condition[k]) for k in ("reason", "message") if condition.get(k))
-        parts.append(f"{condition.get('type', '?')}={condition.get('status', '?')}" + (f" ({why})" if why else ""))
-    return ", ".join(parts) or "no conditions reported yet"
+    return condition_text(status.get("conditions"))
 
 
 def readiness(obj: dict[str, Any], generation: int | None) -> bool:

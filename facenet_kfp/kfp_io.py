@@ -139,3 +139,43 @@ def evaluate_task(model: Any, images: Any, splits: Any, eval_images: Any, settin
     log_metrics(metrics, result["metrics"])
     log_classification(roc, result["roc"], result["confusion_matrix"])
     threshold.metadata.update(result["threshold"])
+
+
+def train_task(images: Any, completion: Any, labels: Any, splits: Any, settings: dict[str, Any],
+               checkpoint_root: str, tensorboard_root: str, model: Any, metrics: Any, training_report: Any,
+               tensorboard: Any, trainjob: dict[str, Any] | None = None) -> None:
+    """The body of both train components: `settings` are TrainConfig's keys. Trains in this task, or with
+    `trainjob` ({nodes, runtime, image, task_config}) as a Kubeflow Trainer TrainJob (`trainjob.launch`);
+    either way the model, metrics, report and TensorBoard events are the task's outputs."""
+    from facenet_kfp.config import TrainConfig
+    from facenet_kfp.objectives import for_config as objective_for
+    from facenet_kfp.report import write_training_report
+
+    config = TrainConfig(**settings)
+    # Keyed by this task's model URI: a retried pod resumes, a new run starts at step 0.
+    checkpoint_dir = checkpoint_dir_for(checkpoint_root, model.uri)
+    live_events = checkpoint_dir_for(tensorboard_root, model.uri)
+    if trainjob is None:
+        from facenet_kfp.train import train
+
+        result = run_step("train", train, images.path, completion.path, labels.path, splits.path, model.path,
+                          config, checkpoint_dir=checkpoint_dir,
+                          tensorboard_dir=[tensorboard.path] + ([live_events] if live_events else []),
+                          run_key=model.uri)
+    else:
+        from facenet_kfp import trainjob as trainjob_mod
+
+        launch = trainjob_mod.Launch(nodes=int(trainjob["nodes"]), runtime=trainjob["runtime"],
+                                     image=trainjob["image"])
+        result = run_step("train", trainjob_mod.launch, images.path, completion.path, labels.path, splits.path,
+                          model.path, config, launch, run_key=model.uri, task_config=trainjob.get("task_config"),
+                          checkpoint_dir=checkpoint_dir, tensorboard_dir=tensorboard.path, live_events=live_events)
+    log_metrics(metrics, result)
+    model.metadata.update({"framework": "keras", "format": "model.keras + saved_model + serving/1 + model.onnx",
+                           "architecture": config.architecture, "embedding_dim": config.embedding_dim,
+                           "distance": objective_for(config).distance(config),
+                           "trained_steps": int(result["steps"]), "start_step": int(result["start_step"])})
+    if trainjob is not None:
+        model.metadata.update({"trainjob_nodes": int(trainjob["nodes"]), "trainjob_runtime": trainjob["runtime"]})
+    write_training_report(model.path, training_report.path)
+    tensorboard.metadata.update({"format": "TensorBoard event files", "tensorboard_root_folder": live_events or ""})

@@ -42,12 +42,13 @@ def default_images_note(images: list[str]) -> str:
 
 
 def compile_pipeline(config_path: str | None, out: str | os.PathLike, light_image: str, trainer_image: str,
-                     sets: list[str] | None = None) -> Path:
+                     sets: list[str] | None = None, trainer_jax_image: str = "") -> Path:
     """Compile with defaults from `config_path` and the `sets` (``key=value``) overrides; the YAML appears
-    at `out` whole or not at all."""
+    at `out` whole or not at all. `trainer_jax_image`: the JAX trainer image of a TrainJob's nodes
+    (cluster.train_nodes above 1), default the trainer image's repository with ``-jax`` appended."""
     overrides = parse_assignments(sets or [], parameter_keys())
     config = load_config(config_path, overrides, overrides_from=assignments_label(sets or []))
-    pipeline = build_pipeline(config, Images(light=light_image, trainer=trainer_image))
+    pipeline = build_pipeline(config, Images(light=light_image, trainer=trainer_image, trainer_jax=trainer_jax_image))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.compiling.yaml")
@@ -65,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/facenet_pipeline.yaml", help="output YAML path")
     parser.add_argument("--light-image", required=True, help="image of the five data steps, e.g. REGISTRY/facenet-kfp:TAG")
     parser.add_argument("--trainer-image", required=True, help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
+    parser.add_argument("--trainer-jax-image", default="",
+                        help="JAX (CUDA) image of the TrainJob's nodes with cluster.train_nodes above 1, e.g. "
+                             "REGISTRY/facenet-kfp-trainer-jax:TAG (default: the trainer image's name + -jax)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. deploy.enabled=true (repeatable)")
     parser.add_argument("--images-exist", action="store_true",
                         help=f"the images exist in their registry: no warning for {DEFAULT_REGISTRY}/ ones")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image, args.sets)}")
+        print(f"wrote {compile_pipeline(args.config, args.out, args.light_image, args.trainer_image, args.sets, args.trainer_jax_image)}")
         if (defaults := default_images(args.light_image, args.trainer_image)) and not args.images_exist:
             print(f"warning: {default_images_note(defaults)}", file=sys.stderr)
     except (FacenetError, ValueError) as exc:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from kfp import dsl, kubernetes
 
 from components import Images, build_components
+from facenet_kfp.trainjob import VOLUME_DIR
 from facenet_kfp.config import (CLUSTER_PARAMETERS, EVAL_PARAMETERS, ClusterConfig, PipelineConfig, parameter_keys,
                                 pipeline_parameters)
 
@@ -75,6 +76,7 @@ class Policy:
     backoff: str = ""          # wait before a retry, with `retries`
     gcs: bool = False          # reads gs:// URIs given as parameters: mounts cluster.gcs_secret's key.json
     shm: bool = False          # a memory-backed /dev/shm of cluster.shm_size (TensorFlow's input workers)
+    volume: bool = False       # mounts cluster.train_volume at trainjob.VOLUME_DIR (shared with a TrainJob)
 
     def __post_init__(self) -> None:
         if self.image not in _IMAGE_KINDS:
@@ -226,16 +228,33 @@ DEPLOY = Step("deploy", "9. deploy model", ("model", "threshold"),
 DEPLOYMENT = Branch(insert={"evaluate": (DEPLOY,)})
 
 
+# With training on several nodes (config cluster.train_nodes above 1 decides at compile time): the train
+# step launches a Kubeflow Trainer TrainJob and waits for it. Its task passes its GPUs, CPU, memory and
+# node placement through to the job's nodes (components.PASSTHROUGHS) instead of holding them, mounts
+# cluster.train_volume (shared with the nodes), and compiles in the runtime and the JAX trainer image.
+def trainjob_branch(runtime: str) -> Branch:
+    """The TrainJob DAG's edit: the train step on `runtime` (cluster.train_runtime, compiled in)."""
+    return Branch(replace={"train": {
+        "name": "train_on_trainer", "display_name": "7. train embeddings (Kubeflow Trainer TrainJob)",
+        "constants": {"train_runtime": runtime}, "images": {"image": "trainer_jax"},
+        "policy": dataclasses.replace(step_named("train").policy, shm=False, volume=True)}})
+
+
 def steps_for(config: PipelineConfig) -> tuple[Step, ...]:
     """The DAG's steps in order: `STEPS`, with face alignment its align steps, with an evaluation archive
-    its branch and evaluation on it, with deploy its deploy step."""
-    return dag_steps(bool(config.data.eval_source_uri), config.data.align != "none", config.deploy.enabled)
+    its branch and evaluation on it, with deploy its deploy step, training on several nodes its TrainJob."""
+    return dag_steps(bool(config.data.eval_source_uri), config.data.align != "none", config.deploy.enabled,
+                     config.cluster.train_runtime if config.cluster.train_nodes > 1 else None)
 
 
-def dag_steps(evaluation_archive: bool, align: bool = False, deploy: bool = False) -> tuple[Step, ...]:
+def dag_steps(evaluation_archive: bool, align: bool = False, deploy: bool = False,
+              trainjob: str | None = None) -> tuple[Step, ...]:
     """`STEPS`, with `align` an align step after each extract, with `deploy` a deploy step after evaluate,
-    with `evaluation_archive` the evaluation archive's branch."""
+    with `evaluation_archive` the evaluation archive's branch, with `trainjob` (a runtime's name) training
+    as a TrainJob on that runtime."""
     steps = ALIGNMENT.apply(STEPS) if align else STEPS
+    if trainjob is not None:
+        steps = trainjob_branch(trainjob).apply(steps)
     if deploy:
         steps = DEPLOYMENT.apply(steps)
     if evaluation_archive:
@@ -248,7 +267,7 @@ def component_images() -> dict[str, str]:
     DAG; a component runs in one image, so steps that share it must agree."""
     images: dict[str, str] = {}
     every = [step for archive in (False, True) for align in (False, True) for deploy in (False, True)
-             for step in dag_steps(archive, align, deploy)]
+             for trainjob in (None, "runtime") for step in dag_steps(archive, align, deploy, trainjob)]
     for step in every:
         if images.setdefault(step.name, step.policy.image) != step.policy.image:
             raise ValueError(f"steps of component {step.name!r} name two images: "
@@ -346,6 +365,8 @@ def apply_cluster_settings(config: PipelineConfig, tasks: list[tuple[Step, dsl.P
         if policy.shm:
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=SHM_PATH,
                                        medium="Memory", size_limit=cluster.shm_size)
+        if policy.volume:
+            kubernetes.mount_pvc(task, pvc_name=cluster.train_volume, mount_path=VOLUME_DIR)
         if policy.retries and (retries := getattr(cluster, policy.retries)):
             task.set_retry(num_retries=retries, backoff_duration=policy.backoff)
         if policy.gcs and cluster.gcs_secret:

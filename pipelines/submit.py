@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--skip-compile", action="store_true", help="submit --package as it is, without compiling")
     add("--light-image", help="image of the five data steps, e.g. REGISTRY/facenet-kfp:TAG")
     add("--trainer-image", help="image of train and evaluate, e.g. REGISTRY/facenet-kfp-trainer:TAG")
+    add("--trainer-jax-image", default="", help="JAX image of a TrainJob's nodes (cluster.train_nodes above 1; "
+                                                "default: the trainer image's name + -jax)")
     add("--param", "--set", dest="param", action="append", default=[], metavar="KEY=VALUE",
         help="set a run parameter (repeatable): train_learning_rate=0.0005 or train.learning_rate=0.0005")
     add("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             check_images(package_images(args.package), args.images_exist, args.package)
         else:
             check_images([args.light_image, args.trainer_image], args.images_exist, "--light-image/--trainer-image")
-            compile_pipeline(args.config, args.package, args.light_image, args.trainer_image)
+            compile_pipeline(args.config, args.package, args.light_image, args.trainer_image,
+                             trainer_jax_image=args.trainer_jax_image)
             print(f"compiled {args.package} (defaults from {args.config})")
         params = run_arguments(args.param, args.package, args.config)
         client = make_client(args.host, args.namespace, args.existing_token, args.cookies, args.ui_host)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from facenet_kfp import deploy as deploy_module
+from facenet_kfp import kube
 from facenet_kfp.deploy import DeployError, deploy, inference_service, serving_storage_uri, wait_ready
 from facenet_kfp.deploy_config import DeployConfig
 from facenet_kfp.errors import InputError
@@ -342,7 +343,7 @@ def test_no_cluster_is_a_clear_error_and_nothing_is_written(model, tmp_path, mon
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))        # no ~/.kube/config
-    monkeypatch.setattr(deploy_module, "IN_CLUSTER_TOKEN", tmp_path / "no-token")
+    monkeypatch.setattr(kube, "IN_CLUSTER_TOKEN", tmp_path / "no-token")
     out = tmp_path / "served_model"
     with pytest.raises(DeployError) as error:
         _deploy(model, out, uri=str(out))       # a local run: a local path, and no cluster
