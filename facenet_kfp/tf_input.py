@@ -135,9 +135,11 @@ def load_split_images(dataset_dir: str | os.PathLike, completion_dir: str | os.P
 
 def make_train_dataset(images: Sequence[bytes], labels: np.ndarray, p: int, k: int, image_size: int,
                        crop_fraction: float, augment: bool, seed: int, start_batch: int = 0,
-                       sampling: str = "pk") -> tf.data.Dataset:
+                       sampling: str = "pk", pixels: str = "float32") -> tf.data.Dataset:
     """Infinite P x K batches: (images float32 [P*K, S, S, 3] in [-1, 1], labels int32 [P*K]); P*K images
-    drawn uniformly with sampling="uniform".
+    drawn uniformly with sampling="uniform". With pixels="uint8" the images are uint8
+    rint((x + 1) * 127.5), as `numpy_input.to_uint8` makes them (what a GPU is fed: a quarter of the
+    bytes to copy; the trainer's step normalises them on the device).
 
     Indices come from `make_sampler(labels, p, k, seed, sampling).batches(start_batch)`; a
     Python generator gathers the encoded bytes of each batch (a list lookup,
@@ -165,6 +167,11 @@ def make_train_dataset(images: Sequence[bytes], labels: np.ndarray, p: int, k: i
     ds = ds.unbatch()
     ds = ds.map(lambda data, label, s: (preprocess_image(data, image_size, crop_fraction, augment, s), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if pixels == "uint8":
+        ds = ds.map(lambda x, label: (tf.cast(tf.round((tf.clip_by_value(x, -1.0, 1.0) + 1.0) * 127.5), tf.uint8),
+                                      label), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif pixels != "float32":
+        raise InputError(f"pixels must be float32 or uint8, got {pixels!r}")
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

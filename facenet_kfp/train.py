@@ -83,9 +83,11 @@ def _train_and_validation_batches(dataset_dir, completion_dir, labels_dir, split
 def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: TrainConfig, replicas: int,
                 start_step: int):
     """tensorflow: tf.data P x K batches (`tf_input.make_train_dataset`) over the train split, read from the
-    shards by offset as batches are drawn (`numpy_input.open_split`), so memory does not grow with the dataset."""
+    shards by offset as batches are drawn (`numpy_input.open_split`), so memory does not grow with the dataset.
+    On a GPU the training batches come as uint8 (`trainer.input_pixels`), as on the JAX path."""
     from facenet_kfp.tf_input import make_train_dataset
     from facenet_kfp.numpy_input import open_split
+    from facenet_kfp.trainer import input_pixels
 
     split = open_split(dataset_dir, completion_dir or None, labels_dir, splits_dir, "train")
     try:
@@ -102,7 +104,8 @@ def _tf_batches(dataset_dir, completion_dir, labels_dir, splits_dir, config: Tra
         split.close()
         raise
     train = make_train_dataset(split, labels, config.p, config.k, config.image_size, config.crop_fraction,
-                               config.augment, config.seed, start_batch=start_step, sampling=config.sampling)
+                               config.augment, config.seed, start_batch=start_step, sampling=config.sampling,
+                               pixels=input_pixels())
     return train, val_batches, calibration, split.close
 
 

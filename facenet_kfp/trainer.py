@@ -217,8 +217,8 @@ def normalise_pixels(images):
 
 
 def input_pixels() -> str:
-    """What the NumPy input pipeline should deliver for this process's devices: "uint8" when a GPU trains
-    (a quarter of the bytes to copy to it, normalised there by `normalise_pixels`), else "float32": on a CPU
+    """What the input pipeline (NumPy or tf.data) should deliver for this process's devices: "uint8" when a
+    GPU trains (a quarter of the bytes to copy to it, normalised there by `normalise_pixels`), else "float32": on a CPU
     nothing is copied, and normalising in the step would only add work there (the train benchmark's part 6
     measures both)."""
     return "uint8" if _gpus() else "float32"

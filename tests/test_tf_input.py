@@ -201,6 +201,22 @@ def test_make_train_dataset_batches(tiny):
     np.testing.assert_array_equal(resumed[0].numpy(), got[2][0].numpy())
 
 
+def test_uint8_batches_are_the_float_batches_quantised_as_on_the_jax_path(tiny):
+    from facenet_kfp.numpy_input import from_uint8, to_uint8
+
+    images, labels, _, _ = tf_input.load_split_images(
+        tiny["dataset"], tiny["completion"], tiny["labels"], tiny["splits"], "train")
+    floats = list(tf_input.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3).take(2))
+    small = list(tf_input.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3, pixels="uint8").take(2))
+    for (x, y), (u, v) in zip(floats, small):
+        assert u.dtype == tf.uint8 and u.shape == x.shape
+        np.testing.assert_array_equal(v.numpy(), y.numpy())
+        np.testing.assert_array_equal(u.numpy(), to_uint8(x.numpy()))
+        assert np.max(np.abs(from_uint8(u.numpy()) - x.numpy())) <= 0.5 / 127.5 + 1e-6
+    with pytest.raises(InputError, match="pixels must be float32 or uint8, got 'float16'"):
+        tf_input.make_train_dataset(images, labels, 4, 4, 32, 0.8, True, 3, pixels="float16")
+
+
 def test_make_embedding_dataset_is_ordered(tiny):
     images, _, _, _ = tf_input.load_split_images(tiny["dataset"], None, tiny["labels"], tiny["splits"], "val")
     batches = list(tf_input.make_embedding_dataset(images, 32, 0.8, batch_size=4))
