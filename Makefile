@@ -22,6 +22,8 @@ IMAGE_REGISTRY ?= ghcr.io/facenet-kfp
 IMAGE_TAG      ?= 0.1.0
 LIGHT_IMAGE    := $(IMAGE_REGISTRY)/facenet-kfp:$(IMAGE_TAG)
 TRAINER_IMAGE  := $(IMAGE_REGISTRY)/facenet-kfp-trainer:$(IMAGE_TAG)
+# The JAX (CUDA) trainer image of multi-process training (a Kubeflow Trainer TrainJob runs it).
+TRAINER_JAX_IMAGE := $(IMAGE_REGISTRY)/facenet-kfp-trainer-jax:$(IMAGE_TAG)
 # The default registry's images are references a cluster may not find: `make compile` warns and
 # `make submit` refuses them, unless IMAGES_EXIST=1 or IMAGE_REGISTRY is given explicitly.
 IMAGES_EXIST   ?=
@@ -55,7 +57,7 @@ PARAMS        ?=
 NO_CACHE      ?=
 # `make test-containers` settings: stand-in bases for machines that reach package mirrors but no
 # container registry (images/standin-base.sh); set LIGHT_BASE_IMAGE and TRAINER_BASE_IMAGE to
-# build on other bases instead.
+# build on other bases instead (the JAX trainer image is built on the light base).
 STANDIN_LIGHT_BASE   := localhost/facenet-kfp-base:python3.11-bookworm
 STANDIN_TRAINER_BASE := localhost/facenet-kfp-trainer-base:tf2.21-cpu
 CONTAINER_PACKAGES   := buildah podman runc debootstrap
@@ -81,7 +83,7 @@ WHOLE_RUN_ARGS = --config $(CONFIG) --pipeline-root $(PIPELINE_ROOT) --demo-dir 
 RERUN_ARGS     = --rerun $(STEP) $(foreach f,$(FROM),--from '$(f)') --config $(CONFIG) \
                  --pipeline-root $(PIPELINE_ROOT) $(RUN_ARGS) $(if $(EVALUATE),--with-evaluate)
 
-.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-scale bench-train bench-quality bench-recipe bench-serve gpu-wheels bench-gpu-dry-run container-tools test-containers
+.PHONY: help install test run compile lock clean golden submit rerun images push lint standin-bases bench-preprocess bench-scale bench-train bench-quality bench-recipe bench-serve gpu-wheels jax-cuda-pins bench-gpu-dry-run container-tools test-containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -105,13 +107,13 @@ run: install ## run the pipeline locally (SOURCE, else CONFIG's source_uri, else
 compile: install ## write build/facenet_pipeline.yaml (defaults from COMPILE_CONFIG and SET, images from IMAGE_REGISTRY/IMAGE_TAG)
 	$(PY) -m pipelines.compile --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
 	  --out build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
-	  $(foreach s,$(SET),--set '$(s)') $(IMAGES_CONFIRMED)
+	  --trainer-jax-image $(TRAINER_JAX_IMAGE) $(foreach s,$(SET),--set '$(s)') $(IMAGES_CONFIRMED)
 
 submit: install ## compile and start a run on Kubeflow Pipelines (IMAGE_REGISTRY/IMAGE_TAG or IMAGES_EXIST=1, HOST, EXPERIMENT, RUN_NAME, PARAMS, NAMESPACE, KFP_TOKEN, NO_CACHE=1)
 	$(PY) -m pipelines.submit $(if $(HOST),--host '$(HOST)') \
 	  --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(COMPILE_CONFIG)) \
 	  --package build/facenet_pipeline.yaml --light-image $(LIGHT_IMAGE) --trainer-image $(TRAINER_IMAGE) \
-	  $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)') $(if $(RUN_NAME),--run-name '$(RUN_NAME)') \
+	  --trainer-jax-image $(TRAINER_JAX_IMAGE) $(if $(EXPERIMENT),--experiment '$(EXPERIMENT)') $(if $(RUN_NAME),--run-name '$(RUN_NAME)') \
 	  $(if $(NAMESPACE),--namespace '$(NAMESPACE)') $(if $(KFP_TOKEN),--existing-token "$$KFP_TOKEN") \
 	  $(foreach p,$(PARAMS),--param '$(p)') $(if $(NO_CACHE),--no-cache) $(IMAGES_CONFIRMED)
 
@@ -158,13 +160,16 @@ gpu-wheels: install ## download the wheels benchmarks/gpu.sh installs offline in
 bench-gpu-dry-run: install ## benchmarks/gpu.py on a tiny budget on this machine, TensorFlow unused (about a minute)
 	work=$$(mktemp -d) && trap 'rm -rf "$$work"' EXIT && KERAS_BACKEND=jax $(PY) -m benchmarks.gpu --dry-run --work "$$work/work"
 
-images: ## build both container images (docker if a daemon answers, else buildah); LIGHT_BASE_IMAGE / TRAINER_BASE_IMAGE override the bases
+images: ## build the three container images: light, trainer, JAX trainer (docker if a daemon answers, else buildah); LIGHT_BASE_IMAGE / TRAINER_BASE_IMAGE / TRAINER_JAX_BASE_IMAGE override the bases
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/build.sh
 
-push: ## push both images to IMAGE_REGISTRY (build first; docker/buildah login first)
+push: ## push the three images to IMAGE_REGISTRY (build first; docker/buildah login first)
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/push.sh
 
-lint: install ## hadolint both Dockerfiles (any finding fails; also part of make test)
+jax-cuda-pins: install ## re-pin requirements/jax-cuda.txt: the JAX trainer image's CUDA wheels beyond the lock (asks the package index)
+	$(PY) images/jax_cuda_pins.py --lock $(LOCK) --out requirements/jax-cuda.txt
+
+lint: install ## hadolint the three Dockerfiles (any finding fails; also part of make test)
 	images/lint.sh
 
 container-tools: ## install buildah, podman, runc, debootstrap with apt-get when missing (root; skipped when a Docker daemon answers)
@@ -172,12 +177,12 @@ container-tools: ## install buildah, podman, runc, debootstrap with apt-get when
 	missing=""; for tool in $(CONTAINER_PACKAGES); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq $(CONTAINER_PACKAGES); fi
 
-test-containers: install container-tools ## build both images, run the pipeline in them (podman's API unless DOCKER_HOST / Docker), compare with the venv run
+test-containers: install container-tools ## build the three images, run the pipeline in them (podman's API unless DOCKER_HOST / Docker), compare with the venv run; a 2-process JAX training in the JAX image
 	$(if $(LIGHT_BASE_IMAGE)$(TRAINER_BASE_IMAGE),,images/standin-base.sh)
 	LIGHT_BASE_IMAGE=$(or $(LIGHT_BASE_IMAGE),$(STANDIN_LIGHT_BASE)) \
 	  TRAINER_BASE_IMAGE=$(or $(TRAINER_BASE_IMAGE),$(STANDIN_TRAINER_BASE)) \
 	  IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) images/build.sh
-	FACENET_LIGHT_IMAGE=$(LIGHT_IMAGE) FACENET_TRAINER_IMAGE=$(TRAINER_IMAGE) \
+	FACENET_LIGHT_IMAGE=$(LIGHT_IMAGE) FACENET_TRAINER_IMAGE=$(TRAINER_IMAGE) FACENET_TRAINER_JAX_IMAGE=$(TRAINER_JAX_IMAGE) \
 	  images/podman.sh exec $(VENV)/bin/pytest tests/containers $(PYTEST_ARGS)
 
 standin-bases: ## offline: local stand-ins for the two base images (root, debootstrap, buildah)

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Build the two images: the light image of the data steps and the trainer image.
+# Build the three images: the light image of the data steps, the trainer image and the JAX
+# trainer image of multi-process training.
 #
-#   images/build.sh [all|light|trainer]        (default: all)
+#   images/build.sh [all|light|trainer|jax]    (default: all)
 #
 # Uses 'docker build' when a Docker daemon answers 'docker info', else 'buildah bud' (daemonless).
 # Environment (besides the settings listed in images/lib.sh):
-#   IMAGE_REGISTRY, IMAGE_TAG   tags $IMAGE_REGISTRY/facenet-kfp:$IMAGE_TAG and
-#                               $IMAGE_REGISTRY/facenet-kfp-trainer:$IMAGE_TAG ('latest' is refused)
+#   IMAGE_REGISTRY, IMAGE_TAG   tags $IMAGE_REGISTRY/facenet-kfp:$IMAGE_TAG,
+#                               $IMAGE_REGISTRY/facenet-kfp-trainer:$IMAGE_TAG and
+#                               $IMAGE_REGISTRY/facenet-kfp-trainer-jax:$IMAGE_TAG ('latest' is refused)
 #   LIGHT_BASE_IMAGE            base of the light image   (Dockerfile default: python:3.11-slim-bookworm)
 #   TRAINER_BASE_IMAGE          base of the trainer image (Dockerfile default: tensorflow/tensorflow:2.21.0-gpu)
+#   TRAINER_JAX_BASE_IMAGE      base of the JAX trainer image (default: LIGHT_BASE_IMAGE, else the
+#                               Dockerfile's default python:3.11-slim-bookworm)
 #   VERSION                     org.opencontainers.image.version label (default: pyproject version)
 #   LIGHT_MAX_MB                warn when the light image is larger (default 400)
 # Offline (no registry): build stand-in bases with images/standin-base.sh and point the
@@ -17,8 +21,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 target="${1:-all}"
 case "$target" in
-    all|light|trainer) ;;
-    *) die "unknown target '$target': use all, light or trainer" ;;
+    all|light|trainer|jax) ;;
+    *) die "unknown target '$target': use all, light, trainer or jax" ;;
 esac
 check_tag "$IMAGE_TAG"
 VERSION="${VERSION:-$(project_version)}"
@@ -56,6 +60,10 @@ if [[ "$target" == all || "$target" == light ]]; then
 fi
 if [[ "$target" == all || "$target" == trainer ]]; then
     build_one trainer trainer.Dockerfile "$(trainer_ref)" "${TRAINER_BASE_IMAGE:-}"
+fi
+if [[ "$target" == all || "$target" == jax ]]; then
+    build_one "JAX trainer" trainer-jax.Dockerfile "$(trainer_jax_ref)" \
+        "${TRAINER_JAX_BASE_IMAGE:-${LIGHT_BASE_IMAGE:-}}"
 fi
 
 for ref in "${built[@]}"; do

@@ -3,11 +3,15 @@
 Run with the venv's interpreter. Checks, each a build failure when it does not hold:
 
 * every distribution installed in the venv itself (sys.prefix) is pinned in the lock and has
-  exactly the locked version; exempt: the project (facenet-kfp) and pip;
+  exactly the locked version; exempt: the project (facenet-kfp) and pip. ``--lock`` may be given
+  more than once (the JAX trainer image: requirements/lock.txt and requirements/jax-cuda.txt):
+  the pins of all the files count, and a name pinned at two versions is an error;
 * each ``--from-base NAME`` is importable from outside the venv (the base image's site-packages),
   pinned in the lock, and has the locked version, i.e. pip kept the base's copy;
 * each ``--absent NAME`` is not installed at all (no TensorFlow in the light image);
-* each ``--import MODULE`` imports.
+* each ``--import MODULE`` imports;
+* each ``--no-import MODULE`` is not importable at all (no module of that name on sys.path);
+* ``--keras-backend NAME``: Keras imports and runs on that backend (KERAS_BACKEND of the image).
 
 Only the standard library is used: the script must run before anything else is trusted.
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as metadata
+import importlib.util
 import logging
+import os
 import re
 import sys
 import sysconfig
@@ -112,6 +118,39 @@ def check_absent(name: str) -> list[str]:
     return [f"{name} {dist.version} is installed ({dist.locate_file('')}) but must be absent"]
 
 
+def read_locks(paths: list[Path]) -> dict[str, str]:
+    """The pins of all the files together; SystemExit naming both files when two pin a name differently."""
+    pins: dict[str, str] = {}
+    where: dict[str, Path] = {}
+    for path in paths:
+        for name, version in read_lock(path).items():
+            if name in pins and pins[name] != version:
+                raise SystemExit(f"{name} is pinned at {pins[name]} in {where[name]} and at {version} in {path}")
+            pins[name] = version
+            where.setdefault(name, path)
+    return pins
+
+
+def check_not_importable(module: str) -> list[str]:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        log.info("import %s: not importable, as required", module)
+        return []
+    return [f"{module} is importable ({spec.origin}) but must not be"]
+
+
+def check_keras_backend(name: str) -> list[str]:
+    try:
+        import keras
+    except Exception as exc:  # any failure to import is the finding reported
+        return [f"import keras failed: {type(exc).__name__}: {exc}"]
+    backend = keras.backend.backend()
+    if backend != name:
+        return [f"Keras runs on the {backend} backend, not {name} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r})"]
+    log.info("keras %s on the %s backend", keras.__version__, backend)
+    return []
+
+
 def check_import(module: str) -> list[str]:
     try:
         importlib.import_module(module)
@@ -123,14 +162,17 @@ def check_import(module: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lock", type=Path, required=True, help="requirements/lock.txt")
+    parser.add_argument("--lock", type=Path, action="append", required=True,
+                        help="requirements/lock.txt; again for further pins")
     parser.add_argument("--from-base", action="append", default=[], metavar="NAME")
     parser.add_argument("--absent", action="append", default=[], metavar="NAME")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    parser.add_argument("--no-import", dest="no_imports", action="append", default=[], metavar="MODULE")
+    parser.add_argument("--keras-backend", metavar="NAME")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="check_env: %(message)s")
 
-    pins = read_lock(args.lock)
+    pins = read_locks(args.lock)
     problems = check_venv_pins(pins)
     for name in args.from_base:
         problems += check_from_base(name, pins)
@@ -138,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         problems += check_absent(name)
     for module in args.imports:
         problems += check_import(module)
+    for module in args.no_imports:
+        problems += check_not_importable(module)
+    if args.keras_backend:
+        problems += check_keras_backend(args.keras_backend)
     for problem in problems:
         log.error("FAIL: %s", problem)
     if problems:
-        log.error("%d problem(s); the image environment does not match %s", len(problems), args.lock)
+        log.error("%d problem(s); the image environment does not match %s", len(problems),
+                  " and ".join(map(str, args.lock)))
         return 1
-    log.info("environment matches %s", args.lock)
+    log.info("environment matches %s", " and ".join(map(str, args.lock)))
     return 0
 
 

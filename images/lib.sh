@@ -1,8 +1,8 @@
 # Shared helpers of images/build.sh, push.sh and standin-base.sh (sourced, not run).
 #
 # Settings (environment):
-#   IMAGE_REGISTRY   registry and namespace of the two images   (default ghcr.io/facenet-kfp)
-#   IMAGE_TAG        tag of both images; never 'latest'          (default: version in pyproject.toml)
+#   IMAGE_REGISTRY   registry and namespace of the three images (default ghcr.io/facenet-kfp)
+#   IMAGE_TAG        tag of the three images; never 'latest'    (default: version in pyproject.toml)
 #   CONTAINER_TOOL   docker or buildah; default docker when 'docker info' reaches a daemon, else buildah
 #   STORAGE_DRIVER   buildah storage driver; default what containers-storage picks
 #                    (overlay where the kernel supports it, else vfs)
@@ -40,6 +40,7 @@ check_tag() {
 
 light_ref() { printf '%s/facenet-kfp:%s\n' "$IMAGE_REGISTRY" "$IMAGE_TAG"; }
 trainer_ref() { printf '%s/facenet-kfp-trainer:%s\n' "$IMAGE_REGISTRY" "$IMAGE_TAG"; }
+trainer_jax_ref() { printf '%s/facenet-kfp-trainer-jax:%s\n' "$IMAGE_REGISTRY" "$IMAGE_TAG"; }
 
 container_tool() {
     if [[ -n "${CONTAINER_TOOL:-}" ]]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint both Dockerfiles with hadolint (settings in images/.hadolint.yaml): any finding, info level
+# Lint the three Dockerfiles with hadolint (settings in images/.hadolint.yaml): any finding, info level
 # included, fails. HADOLINT overrides the binary (default: .venv/bin/hadolint, else hadolint on PATH).
 set -euo pipefail
 
@@ -18,8 +18,8 @@ if [[ -z "$hadolint" ]]; then
 fi
 
 "$hadolint" --config "$images_dir/.hadolint.yaml" --failure-threshold info \
-    "$images_dir/Dockerfile" "$images_dir/trainer.Dockerfile"
+    "$images_dir/Dockerfile" "$images_dir/trainer.Dockerfile" "$images_dir/trainer-jax.Dockerfile"
 for script in "$images_dir"/*.sh; do
     bash -n "$script"
 done
-echo "[images] hadolint: both Dockerfiles clean; shell scripts parse"
+echo "[images] hadolint: the three Dockerfiles clean; shell scripts parse"

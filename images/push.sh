@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Push both images built by images/build.sh to $IMAGE_REGISTRY (log in first: docker login /
+# Push the three images built by images/build.sh to $IMAGE_REGISTRY (log in first: docker login /
 # buildah login). Same settings as build.sh; a 'latest' tag is refused.
 #
-#   images/push.sh [all|light|trainer]          (default: all)
+#   images/push.sh [all|light|trainer|jax]      (default: all)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 target="${1:-all}"
 case "$target" in
-    all) refs=("$(light_ref)" "$(trainer_ref)") ;;
+    all) refs=("$(light_ref)" "$(trainer_ref)" "$(trainer_jax_ref)") ;;
     light) refs=("$(light_ref)") ;;
     trainer) refs=("$(trainer_ref)") ;;
-    *) die "unknown target '$target': use all, light or trainer" ;;
+    jax) refs=("$(trainer_jax_ref)") ;;
+    *) die "unknown target '$target': use all, light, trainer or jax" ;;
 esac
 check_tag "$IMAGE_TAG"
 

@@ -43,7 +43,7 @@ RUN /opt/build/bin/python -m pip wheel --no-cache-dir --no-deps --no-build-isola
 # then proves the result: every package pip put in the venv at its locked version, TensorFlow
 # taken from the base (not reinstalled) at the locked version, and the modules of the align, train,
 # evaluate and deploy steps and of the model server import (mtcnn with its weights, which ship inside
-# the wheel; kserve; onnxruntime for model.onnx).
+# the wheel; kserve; onnxruntime for model.onnx; the Trainer SDK that launches a TrainJob).
 RUN set -- /wheels/facenet_kfp-*.whl \
     && /opt/venv/bin/python -m pip install --no-cache-dir --constraint requirements/lock.txt \
         "$1[train]" \
@@ -54,7 +54,7 @@ RUN set -- /wheels/facenet_kfp-*.whl \
         --import tensorflow --import keras --import matplotlib.pyplot \
         --import facenet_kfp.train --import facenet_kfp.evaluate --import facenet_kfp.align --import mtcnn \
         --import facenet_kfp.serve_protocol --import facenet_kfp.deploy --import kserve --import onnxruntime \
-        --import tf2onnx
+        --import tf2onnx --import facenet_kfp.trainjob --import kubeflow.trainer
 
 # ---- runtime: the base plus /opt/venv; no wheels, build backend or pip caches.
 FROM ${BASE_IMAGE}

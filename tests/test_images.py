@@ -17,9 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 LIGHT = IMAGES / "Dockerfile"
 TRAINER = IMAGES / "trainer.Dockerfile"
+TRAINER_JAX = IMAGES / "trainer-jax.Dockerfile"
+# The two images whose runtime stage copies the builder's venv; the JAX trainer image installs its
+# dependencies in the runtime stage (tested apart below).
 DOCKERFILES = [LIGHT, TRAINER]
+ALL_DOCKERFILES = [LIGHT, TRAINER, TRAINER_JAX]
 HADOLINT = Path(sys.executable).parent / "hadolint"
 LOCK = ROOT / "requirements" / "lock.txt"
+JAX_CUDA = ROOT / "requirements" / "jax-cuda.txt"
 OCI_LABELS = ["source", "version", "title", "description", "licenses"]
 
 
@@ -96,7 +101,7 @@ def pip_installs(path: Path) -> list[str]:
 
 # ---- hadolint ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", ALL_DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_reports_nothing(dockerfile):
     code, findings = hadolint(dockerfile)
     assert findings == [], "\n".join(f"{f['line']} {f['code']} {f['level']}: {f['message']}"
@@ -140,7 +145,8 @@ def test_lint_script_passes():
 @pytest.mark.parametrize("dockerfile,default_base", [
     (LIGHT, "python:3.11-slim-bookworm"),
     (TRAINER, f"tensorflow/tensorflow:{PINS['tensorflow']}-gpu"),
-], ids=["light", "trainer"])
+    (TRAINER_JAX, "python:3.11-slim-bookworm"),
+], ids=["light", "trainer", "trainer-jax"])
 def test_base_image_is_an_overridable_pinned_build_arg(dockerfile, default_base):
     first_keyword, first_args = instructions(dockerfile)[0]
     assert (first_keyword, first_args) == ("ARG", f"BASE_IMAGE={default_base}")
@@ -183,7 +189,7 @@ def test_runtime_stage_is_non_root_labelled_and_copies_only_the_venv(dockerfile)
 
 def test_pyproject_version_is_the_label_default():
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    for dockerfile in DOCKERFILES:
+    for dockerfile in ALL_DOCKERFILES:
         assert ("ARG", f"VERSION={version.group(1)}") in stages(dockerfile)[1]
 
 
@@ -213,6 +219,91 @@ def test_installs_use_the_lock_and_the_right_extras():
     assert "--from-base tensorflow" in trainer_text
 
 
+def test_jax_image_runtime_stage_is_non_root_labelled_and_takes_only_the_wheel_from_the_builder():
+    builder, runtime = stages(TRAINER_JAX)
+    keywords = [keyword for keyword, _ in runtime]
+    assert [args for keyword, args in runtime if keyword == "USER"] == ["1000:1000"]
+    assert any(keyword == "RUN" and "useradd --uid 1000" in args for keyword, args in runtime)
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k in {"RUN", "COPY"})
+    assert "WORKDIR" in keywords
+    assert ("CMD", '["facenet-kfp", "--help"]') in runtime
+
+    envs = " ".join(args for keyword, args in runtime if keyword == "ENV")
+    for setting in ("PYTHONUNBUFFERED=1", "PATH=/opt/venv/bin:$PATH", "KERAS_BACKEND=jax",
+                    "MPLCONFIGDIR=/tmp/matplotlib"):
+        assert setting in envs
+
+    found = labels(runtime)
+    for name in OCI_LABELS:
+        assert found.get(f"org.opencontainers.image.{name}"), f"missing OCI label {name}"
+    assert found["org.opencontainers.image.title"] == "facenet-kfp-trainer-jax"
+    assert found["org.opencontainers.image.version"] == "${VERSION}"
+    assert ("ARG", "VERSION=0.1.0") in runtime
+
+    # From the builder only the project wheel, removed again once installed; no build backend.
+    copies = [args for keyword, args in runtime if keyword in {"COPY", "ADD"} and "--from" in args]
+    assert copies == ["--from=builder /wheels /tmp/wheels"]
+    runtime_text = " ".join(args for _, args in runtime)
+    assert "rm -r /tmp/wheels" in runtime_text and "/opt/build" not in runtime_text
+    # check_env.py runs in the runtime stage: the matplotlib cache it makes as root must not stay
+    assert runtime_text.index("rm -rf /tmp/matplotlib") > runtime_text.index("images/check_env.py --lock")
+
+
+def test_jax_image_installs_the_pinned_cuda_stack_and_proves_there_is_no_tensorflow():
+    installs = [c for c in pip_installs(TRAINER_JAX) if "/opt/venv/" in c]
+    # two layers of CUDA libraries, the rest of the dependencies, then the wheel
+    assert len(installs) == 4
+    for command in installs:
+        assert "--constraint requirements/jax-cuda.txt" in command and "--no-cache-dir" in command
+    for command in installs[2:]:
+        assert "--constraint requirements/lock.txt --constraint requirements/jax-cuda.txt" in command
+    for command in pip_installs(TRAINER_JAX):
+        assert "--constraint requirements/" in command or \
+            "--requirement images/build-requirements.txt" in command, command
+    assert installs[-1].endswith('"$1[jax-cuda]"')
+    # the CUDA layers name only packages requirements/jax-cuda.txt pins, and come before the lock
+    cuda_pins = check_env.read_lock(JAX_CUDA)
+    for command in installs[:2]:
+        named = [word for word in command.split() if word.startswith("nvidia-")]
+        assert named and all(name in cuda_pins for name in named), named
+    runtime = [f"{keyword} {args}" for keyword, args in stages(TRAINER_JAX)[1]]
+    lock_copied = runtime.index("COPY requirements/lock.txt requirements/")
+    assert runtime.index("COPY requirements/jax-cuda.txt requirements/") < lock_copied
+    assert [i for i, line in enumerate(runtime) if "nvidia-cudnn-cu12" in line][0] < lock_copied
+
+    text = " ".join(args for _, args in instructions(TRAINER_JAX))
+    assert "images/pyproject_deps.py pyproject.toml --extra jax-cuda > /tmp/requirements.txt" in text
+    assert "[train]" not in text and "tensorflow/tensorflow" not in text
+    check = re.search(r"/opt/venv/bin/python images/check_env\.py (.*?)(?:&&|$)", text).group(1)
+    for option in ("--lock requirements/lock.txt --lock requirements/jax-cuda.txt", "--absent tensorflow",
+                   "--no-import tensorflow", "--keras-backend jax", "--import facenet_kfp.cli",
+                   "--import facenet_kfp.train", "--import facenet_kfp.multiprocess", "--import jax ",
+                   "--import jax_plugins.xla_cuda12", "--import keras"):
+        assert option in check, option
+
+
+def test_jax_cuda_pins_are_what_the_lock_lacks_at_the_locks_jax_version():
+    cuda_pins = check_env.read_lock(JAX_CUDA)
+    assert not set(cuda_pins) & set(PINS), "requirements/jax-cuda.txt repeats pins of the lock"
+    assert cuda_pins["jax-cuda12-plugin"] == cuda_pins["jax-cuda12-pjrt"] == PINS["jax"] == PINS["jaxlib"]
+    assert {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-nccl-cu12"} <= set(cuda_pins)
+    assert all(name.startswith(("jax-cuda12-", "nvidia-")) for name in cuda_pins), sorted(cuda_pins)
+    assert "make jax-cuda-pins" in JAX_CUDA.read_text().splitlines()[2]
+    assert "tensorflow" not in cuda_pins
+
+
+def test_jax_cuda_pins_script_keeps_what_the_lock_lacks():
+    pins_script = load_script("jax_cuda_pins")
+    resolved = {"jax": ("jax", "0.10.2"), "nvidia-nccl-cu12": ("nvidia-nccl-cu12", "2.32.3"),
+                "jax-cuda12-plugin": ("jax-cuda12-plugin", "0.10.2"), "ml-dtypes": ("ml_dtypes", "0.6.0")}
+    lock = {"jax": "0.10.2", "ml-dtypes": "0.6.0"}
+    assert pins_script.pins_beyond_lock(resolved, lock, LOCK) == ["jax-cuda12-plugin==0.10.2",
+                                                                  "nvidia-nccl-cu12==2.32.3"]
+    with pytest.raises(SystemExit, match=r"lock.txt: pip resolved other versions .*jax 0.10.2 \(the lock pins 0.10.1\)"):
+        pins_script.pins_beyond_lock(resolved, {"jax": "0.10.1"}, LOCK)
+    assert "manylinux2014_x86_64" in pins_script.PLATFORMS and "manylinux_2_36_x86_64" in pins_script.PLATFORMS
+
+
 def test_pyproject_deps_lists_runtime_and_train_requirements(tmp_path):
     deps = load_script("pyproject_deps")
     runtime = deps.requirements(ROOT / "pyproject.toml", [])
@@ -222,6 +313,9 @@ def test_pyproject_deps_lists_runtime_and_train_requirements(tmp_path):
     train = deps.requirements(ROOT / "pyproject.toml", ["train"])
     assert train[:len(runtime)] == runtime
     assert any(r.startswith("tensorflow") for r in train[len(runtime):])
+    jax_cuda = deps.requirements(ROOT / "pyproject.toml", ["jax-cuda"])[len(runtime):]
+    assert any(r.startswith("jax[cuda12]") for r in jax_cuda) and any(r.startswith("keras") for r in jax_cuda)
+    assert not any(r.lower().startswith(("tensorflow", "tf2onnx", "jax[cpu]")) for r in jax_cuda)
     with pytest.raises(SystemExit, match="no optional-dependencies extra 'gpu'"):
         deps.requirements(ROOT / "pyproject.toml", ["gpu"])
     broken = tmp_path / "pyproject.toml"
@@ -280,7 +374,7 @@ def test_dockerignore_keeps_local_state_out_and_the_copied_files_in():
                  ".pytest_cache/v/cache"]:
         assert ignored(path), path
     copied = []
-    for dockerfile in DOCKERFILES:
+    for dockerfile in ALL_DOCKERFILES:
         for keyword, args in instructions(dockerfile):
             if keyword == "COPY" and not args.startswith("--from"):
                 copied += args.split()[:-1]
@@ -374,6 +468,45 @@ def test_check_env_from_base(venv, tmp_path):
     assert proc.returncode == 1 and "was installed into the venv" in proc.stderr
 
 
+def test_check_env_takes_several_pin_files(venv, tmp_path):
+    python, site, lock = venv
+    cuda = tmp_path / "jax-cuda.txt"
+    cuda.write_text("nvidia-nccl-cu12==2.32.3\n")
+    fake_dist(site, "numpy", "2.4.6")
+    fake_dist(site, "nvidia-nccl-cu12", "2.32.3")
+    proc = run_check(python, lock)
+    assert proc.returncode == 1 and "nvidia-nccl-cu12 2.32.3 is installed" in proc.stderr
+    proc = run_check(python, lock, "--lock", str(cuda))
+    assert proc.returncode == 0, proc.stderr
+    assert f"environment matches {lock} and {cuda}" in proc.stderr
+
+    cuda.write_text("numpy==2.4.5\n")
+    with pytest.raises(SystemExit, match=rf"numpy is pinned at 2.4.6 in {lock} and at 2.4.5 in {cuda}"):
+        check_env.read_locks([lock, cuda])
+
+
+def test_check_env_no_import_and_keras_backend(venv, tmp_path):
+    python, site, lock = venv
+    fake_dist(site, "facenet-kfp", "0.1.0")
+    fake = tmp_path / "fake"
+    (fake / "keras").mkdir(parents=True)
+    (fake / "keras" / "__init__.py").write_text(
+        "import os, types\n__version__ = '3.15.1'\n"
+        "backend = types.SimpleNamespace(backend=lambda: os.environ.get('KERAS_BACKEND', 'tensorflow'))\n")
+    (fake / "tensorflow.py").write_text("")
+    proc = run_check(python, lock, "--no-import", "no_such_module_xyz", "--keras-backend", "tensorflow",
+                     pythonpath=fake)
+    assert proc.returncode == 0, proc.stderr
+    assert "no_such_module_xyz: not importable, as required" in proc.stderr
+    assert "keras 3.15.1 on the tensorflow backend" in proc.stderr
+    proc = run_check(python, lock, "--no-import", "tensorflow", "--keras-backend", "jax", pythonpath=fake)
+    assert proc.returncode == 1
+    assert "tensorflow is importable" in proc.stderr and "but must not be" in proc.stderr
+    assert "Keras runs on the tensorflow backend, not jax" in proc.stderr
+    proc = run_check(python, lock, "--keras-backend", "jax")
+    assert proc.returncode == 1 and "import keras failed: ModuleNotFoundError" in proc.stderr
+
+
 def test_check_env_rejects_a_malformed_lock(tmp_path):
     lock = tmp_path / "lock.txt"
     lock.write_text("numpy>=2\n")
@@ -443,16 +576,38 @@ esac
     proc = run_script("build.sh", env)
     assert proc.returncode == 0, proc.stderr
     builds = [line for line in calls.read_text().splitlines() if line.startswith("docker build")]
-    assert len(builds) == 2
-    light, trainer = builds
+    assert len(builds) == 3
+    light, trainer, jax = builds
     assert f"--file {LIGHT} --tag registry.example/ml/facenet-kfp:1.2.3" in light
     assert "--build-arg VERSION=0.1.0" in light
     assert "--build-arg BASE_IMAGE=localhost/facenet-kfp-base:python3.11-bookworm" in light
     assert light.endswith(f" {ROOT}")
     assert f"--file {TRAINER} --tag registry.example/ml/facenet-kfp-trainer:1.2.3" in trainer
     assert "BASE_IMAGE" not in trainer   # the Dockerfile's default (tensorflow/tensorflow:...-gpu)
+    assert f"--file {TRAINER_JAX} --tag registry.example/ml/facenet-kfp-trainer-jax:1.2.3" in jax
+    assert "--build-arg BASE_IMAGE=localhost/facenet-kfp-base:python3.11-bookworm" in jax   # the light base
     assert re.search(r"registry\.example/ml/facenet-kfp:1\.2\.3 +312 MB", proc.stdout)
     assert re.search(r"registry\.example/ml/facenet-kfp-trainer:1\.2\.3 +312 MB", proc.stdout)
+    assert re.search(r"registry\.example/ml/facenet-kfp-trainer-jax:1\.2\.3 +312 MB", proc.stdout)
+
+
+def test_build_jax_image_on_its_own_base(tmp_path):
+    calls = fake_tool(tmp_path, "docker", """
+case "$1" in
+  info|build) exit 0 ;;
+  image) echo 5900000000 ;;
+esac
+""")
+    env = script_env(tmp_path, IMAGE_TAG="1.2.3", LIGHT_BASE_IMAGE="localhost/light-base:1",
+                     TRAINER_JAX_BASE_IMAGE="python:3.11-slim-bookworm@sha256:" + "0" * 64)
+    proc = run_script("build.sh", env, "jax")
+    assert proc.returncode == 0, proc.stderr
+    [build] = [line for line in calls.read_text().splitlines() if line.startswith("docker build")]
+    assert f"--file {TRAINER_JAX} --tag ghcr.io/facenet-kfp/facenet-kfp-trainer-jax:1.2.3" in build
+    assert "--build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:" in build
+    assert re.search(r"facenet-kfp-trainer-jax:1\.2\.3 +5900 MB", proc.stdout)
+    proc = run_script("build.sh", env, "gpu")
+    assert proc.returncode == 1 and "use all, light, trainer or jax" in proc.stderr
 
 
 def test_build_with_buildah_when_no_daemon(tmp_path):
@@ -498,7 +653,12 @@ esac
     assert proc.returncode == 0, proc.stderr
     pushes = [line for line in calls.read_text().splitlines() if line.startswith("docker push")]
     assert pushes == ["docker push registry.example/ml/facenet-kfp:1.2.3",
-                      "docker push registry.example/ml/facenet-kfp-trainer:1.2.3"]
+                      "docker push registry.example/ml/facenet-kfp-trainer:1.2.3",
+                      "docker push registry.example/ml/facenet-kfp-trainer-jax:1.2.3"]
+    proc = run_script("push.sh", env, "jax")
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in calls.read_text().splitlines() if line.startswith("docker push")][-1] == \
+        "docker push registry.example/ml/facenet-kfp-trainer-jax:1.2.3"
 
 
 def test_standin_script_rejects_an_unknown_target(tmp_path):

@@ -30,7 +30,7 @@ TRAINER_DATA = Path(__file__).resolve().parent / "data" / "trainer"
 UPSTREAM_RUNTIME = TRAINER_DATA / "jax_distributed.yaml"
 RUNTIME_NAME = "facenet-kfp-jax"
 TRAINJOB_NAME = "facenet-kfp-train"
-TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer"
+TRAINER_IMAGE = "ghcr.io/facenet-kfp/facenet-kfp-trainer-jax"
 DATA_CLAIM = "facenet-kfp-data"
 CRD_NAMES = {TRAINJOB: "trainjobs.trainer.kubeflow.org",
              CLUSTER_TRAINING_RUNTIME: "clustertrainingruntimes.trainer.kubeflow.org"}
@@ -285,5 +285,10 @@ def test_readme_documents_the_trainer_manifests(runtime, trainjob):
                  DATA_CLAIM, "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                  trainjob["metadata"]["namespace"]):
         assert text in readme, f"manifests/trainer/README.md does not mention {text}"
-    listed = set(re.findall(r"^  ([\w.-]+\.yaml)\b", readme, flags=re.MULTILINE))
-    assert listed == {p.name for p in TRAINER.glob("*.yaml")}, "the README's file list is not the folder's"
+    # Each file list is a block that opens with its folder, one "  name.yaml ..." line per file.
+    blocks = dict(re.findall(r"^(manifests/trainer/(?:pipeline/)?)\n((?:  .*\n)+)", readme, flags=re.MULTILINE))
+    assert sorted(blocks) == ["manifests/trainer/", "manifests/trainer/pipeline/"]
+    for folder, block in blocks.items():
+        listed = set(re.findall(r"^  ([\w.-]+\.yaml)\b", block, flags=re.MULTILINE))
+        assert listed == {p.name for p in (TRAINER.parent.parent / folder).glob("*.yaml")}, (
+            f"the README's file list of {folder} is not the folder's")

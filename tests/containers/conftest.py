@@ -1,9 +1,9 @@
-"""Fixtures of the container tests: a reachable Docker API and the two built images.
+"""Fixtures of the container tests: a reachable Docker API and the three built images.
 
 These tests run through `make test-containers`, which builds the images, starts
 podman's Docker-compatible service (images/podman.sh) and sets DOCKER_HOST,
-FACENET_LIGHT_IMAGE and FACENET_TRAINER_IMAGE. They fail, rather than skip, when
-any of that is missing: a skipped CI check would look green.
+FACENET_LIGHT_IMAGE, FACENET_TRAINER_IMAGE and FACENET_TRAINER_JAX_IMAGE. They
+fail, rather than skip, when any of that is missing: a skipped CI check would look green.
 """
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ def images(engine: Any) -> Images:
         except docker.errors.ImageNotFound:
             pytest.fail(f"image {ref} is not in the engine's store; build it (make images)")
     return Images(light=refs["light"], trainer=refs["trainer"])
+
+
+@pytest.fixture(scope="session")
+def trainer_jax_image(engine: Any) -> str:
+    """The JAX trainer image under test (FACENET_TRAINER_JAX_IMAGE), present in the engine's store."""
+    ref = os.environ.get("FACENET_TRAINER_JAX_IMAGE", "")
+    if not ref:
+        pytest.fail("set FACENET_TRAINER_JAX_IMAGE to the built JAX trainer image (make test-containers does)")
+    try:
+        engine.images.get(ref)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {ref} is not in the engine's store; build it (make images)")
+    return ref
 
 
 @pytest.fixture(scope="session")
