@@ -193,8 +193,10 @@ def test_runtime_selects_the_jax_backend_and_mounts_the_data(runtime):
     assert {"name": "KERAS_BACKEND", "value": "jax"} in container["env"]
     pod = _node_job(runtime)["template"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    for mount in container["volumeMounts"]:
-        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == DATA_CLAIM
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert sorted(mounts) == ["/data", "/dev/shm"]
+    assert mounts["/data"]["persistentVolumeClaim"]["claimName"] == DATA_CLAIM
+    assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"      # the input workers' shared memory
 
 
 def test_image_is_set_with_the_images_transformer(tmp_path):
