@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from facenet_kfp import config, objectives
+from facenet_kfp import config, margin_losses, objectives
 from facenet_kfp.config import TrainConfig
 from facenet_kfp.errors import InputError
 from facenet_kfp.losses import (
@@ -291,13 +291,18 @@ def test_bad_shapes_raise_input_error():
 # ---------------------------------------------------------------- the objectives' loss code
 
 REFERENCES = {"batch_all": lambda *a: ref_batch_all(*a)[0], "batch_hard": ref_batch_hard, "semi_hard": ref_semi_hard}
+# The margin-softmax objectives' references are in tests/test_margin_losses.py.
+TRIPLET_OBJECTIVES = objectives.TRIPLET_NAMES
 
 
-def test_every_triplet_objective_has_a_reference():
-    assert set(REFERENCES) == set(objectives.NAMES) == set(config.LOSSES)
+def test_every_objective_has_a_reference():
+    assert set(REFERENCES) == set(TRIPLET_OBJECTIVES)
+    assert set(TRIPLET_OBJECTIVES) | set(margin_losses.KINDS) == set(objectives.NAMES) == set(config.LOSSES)
+    assert set(margin_losses.KINDS) == set(objectives.MARGIN_NAMES)
+    assert all(objectives.get(name).pk_batches for name in TRIPLET_OBJECTIVES)
 
 
-@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("name", TRIPLET_OBJECTIVES)
 @pytest.mark.parametrize("squared", [True, False])
 def test_objective_function_is_its_loss_and_statistics(name, squared):
     """What the table names for train.loss: the mining function's loss and `triplet_statistics`, in the
