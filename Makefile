@@ -129,8 +129,8 @@ bench-scale: install ## the data steps and the input pipeline at CASIA-WebFace s
 bench-train: install ## training throughput, mining share and input pipeline headroom on this machine
 	$(PY) -m benchmarks.train
 
-bench-recipe: install ## configs/lfw.yaml's recipe vs configs/seed.yaml's (the original TF1 implementation's) on the LFW-scale demo archive, same budget (about 30 min on 2 cores)
-	$(PY) -m benchmarks.recipe
+bench-recipe: install ## triplet recipe vs ArcFace, CosFace (and configs/seed.yaml's) at one budget of training images, on the LFW-scale demo archive and on a CASIA-layout archive evaluated on that LFW archive's pairs.txt (about 70 min on 2 cores; IDENTITIES=60 BUDGET=512: a check in ~15 min)
+	$(PY) -m benchmarks.recipe $(if $(IDENTITIES),--identities $(IDENTITIES)) $(if $(BUDGET),--budget-images $(BUDGET))
 
 bench-quality: install ## seed recipe vs recommended recipe on the demo data, side by side
 	$(PY) -m benchmarks.quality --pipeline

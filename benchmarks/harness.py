@@ -123,13 +123,14 @@ def holds_output(folder: Path, step: str) -> bool:
 
 
 def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: int = 0, lfw_scale: bool = False,
-                 data: DataConfig | None = None, reuse: bool = True, align: bool = False,
+                 data: DataConfig | None = None, reuse: bool = True, align: bool = False, layout: str = "lfw",
                  progress: Callable[[str], None] = say) -> DataPaths:
     """A demo archive in `archive_dir` and its prepared dataset in `out`, as the pipeline's data steps make it.
 
     The archive (`identities` people drawn with `seed`, or LFW's 5,749 with
-    `lfw_scale`) is generated when missing. Then extract, labels, complete and
-    splits run with `data`'s settings (default `DataConfig()`), each into
+    `lfw_scale`; in `layout`, as `make_archive` names it) is generated when
+    missing. Then extract, labels, complete and splits run with `data`'s
+    settings (default `DataConfig()`), each into
     `out`/images, labels, completion, splits; with `reuse`, a step whose
     folder already holds its complete output is skipped, until one runs:
     every step after it runs too, since it reads that new output. With `align`
@@ -139,7 +140,7 @@ def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: i
     """
     data = DataConfig() if data is None else data
     archive, synth_seconds = make_archive(Path(archive_dir), identities=identities, seed=seed, lfw_scale=lfw_scale,
-                                          progress=progress)
+                                          layout=layout, progress=progress)
     steps = (DATA_STEPS[0], "align", *DATA_STEPS[1:]) if align else DATA_STEPS
     folders = {step: Path(out) / OUTPUTS[step] for step in steps}
     images = folders["align" if align else "extract"]
@@ -156,6 +157,20 @@ def prepare_data(archive_dir: Path, out: Path, *, identities: int = 120, seed: i
         seconds[step] = time.perf_counter() - start
         progress(f"data: {step} done in {seconds[step]:.1f} s")
     return DataPaths(archive, images, folders["labels"], folders["complete"], folders["splits"], seconds)
+
+
+def extract_only(archive: Path, out: Path, data: DataConfig | None = None,
+                 progress: Callable[[str], None] = say) -> Path:
+    """`archive` extracted into `out` (a packed image dataset: a separate evaluation archive's, say), as the
+    pipeline's evaluation branch does; reused when `out` already holds extract's complete output."""
+    if not holds_output(Path(out), "extract"):
+        from facenet_kfp.extract import extract_dataset
+
+        progress(f"data: extract {archive} -> {out} ...")
+        start = time.perf_counter()
+        extract_dataset(archive, out, shard_size_mb=(DataConfig() if data is None else data).shard_size_mb)
+        progress(f"data: extract done in {time.perf_counter() - start:.1f} s")
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- machine

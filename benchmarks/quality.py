@@ -47,8 +47,10 @@ ROWS = [("test_accuracy", "test accuracy (val threshold)"),
         ("threshold", "threshold")]
 
 
-def run_recipe(name: str, train_config, eval_config, data: DataPaths, work: Path) -> dict:
-    """Train one recipe on the prepared data into `work`/model-`name` (replaced) and evaluate it: its figures."""
+def run_recipe(name: str, train_config, eval_config, data: DataPaths, work: Path, **evaluate_options) -> dict:
+    """Train one recipe on the prepared data into `work`/model-`name` (replaced) and evaluate it: its figures.
+
+    `evaluate_options` go to `evaluate.evaluate` (a separate evaluation archive: eval_dataset_dir, pairs_uri)."""
     model_dir = work / f"model-{name}"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.rmtree(f"{model_dir}.ckpt", ignore_errors=True)
@@ -57,7 +59,7 @@ def run_recipe(name: str, train_config, eval_config, data: DataPaths, work: Path
     train_seconds = time.perf_counter() - start
     result = evaluate(model_dir, data.images, data.splits, eval_config,
                       report_path=work / f"report-{name}.html",
-                      threshold_path=work / f"threshold-{name}.json")
+                      threshold_path=work / f"threshold-{name}.json", **evaluate_options)
     return {"train_seconds": train_seconds, "train": train_metrics, **result["metrics"]}
 
 

@@ -364,20 +364,118 @@ def test_quality_benchmark_smoke_run_prints_and_writes_every_figure(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_benchmark_smoke_run_prints_and_writes_every_figure(tmp_path):
-    from benchmarks.recipe import ROWS
+    from benchmarks.recipe import ROWS, recipes_of
 
     work = tmp_path / "work"
-    out = _run_benchmark("recipe", "--identities", "30", "--budget-images", "128", "--data-dir",
-                         str(tmp_path / "demo"), "--work", str(work))
+    # Two recipes per dataset keep this check short; the others' settings are checked without training.
+    out = _run_benchmark("recipe", "--identities", "40", "--budget-images", "128", "--data-dir",
+                         str(tmp_path / "lfw"), "--casia-dir", str(tmp_path / "casia"), "--work", str(work),
+                         "--recipes", "recommended,arcface")
     _machine_named(out)
-    assert re.search(r"^steps x batch +2 x 64 +5 x 24$", out, re.M), out
-    for _, label, _ in ROWS:
-        assert re.search(rf"^{re.escape(label)} +\S+ +\S+$", out, re.M), label
-    results = json.loads((work / "results.json").read_text())
-    assert list(results) == ["recommended", "seed"]
-    for name, result in results.items():
-        assert result == json.loads((work / f"result-{name}.json").read_text())
-        assert {key for key, _, _ in ROWS} - {"test_val_at_far_0.001"} <= set(result)
+    lfw, casia = out.split("\nlfw-40: ", 1)[1].split("\ncasia-40: ", 1)
+    assert re.search(r"^steps x batch +2 x 64 +2 x 64$", lfw, re.M), lfw
+    assert re.search(r"^steps x batch +1 x 128 +1 x 128$", casia, re.M), casia
+    assert re.search(r"^margin, scale +0.2 +0.5, s=24$", lfw, re.M), lfw
+    assert re.search(r"test: the separate .*pairs\.txt, \d+ pairs of 40 identities, 0 of them in the training "
+                     r"archive$", casia.splitlines()[0]), casia
+    for table in (lfw, casia):
+        for _, label, _ in ROWS:
+            assert re.search(rf"^{re.escape(label)}( +\S+){{2}}$", table, re.M), label
+        assert re.search(r"^winner \((lfw|casia)-40, held-out accuracy\): \w+ [\d.]+, \+[\d.]+ over \w+ ", table, re.M)
+
+    for label, dataset in (("lfw-40", "lfw"), ("casia-40", "casia")):
+        report = json.loads((work / label / "results.json").read_text())
+        assert list(report["recipes"]) == list(recipes_of(dataset, "recommended,arcface")) == ["recommended",
+                                                                                              "arcface"]
+        assert report["winner"]["recipe"] in report["recipes"]
+        for name, result in report["recipes"].items():
+            assert result == json.loads((work / label / f"result-{name}.json").read_text())
+            for key in ("test_accuracy", "test_kfold_accuracy_mean", "test_auc", "train_images_per_second",
+                        "train_seconds", "peak_rss_mb"):
+                assert math.isfinite(result[key]), (label, name, key)
+            assert result["recipe"]["loss"] == {"arcface": "arcface", "cosface": "cosface"}.get(
+                name, "batch_all" if name == "seed" else "batch_hard")
+    # The casia archive trains; the lfw one's pairs.txt tests it: no identity in both.
+    casia_result = json.loads((work / "casia-40" / "result-recommended.json").read_text())
+    assert casia_result["eval_identities_in_training_archive"] == 0 and casia_result["eval_identities"] == 40
+    assert (tmp_path / "casia" / "CASIA-WebFace.tgz").is_file() and (tmp_path / "lfw" / "pairs.txt").is_file()
+
+
+def test_recipe_margin_recipes_switch_only_the_loss():
+    from benchmarks.recipe import MARGIN_SCALE, recipe_config
+
+    for dataset, batch in (("lfw", 64), ("casia", 128)):
+        config, triplet = recipe_config("recommended", 25_600, dataset)
+        assert (triplet.loss, triplet.max_steps, triplet.p * triplet.k) == ("batch_hard", 25_600 // batch, batch)
+        for name, margin in (("arcface", 0.5), ("cosface", 0.35)):
+            _, margin_recipe = recipe_config(name, 25_600, dataset)
+            assert (margin_recipe.loss, margin_recipe.margin, margin_recipe.scale) == (name, margin, MARGIN_SCALE)
+            # Everything else as the triplet recipe: network, image size, batches, schedule, augmentation.
+            assert dataclasses.replace(margin_recipe, loss=triplet.loss, margin=triplet.margin,
+                                       scale=triplet.scale) == triplet
+    _, seed = recipe_config("seed", 25_600, "lfw")
+    assert (seed.loss, seed.p * seed.k, seed.max_steps, seed.warmup_steps) == ("batch_all", 24, 1066, 0)
+    _, casia = recipe_config("recommended", 25_600, "casia")
+    assert (casia.learning_rate, casia.warmup_steps) == (1e-3, 2)          # 1,000 of 100,000 steps: 1%
+
+
+def test_recipe_plans_keep_data_apart_per_dataset_and_size(tmp_path):
+    from benchmarks.recipe import CASIA_IDENTITIES, plan_for
+
+    lfw, casia = (plan_for(d, 0, tmp_path) for d in ("lfw", "casia"))
+    assert (lfw.archive_dir, lfw.eval_dir, lfw.work, lfw.layout) == (Path("data/lfw-scale"), None,
+                                                                    tmp_path / "lfw-scale", "lfw")
+    assert (casia.archive_dir, casia.eval_dir, casia.work) == (Path(f"data/casia-{CASIA_IDENTITIES}-seed1"),
+                                                               Path("data/lfw-scale"), tmp_path / "casia-1000")
+    # The same seed would draw the same faces in both archives: training and evaluation faces differ.
+    assert casia.seed != lfw.seed and casia.layout == "casia" and casia.lfw_identities == 0
+    small = plan_for("casia", 60, tmp_path, data_dir=tmp_path / "l", casia_dir=tmp_path / "c")
+    assert (small.identities, small.lfw_identities, small.archive_dir, small.eval_dir, small.work) == \
+        (60, 60, tmp_path / "c", tmp_path / "l", tmp_path / "casia-60")
+    assert plan_for("lfw", 60, tmp_path).archive_dir == Path("data/lfw-60")
+
+
+def test_recipe_benchmark_refuses_a_casia_archive_too_small_for_its_batches(capsys):
+    from benchmarks import recipe
+
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(["--identities", "30"])
+    assert exc.value.code == 2 and "--identities 30: the casia dataset needs at least 40" in capsys.readouterr().err
+
+
+def _recipe_result(accuracy: float, **extra) -> dict:
+    return {"test_accuracy": accuracy, "test_kfold_accuracy_mean": accuracy - 0.01, "test_auc": accuracy + 0.05,
+            "test_same_pairs": 3000, "test_different_pairs": 3000, "test_pairs": 6000, "test_identities": 500,
+            "train_images_per_second": 70.0, "train_seconds": 370.0, "peak_rss_mb": 2900.0, "steps": 400,
+            "batch": 64, "recipe": {"loss": "batch_hard", "margin": 0.2, "scale": 64.0}, **extra}
+
+
+def test_recipe_winner_and_table():
+    from benchmarks.recipe import ROWS, plan_for, table_lines, winner
+
+    results = {"recommended": _recipe_result(0.80, **{"test_val_at_far_0.001": 0.2, "test_far_at_far_0.001": 0.0013}),
+               "arcface": _recipe_result(0.86, recipe={"loss": "arcface", "margin": 0.5, "scale": 24.0}),
+               "cosface": _recipe_result(0.83, recipe={"loss": "cosface", "margin": 0.35, "scale": 24.0})}
+    best = winner(results)
+    assert (best["recipe"], best["runner_up"], best["test_pairs"]) == ("arcface", "cosface", 6000)
+    assert best["lead"]["cosface"]["test_accuracy"] == pytest.approx(0.03)
+    assert best["lead"]["recommended"]["test_auc"] == pytest.approx(0.06)
+    assert best["standard_error"] == pytest.approx(math.sqrt(0.86 * 0.14 / 6000))
+
+    lines = table_lines(plan_for("lfw", 0, Path("w")), 25_600, results, best)
+    text = "\n".join(lines)
+    assert "margin, scale" in text and re.search(r"^margin, scale +0.2 +0.5, s=24 +0.35, s=24$", text, re.M)
+    assert re.search(r"^VAL @ FAR=1e-3 +0.2000 +n/a +n/a$", text, re.M)              # not measured: n/a
+    assert re.search(r"^FAR reached \(1e-3 threshold\) +0.0013 +n/a +n/a$", text, re.M)
+    assert len([line for line in lines if any(line.startswith(label) for _, label, _ in ROWS)]) == len(ROWS)
+    assert lines[-2] == ("winner (lfw-scale, held-out accuracy): arcface 0.8600, +0.0300 over cosface (10-fold "
+                         "+0.0300, AUC +0.0300); one accuracy's standard error on 6,000 test pairs: 0.0045")
+    assert lines[-1] == "  over the triplet recipe (recommended): +0.0600"
+
+    # An accuracy evaluate withheld (too few test pairs) is not ranked; with none there is no winner.
+    withheld = {"seed": _recipe_result(0.9, test_accuracy=None), "cosface": results["cosface"]}
+    assert (winner(withheld)["recipe"], winner(withheld)["runner_up"]) == ("cosface", None)
+    assert winner({"seed": withheld["seed"]}) == {"recipe": None, "runner_up": None, "lead": {}}
 
 
 def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
@@ -398,3 +496,16 @@ def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
     else:
         assert re.search(r"^align \(mtcnn, CPU\): 6 images in [\d.]+ s, 2 in [\d.]+ s; the difference: "
                          r"-?[\d.]+ images/s, -?[\d.]+ images/s per core", out, re.M), out
+
+
+def test_recipe_choice_of_recipes(capsys):
+    from benchmarks.recipe import DATASET_RECIPES, main, recipes_of
+
+    assert recipes_of("lfw", None) == DATASET_RECIPES["lfw"]
+    assert recipes_of("lfw", "cosface, recommended,seed") == ("recommended", "seed", "cosface")
+    assert recipes_of("casia", "recommended,seed") == ("recommended",)        # casia has no seed recipe
+    for value, message in (("seed,arcface", "--recipes must include recommended"),
+                           ("recommended,bogus", "--recipes: unknown recipe(s) bogus")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--recipes", value])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
