@@ -66,6 +66,7 @@ from typing import Any
 from benchmarks.harness import (DataPaths, archive_name, extract_only, machine_info, make_archive, peak_rss_mb,
                                 prepare_data, print_machine, write_result)
 from facenet_kfp.config import load_config
+from facenet_kfp.errors import FacenetError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("lfw", "casia")
@@ -203,8 +204,12 @@ def run_one(name: str, budget_images: int, plan: Plan) -> dict:
     data, eval_images = prepare(plan, config)
     separate = {} if eval_images is None else {"eval_dataset_dir": eval_images,
                                                 "pairs_uri": str(plan.eval_dir / "pairs.txt")}
-    result = run_recipe(name, train, config.evaluate, data, plan.work, **separate)
-    result["train_images_per_second"] = result["train"].get("images_per_second", float("nan"))
+    try:
+        result = run_recipe(name, train, config.evaluate, data, plan.work, **separate)
+        result["train_images_per_second"] = result["train"].get("images_per_second", float("nan"))
+    except FacenetError as exc:
+        # The training monitor stopped it (collapse, divergence): a result of the recipe, not of the benchmark.
+        result = {"failed": str(exc).splitlines()[0]}
     result["peak_rss_mb"] = peak_rss_mb()
     result["steps"], result["batch"] = train.max_steps, train.p * train.k
     result["recipe"] = {key: getattr(train, key) for key in ("loss", "margin", "scale", "sampling", "p", "k",
@@ -243,7 +248,9 @@ def winner(results: dict[str, dict]) -> dict[str, Any]:
 def table_lines(plan: Plan, budget_images: int, results: dict[str, dict], best: dict[str, Any]) -> list[str]:
     """One dataset's table and its verdict, as printed."""
     names = list(results)
-    first = results[names[0]]
+    finished = [r for r in results.values() if "failed" not in r]
+    first = finished[0] if finished else {"test_identities": math.nan, "test_pairs": math.nan,
+                                          "eval_identities": math.nan, "eval_identities_in_training_archive": math.nan}
     if plan.eval_dir is None:
         where = (f"{plan.label}: {plan.archive_dir / archive_name()}; test: {first['test_identities']:.0f} held-out "
                  f"identities, {first['test_pairs']:.0f} pairs")
@@ -255,6 +262,7 @@ def table_lines(plan: Plan, budget_images: int, results: dict[str, dict], best: 
     lines = [where, f"same images, splits and budget: {budget_images:,} training images per recipe",
              f"{'':36}" + "".join(f" {name:>12}" for name in names)]
     cells = {"steps x batch": [f"{r['steps']} x {r['batch']}" for r in results.values()],
+             "training": ["stopped" if "failed" in r else "finished" for r in results.values()],
              "loss": [r["recipe"]["loss"] for r in results.values()],
              "margin, scale": [f"{r['recipe']['margin']:g}" + (f", s={r['recipe']['scale']:g}"
                                                                if r["recipe"]["loss"] in ("arcface", "cosface")
@@ -264,6 +272,9 @@ def table_lines(plan: Plan, budget_images: int, results: dict[str, dict], best: 
     for key, label, fmt in ROWS:
         values = [figure(r, key) for r in results.values()]
         lines.append(f"{label:36}" + "".join(f" {'n/a' if v is None else fmt.format(v):>12}" for v in values))
+    for name, result in results.items():
+        if "failed" in result:
+            lines.append(f"{name}: stopped by the training monitor, no figures: {result['failed']}")
     if best["runner_up"] is None:
         return lines
     lead = best["lead"][best["runner_up"]]

@@ -478,6 +478,24 @@ def test_recipe_winner_and_table():
     assert winner({"seed": withheld["seed"]}) == {"recipe": None, "runner_up": None, "lead": {}}
 
 
+def test_recipe_a_recipe_the_monitor_stopped_is_shown_stopped_and_not_ranked():
+    from benchmarks.recipe import plan_for, table_lines, winner
+
+    stopped = {"failed": "embedding collapse at step 30: the mean distance ...", "steps": 200, "batch": 128,
+               "peak_rss_mb": 900.0, "recipe": {"loss": "batch_hard", "margin": 0.2, "scale": 64.0}}
+    results = {"recommended": stopped,
+               "arcface": _recipe_result(0.86, recipe={"loss": "arcface", "margin": 0.5, "scale": 24.0}),
+               "cosface": _recipe_result(0.83, recipe={"loss": "cosface", "margin": 0.35, "scale": 24.0})}
+    best = winner(results)
+    assert (best["recipe"], best["runner_up"], sorted(best["lead"])) == ("arcface", "cosface", ["cosface"])
+    text = "\n".join(table_lines(plan_for("lfw", 0, Path("w")), 25_600, results, best))
+    assert re.search(r"^training +stopped +finished +finished$", text, re.M), text
+    assert re.search(r"^held-out accuracy \(val threshold\) +n/a +0.8600 +0.8300$", text, re.M), text
+    assert ("recommended: stopped by the training monitor, no figures: embedding collapse at step 30: the mean "
+            "distance ...") in text
+    assert "over the triplet recipe" not in text
+
+
 def test_preprocess_benchmark_small_run_prints_every_figure(tmp_path):
     out = _run_benchmark("preprocess", "--identities", "20", "--rounds", "1", "--align-images", "6",
                          "--work", str(tmp_path))
