@@ -37,14 +37,20 @@ def find_cluster(config_file: str | os.PathLike | None, error: type[Exception], 
     return in_cluster, kubeconfig
 
 
-def api_message(exc: BaseException) -> str:
-    """A failed Kubernetes API call in words: "<status> <reason>: <the API server's message>" for an
-    ApiException (found as `exc` or its cause), else the exception's type and text (an unreachable server)."""
+def _api_exception(exc: BaseException) -> Any | None:
+    """The kubernetes ApiException that is `exc` or one of its causes, None when there is none."""
     from kubernetes.client.rest import ApiException
 
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ApiException):
         cause = cause.__cause__
+    return cause
+
+
+def api_message(exc: BaseException) -> str:
+    """A failed Kubernetes API call in words: "<status> <reason>: <the API server's message>" for an
+    ApiException (found as `exc` or its cause), else the exception's type and text (an unreachable server)."""
+    cause = _api_exception(exc)
     if cause is None:
         inner = exc.__cause__ or exc
         return f"{type(inner).__name__}: {inner}"
@@ -59,11 +65,7 @@ def api_message(exc: BaseException) -> str:
 
 def status_code(exc: BaseException) -> int | None:
     """The HTTP status of the ApiException behind `exc` (itself or a cause), None when there is none."""
-    from kubernetes.client.rest import ApiException
-
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ApiException):
-        cause = cause.__cause__
+    cause = _api_exception(exc)
     return None if cause is None else int(cause.status)
 
 

@@ -264,6 +264,8 @@ def follow(client: Any, name: str, launch: Launch, printer: Callable[[str], None
            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
     """Stream node 0's log through `printer` once its pod runs, then wait for the job's end: returns when
     Complete; TrainJobError when Failed (its conditions) or after `launch.timeout_s`."""
+    from facenet_kfp.kube import condition_text
+
     namespace = client.backend.namespace
     deadline = clock() + launch.timeout_s
     streamed = False
@@ -279,14 +281,10 @@ def follow(client: Any, name: str, launch: Launch, printer: Callable[[str], None
         if state == "Complete":
             return
         if state == "Failed":
-            from facenet_kfp.kube import condition_text
-
             raise TrainJobError(f"TrainJob {namespace}/{name} failed: "
                                 f"{condition_text((obj.get('status') or {}).get('conditions'))}; nothing is exported "
                                 f"(a retry of this task replaces the job, which resumes from its last checkpoint)")
         if clock() >= deadline:
-            from facenet_kfp.kube import condition_text
-
             raise TrainJobError(f"TrainJob {namespace}/{name} did not finish within {launch.timeout_s:g} s: "
                                 f"{condition_text((obj.get('status') or {}).get('conditions'))}")
         sleep(poll_s)
